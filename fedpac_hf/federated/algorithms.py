@@ -1,0 +1,182 @@
+"""Federated algorithms as named compositions of (base optimizer, alignment, beta).
+
+Every method the project offers, FedPAC and its baselines alike, is one
+:class:`Algorithm`: which optimizer the clients run, whether they warm-start
+from the aggregated curvature (alignment), and how strongly the global
+direction is blended into each local step (correction, ``beta``). The registry
+maps names such as ``"fedpac_soap"`` to these records; users add their own
+with :func:`register_algorithm` without editing the library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "Algorithm",
+    "register_algorithm",
+    "get_algorithm",
+    "list_algorithms",
+]
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """One federated method: the client rule's three knobs plus the optimizer.
+
+    Parameters
+    ----------
+    name:
+        Registry name, used in logs and checkpoints.
+    optimizer:
+        Base client optimizer, a name understood by
+        :func:`fedpac_hf.optim.create_optimizer` (``"sgd"``, ``"adamw"``,
+        ``"soap"``, ``"sophia"``, ``"muon"``).
+    align:
+        Warm-start every client from the server's aggregated curvature Theta
+        (FedPAC's alignment). Theta is aggregated and its drift logged whenever
+        the optimizer has curvature, aligned or not.
+    beta:
+        Correction strength in [0, 1]: the base step is scaled by ``1 - beta``
+        and ``beta * lr * g_G`` (the global direction) is subtracted after it.
+        0 disables the correction.
+    optimizer_kwargs:
+        Extra keyword arguments for the optimizer (betas, eps, ...).
+    description:
+        One line for tables and ``--help``.
+    """
+
+    name: str
+    optimizer: str
+    align: bool = False
+    beta: float = 0.0
+    optimizer_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= float(self.beta) <= 1.0:
+            raise ValueError(
+                f"beta must lie in [0, 1] (the correction strength), got {self.beta} "
+                f"for algorithm {self.name!r}"
+            )
+        if float(self.beta) == 1.0:
+            # The base step would vanish: the clients would only replay g_G.
+            raise ValueError(
+                f"beta = 1 leaves no local step in algorithm {self.name!r}; use beta < 1"
+            )
+
+    @property
+    def correction(self) -> bool:
+        """Whether the global direction is blended into local steps."""
+        return self.beta > 0.0
+
+    def replace(self, **changes: Any) -> Algorithm:
+        """Return a copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+_REGISTRY: dict[str, Algorithm] = {}
+
+
+def register_algorithm(algorithm: Algorithm, *, overwrite: bool = False) -> Algorithm:
+    """Add ``algorithm`` to the registry under ``algorithm.name``.
+
+    Raises ``ValueError`` if the name is taken, unless ``overwrite=True``.
+    """
+    if algorithm.name in _REGISTRY and not overwrite:
+        raise ValueError(
+            f"an algorithm named {algorithm.name!r} is already registered; "
+            "pass overwrite=True to replace it"
+        )
+    _REGISTRY[algorithm.name] = algorithm
+    return algorithm
+
+
+def list_algorithms() -> list[str]:
+    """Names of all registered algorithms, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_algorithm(name: str | Algorithm, **overrides: Any) -> Algorithm:
+    """Look up an algorithm by name, optionally overriding fields.
+
+    Example: ``get_algorithm("fedpac_soap", beta=0.3)`` or
+    ``get_algorithm("fedavg", optimizer="adamw")``.
+    """
+    if isinstance(name, Algorithm):
+        algorithm = name
+    else:
+        try:
+            algorithm = _REGISTRY[name]
+        except KeyError:
+            raise ValueError(
+                f"unknown algorithm {name!r}; valid names: {', '.join(list_algorithms())}"
+            ) from None
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(Algorithm)}
+    if unknown:
+        raise ValueError(
+            f"unknown algorithm field(s) {sorted(unknown)}; valid fields: "
+            f"{[f.name for f in dataclasses.fields(Algorithm)]}"
+        )
+    return algorithm.replace(**overrides) if overrides else algorithm
+
+
+def _register_builtins() -> None:
+    builtins = [
+        Algorithm("fedavg", "sgd", description="FedAvg with SGD clients"),
+        Algorithm("fedavg_adamw", "adamw", description="FedAvg with AdamW clients"),
+        Algorithm(
+            "fedcm", "sgd", beta=0.5, description="SGD clients + global-direction correction"
+        ),
+        Algorithm(
+            "fedadamw",
+            "adamw",
+            align=True,
+            beta=0.5,
+            description="AdamW clients, aggregated second moments + correction",
+        ),
+    ]
+    for opt in ("soap", "sophia", "muon"):
+        builtins += [
+            Algorithm(
+                f"local_{opt}",
+                opt,
+                description=f"naive local {opt.upper()}: plain averaging, no alignment/correction",
+            ),
+            Algorithm(
+                f"fedpac_{opt}",
+                opt,
+                align=True,
+                beta=0.5,
+                description=f"FedPAC with {opt.upper()} clients: alignment + correction",
+            ),
+            Algorithm(
+                f"fedpac_align_{opt}",
+                opt,
+                align=True,
+                description=f"ablation: {opt.upper()} with alignment only (beta = 0)",
+            ),
+            Algorithm(
+                f"fedpac_correct_{opt}",
+                opt,
+                beta=0.5,
+                description=f"ablation: {opt.upper()} with correction only (no warm start)",
+            ),
+        ]
+    builtins += [
+        Algorithm(
+            "fedpac_align", "soap", align=True, description="ablation: alignment only (SOAP)"
+        ),
+        Algorithm(
+            "fedpac_correct", "soap", beta=0.5, description="ablation: correction only (SOAP)"
+        ),
+    ]
+    for algorithm in builtins:
+        register_algorithm(algorithm)
+
+
+_register_builtins()

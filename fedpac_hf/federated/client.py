@@ -1,0 +1,259 @@
+"""The client rule: K local steps of a (FedPAC-)preconditioned optimizer.
+
+One function, :func:`client_update`, implements step 1-4 of the client side of
+FedPAC (see ``FEDPAC.md``) for every registered algorithm:
+
+1. load the global trainable parameters into the (one, shared) model and build
+   the base optimizer with learning rate ``(1 - beta) * lr``;
+2. alignment: warm-start the optimizer from the global curvature Theta;
+3. K local steps, each a base step followed by the correction
+   ``theta <- theta - beta * lr * g_G``;
+4. return the delta, the client's Theta, the examples seen and metrics.
+
+It knows nothing of Trainer or Flower: the HF trainer and the Flower client
+call it with their own loss function, backward (Accelerate's) and clipping.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .algorithms import Algorithm
+from .state import ServerState, load_trainable_state, trainable_parameters
+
+__all__ = [
+    "ClientUpdate",
+    "ClientError",
+    "client_update",
+    "cycle_batches",
+    "batch_size",
+]
+
+LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
+
+
+class ClientError(RuntimeError):
+    """A client could not produce a usable update (non-finite loss or update).
+
+    The server drops such a client from the round's aggregation.
+    """
+
+
+@dataclass
+class ClientUpdate:
+    """What one client sends back after its local steps.
+
+    Attributes
+    ----------
+    client_id:
+        Index of the client in the federation.
+    delta:
+        ``theta_i - theta^r`` per trainable parameter, float32 CPU.
+    curvature:
+        The client's Theta after its local steps (``{}`` for SGD), float32 CPU.
+    num_examples:
+        Training examples seen in the local steps (for example weighting).
+    num_steps:
+        Local optimizer steps taken (K).
+    metrics:
+        ``train_loss`` (mean over the local steps) and friends.
+    """
+
+    client_id: int
+    delta: dict[str, torch.Tensor]
+    curvature: dict[str, torch.Tensor]
+    num_examples: int
+    num_steps: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def cycle_batches(loader: Iterable[Any]) -> Iterator[Any]:
+    """Yield batches from ``loader`` forever, starting a new pass when one ends.
+
+    Unlike ``itertools.cycle`` it keeps nothing in memory and re-shuffles
+    each pass (a new ``iter`` of a shuffling DataLoader).
+    """
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("a client's data loader yielded no batch: the client has no data")
+
+
+def batch_size(batch: Any) -> int:
+    """Number of examples in a batch: the leading size of its first tensor."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0])
+    if isinstance(batch, Mapping):
+        values: Iterable[Any] = batch.values()
+    elif isinstance(batch, (list, tuple)):
+        values = batch
+    else:
+        raise TypeError(f"cannot count the examples in a batch of type {type(batch).__name__}")
+    for value in values:
+        if isinstance(value, torch.Tensor) and value.ndim > 0:
+            return int(value.shape[0])
+    raise TypeError("cannot count the examples in a batch without a tensor")
+
+
+def _default_clip(params: list[torch.Tensor], max_norm: float) -> None:
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def client_update(
+    model: torch.nn.Module,
+    server_state: ServerState,
+    algorithm: Algorithm,
+    batches: Iterator[Any],
+    *,
+    lr: float,
+    local_steps: int,
+    loss_fn: LossFn,
+    client_id: int = 0,
+    gradient_accumulation_steps: int = 1,
+    max_grad_norm: float | None = None,
+    backward: Callable[[torch.Tensor], None] | None = None,
+    clip_grad: Callable[[list[torch.Tensor], float], None] | None = None,
+    curvature_loss_fn: LossFn | None = None,
+    optimizer_factory: Callable[..., torch.optim.Optimizer] | None = None,
+) -> ClientUpdate:
+    """Run one client's local training for one round and return its update.
+
+    Parameters
+    ----------
+    model:
+        The one model shared by all clients; its trainable parameters are
+        overwritten with ``server_state.params`` first.
+    server_state:
+        Global parameters, curvature and direction of this round.
+    algorithm:
+        The client rule's knobs (optimizer, alignment, beta).
+    batches:
+        An iterator yielding at least ``local_steps * gradient_accumulation_steps``
+        batches (see :func:`cycle_batches`).
+    lr:
+        This round's local learning rate eta_l (the schedule over rounds is
+        the caller's). The base optimizer runs at ``(1 - beta) * lr``.
+    local_steps:
+        K, optimizer steps per round.
+    loss_fn:
+        ``loss_fn(model, batch) -> scalar loss``.
+    gradient_accumulation_steps:
+        Micro-batches averaged into each optimizer step.
+    max_grad_norm:
+        Clip the gradient norm before each base step (None: no clipping).
+    backward:
+        How to back-propagate a loss (default ``loss.backward()``; the HF
+        trainer passes ``accelerator.backward``).
+    clip_grad:
+        How to clip (default ``torch.nn.utils.clip_grad_norm_``).
+    curvature_loss_fn:
+        For optimizers that refresh curvature from an extra pass (Sophia's
+        Gauss-Newton-Bartlett estimate): ``fn(model, batch) -> loss`` whose
+        gradient the optimizer turns into its Hessian estimate.
+    optimizer_factory:
+        Builds the base optimizer, ``factory(name, model, lr=..., **kwargs)``;
+        default :func:`fedpac_hf.optim.create_optimizer`.
+
+    Raises
+    ------
+    ClientError
+        If a loss or the resulting update is not finite.
+    """
+    if local_steps < 1:
+        raise ValueError(f"local_steps must be at least 1, got {local_steps}")
+    if gradient_accumulation_steps < 1:
+        raise ValueError(
+            f"gradient_accumulation_steps must be at least 1, got {gradient_accumulation_steps}"
+        )
+    if lr <= 0 or not math.isfinite(lr):
+        raise ValueError(f"the local learning rate must be a positive number, got {lr}")
+    if optimizer_factory is None:
+        from fedpac_hf.optim import create_optimizer as optimizer_factory
+    backward = backward or (lambda loss: loss.backward())
+    clip_grad = clip_grad or _default_clip
+
+    load_trainable_state(model, server_state.params)
+    params = trainable_parameters(model)
+    param_list = list(params.values())
+    beta = float(algorithm.beta)
+    optimizer = optimizer_factory(
+        algorithm.optimizer, model, lr=(1.0 - beta) * lr, **dict(algorithm.optimizer_kwargs)
+    )
+    if algorithm.align and server_state.curvature:
+        optimizer.import_curvature(server_state.curvature)
+
+    correction: list[torch.Tensor] | None = None
+    if algorithm.correction and server_state.direction is not None:
+        correction = [
+            server_state.direction[name].to(device=p.device, dtype=p.dtype)
+            for name, p in params.items()
+        ]
+
+    was_training = model.training
+    model.train()
+    losses: list[float] = []
+    num_examples = 0
+    hessian_refreshes = 0
+    refresh_due = getattr(optimizer, "hessian_update_due", None)
+    for _ in range(local_steps):
+        micro = [next(batches) for _ in range(gradient_accumulation_steps)]
+        if refresh_due is not None and refresh_due():
+            if curvature_loss_fn is None:
+                raise ValueError(
+                    f"optimizer {algorithm.optimizer!r} refreshes its curvature from an extra "
+                    "pass: pass curvature_loss_fn (e.g. a Gauss-Newton-Bartlett loss on the "
+                    "model's logits)"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            backward(curvature_loss_fn(model, micro[0]))
+            optimizer.update_hessian()
+            hessian_refreshes += 1
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for batch in micro:
+            loss = loss_fn(model, batch)
+            if gradient_accumulation_steps > 1:
+                loss = loss / gradient_accumulation_steps
+            backward(loss)
+            step_loss += float(loss.detach())
+            num_examples += batch_size(batch)
+        if not math.isfinite(step_loss):
+            raise ClientError(f"client {client_id}: non-finite training loss {step_loss}")
+        losses.append(step_loss)
+        if max_grad_norm is not None and max_grad_norm > 0:
+            clip_grad(param_list, max_grad_norm)
+        optimizer.step()
+        if correction is not None:
+            with torch.no_grad():
+                torch._foreach_add_(param_list, correction, alpha=-beta * lr)
+    optimizer.zero_grad(set_to_none=True)
+    model.train(was_training)
+
+    delta = {
+        name: p.detach().to(device="cpu", dtype=torch.float32) - server_state.params[name]
+        for name, p in params.items()
+    }
+    if not all(torch.isfinite(d).all() for d in delta.values()):
+        raise ClientError(f"client {client_id}: the parameter update is not finite")
+    curvature = optimizer.export_curvature() if hasattr(optimizer, "export_curvature") else {}
+    if not all(torch.isfinite(t).all() for t in curvature.values()):
+        raise ClientError(f"client {client_id}: the curvature state is not finite")
+    metrics = {"train_loss": sum(losses) / len(losses)}
+    if hessian_refreshes:
+        metrics["hessian_refreshes"] = float(hessian_refreshes)
+    return ClientUpdate(
+        client_id=client_id,
+        delta=delta,
+        curvature=curvature,
+        num_examples=num_examples,
+        num_steps=local_steps,
+        metrics=metrics,
+    )

@@ -1,0 +1,57 @@
+"""Partial participation: which clients train in a round.
+
+Sampling is a pure function of ``(seed, round)``: a run resumed from a
+checkpoint at round r samples exactly the clients an uninterrupted run would,
+with no sampler state to save.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["resolve_clients_per_round", "sample_clients"]
+
+
+def resolve_clients_per_round(num_clients: int, clients_per_round: int | float) -> int:
+    """Turn a count or a fraction of ``num_clients`` into a count S in [1, num_clients].
+
+    An ``int`` is a count; a ``float`` in (0, 1] is a fraction (rounded, at
+    least one client). Raises ``ValueError`` for impossible participation.
+    """
+    if num_clients < 1:
+        raise ValueError(f"num_clients must be at least 1, got {num_clients}")
+    if isinstance(clients_per_round, bool):
+        raise ValueError("clients_per_round must be a count or a fraction, not a bool")
+    if isinstance(clients_per_round, float) and clients_per_round <= 1.0:
+        if clients_per_round <= 0.0:
+            raise ValueError(
+                f"clients_per_round as a fraction must lie in (0, 1], got {clients_per_round}"
+            )
+        return max(1, int(round(clients_per_round * num_clients)))
+    if float(clients_per_round) != int(clients_per_round):
+        raise ValueError(
+            f"clients_per_round={clients_per_round} is neither a fraction in (0, 1] "
+            "nor a whole number of clients"
+        )
+    count = int(clients_per_round)
+    if count < 1:
+        raise ValueError(f"clients_per_round must be at least 1, got {clients_per_round}")
+    if count > num_clients:
+        raise ValueError(
+            f"clients_per_round={count} is more than the {num_clients} clients available; "
+            f"use at most {num_clients} (or a fraction such as 0.1)"
+        )
+    return count
+
+
+def sample_clients(
+    num_clients: int, clients_per_round: int, seed: int, round_index: int
+) -> list[int]:
+    """Client indices for one round: S distinct clients, sorted, from ``(seed, round)``.
+
+    With ``clients_per_round == num_clients`` every client takes part.
+    """
+    if clients_per_round >= num_clients:
+        return list(range(num_clients))
+    rng = np.random.default_rng([int(seed), int(round_index)])
+    return sorted(int(i) for i in rng.choice(num_clients, size=clients_per_round, replace=False))

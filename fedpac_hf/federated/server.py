@@ -1,0 +1,246 @@
+"""The server rule: aggregate client updates into the next global state.
+
+For the sampled clients i with weights w_i (uniform, as in the paper, or
+proportional to the examples seen):
+
+- Delta = sum_i w_i Delta_i,   theta^{r+1} = theta^r + eta_g * Delta
+- g_G^{r+1} = -Delta / (K * eta_l)
+- Theta^{r+1} = sum_i w_i Theta_i
+- drift D = (1/S) sum_i ||Theta_i - Theta^{r+1}||_F^2 (absolute, and relative
+  to ||Theta^{r+1}||_F^2)
+
+:class:`RoundAggregator` does this as a running sum so that the server holds
+O(1) model-sized buffers whatever the number of clients, and so that partial
+sums computed in several processes can simply be added together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import torch
+
+from .algorithms import Algorithm
+from .client import ClientUpdate
+from .state import ServerState, tensor_bytes
+
+__all__ = ["RoundAggregator", "aggregate", "downlink_bytes", "WEIGHTINGS"]
+
+Weighting = Literal["uniform", "num_examples"]
+WEIGHTINGS: tuple[str, ...] = ("uniform", "num_examples")
+
+
+def downlink_bytes(server_state: ServerState, algorithm: Algorithm) -> int:
+    """Bytes the server sends to one client: params, plus Theta and g_G when used."""
+    total = tensor_bytes(server_state.params)
+    if algorithm.align:
+        total += tensor_bytes(server_state.curvature)
+    if algorithm.correction:
+        total += tensor_bytes(server_state.direction)
+    return total
+
+
+class RoundAggregator:
+    """Running weighted sums of one round's client updates.
+
+    Accumulators are float64 so that the drift (a difference of large sums)
+    keeps its precision. ``add`` every update, then ``finalize``.
+
+    Parameters
+    ----------
+    server_state:
+        The state the clients started from (theta^r).
+    algorithm:
+        The round's algorithm: it decides which parts travel (Theta goes up
+        and down only with alignment; without it Theta is still aggregated,
+        as a free diagnostic of the drift, but not counted as sent).
+    weighting:
+        ``"uniform"`` (each sampled client counts the same, the paper's choice)
+        or ``"num_examples"`` (FedAvg's weighting by examples seen).
+    """
+
+    def __init__(
+        self, server_state: ServerState, algorithm: Algorithm, weighting: Weighting = "uniform"
+    ) -> None:
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        self.server_state = server_state
+        self.algorithm = algorithm
+        self.weighting = weighting
+        self.delta_sum = {
+            n: torch.zeros_like(p, dtype=torch.float64) for n, p in server_state.params.items()
+        }
+        self.curvature_weighted_sum: dict[str, torch.Tensor] = {}
+        self.curvature_sum: dict[str, torch.Tensor] = {}
+        self.curvature_square_sum = 0.0
+        self.weight_sum = 0.0
+        self.num_clients = 0
+        self.num_examples = 0
+        self.loss_sum = 0.0
+        self.uplink_bytes = 0
+        self.client_ids: list[int] = []
+
+    def add(self, update: ClientUpdate) -> None:
+        """Fold one client's update into the sums."""
+        if set(update.delta) != set(self.delta_sum):
+            raise ValueError(
+                f"client {update.client_id} sent a delta for other parameters than the "
+                "global model's"
+            )
+        weight = float(update.num_examples) if self.weighting == "num_examples" else 1.0
+        for name, d in update.delta.items():
+            self.delta_sum[name].add_(d.to(torch.float64), alpha=weight)
+        if update.curvature:
+            if self.num_clients and set(update.curvature) != set(self.curvature_sum):
+                raise ValueError(
+                    f"client {update.client_id} sent curvature entries that differ from the "
+                    "other clients' (another optimizer or model?)"
+                )
+            for name, t in update.curvature.items():
+                t64 = t.to(torch.float64)
+                if name not in self.curvature_sum:
+                    self.curvature_sum[name] = torch.zeros_like(t64)
+                    self.curvature_weighted_sum[name] = torch.zeros_like(t64)
+                self.curvature_sum[name].add_(t64)
+                self.curvature_weighted_sum[name].add_(t64, alpha=weight)
+                self.curvature_square_sum += float(t64.square().sum())
+        self.weight_sum += weight
+        self.num_clients += 1
+        self.num_examples += int(update.num_examples)
+        self.loss_sum += float(update.metrics.get("train_loss", 0.0)) * weight
+        self.uplink_bytes += tensor_bytes(update.delta)
+        if self.algorithm.align:
+            self.uplink_bytes += tensor_bytes(update.curvature)
+        self.client_ids.append(int(update.client_id))
+
+    def all_reduce(self) -> None:
+        """Sum this aggregator with its peers in the other processes (torch.distributed).
+
+        Every process of the default process group calls this after adding
+        its share of the round's clients; afterwards every process holds the
+        sums over all clients, so ``finalize`` gives the same state everywhere.
+        A process whose clients all failed contributes zeros.
+        """
+        import torch.distributed as dist
+
+        key_lists: list[Any] = [None] * dist.get_world_size()
+        mine = {k: tuple(t.shape) for k, t in self.curvature_sum.items()}
+        dist.all_gather_object(key_lists, (mine, self.client_ids))
+        shapes: dict[str, tuple[int, ...]] = {}
+        ids: list[int] = []
+        for keys, client_ids in key_lists:
+            shapes.update(keys)
+            ids += client_ids
+        for k, shape in shapes.items():
+            if k not in self.curvature_sum:
+                self.curvature_sum[k] = torch.zeros(shape, dtype=torch.float64)
+                self.curvature_weighted_sum[k] = torch.zeros(shape, dtype=torch.float64)
+        names, curv = sorted(self.delta_sum), sorted(self.curvature_sum)
+        scalars = torch.tensor(
+            [
+                self.curvature_square_sum,
+                self.weight_sum,
+                self.num_clients,
+                self.num_examples,
+                self.loss_sum,
+                self.uplink_bytes,
+            ],
+            dtype=torch.float64,
+        )
+        tensors = (
+            [self.delta_sum[n] for n in names]
+            + [self.curvature_sum[k] for k in curv]
+            + [self.curvature_weighted_sum[k] for k in curv]
+            + [scalars]
+        )
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat)
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+        (
+            self.curvature_square_sum,
+            self.weight_sum,
+            num_clients,
+            num_examples,
+            self.loss_sum,
+            uplink,
+        ) = scalars.tolist()
+        self.num_clients, self.num_examples = int(num_clients), int(num_examples)
+        self.uplink_bytes = int(uplink)
+        self.client_ids = sorted(ids)
+
+    def finalize(
+        self,
+        *,
+        lr: float,
+        local_steps: int,
+        server_lr: float = 1.0,
+    ) -> tuple[ServerState, dict[str, float]]:
+        """The next global state and this round's server metrics.
+
+        Parameters
+        ----------
+        lr:
+            The local learning rate eta_l the clients used this round.
+        local_steps:
+            K; with ``lr`` it turns the mean delta into the global direction.
+        server_lr:
+            eta_g, the server learning rate applied to the mean delta.
+        """
+        if self.num_clients == 0:
+            raise ValueError("no client update to aggregate in this round")
+        state = self.server_state
+        inv_w = 1.0 / self.weight_sum
+        delta = {n: (s * inv_w) for n, s in self.delta_sum.items()}
+        params = {
+            n: (state.params[n].to(torch.float64) + server_lr * delta[n]).to(torch.float32)
+            for n in state.params
+        }
+        direction = {n: (-d / (local_steps * lr)).to(torch.float32) for n, d in delta.items()}
+
+        curvature: dict[str, torch.Tensor] | None = None
+        metrics: dict[str, float] = {}
+        if self.curvature_weighted_sum:
+            mean_w = {n: s * inv_w for n, s in self.curvature_weighted_sum.items()}
+            inv_s = 1.0 / self.num_clients
+            # (1/S) sum_i ||T_i - M||^2 = (1/S) sum ||T_i||^2 - 2 <(1/S) sum T_i, M> + ||M||^2
+            cross = sum(float((self.curvature_sum[n] * m).sum()) for n, m in mean_w.items())
+            norm_sq = sum(float(m.square().sum()) for m in mean_w.values())
+            drift = max(0.0, inv_s * self.curvature_square_sum - 2.0 * inv_s * cross + norm_sq)
+            metrics["drift"] = drift
+            metrics["drift_relative"] = drift / norm_sq if norm_sq > 0 else 0.0
+            curvature = {n: m.to(torch.float32) for n, m in mean_w.items()}
+
+        down = downlink_bytes(state, self.algorithm) * self.num_clients
+        metrics.update(
+            num_clients=float(self.num_clients),
+            num_examples=float(self.num_examples),
+            train_loss=self.loss_sum * inv_w,
+            update_norm=float(sum(d.square().sum() for d in delta.values()) ** 0.5),
+            bytes_up=float(self.uplink_bytes),
+            bytes_down=float(down),
+        )
+        new_state = ServerState(
+            params=params, curvature=curvature, direction=direction, round=state.round + 1
+        )
+        return new_state, metrics
+
+
+def aggregate(
+    server_state: ServerState,
+    updates: Iterable[ClientUpdate],
+    algorithm: Algorithm,
+    *,
+    lr: float,
+    local_steps: int,
+    server_lr: float = 1.0,
+    weighting: Weighting = "uniform",
+) -> tuple[ServerState, dict[str, float]]:
+    """Apply the server rule to a round's updates (see the module docstring)."""
+    aggregator = RoundAggregator(server_state, algorithm, weighting)
+    for update in updates:
+        aggregator.add(update)
+    return aggregator.finalize(lr=lr, local_steps=local_steps, server_lr=server_lr)
