@@ -1,0 +1,209 @@
+"""The ``fedpac-hf`` command line.
+
+Each subcommand is a pair of functions registered in :data:`SUBCOMMANDS`:
+``add_arguments(parser)`` declares its options and ``run(args) -> int`` does
+the work. Adding ``train`` or ``report`` means writing those two functions and
+one line in the registry. Mistakes a user can make (a bad option value, a
+missing column or file) end in a one-line ``fedpac-hf <cmd>: error: ...``
+message and exit status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+from collections.abc import Callable, Sequence
+
+AddArguments = Callable[[argparse.ArgumentParser], None]
+Run = Callable[[argparse.Namespace], int]
+
+# Option dest -> partitioner constructor argument, for `partition`.
+_PARTITIONER_OPTIONS = {
+    "num_clients": "num_clients",
+    "alpha": "alpha",
+    "scheme": "scheme",
+    "classes_per_client": "classes_per_client",
+    "min_examples_per_client": "min_examples_per_client",
+    "power_law_exponent": "power_law_exponent",
+    "label_column": "label_column",
+    "column": "column",
+    "seed": "seed",
+}
+
+
+def add_partition_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``fedpac-hf partition``."""
+    from fedpac_hf.partition import PARTITIONERS
+
+    parser.add_argument(
+        "--dataset",
+        required=True,
+        help="mnist5k, digits, shakespeare, a Hub dataset id or a local path",
+    )
+    parser.add_argument(
+        "--split", default="train", help="which split to partition (default: train)"
+    )
+    parser.add_argument(
+        "--partitioner",
+        required=True,
+        choices=sorted(PARTITIONERS),
+        help="how to split the data across clients",
+    )
+    parser.add_argument("--num-clients", type=int, help="number of clients")
+    parser.add_argument(
+        "--alpha", type=float, help="Dirichlet concentration (dirichlet, quantity_skew)"
+    )
+    parser.add_argument(
+        "--scheme",
+        choices=["client", "class"],
+        help="dirichlet scheme: equal-size clients (client, FedPAC) or per-class (class)",
+    )
+    parser.add_argument("--classes-per-client", type=int, help="classes per client (pathological)")
+    parser.add_argument(
+        "--min-examples-per-client",
+        type=int,
+        help="smallest client allowed (dirichlet, quantity_skew)",
+    )
+    parser.add_argument(
+        "--power-law-exponent", type=float, help="power-law client sizes (quantity_skew)"
+    )
+    parser.add_argument(
+        "--label-column",
+        default=None,
+        help="label column (default: label); also the classes of the statistics",
+    )
+    parser.add_argument("--column", help="id column, one client per value (natural_id)")
+    parser.add_argument("--seed", type=int, default=None, help="partition seed (default 0)")
+    parser.add_argument(
+        "--data-seed", type=int, default=0, help="seed of the dataset's train/test split"
+    )
+    parser.add_argument("--plot", help="write the client x class heatmap to this PNG")
+    parser.add_argument(
+        "--max-clients-shown", type=int, default=10, help="client rows in the printed table"
+    )
+
+
+def _partitioner_kwargs(args: argparse.Namespace) -> dict:
+    """The partitioner arguments the user set, refusing options the partitioner does not take."""
+    from fedpac_hf.partition import PARTITIONERS
+
+    cls = PARTITIONERS[args.partitioner]
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    kwargs = {}
+    for dest, parameter in _PARTITIONER_OPTIONS.items():
+        value = getattr(args, dest)
+        if value is None:
+            continue
+        if parameter not in accepted:
+            if dest in ("label_column", "seed"):
+                continue
+            option = "--" + dest.replace("_", "-")
+            raise ValueError(
+                f"{option} does not apply to --partitioner {args.partitioner}; it takes "
+                + ", ".join("--" + name.replace("_", "-") for name in sorted(accepted))
+                + "."
+            )
+        kwargs[parameter] = value
+    missing = [
+        name
+        for name, parameter in inspect.signature(cls.__init__).parameters.items()
+        if name != "self" and parameter.default is inspect.Parameter.empty and name not in kwargs
+    ]
+    if missing:
+        raise ValueError(
+            f"--partitioner {args.partitioner} needs "
+            + ", ".join("--" + name.replace("_", "-") for name in missing)
+            + "."
+        )
+    return kwargs
+
+
+def run_partition(args: argparse.Namespace) -> int:
+    """Partition a dataset, print its statistics table and optionally write the heatmap."""
+    from fedpac_hf.data import load_dataset_by_name
+    from fedpac_hf.partition import (
+        get_partitioner,
+        partition_stats,
+        plot_label_heatmap,
+        read_column,
+    )
+
+    kwargs = _partitioner_kwargs(args)
+    partitioner = get_partitioner(args.partitioner, **kwargs)
+    splits = load_dataset_by_name(args.dataset, seed=args.data_seed)
+    if args.split not in splits:
+        raise ValueError(f"--split {args.split!r} not found; the dataset has {list(splits)}.")
+    dataset = splits[args.split]
+    parts = partitioner.assign(dataset)
+    label_column = args.label_column or "label"
+    if label_column in dataset.column_names:
+        labels = read_column(dataset, label_column, argument="--label-column")
+    elif args.label_column is None and args.partitioner in ("iid", "quantity_skew", "natural_id"):
+        label_column = "(none)"
+        labels = [0] * len(dataset)
+    else:
+        read_column(dataset, label_column, argument="--label-column")
+    stats = partition_stats(parts, labels)
+    description = ", ".join(f"{key}={value}" for key, value in kwargs.items())
+    print(f"{args.dataset}[{args.split}]: {len(dataset)} examples, label column {label_column}")
+    print(f"partitioner {args.partitioner}({description})")
+    print()
+    print(stats.table(max_clients=args.max_clients_shown))
+    if args.plot:
+        title = f"{args.dataset}, {args.partitioner}" + (
+            f" alpha={args.alpha:g}" if args.alpha is not None else ""
+        )
+        path = plot_label_heatmap(stats, args.plot, title=title)
+        print(f"\nheatmap written to {path}")
+    return 0
+
+
+SUBCOMMANDS: dict[str, tuple[str, AddArguments, Run]] = {
+    "partition": (
+        "split a dataset across clients and show how non-IID the split is",
+        add_partition_arguments,
+        run_partition,
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``fedpac-hf`` argument parser with one sub-parser per registered subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="fedpac-hf",
+        description="Federated second-order fine-tuning (FedPAC) for Hugging Face models.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (help_text, add_arguments, run) in SUBCOMMANDS.items():
+        subparser = subparsers.add_parser(name, help=help_text, description=help_text)
+        add_arguments(subparser)
+        subparser.set_defaults(_run=run, _parser=subparser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``fedpac-hf``; returns 0 on success, exits with status 2 on a user error.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        The arguments (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        The exit status of the subcommand.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args._run(args)
+    except (ValueError, FileNotFoundError, ImportError) as error:
+        message = " ".join(str(error).split())
+        args._parser.exit(2, f"{args._parser.prog}: error: {message}\n")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
