@@ -111,13 +111,6 @@ class DirichletPartitioner(Partitioner):
     def _assign_client_scheme(self, codes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         n = len(codes)
         per_client = n // self.num_clients
-        if per_client < self.min_examples_per_client:
-            raise ValueError(
-                f"scheme='client' gives every client {per_client} examples, below "
-                f"min_examples_per_client={self.min_examples_per_client}; lower num_clients "
-                f"to at most {n // self.min_examples_per_client} or lower "
-                "min_examples_per_client."
-            )
         pools = self._class_pools(codes, rng)
         num_classes = len(pools)
         remaining = np.array([len(pool) for pool in pools], dtype=np.int64)
