@@ -23,11 +23,25 @@ parameters are called ``"group{g}.param{i}"``.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from itertools import chain
+from typing import Any
 
 import torch
 
-__all__ = ["CurvatureOptimizer", "named_params", "check_curvature_keys"]
+__all__ = [
+    "CurvatureOptimizer",
+    "named_params",
+    "check_curvature_keys",
+    "check_finite_curvature",
+    "check_grads",
+    "check_params_supported",
+    "curvature_dtype",
+    "restore_saved_state_dtypes",
+    "unhooked_step",
+    "warn_once",
+]
 
 
 def named_params(optimizer: torch.optim.Optimizer) -> Iterator[tuple[str, torch.Tensor]]:
@@ -85,3 +99,111 @@ class CurvatureOptimizer(abc.ABC):
 
     def reset_basis_moments(self) -> None:
         """Zero the state that lives in a client-specific basis (default: none)."""
+        return None
+
+
+def curvature_dtype(param: torch.Tensor) -> torch.dtype:
+    """Return the dtype curvature state of ``param`` is kept in: float64 for float64
+    parameters, float32 for everything else (bf16/fp16 gradients are cast up)."""
+    return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+
+def check_params_supported(optimizer: torch.optim.Optimizer) -> None:
+    """Raise ``ValueError`` if the optimizer was given a complex or non-floating parameter."""
+    for name, p in named_params(optimizer):
+        if torch.is_complex(p) or not p.is_floating_point():
+            raise ValueError(
+                f"{type(optimizer).__name__} supports real floating-point parameters only; "
+                f"parameter {name!r} has dtype {p.dtype}"
+            )
+
+
+def check_grads(optimizer: torch.optim.Optimizer) -> None:
+    """Validate every present gradient before a step mutates anything.
+
+    Raises ``ValueError`` for a sparse gradient and ``FloatingPointError`` naming
+    the parameters whose gradient holds a NaN or an infinity. Checking up front
+    means a rejected step leaves parameters and curvature state untouched (no NaN
+    ever reaches Theta). Under ``torch.amp.GradScaler`` non-finite steps are
+    skipped by the scaler before ``step`` is called, so this only fires on real
+    divergence; a federated client may catch ``FloatingPointError`` to drop itself.
+    """
+    names: list[str] = []
+    grads: list[torch.Tensor] = []
+    for name, p in named_params(optimizer):
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            raise ValueError(
+                f"{type(optimizer).__name__} does not support sparse gradients "
+                f"(parameter {name!r}); use a dense embedding (sparse=False)"
+            )
+        names.append(name)
+        grads.append(p.grad)
+    if not grads:
+        return
+    # The max-norm of a finite tensor cannot overflow, and it propagates NaN.
+    maxima = torch._foreach_norm(grads, float("inf"))
+    if bool(torch.stack([m.float() for m in maxima]).isfinite().all()):
+        return
+    bad = [n for n, m in zip(names, maxima, strict=True) if not torch.isfinite(m)]
+    raise FloatingPointError(
+        f"{type(optimizer).__name__}: non-finite gradient in {bad[:5]}"
+        f"{'...' if len(bad) > 5 else ''}; the step was refused and no state was changed"
+    )
+
+
+def check_finite_curvature(state: Mapping[str, torch.Tensor]) -> None:
+    """Raise ``ValueError`` naming the entries of a Theta that hold NaN or infinity."""
+    bad = sorted(k for k, v in state.items() if not bool(torch.isfinite(v).all()))
+    if bad:
+        raise ValueError(f"curvature state has non-finite values in {bad[:5]}")
+
+
+def restore_saved_state_dtypes(
+    optimizer: torch.optim.Optimizer, state_dict: Mapping[str, Any]
+) -> None:
+    """Undo the dtype cast ``Optimizer.load_state_dict`` applies to floating state.
+
+    ``torch.optim.Optimizer.load_state_dict`` casts every floating tensor in the
+    per-parameter state to the parameter's dtype, which would turn float32
+    curvature of a bf16 model into bf16. Call this right after it: each floating
+    tensor whose saved dtype differs is replaced by a copy of the saved tensor on
+    the parameter's device with its saved dtype.
+    """
+    saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+    params = chain.from_iterable(g["params"] for g in optimizer.param_groups)
+    id_map = dict(zip(saved_ids, params, strict=True))
+    for key, saved_state in state_dict["state"].items():
+        param = id_map.get(key)
+        if param is None:
+            continue
+        live = optimizer.state[param]
+        for name, value in saved_state.items():
+            if (
+                isinstance(value, torch.Tensor)
+                and value.is_floating_point()
+                and name in live
+                and live[name].dtype != value.dtype
+            ):
+                live[name] = value.to(device=param.device).clone()
+
+
+def unhooked_step(step: Callable[..., Any]) -> Callable[..., Any]:
+    """Return a parent class's ``step`` without torch's profiling/hook wrapper.
+
+    ``torch.optim.Optimizer`` wraps ``cls.step`` so that step hooks run; a subclass
+    that overrides ``step`` and calls the parent's wrapped ``step`` would run the
+    hooks twice. Only that one wrapper is removed.
+    """
+    if getattr(step, "hooked", False):
+        return step.__wrapped__  # type: ignore[attr-defined]
+    return step
+
+
+def warn_once(optimizer: object, key: str, message: str) -> None:
+    """Emit ``warnings.warn(message)`` at most once per optimizer object and key."""
+    seen = optimizer.__dict__.setdefault("_fedpac_warned", set())
+    if key not in seen:
+        seen.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)

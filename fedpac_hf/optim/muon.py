@@ -1,0 +1,232 @@
+"""Muon for hidden matrices and AdamW for everything else, behind one optimizer.
+
+The matrix update is delegated to ``torch.optim.Muon`` and the rest to
+``torch.optim.AdamW``: :class:`Muon` owns the parameter groups and the state
+(so ``state_dict``/``load_state_dict``, ``zero_grad`` and LR schedulers see one
+ordinary optimizer) and hands each group to an inner torch optimizer that
+shares those very group dicts and the state dict. Every group has ``lr``
+(schedulers scale it) and a boolean ``use_muon``.
+
+Which parameters get Muon: 2-D parameters that are not embeddings or output
+heads (:func:`is_muon_matrix`). Embeddings, classifier/LM heads, norms,
+biases, 1-D parameters and tensors with more than two dimensions (conv
+kernels) get AdamW.
+
+Theta is ``{name.momentum}``: Muon's momentum buffer of every matrix parameter
+(zeros before the first step). The AdamW part exports nothing: its state starts
+from zero on every warm start. Precision follows torch: the momentum lives in
+the parameter dtype and torch's Newton-Schulz iteration runs in bfloat16 by
+design; Theta is exported as float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim.optimizer import Optimizer
+
+from .base import (
+    CurvatureOptimizer,
+    check_curvature_keys,
+    check_finite_curvature,
+    check_grads,
+    check_params_supported,
+    named_params,
+    unhooked_step,
+)
+
+__all__ = ["Muon", "is_muon_matrix", "muon_matrix_names"]
+
+_NOT_HIDDEN = ("embed", "lm_head", "classifier", "score", "wte", "wpe", "pooler")
+
+
+def is_muon_matrix(name: str | None, param: torch.Tensor) -> bool:
+    """Whether a parameter is a hidden matrix that Muon should update.
+
+    True for 2-D parameters whose name does not mark an embedding or an output
+    head (``embed``, ``lm_head``, ``classifier``, ``score``, ``wte``, ``wpe``,
+    ``pooler``, or a ``head`` path component). Unnamed 2-D parameters count as
+    hidden matrices.
+    """
+    if param.ndim != 2:
+        return False
+    if name is None:
+        return True
+    lowered = name.lower()
+    return not (any(t in lowered for t in _NOT_HIDDEN) or "head" in lowered.split("."))
+
+
+def muon_matrix_names(model: nn.Module) -> set[str]:
+    """Names of the parameters of ``model`` that Muon updates: :func:`is_muon_matrix`,
+    minus the weights of ``nn.Embedding`` modules and of the model's output
+    embeddings (``get_output_embeddings()`` of HF models), whatever their names."""
+    excluded: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, nn.Embedding | nn.EmbeddingBag):
+            excluded.update(id(p) for p in module.parameters(recurse=False))
+    get_output = getattr(model, "get_output_embeddings", None)
+    if callable(get_output):
+        head = get_output()
+        if isinstance(head, nn.Module):
+            excluded.update(id(p) for p in head.parameters())
+    return {
+        n for n, p in model.named_parameters() if id(p) not in excluded and is_muon_matrix(n, p)
+    }
+
+
+class Muon(Optimizer, CurvatureOptimizer):
+    """``torch.optim.Muon`` on hidden matrices plus ``torch.optim.AdamW`` on the rest.
+
+    Parameters
+    ----------
+    params : iterable
+        ``(name, parameter)`` pairs, tensors, or group dicts. A group may set
+        ``use_muon`` to force its kind; otherwise it is split with
+        :func:`is_muon_matrix`.
+    lr : float
+        Learning rate of both parts (the AdamW part uses ``adamw_lr`` if given).
+    weight_decay : float
+        Decoupled weight decay of both parts (groups may override).
+    momentum, nesterov, ns_coefficients, eps, ns_steps : see ``torch.optim.Muon``.
+    adjust_lr_fn : str or None
+        ``torch.optim.Muon``'s LR adjustment; the default ``"match_rms_adamw"``
+        scales the matrix update to AdamW's RMS so one ``lr`` suits both parts.
+    adamw_lr : float or None
+        Learning rate of the AdamW part (default: ``lr``).
+    adamw_betas, adamw_eps : AdamW's ``betas`` and ``eps``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315),
+        eps: float = 1e-7,
+        ns_steps: int = 5,
+        adjust_lr_fn: str | None = "match_rms_adamw",
+        adamw_lr: float | None = None,
+        adamw_betas: tuple[float, float] = (0.9, 0.999),
+        adamw_eps: float = 1e-8,
+    ) -> None:
+        muon_defaults = {
+            "momentum": momentum,
+            "nesterov": nesterov,
+            "ns_coefficients": tuple(ns_coefficients),
+            "eps": eps,
+            "ns_steps": ns_steps,
+            "adjust_lr_fn": adjust_lr_fn,
+        }
+        # torch validates these and fills every key its AdamW step reads.
+        torch.optim.Muon([torch.zeros(1, 1)], lr=lr, weight_decay=weight_decay, **muon_defaults)
+        adamw_defaults = dict(
+            torch.optim.AdamW(
+                [torch.zeros(1)],
+                lr=lr if adamw_lr is None else adamw_lr,
+                betas=adamw_betas,
+                eps=adamw_eps,
+                weight_decay=weight_decay,
+            ).defaults
+        )
+        groups: list[dict[str, Any]] = []
+        items = list(params)
+        raw_groups = items if items and isinstance(items[0], dict) else [{"params": items}]
+        for raw in raw_groups:
+            members = list(raw["params"])
+            named = [(m if isinstance(m, tuple) else (None, m)) for m in members]
+            if "use_muon" in raw:
+                split = [(bool(raw["use_muon"]), named)]
+            else:
+                split = [
+                    (flag, [(n, p) for n, p in named if is_muon_matrix(n, p) == flag])
+                    for flag in (True, False)
+                ]
+            for flag, subset in split:
+                if not subset:
+                    continue
+                group = {k: v for k, v in raw.items() if k != "params"}
+                group["use_muon"] = flag
+                group["params"] = [(n, p) if n is not None else p for n, p in subset]
+                if not flag and "lr" not in raw and adamw_lr is not None:
+                    group["lr"] = adamw_lr
+                for k, v in (muon_defaults if flag else adamw_defaults).items():
+                    group.setdefault(k, v)
+                groups.append(group)
+        super().__init__(groups, {"lr": lr, "weight_decay": weight_decay})
+        check_params_supported(self)
+        for name, p in self._named(muon=True):
+            if p.ndim != 2:
+                raise ValueError(
+                    f"Muon: parameter {name!r} with shape {tuple(p.shape)} is in a "
+                    "use_muon group; only 2-D parameters can use Muon"
+                )
+        self._bind_inner()
+
+    def _named(self, muon: bool) -> list[tuple[str, torch.Tensor]]:
+        names = iter(named_params(self))
+        out = []
+        for group in self.param_groups:
+            for _ in group["params"]:
+                name, p = next(names)
+                if group["use_muon"] == muon:
+                    out.append((name, p))
+        return out
+
+    def _bind_inner(self) -> None:
+        """(Re)create the inner torch optimizers over this optimizer's groups and state."""
+        self._inner: list[Optimizer] = []
+        for flag, cls in ((True, torch.optim.Muon), (False, torch.optim.AdamW)):
+            groups = [g for g in self.param_groups if g["use_muon"] == flag]
+            if not groups:
+                continue
+            inner = cls([p for g in groups for p in g["params"]])
+            inner.param_groups = groups
+            inner.state = self.state
+            self._inner.append(inner)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._bind_inner()
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """Validate gradients, then step ``torch.optim.Muon`` and ``torch.optim.AdamW``."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        check_grads(self)
+        for inner in self._inner:
+            unhooked_step(type(inner).step)(inner)
+        return loss
+
+    def export_curvature(self) -> dict[str, torch.Tensor]:
+        """Return ``{name.momentum}`` for the Muon matrices (float32, CPU)."""
+        theta = {}
+        for name, p in self._named(muon=True):
+            buf = self.state.get(p, {}).get("momentum_buffer")
+            theta[f"{name}.momentum"] = (
+                torch.zeros(p.shape, dtype=torch.float32)
+                if buf is None
+                else buf.detach().to(device="cpu", dtype=torch.float32).clone()
+            )
+        return theta
+
+    def import_curvature(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Warm-start: Muon's momentum buffers from Theta; the AdamW part starts fresh."""
+        muon_params = self._named(muon=True)
+        check_curvature_keys({f"{n}.momentum": tuple(p.shape) for n, p in muon_params}, state)
+        check_finite_curvature(state)
+        for name, p in muon_params:
+            self.state[p] = {
+                "momentum_buffer": state[f"{name}.momentum"]
+                .to(device=p.device, dtype=p.dtype)
+                .clone()
+            }
+        for _, p in self._named(muon=False):
+            self.state.pop(p, None)

@@ -1,0 +1,41 @@
+"""Plain SGD (optionally with momentum) with the curvature API and an empty Theta.
+
+Used by the ``fedavg`` and ``fedcm`` baselines: there is nothing to align, so
+:meth:`SGD.export_curvature` returns ``{}`` and :meth:`SGD.import_curvature`
+accepts only ``{}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .base import CurvatureOptimizer, check_curvature_keys, check_grads, unhooked_step
+
+__all__ = ["SGD"]
+
+
+class SGD(torch.optim.SGD, CurvatureOptimizer):
+    """``torch.optim.SGD`` whose ``step`` refuses sparse or non-finite gradients
+    (``ValueError`` / ``FloatingPointError``, nothing changed); Theta is empty."""
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """Validate gradients, then perform one ``torch.optim.SGD`` step."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        check_grads(self)
+        unhooked_step(torch.optim.SGD.step)(self)
+        return loss
+
+    def export_curvature(self) -> dict[str, torch.Tensor]:
+        """Return ``{}``: SGD has no curvature state."""
+        return {}
+
+    def import_curvature(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Accept only an empty Theta (``ValueError`` naming the keys otherwise)."""
+        check_curvature_keys({}, state)

@@ -1,0 +1,515 @@
+"""SOAP: Adam in the eigenbasis of Shampoo's Kronecker statistics.
+
+SOAP (Vyas et al., 2024, arXiv 2409.11321) keeps, for every matrix parameter
+``W`` of shape ``m x n`` with gradient ``G``, the Shampoo statistics
+
+    L <- shampoo_beta * L + (1 - shampoo_beta) * G G^T      (m x m)
+    R <- shampoo_beta * R + (1 - shampoo_beta) * G^T G      (n x n)
+
+and runs Adam on the rotated gradient ``Q_L^T G Q_R``, where ``Q_L``, ``Q_R`` are
+eigenbases of ``L`` and ``R``. The bases are computed with ``eigh`` once and then
+refreshed every ``precondition_frequency`` steps by one power-iteration step
+followed by a QR decomposition, which also reorders Adam's second moment to
+follow the eigenvalue order. A side longer than ``max_precond_dim`` is not
+rotated (identity), so a LoRA factor ``B`` of shape ``4096 x 16`` with
+``max_precond_dim=1024`` is preconditioned on its 16-side only.
+
+Federated use (FedPAC): the curvature state Theta is ``{name.L, name.R}`` for the
+rotated sides only (``name.L`` alone for a preconditioned 1-D parameter,
+``name.GG{i}`` for the sides of a parameter with more than two dimensions).
+The eigenbases and Adam's moments are not part of Theta.
+
+Step-count policy
+-----------------
+- Fresh start (no :meth:`SOAP.import_curvature`): like the reference, the first
+  ``step()`` of a parameter only initialises the statistics and the eigenbasis
+  (eigh) and does not change the parameter; Adam steps start with the second
+  call.
+- Warm start (:meth:`SOAP.import_curvature`): the statistics are the imported
+  ones, the eigenbases are computed from them by ``eigh``, Adam's moments are
+  zero and Adam's step count restarts at 0, so the first ``step()`` already
+  updates the parameters with the usual bias correction of step 1. The
+  statistics keep accumulating from the imported values, and the
+  power-iteration refresh runs after Adam steps ``precondition_frequency``,
+  ``2 * precondition_frequency``, ...
+
+Numerics: statistics, moments, eigh and QR are float32 (float64 for float64
+parameters) whatever the parameter dtype; bf16/fp16 gradients are cast up, and
+:meth:`SOAP.load_state_dict` keeps them float32. A failing ``eigh`` is retried in
+float64 and then replaced by the identity, each with a warning. A non-finite
+gradient (or one whose squared norm overflows the statistics' dtype) raises
+``FloatingPointError`` before anything is changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch.optim.optimizer import Optimizer, ParamsT
+
+from .base import (
+    CurvatureOptimizer,
+    check_curvature_keys,
+    check_finite_curvature,
+    check_grads,
+    check_params_supported,
+    curvature_dtype,
+    named_params,
+    restore_saved_state_dtypes,
+)
+
+__all__ = ["SOAP", "eigenbasis", "preconditioner_layout"]
+
+
+def preconditioner_layout(
+    shape: torch.Size | tuple[int, ...],
+    max_precond_dim: int,
+    merge_dims: bool,
+    precondition_1d: bool,
+) -> tuple[tuple[int, ...], tuple[bool, ...]]:
+    """Return how SOAP views a parameter: ``(view_shape, rotated_per_side)``.
+
+    ``view_shape`` is the shape the gradient is reshaped to (identical to
+    ``shape`` unless ``merge_dims`` merges the dimensions of a tensor with more
+    than two dimensions); ``rotated_per_side[i]`` tells whether side ``i`` gets a
+    statistic and an eigenbasis (it does when it is at most ``max_precond_dim``).
+
+    Merging (``merge_dims=True``, tensors with more than two dimensions only)
+    joins consecutive dimensions greedily while their product stays at most
+    ``max_precond_dim``; if everything would collapse into one side, the result
+    is ``(shape[0], prod(shape[1:]))`` (out-channels x fan-in for a conv weight).
+    """
+    shape = tuple(int(d) for d in shape)
+    if len(shape) == 0:
+        return (1,), (False,)
+    if len(shape) == 1:
+        return shape, (precondition_1d and shape[0] <= max_precond_dim,)
+    view = shape
+    if merge_dims and len(shape) > 2:
+        merged: list[int] = []
+        product = 1
+        for d in shape:
+            if product * d > max_precond_dim and product > 1:
+                merged.append(product)
+                product = d
+            else:
+                product *= d
+        merged.append(product)
+        view = tuple(merged) if len(merged) > 1 else (shape[0], math.prod(shape[1:]))
+    return view, tuple(d <= max_precond_dim for d in view)
+
+
+def _stat_names(ndim: int) -> list[str]:
+    """Names of the per-side statistics in Theta for a view with ``ndim`` sides."""
+    if ndim == 1:
+        return ["L"]
+    if ndim == 2:
+        return ["L", "R"]
+    return [f"GG{i}" for i in range(ndim)]
+
+
+def eigenbasis(matrix: torch.Tensor) -> torch.Tensor:
+    """Orthonormal eigenvectors of a symmetric matrix, by descending eigenvalue.
+
+    Used for SOAP's eigenbasis on a fresh start and on a warm start from an
+    imported statistic. ``eigh`` runs in the matrix's dtype (float32 or float64);
+    if it raises or returns non-finite values it is retried in float64, and if
+    that fails too (or the matrix itself is not finite) the identity is returned
+    (that side is then simply not rotated). Every fallback emits a warning; the
+    function never raises.
+    """
+    n = matrix.shape[0]
+    eye = torch.eye(n, dtype=matrix.dtype, device=matrix.device)
+    if not bool(torch.isfinite(matrix).all()):
+        warnings.warn(
+            f"SOAP: statistic of size {n}x{n} is not finite; using the identity basis",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return eye
+    dtypes = [matrix.dtype] if matrix.dtype == torch.float64 else [matrix.dtype, torch.float64]
+    for dtype in dtypes:
+        try:
+            m = matrix.to(dtype)
+            # A tiny diagonal jitter, as in the reference, keeps an all-zero
+            # statistic from producing an arbitrary basis.
+            _, vectors = torch.linalg.eigh(m + 1e-30 * torch.eye(n, dtype=dtype, device=m.device))
+        except RuntimeError as error:  # torch.linalg.LinAlgError is a RuntimeError
+            warnings.warn(
+                f"SOAP: eigh failed in {dtype} for a {n}x{n} statistic ({error}); "
+                + ("retrying in float64" if dtype != torch.float64 else "using the identity"),
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            continue
+        if bool(torch.isfinite(vectors).all()):
+            return vectors.flip(1).to(matrix.dtype)
+        warnings.warn(
+            f"SOAP: eigh returned non-finite values in {dtype} for a {n}x{n} statistic; "
+            + ("retrying in float64" if dtype != torch.float64 else "using the identity"),
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return eye
+
+
+@contextlib.contextmanager
+def _highest_matmul_precision(device: torch.device) -> Iterator[None]:
+    """Disable TF32 for float32 matmuls on CUDA while curvature is computed."""
+    if device.type != "cuda":
+        yield
+        return
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def _rotate(
+    x: torch.Tensor,
+    bases: list[torch.Tensor | None],
+    view_shape: tuple[int, ...],
+    back: bool,
+) -> torch.Tensor:
+    """Rotate ``x`` into (``back=False``: ``Q^T x``) or out of (``back=True``: ``Q x``)
+    the eigenbases, side by side; ``None`` sides are left as they are."""
+    if all(q is None for q in bases):
+        return x
+    shape = x.shape
+    y = x.reshape(view_shape)
+    if len(view_shape) == 2:
+        left, right = bases
+        if left is not None:
+            y = (left if back else left.T) @ y
+        if right is not None:
+            y = y @ (right.T if back else right)
+        return y.reshape(shape)
+    for q in bases:
+        if q is None:
+            y = y.movedim(0, -1)
+        else:
+            # contract side 0 with Q (or Q^T) and append the result as the last side
+            y = torch.tensordot(y, q, dims=([0], [1 if back else 0]))
+    return y.reshape(shape)
+
+
+def _side_outer_products(g: torch.Tensor, rotated: tuple[bool, ...]) -> list[torch.Tensor | None]:
+    """For each rotated side ``i`` of ``g``: the contraction of ``g`` with itself
+    over all other sides (``G G^T`` and ``G^T G`` for a matrix)."""
+    if g.dim() == 1:
+        return [torch.outer(g, g) if rotated[0] else None]
+    if g.dim() == 2:
+        return [g @ g.T if rotated[0] else None, g.T @ g if rotated[1] else None]
+    out: list[torch.Tensor | None] = []
+    for i, on in enumerate(rotated):
+        if not on:
+            out.append(None)
+            continue
+        others = [j for j in range(g.dim()) if j != i]
+        out.append(torch.tensordot(g, g, dims=(others, others)))
+    return out
+
+
+class SOAP(Optimizer, CurvatureOptimizer):
+    """SOAP optimizer with an exportable curvature state (Theta = Shampoo statistics).
+
+    Follows the reference SOAP step for step on a fresh start (see the module
+    docstring for the warm-start policy).
+
+    Parameters
+    ----------
+    params : iterable
+        Parameters, ``(name, parameter)`` pairs (preferred: names make Theta's
+        keys) or parameter-group dicts.
+    lr : float
+        Learning rate.
+    betas : tuple of float
+        Adam's decay rates for the first and second moment.
+    shampoo_beta : float or None
+        Decay rate of the statistics ``L``, ``R``; ``None`` uses ``betas[1]``.
+    eps : float
+        Added to the square root of the second moment.
+    weight_decay : float
+        Decoupled weight decay (``p <- p * (1 - lr * weight_decay)`` after the update).
+    precondition_frequency : int
+        Adam steps between power-iteration + QR refreshes of the eigenbases.
+    max_precond_dim : int
+        Sides longer than this are not rotated and get no statistic.
+    merge_dims : bool
+        Merge small dimensions of tensors with more than two dimensions (conv
+        weights) before preconditioning; see :func:`preconditioner_layout`.
+    precondition_1d : bool
+        Rotate 1-D parameters too (one ``n x n`` statistic); by default they
+        get plain Adam.
+    correct_bias : bool
+        Adam bias correction.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 3e-3,
+        betas: tuple[float, float] = (0.95, 0.95),
+        shampoo_beta: float | None = None,
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        precondition_frequency: int = 10,
+        max_precond_dim: int = 10000,
+        merge_dims: bool = False,
+        precondition_1d: bool = False,
+        correct_bias: bool = True,
+    ) -> None:
+        if not lr >= 0.0:
+            raise ValueError(f"SOAP: lr must be >= 0, got {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"SOAP: betas must be in [0, 1), got {betas}")
+        if shampoo_beta is not None and not 0.0 <= shampoo_beta < 1.0:
+            raise ValueError(f"SOAP: shampoo_beta must be in [0, 1) or None, got {shampoo_beta}")
+        if not eps >= 0.0:
+            raise ValueError(f"SOAP: eps must be >= 0, got {eps}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"SOAP: weight_decay must be >= 0, got {weight_decay}")
+        if int(precondition_frequency) != precondition_frequency or precondition_frequency < 1:
+            raise ValueError(
+                f"SOAP: precondition_frequency must be a positive integer, got {precondition_frequency}"
+            )
+        if int(max_precond_dim) != max_precond_dim or max_precond_dim < 1:
+            raise ValueError(
+                f"SOAP: max_precond_dim must be a positive integer, got {max_precond_dim}"
+            )
+        defaults = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "shampoo_beta": shampoo_beta,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "precondition_frequency": int(precondition_frequency),
+            "max_precond_dim": int(max_precond_dim),
+            "merge_dims": merge_dims,
+            "precondition_1d": precondition_1d,
+            "correct_bias": correct_bias,
+        }
+        super().__init__(params, defaults)
+        check_params_supported(self)
+
+    # ------------------------------------------------------------------ layout
+    @staticmethod
+    def _layout(
+        p: torch.Tensor, group: Mapping[str, Any]
+    ) -> tuple[tuple[int, ...], tuple[bool, ...]]:
+        return preconditioner_layout(
+            p.shape, group["max_precond_dim"], group["merge_dims"], group["precondition_1d"]
+        )
+
+    def _named_with_groups(self) -> Iterator[tuple[str, torch.Tensor, dict[str, Any]]]:
+        names = iter(named_params(self))
+        for group in self.param_groups:
+            for _ in group["params"]:
+                name, p = next(names)
+                yield name, p, group
+
+    def _curvature_shapes(self) -> dict[str, tuple[int, int]]:
+        shapes: dict[str, tuple[int, int]] = {}
+        for name, p, group in self._named_with_groups():
+            view, rotated = self._layout(p, group)
+            for stat, d, on in zip(_stat_names(len(view)), view, rotated, strict=True):
+                if on:
+                    shapes[f"{name}.{stat}"] = (d, d)
+        return shapes
+
+    def _fresh_state(self, p: torch.Tensor, group: Mapping[str, Any]) -> dict[str, Any]:
+        dtype = curvature_dtype(p)
+        state: dict[str, Any] = {
+            "step": 0,
+            "exp_avg": torch.zeros(p.shape, dtype=dtype, device=p.device),
+            "exp_avg_sq": torch.zeros(p.shape, dtype=dtype, device=p.device),
+        }
+        view, rotated = self._layout(p, group)
+        for i, (d, on) in enumerate(zip(view, rotated, strict=True)):
+            if on:
+                state[f"GG{i}"] = torch.zeros(d, d, dtype=dtype, device=p.device)
+        return state
+
+    @staticmethod
+    def _bases(state: Mapping[str, Any], rotated: tuple[bool, ...]) -> list[torch.Tensor | None]:
+        return [state[f"Q{i}"] if on else None for i, on in enumerate(rotated)]
+
+    # ------------------------------------------------------------------ step
+    def _check_statistics_range(self) -> None:
+        """Refuse gradients whose squared norm would overflow the statistics."""
+        names, grads = [], []
+        for name, p in named_params(self):
+            if p.grad is not None:
+                names.append(name)
+                grads.append(p.grad)
+        if not grads:
+            return
+        for name, p_grad, norm in zip(names, grads, torch._foreach_norm(grads), strict=True):
+            limit = torch.finfo(torch.float64 if p_grad.dtype == torch.float64 else torch.float32)
+            if float(norm) ** 2 >= limit.max:
+                raise FloatingPointError(
+                    f"SOAP: gradient of {name!r} has norm {float(norm):.3g}; its outer products "
+                    "would overflow the statistics. The step was refused and no state was changed"
+                )
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """Perform one SOAP step (statistics-only on a parameter's first fresh call)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        check_grads(self)
+        self._check_statistics_range()
+
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            shampoo_beta = group["shampoo_beta"] if group["shampoo_beta"] is not None else beta2
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                view, rotated = self._layout(p, group)
+                dtype = curvature_dtype(p)
+                grad = p.grad.to(dtype)
+                with _highest_matmul_precision(p.device):
+                    if len(state) == 0:
+                        # Fresh start: statistics and eigenbasis only, no update.
+                        state.update(self._fresh_state(p, group))
+                        self._accumulate(state, grad, view, rotated, shampoo_beta)
+                        for i, on in enumerate(rotated):
+                            if on:
+                                state[f"Q{i}"] = eigenbasis(state[f"GG{i}"])
+                        continue
+
+                    state["step"] += 1
+                    t = state["step"]
+                    bases = self._bases(state, rotated)
+                    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+
+                    grad_rotated = _rotate(grad, bases, view, back=False)
+                    exp_avg.lerp_(grad, 1.0 - beta1)
+                    exp_avg_sq.lerp_(grad_rotated.square(), 1.0 - beta2)
+                    denom = exp_avg_sq.sqrt().add_(group["eps"])
+                    direction = _rotate(
+                        _rotate(exp_avg, bases, view, back=False) / denom, bases, view, back=True
+                    )
+                    step_size = group["lr"]
+                    if group["correct_bias"]:
+                        step_size *= math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
+                    p.add_(direction.to(p.dtype), alpha=-step_size)
+                    if group["weight_decay"] != 0.0:
+                        p.mul_(1.0 - group["lr"] * group["weight_decay"])
+
+                    self._accumulate(state, grad, view, rotated, shampoo_beta)
+                    if t % group["precondition_frequency"] == 0:
+                        self._refresh_bases(state, view, rotated)
+        return loss
+
+    @staticmethod
+    def _accumulate(
+        state: dict[str, Any],
+        grad: torch.Tensor,
+        view: tuple[int, ...],
+        rotated: tuple[bool, ...],
+        shampoo_beta: float,
+    ) -> None:
+        if not any(rotated):
+            return
+        products = _side_outer_products(grad.reshape(view), rotated)
+        for i, outer in enumerate(products):
+            if outer is not None:
+                state[f"GG{i}"].lerp_(outer, 1.0 - shampoo_beta)
+
+    @staticmethod
+    def _refresh_bases(
+        state: dict[str, Any], view: tuple[int, ...], rotated: tuple[bool, ...]
+    ) -> None:
+        """One power-iteration step + QR per rotated side; reorder the second moment
+        so that it follows the new (descending) eigenvalue order."""
+        if not any(rotated):
+            return
+        exp_avg_sq = state["exp_avg_sq"]
+        v = exp_avg_sq.reshape(view)
+        for i, on in enumerate(rotated):
+            if not on:
+                continue
+            stat, basis = state[f"GG{i}"], state[f"Q{i}"]
+            power = stat @ basis
+            estimated_eigenvalues = (basis * power).sum(dim=0)
+            order = torch.argsort(estimated_eigenvalues, descending=True)
+            v = v.index_select(i, order)
+            q, _ = torch.linalg.qr(power.index_select(1, order))
+            if not bool(torch.isfinite(q).all()):
+                warnings.warn(
+                    "SOAP: QR refresh produced non-finite values; recomputing the basis by eigh",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                q = eigenbasis(stat)
+            state[f"Q{i}"] = q
+        exp_avg_sq.copy_(v.reshape(exp_avg_sq.shape))
+
+    # ------------------------------------------------------------------ Theta
+    def export_curvature(self) -> dict[str, torch.Tensor]:
+        """Return Theta: the statistics ``L``/``R`` (``GG{i}``) of every rotated side.
+
+        Parameters that have not been stepped yet export zero statistics, so the
+        keys only depend on the model and the optimizer configuration.
+        """
+        theta: dict[str, torch.Tensor] = {}
+        for name, p, group in self._named_with_groups():
+            view, rotated = self._layout(p, group)
+            state = self.state.get(p, {})
+            for i, (stat, d, on) in enumerate(
+                zip(_stat_names(len(view)), view, rotated, strict=True)
+            ):
+                if not on:
+                    continue
+                value = state.get(f"GG{i}")
+                theta[f"{name}.{stat}"] = (
+                    torch.zeros(d, d, dtype=torch.float32)
+                    if value is None
+                    else value.detach().to(device="cpu", dtype=torch.float32).clone()
+                )
+        return theta
+
+    def import_curvature(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Warm-start from Theta: statistics imported, eigenbases by eigh, moments zero.
+
+        Raises ``ValueError`` if keys or shapes do not match this optimizer's
+        parameters and ``max_precond_dim``/``merge_dims``/``precondition_1d``, or
+        if a value is not finite. The next ``step()`` updates every parameter.
+        """
+        check_curvature_keys(self._curvature_shapes(), state)
+        check_finite_curvature(state)
+        for name, p, group in self._named_with_groups():
+            fresh = self._fresh_state(p, group)
+            view, rotated = self._layout(p, group)
+            for i, (stat, on) in enumerate(zip(_stat_names(len(view)), rotated, strict=True)):
+                if on:
+                    imported = state[f"{name}.{stat}"].to(device=p.device, dtype=curvature_dtype(p))
+                    fresh[f"GG{i}"] = imported.clone()
+                    with _highest_matmul_precision(p.device):
+                        fresh[f"Q{i}"] = eigenbasis(fresh[f"GG{i}"])
+            self.state[p] = fresh
+
+    def reset_basis_moments(self) -> None:
+        """Zero Adam's moments (they live in the client's rotated basis) and its step count."""
+        for state in self.state.values():
+            if "exp_avg" in state:
+                state["exp_avg"].zero_()
+                state["exp_avg_sq"].zero_()
+                state["step"] = 0
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict, keeping the saved (float32) dtype of statistics and moments."""
+        super().load_state_dict(state_dict)
+        restore_saved_state_dtypes(self, state_dict)

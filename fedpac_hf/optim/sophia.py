@@ -1,0 +1,343 @@
+"""Sophia-G with a Gauss-Newton-Bartlett Hessian estimate that is really refreshed.
+
+Sophia (Liu et al., 2023, arXiv 2305.14342) keeps an EMA ``m`` of the gradient
+and an EMA ``h`` of a diagonal Hessian estimate, and takes the clipped step
+
+    theta <- theta * (1 - lr * weight_decay)
+    theta <- theta - lr * clip(m / max(rho * h, eps), 1)
+
+(``clip`` elementwise to ``[-1, 1]``). ``h`` is refreshed every
+``hessian_update_interval`` steps from the Gauss-Newton-Bartlett (GNB)
+estimator: labels are sampled from the model's own softmax, one extra
+forward/backward gives ``g_hat``, and
+
+    h <- beta2 * h + (1 - beta2) * N * g_hat**2,
+
+with ``N`` the number of examples (tokens) in the loss mean, so ``h`` estimates
+the Gauss-Newton diagonal itself (independent of the batch size). This is the
+paper's Algorithm 3; the reference code folds ``N`` into the step instead
+(``rho * bs * h``), which is the same update. ``h`` is not bias-corrected
+(as in the reference).
+
+How a training loop drives the refresh (the reference federated client never
+does, so its ``h`` stays zero and Sophia degenerates to sign-momentum)::
+
+    if optimizer.hessian_update_due():
+        sophia_refresh(optimizer, lambda: model(**inputs).logits,
+                       attention_mask=inputs.get("attention_mask"), generator=gen)
+    loss = model(**inputs, labels=labels).loss
+    loss.backward(); optimizer.step(); optimizer.zero_grad()
+
+A refresh is due before steps 0, k, 2k, ... of the optimizer (counted per
+parameter group, saved in ``state_dict``); stepping while one is due and was
+not done warns once. Theta is ``{name.hessian}``; a warm start imports ``h``,
+zeroes ``m`` and restarts the step count (so the refresh cadence restarts too).
+Non-finite gradients raise ``FloatingPointError`` in ``step`` and
+``update_hessian`` before anything is changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch.optim.optimizer import Optimizer
+
+from .base import (
+    CurvatureOptimizer,
+    check_curvature_keys,
+    check_finite_curvature,
+    check_grads,
+    check_params_supported,
+    curvature_dtype,
+    named_params,
+    restore_saved_state_dtypes,
+    warn_once,
+)
+
+__all__ = ["GNBLoss", "Sophia", "gnb_loss", "hessian_refresh_due", "sophia_refresh"]
+
+
+class GNBLoss(NamedTuple):
+    """Loss on self-sampled labels and the number of terms in its mean."""
+
+    loss: torch.Tensor
+    num_samples: int
+
+
+def gnb_loss(
+    logits: torch.Tensor,
+    *,
+    labels: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    generator: torch.Generator | None = None,
+) -> GNBLoss:
+    """Cross-entropy of ``logits`` against labels sampled from ``softmax(logits)``.
+
+    This is the Gauss-Newton-Bartlett loss of Sophia-G: the gradient of its mean
+    gives ``g_hat`` with ``E[N * g_hat**2]`` equal to the Gauss-Newton diagonal.
+
+    Parameters
+    ----------
+    logits : Tensor
+        ``[B, C]`` (classification) or ``[B, T, V]`` (token-level) logits.
+    labels : Tensor, optional
+        Same leading shape as ``logits``; positions equal to ``ignore_index`` do
+        not count (only their positions are used, never their values). For a
+        causal LM whose logits at ``t`` predict token ``t + 1``, pass labels
+        already aligned with the logits, or just the ``attention_mask``.
+    attention_mask : Tensor, optional
+        Same leading shape as ``logits``; zero positions do not count.
+    ignore_index : int
+        Label value marking ignored positions.
+    generator : torch.Generator, optional
+        Source of randomness for the sampled labels (on the logits' device).
+
+    Returns
+    -------
+    GNBLoss
+        ``(loss, num_samples)``: the mean loss over counted positions and their number.
+    """
+    if logits.dim() < 2:
+        raise ValueError(
+            f"gnb_loss: logits need a class dimension, got shape {tuple(logits.shape)}"
+        )
+    flat = logits.reshape(-1, logits.shape[-1]).float()
+    keep = torch.ones(flat.shape[0], dtype=torch.bool, device=logits.device)
+    for mask, what in ((labels, "labels"), (attention_mask, "attention_mask")):
+        if mask is None:
+            continue
+        if tuple(mask.shape) != tuple(logits.shape[:-1]):
+            raise ValueError(
+                f"gnb_loss: {what} has shape {tuple(mask.shape)}, expected {tuple(logits.shape[:-1])}"
+            )
+        keep &= (mask.reshape(-1) != ignore_index) if what == "labels" else mask.reshape(-1).bool()
+    count = int(keep.sum())
+    if count == 0:
+        raise ValueError("gnb_loss: every position is masked out; nothing to sample")
+    counted = flat[keep]
+    with torch.no_grad():
+        probs = torch.softmax(counted, dim=-1)
+        sampled = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return GNBLoss(F.cross_entropy(counted, sampled), count)
+
+
+class Sophia(Optimizer, CurvatureOptimizer):
+    """Sophia-G with Theta = the diagonal Hessian EMA ``h``.
+
+    Parameters
+    ----------
+    params : iterable
+        ``(name, parameter)`` pairs (names make Theta's keys), tensors or group dicts.
+    lr : float
+        Learning rate (the largest per-coordinate step).
+    betas : tuple of float
+        EMA rates of the gradient (``beta1``) and of the Hessian estimate (``beta2``).
+    rho : float
+        Scale of ``h`` in the denominator (the paper's gamma).
+    weight_decay : float
+        Decoupled weight decay, applied before the update.
+    eps : float
+        Floor of the denominator ``rho * h``.
+    hessian_update_interval : int
+        ``k``: a GNB refresh is due before steps 0, k, 2k, ...
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.965, 0.99),
+        rho: float = 0.04,
+        weight_decay: float = 0.1,
+        eps: float = 1e-12,
+        hessian_update_interval: int = 10,
+    ) -> None:
+        if not lr >= 0.0:
+            raise ValueError(f"Sophia: lr must be >= 0, got {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"Sophia: betas must be in [0, 1), got {betas}")
+        if not rho > 0.0:
+            raise ValueError(f"Sophia: rho must be > 0, got {rho}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"Sophia: weight_decay must be >= 0, got {weight_decay}")
+        if not eps > 0.0:
+            raise ValueError(f"Sophia: eps must be > 0, got {eps}")
+        if int(hessian_update_interval) != hessian_update_interval or hessian_update_interval < 1:
+            raise ValueError(
+                "Sophia: hessian_update_interval must be a positive integer, "
+                f"got {hessian_update_interval}"
+            )
+        defaults = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "rho": rho,
+            "weight_decay": weight_decay,
+            "eps": eps,
+            "hessian_update_interval": int(hessian_update_interval),
+            "step": 0,
+            "hessian_updated_at": -1,
+        }
+        super().__init__(params, defaults)
+        check_params_supported(self)
+
+    def _state_for(self, p: torch.Tensor) -> dict[str, Any]:
+        state = self.state[p]
+        if len(state) == 0:
+            dtype = curvature_dtype(p)
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+            state["hessian"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+        return state
+
+    def hessian_update_due(self) -> bool:
+        """Whether a GNB refresh should run before the coming ``step()``."""
+        return any(
+            g["step"] % g["hessian_update_interval"] == 0 and g["hessian_updated_at"] != g["step"]
+            for g in self.param_groups
+        )
+
+    @torch.no_grad()
+    def update_hessian(self, batch_size: int) -> None:
+        """Fold the current ``.grad`` (the GNB gradient ``g_hat``) into ``h``.
+
+        Parameters
+        ----------
+        batch_size : int
+            ``N``, the number of terms averaged in the GNB loss (examples, or
+            tokens for token-level losses): ``h <- beta2 h + (1 - beta2) N g_hat^2``.
+        """
+        if int(batch_size) != batch_size or batch_size < 1:
+            raise ValueError(f"Sophia.update_hessian: batch_size must be >= 1, got {batch_size}")
+        check_grads(self)
+        for group in self.param_groups:
+            beta2 = group["betas"][1]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad.to(curvature_dtype(p))
+                self._state_for(p)["hessian"].mul_(beta2).addcmul_(
+                    g, g, value=(1.0 - beta2) * float(batch_size)
+                )
+            group["hessian_updated_at"] = group["step"]
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """Perform one clipped Sophia step with the current ``h``."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        check_grads(self)
+        if self.hessian_update_due():
+            warn_once(
+                self,
+                "refresh",
+                "Sophia.step() was called while a Hessian refresh was due; call "
+                "sophia_refresh(optimizer, forward_logits) when optimizer.hessian_update_due(). "
+                "Without refreshes h stays zero and Sophia degenerates to sign-momentum.",
+            )
+        for group in self.param_groups:
+            beta1 = group["betas"][0]
+            lr, rho, eps, wd = group["lr"], group["rho"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self._state_for(p)
+                state["step"] += 1
+                exp_avg, hessian = state["exp_avg"], state["hessian"]
+                if wd != 0.0:
+                    p.mul_(1.0 - lr * wd)
+                exp_avg.lerp_(p.grad.to(exp_avg.dtype), 1.0 - beta1)
+                ratio = (exp_avg.abs() / (rho * hessian).clamp_(min=eps)).clamp_(max=1.0)
+                p.add_((exp_avg.sign() * ratio).to(p.dtype), alpha=-lr)
+            group["step"] += 1
+        return loss
+
+    def _named_states(self) -> Iterator[tuple[str, torch.Tensor]]:
+        yield from named_params(self)
+
+    def export_curvature(self) -> dict[str, torch.Tensor]:
+        """Return ``{name.hessian}`` (float32, CPU; zeros before the first refresh)."""
+        theta = {}
+        for name, p in self._named_states():
+            h = self.state.get(p, {}).get("hessian")
+            theta[f"{name}.hessian"] = (
+                torch.zeros(p.shape, dtype=torch.float32)
+                if h is None
+                else h.detach().to(device="cpu", dtype=torch.float32).clone()
+            )
+        return theta
+
+    def import_curvature(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Warm-start: ``h`` from Theta, first moment zero, step counts restart at 0."""
+        named = list(self._named_states())
+        check_curvature_keys({f"{n}.hessian": tuple(p.shape) for n, p in named}, state)
+        check_finite_curvature(state)
+        bad = sorted(k for k, v in state.items() if bool((v < 0).any()))
+        if bad:
+            raise ValueError(
+                f"Sophia: Hessian estimate must be non-negative; negative in {bad[:5]}"
+            )
+        for name, p in named:
+            self.state.pop(p, None)
+            self._state_for(p)["hessian"].copy_(state[f"{name}.hessian"])
+        for group in self.param_groups:
+            group["step"] = 0
+            group["hessian_updated_at"] = -1
+
+    def reset_basis_moments(self) -> None:
+        """Zero the first moment (the client's own direction)."""
+        for state in self.state.values():
+            if "exp_avg" in state:
+                state["exp_avg"].zero_()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict, keeping the saved (float32) dtype of ``m`` and ``h``."""
+        super().load_state_dict(state_dict)
+        restore_saved_state_dtypes(self, state_dict)
+
+
+def hessian_refresh_due(optimizer: torch.optim.Optimizer) -> bool:
+    """True when ``optimizer`` is a :class:`Sophia` whose Hessian refresh is due;
+    lets a generic training loop ask without knowing the optimizer type."""
+    return isinstance(optimizer, Sophia) and optimizer.hessian_update_due()
+
+
+def sophia_refresh(
+    optimizer: Sophia,
+    forward_logits: Callable[[], torch.Tensor],
+    *,
+    labels: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Run one GNB refresh of ``optimizer``'s Hessian estimate.
+
+    ``zero_grad -> logits = forward_logits() -> gnb_loss -> backward ->
+    update_hessian(N) -> zero_grad``. Call it before the real forward/backward
+    of a step (it clears gradients). ``forward_logits`` takes no argument and
+    returns logits for the current batch, e.g. ``lambda: model(**inputs).logits``.
+
+    Returns
+    -------
+    Tensor
+        The detached GNB loss (for logging).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        result = gnb_loss(
+            forward_logits(),
+            labels=labels,
+            attention_mask=attention_mask,
+            ignore_index=ignore_index,
+            generator=generator,
+        )
+        result.loss.backward()
+    optimizer.update_hessian(result.num_samples)
+    optimizer.zero_grad(set_to_none=True)
+    return result.loss.detach()

@@ -1,0 +1,273 @@
+"""SOAP: reference agreement, warm start from Theta, layout, numerics and bad input."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedpac_hf.optim import SOAP, eigenbasis, preconditioner_layout
+
+
+def _mlp(widths: list[int], dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for a, b in zip(widths[:-1], widths[1:], strict=True):
+        layers += [nn.Linear(a, b), nn.Tanh()]
+    return nn.Sequential(*layers[:-1]).to(dtype)
+
+
+def _batches(n: int, d_in: int, d_out: int, dtype: torch.dtype, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        x = torch.randn(32, d_in, generator=gen, dtype=dtype)
+        y = torch.randn(32, d_out, generator=gen, dtype=dtype)
+        yield x, y
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, batches) -> None:
+    for x, y in batches:
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize(("widths", "max_dim"), [([8, 8, 8, 8], 10000), ([8, 16, 4], 8)])
+def test_matches_reference_soap_over_50_steps(widths: list[int], max_dim: int) -> None:
+    # Regression loss and full-rank statistics keep the comparison well posed: a
+    # softmax output layer has an exactly singular statistic whose arbitrary null
+    # basis makes any two implementations drift apart. The reference runs its QR
+    # refresh in float32 even for float64 parameters, which bounds the agreement
+    # at about 1e-7.
+    pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
+    ref_model = _mlp(widths)
+    model = copy.deepcopy(ref_model)
+    hyper = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.01, precondition_frequency=3)
+    ref = pytorch_optimizer.SOAP(ref_model.parameters(), max_precondition_dim=max_dim, **hyper)
+    ours = SOAP(model.named_parameters(), max_precond_dim=max_dim, **hyper)
+    start = [p.detach().clone() for p in model.parameters()]
+    for step, (x, y) in enumerate(_batches(50, widths[0], widths[-1], torch.float64)):
+        for m, o in ((ref_model, ref), (model, ours)):
+            o.zero_grad()
+            F.mse_loss(m(x), y).backward()
+            o.step()
+        if step == 0:  # fresh start: statistics only, like the reference
+            for p, p0 in zip(model.parameters(), start, strict=True):
+                assert torch.equal(p, p0)
+    moved = max(
+        (p - p0).abs().max().item() for p, p0 in zip(model.parameters(), start, strict=True)
+    )
+    assert moved > 0.05
+    for (name, p), q in zip(model.named_parameters(), ref_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=2e-6, rtol=0, msg=name)
+
+
+def test_theta_holds_only_rotated_side_statistics() -> None:
+    w = nn.Parameter(torch.randn(64, 4))
+    opt = SOAP([("lora_B", w)], max_precond_dim=8)
+    w.grad = torch.randn(64, 4)
+    opt.step()
+    theta = opt.export_curvature()
+    assert set(theta) == {"lora_B.R"}
+    assert theta["lora_B.R"].shape == (4, 4)
+    assert theta["lora_B.R"].dtype == torch.float32
+    assert not any(k.startswith("GG0") or k == "Q0" for k in opt.state[w])
+    torch.testing.assert_close(theta["lora_B.R"], (1 - 0.95) * w.grad.T @ w.grad)
+
+
+def test_layout_merges_conv_dims_and_keys_follow() -> None:
+    assert preconditioner_layout((8, 3, 3, 3), 32, True, False) == ((24, 9), (True, True))
+    assert preconditioner_layout((8, 3, 3, 3), 10000, True, False) == ((8, 27), (True, True))
+    assert preconditioner_layout((16,), 100, False, False) == ((16,), (False,))
+    assert preconditioner_layout((16,), 100, False, True) == ((16,), (True,))
+    conv = nn.Conv2d(3, 8, 3)
+    opt = SOAP(conv.named_parameters(), merge_dims=True, max_precond_dim=32)
+    plain = SOAP(copy.deepcopy(conv).named_parameters())
+    x = torch.randn(4, 3, 6, 6)
+    conv(x).square().mean().backward()
+    for _ in range(3):
+        opt.step()
+    assert {k: tuple(v.shape) for k, v in opt.export_curvature().items()} == {
+        "weight.L": (24, 24),
+        "weight.R": (9, 9),
+    }
+    assert set(plain.export_curvature()) == {f"weight.GG{i}" for i in range(4)}
+
+
+def test_warm_start_recomputes_eigenbasis_and_first_step_updates() -> None:
+    model = _mlp([6, 6, 6])
+    original = SOAP(model.named_parameters(), lr=1e-2, precondition_frequency=1)
+    _train(model, original, _batches(30, 6, 6, torch.float64))
+    theta = original.export_curvature()
+    assert set(theta) == {"0.weight.L", "0.weight.R", "2.weight.L", "2.weight.R"}
+
+    clone = copy.deepcopy(model)
+    warm = SOAP(clone.named_parameters(), lr=1e-2, precondition_frequency=1)
+    warm.import_curvature(theta)
+    for (name, p), q in zip(model.named_parameters(), clone.parameters(), strict=True):
+        if p.ndim != 2:
+            continue
+        for i, side in enumerate("LR"):
+            stat = original.state[p][f"GG{i}"]
+            q_warm = warm.state[q][f"Q{i}"]
+            # Warm basis = eigenvectors of the imported statistic, descending.
+            values = torch.linalg.eigvalsh(stat).flip(0)
+            torch.testing.assert_close(
+                q_warm.T @ stat @ q_warm, torch.diag(values), atol=1e-9, rtol=0
+            )
+            # The original's power-iteration basis (refreshed every step) only
+            # approximates eigenvectors (it may mix near-equal eigenvalues), but it
+            # diagonalises the same statistic in the same eigenvalue order.
+            rotated = original.state[p][f"Q{i}"].T @ stat @ original.state[p][f"Q{i}"]
+            off = rotated - torch.diag(rotated.diagonal())
+            assert off.norm() < 0.1 * stat.norm(), (name, side)
+            torch.testing.assert_close(rotated.diagonal(), values, atol=0.05 * values[0], rtol=0)
+
+    before = [p.detach().clone() for p in clone.parameters()]
+    x, y = next(_batches(1, 6, 6, torch.float64, seed=7))
+    warm.zero_grad()
+    F.mse_loss(clone(x), y).backward()
+    warm.step()
+    assert all(not torch.equal(p, b) for p, b in zip(clone.parameters(), before, strict=True))
+
+
+def test_warm_first_step_is_adam_step_one_in_imported_basis() -> None:
+    torch.manual_seed(3)
+    w = nn.Parameter(torch.randn(5, 3, dtype=torch.float64))
+    a = torch.randn(5, 5, dtype=torch.float64)
+    b = torch.randn(3, 3, dtype=torch.float64)
+    theta = {"w.L": (a @ a.T).float(), "w.R": (b @ b.T).float()}
+    lr, wd, (b1, b2), eps = 0.1, 0.01, (0.9, 0.95), 1e-8
+    opt = SOAP([("w", w)], lr=lr, betas=(b1, b2), weight_decay=wd, eps=eps)
+    opt.import_curvature(theta)
+    g = torch.randn(5, 3, dtype=torch.float64)
+    w.grad = g.clone()
+    w0 = w.detach().clone()
+    opt.step()
+
+    ql = torch.linalg.eigh(theta["w.L"].double()).eigenvectors
+    qr = torch.linalg.eigh(theta["w.R"].double()).eigenvectors
+    rotated = ql.T @ g @ qr
+    m, v = (1 - b1) * rotated, (1 - b2) * rotated.square()
+    step = lr * (1 - b2) ** 0.5 / (1 - b1)
+    expected = (w0 - step * ql @ (m / (v.sqrt() + eps)) @ qr.T) * (1 - lr * wd)
+    torch.testing.assert_close(w.detach(), expected, atol=1e-10, rtol=0)
+    # Statistics keep accumulating from the imported ones.
+    torch.testing.assert_close(
+        opt.state[w]["GG0"], 0.95 * theta["w.L"].double() + 0.05 * g @ g.T, atol=1e-5, rtol=1e-6
+    )
+    assert opt.state[w]["step"] == 1
+
+
+def test_export_import_round_trip_and_mismatch_errors() -> None:
+    model = _mlp([4, 5, 3], dtype=torch.float32)
+    opt = SOAP(model.named_parameters())
+    _train(model, opt, _batches(3, 4, 3, torch.float32))
+    theta = opt.export_curvature()
+    other = SOAP(copy.deepcopy(model).named_parameters())
+    other.import_curvature(theta)
+    for key, value in other.export_curvature().items():
+        assert torch.equal(value, theta[key])
+
+    with pytest.raises(ValueError, match="unexpected keys \\['encoder.weight.L'\\]"):
+        other.import_curvature({**theta, "encoder.weight.L": torch.zeros(2, 2)})
+    with pytest.raises(ValueError, match="missing keys \\['0.weight.L'\\]"):
+        other.import_curvature({k: v for k, v in theta.items() if k != "0.weight.L"})
+    with pytest.raises(ValueError, match="'0.weight.R' has shape"):
+        other.import_curvature({**theta, "0.weight.R": torch.zeros(3, 3)})
+    with pytest.raises(ValueError, match="non-finite"):
+        other.import_curvature({**theta, "0.weight.R": torch.full((4, 4), float("nan"))})
+
+
+def test_bf16_parameters_keep_float32_statistics_through_state_dict() -> None:
+    model = _mlp([6, 6, 4], dtype=torch.bfloat16)
+    opt = SOAP(model.named_parameters(), lr=1e-2)
+    _train(model, opt, _batches(4, 6, 4, torch.bfloat16))
+    w = model[0].weight
+    assert {opt.state[w][k].dtype for k in ("GG0", "GG1", "Q0", "exp_avg", "exp_avg_sq")} == {
+        torch.float32
+    }
+    saved = copy.deepcopy(opt.state_dict())
+    fresh = SOAP(model.named_parameters(), lr=1e-2)
+    fresh.load_state_dict(saved)
+    for key in ("GG0", "GG1", "Q0", "exp_avg_sq"):
+        assert fresh.state[w][key].dtype == torch.float32
+        assert torch.equal(fresh.state[w][key], opt.state[w][key])
+    theta = opt.export_curvature()
+    assert all(v.dtype == torch.float32 for v in theta.values())
+    fresh.import_curvature(theta)
+    assert fresh.state[w]["GG0"].dtype == torch.float32
+    assert torch.equal(fresh.state[w]["GG0"], theta["0.weight.L"])
+    _train(model, fresh, _batches(2, 6, 4, torch.bfloat16, seed=5))
+    assert w.dtype == torch.bfloat16 and fresh.state[w]["GG0"].dtype == torch.float32
+
+
+def test_eigenbasis_falls_back_with_warning() -> None:
+    with pytest.warns(RuntimeWarning, match="identity"):
+        basis = eigenbasis(torch.full((3, 3), float("nan")))
+    assert torch.equal(basis, torch.eye(3))
+
+    # float32 eigh failing -> float64 retry gives a valid, descending basis.
+    a = torch.randn(4, 4)
+    spd = a @ a.T + torch.eye(4)
+    real_eigh = torch.linalg.eigh
+
+    def failing_in_float32(m: torch.Tensor, *args, **kwargs):
+        if m.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("forced failure")
+        return real_eigh(m, *args, **kwargs)
+
+    torch.linalg.eigh = failing_in_float32
+    try:
+        with pytest.warns(RuntimeWarning, match="retrying in float64"):
+            basis = eigenbasis(spd)
+    finally:
+        torch.linalg.eigh = real_eigh
+    assert basis.dtype == torch.float32
+    torch.testing.assert_close(basis.T @ basis, torch.eye(4), atol=1e-5, rtol=0)
+    diag = (basis.T @ spd @ basis).diagonal()
+    torch.testing.assert_close(diag, torch.linalg.eigvalsh(spd).flip(0), atol=1e-4, rtol=1e-4)
+
+
+def test_non_finite_gradient_is_refused_without_touching_state() -> None:
+    model = _mlp([4, 4, 2], dtype=torch.float32)
+    opt = SOAP(model.named_parameters())
+    _train(model, opt, _batches(3, 4, 2, torch.float32))
+    params = [p.detach().clone() for p in model.parameters()]
+    stats = copy.deepcopy(opt.state_dict())
+    opt.zero_grad()
+    F.mse_loss(model(torch.randn(3, 4)), torch.randn(3, 2)).backward()
+    model[2].bias.grad[0] = float("nan")
+    with pytest.raises(FloatingPointError, match="2.bias"):
+        opt.step()
+    model[2].bias.grad[0] = 0.0
+    model[0].weight.grad.fill_(1e30)  # finite, but G G^T overflows float32
+    with pytest.raises(FloatingPointError, match="0.weight"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params, strict=True))
+    for p_id, st in stats["state"].items():
+        live = opt.state[list(model.parameters())[p_id]]
+        assert all(torch.equal(live[k], v) for k, v in st.items() if isinstance(v, torch.Tensor))
+    assert all(torch.isfinite(v).all() for v in opt.export_curvature().values())
+
+
+def test_unsupported_parameters_are_rejected() -> None:
+    with pytest.raises(ValueError, match="complex"):
+        SOAP([("z", nn.Parameter(torch.randn(2, 2, dtype=torch.complex64)))])
+    emb = nn.Embedding(10, 4, sparse=True)
+    opt = SOAP(emb.named_parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(ValueError, match="sparse"):
+        opt.step()
+
+
+def test_no_warnings_on_normal_training() -> None:
+    model = _mlp([4, 6, 3], dtype=torch.float32)
+    opt = SOAP(model.named_parameters(), precondition_frequency=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _train(model, opt, _batches(6, 4, 3, torch.float32))
