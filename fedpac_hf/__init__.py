@@ -3,6 +3,34 @@
 FedPAC (preconditioner alignment and correction) lets SOAP, Sophia and Muon
 clients train on non-IID data without the preconditioner drift that makes
 naive federated second-order training stall or diverge.
+
+The main entry points are imported lazily so that ``import fedpac_hf`` stays
+cheap: :class:`FedPACTrainer`, :class:`FedPACArguments`,
+:class:`FedPACCallback`, and :func:`simulate` for plain PyTorch loops.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+_LAZY = {
+    "FedPACTrainer": "fedpac_hf.trainer",
+    "FedPACCallback": "fedpac_hf.trainer",
+    "FedPACArguments": "fedpac_hf.arguments",
+    "simulate": "fedpac_hf.federated",
+    "get_algorithm": "fedpac_hf.federated",
+    "list_algorithms": "fedpac_hf.federated",
+    "create_optimizer": "fedpac_hf.optim",
+    "get_partitioner": "fedpac_hf.partition",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fedpac_hf' has no attribute {name!r}")

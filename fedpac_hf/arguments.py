@@ -1,0 +1,252 @@
+"""`FedPACArguments`: `TrainingArguments` plus the federated knobs.
+
+Everything a federated run needs beyond ordinary fine-tuning lives here as
+dataclass fields with help text, so `HfArgumentParser` reads it from the
+command line (``--num_rounds 50``) and from YAML (``parse_yaml_file``).
+The learning rate (``learning_rate``, ``lr_scheduler_type``, warm-up) is the
+*local* rate eta_l and is scheduled over rounds, cosine by default as in the
+paper; ``per_device_train_batch_size`` is the client batch size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import TrainingArguments
+
+from fedpac_hf.federated import WEIGHTINGS, get_algorithm
+from fedpac_hf.federated.algorithms import Algorithm
+
+__all__ = ["FedPACArguments"]
+
+_PARTITIONERS = ("iid", "dirichlet", "pathological", "quantity_skew", "natural_id")
+
+
+@dataclass
+class FedPACArguments(TrainingArguments):
+    """Training arguments of a federated (FedPAC or baseline) run."""
+
+    # --- algorithm -----------------------------------------------------------
+    algorithm: str = field(
+        default="fedpac_soap",
+        metadata={
+            "help": "Federated algorithm by name: fedpac_soap, fedpac_sophia, fedpac_muon, "
+            "local_soap/sophia/muon (naive), fedavg, fedavg_adamw, fedcm, fedadamw, "
+            "fedpac_align_<opt>, fedpac_correct_<opt> (see fedpac_hf.federated.list_algorithms)."
+        },
+    )
+    client_optimizer: str | None = field(
+        default=None,
+        metadata={
+            "help": "Override the algorithm's base client optimizer (sgd, adamw, soap, "
+            "sophia, muon)."
+        },
+    )
+    client_optimizer_kwargs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Extra keyword arguments of the client optimizer, as a dict (YAML) "
+            "or a JSON string, e.g. '{\"precondition_frequency\": 10}'."
+        },
+    )
+    beta: float | None = field(
+        default=None,
+        metadata={
+            "help": "Correction strength in [0, 1): the base step is scaled by 1 - beta and "
+            "beta * lr * global_direction is subtracted after it. Default: the "
+            "algorithm's (0.5 for FedPAC)."
+        },
+    )
+    align: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Warm-start clients from the aggregated curvature (alignment). "
+            "Default: the algorithm's."
+        },
+    )
+    # --- rounds --------------------------------------------------------------
+    num_rounds: int = field(default=10, metadata={"help": "Number of federated rounds R."})
+    clients_per_round: float = field(
+        default=0.1,
+        metadata={
+            "help": "Clients sampled per round: a fraction in (0, 1] of num_clients or a "
+            "whole count > 1."
+        },
+    )
+    local_steps: int = field(
+        default=10, metadata={"help": "Local optimizer steps K per client and round."}
+    )
+    server_learning_rate: float = field(
+        default=1.0, metadata={"help": "Server learning rate eta_g applied to the mean delta."}
+    )
+    aggregation_weighting: str = field(
+        default="uniform",
+        metadata={
+            "help": "Weights of client updates: 'uniform' (the paper) or 'num_examples' (FedAvg)."
+        },
+    )
+    min_clients_per_round: int = field(
+        default=1,
+        metadata={"help": "A round whose surviving client updates are fewer than this fails."},
+    )
+    eval_every_rounds: int = field(
+        default=1,
+        metadata={"help": "Evaluate the global model every N rounds (0: only at the end)."},
+    )
+    save_every_rounds: int = field(
+        default=0,
+        metadata={
+            "help": "Write a resumable checkpoint every N rounds (0: none, the final model "
+            "is always saved by save_model)."
+        },
+    )
+    # --- partitioning (used when the trainer gets one train_dataset) --------
+    num_clients: int = field(
+        default=10, metadata={"help": "Number of clients to split train_dataset into."}
+    )
+    partitioner: str = field(
+        default="dirichlet",
+        metadata={"help": f"How to split train_dataset into clients: one of {_PARTITIONERS}."},
+    )
+    dirichlet_alpha: float = field(
+        default=0.1,
+        metadata={
+            "help": "Dirichlet concentration (label skew: 0.05 extreme, 1 ~ IID); also the "
+            "quantity-skew concentration."
+        },
+    )
+    dirichlet_scheme: str = field(
+        default="client",
+        metadata={
+            "help": "'client': per-client class proportions, equal client sizes (the "
+            "FedPAC paper); 'class': per-class proportions over clients (Hsu et al.)."
+        },
+    )
+    classes_per_client: int = field(
+        default=2, metadata={"help": "Classes per client for the pathological partitioner."}
+    )
+    partition_label_column: str = field(
+        default="label", metadata={"help": "Label column used by label-skew partitioners."}
+    )
+    partition_id_column: str | None = field(
+        default=None,
+        metadata={"help": "Column with a natural client id (e.g. speaker) for natural_id."},
+    )
+    min_examples_per_client: int = field(
+        default=1, metadata={"help": "Smallest client a partitioner may produce."}
+    )
+    # --- defaults that differ from Trainer's ---------------------------------
+    lr_scheduler_type: str = field(
+        default="cosine",
+        metadata={
+            "help": "Schedule of the local learning rate over rounds (any transformers "
+            "scheduler; cosine as in the paper)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if int(os.environ.get("LOCAL_RANK", -1)) != -1 and not torch.cuda.is_available():
+            # torchrun / accelerate launch on a CPU-only machine: Accelerate only sets up
+            # its gloo process group (and reports the real world size) with cpu=True.
+            self.use_cpu = True
+        super().__post_init__()
+        if isinstance(self.client_optimizer_kwargs, str):
+            try:
+                self.client_optimizer_kwargs = json.loads(self.client_optimizer_kwargs)
+            except json.JSONDecodeError as err:
+                raise ValueError(
+                    f"client_optimizer_kwargs is not valid JSON ({err}); write it like "
+                    "'{\"precondition_frequency\": 10}'"
+                ) from None
+        if self.client_optimizer_kwargs is not None and not isinstance(
+            self.client_optimizer_kwargs, dict
+        ):
+            raise ValueError("client_optimizer_kwargs must be a dict or a JSON object string")
+        for name in ("num_rounds", "local_steps", "num_clients", "min_clients_per_round"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("eval_every_rounds", "save_every_rounds"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.clients_per_round <= 0:
+            raise ValueError(
+                f"clients_per_round must be a fraction in (0, 1] or a count >= 1, got "
+                f"{self.clients_per_round}"
+            )
+        if self.server_learning_rate <= 0:
+            raise ValueError(
+                f"server_learning_rate must be positive, got {self.server_learning_rate}"
+            )
+        if self.aggregation_weighting not in WEIGHTINGS:
+            raise ValueError(
+                f"aggregation_weighting must be one of {WEIGHTINGS}, got "
+                f"{self.aggregation_weighting!r}"
+            )
+        if self.partitioner.replace("-", "_") not in _PARTITIONERS:
+            raise ValueError(
+                f"partitioner must be one of {_PARTITIONERS}, got {self.partitioner!r}"
+            )
+        self.build_algorithm()  # fail early on a bad name / beta
+        if self.deepspeed:
+            raise ValueError(
+                "FedPACTrainer does not support DeepSpeed: every client trains the whole "
+                "(trainable) model in one process and the server needs each client's full "
+                "optimizer curvature, which ZeRO shards away. Remove --deepspeed."
+            )
+        if self.fsdp:
+            raise ValueError(
+                "FedPACTrainer does not support FSDP: clients are spread over processes, "
+                "each holding the whole trainable model; sharding one client's model over "
+                "processes is not implemented. Remove --fsdp (LoRA keeps models small)."
+            )
+        if self.fp16:
+            raise ValueError(
+                "fp16 is not supported by FedPACTrainer yet (it needs a gradient scaler inside "
+                "every client's local steps); use --bf16, which needs no scaler."
+            )
+
+    def build_algorithm(self) -> Algorithm:
+        """The :class:`Algorithm` these arguments describe (registry entry + overrides)."""
+        base = get_algorithm(self.algorithm)
+        kwargs: dict[str, Any] = {"weight_decay": self.weight_decay}
+        kwargs.update(base.optimizer_kwargs)
+        kwargs.update(self.client_optimizer_kwargs or {})
+        return get_algorithm(
+            base,
+            optimizer=self.client_optimizer,
+            beta=self.beta,
+            align=self.align,
+            optimizer_kwargs=kwargs,
+        )
+
+    def partitioner_kwargs(self) -> dict[str, Any]:
+        """Constructor arguments of the configured partitioner."""
+        name = self.partitioner.replace("-", "_")
+        if name == "natural_id":
+            if not self.partition_id_column:
+                raise ValueError(
+                    "partitioner='natural_id' needs partition_id_column (e.g. 'speaker')"
+                )
+            return {"column": self.partition_id_column}
+        kwargs: dict[str, Any] = {"num_clients": self.num_clients, "seed": self.seed}
+        if name == "dirichlet":
+            kwargs.update(
+                alpha=self.dirichlet_alpha,
+                label_column=self.partition_label_column,
+                scheme=self.dirichlet_scheme,
+                min_examples_per_client=self.min_examples_per_client,
+            )
+        elif name == "pathological":
+            kwargs.update(
+                classes_per_client=self.classes_per_client,
+                label_column=self.partition_label_column,
+            )
+        elif name == "quantity_skew":
+            kwargs.update(
+                alpha=self.dirichlet_alpha, min_examples_per_client=self.min_examples_per_client
+            )
+        return kwargs

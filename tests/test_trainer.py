@@ -1,0 +1,314 @@
+"""FedPACTrainer on tiny ViT and Llama+LoRA models, offline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from transformers import HfArgumentParser
+
+from fedpac_hf import FedPACArguments, FedPACCallback, FedPACTrainer
+from fedpac_hf.checkpoint import STATE_JSON, STATE_TENSORS, load_federated_checkpoint
+
+from .trainer_fixtures import accuracy, image_data, text_clients, tiny_lora_llama, tiny_vit
+
+
+def vit_args(tmp_path: Path, **overrides) -> FedPACArguments:
+    kwargs = dict(
+        output_dir=str(tmp_path / "run"),
+        algorithm="fedpac_soap",
+        num_rounds=3,
+        num_clients=8,
+        clients_per_round=0.5,
+        local_steps=5,
+        learning_rate=3e-3,
+        per_device_train_batch_size=16,
+        per_device_eval_batch_size=80,
+        partitioner="dirichlet",
+        dirichlet_alpha=0.3,
+        report_to=[],
+        disable_tqdm=True,
+        seed=0,
+    )
+    kwargs.update(overrides)
+    return FedPACArguments(**kwargs)
+
+
+def trainable_vector(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
+
+
+def test_vit_rounds_log_metrics_evaluate_and_lower_the_loss(tmp_path):
+    data = image_data()
+    trainer = FedPACTrainer(
+        model=tiny_vit(),
+        args=vit_args(tmp_path),
+        train_dataset=data["train"],
+        eval_dataset=data["test"],
+        compute_metrics=accuracy,
+    )
+    before = trainer.evaluate()["eval_loss"]
+    out = trainer.train()
+    assert out.global_step == 3
+    rounds = [h for h in trainer.state.log_history if "drift" in h]
+    assert [h["round"] for h in rounds] == [1.0, 2.0, 3.0]
+    for key in [
+        "train_loss",
+        "drift_relative",
+        "bytes_up",
+        "bytes_down",
+        "round_time",
+        "learning_rate",
+        "num_clients",
+    ]:
+        assert key in rounds[-1]
+    assert rounds[-1]["num_clients"] == 4
+    # cosine over rounds, starting at the peak rate
+    assert rounds[0]["learning_rate"] == pytest.approx(3e-3)
+    assert rounds[2]["learning_rate"] < rounds[1]["learning_rate"] < rounds[0]["learning_rate"]
+    evals = [h for h in trainer.state.log_history if "eval_accuracy" in h]
+    assert len(evals) == 3  # one per round (train() starts a fresh log, as Trainer does)
+    assert trainer.round_history[-1]["eval_loss"] < before
+
+
+def test_lora_llama_trains_only_adapters_and_saves_a_loadable_adapter(tmp_path):
+    from peft import PeftModel
+
+    model = tiny_lora_llama()
+    base_before = {
+        n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad
+    }
+    clients = text_clients()
+    eval_ds = datasets.concatenate_datasets([c.select(range(8)) for c in clients])
+    args = vit_args(tmp_path, algorithm="fedpac_soap", clients_per_round=2, learning_rate=1e-2)
+    trainer = FedPACTrainer(model=model, args=args, client_datasets=clients, eval_dataset=eval_ds)
+    before = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    after = trainer.round_history[-1]
+    assert after["eval_loss"] < before
+    assert after["eval_perplexity"] == pytest.approx(torch.tensor(after["eval_loss"]).exp().item())
+    assert all("lora_" in n for n in trainer.server_state.params)
+    assert all("lora_" in k for k in trainer.server_state.curvature)
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, base_before[n]), n
+
+    trainer.save_model(str(tmp_path / "adapter"))
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    from .trainer_fixtures import tiny_llama
+
+    reloaded = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "adapter"))
+    ids = clients[0][0:2]["input_ids"]
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_resume_from_a_checkpoint_reproduces_an_uninterrupted_run(tmp_path):
+    data = image_data()
+    full = FedPACTrainer(
+        model=tiny_vit(), args=vit_args(tmp_path / "a", num_rounds=4), train_dataset=data["train"]
+    )
+    full.train()
+
+    first = FedPACTrainer(
+        model=tiny_vit(),
+        args=vit_args(tmp_path / "b", num_rounds=4, save_every_rounds=2),
+        train_dataset=data["train"],
+    )
+    first.train()
+    ckpt = tmp_path / "b" / "run" / "checkpoint-round-2"
+    assert (ckpt / STATE_TENSORS).is_file() and (ckpt / STATE_JSON).is_file()
+    assert (ckpt / "model.safetensors").is_file() and (ckpt / "config.json").is_file()
+    state, meta = load_federated_checkpoint(ckpt)
+    assert state.round == 2 and len(meta["history"]) == 2
+    assert all(t.dtype == torch.float32 for t in state.curvature.values())
+
+    resumed = FedPACTrainer(
+        model=tiny_vit(seed=123),  # other init: everything must come from the checkpoint
+        args=vit_args(tmp_path / "b", num_rounds=4),
+        train_dataset=data["train"],
+    )
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    assert [h["round"] for h in resumed.round_history] == [1.0, 2.0, 3.0, 4.0]
+    torch.testing.assert_close(
+        trainable_vector(resumed.model), trainable_vector(full.model), rtol=0, atol=0
+    )
+
+
+def test_resume_with_another_algorithm_or_partition_is_refused(tmp_path):
+    data = image_data()
+    FedPACTrainer(
+        model=tiny_vit(),
+        args=vit_args(tmp_path, num_rounds=1, save_every_rounds=1),
+        train_dataset=data["train"],
+    ).train()
+    ckpt = str(tmp_path / "run" / "checkpoint-round-1")
+    other = FedPACTrainer(
+        model=tiny_vit(),
+        args=vit_args(tmp_path, algorithm="local_soap"),
+        train_dataset=data["train"],
+    )
+    with pytest.raises(ValueError, match="algorithm differs"):
+        other.train(resume_from_checkpoint=ckpt)
+    other = FedPACTrainer(
+        model=tiny_vit(), args=vit_args(tmp_path, dirichlet_alpha=5.0), train_dataset=data["train"]
+    )
+    with pytest.raises(ValueError, match="partition differs"):
+        other.train(resume_from_checkpoint=True)
+
+
+def test_bf16_autocast_keeps_curvature_float32(tmp_path):
+    data = image_data(n=160)
+    trainer = FedPACTrainer(
+        model=tiny_vit(),
+        args=vit_args(
+            tmp_path, bf16=True, use_cpu=True, num_rounds=2, num_clients=4, clients_per_round=2
+        ),
+        train_dataset=data["train"],
+    )
+    trainer.train()
+    assert trainer.accelerator.mixed_precision == "bf16"
+    assert trainer.server_state.curvature
+    assert all(t.dtype == torch.float32 for t in trainer.server_state.curvature.values())
+    assert all(torch.isfinite(t).all() for t in trainer.server_state.params.values())
+
+
+def test_round_callbacks_fire_and_can_stop_training(tmp_path):
+    seen = []
+
+    class StopAfterTwo(FedPACCallback):
+        def on_round_end(self, args, state, control, **kwargs):
+            seen.append((kwargs["round"], "train_loss" in kwargs["metrics"]))
+            if kwargs["round"] == 2:
+                control.should_training_stop = True
+            return control
+
+    data = image_data(n=160)
+    trainer = FedPACTrainer(
+        model=tiny_vit(),
+        args=vit_args(tmp_path, num_rounds=5, num_clients=4),
+        train_dataset=data["train"],
+        callbacks=[StopAfterTwo()],
+    )
+    out = trainer.train()
+    assert seen == [(1, True), (2, True)]
+    assert out.global_step == 2
+
+
+def test_arguments_read_from_yaml_and_command_line(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        "output_dir: out\nalgorithm: fedpac_muon\nnum_rounds: 7\nbeta: 0.3\n"
+        "client_optimizer_kwargs: {momentum: 0.9}\nclients_per_round: 0.2\n"
+    )
+    parser = HfArgumentParser(FedPACArguments)
+    (args,) = parser.parse_yaml_file(str(cfg))
+    assert (
+        args.num_rounds == 7
+        and args.beta == 0.3
+        and args.client_optimizer_kwargs == {"momentum": 0.9}
+    )
+    algo = args.build_algorithm()
+    assert algo.optimizer == "muon" and algo.beta == 0.3 and algo.align
+    assert algo.optimizer_kwargs["momentum"] == 0.9
+    (args,) = parser.parse_args_into_dataclasses(
+        [
+            "--output_dir",
+            "o",
+            "--algorithm",
+            "local_soap",
+            "--local_steps",
+            "50",
+            "--client_optimizer_kwargs",
+            json.dumps({"precondition_frequency": 5}),
+        ]
+    )
+    assert args.local_steps == 50 and args.client_optimizer_kwargs == {"precondition_frequency": 5}
+    assert args.lr_scheduler_type == "cosine"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"algorithm": "fedprox"}, "unknown algorithm"),
+        ({"beta": 1.5}, "beta"),
+        ({"local_steps": 0}, "local_steps"),
+        ({"num_rounds": 0}, "num_rounds"),
+        ({"aggregation_weighting": "by_size"}, "aggregation_weighting"),
+        ({"partitioner": "random"}, "partitioner"),
+        ({"fsdp": "full_shard"}, "FSDP"),
+        ({"client_optimizer_kwargs": "{not json"}, "JSON"),
+    ],
+)
+def test_bad_arguments_are_refused_with_a_message(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        vit_args(tmp_path, **overrides)
+
+
+def test_trainer_refuses_fixed_optimizers_and_impossible_participation(tmp_path):
+    data = image_data(n=80)
+    model = tiny_vit()
+    with pytest.raises(ValueError, match="optimizer"):
+        FedPACTrainer(
+            model=model,
+            args=vit_args(tmp_path),
+            train_dataset=data["train"],
+            optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None),
+        )
+    trainer = FedPACTrainer(
+        model=model,
+        args=vit_args(tmp_path, num_clients=4, clients_per_round=5),
+        train_dataset=data["train"],
+    )
+    with pytest.raises(ValueError, match="more than the 4 clients"):
+        trainer.train()
+
+
+def test_two_processes_give_the_same_result_as_one(tmp_path):
+    """Clients spread over 2 gloo processes (torchrun) equal a 1-process run."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    subprocess.run(
+        [sys.executable, "-m", "tests.distributed_worker", str(one)],
+        cwd=root,
+        env=env,
+        check=True,
+        timeout=300,
+        capture_output=True,
+    )
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29533",
+            "-m",
+            "tests.distributed_worker",
+            str(two),
+        ],
+        cwd=root,
+        env=env,
+        timeout=300,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    a, b = load_file(str(one)), load_file(str(two))
+    assert set(a) == set(b) and any(k.startswith("curvature::") for k in a)
+    assert a["clients"] == b["clients"] == 4
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
