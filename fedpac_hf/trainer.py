@@ -207,20 +207,26 @@ class FedPACTrainer(Trainer):
         with self.accelerator.autocast():
             return self.compute_loss(model, inputs)
 
-    def curvature_loss(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
-        """Sophia's Gauss-Newton-Bartlett loss: labels sampled from the model's softmax."""
+    def curvature_loss(self, model: torch.nn.Module, inputs: dict[str, Any]) -> Any:
+        """Sophia's Gauss-Newton-Bartlett loss: labels sampled from the model's softmax.
+
+        Returns ``(loss, num_samples)``; padded positions (``attention_mask`` 0 or
+        label -100) do not count. Sampling is seeded per client and round.
+        """
         from fedpac_hf.optim import gnb_loss
 
         inputs = self._prepare_inputs(inputs)
-        inputs.pop("labels", None)
-        mask = inputs.get("attention_mask")
+        labels = inputs.pop("labels", None)
         with self.accelerator.autocast():
             logits = model(**inputs).logits
         generator = torch.Generator(device=logits.device)
         generator.manual_seed(self._gnb_seed)
         self._gnb_seed += 1
+        mask = inputs.get("attention_mask")
         if logits.ndim == 3 and mask is not None:
-            return gnb_loss(logits, mask=mask.bool(), generator=generator)
+            return gnb_loss(logits, attention_mask=mask, generator=generator)
+        if labels is not None and labels.shape == logits.shape[:-1]:
+            return gnb_loss(logits, labels=labels, generator=generator)
         return gnb_loss(logits, generator=generator)
 
     def train_client(self, client_id: int, dataset: Any, round_index: int, lr: float):

@@ -312,3 +312,29 @@ def test_two_processes_give_the_same_result_as_one(tmp_path):
     assert a["clients"] == b["clients"] == 4
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("algorithm", ["fedpac_sophia", "fedpac_muon"])
+def test_sophia_and_muon_clients_run_and_send_real_curvature(tmp_path, algorithm):
+    """Sophia's Hessian estimate is really refreshed (the reference code left it at zero)."""
+    data = image_data(n=160)
+    trainer = FedPACTrainer(
+        model=tiny_vit(),
+        args=vit_args(
+            tmp_path,
+            algorithm=algorithm,
+            num_rounds=2,
+            num_clients=4,
+            clients_per_round=2,
+            local_steps=4,
+            client_optimizer_kwargs={"hessian_update_interval": 2}
+            if algorithm == "fedpac_sophia"
+            else None,
+        ),
+        train_dataset=data["train"],
+    )
+    trainer.train()
+    theta = trainer.server_state.curvature
+    assert theta and all(t.dtype == torch.float32 for t in theta.values())
+    assert sum(float(t.abs().sum()) for t in theta.values()) > 0
+    assert all(torch.isfinite(t).all() for t in trainer.server_state.params.values())

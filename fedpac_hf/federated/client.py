@@ -34,7 +34,7 @@ __all__ = [
     "batch_size",
 ]
 
-LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
+LossFn = Callable[[torch.nn.Module, Any], Any]
 
 
 class ClientError(RuntimeError):
@@ -156,8 +156,9 @@ def client_update(
         How to clip (default ``torch.nn.utils.clip_grad_norm_``).
     curvature_loss_fn:
         For optimizers that refresh curvature from an extra pass (Sophia's
-        Gauss-Newton-Bartlett estimate): ``fn(model, batch) -> loss`` whose
-        gradient the optimizer turns into its Hessian estimate.
+        Gauss-Newton-Bartlett estimate): ``fn(model, batch) -> loss`` or
+        ``(loss, num_samples)`` (e.g. :func:`fedpac_hf.optim.gnb_loss`'s result);
+        the optimizer turns the loss's gradient into its Hessian estimate.
     optimizer_factory:
         Builds the base optimizer, ``factory(name, model, lr=..., **kwargs)``;
         default :func:`fedpac_hf.optim.create_optimizer`.
@@ -213,8 +214,13 @@ def client_update(
                     "model's logits)"
                 )
             optimizer.zero_grad(set_to_none=True)
-            backward(curvature_loss_fn(model, micro[0]))
-            optimizer.update_hessian()
+            result = curvature_loss_fn(model, micro[0])
+            if isinstance(result, tuple):
+                curvature_loss, num_samples = result
+            else:
+                curvature_loss, num_samples = result, batch_size(micro[0])
+            backward(curvature_loss)
+            optimizer.update_hessian(int(num_samples))
             hessian_refreshes += 1
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
