@@ -1,4 +1,9 @@
-"""Shared test setup: everything runs offline and single-threaded-friendly."""
+"""Shared test setup: everything runs offline, on one CPU thread.
+
+Tiny models gain nothing from intra-op threads, and one thread keeps results
+independent of the machine's core count (SOAP's eigendecompositions amplify
+reduction-order differences) and avoids oversubscribing a shared machine.
+"""
 
 import os
 
@@ -6,3 +11,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
