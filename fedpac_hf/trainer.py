@@ -152,35 +152,46 @@ class FedPACTrainer(Trainer):
         self.server_state: ServerState | None = None
         self.round_history: list[dict[str, float]] = []
         self._client_partition: list[np.ndarray] | None = None
+        self._train_columns_removed: Any = None
 
     # ------------------------------------------------------------------ data
 
-    def get_client_datasets(self) -> list[Any]:
-        """The clients' training datasets, unused columns removed.
+    def setup_clients(self) -> int:
+        """Decide the clients' data (partitioning ``train_dataset`` if needed); returns their number.
 
-        ``client_datasets`` if given, else ``train_dataset`` split by the
-        partitioner (``args`` or the ``partitioner`` argument).
+        Only indices are computed here: a client's dataset is built when it is
+        sampled (:meth:`client_dataset`), so registering many clients costs
+        neither time nor memory.
         """
         if self.client_datasets is not None:
-            datasets_ = self.client_datasets
-        else:
+            for i, ds in enumerate(self.client_datasets):
+                if len(ds) == 0:
+                    raise ValueError(f"client {i} has no training example")
+            return len(self.client_datasets)
+        if self._client_partition is None:
             from fedpac_hf.partition import get_partitioner
 
             partitioner = self.partitioner or get_partitioner(
                 self.args.partitioner, **self.args.partitioner_kwargs()
             )
             self._client_partition = partitioner.assign(self.train_dataset)
-            datasets_ = [self.train_dataset.select(ix) for ix in self._client_partition]
-        out = []
-        for i, ds in enumerate(datasets_):
-            if len(ds) == 0:
-                raise ValueError(f"client {i} has no training example; use fewer clients")
-            out.append(
-                self._remove_unused_columns(ds, description="training")
-                if hasattr(ds, "column_names")
-                else ds
+            self._train_columns_removed = self._remove_unused_columns(
+                self.train_dataset, description="training"
             )
-        return out
+        return len(self._client_partition)
+
+    def client_dataset(self, client_id: int) -> Any:
+        """Client ``client_id``'s training data (index-backed, unused columns removed)."""
+        if self.client_datasets is not None:
+            ds = self.client_datasets[client_id]
+            if hasattr(ds, "column_names"):
+                return self._remove_unused_columns(ds, description="training")
+            return ds
+        return self._train_columns_removed.select(self._client_partition[client_id])
+
+    def get_client_datasets(self) -> list[Any]:
+        """All clients' training datasets (see :meth:`client_dataset`)."""
+        return [self.client_dataset(i) for i in range(self.setup_clients())]
 
     def _client_dataloader(self, dataset: Any, seed: int) -> DataLoader:
         """A shuffling loader over one client's data, its order fixed by ``seed``."""
@@ -288,8 +299,7 @@ class FedPACTrainer(Trainer):
             raise ValueError("hyperparameter search is not supported by FedPACTrainer")
         args = self.args
         start_time = time.time()
-        clients = self.get_client_datasets()
-        num_clients = len(clients)
+        num_clients = self.setup_clients()
         per_round = resolve_clients_per_round(num_clients, args.clients_per_round)
         if args.min_clients_per_round > per_round:
             raise ValueError(
@@ -331,7 +341,7 @@ class FedPACTrainer(Trainer):
             )
             for cid in sampled[rank::world]:
                 try:
-                    update = self.train_client(cid, clients[cid], r, rates[r])
+                    update = self.train_client(cid, self.client_dataset(cid), r, rates[r])
                 except ClientError as err:
                     logger.warning("round %d: dropping client %d: %s", r + 1, cid, err)
                     continue
