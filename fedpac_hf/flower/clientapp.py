@@ -1,0 +1,169 @@
+"""The FedPAC ClientApp: the core's client rule behind Flower's ``train`` messages.
+
+One :class:`FedPACClient` per client process builds a
+:class:`~fedpac_hf.FedPACTrainer` once (model, data, collator) from the run's
+arguments and answers every ``train`` message with
+:meth:`FedPACTrainer.train_client` after loading the received global state
+into ``trainer.server_state``: the same local-step code as an in-process run,
+so that a Flower run and ``trainer.train()`` give the same clients' updates.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedpac_hf.arguments import FedPACArguments
+from fedpac_hf.trainer import FedPACTrainer
+
+from .config import TrainerFactory, arguments_from_run_config
+from .records import CONFIG_KEY, client_update_to_content, server_state_from_content
+from .strategy.base import NODE_RECORD_KEY
+
+__all__ = ["FedPACClient", "make_client_app"]
+
+logger = logging.getLogger(__name__)
+
+
+def _scratch_dir() -> str:
+    """A per-process output_dir for client trainers (they write nothing by default)."""
+    path = os.path.join(tempfile.gettempdir(), f"fedpac-flower-client-{os.getpid()}")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def _partition_of(context: Context) -> tuple[int, int | None]:
+    config = context.node_config
+    if "partition-id" not in config:
+        raise ValueError(
+            "this SuperNode has no partition-id in its node config; start it with "
+            '--node-config "partition-id=<i> num-partitions=<n>"'
+        )
+    num = config.get("num-partitions")
+    return int(config["partition-id"]), int(num) if num is not None else None
+
+
+# One trainer per process: Flower's simulation engine unpickles a fresh ClientApp
+# for every message, so the cache lives at module level, keyed by run and config.
+_TRAINERS: dict[tuple[Any, ...], tuple[FedPACTrainer, list[Any]]] = {}
+_TRAINERS_LOCK = threading.Lock()
+
+
+def _factory_key(build_trainer: TrainerFactory) -> str:
+    module = getattr(build_trainer, "__module__", "")
+    name = getattr(build_trainer, "__qualname__", type(build_trainer).__qualname__)
+    return f"{module}.{name}"
+
+
+class FedPACClient:
+    """A FedPAC client: builds the trainer once per process and run, reuses it every round.
+
+    Parameters
+    ----------
+    build_trainer:
+        Builds the :class:`FedPACTrainer` from the run's arguments; its
+        ``get_client_datasets()[partition_id]`` is this node's data.
+    arguments:
+        Fixed arguments; default: read from each run's run config
+        (:func:`arguments_from_run_config`).
+    """
+
+    def __init__(
+        self, build_trainer: TrainerFactory, arguments: FedPACArguments | None = None
+    ) -> None:
+        self.build_trainer = build_trainer
+        self.arguments = arguments
+
+    def trainer_for(self, context: Context) -> tuple[FedPACTrainer, list[Any]]:
+        """The trainer and client datasets of the context's run (built on first use)."""
+        args = self.arguments or arguments_from_run_config(
+            context.run_config, output_dir=_scratch_dir()
+        )
+        key = (
+            context.run_id,
+            _factory_key(self.build_trainer),
+            args.to_json_string(),
+        )
+        with _TRAINERS_LOCK:
+            if key not in _TRAINERS:
+                _TRAINERS.clear()  # one trainer (one model) per process
+                trainer = self.build_trainer(args)
+                trainer.model.to(trainer.args.device)
+                _TRAINERS[key] = (trainer, trainer.get_client_datasets())
+            return _TRAINERS[key]
+
+    def query(self, message: Message, context: Context) -> Message:
+        """Say which partition this node holds (the strategy maps clients to nodes with it)."""
+        partition, num = _partition_of(context)
+        info = ConfigRecord({"partition-id": partition})
+        if num is not None:
+            info["num-partitions"] = num
+        return Message(content=RecordDict({NODE_RECORD_KEY: info}), reply_to=message)
+
+    def train(self, message: Message, context: Context) -> Message:
+        """Run the client rule on this node's partition from the received global state.
+
+        Raises
+        ------
+        ValueError
+            If the message is addressed to another partition than this node's,
+            or the partition does not exist in the trainer's data.
+        """
+        partition, _ = _partition_of(context)
+        config = message.content.config_records[CONFIG_KEY]
+        requested = int(config["partition-id"])
+        if requested != partition:
+            raise ValueError(
+                f"the server sent client {requested}'s message to the node of partition {partition}"
+            )
+        trainer, datasets = self.trainer_for(context)
+        if not 0 <= partition < len(datasets):
+            raise ValueError(
+                f"partition-id {partition} is not among the trainer's {len(datasets)} clients; "
+                "num_clients (run config) must equal the number of partitions"
+            )
+        trainer.server_state = server_state_from_content(message.content)
+        update = trainer.train_client(
+            partition, datasets[partition], int(config["round-index"]), float(config["lr"])
+        )
+        logger.info(
+            "round %d: client %d trained %d steps on %d examples, train_loss %.4f",
+            int(config["server-round"]),
+            partition,
+            update.num_steps,
+            update.num_examples,
+            update.metrics.get("train_loss", float("nan")),
+        )
+        return Message(content=client_update_to_content(update), reply_to=message)
+
+
+def make_client_app(
+    build_trainer: TrainerFactory, arguments: FedPACArguments | None = None
+) -> ClientApp:
+    """A Flower ``ClientApp`` that trains FedPAC clients with ``build_trainer``'s trainer.
+
+    Parameters
+    ----------
+    build_trainer:
+        ``build_trainer(args) -> FedPACTrainer``, the same callable the
+        ServerApp and an in-process run use.
+    arguments:
+        Fixed arguments; default: each run's run config.
+
+    Returns
+    -------
+    ClientApp
+        Handles ``train`` (local steps) and ``query`` (which partition this
+        node holds) messages.
+    """
+    client = FedPACClient(build_trainer, arguments)
+    app = ClientApp()
+    app.train()(client.train)
+    app.query()(client.query)
+    return app

@@ -1,0 +1,121 @@
+"""FedPAC on Flower's simulation engine matches FedPACTrainer in process."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("flwr")
+pytest.importorskip("ray")
+
+import torch  # noqa: E402
+
+from fedpac_hf import FedPACArguments, FedPACTrainer  # noqa: E402
+from fedpac_hf.flower import run_fedpac_simulation  # noqa: E402
+
+from .trainer_fixtures import image_data, tiny_vit  # noqa: E402
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+# One Ray worker with one thread: SOAP's eigendecompositions depend on the thread count.
+BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 1}}
+
+
+def flower_args(output_dir: Path, **overrides) -> FedPACArguments:
+    kwargs = dict(
+        output_dir=str(output_dir),
+        algorithm="fedpac_soap",
+        num_rounds=2,
+        num_clients=3,
+        clients_per_round=2,
+        local_steps=3,
+        learning_rate=3e-3,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=64,
+        partitioner="dirichlet",
+        dirichlet_alpha=0.5,
+        report_to=[],
+        disable_tqdm=True,
+        seed=7,
+    )
+    kwargs.update(overrides)
+    return FedPACArguments(**kwargs)
+
+
+def build_trainer(args: FedPACArguments) -> FedPACTrainer:
+    """The tiny ViT on banded images, split over args.num_clients clients."""
+    data = image_data(n=120)
+    return FedPACTrainer(
+        model=tiny_vit(), args=args, train_dataset=data["train"], eval_dataset=data["test"]
+    )
+
+
+class FailingClientTrainer(FedPACTrainer):
+    """A trainer whose client 1 cannot train (its data source is broken)."""
+
+    def train_client(self, client_id, dataset, round_index, lr):
+        if client_id == 1:
+            raise OSError("client 1: the local data volume is not mounted")
+        return super().train_client(client_id, dataset, round_index, lr)
+
+
+def build_failing_trainer(args: FedPACArguments) -> FedPACTrainer:
+    data = image_data(n=120)
+    return FailingClientTrainer(model=tiny_vit(), args=args, train_dataset=data["train"])
+
+
+def test_simulation_matches_the_in_process_trainer(tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reference = build_trainer(flower_args(tmp_path / "in_process"))
+        reference.train()
+    finally:
+        torch.set_num_threads(threads)
+
+    result = run_fedpac_simulation(
+        build_trainer,
+        flower_args(tmp_path / "flower"),
+        num_supernodes=3,
+        backend_config=BACKEND,
+    )
+
+    assert [h["round"] for h in result.history] == [1.0, 2.0]
+    for flower_round, trainer_round in zip(result.history, reference.round_history):
+        assert flower_round["num_clients"] == trainer_round["num_clients"] == 2
+        for key in ("train_loss", "drift", "drift_relative", "bytes_up", "bytes_down"):
+            assert flower_round[key] == pytest.approx(trainer_round[key], rel=1e-5, abs=1e-8), key
+        assert flower_round["wire_bytes_up"] >= flower_round["bytes_up"] > 0
+        assert "eval_loss" in flower_round
+    state, ref = result.server_state, reference.server_state
+    assert state.round == ref.round == 2
+    for part in ("params", "curvature", "direction"):
+        mine, theirs = getattr(state, part), getattr(ref, part)
+        assert mine is not None and set(mine) == set(theirs), part
+        for name in theirs:
+            torch.testing.assert_close(mine[name], theirs[name], rtol=1e-5, atol=1e-6)
+    assert result.checkpoint is not None and (result.checkpoint / "model.safetensors").is_file()
+
+
+def test_a_failing_client_is_dropped_and_the_round_completes(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="fedpac_hf.flower")
+    args = flower_args(tmp_path, num_rounds=1, clients_per_round=3, algorithm="fedavg")
+    result = run_fedpac_simulation(
+        build_failing_trainer, args, num_supernodes=3, backend_config=BACKEND
+    )
+    (history,) = result.history
+    assert history["num_clients"] == 2 and history["num_dropped"] == 1
+    dropped = [r.getMessage() for r in caplog.records if "dropping client 1" in r.getMessage()]
+    assert dropped and "local data volume is not mounted" in dropped[0]
+
+
+def test_too_few_surviving_clients_fail_the_round(tmp_path):
+    args = flower_args(
+        tmp_path, num_rounds=1, clients_per_round=3, min_clients_per_round=3, algorithm="fedavg"
+    )
+    with pytest.raises(RuntimeError, match="min_clients_per_round=3"):
+        run_fedpac_simulation(build_failing_trainer, args, num_supernodes=3, backend_config=BACKEND)
