@@ -14,6 +14,12 @@ follow the eigenvalue order. A side longer than ``max_precond_dim`` is not
 rotated (identity), so a LoRA factor ``B`` of shape ``4096 x 16`` with
 ``max_precond_dim=1024`` is preconditioned on its 16-side only.
 
+Implementation note: the reference keeps Adam's first moment in the original
+basis and rotates it every step. Here it is kept in the rotated basis and, when
+the bases are refreshed, rotated back and into the new bases; since the bases
+are orthogonal this is the same quantity, and it saves two matrix products per
+matrix per step.
+
 Federated use (FedPAC): the curvature state Theta is ``{name.L, name.R}`` for the
 rotated sides only (``name.L`` alone for a preconditioned 1-D parameter,
 ``name.GG{i}`` for the sides of a parameter with more than two dimensions).
@@ -395,12 +401,10 @@ class SOAP(Optimizer, CurvatureOptimizer):
                     exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
 
                     grad_rotated = _rotate(grad, bases, view, back=False)
-                    exp_avg.lerp_(grad, 1.0 - beta1)
+                    exp_avg.lerp_(grad_rotated, 1.0 - beta1)
                     exp_avg_sq.lerp_(grad_rotated.square(), 1.0 - beta2)
                     denom = exp_avg_sq.sqrt().add_(group["eps"])
-                    direction = _rotate(
-                        _rotate(exp_avg, bases, view, back=False) / denom, bases, view, back=True
-                    )
+                    direction = _rotate(exp_avg / denom, bases, view, back=True)
                     step_size = group["lr"]
                     if group["correct_bias"]:
                         step_size *= math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
@@ -410,7 +414,12 @@ class SOAP(Optimizer, CurvatureOptimizer):
 
                     self._accumulate(state, grad, view, rotated, shampoo_beta)
                     if t % group["precondition_frequency"] == 0:
+                        # The first moment is kept in the rotated basis; carry it
+                        # over to the new basis exactly (bases are orthogonal).
+                        exp_avg.copy_(_rotate(exp_avg, bases, view, back=True))
                         self._refresh_bases(state, view, rotated)
+                        new_bases = self._bases(state, rotated)
+                        exp_avg.copy_(_rotate(exp_avg, new_bases, view, back=False))
         return loss
 
     @staticmethod
