@@ -1,0 +1,518 @@
+"""Plots and a summary table of a run directory, from its per-round metrics files.
+
+A run of ``fedpac-hf train`` (or :func:`fedpac_hf.run.run_training`) writes
+one JSON object per round to ``metrics.jsonl`` while it trains. Everything
+here reads that file (or ``metrics.csv`` when the JSON lines are missing), so
+``fedpac-hf report RUN_DIR`` can redraw the figures of a finished run or of
+one that is still going, and the training loop can call :func:`write_report`
+at its end.
+
+Files written into the run directory:
+
+``accuracy.png`` or ``perplexity.png``
+    The evaluation metric against the round.
+``loss.png``
+    Training loss (the clients' mean) and evaluation loss against the round.
+``drift.png``
+    Relative preconditioner drift against the round (log scale).
+``bytes.png``
+    Bytes sent up (clients to server) and down per round.
+``summary.md``
+    The run's settings, final and best metrics, totals and a per-round table.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "METRICS_CSV",
+    "METRICS_JSONL",
+    "SUMMARY_MD",
+    "append_metrics",
+    "plot_metrics",
+    "quality_metric",
+    "read_metrics",
+    "read_run_config",
+    "summary_table",
+    "write_metrics_csv",
+    "write_report",
+    "write_summary",
+]
+
+METRICS_JSONL = "metrics.jsonl"
+METRICS_CSV = "metrics.csv"
+SUMMARY_MD = "summary.md"
+RUN_CONFIG = "config.yaml"
+# Settings shown in summary.md, when the run config has them.
+_SUMMARY_SETTINGS = (
+    "task",
+    "model_name_or_path",
+    "dataset",
+    "algorithm",
+    "client_optimizer",
+    "beta",
+    "partitioner",
+    "dirichlet_alpha",
+    "partition_id_column",
+    "num_clients",
+    "clients_per_round",
+    "local_steps",
+    "num_rounds",
+    "learning_rate",
+    "lr_scheduler_type",
+    "per_device_train_batch_size",
+    "max_grad_norm",
+    "lora_r",
+    "seed",
+)
+PARTITION_TABLE = "partition.txt"
+
+# Columns of the per-round table in summary.md, in order, when present.
+_TABLE_COLUMNS = (
+    ("round", "round", "{:.0f}"),
+    ("learning_rate", "lr", "{:.3g}"),
+    ("train_loss", "train loss", "{:.4f}"),
+    ("eval_loss", "eval loss", "{:.4f}"),
+    ("eval_accuracy", "eval accuracy", "{:.4f}"),
+    ("eval_f1", "eval f1", "{:.4f}"),
+    ("eval_perplexity", "eval perplexity", "{:.2f}"),
+    ("drift_relative", "drift (rel.)", "{:.3g}"),
+    ("bytes_up", "bytes up", "{}"),
+    ("round_time", "time (s)", "{:.1f}"),
+)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(float(value))
+
+
+def append_metrics(run_dir: str | os.PathLike, record: dict[str, Any]) -> None:
+    """Append one round's metrics to ``metrics.jsonl`` and rewrite ``metrics.csv``.
+
+    Called once per round by the training loop so that both files are
+    current while a run is going.
+
+    Parameters
+    ----------
+    run_dir : str or os.PathLike
+        The run directory.
+    record : dict
+        The round's metrics (numbers; ``round`` included).
+    """
+    path = Path(run_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    clean = {key: _jsonable(value) for key, value in record.items()}
+    with open(path / METRICS_JSONL, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(clean, sort_keys=False) + "\n")
+        handle.flush()
+    write_metrics_csv(path, read_metrics(path))
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def write_metrics_csv(run_dir: str | os.PathLike, records: Sequence[dict[str, Any]]) -> Path:
+    """Write ``records`` as ``metrics.csv``: one row per round, the union of keys as columns.
+
+    Rounds without evaluation leave the evaluation cells empty. Written to a
+    temporary file and renamed, so a reader never sees half a file.
+
+    Parameters
+    ----------
+    run_dir : str or os.PathLike
+        The run directory.
+    records : sequence of dict
+        Per-round metrics, in round order.
+
+    Returns
+    -------
+    pathlib.Path
+        The CSV file.
+    """
+    columns: list[str] = []
+    for record in records:
+        columns.extend(key for key in record if key not in columns)
+    target = Path(run_dir) / METRICS_CSV
+    tmp = target.with_name(target.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
+        writer.writeheader()
+        for record in records:
+            writer.writerow(record)
+    os.replace(tmp, target)
+    return target
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The per-round metrics of a run, from ``metrics.jsonl`` (else ``metrics.csv``).
+
+    A last line cut short by a run that is still writing is skipped.
+
+    Parameters
+    ----------
+    run_dir : str or os.PathLike
+        The run directory.
+
+    Returns
+    -------
+    list of dict
+        One dict per round, in the order written.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the directory holds neither file.
+    """
+    path = Path(run_dir)
+    jsonl, csv_path = path / METRICS_JSONL, path / METRICS_CSV
+    if jsonl.is_file():
+        records = []
+        for line in jsonl.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return records
+    if csv_path.is_file():
+        with open(csv_path, newline="", encoding="utf-8") as handle:
+            return [
+                {key: _number(value) for key, value in row.items() if value != ""}
+                for row in csv.DictReader(handle)
+            ]
+    raise FileNotFoundError(
+        f"{path} holds no {METRICS_JSONL} or {METRICS_CSV}; give the output_dir of a "
+        "`fedpac-hf train` run (the files appear after its first round)."
+    )
+
+
+def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The run's ``config.yaml`` (settings as given to ``fedpac-hf train``), or ``{}``."""
+    import yaml
+
+    path = Path(run_dir) / RUN_CONFIG
+    if not path.is_file():
+        return {}
+    loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _number(text: str) -> Any:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def quality_metric(records: Iterable[dict[str, Any]]) -> str | None:
+    """The headline evaluation metric of a run: accuracy, else f1, else perplexity, else loss."""
+    keys = {key for record in records for key, value in record.items() if _finite(value)}
+    for key in ("eval_accuracy", "eval_f1", "eval_perplexity", "eval_loss"):
+        if key in keys:
+            return key
+    return None
+
+
+def _series(records: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for i, record in enumerate(records):
+        value = record.get(key)
+        if _finite(value):
+            xs.append(float(record.get("round", i + 1)))
+            ys.append(float(value))
+    return xs, ys
+
+
+def _figure(title: str, ylabel: str, run_title: str | None = None):
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.4, 4.2), dpi=110)
+    axes = figure.add_subplot(1, 1, 1)
+    axes.set_title(f"{title}\n{run_title}" if run_title else title, fontsize=11)
+    axes.set_xlabel("round")
+    axes.set_ylabel(ylabel)
+    axes.grid(True, alpha=0.3)
+    return figure, axes
+
+
+def _save(figure, path: Path) -> Path:
+    figure.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    figure.savefig(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_metrics(
+    run_dir: str | os.PathLike,
+    records: Sequence[dict[str, Any]] | None = None,
+    title: str | None = None,
+) -> list[Path]:
+    """Draw the per-round figures of a run into its directory.
+
+    Parameters
+    ----------
+    run_dir : str or os.PathLike
+        The run directory (figures are written there).
+    records : sequence of dict, optional
+        Per-round metrics; read from the directory when omitted.
+    title : str, optional
+        Second line of every figure title (e.g. ``"small ViT / mnist5k / fedpac_soap"``).
+
+    Returns
+    -------
+    list of pathlib.Path
+        The PNG files written (a figure whose metric was never logged is skipped).
+    """
+    path = Path(run_dir)
+    records = list(records) if records is not None else read_metrics(path)
+    written: list[Path] = []
+
+    quality = quality_metric(records)
+    if quality in ("eval_accuracy", "eval_f1", "eval_perplexity"):
+        name = quality.removeprefix("eval_")
+        figure, axes = _figure(f"{name} vs round", name, title)
+        xs, ys = _series(records, quality)
+        axes.plot(xs, ys, marker="o", markersize=3, color="tab:blue")
+        if ys:
+            best = max(ys) if name != "perplexity" else min(ys)
+            axes.annotate(
+                f"last {ys[-1]:.4g} (best {best:.4g})",
+                xy=(xs[-1], ys[-1]),
+                xytext=(0.98, 0.04),
+                textcoords="axes fraction",
+                ha="right",
+            )
+        if name == "perplexity":
+            axes.set_yscale("log")
+        written.append(_save(figure, path / f"{name}.png"))
+
+    figure, axes = _figure("loss vs round", "loss", title)
+    drawn = False
+    for key, label, color in (
+        ("train_loss", "train (clients' mean)", "tab:orange"),
+        ("eval_loss", "eval (global model)", "tab:blue"),
+    ):
+        xs, ys = _series(records, key)
+        if ys:
+            axes.plot(xs, ys, marker="o", markersize=3, label=label, color=color)
+            drawn = True
+    if drawn:
+        axes.legend()
+        written.append(_save(figure, path / "loss.png"))
+
+    xs, ys = _series(records, "drift_relative")
+    if ys:
+        figure, axes = _figure("preconditioner drift vs round", "relative drift", title)
+        axes.plot(xs, ys, marker="o", markersize=3, color="tab:red")
+        if all(y > 0 for y in ys):
+            axes.set_yscale("log")
+        written.append(_save(figure, path / "drift.png"))
+
+    figure, axes = _figure("communication per round", "bytes per round", title)
+    drawn = False
+    for key, label, color in (
+        ("bytes_up", "up (clients to server)", "tab:green"),
+        ("bytes_down", "down (server to clients)", "tab:purple"),
+    ):
+        xs, ys = _series(records, key)
+        if ys:
+            axes.plot(xs, ys, marker="o", markersize=3, label=label, color=color)
+            drawn = True
+    if drawn:
+        axes.legend()
+        axes.set_ylim(bottom=0)
+        written.append(_save(figure, path / "bytes.png"))
+    return written
+
+
+def _format_bytes(value: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(value) < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000.0
+    return f"{value:.1f} GB"
+
+
+def summary_table(records: Sequence[dict[str, Any]], max_rows: int = 30) -> str:
+    """A Markdown table of the per-round metrics (every round, or evenly spaced ones + the last).
+
+    Parameters
+    ----------
+    records : sequence of dict
+        Per-round metrics.
+    max_rows : int
+        Most rows shown; longer runs show evenly spaced rounds and always the last.
+
+    Returns
+    -------
+    str
+        The table, or a line saying there is no round yet.
+    """
+    if not records:
+        return "(no round finished yet)"
+    present = [
+        (key, header, fmt)
+        for key, header, fmt in _TABLE_COLUMNS
+        if any(key in record for record in records)
+    ]
+    if len(records) <= max_rows:
+        shown = list(records)
+    else:
+        step = math.ceil(len(records) / (max_rows - 1))
+        shown = list(records[::step])
+        if shown[-1] is not records[-1]:
+            shown.append(records[-1])
+    lines = [
+        "| " + " | ".join(header for _, header, _ in present) + " |",
+        "|" + "|".join(" ---: " for _ in present) + "|",
+    ]
+    for record in shown:
+        cells = []
+        for key, _, fmt in present:
+            value = record.get(key)
+            if not _finite(value):
+                cells.append("")
+            elif key.startswith("bytes"):
+                cells.append(_format_bytes(float(value)))
+            else:
+                cells.append(fmt.format(float(value)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_summary(
+    run_dir: str | os.PathLike, records: Sequence[dict[str, Any]] | None = None
+) -> Path:
+    """Write ``summary.md``: settings, final and best metric, totals, the per-round table.
+
+    The settings come from ``config.yaml`` and the partition statistics
+    from ``partition.txt`` when the run wrote them.
+
+    Parameters
+    ----------
+    run_dir : str or os.PathLike
+        The run directory.
+    records : sequence of dict, optional
+        Per-round metrics; read from the directory when omitted.
+
+    Returns
+    -------
+    pathlib.Path
+        The summary file.
+    """
+    path = Path(run_dir)
+    records = list(records) if records is not None else read_metrics(path)
+    config = read_run_config(path)
+    lines = [f"# Run summary: {path.name}", ""]
+    if config:
+        lines += ["## Settings", "", "| setting | value |", "| --- | --- |"]
+        for key in _SUMMARY_SETTINGS:
+            if key in config:
+                value = config[key]
+                lines.append(
+                    f"| {key} | {'(tiny model from config)' if value is None else value} |"
+                )
+        lines.append("")
+
+    lines += ["## Results", ""]
+    quality = quality_metric(records)
+    lines.append(f"- rounds finished: {len(records)}")
+    if quality is not None:
+        xs, ys = _series(records, quality)
+        lower_is_better = quality in ("eval_perplexity", "eval_loss")
+        best_index = min(range(len(ys)), key=ys.__getitem__) if lower_is_better else None
+        if not lower_is_better:
+            best_index = max(range(len(ys)), key=ys.__getitem__)
+        lines.append(f"- final {quality}: {ys[-1]:.4f} (round {xs[-1]:.0f})")
+        lines.append(f"- best {quality}: {ys[best_index]:.4f} (round {xs[best_index]:.0f})")
+        if len(ys) >= 3 and not lower_is_better:
+            tail = ys[-max(3, len(ys) // 10) :]
+            lines.append(
+                f"- worst {quality} over the last {len(tail)} evaluations: {min(tail):.4f}"
+            )
+    for key, label in (("bytes_up", "bytes up"), ("bytes_down", "bytes down")):
+        _, ys = _series(records, key)
+        if ys:
+            lines.append(f"- total {label}: {_format_bytes(sum(ys))}")
+    _, times = _series(records, "round_time")
+    if times:
+        lines.append(f"- training time: {sum(times):.1f} s ({sum(times) / len(times):.2f} s/round)")
+    _, drift = _series(records, "drift_relative")
+    if drift:
+        lines.append(f"- relative drift: first {drift[0]:.3g}, last {drift[-1]:.3g}")
+    lines += ["", "## Per round", "", summary_table(records), ""]
+
+    figures = [
+        name
+        for name in (
+            "accuracy.png",
+            "f1.png",
+            "perplexity.png",
+            "loss.png",
+            "drift.png",
+            "bytes.png",
+            "partition.png",
+        )
+        if (path / name).is_file()
+    ]
+    if figures:
+        lines += ["## Figures", ""] + [f"![{name[:-4]}]({name})" for name in figures] + [""]
+    if (path / PARTITION_TABLE).is_file():
+        lines += [
+            "## Partition",
+            "",
+            "```",
+            (path / PARTITION_TABLE).read_text(encoding="utf-8").rstrip(),
+            "```",
+            "",
+        ]
+    target = path / SUMMARY_MD
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text("\n".join(lines), encoding="utf-8")
+    os.replace(tmp, target)
+    return target
+
+
+def write_report(run_dir: str | os.PathLike, title: str | None = None) -> list[Path]:
+    """Redraw every figure and rewrite ``summary.md`` from the run's metrics files.
+
+    Parameters
+    ----------
+    run_dir : str or os.PathLike
+        The run directory (finished or still running).
+    title : str, optional
+        Prefix of the figure titles; by default taken from ``run_config.json``.
+
+    Returns
+    -------
+    list of pathlib.Path
+        The files written, figures first and ``summary.md`` last.
+    """
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"run directory {path} does not exist")
+    records = read_metrics(path)
+    if title is None:
+        config = read_run_config(path)
+        title = " / ".join(
+            str(config[key])
+            for key in ("model_name_or_path", "dataset", "algorithm")
+            if config.get(key)
+        )
+    written = plot_metrics(path, records, title=title or None)
+    written.append(write_summary(path, records))
+    return written
