@@ -2,8 +2,7 @@
 
 Each subcommand is a pair of functions registered in :data:`SUBCOMMANDS`:
 ``add_arguments(parser)`` declares its options and ``run(args) -> int`` does
-the work. Adding ``train`` or ``report`` means writing those two functions and
-one line in the registry. Mistakes a user can make (a bad option value, a
+the work; ``partition``, ``train`` and ``report`` are registered. Mistakes a user can make (a bad option value, a
 missing column or file) end in a one-line ``fedpac-hf <cmd>: error: ...``
 message and exit status 2, without a traceback.
 """
@@ -160,11 +159,75 @@ def run_partition(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``fedpac-hf train``: a YAML config and ``--field value`` overrides."""
+    parser.add_argument(
+        "config",
+        help="YAML file of settings: any FedPACArguments field (algorithm, num_rounds, "
+        "local_steps, learning_rate, output_dir, ...) and any ModelDataArguments field "
+        "(task, model_name_or_path, dataset, lora_r, ...); see configs/",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs=argparse.REMAINDER,
+        metavar="--field value",
+        help="settings that replace the config's, e.g. --num_rounds 2 --output_dir runs/try",
+    )
+    parser.epilog = (
+        "Writes the run directory (output_dir): config.yaml, metrics.jsonl, metrics.csv, "
+        "plots, summary.md and the final model; prints the final accuracy or perplexity."
+    )
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Train one federated run from a YAML config with command-line overrides."""
+    if args.overrides and args.overrides[0] == "--":
+        args.overrides = args.overrides[1:]
+    if any(item in ("-h", "--help") for item in args.overrides):
+        from fedpac_hf.run import _parser
+
+        _parser().print_help()
+        return 0
+    from fedpac_hf.run import parse_run_config, run_training
+
+    model_args, training_args = parse_run_config(args.config, args.overrides)
+    run_training(model_args, training_args)
+    return 0
+
+
+def add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``fedpac-hf report``."""
+    parser.add_argument("run_dir", help="output_dir of a finished or running `fedpac-hf train` run")
+    parser.add_argument("--title", help="prefix of the figure titles (default: from config.yaml)")
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """Redraw a run's plots and summary.md from its metrics files and print the summary."""
+    from fedpac_hf.reporting import SUMMARY_MD, write_report
+
+    written = write_report(args.run_dir, title=args.title)
+    summary = next(path for path in written if path.name == SUMMARY_MD)
+    print(summary.read_text(encoding="utf-8").split("## Figures")[0].rstrip())
+    print()
+    print("written: " + ", ".join(str(path) for path in written))
+    return 0
+
+
 SUBCOMMANDS: dict[str, tuple[str, AddArguments, Run]] = {
     "partition": (
         "split a dataset across clients and show how non-IID the split is",
         add_partition_arguments,
         run_partition,
+    ),
+    "train": (
+        "train a federated run from a YAML config (with --field value overrides)",
+        add_train_arguments,
+        run_train,
+    ),
+    "report": (
+        "redraw the plots and summary table of a run directory from its metrics",
+        add_report_arguments,
+        run_report,
     ),
 }
 

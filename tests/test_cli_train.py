@@ -1,0 +1,123 @@
+"""`fedpac-hf train` and `fedpac-hf report`: YAML + overrides, errors, run directory."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from fedpac_hf.cli import main
+from fedpac_hf.run import ModelDataArguments, parse_run_config
+
+TINY_VIT = {
+    "task": "image_classification",
+    "dataset": "mnist5k",
+    "max_train_examples": 400,
+    "max_eval_examples": 100,
+    "patch_size": 7,
+    "hidden_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "algorithm": "fedpac_soap",
+    "num_clients": 4,
+    "clients_per_round": 2,
+    "partitioner": "dirichlet",
+    "dirichlet_alpha": 0.5,
+    "num_rounds": 3,
+    "local_steps": 2,
+    "per_device_train_batch_size": 16,
+    "per_device_eval_batch_size": 100,
+    "learning_rate": "1e-3",  # YAML 1.1 reads this as a string: must still become a float
+    "report_to": "none",
+    "disable_tqdm": True,
+    "num_threads": 1,
+}
+
+
+def write_yaml(path, settings) -> str:
+    path.write_text(yaml.safe_dump(settings))
+    return str(path)
+
+
+def test_yaml_values_are_typed_and_overrides_win(tmp_path):
+    config = write_yaml(tmp_path / "c.yaml", {**TINY_VIT, "output_dir": str(tmp_path / "r")})
+    model_args, args = parse_run_config(config, ["--num_rounds", "7", "--lora_r", "4"])
+    assert isinstance(model_args, ModelDataArguments)
+    assert args.learning_rate == pytest.approx(1e-3) and isinstance(args.learning_rate, float)
+    assert args.num_rounds == 7  # override
+    assert args.local_steps == 2  # from YAML
+    assert model_args.lora_r == 4 and model_args.hidden_size == 32
+    assert args.build_algorithm().name == "fedpac_soap"
+
+
+@pytest.mark.parametrize(
+    ("settings", "overrides", "expected"),
+    [
+        ({"learning_rat": 0.1}, [], "'learning_rat' in .*c.yaml; did you mean 'learning_rate'"),
+        ({"num_round": 3}, [], "did you mean 'num_rounds'"),
+        ({}, ["--locl_steps", "3"], "'locl_steps' in the command-line options; did you mean"),
+        ({"task": "image_clasification"}, [], "did you mean 'image_classification'"),
+    ],
+)
+def test_unknown_settings_name_the_closest_field(tmp_path, settings, overrides, expected):
+    config = write_yaml(tmp_path / "c.yaml", settings)
+    with pytest.raises(ValueError, match=expected):
+        parse_run_config(config, overrides)
+
+
+def test_cli_reports_a_bad_key_in_one_line_with_status_2(tmp_path, capsys):
+    config = write_yaml(tmp_path / "c.yaml", {"dirichlet_alpa": 0.1})
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", config])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "did you mean 'dirichlet_alpha'" in err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", str(tmp_path / "missing.yaml")])
+    assert exit_info.value.code == 2
+
+
+def test_train_writes_the_run_directory_and_report_redraws_it(tmp_path, capsys):
+    from transformers import ViTForImageClassification
+
+    run_dir = tmp_path / "run"
+    config = write_yaml(tmp_path / "c.yaml", TINY_VIT)
+    assert main(["train", config, "--num_rounds", "2", "--output_dir", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "final accuracy after 2 rounds:" in out
+
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["round"] for line in lines] == [1.0, 2.0]  # the override won
+    last = json.loads(lines[-1])
+    for key in ("train_loss", "eval_accuracy", "drift_relative", "bytes_up", "bytes_down"):
+        assert key in last
+    assert len((run_dir / "metrics.csv").read_text().splitlines()) == 3
+    for name in ("accuracy.png", "loss.png", "drift.png", "bytes.png", "partition.png"):
+        assert (run_dir / name).stat().st_size > 5000, name
+    summary = (run_dir / "summary.md").read_text()
+    assert f"final eval_accuracy: {last['eval_accuracy']:.4f} (round 2)" in summary
+    assert "DirichletPartitioner" in summary  # the partition statistics
+
+    model = ViTForImageClassification.from_pretrained(run_dir)
+    assert model.config.num_labels == 10 and model.config.hidden_size == 32
+    # config.yaml reruns the same run
+    model_args, args = parse_run_config(run_dir / "config.yaml")
+    assert args.num_rounds == 2 and args.learning_rate == pytest.approx(1e-3)
+    assert model_args.hidden_size == 32 and args.output_dir == str(run_dir)
+
+    for name in ("accuracy.png", "summary.md"):
+        (run_dir / name).unlink()
+    assert main(["report", str(run_dir)]) == 0
+    assert (run_dir / "accuracy.png").stat().st_size > 5000
+    assert "final eval_accuracy" in (run_dir / "summary.md").read_text()
+    assert "final eval_accuracy" in capsys.readouterr().out
+
+
+def test_report_on_a_folder_without_a_run_fails_cleanly(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "metrics.jsonl" in capsys.readouterr().err
