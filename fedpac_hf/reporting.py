@@ -35,6 +35,7 @@ __all__ = [
     "METRICS_CSV",
     "METRICS_JSONL",
     "SUMMARY_MD",
+    "algorithm_table",
     "append_metrics",
     "plot_metrics",
     "quality_metric",
@@ -516,3 +517,24 @@ def write_report(run_dir: str | os.PathLike, title: str | None = None) -> list[P
     written = plot_metrics(path, records, title=title or None)
     written.append(write_summary(path, records))
     return written
+
+
+def algorithm_table() -> str:
+    """The Markdown table of every registered algorithm (name, client optimizer, description).
+
+    The README's algorithm table is this output (a test keeps them equal);
+    regenerate it with
+    ``python -c "from fedpac_hf.reporting import algorithm_table; print(algorithm_table())"``.
+
+    Returns
+    -------
+    str
+        The table, one row per name of :func:`fedpac_hf.federated.list_algorithms`.
+    """
+    from fedpac_hf.federated import get_algorithm, list_algorithms
+
+    lines = ["| algorithm | client optimizer | what it is |", "| --- | --- | --- |"]
+    for name in list_algorithms():
+        algorithm = get_algorithm(name)
+        lines.append(f"| `{name}` | {algorithm.optimizer} | {algorithm.description} |")
+    return "\n".join(lines)
