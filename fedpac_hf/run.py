@@ -177,8 +177,10 @@ class ModelDataArguments:
     lora_modules_to_save: str | None = field(
         default=None,
         metadata={
-            "help": "Comma-separated modules trained in full beside the adapters (default: "
-            "classifier for classification tasks, none for causal_lm)."
+            "help": "Comma-separated modules trained in full beside the adapters; '' for none. "
+            "Default: classifier for classification tasks; for causal_lm none with a "
+            "pretrained model and embed_tokens,lm_head with a small model built from a config "
+            "(its random embeddings cannot be learned through adapters)."
         },
     )
 
@@ -206,7 +208,11 @@ class ModelDataArguments:
         """Modules trained in full beside the adapters (``modules_to_save``)."""
         if self.lora_modules_to_save is not None:
             return _split(self.lora_modules_to_save) or None
-        return None if self.task == "causal_lm" else ["classifier"]
+        if self.task != "causal_lm":
+            return ["classifier"]
+        # A base built from a config has random embeddings: adapters alone cannot learn a
+        # vocabulary, so its embeddings and head train in full. A pretrained LM: adapters only.
+        return None if self.model_name_or_path else ["embed_tokens", "lm_head"]
 
 
 def _split(text: str) -> list[str]:
