@@ -102,7 +102,7 @@ def test_simulation_matches_the_in_process_trainer(tmp_path):
 
 
 def test_a_failing_client_is_dropped_and_the_round_completes(tmp_path, caplog):
-    caplog.set_level(logging.WARNING, logger="fedpac_hf.flower")
+    caplog.set_level(logging.WARNING, logger="flwr")
     args = flower_args(tmp_path, num_rounds=1, clients_per_round=3, algorithm="fedavg")
     result = run_fedpac_simulation(
         build_failing_trainer, args, num_supernodes=3, backend_config=BACKEND

@@ -28,7 +28,8 @@ from .strategy.base import NODE_RECORD_KEY
 
 __all__ = ["FedPACClient", "make_client_app"]
 
-logger = logging.getLogger(__name__)
+# A child of Flower's logger: shown wherever Flower shows its logs (`flwr run --stream`).
+logger = logging.getLogger("flwr").getChild(__name__)
 
 
 def _scratch_dir() -> str:
@@ -51,7 +52,7 @@ def _partition_of(context: Context) -> tuple[int, int | None]:
 
 # One trainer per process: Flower's simulation engine unpickles a fresh ClientApp
 # for every message, so the cache lives at module level, keyed by run and config.
-_TRAINERS: dict[tuple[Any, ...], tuple[FedPACTrainer, list[Any]]] = {}
+_TRAINERS: dict[tuple[Any, ...], tuple[FedPACTrainer, int]] = {}
 _TRAINERS_LOCK = threading.Lock()
 
 
@@ -68,7 +69,7 @@ class FedPACClient:
     ----------
     build_trainer:
         Builds the :class:`FedPACTrainer` from the run's arguments; its
-        ``get_client_datasets()[partition_id]`` is this node's data.
+        ``client_dataset(partition_id)`` is this node's data.
     arguments:
         Fixed arguments; default: read from each run's run config
         (:func:`arguments_from_run_config`).
@@ -80,8 +81,8 @@ class FedPACClient:
         self.build_trainer = build_trainer
         self.arguments = arguments
 
-    def trainer_for(self, context: Context) -> tuple[FedPACTrainer, list[Any]]:
-        """The trainer and client datasets of the context's run (built on first use)."""
+    def trainer_for(self, context: Context) -> tuple[FedPACTrainer, int]:
+        """The trainer of the context's run (built on first use) and its number of clients."""
         args = self.arguments or arguments_from_run_config(
             context.run_config, output_dir=_scratch_dir()
         )
@@ -95,7 +96,7 @@ class FedPACClient:
                 _TRAINERS.clear()  # one trainer (one model) per process
                 trainer = self.build_trainer(args)
                 trainer.model.to(trainer.args.device)
-                _TRAINERS[key] = (trainer, trainer.get_client_datasets())
+                _TRAINERS[key] = (trainer, trainer.setup_clients())
             return _TRAINERS[key]
 
     def query(self, message: Message, context: Context) -> Message:
@@ -122,15 +123,18 @@ class FedPACClient:
             raise ValueError(
                 f"the server sent client {requested}'s message to the node of partition {partition}"
             )
-        trainer, datasets = self.trainer_for(context)
-        if not 0 <= partition < len(datasets):
+        trainer, num_clients = self.trainer_for(context)
+        if not 0 <= partition < num_clients:
             raise ValueError(
-                f"partition-id {partition} is not among the trainer's {len(datasets)} clients; "
+                f"partition-id {partition} is not among the trainer's {num_clients} clients; "
                 "num_clients (run config) must equal the number of partitions"
             )
         trainer.server_state = server_state_from_content(message.content)
         update = trainer.train_client(
-            partition, datasets[partition], int(config["round-index"]), float(config["lr"])
+            partition,
+            trainer.client_dataset(partition),
+            int(config["round-index"]),
+            float(config["lr"]),
         )
         logger.info(
             "round %d: client %d trained %d steps on %d examples, train_loss %.4f",

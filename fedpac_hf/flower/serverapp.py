@@ -26,25 +26,12 @@ from .config import TrainerFactory, arguments_from_run_config
 from .records import array_record_to_tensors, tensors_to_array_record
 from .strategy import FedPACStrategy
 
-__all__ = ["make_server_app", "count_clients"]
+__all__ = ["make_server_app"]
 
-logger = logging.getLogger(__name__)
+# A child of Flower's logger: shown wherever Flower shows its logs (`flwr run --stream`).
+logger = logging.getLogger("flwr").getChild(__name__)
 
 FinishCallback = Callable[[FedPACTrainer, FedPACStrategy], None]
-
-
-def count_clients(trainer: FedPACTrainer) -> int:
-    """Number of clients (partitions) in the trainer's federation.
-
-    ``len(client_datasets)`` when the trainer was given them, else
-    ``args.num_clients`` (the natural-id partitioner, whose count depends on
-    the data, splits the training set to count).
-    """
-    if trainer.client_datasets is not None:
-        return len(trainer.client_datasets)
-    if trainer.args.partitioner.replace("-", "_") == "natural_id":
-        return len(trainer.get_client_datasets())
-    return int(trainer.args.num_clients)
 
 
 def _evaluate_fn(trainer: FedPACTrainer) -> Callable[[int, ArrayRecord], MetricRecord | None]:
@@ -118,7 +105,7 @@ def make_server_app(
 
         strategy = FedPACStrategy.from_trainer(
             trainer,
-            count_clients(trainer),
+            trainer.setup_clients(),
             initial_state=state,
             on_round_end=round_end,
             **strategy_kwargs,

@@ -28,7 +28,8 @@ from fedpac_hf.federated import resolve_clients_per_round, sample_clients
 
 __all__ = ["PartitionStrategy", "NODE_RECORD_KEY"]
 
-logger = logging.getLogger(__name__)
+# A child of Flower's logger: shown wherever Flower shows its logs (`flwr run --stream`).
+logger = logging.getLogger("flwr").getChild(__name__)
 
 NODE_RECORD_KEY = "node"
 """ConfigRecord of a query reply: ``partition-id`` and ``num-partitions`` of the node."""

@@ -31,7 +31,8 @@ from .base import PartitionStrategy
 
 __all__ = ["FedPACStrategy"]
 
-logger = logging.getLogger(__name__)
+# A child of Flower's logger: shown wherever Flower shows its logs (`flwr run --stream`).
+logger = logging.getLogger("flwr").getChild(__name__)
 
 RoundCallback = Callable[[int, ServerState, dict[str, float]], None]
 
