@@ -1,0 +1,108 @@
+"""Flower records and configuration of the FedPAC apps (no simulation engine needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("flwr")
+
+import torch  # noqa: E402
+
+from fedpac_hf.federated import ClientUpdate, ServerState, get_algorithm  # noqa: E402
+from fedpac_hf.flower import (  # noqa: E402
+    FedPACStrategy,
+    arguments_from_run_config,
+    client_update_from_content,
+    client_update_to_content,
+    server_state_from_content,
+    server_state_to_content,
+)
+from fedpac_hf.flower.records import with_partition  # noqa: E402
+
+
+def state() -> ServerState:
+    g = torch.Generator().manual_seed(0)
+    return ServerState(
+        params={"w": torch.randn(3, 4, generator=g), "b": torch.randn(4, generator=g)},
+        curvature={"w::L": torch.rand(3, 3, generator=g)},
+        direction={"w": torch.randn(3, 4, generator=g), "b": torch.randn(4, generator=g)},
+        round=2,
+    )
+
+
+def test_downlink_round_trip_is_exact_and_sends_only_what_the_algorithm_uses():
+    s = state()
+    content = server_state_to_content(
+        s, get_algorithm("fedpac_soap"), server_round=3, lr=0.01, partition_id=5
+    )
+    back = server_state_from_content(content)
+    for part in ("params", "curvature", "direction"):
+        for name, t in getattr(s, part).items():
+            assert torch.equal(getattr(back, part)[name], t)
+    config = content.config_records["config"]
+    assert (config["round-index"], config["lr"], config["partition-id"]) == (2, 0.01, 5)
+    assert with_partition(content, 7).config_records["config"]["partition-id"] == 7
+
+    plain = server_state_to_content(
+        s, get_algorithm("local_soap"), server_round=3, lr=0.01, partition_id=0
+    )
+    back = server_state_from_content(plain)
+    assert back.curvature is None and back.direction is None
+    assert set(plain.array_records) == {"params"}
+
+
+def test_uplink_round_trip_and_a_reply_for_another_client_is_refused():
+    update = ClientUpdate(
+        client_id=4,
+        delta={"w": torch.randn(3, 4)},
+        curvature={"w::L": torch.rand(3, 3)},
+        num_examples=48,
+        num_steps=3,
+        metrics={"train_loss": 1.25},
+    )
+    content = client_update_to_content(update)
+    back = client_update_from_content(content, 4)
+    assert torch.equal(back.delta["w"], update.delta["w"])
+    assert torch.equal(back.curvature["w::L"], update.curvature["w::L"])
+    assert (back.num_examples, back.num_steps, back.metrics) == (48, 3, {"train_loss": 1.25})
+    with pytest.raises(ValueError, match="computed for client 4"):
+        client_update_from_content(content, 3)
+
+
+def test_run_config_keys_become_arguments(tmp_path):
+    args = arguments_from_run_config(
+        {
+            "num-rounds": 4,
+            "algorithm": "fedpac_muon",
+            "client-optimizer-kwargs": '{"momentum": 0.9}',
+            "dataset": "mnist5k",  # the app's own key, ignored here
+            "output-dir": str(tmp_path),
+        }
+    )
+    assert args.num_rounds == 4 and args.build_algorithm().optimizer == "muon"
+    assert args.client_optimizer_kwargs == {"momentum": 0.9}
+    with pytest.raises(ValueError, match="beta"):
+        arguments_from_run_config({"beta": 2.0, "output-dir": str(tmp_path)})
+
+
+def test_strategy_samples_like_the_trainer_and_refuses_impossible_minimums():
+    from fedpac_hf.federated import sample_clients
+
+    strategy = FedPACStrategy(
+        get_algorithm("fedpac_soap"),
+        num_clients=10,
+        clients_per_round=0.3,
+        learning_rates=[0.1, 0.1],
+        local_steps=2,
+        seed=3,
+    )
+    assert strategy.sample(2) == sample_clients(10, 3, 3, 1)
+    with pytest.raises(ValueError, match="min_clients_per_round=4"):
+        FedPACStrategy(
+            get_algorithm("fedavg"),
+            num_clients=10,
+            clients_per_round=3,
+            learning_rates=[0.1],
+            local_steps=1,
+            min_clients_per_round=4,
+        )
