@@ -13,15 +13,6 @@ from fedpac_hf.optim import SGD, AdamW
 from fedpac_hf.optim.adamw import warm_start_step
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids oversubscribing the shared CPU cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _steps(model: nn.Module, opt: torch.optim.Optimizer, n: int, seed: int = 0) -> None:
     gen = torch.Generator().manual_seed(seed)
     for _ in range(n):

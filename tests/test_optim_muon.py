@@ -12,15 +12,6 @@ from torch import nn
 from fedpac_hf.optim import Muon, create_optimizer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids oversubscribing the shared CPU cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class _Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -13,15 +13,6 @@ from torch import nn
 from fedpac_hf.optim import SOAP, eigenbasis, preconditioner_layout
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids oversubscribing the shared CPU cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _mlp(widths: list[int], dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
     layers: list[nn.Module] = []

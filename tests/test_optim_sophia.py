@@ -13,15 +13,6 @@ from torch import nn
 from fedpac_hf.optim import Sophia, gnb_loss, hessian_refresh_due, sophia_refresh
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids oversubscribing the shared CPU cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_gnb_estimate_approaches_exact_gauss_newton_diagonal() -> None:
     torch.manual_seed(0)
     n, d, c = 256, 5, 4
