@@ -16,6 +16,7 @@ is never wrapped in DDP, each process holds the whole trainable model.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -41,13 +42,14 @@ from fedpac_hf.checkpoint import (
     save_federated_checkpoint,
 )
 from fedpac_hf.federated import (
-    ClientError,
+    ClientUpdate,
     RoundAggregator,
     ServerState,
     client_update,
     cycle_batches,
     load_trainable_state,
     resolve_clients_per_round,
+    run_client,
     sample_clients,
     trainable_parameters,
 )
@@ -260,6 +262,10 @@ class FedPACTrainer(Trainer):
             curvature_loss_fn=self.curvature_loss,
         )
 
+    def train_client_by_id(self, client_id: int, round_index: int, lr: float) -> ClientUpdate:
+        """Build a sampled client's data and run its local steps (any failure is the client's)."""
+        return self.train_client(client_id, self.client_dataset(client_id), round_index, lr)
+
     def round_learning_rates(self) -> list[float]:
         """eta_l for every round from ``lr_scheduler_type`` stepped once per round."""
         num_rounds = self.args.num_rounds
@@ -340,26 +346,27 @@ class FedPACTrainer(Trainer):
                 self.server_state, self.algorithm, args.aggregation_weighting
             )
             for cid in sampled[rank::world]:
-                try:
-                    update = self.train_client(cid, self.client_dataset(cid), r, rates[r])
-                except ClientError as err:
-                    logger.warning("round %d: dropping client %d: %s", r + 1, cid, err)
-                    continue
-                aggregator.add(update)
+                result = run_client(
+                    functools.partial(self.train_client_by_id, cid, r, rates[r]),
+                    cid,
+                    r + 1,
+                    logger,
+                )
+                if isinstance(result, ClientUpdate):
+                    aggregator.add(result)
+                else:
+                    aggregator.drop(result)
             if world > 1:
                 aggregator.all_reduce()
-            if aggregator.num_clients < args.min_clients_per_round:
-                raise RuntimeError(
-                    f"round {r + 1}: only {aggregator.num_clients} of {len(sampled)} client "
-                    f"updates succeeded, fewer than min_clients_per_round="
-                    f"{args.min_clients_per_round}; the last checkpoint is left as it was"
-                )
+            # RoundError (too few clients, non-finite global model) leaves the last checkpoint
+            aggregator.require(args.min_clients_per_round, r + 1)
             self.server_state, metrics = aggregator.finalize(
                 lr=rates[r], local_steps=args.local_steps, server_lr=args.server_learning_rate
             )
             load_trainable_state(model, self.server_state.params)
             self.state.global_step = r + 1
             logs = {"round": float(r + 1), "learning_rate": rates[r], **metrics}
+            logs["num_dropped"] = float(len(aggregator.failures))
             logs["round_time"] = time.perf_counter() - round_start
             self.round_history.append(dict(logs))
             self.log(logs)

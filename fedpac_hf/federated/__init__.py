@@ -5,9 +5,17 @@ shells around it.
 """
 
 from .algorithms import Algorithm, get_algorithm, list_algorithms, register_algorithm
-from .client import ClientError, ClientUpdate, batch_size, client_update, cycle_batches
+from .client import (
+    ClientError,
+    ClientFailure,
+    ClientUpdate,
+    batch_size,
+    client_update,
+    cycle_batches,
+    run_client,
+)
 from .sampling import resolve_clients_per_round, sample_clients
-from .server import WEIGHTINGS, RoundAggregator, aggregate, downlink_bytes
+from .server import WEIGHTINGS, RoundAggregator, RoundError, aggregate, downlink_bytes
 from .simulation import LR_SCHEDULES, round_learning_rate, simulate
 from .state import (
     ServerState,
@@ -20,9 +28,11 @@ from .state import (
 __all__ = [
     "Algorithm",
     "ClientError",
+    "ClientFailure",
     "ClientUpdate",
     "LR_SCHEDULES",
     "RoundAggregator",
+    "RoundError",
     "ServerState",
     "WEIGHTINGS",
     "aggregate",
@@ -37,6 +47,7 @@ __all__ = [
     "register_algorithm",
     "resolve_clients_per_round",
     "round_learning_rate",
+    "run_client",
     "sample_clients",
     "simulate",
     "tensor_bytes",

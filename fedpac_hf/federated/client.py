@@ -16,6 +16,7 @@ call it with their own loss function, backward (Accelerate's) and clipping.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -29,12 +30,16 @@ from .state import ServerState, load_trainable_state, trainable_parameters
 __all__ = [
     "ClientUpdate",
     "ClientError",
+    "ClientFailure",
     "client_update",
+    "run_client",
     "cycle_batches",
     "batch_size",
 ]
 
 LossFn = Callable[[torch.nn.Module, Any], Any]
+
+logger = logging.getLogger(__name__)
 
 
 class ClientError(RuntimeError):
@@ -42,6 +47,76 @@ class ClientError(RuntimeError):
 
     The server drops such a client from the round's aggregation.
     """
+
+
+@dataclass(frozen=True)
+class ClientFailure:
+    """Why one client produced no update in one round (see :func:`run_client`).
+
+    Attributes
+    ----------
+    client_id:
+        Index of the client in the federation.
+    round_number:
+        The round, counted from 1.
+    error_type:
+        Name of the exception's class, e.g. ``"FloatingPointError"``.
+    message:
+        The exception's message.
+    """
+
+    client_id: int
+    round_number: int
+    error_type: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"client {self.client_id}: {self.error_type}: {self.message}"
+
+
+def run_client(
+    train: Callable[[], ClientUpdate],
+    client_id: int,
+    round_number: int,
+    log: logging.Logger | None = None,
+) -> ClientUpdate | ClientFailure:
+    """Run one client's local training, turning any failure into a logged drop.
+
+    The one place where the in-process trainer, :func:`~fedpac_hf.federated.simulate`
+    and the Flower client decide what a failing client is: any ``Exception``
+    from its local training (a data error, an optimizer's
+    ``FloatingPointError``, :class:`ClientError` for a non-finite loss or
+    update) is logged as a warning naming the round, the client, the
+    exception type and its message, and returned as a :class:`ClientFailure`
+    for the caller to leave out of the round's aggregation.
+    ``KeyboardInterrupt``, ``SystemExit`` and other non-``Exception`` errors are not caught.
+
+    Parameters
+    ----------
+    train:
+        Runs the client's local steps and returns its update (e.g. a closure
+        over :func:`client_update`).
+    client_id:
+        The client's index, for the log and the failure record.
+    round_number:
+        The round, counted from 1, for the log.
+    log:
+        Where to log the drop (default: this module's logger).
+
+    Returns
+    -------
+    ClientUpdate or ClientFailure
+        The update, or why there is none.
+    """
+    try:
+        return train()
+    except Exception as error:  # noqa: BLE001 - any client failure drops only that client
+        message = " ".join(str(error).split()) or "(no message)"
+        prefix = f"client {client_id}: "
+        message = message.removeprefix(prefix)
+        failure = ClientFailure(int(client_id), int(round_number), type(error).__name__, message)
+        (log or logger).warning("round %d: dropping %s", round_number, failure)
+        return failure
 
 
 @dataclass
@@ -204,44 +279,47 @@ def client_update(
     num_examples = 0
     hessian_refreshes = 0
     refresh_due = getattr(optimizer, "hessian_update_due", None)
-    for _ in range(local_steps):
-        micro = [next(batches) for _ in range(gradient_accumulation_steps)]
-        if refresh_due is not None and refresh_due():
-            if curvature_loss_fn is None:
-                raise ValueError(
-                    f"optimizer {algorithm.optimizer!r} refreshes its curvature from an extra "
-                    "pass: pass curvature_loss_fn (e.g. a Gauss-Newton-Bartlett loss on the "
-                    "model's logits)"
-                )
+    try:
+        for _ in range(local_steps):
+            micro = [next(batches) for _ in range(gradient_accumulation_steps)]
+            if refresh_due is not None and refresh_due():
+                if curvature_loss_fn is None:
+                    raise ValueError(
+                        f"optimizer {algorithm.optimizer!r} refreshes its curvature from an extra "
+                        "pass: pass curvature_loss_fn (e.g. a Gauss-Newton-Bartlett loss on the "
+                        "model's logits)"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                result = curvature_loss_fn(model, micro[0])
+                if isinstance(result, tuple):
+                    curvature_loss, num_samples = result
+                else:
+                    curvature_loss, num_samples = result, batch_size(micro[0])
+                backward(curvature_loss)
+                optimizer.update_hessian(int(num_samples))
+                hessian_refreshes += 1
             optimizer.zero_grad(set_to_none=True)
-            result = curvature_loss_fn(model, micro[0])
-            if isinstance(result, tuple):
-                curvature_loss, num_samples = result
-            else:
-                curvature_loss, num_samples = result, batch_size(micro[0])
-            backward(curvature_loss)
-            optimizer.update_hessian(int(num_samples))
-            hessian_refreshes += 1
+            step_loss = 0.0
+            for batch in micro:
+                loss = loss_fn(model, batch)
+                if gradient_accumulation_steps > 1:
+                    loss = loss / gradient_accumulation_steps
+                backward(loss)
+                step_loss += float(loss.detach())
+                num_examples += batch_size(batch)
+            if not math.isfinite(step_loss):
+                raise ClientError(f"client {client_id}: non-finite training loss {step_loss}")
+            losses.append(step_loss)
+            if max_grad_norm is not None and max_grad_norm > 0:
+                clip_grad(param_list, max_grad_norm)
+            optimizer.step()
+            if correction is not None:
+                with torch.no_grad():
+                    torch._foreach_add_(param_list, correction, alpha=-beta * lr)
+    finally:
+        # a failed client leaves no gradients or train mode behind for the next one
         optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for batch in micro:
-            loss = loss_fn(model, batch)
-            if gradient_accumulation_steps > 1:
-                loss = loss / gradient_accumulation_steps
-            backward(loss)
-            step_loss += float(loss.detach())
-            num_examples += batch_size(batch)
-        if not math.isfinite(step_loss):
-            raise ClientError(f"client {client_id}: non-finite training loss {step_loss}")
-        losses.append(step_loss)
-        if max_grad_norm is not None and max_grad_norm > 0:
-            clip_grad(param_list, max_grad_norm)
-        optimizer.step()
-        if correction is not None:
-            with torch.no_grad():
-                torch._foreach_add_(param_list, correction, alpha=-beta * lr)
-    optimizer.zero_grad(set_to_none=True)
-    model.train(was_training)
+        model.train(was_training)
 
     delta = {
         name: p.detach().to(device="cpu", dtype=torch.float32) - server_state.params[name]

@@ -22,10 +22,19 @@ from typing import Any, Literal
 import torch
 
 from .algorithms import Algorithm
-from .client import ClientUpdate
+from .client import ClientFailure, ClientUpdate
 from .state import ServerState, tensor_bytes
 
-__all__ = ["RoundAggregator", "aggregate", "downlink_bytes", "WEIGHTINGS"]
+__all__ = ["RoundAggregator", "RoundError", "aggregate", "downlink_bytes", "WEIGHTINGS"]
+
+
+class RoundError(RuntimeError):
+    """A round produced no usable global model: too few clients succeeded, or it is not finite.
+
+    Raised before anything is saved, so the last checkpoint stays the last
+    good state; the message says why and what to change.
+    """
+
 
 Weighting = Literal["uniform", "num_examples"]
 WEIGHTINGS: tuple[str, ...] = ("uniform", "num_examples")
@@ -80,6 +89,29 @@ class RoundAggregator:
         self.loss_sum = 0.0
         self.uplink_bytes = 0
         self.client_ids: list[int] = []
+        self.failures: list[ClientFailure] = []
+
+    def drop(self, failure: ClientFailure) -> None:
+        """Record a client that produced no update (it is left out of the sums)."""
+        self.failures.append(failure)
+
+    def require(self, min_clients: int, round_number: int) -> None:
+        """Raise :class:`RoundError` if fewer than ``min_clients`` updates were added.
+
+        The message lists why the dropped clients failed.
+        """
+        if self.num_clients >= min_clients:
+            return
+        total = self.num_clients + len(self.failures)
+        reasons = "; ".join(str(f) for f in self.failures[:5])
+        if len(self.failures) > 5:
+            reasons += f"; and {len(self.failures) - 5} more"
+        raise RoundError(
+            f"round {round_number}: only {self.num_clients} of {total} client updates "
+            f"succeeded, fewer than min_clients_per_round={min_clients}"
+            + (f" (dropped: {reasons})" if reasons else "")
+            + "; nothing was saved for this round, the last checkpoint is intact"
+        )
 
     def add(self, update: ClientUpdate) -> None:
         """Fold one client's update into the sums."""
@@ -126,12 +158,14 @@ class RoundAggregator:
 
         key_lists: list[Any] = [None] * dist.get_world_size()
         mine = {k: tuple(t.shape) for k, t in self.curvature_sum.items()}
-        dist.all_gather_object(key_lists, (mine, self.client_ids))
+        dist.all_gather_object(key_lists, (mine, self.client_ids, self.failures))
         shapes: dict[str, tuple[int, ...]] = {}
         ids: list[int] = []
-        for keys, client_ids in key_lists:
+        failures: list[ClientFailure] = []
+        for keys, client_ids, client_failures in key_lists:
             shapes.update(keys)
             ids += client_ids
+            failures += client_failures
         for k, shape in shapes.items():
             if k not in self.curvature_sum:
                 self.curvature_sum[k] = torch.zeros(shape, dtype=torch.float64)
@@ -171,6 +205,7 @@ class RoundAggregator:
         self.num_clients, self.num_examples = int(num_clients), int(num_examples)
         self.uplink_bytes = int(uplink)
         self.client_ids = sorted(ids)
+        self.failures = sorted(failures, key=lambda f: f.client_id)
 
     def finalize(
         self,
@@ -189,9 +224,18 @@ class RoundAggregator:
             K; with ``lr`` it turns the mean delta into the global direction.
         server_lr:
             eta_g, the server learning rate applied to the mean delta.
+
+        Raises
+        ------
+        RoundError
+            If no update was added, or the new global parameters, direction
+            or curvature are not finite (never handed on, so never saved).
         """
         if self.num_clients == 0:
-            raise ValueError("no client update to aggregate in this round")
+            raise RoundError(
+                f"round {self.server_state.round + 1}: no client update to aggregate"
+                + (f" (dropped: {'; '.join(map(str, self.failures[:5]))})" if self.failures else "")
+            )
         state = self.server_state
         inv_w = 1.0 / self.weight_sum
         delta = {n: (s * inv_w) for n, s in self.delta_sum.items()}
@@ -223,10 +267,27 @@ class RoundAggregator:
             bytes_up=float(self.uplink_bytes),
             bytes_down=float(down),
         )
+        for part, tensors in (("model", params), ("direction", direction)):
+            _require_finite(tensors, part, state.round + 1, server_lr)
+        _require_finite(curvature or {}, "curvature", state.round + 1, server_lr)
         new_state = ServerState(
             params=params, curvature=curvature, direction=direction, round=state.round + 1
         )
         return new_state, metrics
+
+
+def _require_finite(
+    tensors: dict[str, torch.Tensor], part: str, round_number: int, server_lr: float
+) -> None:
+    """Refuse a non-finite aggregate (e.g. float32 overflow of finite client updates)."""
+    for name, t in tensors.items():
+        if not torch.isfinite(t).all():
+            raise RoundError(
+                f"round {round_number}: the aggregated global {part} has inf/nan entries "
+                f"({name!r}) although every client update was finite; the global model is "
+                "neither updated nor saved. Lower learning_rate or server_learning_rate "
+                f"(now {server_lr:g}), or clip with max_grad_norm"
+            )
 
 
 def aggregate(

@@ -7,6 +7,7 @@ memory whatever the number of clients: clients are loaded into it in turn.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -17,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .algorithms import Algorithm, get_algorithm
-from .client import ClientError, LossFn, client_update, cycle_batches
+from .client import ClientUpdate, LossFn, client_update, cycle_batches, run_client
 from .sampling import resolve_clients_per_round, sample_clients
 from .server import RoundAggregator, Weighting
 from .state import ServerState, load_trainable_state
@@ -99,18 +100,36 @@ def simulate(
     curvature_loss_fn:
         Needed by Sophia: the loss whose gradient estimates its Hessian.
     min_clients_per_round:
-        A client whose update fails (exception or non-finite) is dropped with
-        a logged reason; fewer survivors than this stops the run.
+        A client whose update fails (any exception, or a non-finite loss or
+        update) is dropped with a logged reason (see
+        :func:`~fedpac_hf.federated.run_client`); fewer survivors than this
+        stops the run with :class:`~fedpac_hf.federated.RoundError`.
     progress:
         Show a progress bar over rounds.
     callback:
         Called after each round with the new server state and its metrics.
+
+    Raises
+    ------
+    ValueError
+        For impossible settings (no client, a client without data, zero local
+        steps, a non-positive learning rate, too many clients per round).
+    RoundError
+        If a round ends with fewer than ``min_clients_per_round`` usable
+        updates or a non-finite global model.
     """
     algorithm = get_algorithm(algorithm)
     if num_rounds < 1:
         raise ValueError(f"num_rounds must be at least 1, got {num_rounds}")
+    if local_steps < 1:
+        raise ValueError(f"local_steps must be at least 1, got {local_steps}")
+    if not lr > 0 or not math.isfinite(lr):
+        raise ValueError(f"lr must be a positive number, got {lr}")
     if not client_loaders:
         raise ValueError("client_loaders is empty: a federation needs at least one client")
+    for cid, loader in enumerate(client_loaders):
+        if hasattr(loader, "__len__") and len(loader) == 0:
+            raise ValueError(f"client {cid}'s loader is empty: every client needs data")
     num_sampled = resolve_clients_per_round(len(client_loaders), clients_per_round)
     if not 1 <= min_clients_per_round <= num_sampled:
         raise ValueError(
@@ -125,31 +144,29 @@ def simulate(
         lr_r = round_learning_rate(lr, r, num_rounds, lr_schedule)
         aggregator = RoundAggregator(state, algorithm, weighting)
         for cid in sample_clients(len(client_loaders), num_sampled, seed, r):
-            try:
-                update = client_update(
-                    model,
-                    state,
-                    algorithm,
-                    cycle_batches(client_loaders[cid]),
-                    lr=lr_r,
-                    local_steps=local_steps,
-                    loss_fn=loss_fn,
-                    client_id=cid,
-                    max_grad_norm=max_grad_norm,
-                    curvature_loss_fn=curvature_loss_fn,
-                )
-            except ClientError as err:
-                logger.warning("round %d: dropping client %d: %s", r, cid, err)
-                continue
-            aggregator.add(update)
-        if aggregator.num_clients < min_clients_per_round:
-            raise RuntimeError(
-                f"round {r}: only {aggregator.num_clients} client update(s) succeeded, fewer "
-                f"than min_clients_per_round={min_clients_per_round}"
+            train = functools.partial(
+                client_update,
+                model,
+                state,
+                algorithm,
+                cycle_batches(client_loaders[cid]),
+                lr=lr_r,
+                local_steps=local_steps,
+                loss_fn=loss_fn,
+                client_id=cid,
+                max_grad_norm=max_grad_norm,
+                curvature_loss_fn=curvature_loss_fn,
             )
+            result = run_client(train, cid, r + 1, logger)
+            if isinstance(result, ClientUpdate):
+                aggregator.add(result)
+            else:
+                aggregator.drop(result)
+        aggregator.require(min_clients_per_round, r + 1)
         state, metrics = aggregator.finalize(lr=lr_r, local_steps=local_steps, server_lr=server_lr)
         load_trainable_state(model, state.params)
         metrics = {"round": float(r + 1), "lr": lr_r, **metrics}
+        metrics["num_dropped"] = float(len(aggregator.failures))
         if eval_fn is not None:
             model.eval()
             with torch.no_grad():

@@ -10,6 +10,7 @@ so that a Flower run and ``trainer.train()`` give the same clients' updates.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
@@ -20,6 +21,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedpac_hf.arguments import FedPACArguments
+from fedpac_hf.federated import ClientError, ClientUpdate, run_client
 from fedpac_hf.trainer import FedPACTrainer
 
 from .config import TrainerFactory, arguments_from_run_config
@@ -115,6 +117,11 @@ class FedPACClient:
         ValueError
             If the message is addressed to another partition than this node's,
             or the partition does not exist in the trainer's data.
+        ClientError
+            If the local training failed (any exception, a non-finite loss or
+            update): logged here by :func:`~fedpac_hf.federated.run_client`, the
+            same rule as in-process runs, and sent back as an error reply whose
+            reason names the exception, so the strategy drops this client.
         """
         partition, _ = _partition_of(context)
         config = message.content.config_records[CONFIG_KEY]
@@ -130,12 +137,17 @@ class FedPACClient:
                 "num_clients (run config) must equal the number of partitions"
             )
         trainer.server_state = server_state_from_content(message.content)
-        update = trainer.train_client(
+        round_index = int(config["round-index"])
+        update = run_client(
+            functools.partial(
+                trainer.train_client_by_id, partition, round_index, float(config["lr"])
+            ),
             partition,
-            trainer.client_dataset(partition),
-            int(config["round-index"]),
-            float(config["lr"]),
+            round_index + 1,
+            logger,
         )
+        if not isinstance(update, ClientUpdate):
+            raise ClientError(str(update))
         logger.info(
             "round %d: client %d trained %d steps on %d examples, train_loss %.4f",
             int(config["server-round"]),
