@@ -11,7 +11,9 @@ paper; ``per_device_train_batch_size`` is the client batch size.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +26,13 @@ from fedpac_hf.federated.algorithms import Algorithm
 __all__ = ["FedPACArguments"]
 
 _PARTITIONERS = ("iid", "dirichlet", "pathological", "quantity_skew", "natural_id")
+# partitioner constructor argument -> the FedPACArguments field that sets it
+_PARTITIONER_FIELDS = {
+    "alpha": "dirichlet_alpha",
+    "scheme": "dirichlet_scheme",
+    "label_column": "partition_label_column",
+    "column": "partition_id_column",
+}
 
 
 @dataclass
@@ -166,18 +175,32 @@ class FedPACArguments(TrainingArguments):
             self.client_optimizer_kwargs, dict
         ):
             raise ValueError("client_optimizer_kwargs must be a dict or a JSON object string")
-        for name in ("num_rounds", "local_steps", "num_clients", "min_clients_per_round"):
+        for name in (
+            "num_rounds",
+            "local_steps",
+            "num_clients",
+            "min_clients_per_round",
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ValueError(
+                f"learning_rate (the clients' local rate) must be a positive number, got "
+                f"{self.learning_rate}"
+            )
         for name in ("eval_every_rounds", "save_every_rounds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.clients_per_round <= 0:
+        if not self.clients_per_round > 0 or (
+            self.clients_per_round > 1 and self.clients_per_round != int(self.clients_per_round)
+        ):
             raise ValueError(
-                f"clients_per_round must be a fraction in (0, 1] or a count >= 1, got "
+                f"clients_per_round must be a fraction in (0, 1] or a whole count >= 1, got "
                 f"{self.clients_per_round}"
             )
-        if self.server_learning_rate <= 0:
+        if not (self.server_learning_rate > 0 and math.isfinite(self.server_learning_rate)):
             raise ValueError(
                 f"server_learning_rate must be positive, got {self.server_learning_rate}"
             )
@@ -190,7 +213,19 @@ class FedPACArguments(TrainingArguments):
             raise ValueError(
                 f"partitioner must be one of {_PARTITIONERS}, got {self.partitioner!r}"
             )
-        self.build_algorithm()  # fail early on a bad name / beta
+        self._check_client_optimizer(self.build_algorithm())  # fail early: name, beta, options
+        name = self.partitioner.replace("-", "_")
+        if name != "natural_id" or self.partition_id_column:
+            from fedpac_hf.partition import get_partitioner
+
+            kwargs = self.partitioner_kwargs()
+            try:
+                get_partitioner(name, **kwargs)  # fail early on its arguments
+            except ValueError as err:
+                fields = ", ".join(
+                    f"{_PARTITIONER_FIELDS.get(k, k)}={v!r}" for k, v in kwargs.items()
+                )
+                raise ValueError(f"partitioner {name!r} with {fields}: {err}") from None
         if self.deepspeed:
             raise ValueError(
                 "FedPACTrainer does not support DeepSpeed: every client trains the whole "
@@ -222,6 +257,50 @@ class FedPACArguments(TrainingArguments):
             align=self.align,
             optimizer_kwargs=kwargs,
         )
+
+    def _check_client_optimizer(self, algorithm: Algorithm) -> None:
+        """Build the client optimizer once on a 2x2 weight: a bad name or option fails now.
+
+        Otherwise it would fail inside every client's first step, and every
+        client would be dropped.
+        """
+        from fedpac_hf.optim import OPTIMIZERS, create_optimizer
+
+        if algorithm.optimizer.lower() not in OPTIMIZERS:
+            raise ValueError(
+                f"client_optimizer={algorithm.optimizer!r} is not an optimizer; valid names: "
+                f"{sorted(OPTIMIZERS)}"
+            )
+        weight = torch.nn.Parameter(torch.zeros(2, 2))
+        try:
+            create_optimizer(
+                algorithm.optimizer,
+                [("weight", weight)],
+                lr=self.learning_rate,
+                **dict(algorithm.optimizer_kwargs),
+            )
+        except (ValueError, TypeError) as err:
+            raise type(err)(
+                f"client optimizer {algorithm.optimizer!r} refuses client_optimizer_kwargs / "
+                f"weight_decay: {err}"
+            ) from None
+
+    def assign_clients(self, dataset: Any, partitioner: Any = None) -> list[Any]:
+        """Split ``dataset`` into client index arrays with ``partitioner`` or the configured one.
+
+        A missing column is reported under the name of the field to change
+        (``partition_label_column`` / ``partition_id_column``).
+        """
+        if partitioner is None:
+            from fedpac_hf.partition import get_partitioner
+
+            partitioner = get_partitioner(self.partitioner, **self.partitioner_kwargs())
+        try:
+            return partitioner.assign(dataset)
+        except ValueError as err:
+            pattern = r"\b(" + "|".join(_PARTITIONER_FIELDS) + r")="
+            message = re.sub(pattern, lambda m: f"{_PARTITIONER_FIELDS[m.group(1)]}=", str(err))
+            raise ValueError(message) from None
 
     def partitioner_kwargs(self) -> dict[str, Any]:
         """Constructor arguments of the configured partitioner."""

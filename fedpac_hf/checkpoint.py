@@ -11,9 +11,14 @@ A checkpoint directory holds
 - whatever ``save_model`` writes (the model or the PEFT adapter), so that a
   checkpoint is also a loadable model.
 
-Everything is written to a temporary sibling directory and renamed into place,
-so a process killed at any moment leaves either the previous checkpoint or the
-new one, never half of one. Nothing is unpickled when loading.
+Everything, the model files included, is written to a temporary sibling
+directory, flushed to disk and renamed into place, so a process killed at any
+moment leaves either the previous checkpoint or the new one, never half of one
+(a half-written temporary directory is ignored and removed by the next save).
+A state with a non-finite tensor is refused, so a diverged run never replaces
+a good checkpoint. Loading reads only safetensors and JSON: nothing is
+unpickled, and a truncated, corrupt or incomplete checkpoint fails with a
+message naming the file.
 """
 
 from __future__ import annotations
@@ -44,7 +49,49 @@ STATE_TENSORS = "fedpac_state.safetensors"
 STATE_JSON = "fedpac_state.json"
 CHECKPOINT_PREFIX = "checkpoint-round-"
 FORMAT_VERSION = 1
+_OLD = ".old-"
 _PARTS = ("params", "curvature", "direction")
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under ``root`` and the directories themselves to disk."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(folder))
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - e.g. Windows
+        pass
+    finally:
+        os.close(fd)
+
+
+def _temporary_prefix(name: str) -> str:
+    base = CHECKPOINT_PREFIX if name.startswith(CHECKPOINT_PREFIX) else name
+    return f".tmp-{base}"
+
+
+def _require_finite_state(state: ServerState) -> None:
+    for part in _PARTS:
+        for name, t in (getattr(state, part) or {}).items():
+            if not torch.isfinite(t).all():
+                raise ValueError(
+                    f"refusing to save round {state.round}: its global {part} {name!r} holds "
+                    "inf/nan; the previous checkpoint is kept. Lower the learning rate or clip "
+                    "gradients (max_grad_norm)"
+                )
 
 
 def save_federated_checkpoint(
@@ -55,11 +102,36 @@ def save_federated_checkpoint(
 ) -> Path:
     """Write ``state`` (+ ``metadata`` + optionally the model) atomically to ``directory``.
 
-    Returns the final path. An existing checkpoint at that path is replaced.
+    Parameters
+    ----------
+    directory:
+        The checkpoint directory to create; an existing one is replaced.
+    state:
+        The global state to save.
+    metadata:
+        JSON-serialisable run information (identity, history).
+    save_model:
+        Called with the temporary directory to write the model files into
+        (e.g. ``Trainer.save_model``), so they are renamed into place with the
+        rest.
+
+    Returns
+    -------
+    Path
+        The final path.
+
+    Raises
+    ------
+    ValueError
+        If a tensor of ``state`` is not finite (nothing is written).
     """
+    _require_finite_state(state)
     final = Path(directory)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    prefix = _temporary_prefix(final.name)
+    for stale in final.parent.glob(f"{prefix}*"):  # left by a process killed mid-save
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir=final.parent))
     try:
         tensors: dict[str, torch.Tensor] = {}
         for part in _PARTS:
@@ -76,14 +148,17 @@ def save_federated_checkpoint(
         (tmp / STATE_JSON).write_text(json.dumps(doc, indent=2, sort_keys=True))
         if save_model is not None:
             save_model(str(tmp))
+        _fsync_tree(tmp)
         if final.exists():
-            old = final.with_name(f".old-{final.name}")
+            # killed between these renames: latest_checkpoint() finds the .old- copy
+            old = final.with_name(f"{_OLD}{final.name}")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
+        _fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -104,15 +179,26 @@ def load_federated_checkpoint(directory: str | os.PathLike[str]) -> tuple[Server
                 f"{f} not found: {path} is not a fedpac_hf checkpoint (or it is incomplete)"
             )
     try:
-        metadata = json.loads(json_path.read_text())
+        metadata = json.loads(json_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{json_path} is corrupt or truncated ({err})") from None
+        raise ValueError(
+            f"{json_path} is corrupt or truncated ({err}); resume from an earlier checkpoint"
+        ) from None
     if not isinstance(metadata, dict) or metadata.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{json_path} is not a fedpac_hf checkpoint of format {FORMAT_VERSION}")
+    round_number = metadata.get("round")
+    if not isinstance(round_number, int) or isinstance(round_number, bool) or round_number < 0:
+        raise ValueError(f"{json_path} is corrupt: 'round' is {round_number!r}, not a round number")
+    if not isinstance(metadata.get("run", {}), dict) or not isinstance(
+        metadata.get("history", []), list
+    ):
+        raise ValueError(f"{json_path} is corrupt: 'run' must be an object and 'history' a list")
     try:
         tensors = load_file(str(tensor_path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{tensor_path} is corrupt or truncated ({err})") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise ValueError(
+            f"{tensor_path} is corrupt or truncated ({err}); resume from an earlier checkpoint"
+        ) from None
     parts: dict[str, dict[str, torch.Tensor]] = {p: {} for p in _PARTS}
     for key, t in tensors.items():
         part, _, name = key.partition("::")
@@ -123,20 +209,30 @@ def load_federated_checkpoint(directory: str | os.PathLike[str]) -> tuple[Server
         params=parts["params"],
         curvature=parts["curvature"] if metadata.get("has_curvature") else None,
         direction=parts["direction"] if metadata.get("has_direction") else None,
-        round=int(metadata["round"]),
+        round=round_number,
     )
+    if not state.params:
+        raise ValueError(f"{tensor_path} holds no global parameters (no 'params::' entry)")
     return state, metadata
 
 
 def latest_checkpoint(output_dir: str | os.PathLike[str]) -> Path | None:
-    """The complete checkpoint of the highest round under ``output_dir``, if any."""
+    """The complete checkpoint of the highest round under ``output_dir``, if any.
+
+    Temporary directories of an interrupted save are ignored; the previous
+    copy of a checkpoint that was being replaced (``.old-checkpoint-round-N``)
+    counts when the new one never got into place.
+    """
     root = Path(output_dir)
     if not root.is_dir():
         return None
     found = []
     for d in root.iterdir():
-        if d.is_dir() and d.name.startswith(CHECKPOINT_PREFIX) and (d / STATE_JSON).is_file():
-            suffix = d.name[len(CHECKPOINT_PREFIX) :]
+        name = d.name.removeprefix(_OLD)
+        if d.name.startswith(_OLD) and (root / name).exists():
+            continue
+        if d.is_dir() and name.startswith(CHECKPOINT_PREFIX) and (d / STATE_JSON).is_file():
+            suffix = name[len(CHECKPOINT_PREFIX) :]
             if suffix.isdigit():
                 found.append((int(suffix), d))
     return max(found)[1] if found else None

@@ -4,7 +4,8 @@ Each subcommand is a pair of functions registered in :data:`SUBCOMMANDS`:
 ``add_arguments(parser)`` declares its options and ``run(args) -> int`` does
 the work; ``partition``, ``train`` and ``report`` are registered. Mistakes a user can make (a bad option value, a
 missing column or file) end in a one-line ``fedpac-hf <cmd>: error: ...``
-message and exit status 2, without a traceback.
+message and exit status 2, without a traceback; a round that fails (too few
+clients succeeded, a non-finite global model) ends in one line and status 1.
 """
 
 from __future__ import annotations
@@ -270,6 +271,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, ImportError) as error:
         message = " ".join(str(error).split())
         args._parser.exit(2, f"{args._parser.prog}: error: {message}\n")
+    except RuntimeError as error:
+        from fedpac_hf.federated import RoundError
+
+        if not isinstance(error, RoundError):
+            raise
+        # a failed round (too few clients, non-finite model): the run stops, checkpoints stay
+        message = " ".join(str(error).split())
+        args._parser.exit(1, f"{args._parser.prog}: error: {message}\n")
     return 2
 
 

@@ -225,7 +225,13 @@ def _split(text: str) -> list[str]:
 def _parser():
     from transformers import HfArgumentParser
 
-    return HfArgumentParser((ModelDataArguments, FedPACArguments))
+    class _Parser(HfArgumentParser):
+        """Raises ``ValueError`` for a bad value instead of exiting (callers print one line)."""
+
+        def error(self, message: str):  # type: ignore[override]
+            raise ValueError(message)
+
+    return _Parser((ModelDataArguments, FedPACArguments))
 
 
 def _valid_fields() -> list[str]:
@@ -398,6 +404,17 @@ def _load_splits(margs: ModelDataArguments, args: FedPACArguments):
     return train, test
 
 
+def _require_columns(train: Any, test: Any, **columns: str) -> None:
+    """Fail with the setting to change if a column a task reads is missing."""
+    for argument, column in columns.items():
+        for split, dataset in (("training", train), ("test", test)):
+            if column not in dataset.column_names:
+                raise ValueError(
+                    f"{argument}={column!r} is not a column of the {split} data; available "
+                    f"columns: {dataset.column_names}. Set {argument} to one of them."
+                )
+
+
 def _encode_labels(train: Any, test: Any, column: str) -> tuple[Any, Any, list[str]]:
     """Add an integer ``label`` column (class ids) from ``column``; return the class names."""
     from datasets import ClassLabel
@@ -463,6 +480,7 @@ def _image_task(margs: ModelDataArguments, args: FedPACArguments) -> TaskBundle:
     )
 
     train, test = _load_splits(margs, args)
+    _require_columns(train, test, image_column=margs.image_column, label_column=margs.label_column)
     train, test, names = _encode_labels(train, test, margs.label_column)
     id2label = dict(enumerate(names))
     label2id = {name: i for i, name in id2label.items()}
@@ -588,6 +606,7 @@ def _causal_lm_task(margs: ModelDataArguments, args: FedPACArguments) -> TaskBun
     )
 
     train, test = _load_splits(margs, args)
+    _require_columns(train, test, text_column=margs.text_column)
     base = None
     if margs.model_name_or_path:
         tokenizer = AutoTokenizer.from_pretrained(margs.model_name_or_path)
@@ -655,6 +674,7 @@ def _sequence_classification_task(margs: ModelDataArguments, args: FedPACArgumen
     )
 
     train, test = _load_splits(margs, args)
+    _require_columns(train, test, text_column=margs.text_column, label_column=margs.label_column)
     train, test, names = _encode_labels(train, test, margs.label_column)
     source = margs.model_name_or_path or str(minilm_path())
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -779,7 +799,7 @@ def _partition(bundle: TaskBundle, args: FedPACArguments, run_dir: Path, title: 
     from fedpac_hf.partition import read_column as read
 
     partitioner = get_partitioner(args.partitioner, **args.partitioner_kwargs())
-    parts = partitioner.assign(bundle.train_dataset)
+    parts = args.assign_clients(bundle.train_dataset, partitioner)
     if args.should_save:
         if bundle.class_column is not None:
             labels = read(bundle.train_dataset, bundle.class_column)

@@ -37,6 +37,8 @@ from transformers.trainer_utils import TrainOutput
 from fedpac_hf.arguments import FedPACArguments
 from fedpac_hf.checkpoint import (
     CHECKPOINT_PREFIX,
+    STATE_JSON,
+    STATE_TENSORS,
     latest_checkpoint,
     load_federated_checkpoint,
     save_federated_checkpoint,
@@ -171,12 +173,7 @@ class FedPACTrainer(Trainer):
                     raise ValueError(f"client {i} has no training example")
             return len(self.client_datasets)
         if self._client_partition is None:
-            from fedpac_hf.partition import get_partitioner
-
-            partitioner = self.partitioner or get_partitioner(
-                self.args.partitioner, **self.args.partitioner_kwargs()
-            )
-            self._client_partition = partitioner.assign(self.train_dataset)
+            self._client_partition = self.args.assign_clients(self.train_dataset, self.partitioner)
             self._train_columns_removed = self._remove_unused_columns(
                 self.train_dataset, description="training"
             )
@@ -428,7 +425,10 @@ class FedPACTrainer(Trainer):
                 "partitioner": self.args.partitioner,
                 **{k: v for k, v in self.args.partitioner_kwargs().items() if k != "seed"},
             }
+        model = self.accelerator.unwrap_model(self.model)
+        base = getattr(getattr(model, "base_model", None), "model", model)
         return {
+            "model": type(base).__name__,
             "algorithm": self.algorithm.name,
             "client_optimizer": self.algorithm.optimizer,
             "beta": self.algorithm.beta,
@@ -465,12 +465,15 @@ class FedPACTrainer(Trainer):
             shutil.rmtree(d, ignore_errors=True)
 
     def _resume(self, checkpoint: str | bool, num_clients: int) -> None:
+        if isinstance(checkpoint, str) and checkpoint.strip().lower() in ("true", "latest"):
+            if not Path(checkpoint).exists():  # `--resume_from_checkpoint true` on the CLI
+                checkpoint = True
         if checkpoint is True:
             found = latest_checkpoint(self.args.output_dir)
             if found is None:
                 raise FileNotFoundError(
                     f"resume_from_checkpoint=True but {self.args.output_dir} holds no "
-                    f"{CHECKPOINT_PREFIX}* checkpoint"
+                    f"{CHECKPOINT_PREFIX}* checkpoint (save them with save_every_rounds)"
                 )
             checkpoint = str(found)
         state, meta = load_federated_checkpoint(checkpoint)
@@ -479,15 +482,41 @@ class FedPACTrainer(Trainer):
         for key, value in expected.items():
             if saved.get(key) != value:
                 if key == "param_shapes":
-                    names = sorted(set(saved.get(key, {})) ^ set(value))[:3]
-                    detail = f"parameters differ (e.g. {names})" if names else "shapes differ"
+                    detail = _shape_difference(saved.get(key) or {}, value)
                 else:
                     detail = f"checkpoint has {saved.get(key)!r}, this run has {value!r}"
                 raise ValueError(
                     f"cannot resume from {checkpoint}: {key} differs ({detail}); resume with the "
                     "same model, algorithm and partition, or start a new output_dir"
                 )
+        actual = {n: list(t.shape) for n, t in state.params.items()}
+        if actual != expected["param_shapes"]:
+            raise ValueError(
+                f"cannot resume from {checkpoint}: its {STATE_TENSORS} does not match its "
+                f"{STATE_JSON} ({_shape_difference(actual, expected['param_shapes'])}); the "
+                "checkpoint is corrupt, resume from an earlier one"
+            )
         self.server_state = state
         self.round_history = list(meta.get("history", []))
         load_trainable_state(self.model, state.params)
         logger.info("resumed from %s at round %d", checkpoint, state.round)
+
+
+def _shape_difference(saved: dict[str, Any], current: dict[str, Any]) -> str:
+    """Name the first trainable parameter that differs between a checkpoint and this model."""
+    only_saved = sorted(set(saved) - set(current))
+    only_current = sorted(set(current) - set(saved))
+    if only_saved or only_current:
+        parts = []
+        if only_saved:
+            parts.append(f"only the checkpoint has {only_saved[:3]}")
+        if only_current:
+            parts.append(f"only this model has {only_current[:3]}")
+        return "trainable parameters differ: " + ", ".join(parts)
+    for name in sorted(current):
+        if list(saved[name]) != list(current[name]):
+            return (
+                f"parameter {name!r} has shape {list(saved[name])} in the checkpoint and "
+                f"{list(current[name])} in this model"
+            )
+    return "shapes differ"
