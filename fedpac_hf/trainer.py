@@ -483,6 +483,12 @@ class FedPACTrainer(Trainer):
             if saved.get(key) != value:
                 if key == "param_shapes":
                     detail = _shape_difference(saved.get(key) or {}, value)
+                elif isinstance(value, dict) and isinstance(saved.get(key), dict):
+                    detail = ", ".join(
+                        f"{k}: checkpoint has {saved[key].get(k)!r}, this run has {value.get(k)!r}"
+                        for k in sorted(set(saved[key]) | set(value))
+                        if saved[key].get(k) != value.get(k)
+                    )
                 else:
                     detail = f"checkpoint has {saved.get(key)!r}, this run has {value!r}"
                 raise ValueError(

@@ -111,6 +111,12 @@ class RoundAggregator:
             f"succeeded, fewer than min_clients_per_round={min_clients}"
             + (f" (dropped: {reasons})" if reasons else "")
             + "; nothing was saved for this round, the last checkpoint is intact"
+            + (
+                ". Non-finite losses or updates usually mean too large a learning_rate: lower "
+                "it or clip with max_grad_norm"
+                if any("non-finite" in f.message for f in self.failures)
+                else ""
+            )
         )
 
     def add(self, update: ClientUpdate) -> None:

@@ -1,0 +1,345 @@
+"""Write ``docs/bad_inputs.md``: each bad input a user can give, and what it gets.
+
+Every row is produced by actually running the mistake against the public API
+or the ``fedpac-hf`` command line (tiny model, offline, a few seconds), so the
+table shows the messages the code really prints. Run it after changing a
+message::
+
+    python docs/make_bad_inputs_table.py            # rewrite docs/bad_inputs.md
+    python docs/make_bad_inputs_table.py --check    # exit 1 if the file is stale
+
+``tests/test_bad_inputs_doc.py`` runs the same check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+DOC = Path(__file__).resolve().parent / "bad_inputs.md"
+PLACEHOLDER = "<output_dir>"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One mistake: what the user did, through which door, and how to reproduce it."""
+
+    mistake: str
+    where: str
+    run: Callable[[Path], object]
+
+
+def _tiny_model():
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(
+        image_size=8,
+        patch_size=4,
+        num_channels=1,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=4,
+    )
+    return ViTForImageClassification._from_config(config, attn_implementation="eager")
+
+
+def _tiny_data(n: int = 64):
+    import datasets
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    pixels = rng.normal(size=(n, 1, 8, 8)).astype("float32")
+    labels = rng.integers(0, 4, n)
+    return datasets.Dataset.from_dict({"pixel_values": pixels, "label": labels}).with_format(
+        "torch"
+    )
+
+
+def _args(out: Path, **overrides):
+    from fedpac_hf import FedPACArguments
+
+    kwargs = dict(
+        output_dir=str(out / "run"),
+        num_rounds=1,
+        num_clients=4,
+        clients_per_round=2,
+        local_steps=1,
+        per_device_train_batch_size=8,
+        report_to=[],
+        disable_tqdm=True,
+    )
+    kwargs.update(overrides)
+    return FedPACArguments(**kwargs)
+
+
+def _train(out: Path, clients=None, resume=None, **overrides) -> None:
+    from fedpac_hf import FedPACTrainer
+
+    args = _args(out, **overrides)
+    data = None if clients is not None else _tiny_data()
+    trainer = FedPACTrainer(
+        model=_tiny_model(), args=args, train_dataset=data, client_datasets=clients
+    )
+    trainer.train(resume_from_checkpoint=resume)
+
+
+def _checkpointed(out: Path) -> Path:
+    _train(out, save_every_rounds=1)
+    return out / "run" / "checkpoint-round-1"
+
+
+def _truncated_checkpoint(out: Path) -> None:
+    from fedpac_hf.checkpoint import STATE_TENSORS
+
+    path = _checkpointed(out) / STATE_TENSORS
+    path.write_bytes(path.read_bytes()[:100])
+    _train(out, resume=True)
+
+
+def _cli(out: Path, yaml_text: str, *argv: str) -> None:
+    from fedpac_hf.cli import main
+
+    config = out / "run.yaml"
+    config.write_text(yaml_text)
+    main(["train", str(config), "--output_dir", str(out / "run"), *argv])
+
+
+_TINY_CLI = (
+    "dataset: digits\nmax_train_examples: 64\nmax_eval_examples: 16\npatch_size: 4\n"
+    "hidden_size: 16\nnum_hidden_layers: 1\nnum_attention_heads: 2\nintermediate_size: 32\n"
+    "num_clients: 4\nclients_per_round: 2\nnum_rounds: 1\nlocal_steps: 1\nreport_to: none\n"
+)
+
+
+def _simulate(out: Path, **overrides) -> None:
+    import torch
+
+    from fedpac_hf.federated import simulate
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    batch = (torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))
+    kwargs = dict(
+        model=model,
+        client_loaders=[[batch], [batch]],
+        algorithm="fedavg",
+        num_rounds=1,
+        clients_per_round=2,
+        local_steps=1,
+        loss_fn=lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1]),
+    )
+    kwargs.update(overrides)
+    simulate(**kwargs)
+
+
+def _empty_client(out: Path) -> None:
+    data = _tiny_data()
+    _train(out, clients=[data.select(range(32)), data.select([])])
+
+
+CASES = [
+    Case("unknown algorithm", "`FedPACArguments`", lambda o: _args(o, algorithm="fedprox")),
+    Case(
+        "unknown optimizer",
+        "`FedPACArguments`",
+        lambda o: _args(o, client_optimizer="adam"),
+    ),
+    Case(
+        "optimizer option it does not take",
+        "`FedPACArguments`",
+        lambda o: _args(o, client_optimizer_kwargs={"precondition_freq": 10}),
+    ),
+    Case(
+        "optimizer options that are not JSON",
+        "`FedPACArguments`",
+        lambda o: _args(o, client_optimizer_kwargs="{precondition_frequency: 10"),
+    ),
+    Case("beta outside [0, 1]", "`FedPACArguments`", lambda o: _args(o, beta=1.5)),
+    Case("beta = 1 (no local step left)", "`FedPACArguments`", lambda o: _args(o, beta=1.0)),
+    Case("zero local steps", "`FedPACArguments`", lambda o: _args(o, local_steps=0)),
+    Case("zero local steps", "`simulate`", lambda o: _simulate(o, local_steps=0)),
+    Case("learning rate 0", "`FedPACArguments`", lambda o: _args(o, learning_rate=0.0)),
+    Case(
+        "clients per round neither a fraction nor a count",
+        "`FedPACArguments`",
+        lambda o: _args(o, clients_per_round=2.5),
+    ),
+    Case(
+        "more clients per round than clients",
+        "`FedPACTrainer.train`",
+        lambda o: _train(o, clients_per_round=5),
+    ),
+    Case(
+        "more clients per round than clients",
+        "`simulate`",
+        lambda o: _simulate(o, clients_per_round=3),
+    ),
+    Case(
+        "min_clients_per_round above clients per round",
+        "`FedPACTrainer.train`",
+        lambda o: _train(o, min_clients_per_round=3),
+    ),
+    Case("unknown partitioner", "`FedPACArguments`", lambda o: _args(o, partitioner="random")),
+    Case(
+        "Dirichlet alpha <= 0",
+        "`FedPACArguments`",
+        lambda o: _args(o, dirichlet_alpha=0.0),
+    ),
+    Case("a client with no example", "`FedPACTrainer.train`", _empty_client),
+    Case(
+        "a client with no example",
+        "`simulate`",
+        lambda o: _simulate(o, client_loaders=[[], []]),
+    ),
+    Case(
+        "label column that is missing",
+        "`FedPACTrainer.train`",
+        lambda o: _train(o, partition_label_column="labels"),
+    ),
+    Case(
+        "label column that is missing",
+        "`fedpac-hf train`",
+        lambda o: _cli(o, _TINY_CLI, "--label_column", "digit"),
+    ),
+    Case(
+        "YAML key that is not a field",
+        "`fedpac-hf train`",
+        lambda o: _cli(o, _TINY_CLI + "dirichlet_alpa: 0.1\n"),
+    ),
+    Case(
+        "option that is not a field",
+        "`fedpac-hf train`",
+        lambda o: _cli(o, _TINY_CLI, "--locl_steps", "3"),
+    ),
+    Case(
+        "value of the wrong type",
+        "`fedpac-hf train`",
+        lambda o: _cli(o, _TINY_CLI, "--num_rounds", "three"),
+    ),
+    Case(
+        "task that does not exist",
+        "`fedpac-hf train`",
+        lambda o: _cli(o, _TINY_CLI + "task: image_clasification\n"),
+    ),
+    Case(
+        "config file that does not exist",
+        "`fedpac-hf train`",
+        lambda o: __import__("fedpac_hf.cli").cli.main(["train", str(o / "missing.yaml")]),
+    ),
+    Case(
+        "learning rate so large every client diverges",
+        "`FedPACTrainer.train`",
+        lambda o: _train(o, learning_rate=1e30, algorithm="fedavg", local_steps=3),
+    ),
+    Case(
+        "resume with no checkpoint in output_dir",
+        "`FedPACTrainer.train`",
+        lambda o: _train(o, resume=True),
+    ),
+    Case(
+        "resume with another algorithm",
+        "`FedPACTrainer.train`",
+        lambda o: (_checkpointed(o), _train(o, resume=True, algorithm="local_soap")),
+    ),
+    Case(
+        "resume with another partition",
+        "`FedPACTrainer.train`",
+        lambda o: (_checkpointed(o), _train(o, resume=True, dirichlet_alpha=5.0)),
+    ),
+    Case(
+        "resume from a truncated checkpoint",
+        "`FedPACTrainer.train`",
+        _truncated_checkpoint,
+    ),
+    Case(
+        "fp16 (needs a gradient scaler per client)",
+        "`FedPACArguments`",
+        lambda o: _args(o, fp16=True),
+    ),
+]
+
+
+def run_case(case: Case) -> tuple[str, str]:
+    """Run one mistake; return (what it raised or the exit status, its one-line message)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        stderr = io.StringIO()
+        logging.disable(logging.WARNING)
+        try:
+            with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+                case.run(out)
+        except SystemExit as exit_:
+            lines = [line for line in stderr.getvalue().splitlines() if line.strip()]
+            outcome = f"exit status {exit_.code}"
+            message = lines[-1] if lines else ""
+        except Exception as error:  # noqa: BLE001 - the table shows whatever comes out
+            outcome = f"`{type(error).__name__}`"
+            message = " ".join(str(error).split())
+        else:
+            outcome, message = "no error", ""
+        finally:
+            logging.disable(logging.NOTSET)
+        message = message.replace(str(out.resolve()), PLACEHOLDER).replace(str(out), PLACEHOLDER)
+    return outcome, message
+
+
+def render(rows: list[tuple[Case, str, str]]) -> str:
+    """The markdown document for ``rows`` of (case, outcome, message)."""
+    lines = [
+        "# Bad inputs and what they get",
+        "",
+        "Each row is a mistake tried against the public API or `fedpac-hf train`, with the",
+        "error it really raises (generated by `python docs/make_bad_inputs_table.py`; the",
+        "test suite fails when this file is stale). `fedpac-hf` prints the same message in",
+        "one line and exits with status 2 (a failed round: status 1).",
+        f"`{PLACEHOLDER}` stands for the run's directory.",
+        "",
+        "| mistake | where | raises | message |",
+        "| --- | --- | --- | --- |",
+    ]
+    for case, outcome, message in rows:
+        cell = message.replace("|", "\\|")
+        lines.append(f"| {case.mistake} | {case.where} | {outcome} | {cell} |")
+    return "\n".join(lines) + "\n"
+
+
+def collect() -> list[tuple[Case, str, str]]:
+    """Run every case in :data:`CASES`."""
+    return [(case, *run_case(case)) for case in CASES]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if the doc is stale")
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    text = render(collect())
+    if args.check:
+        if not DOC.is_file() or DOC.read_text(encoding="utf-8") != text:
+            print(f"{DOC} is stale: run python docs/make_bad_inputs_table.py", file=sys.stderr)
+            return 1
+        return 0
+    DOC.write_text(text, encoding="utf-8")
+    print(f"wrote {DOC} ({len(CASES)} rows)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
