@@ -22,6 +22,7 @@ from fedpac_hf.federated import (
     round_learning_rate,
     sample_clients,
     simulate,
+    unregister_algorithm,
 )
 
 
@@ -85,7 +86,13 @@ def test_registry_has_the_methods_of_the_paper_and_lists_names_on_error():
 
 def test_user_can_register_an_algorithm_and_override_fields():
     algo = register_algorithm(Algorithm("my_adamw_cm", "adamw", beta=0.2), overwrite=True)
-    assert get_algorithm("my_adamw_cm") is algo
+    try:
+        assert get_algorithm("my_adamw_cm") is algo
+    finally:
+        assert unregister_algorithm("my_adamw_cm") is algo
+    assert "my_adamw_cm" not in list_algorithms()
+    with pytest.raises(ValueError, match="no algorithm named"):
+        unregister_algorithm("my_adamw_cm")
     assert get_algorithm("fedpac_soap", beta=0.3).beta == 0.3
     with pytest.raises(ValueError, match="already registered"):
         register_algorithm(Algorithm("fedavg", "sgd"))

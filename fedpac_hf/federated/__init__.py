@@ -4,7 +4,13 @@ Testable on a 10-line model; the HF trainer and the Flower apps are thin
 shells around it.
 """
 
-from .algorithms import Algorithm, get_algorithm, list_algorithms, register_algorithm
+from .algorithms import (
+    Algorithm,
+    get_algorithm,
+    list_algorithms,
+    register_algorithm,
+    unregister_algorithm,
+)
 from .client import (
     ClientError,
     ClientFailure,
@@ -51,5 +57,6 @@ __all__ = [
     "sample_clients",
     "simulate",
     "tensor_bytes",
+    "unregister_algorithm",
     "trainable_parameters",
 ]

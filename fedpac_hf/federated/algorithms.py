@@ -18,6 +18,7 @@ from typing import Any
 __all__ = [
     "Algorithm",
     "register_algorithm",
+    "unregister_algorithm",
     "get_algorithm",
     "list_algorithms",
 ]
@@ -93,6 +94,14 @@ def register_algorithm(algorithm: Algorithm, *, overwrite: bool = False) -> Algo
         )
     _REGISTRY[algorithm.name] = algorithm
     return algorithm
+
+
+def unregister_algorithm(name: str) -> Algorithm:
+    """Remove a registered algorithm and return it (``ValueError`` if it is not there)."""
+    try:
+        return _REGISTRY.pop(name)
+    except KeyError:
+        raise ValueError(f"no algorithm named {name!r} is registered") from None
 
 
 def list_algorithms() -> list[str]:
