@@ -3,9 +3,10 @@
 Runs a grid of federated trainings through :func:`fedpac_hf.run.run_training`
 (the code path of ``fedpac-hf train``) and caches one JSON per run under
 ``benchmarks/results/`` (the run's settings, the command that reproduces it
-and its per-round metrics). A second step builds ``benchmarks/RESULTS.md`` and
-the accuracy/perplexity plots from whatever JSONs exist, so a partial grid
-still yields a report.
+and its per-round metrics). A second step builds ``benchmarks/RESULTS.md``
+(with the hand-written analysis of ``benchmarks/fedpac_results_notes.md`` near
+the top) and the accuracy/perplexity plots from whatever JSONs exist, so a
+partial grid still yields a report.
 
 Protocol
 --------
@@ -590,6 +591,9 @@ def report(s: Settings, out: Path) -> None:
         f"{s.lm_rounds} rounds x K = {s.local_steps}. CPU, one torch thread per run, two runs "
         "at a time on a shared 2-core machine (wall times are therefore noisy, +-30 %).\n"
     )
+    notes = BENCH / "fedpac_results_notes.md"
+    if notes.is_file() and not s.quick:
+        add(notes.read_text(encoding="utf-8").strip() + "\n")
     _tuning_section(lines, groups, s)
     metric_vit = "eval_accuracy"
     last = 5
