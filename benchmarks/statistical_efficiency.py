@@ -180,10 +180,19 @@ def vit_grid(method: str, quick: bool) -> tuple[float, ...]:
     return tuple(sorted(grid + VIT_EDGE_EXTENSIONS.get(method, ())))
 
 
+# Same rule for the LoRA runs: both AdamW methods chose the top rate of the first pass.
+LM_EDGE_EXTENSIONS: dict[str, tuple[float, ...]] = {
+    "fedavg_adamw": (0.1,),
+    "fedadamw": (0.1,),
+}
+
+
 def lm_grid(method: str, quick: bool) -> tuple[float, ...]:
-    """The learning-rate grid of a LoRA causal-LM method."""
+    """The learning-rate grid of a LoRA causal-LM method, ascending."""
     grid = LM_SOAP_GRID if "soap" in method else LM_ADAMW_GRID
-    return grid[1:2] if quick else grid
+    if quick:
+        return grid[1:2]
+    return tuple(sorted(grid + LM_EDGE_EXTENSIONS.get(method, ())))
 
 
 def all_jobs(s: Settings) -> list[Job]:
@@ -193,6 +202,8 @@ def all_jobs(s: Settings) -> list[Job]:
     if not s.quick:
         for m, extra in VIT_EDGE_EXTENSIONS.items():
             jobs += [Job("vit", TUNE_SPLIT, "tune", m, 0, lr) for lr in extra]
+        for m, extra in LM_EDGE_EXTENSIONS.items():
+            jobs += [Job("lm", "speaker", "tune", m, 0, lr) for lr in extra]
     # 1. ViT tuning on the validation split, alpha = 0.1, seed 0 (lr-major: methods spread)
     for i in range(4):
         for m in VIT_METHODS:
@@ -552,6 +563,7 @@ def plot(summaries: dict[str, MethodSummary], metric: str, title: str, path: Pat
             **_style(m),
         )
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     if metric == "eval_accuracy":
         ax.set_ylabel("test accuracy (%)")
     else:
@@ -919,7 +931,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--ablation-seeds", type=int, default=1, help="seeds of ablations (0.5)")
     parser.add_argument("--pathological-seeds", type=int, default=2)
-    parser.add_argument("--lm-seeds", type=int, default=2)
+    parser.add_argument("--lm-seeds", type=int, default=3)
     parser.add_argument(
         "--only", nargs="*", default=(), help="restrict to suites/splits (vit, lm, dir0.1, ...)"
     )
