@@ -654,8 +654,8 @@ def report(s: Settings, out: Path) -> None:
         add(f"## ViT on MNIST-5k, {split_titles[split]}\n")
         add(f"![accuracy vs round]({png})\n")
         _vit_table(lines, summ, last)
-    if "dir0.1" in headline:
-        _goals(lines, headline["dir0.1"])
+        if split == "dir0.1":
+            _goals(lines, summ)
     lm = groups.get(("lm", "speaker", "final"), [])
     if lm:
         summ = summarise(lm, "eval_perplexity", 3)
@@ -930,7 +930,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--mild-seeds", type=int, default=2, help="seeds of the final runs at alpha = 0.5"
     )
     parser.add_argument("--ablation-seeds", type=int, default=1, help="seeds of ablations (0.5)")
-    parser.add_argument("--pathological-seeds", type=int, default=2)
+    parser.add_argument("--pathological-seeds", type=int, default=3)
     parser.add_argument("--lm-seeds", type=int, default=3)
     parser.add_argument(
         "--only", nargs="*", default=(), help="restrict to suites/splits (vit, lm, dir0.1, ...)"
