@@ -86,6 +86,7 @@ PATHOLOGICAL_METHODS = [
     "local_muon",
     "fedpac_muon",
 ]
+K50_METHODS = ["fedavg_adamw", "local_soap", "fedpac_soap"]
 # Methods that are not FedPAC (or one of its ablations): the baselines.
 BASELINES = [
     "fedavg",
@@ -107,6 +108,8 @@ VIT_SPLITS: dict[str, list[str]] = {
     "dir0.1": ["--partitioner", "dirichlet", "--dirichlet_alpha", "0.1"],
     "dir0.5": ["--partitioner", "dirichlet", "--dirichlet_alpha", "0.5"],
     "path2": ["--partitioner", "pathological", "--classes_per_client", "2"],
+    # the paper's many local steps (K = 50) at alpha = 0.1, same rates as K = 20
+    "dir0.1-K50": ["--partitioner", "dirichlet", "--dirichlet_alpha", "0.1"],
 }
 TUNE_SPLIT = "dir0.1"
 KEPT_KEYS = (
@@ -150,6 +153,7 @@ class Settings:
     lm_rounds: int
     seeds: int
     mild_seeds: int
+    k50_seeds: int
     ablation_seeds: int
     pathological_seeds: int
     lm_seeds: int
@@ -227,6 +231,9 @@ def all_jobs(s: Settings) -> list[Job]:
             if m in ABLATIONS and seed >= s.ablation_seeds:
                 continue
             jobs.append(Job("vit", "dir0.5", "final", m, seed))
+    # 6. K = 50 local steps at alpha = 0.1: does the gap grow with K?
+    for seed in range(s.k50_seeds):
+        jobs += [Job("vit", "dir0.1-K50", "final", m, seed) for m in K50_METHODS]
     return jobs
 
 
@@ -275,7 +282,8 @@ def job_overrides(job: Job, lr: float, s: Settings, run_dir: Path) -> list[str]:
     over = ["--algorithm", job.method, "--learning_rate", f"{lr:g}", "--seed", str(job.seed)]
     if job.suite == "vit":
         over += VIT_SPLITS[job.split]
-        over += ["--num_rounds", str(s.rounds), "--local_steps", str(s.local_steps)]
+        steps = 50 if job.split.endswith("-K50") else s.local_steps
+        over += ["--num_rounds", str(s.rounds), "--local_steps", str(steps)]
     else:
         over += ["--num_rounds", str(s.lm_rounds), "--local_steps", str(s.local_steps)]
     if job.stage == "tune":
@@ -636,9 +644,10 @@ def report(s: Settings, out: Path) -> None:
         "dir0.1": "Dirichlet alpha = 0.1 (strong label skew)",
         "dir0.5": "Dirichlet alpha = 0.5 (milder skew)",
         "path2": "pathological, 2 classes per client (high drift)",
+        "dir0.1-K50": "Dirichlet alpha = 0.1 with K = 50 local steps",
     }
     headline: dict[str, dict[str, MethodSummary]] = {}
-    for split in ("dir0.1", "path2", "dir0.5"):
+    for split in ("dir0.1", "dir0.1-K50", "path2", "dir0.5"):
         records = groups.get(("vit", split, "final"), [])
         if not records:
             continue
@@ -898,6 +907,7 @@ def settings_from(ns: argparse.Namespace) -> Settings:
             lm_rounds=2,
             seeds=1,
             mild_seeds=1,
+            k50_seeds=1,
             ablation_seeds=1,
             pathological_seeds=1,
             lm_seeds=1,
@@ -910,6 +920,7 @@ def settings_from(ns: argparse.Namespace) -> Settings:
         lm_rounds=ns.lm_rounds,
         seeds=ns.seeds,
         mild_seeds=ns.mild_seeds,
+        k50_seeds=ns.k50_seeds,
         ablation_seeds=ns.ablation_seeds,
         pathological_seeds=ns.pathological_seeds,
         lm_seeds=ns.lm_seeds,
@@ -929,6 +940,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--mild-seeds", type=int, default=2, help="seeds of the final runs at alpha = 0.5"
     )
+    parser.add_argument("--k50-seeds", type=int, default=2, help="seeds of the K = 50 runs")
     parser.add_argument("--ablation-seeds", type=int, default=1, help="seeds of ablations (0.5)")
     parser.add_argument("--pathological-seeds", type=int, default=3)
     parser.add_argument("--lm-seeds", type=int, default=3)
