@@ -257,6 +257,31 @@ def _save(figure, path: Path) -> Path:
     return path
 
 
+def _lines_plot(
+    records: list[dict],
+    lines: Sequence[tuple[str, str, str]],
+    target: Path,
+    heading: str,
+    ylabel: str,
+    title: str | None,
+    from_zero: bool = False,
+) -> list[Path]:
+    """Draw one line per ``(metric, label, color)`` present in ``records``; [] if none is."""
+    figure, axes = _figure(heading, ylabel, title)
+    drawn = False
+    for key, label, color in lines:
+        xs, ys = _series(records, key)
+        if ys:
+            axes.plot(xs, ys, marker="o", markersize=3, label=label, color=color)
+            drawn = True
+    if not drawn:
+        return []
+    axes.legend()
+    if from_zero:
+        axes.set_ylim(bottom=0)
+    return [_save(figure, target)]
+
+
 def plot_metrics(
     run_dir: str | os.PathLike,
     records: Sequence[dict[str, Any]] | None = None,
@@ -301,19 +326,11 @@ def plot_metrics(
             axes.set_yscale("log")
         written.append(_save(figure, path / f"{name}.png"))
 
-    figure, axes = _figure("loss vs round", "loss", title)
-    drawn = False
-    for key, label, color in (
+    loss_lines = (
         ("train_loss", "train (clients' mean)", "tab:orange"),
         ("eval_loss", "eval (global model)", "tab:blue"),
-    ):
-        xs, ys = _series(records, key)
-        if ys:
-            axes.plot(xs, ys, marker="o", markersize=3, label=label, color=color)
-            drawn = True
-    if drawn:
-        axes.legend()
-        written.append(_save(figure, path / "loss.png"))
+    )
+    written += _lines_plot(records, loss_lines, path / "loss.png", "loss vs round", "loss", title)
 
     xs, ys = _series(records, "drift_relative")
     if ys:
@@ -323,20 +340,19 @@ def plot_metrics(
             axes.set_yscale("log")
         written.append(_save(figure, path / "drift.png"))
 
-    figure, axes = _figure("communication per round", "bytes per round", title)
-    drawn = False
-    for key, label, color in (
+    byte_lines = (
         ("bytes_up", "up (clients to server)", "tab:green"),
         ("bytes_down", "down (server to clients)", "tab:purple"),
-    ):
-        xs, ys = _series(records, key)
-        if ys:
-            axes.plot(xs, ys, marker="o", markersize=3, label=label, color=color)
-            drawn = True
-    if drawn:
-        axes.legend()
-        axes.set_ylim(bottom=0)
-        written.append(_save(figure, path / "bytes.png"))
+    )
+    written += _lines_plot(
+        records,
+        byte_lines,
+        path / "bytes.png",
+        "communication per round",
+        "bytes per round",
+        title,
+        from_zero=True,
+    )
     return written
 
 
