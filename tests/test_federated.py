@@ -19,7 +19,7 @@ from fedpac_hf.federated import (
     list_algorithms,
     register_algorithm,
     resolve_clients_per_round,
-    round_learning_rate,
+    round_learning_rates,
     sample_clients,
     simulate,
     unregister_algorithm,
@@ -132,13 +132,20 @@ def test_participation_fractions_and_counts():
 
 
 def test_cosine_schedule_decays_and_stays_positive():
-    rates = [round_learning_rate(0.1, r, 10) for r in range(10)]
+    rates = round_learning_rates(0.1, 10)
     assert rates[0] == pytest.approx(0.1)
     assert all(a > b for a, b in zip(rates, rates[1:]))
     assert rates[-1] > 0
-    assert round_learning_rate(0.1, 5, 10, "constant") == 0.1
-    with pytest.raises(ValueError, match="schedule"):
-        round_learning_rate(0.1, 0, 10, "step")
+    assert round_learning_rates(0.1, 10, "constant")[5] == 0.1
+    with pytest.raises(ValueError, match="lr_scheduler_type 'step'.*cosine"):
+        round_learning_rates(0.1, 10, "step")
+
+
+def test_warmup_counts_rounds_and_never_starts_at_zero():
+    rates = round_learning_rates(0.1, 10, "linear", warmup_rounds=4)
+    assert rates[0] == pytest.approx(0.025)  # the first positive warm-up rate, not 0
+    assert rates[1:5] == pytest.approx([0.025, 0.05, 0.075, 0.1])
+    assert all(a > b for a, b in zip(rates[4:], rates[5:]))
 
 
 # ---------------------------------------------------------------- server rule
@@ -368,7 +375,7 @@ def test_simulate_logs_metrics_and_lowers_the_loss():
     assert len(history) == 6
     for key in [
         "round",
-        "lr",
+        "learning_rate",
         "train_loss",
         "eval_loss",
         "drift",

@@ -1,4 +1,4 @@
-"""The federated core in plain PyTorch: client rule, server rule, algorithms.
+"""The federated core in plain PyTorch: client rule, server rule, round engine, algorithms.
 
 Testable on a 10-line model; the HF trainer and the Flower apps are thin
 shells around it.
@@ -20,9 +20,10 @@ from .client import (
     cycle_batches,
     run_client,
 )
+from .engine import ROUND_METRICS, RoundEngine, RoundPlan, round_learning_rates
 from .sampling import resolve_clients_per_round, sample_clients
 from .server import WEIGHTINGS, RoundAggregator, RoundError, aggregate, downlink_bytes
-from .simulation import LR_SCHEDULES, round_learning_rate, simulate
+from .simulation import simulate
 from .state import (
     ServerState,
     get_trainable_state,
@@ -36,9 +37,11 @@ __all__ = [
     "ClientError",
     "ClientFailure",
     "ClientUpdate",
-    "LR_SCHEDULES",
+    "ROUND_METRICS",
     "RoundAggregator",
+    "RoundEngine",
     "RoundError",
+    "RoundPlan",
     "ServerState",
     "WEIGHTINGS",
     "aggregate",
@@ -52,7 +55,7 @@ __all__ = [
     "load_trainable_state",
     "register_algorithm",
     "resolve_clients_per_round",
-    "round_learning_rate",
+    "round_learning_rates",
     "run_client",
     "sample_clients",
     "simulate",

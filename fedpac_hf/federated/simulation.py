@@ -7,10 +7,8 @@ memory whatever the number of clients: clients are loaded into it in turn.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,35 +16,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .algorithms import Algorithm, get_algorithm
-from .client import ClientUpdate, LossFn, client_update, cycle_batches, run_client
-from .sampling import resolve_clients_per_round, sample_clients
-from .server import RoundAggregator, Weighting
+from .client import LossFn, client_update, cycle_batches
+from .engine import RoundEngine, RoundPlan, round_learning_rates
+from .server import Weighting
 from .state import ServerState, load_trainable_state
 
-__all__ = ["simulate", "round_learning_rate", "LR_SCHEDULES"]
+__all__ = ["simulate"]
 
 logger = logging.getLogger(__name__)
-
-LR_SCHEDULES: tuple[str, ...] = ("cosine", "constant", "linear")
-
-
-def round_learning_rate(
-    lr: float, round_index: int, num_rounds: int, schedule: str = "cosine"
-) -> float:
-    """The local learning rate eta_l of round ``round_index`` (0-based) of ``num_rounds``.
-
-    ``cosine`` (the paper's choice) decays from ``lr`` towards 0 over the
-    rounds, ``linear`` likewise on a straight line, ``constant`` keeps ``lr``.
-    The last round's rate stays positive.
-    """
-    if schedule not in LR_SCHEDULES:
-        raise ValueError(f"lr schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
-    if schedule == "constant":
-        return lr
-    progress = round_index / max(num_rounds, 1)
-    if schedule == "linear":
-        return lr * (1.0 - progress)
-    return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def simulate(
@@ -92,7 +69,9 @@ def simulate(
     seed:
         Seeds client sampling (a pure function of seed and round).
     lr, lr_schedule:
-        Peak local learning rate and its schedule over rounds.
+        Peak local learning rate and its schedule over rounds (a
+        ``transformers`` scheduler name: ``cosine``, ``linear``, ``constant``, ...;
+        see :func:`~fedpac_hf.federated.round_learning_rates`).
     server_lr, weighting:
         eta_g and the aggregation weights (``uniform`` or ``num_examples``).
     max_grad_norm:
@@ -121,8 +100,6 @@ def simulate(
     algorithm = get_algorithm(algorithm)
     if num_rounds < 1:
         raise ValueError(f"num_rounds must be at least 1, got {num_rounds}")
-    if local_steps < 1:
-        raise ValueError(f"local_steps must be at least 1, got {local_steps}")
     if not lr > 0 or not math.isfinite(lr):
         raise ValueError(f"lr must be a positive number, got {lr}")
     if not client_loaders:
@@ -130,51 +107,44 @@ def simulate(
     for cid, loader in enumerate(client_loaders):
         if hasattr(loader, "__len__") and len(loader) == 0:
             raise ValueError(f"client {cid}'s loader is empty: every client needs data")
-    num_sampled = resolve_clients_per_round(len(client_loaders), clients_per_round)
-    if not 1 <= min_clients_per_round <= num_sampled:
-        raise ValueError(
-            f"min_clients_per_round must lie in [1, clients per round = {num_sampled}], "
-            f"got {min_clients_per_round}"
+    engine = RoundEngine(
+        algorithm,
+        ServerState.from_model(model),
+        num_clients=len(client_loaders),
+        clients_per_round=clients_per_round,
+        learning_rates=round_learning_rates(lr, num_rounds, lr_schedule),
+        local_steps=local_steps,
+        seed=seed,
+        server_learning_rate=server_lr,
+        weighting=weighting,
+        min_clients_per_round=min_clients_per_round,
+        log=logger,
+    )
+
+    def train_client(client_id: int, plan: RoundPlan):
+        return client_update(
+            model,
+            engine.state,
+            algorithm,
+            cycle_batches(client_loaders[client_id]),
+            lr=plan.learning_rate,
+            local_steps=local_steps,
+            loss_fn=loss_fn,
+            client_id=client_id,
+            max_grad_norm=max_grad_norm,
+            curvature_loss_fn=curvature_loss_fn,
         )
-    state = ServerState.from_model(model)
-    history: list[dict[str, float]] = []
+
     bar = tqdm(range(num_rounds), desc=f"{algorithm.name} rounds", disable=not progress)
-    for r in bar:
-        start = time.perf_counter()
-        lr_r = round_learning_rate(lr, r, num_rounds, lr_schedule)
-        aggregator = RoundAggregator(state, algorithm, weighting)
-        for cid in sample_clients(len(client_loaders), num_sampled, seed, r):
-            train = functools.partial(
-                client_update,
-                model,
-                state,
-                algorithm,
-                cycle_batches(client_loaders[cid]),
-                lr=lr_r,
-                local_steps=local_steps,
-                loss_fn=loss_fn,
-                client_id=cid,
-                max_grad_norm=max_grad_norm,
-                curvature_loss_fn=curvature_loss_fn,
-            )
-            result = run_client(train, cid, r + 1, logger)
-            if isinstance(result, ClientUpdate):
-                aggregator.add(result)
-            else:
-                aggregator.drop(result)
-        aggregator.require(min_clients_per_round, r + 1)
-        state, metrics = aggregator.finalize(lr=lr_r, local_steps=local_steps, server_lr=server_lr)
-        load_trainable_state(model, state.params)
-        metrics = {"round": float(r + 1), "lr": lr_r, **metrics}
-        metrics["num_dropped"] = float(len(aggregator.failures))
+    for _ in bar:
+        metrics = engine.run_round(train_client)
+        load_trainable_state(model, engine.state.params)
         if eval_fn is not None:
             model.eval()
             with torch.no_grad():
                 result = eval_fn(model)
             metrics.update(result if isinstance(result, dict) else {"eval": float(result)})
-        metrics["round_time"] = time.perf_counter() - start
-        history.append(metrics)
         if callback is not None:
-            callback(state, metrics)
+            callback(engine.state, metrics)
         bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("train_loss", "eval")})
-    return history
+    return engine.history

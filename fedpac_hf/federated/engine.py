@@ -1,0 +1,384 @@
+"""The round engine: one federated round, written once.
+
+Every way of running a federation in this package, :func:`~fedpac_hf.federated.simulate`,
+:class:`~fedpac_hf.FedPACTrainer` and the Flower strategy, runs its rounds
+through :class:`RoundEngine`. The engine owns what a round *is*:
+
+1. the round's clients, ``sample_clients(num_clients, S, seed, round)``;
+2. the round's local learning rate, from one schedule over rounds
+   (:func:`round_learning_rates`);
+3. the running sums of the client updates and the record of dropped clients
+   (:class:`~fedpac_hf.federated.RoundAggregator`);
+4. the failure rule: fewer than ``min_clients_per_round`` usable updates, or a
+   non-finite aggregate, raise :class:`~fedpac_hf.federated.RoundError` naming
+   every dropped client's reason, before any state changes;
+5. the server rule and the round's metrics, under one set of names
+   (:data:`ROUND_METRICS`).
+
+What differs between the shells is *where clients run* and *how results
+travel*; they plug that in. In-process shells call :meth:`RoundEngine.run_round`
+with a function that trains one client. A shell whose clients answer
+asynchronously (Flower) splits the round in two: :meth:`RoundEngine.plan_round`
+before sending, :meth:`RoundPlan.record` for each reply or failure, and
+:meth:`RoundEngine.finish_round` once the replies are in.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .algorithms import Algorithm
+from .client import ClientFailure, ClientUpdate, run_client
+from .sampling import resolve_clients_per_round, sample_clients
+from .server import WEIGHTINGS, RoundAggregator
+from .state import ServerState
+
+__all__ = ["ROUND_METRICS", "RoundEngine", "RoundPlan", "round_learning_rates"]
+
+logger = logging.getLogger(__name__)
+
+ROUND_METRICS: tuple[str, ...] = (
+    "round",
+    "learning_rate",
+    "train_loss",
+    "num_clients",
+    "num_dropped",
+    "num_examples",
+    "update_norm",
+    "drift",
+    "drift_relative",
+    "bytes_up",
+    "bytes_down",
+    "round_time",
+)
+"""The metrics every round reports, whichever shell ran it.
+
+``drift``/``drift_relative`` appear only for optimizers with a curvature
+state; evaluation adds ``eval_*`` entries and Flower adds ``wire_bytes_*``.
+"""
+
+# Schedules driven by an evaluation metric, not by the round count.
+_UNSCHEDULABLE = ("reduce_lr_on_plateau", "greedy")
+
+
+def round_learning_rates(
+    learning_rate: float,
+    num_rounds: int,
+    schedule: str = "cosine",
+    *,
+    warmup_rounds: int = 0,
+    scheduler_kwargs: Mapping[str, Any] | None = None,
+) -> list[float]:
+    """The local learning rate eta_l of every round, from a ``transformers`` schedule.
+
+    The schedule is stepped once per round, as ``Trainer`` steps it once per
+    optimizer step: a round is one global step. ``cosine`` (the paper's
+    choice) decays from ``learning_rate`` towards 0, ``linear`` likewise on a
+    straight line, ``constant`` keeps it; any other name of
+    ``transformers.SchedulerType`` that needs only the step count works too.
+    A warm-up that would start at 0 starts at its first positive rate instead:
+    a round at rate 0 would be wasted work.
+
+    Parameters
+    ----------
+    learning_rate:
+        Peak local learning rate.
+    num_rounds:
+        R, the number of rounds.
+    schedule:
+        A ``transformers`` scheduler name (``lr_scheduler_type``).
+    warmup_rounds:
+        Rounds of linear warm-up.
+    scheduler_kwargs:
+        Extra arguments of the scheduler (``lr_scheduler_kwargs``).
+
+    Returns
+    -------
+    list of float
+        ``num_rounds`` positive rates, index 0 for the first round.
+
+    Raises
+    ------
+    ValueError
+        For an unknown schedule, one that does not follow the step count, or
+        a non-positive rate or round count.
+    """
+    import torch
+    from transformers import SchedulerType
+    from transformers.optimization import get_scheduler
+
+    if not (learning_rate > 0 and math.isfinite(learning_rate)):
+        raise ValueError(f"learning_rate must be a positive number, got {learning_rate}")
+    if num_rounds < 1:
+        raise ValueError(f"num_rounds must be at least 1, got {num_rounds}")
+    names = [s.value for s in SchedulerType if s.value not in _UNSCHEDULABLE]
+    name = getattr(schedule, "value", schedule)
+    if name not in names:
+        raise ValueError(
+            f"lr_scheduler_type {name!r} cannot schedule the learning rate over rounds; "
+            f"choose one of {names}"
+        )
+    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=learning_rate)
+    scheduler = get_scheduler(
+        name,
+        dummy,
+        num_warmup_steps=int(warmup_rounds),
+        num_training_steps=num_rounds,
+        scheduler_specific_kwargs=dict(scheduler_kwargs or {}),
+    )
+    rates = []
+    for _ in range(num_rounds):
+        rates.append(float(dummy.param_groups[0]["lr"]))
+        dummy.step()
+        scheduler.step()
+    if rates[0] <= 0:
+        positive = [r for r in rates if r > 0]
+        rates[0] = positive[0] if positive else learning_rate
+    return rates
+
+
+@dataclass
+class RoundPlan:
+    """One round in progress: who trains, at which rate, and the running sums.
+
+    Attributes
+    ----------
+    round_index:
+        The round, counted from 0 (``round_number`` counts from 1).
+    clients:
+        The sampled client indices, sorted.
+    learning_rate:
+        eta_l of this round.
+    aggregator:
+        The running sums of the updates recorded so far.
+    started:
+        ``time.perf_counter()`` when the round was planned.
+    log:
+        Where dropped clients are logged.
+    """
+
+    round_index: int
+    clients: list[int]
+    learning_rate: float
+    aggregator: RoundAggregator
+    started: float = field(default_factory=time.perf_counter)
+    log: logging.Logger = logger
+
+    @property
+    def round_number(self) -> int:
+        """The round, counted from 1 (as logged and as Flower counts)."""
+        return self.round_index + 1
+
+    def record(self, result: ClientUpdate | ClientFailure) -> None:
+        """Fold a client's update into the sums, or note why it sent none."""
+        if isinstance(result, ClientFailure):
+            self.aggregator.drop(result)
+        else:
+            self.aggregator.add(result)
+
+    def fail(self, client_id: int, error_type: str, message: str) -> None:
+        """Record that ``client_id`` produced no update, and why (logged as a warning)."""
+        failure = ClientFailure(int(client_id), self.round_number, error_type, message)
+        self.log.warning("round %d: dropping %s", self.round_number, failure)
+        self.aggregator.drop(failure)
+
+
+TrainClient = Callable[[int, RoundPlan], ClientUpdate]
+"""``train(client_id, plan) -> ClientUpdate``: one client's local steps in a round."""
+
+
+class RoundEngine:
+    """Rounds of a federation: sampling, schedule, aggregation, failures, metrics.
+
+    Parameters
+    ----------
+    algorithm:
+        The federated method.
+    state:
+        The global state to continue from (``state.round`` rounds done).
+    num_clients:
+        Clients in the federation.
+    clients_per_round:
+        S, a count or a fraction in (0, 1] of ``num_clients``.
+    learning_rates:
+        eta_l of every round (:func:`round_learning_rates`); their number is
+        the number of rounds R.
+    local_steps:
+        K, the clients' optimizer steps per round.
+    seed:
+        Seeds the client sampling (a pure function of seed and round).
+    server_learning_rate:
+        eta_g applied to the mean delta.
+    weighting:
+        ``"uniform"`` or ``"num_examples"`` weights of the client updates.
+    min_clients_per_round:
+        A round with fewer usable updates fails with ``RoundError``.
+    history:
+        Metrics of the rounds already done (when resuming).
+    log:
+        Where dropped clients are logged (default: this module's logger).
+
+    Attributes
+    ----------
+    state:
+        The global state after the last completed round.
+    history:
+        One metrics dict per completed round (see :data:`ROUND_METRICS`).
+    """
+
+    def __init__(
+        self,
+        algorithm: Algorithm,
+        state: ServerState,
+        *,
+        num_clients: int,
+        clients_per_round: int | float,
+        learning_rates: Sequence[float],
+        local_steps: int,
+        seed: int = 0,
+        server_learning_rate: float = 1.0,
+        weighting: str = "uniform",
+        min_clients_per_round: int = 1,
+        history: Sequence[Mapping[str, float]] = (),
+        log: logging.Logger | None = None,
+    ) -> None:
+        if num_clients < 1:
+            raise ValueError(
+                f"num_clients must be at least 1, got {num_clients}: a federation needs a client"
+            )
+        if local_steps < 1:
+            raise ValueError(f"local_steps must be at least 1, got {local_steps}")
+        rates = [float(lr) for lr in learning_rates]
+        if not rates or not all(lr > 0 and math.isfinite(lr) for lr in rates):
+            raise ValueError("learning_rates needs one positive, finite local rate per round")
+        if not (server_learning_rate > 0 and math.isfinite(server_learning_rate)):
+            raise ValueError(f"server_learning_rate must be positive, got {server_learning_rate}")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        self.clients_per_round = resolve_clients_per_round(num_clients, clients_per_round)
+        if not 1 <= min_clients_per_round <= self.clients_per_round:
+            raise ValueError(
+                f"min_clients_per_round must lie in [1, clients per round = "
+                f"{self.clients_per_round}], got {min_clients_per_round}"
+            )
+        if state.round > len(rates):
+            raise ValueError(
+                f"the state is at round {state.round}, past the {len(rates)} rounds of this run"
+            )
+        self.algorithm = algorithm
+        self.state = state
+        self.num_clients = int(num_clients)
+        self.learning_rates = rates
+        self.local_steps = int(local_steps)
+        self.seed = int(seed)
+        self.server_learning_rate = float(server_learning_rate)
+        self.weighting = weighting
+        self.min_clients_per_round = int(min_clients_per_round)
+        self.history: list[dict[str, float]] = [dict(h) for h in history]
+        self.log = log or logger
+
+    @property
+    def num_rounds(self) -> int:
+        """R, the rounds of the run."""
+        return len(self.learning_rates)
+
+    @property
+    def finished(self) -> bool:
+        """Whether every round of the run is done."""
+        return self.state.round >= self.num_rounds
+
+    def sample(self, round_index: int) -> list[int]:
+        """The clients of round ``round_index`` (0-based), the same in every shell."""
+        return sample_clients(self.num_clients, self.clients_per_round, self.seed, round_index)
+
+    def plan_round(self) -> RoundPlan:
+        """Start the next round: its clients, its learning rate, empty sums."""
+        r = self.state.round
+        if r >= self.num_rounds:
+            raise ValueError(f"all {self.num_rounds} rounds are done; nothing left to plan")
+        return RoundPlan(
+            round_index=r,
+            clients=self.sample(r),
+            learning_rate=self.learning_rates[r],
+            aggregator=RoundAggregator(self.state, self.algorithm, self.weighting),  # type: ignore[arg-type]
+            log=self.log,
+        )
+
+    def finish_round(
+        self, plan: RoundPlan, *, reduce: Callable[[RoundAggregator], None] | None = None
+    ) -> dict[str, float]:
+        """Apply the server rule to the recorded updates; return the round's metrics.
+
+        Parameters
+        ----------
+        plan:
+            The round from :meth:`plan_round`, with every result recorded.
+        reduce:
+            Combines partial sums first, e.g. ``RoundAggregator.all_reduce``
+            when clients are spread over processes.
+
+        Raises
+        ------
+        RoundError
+            Too few usable updates (the message lists why the others were
+            dropped) or a non-finite aggregate; the state is left unchanged.
+        """
+        if plan.round_index != self.state.round:
+            raise ValueError(
+                f"round {plan.round_number} is not the next round ({self.state.round + 1})"
+            )
+        aggregator = plan.aggregator
+        if reduce is not None:
+            reduce(aggregator)
+        aggregator.require(self.min_clients_per_round, plan.round_number)
+        state, server_metrics = aggregator.finalize(
+            lr=plan.learning_rate,
+            local_steps=self.local_steps,
+            server_lr=self.server_learning_rate,
+        )
+        self.state = state
+        metrics = {
+            "round": float(plan.round_number),
+            "learning_rate": plan.learning_rate,
+            **server_metrics,
+            "num_dropped": float(len(aggregator.failures)),
+            "round_time": time.perf_counter() - plan.started,
+        }
+        self.history.append(metrics)
+        return metrics
+
+    def run_round(
+        self,
+        train_client: TrainClient,
+        *,
+        share: Callable[[list[int]], Sequence[int]] | None = None,
+        reduce: Callable[[RoundAggregator], None] | None = None,
+    ) -> dict[str, float]:
+        """Run the next round in this process; return its metrics.
+
+        Each sampled client is trained with ``train_client(client_id, plan)``
+        through :func:`~fedpac_hf.federated.run_client`, so any exception
+        drops only that client, with a logged reason.
+
+        Parameters
+        ----------
+        train_client:
+            Runs one client's local steps (see :data:`TrainClient`).
+        share:
+            Which of the sampled clients this process trains (default: all),
+            e.g. ``lambda ids: ids[rank::world]``.
+        reduce:
+            See :meth:`finish_round`.
+        """
+        plan = self.plan_round()
+        clients = plan.clients if share is None else share(plan.clients)
+        for client_id in clients:
+            train = functools.partial(train_client, client_id, plan)
+            plan.record(run_client(train, client_id, plan.round_number, self.log))
+        return self.finish_round(plan, reduce=reduce)
