@@ -99,7 +99,7 @@ def _train(out: Path, clients=None, resume=None, **overrides) -> None:
 
 
 def _checkpointed(out: Path) -> Path:
-    _train(out, save_every_rounds=1)
+    _train(out, save_strategy="steps", save_steps=1)
     return out / "run" / "checkpoint-round-1"
 
 
@@ -262,9 +262,35 @@ CASES = [
         lambda o: (_checkpointed(o), _train(o, resume=True, dirichlet_alpha=5.0)),
     ),
     Case(
+        "resume with another partition",
+        "`fedpac-hf train`",
+        lambda o: (
+            _cli(o, _TINY_CLI + "save_strategy: steps\nsave_steps: 1\n"),
+            _cli(o, _TINY_CLI, "--dirichlet_alpha", "100", "--resume_from_checkpoint", "true"),
+        ),
+    ),
+    Case(
+        "resume with other training data",
+        "`fedpac-hf train`",
+        lambda o: (
+            _cli(o, _TINY_CLI + "save_strategy: steps\nsave_steps: 1\n"),
+            _cli(o, _TINY_CLI, "--max_train_examples", "60", "--resume_from_checkpoint", "true"),
+        ),
+    ),
+    Case(
+        "a replaced setting (eval_every_rounds)",
+        "`fedpac-hf train`",
+        lambda o: _cli(o, _TINY_CLI + "eval_every_rounds: 1\n"),
+    ),
+    Case(
         "resume from a truncated checkpoint",
         "`FedPACTrainer.train`",
         _truncated_checkpoint,
+    ),
+    Case(
+        "evaluation per epoch (a round is a step)",
+        "`FedPACArguments`",
+        lambda o: _args(o, eval_strategy="epoch"),
     ),
     Case(
         "fp16 (needs a gradient scaler per client)",

@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "FedPACTrainer": "fedpac_hf.trainer",
-    "FedPACCallback": "fedpac_hf.trainer",
+    "FedPACCallback": "fedpac_hf.callbacks",
     "FedPACArguments": "fedpac_hf.arguments",
     "simulate": "fedpac_hf.federated",
     "get_algorithm": "fedpac_hf.federated",

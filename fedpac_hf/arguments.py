@@ -6,6 +6,12 @@ command line (``--num_rounds 50``) and from YAML (``parse_yaml_file``).
 The learning rate (``learning_rate``, ``lr_scheduler_type``, warm-up) is the
 *local* rate eta_l and is scheduled over rounds, cosine by default as in the
 paper; ``per_device_train_batch_size`` is the client batch size.
+
+A round is one ``global_step`` of ``Trainer``: ``eval_strategy="steps"`` with
+``eval_steps=N`` evaluates every N rounds, ``save_strategy``/``save_steps``
+checkpoint every N rounds, ``logging_steps`` logs, and
+``metric_for_best_model``, ``load_best_model_at_end`` and
+``transformers.EarlyStoppingCallback`` work as they do in ``Trainer``.
 """
 
 from __future__ import annotations
@@ -20,10 +26,22 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
-from fedpac_hf.federated import WEIGHTINGS, get_algorithm
-from fedpac_hf.federated.algorithms import Algorithm
+from fedpac_hf.federated import (
+    WEIGHTINGS,
+    Algorithm,
+    RoundEngine,
+    ServerState,
+    get_algorithm,
+    round_learning_rates,
+)
 
-__all__ = ["FedPACArguments"]
+__all__ = ["FedPACArguments", "REPLACED_SETTINGS"]
+
+# Settings of earlier versions -> what replaces them (named in the error for the old key).
+REPLACED_SETTINGS = {
+    "eval_every_rounds": "eval_strategy: steps with eval_steps: N (a round is one global step)",
+    "save_every_rounds": "save_strategy: steps with save_steps: N (a round is one global step)",
+}
 
 _PARTITIONERS = ("iid", "dirichlet", "pathological", "quantity_skew", "natural_id")
 # partitioner constructor argument -> the FedPACArguments field that sets it
@@ -102,17 +120,6 @@ class FedPACArguments(TrainingArguments):
         default=1,
         metadata={"help": "A round whose surviving client updates are fewer than this fails."},
     )
-    eval_every_rounds: int = field(
-        default=1,
-        metadata={"help": "Evaluate the global model every N rounds (0: only at the end)."},
-    )
-    save_every_rounds: int = field(
-        default=0,
-        metadata={
-            "help": "Write a resumable checkpoint every N rounds (0: none, the final model "
-            "is always saved by save_model)."
-        },
-    )
     # --- partitioning (used when the trainer gets one train_dataset) --------
     num_clients: int = field(
         default=10, metadata={"help": "Number of clients to split train_dataset into."}
@@ -153,7 +160,14 @@ class FedPACArguments(TrainingArguments):
         default="cosine",
         metadata={
             "help": "Schedule of the local learning rate over rounds (any transformers "
-            "scheduler; cosine as in the paper)."
+            "scheduler; cosine as in the paper). Warm-up (warmup_steps) counts rounds."
+        },
+    )
+    logging_steps: float = field(
+        default=1,
+        metadata={
+            "help": "Log the round metrics to report_to every N rounds (a round is one "
+            "global step)."
         },
     )
 
@@ -162,6 +176,10 @@ class FedPACArguments(TrainingArguments):
             # torchrun / accelerate launch on a CPU-only machine: Accelerate only sets up
             # its gloo process group (and reports the real world size) with cpu=True.
             self.use_cpu = True
+        if self.dataloader_pin_memory and not torch.cuda.is_available():
+            self.dataloader_pin_memory = (
+                False  # pinning needs an accelerator; torch warns otherwise
+            )
         super().__post_init__()
         if isinstance(self.client_optimizer_kwargs, str):
             try:
@@ -190,9 +208,6 @@ class FedPACArguments(TrainingArguments):
                 f"learning_rate (the clients' local rate) must be a positive number, got "
                 f"{self.learning_rate}"
             )
-        for name in ("eval_every_rounds", "save_every_rounds"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.clients_per_round > 0 or (
             self.clients_per_round > 1 and self.clients_per_round != int(self.clients_per_round)
         ):
@@ -226,6 +241,13 @@ class FedPACArguments(TrainingArguments):
                     f"{_PARTITIONER_FIELDS.get(k, k)}={v!r}" for k, v in kwargs.items()
                 )
                 raise ValueError(f"partitioner {name!r} with {fields}: {err}") from None
+        for name in ("eval_strategy", "save_strategy", "logging_strategy"):
+            if str(getattr(getattr(self, name), "value", getattr(self, name))) == "epoch":
+                raise ValueError(
+                    f"{name}='epoch' has no meaning in a federated run (there are no epochs over "
+                    f"one dataset); a round is one global step: use {name}='steps' with "
+                    f"{name.replace('_strategy', '_steps')}=N to act every N rounds"
+                )
         if self.deepspeed:
             raise ValueError(
                 "FedPACTrainer does not support DeepSpeed: every client trains the whole "
@@ -257,6 +279,61 @@ class FedPACArguments(TrainingArguments):
             align=self.align,
             optimizer_kwargs=kwargs,
         )
+
+    def round_learning_rates(self) -> list[float]:
+        """eta_l of every round: ``lr_scheduler_type`` stepped once per round, warm-up in rounds."""
+        return round_learning_rates(
+            self.learning_rate,
+            self.num_rounds,
+            self.lr_scheduler_type,
+            warmup_rounds=self.get_warmup_steps(self.num_rounds),
+            scheduler_kwargs=self.lr_scheduler_kwargs,
+        )
+
+    def round_engine(
+        self,
+        state: ServerState,
+        num_clients: int,
+        history: Any = (),
+        algorithm: Algorithm | None = None,
+    ) -> RoundEngine:
+        """The :class:`~fedpac_hf.federated.RoundEngine` these arguments describe.
+
+        Parameters
+        ----------
+        state:
+            The global state to start (or resume) from.
+        num_clients:
+            Clients in the federation.
+        history:
+            Metrics of the rounds already done (when resuming).
+        algorithm:
+            Overrides :meth:`build_algorithm`.
+        """
+        return RoundEngine(
+            algorithm or self.build_algorithm(),
+            state,
+            num_clients=num_clients,
+            clients_per_round=self.clients_per_round,
+            learning_rates=self.round_learning_rates(),
+            local_steps=self.local_steps,
+            seed=self.seed,
+            server_learning_rate=self.server_learning_rate,
+            weighting=self.aggregation_weighting,
+            min_clients_per_round=self.min_clients_per_round,
+            history=history,
+        )
+
+    def build_partitioner(self) -> Any:
+        """The :class:`~fedpac_hf.partition.Partitioner` these arguments describe."""
+        from fedpac_hf.partition import get_partitioner
+
+        return get_partitioner(self.partitioner, **self.partitioner_kwargs())
+
+    @staticmethod
+    def partition_setting_names() -> dict[str, str]:
+        """Partitioner argument -> the field of these arguments that sets it."""
+        return {**_PARTITIONER_FIELDS, "partitioner": "partitioner", "seed": "seed"}
 
     def _check_client_optimizer(self, algorithm: Algorithm) -> None:
         """Build the client optimizer once on a 2x2 weight: a bad name or option fails now.
@@ -292,9 +369,7 @@ class FedPACArguments(TrainingArguments):
         (``partition_label_column`` / ``partition_id_column``).
         """
         if partitioner is None:
-            from fedpac_hf.partition import get_partitioner
-
-            partitioner = get_partitioner(self.partitioner, **self.partitioner_kwargs())
+            partitioner = self.build_partitioner()
         try:
             return partitioner.assign(dataset)
         except ValueError as err:

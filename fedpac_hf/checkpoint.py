@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +39,16 @@ from safetensors.torch import load_file, save_file
 from fedpac_hf.federated.state import ServerState
 
 __all__ = [
+    "CHECKPOINT_PREFIX",
     "STATE_TENSORS",
     "STATE_JSON",
-    "save_federated_checkpoint",
-    "load_federated_checkpoint",
+    "check_resumable",
     "latest_checkpoint",
+    "load_federated_checkpoint",
+    "model_name",
+    "rotate_checkpoints",
+    "run_identity",
+    "save_federated_checkpoint",
 ]
 
 STATE_TENSORS = "fedpac_state.safetensors"
@@ -236,3 +242,165 @@ def latest_checkpoint(output_dir: str | os.PathLike[str]) -> Path | None:
             if suffix.isdigit():
                 found.append((int(suffix), d))
     return max(found)[1] if found else None
+
+
+def rotate_checkpoints(
+    output_dir: str | os.PathLike[str],
+    limit: int | None,
+    keep: str | os.PathLike[str] | None = None,
+) -> None:
+    """Delete all but the newest ``limit`` checkpoints under ``output_dir`` (``save_total_limit``).
+
+    ``keep`` (the best checkpoint, with ``load_best_model_at_end``) is never
+    deleted, as in ``Trainer``.
+    """
+    if not limit:
+        return
+    root = Path(output_dir)
+    pattern = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+    found = sorted((int(m.group(1)), d) for d in root.iterdir() if (m := pattern.match(d.name)))
+    kept = Path(keep).resolve() if keep else None
+    old = [d for _, d in found[:-limit] if d.resolve() != kept]
+    for d in old:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ run identity
+
+
+def model_name(model: torch.nn.Module) -> str:
+    """The class name of the model under any PEFT or Accelerate wrapper (e.g. ``ViTForImageClassification``)."""
+    model = getattr(model, "module", model)
+    base = getattr(getattr(model, "base_model", None), "model", model)
+    return type(base).__name__
+
+
+def run_identity(
+    *,
+    model: torch.nn.Module,
+    algorithm: Any,
+    num_clients: int,
+    seed: int,
+    partition: Mapping[str, Any] | None,
+    params: Mapping[str, torch.Tensor],
+) -> dict[str, Any]:
+    """What must match for a checkpoint to be resumed by a run.
+
+    Parameters
+    ----------
+    model:
+        The run's model (its class is recorded).
+    algorithm:
+        The run's :class:`~fedpac_hf.federated.Algorithm`.
+    num_clients:
+        Clients in the federation.
+    seed:
+        The seed of client sampling.
+    partition:
+        How the training data was split: the partitioner's settings and the
+        clients' sizes (``None`` when the clients were given as datasets and
+        only their sizes are known, which then sit here too).
+    params:
+        The global trainable parameters (their names and shapes are recorded).
+
+    Returns
+    -------
+    dict
+        JSON-serialisable identity, stored under ``"run"`` in the checkpoint's JSON.
+    """
+    return {
+        "model": model_name(model),
+        "algorithm": algorithm.name,
+        "client_optimizer": algorithm.optimizer,
+        "beta": algorithm.beta,
+        "align": algorithm.align,
+        "num_clients": int(num_clients),
+        "seed": int(seed),
+        "partition": dict(partition) if partition is not None else None,
+        "param_shapes": {n: list(t.shape) for n, t in params.items()},
+    }
+
+
+def check_resumable(
+    checkpoint: str | os.PathLike[str],
+    saved: Mapping[str, Any],
+    expected: Mapping[str, Any],
+    state: ServerState,
+    setting_names: Mapping[str, str] | None = None,
+) -> None:
+    """Refuse to resume a checkpoint made by another run, naming what differs.
+
+    Parameters
+    ----------
+    checkpoint:
+        The checkpoint's directory (for the message).
+    saved:
+        The checkpoint's run identity (its JSON's ``"run"``).
+    expected:
+        This run's identity (:func:`run_identity`).
+    state:
+        The checkpoint's loaded state (its tensors must match its JSON).
+    setting_names:
+        How a partition entry is called in the user's settings, e.g.
+        ``{"alpha": "dirichlet_alpha"}``, so the message names the setting to change.
+
+    Raises
+    ------
+    ValueError
+        If a part of the identity differs, or the checkpoint's tensors do not
+        match its own JSON (a corrupt checkpoint).
+    """
+    names = setting_names or {}
+    for key, value in expected.items():
+        if saved.get(key) == value:
+            continue
+        old = saved.get(key)
+        if key == "param_shapes":
+            detail = _shape_difference(old or {}, value)
+        elif isinstance(value, dict) and isinstance(old, dict):
+            detail = ", ".join(
+                f"{names.get(k, k)}: checkpoint has {_short(old.get(k))}, "
+                f"this run has {_short(value.get(k))}"
+                for k in sorted(set(old) | set(value))
+                if old.get(k) != value.get(k)
+            )
+        else:
+            detail = f"checkpoint has {_short(old)}, this run has {_short(value)}"
+        raise ValueError(
+            f"cannot resume from {checkpoint}: {key} differs ({detail}); resume with the same "
+            "model, algorithm, data and partition, or start a new output_dir"
+        )
+    actual = {n: list(t.shape) for n, t in state.params.items()}
+    if actual != expected["param_shapes"]:
+        raise ValueError(
+            f"cannot resume from {checkpoint}: its {STATE_TENSORS} does not match its "
+            f"{STATE_JSON} ({_shape_difference(actual, expected['param_shapes'])}); the "
+            "checkpoint is corrupt, resume from an earlier one"
+        )
+
+
+def _short(value: Any) -> str:
+    """A value for a message: lists of client sizes are summarised."""
+    if isinstance(value, list) and len(value) > 6:
+        return f"{len(value)} entries starting {value[:4]!r}"
+    return repr(value)
+
+
+def _shape_difference(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str:
+    """Name the first trainable parameter that differs between a checkpoint and this model."""
+    only_saved = sorted(set(saved) - set(current))
+    only_current = sorted(set(current) - set(saved))
+    if only_saved or only_current:
+        parts = []
+        if only_saved:
+            parts.append(f"only the checkpoint has {only_saved[:3]}")
+        if only_current:
+            parts.append(f"only this model has {only_current[:3]}")
+        return "trainable parameters differ: " + ", ".join(parts)
+    for name in sorted(current):
+        if list(saved[name]) != list(current[name]):
+            return (
+                f"parameter {name!r} has shape {list(saved[name])} in the checkpoint and "
+                f"{list(current[name])} in this model"
+            )
+    return "shapes differ"

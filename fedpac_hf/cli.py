@@ -185,9 +185,9 @@ def run_train(args: argparse.Namespace) -> int:
     if args.overrides and args.overrides[0] == "--":
         args.overrides = args.overrides[1:]
     if any(item in ("-h", "--help") for item in args.overrides):
-        from fedpac_hf.run import _parser
+        from fedpac_hf.run import config_parser
 
-        _parser().print_help()
+        config_parser().print_help()
         return 0
     from fedpac_hf.run import parse_run_config, run_training
 

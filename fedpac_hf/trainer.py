@@ -1,13 +1,19 @@
 """`FedPACTrainer`: federated rounds of second-order clients inside HF `Trainer`.
 
 A user who fine-tunes with ``Trainer`` swaps in :class:`FedPACTrainer` and
-:class:`~fedpac_hf.arguments.FedPACArguments` and gets a federated run: the
-training data is split into non-IID clients (or given as ``client_datasets``),
-each round samples clients, each client runs the core's client rule
-(:func:`fedpac_hf.federated.client_update`) with Trainer's data collator,
-``compute_loss``, Accelerate's autocast and backward, and the server rule
-aggregates deltas and curvature. Metrics go through ``self.log`` so every
-``report_to`` integration works; evaluation is ``Trainer.evaluate``.
+:class:`~fedpac_hf.arguments.FedPACArguments` and gets a federated run. The
+trainer owns the split of ``train_dataset`` into clients (``args.partitioner``
+or a given partitioner), so every checkpoint records the split it was made
+on. Rounds run through the core's :class:`~fedpac_hf.federated.RoundEngine`
+(sampling, schedule, aggregation, failures); each client runs the core's
+client rule (:func:`fedpac_hf.federated.client_update`) with Trainer's data
+collator, ``compute_loss``, Accelerate's autocast and backward.
+
+A round is one ``global_step``: Trainer's own ``eval_strategy``/``eval_steps``,
+``save_strategy``/``save_steps``, ``logging_steps``, ``metric_for_best_model``,
+``load_best_model_at_end``, ``state.best_metric`` and
+``transformers.EarlyStoppingCallback`` behave as in ``Trainer``. Metrics go
+through ``self.log`` so every ``report_to`` integration works.
 
 Under ``accelerate launch`` / ``torchrun`` with N processes, a round's sampled
 clients are spread over the processes and their sums all-reduced: the model
@@ -16,65 +22,35 @@ is never wrapped in DDP, each process holds the whole trainable model.
 
 from __future__ import annotations
 
-import functools
 import logging
-import math
-import re
-import shutil
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 from transformers import Trainer, TrainerCallback
-from transformers.optimization import get_scheduler
-from transformers.trainer_callback import TrainerState
-from transformers.trainer_utils import TrainOutput
+from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerState
+from transformers.trainer_utils import SaveStrategy, TrainOutput
 
 from fedpac_hf.arguments import FedPACArguments
-from fedpac_hf.checkpoint import (
-    CHECKPOINT_PREFIX,
-    STATE_JSON,
-    STATE_TENSORS,
-    latest_checkpoint,
-    load_federated_checkpoint,
-    save_federated_checkpoint,
-)
+from fedpac_hf.callbacks import FedPACCallback, RoundProgressCallback
 from fedpac_hf.federated import (
     ClientUpdate,
-    RoundAggregator,
+    RoundEngine,
+    RoundPlan,
     ServerState,
     client_update,
     cycle_batches,
     load_trainable_state,
-    resolve_clients_per_round,
-    run_client,
-    sample_clients,
     trainable_parameters,
 )
+from fedpac_hf.trainer_checkpoints import RoundCheckpointsMixin
 
 __all__ = ["FedPACTrainer", "FedPACCallback"]
 
 logger = logging.getLogger(__name__)
-
-
-class FedPACCallback(TrainerCallback):
-    """A ``TrainerCallback`` with round-level events.
-
-    ``FedPACTrainer`` calls ``on_round_begin`` / ``on_round_end`` on every
-    callback that defines them (this class's no-op defaults included), with
-    the usual ``args, state, control`` and ``round`` / ``metrics`` keywords.
-    The standard events fire too: a round is one ``global_step``.
-    """
-
-    def on_round_begin(self, args, state, control, **kwargs):  # noqa: D102
-        return control
-
-    def on_round_end(self, args, state, control, **kwargs):  # noqa: D102
-        return control
 
 
 def _client_seed(seed: int, round_index: int, client_id: int) -> int:
@@ -82,23 +58,36 @@ def _client_seed(seed: int, round_index: int, client_id: int) -> int:
     return int(np.random.SeedSequence([seed, round_index, client_id]).generate_state(1)[0])
 
 
-class FedPACTrainer(Trainer):
+class FedPACTrainer(RoundCheckpointsMixin, Trainer):
     """Federated fine-tuning with FedPAC and its baselines, inside ``Trainer``.
 
     Takes ``Trainer``'s constructor arguments, plus:
 
     Parameters
     ----------
-    client_datasets:
-        One training dataset per client. If omitted, ``train_dataset`` is
-        split by the partitioner the arguments describe
-        (``args.partitioner``, ``args.num_clients``, ...).
     partitioner:
-        A :class:`fedpac_hf.partition.Partitioner` overriding the one in
-        ``args``.
+        A :class:`fedpac_hf.partition.Partitioner` that splits ``train_dataset``
+        into clients, overriding the one ``args`` describes
+        (``args.partitioner``, ``args.num_clients``, ...).
+    client_transform:
+        Applied to each client's split of ``train_dataset`` when the client is
+        sampled, e.g. ``lambda ds: ds.with_transform(to_pixels)``, for data
+        whose model inputs are made on the fly. Its output goes to the data
+        collator as it is (no column removal).
+    client_datasets:
+        One training dataset per client, instead of ``train_dataset``. The
+        checkpoint then records only the clients' sizes: prefer giving
+        ``train_dataset`` and a partitioner.
 
     ``optimizers`` / ``optimizer_cls_and_kwargs`` are refused: each client
     builds its optimizer from ``args.algorithm`` every round.
+
+    Attributes
+    ----------
+    engine:
+        The round engine of the current (or last) ``train()``.
+    client_indices:
+        Rows of ``train_dataset`` held by each client, once partitioned.
     """
 
     def __init__(
@@ -117,8 +106,9 @@ class FedPACTrainer(Trainer):
         optimizer_cls_and_kwargs: Any = None,
         preprocess_logits_for_metrics: Callable | None = None,
         *,
-        client_datasets: Sequence[Any] | None = None,
         partitioner: Any = None,
+        client_transform: Callable[[Any], Any] | None = None,
+        client_datasets: Sequence[Any] | None = None,
     ) -> None:
         if args is None:
             args = FedPACArguments(output_dir="trainer_output")
@@ -137,6 +127,11 @@ class FedPACTrainer(Trainer):
             raise ValueError("pass train_dataset (split by args.partitioner) or client_datasets")
         if client_datasets is not None and len(client_datasets) == 0:
             raise ValueError("client_datasets is empty: a federation needs at least one client")
+        if client_datasets is not None and (partitioner is not None or client_transform):
+            raise ValueError(
+                "client_datasets are already split: pass train_dataset with partitioner / "
+                "client_transform instead"
+            )
         super().__init__(
             model=model,
             args=args,
@@ -150,47 +145,92 @@ class FedPACTrainer(Trainer):
             callbacks=callbacks,
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
+        # one readable line per round instead of Trainer's dict-per-log printers
+        self.remove_callback(PrinterCallback)
+        self.remove_callback(ProgressCallback)
+        self.add_callback(RoundProgressCallback)
         self.client_datasets = list(client_datasets) if client_datasets is not None else None
         self.partitioner = partitioner
+        self.client_transform = client_transform
         self.algorithm = args.build_algorithm()
-        self.server_state: ServerState | None = None
-        self.round_history: list[dict[str, float]] = []
-        self._client_partition: list[np.ndarray] | None = None
-        self._train_columns_removed: Any = None
+        self.engine: RoundEngine | None = None
+        self.client_indices: list[np.ndarray] | None = None
+        self._train_rows: Any = None
+        self._gnb_seed = 0
+
+    @property
+    def server_state(self) -> ServerState | None:
+        """theta, Theta and g_G after the last completed round (``None`` before ``train``)."""
+        return self.engine.state if self.engine is not None else None
+
+    @property
+    def round_history(self) -> list[dict[str, float]]:
+        """One metrics dict per completed round (training and evaluation)."""
+        return self.engine.history if self.engine is not None else []
+
+    def ensure_accelerator(self) -> None:
+        """Rebuild Accelerate's state if something reset it since this trainer was made.
+
+        Accelerate keeps one process-wide state, and building any new
+        ``TrainingArguments`` resets it; a trainer that lives on (a Flower
+        client reused across messages, a script that builds other arguments)
+        would otherwise fail with "Please make sure to properly initialize
+        your accelerator".
+        """
+        from accelerate.state import AcceleratorState
+
+        if not AcceleratorState._shared_state:
+            self.create_accelerator_and_postprocess()
 
     # ------------------------------------------------------------------ data
 
     def setup_clients(self) -> int:
-        """Decide the clients' data (partitioning ``train_dataset`` if needed); returns their number.
+        """Split the training data into clients (indices only); returns their number.
 
-        Only indices are computed here: a client's dataset is built when it is
-        sampled (:meth:`client_dataset`), so registering many clients costs
-        neither time nor memory.
+        A client's dataset is built when it is sampled (:meth:`client_dataset`),
+        so registering many clients costs neither time nor memory.
         """
         if self.client_datasets is not None:
             for i, ds in enumerate(self.client_datasets):
                 if len(ds) == 0:
                     raise ValueError(f"client {i} has no training example")
             return len(self.client_datasets)
-        if self._client_partition is None:
-            self._client_partition = self.args.assign_clients(self.train_dataset, self.partitioner)
-            self._train_columns_removed = self._remove_unused_columns(
-                self.train_dataset, description="training"
+        if self.client_indices is None:
+            if self.partitioner is None:
+                self.partitioner = self.args.build_partitioner()
+            self.client_indices = self.args.assign_clients(self.train_dataset, self.partitioner)
+            self._train_rows = (
+                self.train_dataset
+                if self.client_transform is not None
+                else self._remove_unused_columns(self.train_dataset, description="training")
             )
-        return len(self._client_partition)
+        return len(self.client_indices)
 
     def client_dataset(self, client_id: int) -> Any:
-        """Client ``client_id``'s training data (index-backed, unused columns removed)."""
+        """Client ``client_id``'s training data (index-backed, transformed when it is sampled)."""
         if self.client_datasets is not None:
             ds = self.client_datasets[client_id]
             if hasattr(ds, "column_names"):
                 return self._remove_unused_columns(ds, description="training")
             return ds
-        return self._train_columns_removed.select(self._client_partition[client_id])
+        if self.client_indices is None:
+            self.setup_clients()
+        ds = self._train_rows.select(self.client_indices[client_id])
+        return self.client_transform(ds) if self.client_transform is not None else ds
 
     def get_client_datasets(self) -> list[Any]:
         """All clients' training datasets (see :meth:`client_dataset`)."""
         return [self.client_dataset(i) for i in range(self.setup_clients())]
+
+    def partition_record(self) -> dict[str, Any]:
+        """How the training data was split: partitioner settings and client sizes."""
+        if self.client_datasets is not None:
+            return {"client_sizes": [len(ds) for ds in self.client_datasets]}
+        self.setup_clients()
+        return {
+            **self.partitioner.settings(),
+            "client_sizes": [len(ix) for ix in self.client_indices],
+        }
 
     def _client_dataloader(self, dataset: Any, seed: int) -> DataLoader:
         """A shuffling loader over one client's data, its order fixed by ``seed``."""
@@ -239,14 +279,25 @@ class FedPACTrainer(Trainer):
             return gnb_loss(logits, labels=labels, generator=generator)
         return gnb_loss(logits, generator=generator)
 
-    def train_client(self, client_id: int, dataset: Any, round_index: int, lr: float):
-        """Run the client rule for one client; returns its ``ClientUpdate``."""
+    def train_client(
+        self,
+        client_id: int,
+        dataset: Any,
+        round_index: int,
+        lr: float,
+        state: ServerState | None = None,
+    ) -> ClientUpdate:
+        """Run the client rule for one client from ``state`` (default: the current global state)."""
+        state = state if state is not None else self.server_state
+        if state is None:
+            raise ValueError("no global state to train from: call train() or pass state")
+        self.ensure_accelerator()
         seed = _client_seed(self.args.seed, round_index, client_id)
         torch.manual_seed(seed)  # dropout and other in-model randomness
         self._gnb_seed = seed
         return client_update(
             self.model,
-            self.server_state,
+            state,
             self.algorithm,
             cycle_batches(self._client_dataloader(dataset, seed)),
             lr=lr,
@@ -259,30 +310,15 @@ class FedPACTrainer(Trainer):
             curvature_loss_fn=self.curvature_loss,
         )
 
-    def train_client_by_id(self, client_id: int, round_index: int, lr: float) -> ClientUpdate:
+    def train_client_by_id(
+        self, client_id: int, round_index: int, lr: float, state: ServerState | None = None
+    ) -> ClientUpdate:
         """Build a sampled client's data and run its local steps (any failure is the client's)."""
-        return self.train_client(client_id, self.client_dataset(client_id), round_index, lr)
+        return self.train_client(client_id, self.client_dataset(client_id), round_index, lr, state)
 
     def round_learning_rates(self) -> list[float]:
-        """eta_l for every round from ``lr_scheduler_type`` stepped once per round."""
-        num_rounds = self.args.num_rounds
-        dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=self.args.learning_rate)
-        scheduler = get_scheduler(
-            self.args.lr_scheduler_type,
-            dummy,
-            num_warmup_steps=self.args.get_warmup_steps(num_rounds),
-            num_training_steps=num_rounds,
-            scheduler_specific_kwargs=self.args.lr_scheduler_kwargs or {},
-        )
-        rates = []
-        for _ in range(num_rounds):
-            rates.append(float(dummy.param_groups[0]["lr"]))
-            dummy.step()
-            scheduler.step()
-        if rates[0] <= 0:
-            # warm-up starts at 0: a client step with lr 0 is wasted work, start at the first step
-            rates[0] = rates[1] if num_rounds > 1 and rates[1] > 0 else self.args.learning_rate
-        return rates
+        """eta_l for every round (see :meth:`FedPACArguments.round_learning_rates`)."""
+        return self.args.round_learning_rates()
 
     # -------------------------------------------------------------- training
 
@@ -302,84 +338,55 @@ class FedPACTrainer(Trainer):
             raise ValueError("hyperparameter search is not supported by FedPACTrainer")
         args = self.args
         start_time = time.time()
+        self.ensure_accelerator()
         num_clients = self.setup_clients()
-        per_round = resolve_clients_per_round(num_clients, args.clients_per_round)
-        if args.min_clients_per_round > per_round:
-            raise ValueError(
-                f"min_clients_per_round={args.min_clients_per_round} is more than the "
-                f"{per_round} clients sampled per round"
-            )
         world, rank = args.world_size, args.process_index
-        if world > 1 and per_round < world:
-            raise ValueError(
-                f"{world} processes but only {per_round} clients per round: every process "
-                "needs at least one client; raise clients_per_round or use fewer processes"
-            )
         model = self.model
         model.to(args.device)
         trainable_parameters(model)  # fails early without trainable parameters
-        self.server_state = ServerState.from_model(model)
-        self.round_history = []
-        if resume_from_checkpoint:
-            self._resume(resume_from_checkpoint, num_clients)
-        rates = self.round_learning_rates()
-
         self.state = TrainerState(
             is_local_process_zero=self.is_local_process_zero(),
             is_world_process_zero=self.is_world_process_zero(),
         )
         self.state.epoch = None  # rounds, not epochs, are the unit here
         self.state.max_steps = args.num_rounds
-        self.state.global_step = self.server_state.round
+        self.state.compute_steps(args, args.num_rounds)
         self.state.train_batch_size = args.per_device_train_batch_size
+        self.engine = args.round_engine(
+            ServerState.from_model(model), num_clients, algorithm=self.algorithm
+        )
+        if world > 1 and self.engine.clients_per_round < world:
+            raise ValueError(
+                f"{world} processes but only {self.engine.clients_per_round} clients per round: "
+                "every process needs at least one client; raise clients_per_round or use fewer "
+                "processes"
+            )
+        if resume_from_checkpoint:
+            self._resume(resume_from_checkpoint, num_clients)
+        self.state.global_step = self.engine.state.round
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
 
-        for r in range(self.server_state.round, args.num_rounds):
-            round_start = time.perf_counter()
-            self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
-            self._fire("on_round_begin", round=r + 1)
-            sampled = sample_clients(num_clients, per_round, args.seed, r)
-            aggregator = RoundAggregator(
-                self.server_state, self.algorithm, args.aggregation_weighting
-            )
-            for cid in sampled[rank::world]:
-                result = run_client(
-                    functools.partial(self.train_client_by_id, cid, r, rates[r]),
-                    cid,
-                    r + 1,
-                    logger,
-                )
-                if isinstance(result, ClientUpdate):
-                    aggregator.add(result)
-                else:
-                    aggregator.drop(result)
-            if world > 1:
-                aggregator.all_reduce()
-            # RoundError (too few clients, non-finite global model) leaves the last checkpoint
-            aggregator.require(args.min_clients_per_round, r + 1)
-            self.server_state, metrics = aggregator.finalize(
-                lr=rates[r], local_steps=args.local_steps, server_lr=args.server_learning_rate
-            )
-            load_trainable_state(model, self.server_state.params)
-            self.state.global_step = r + 1
-            logs = {"round": float(r + 1), "learning_rate": rates[r], **metrics}
-            logs["num_dropped"] = float(len(aggregator.failures))
-            logs["round_time"] = time.perf_counter() - round_start
-            self.round_history.append(dict(logs))
-            self.log(logs)
-            last = r + 1 == args.num_rounds
-            if self.eval_dataset is not None and (
-                last or (args.eval_every_rounds and (r + 1) % args.eval_every_rounds == 0)
-            ):
-                eval_metrics = self.evaluate(ignore_keys=ignore_keys_for_eval)
-                self.round_history[-1].update(eval_metrics)
-            if args.save_every_rounds and ((r + 1) % args.save_every_rounds == 0 or last):
-                self.save_federated_checkpoint()
-            self._fire("on_round_end", round=r + 1, metrics=self.round_history[-1])
-            self.control = self.callback_handler.on_step_end(args, self.state, self.control)
-            if self.control.should_training_stop:
-                break
+        def train_one(client_id: int, plan: RoundPlan) -> ClientUpdate:
+            return self.train_client_by_id(client_id, plan.round_index, plan.learning_rate)
 
+        while not self.engine.finished and not self.control.should_training_stop:
+            self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
+            round_number = self.engine.state.round + 1
+            self._fire("on_round_begin", round=round_number)
+            # RoundError (too few clients, non-finite global model) leaves the last checkpoint
+            metrics = self.engine.run_round(
+                train_one,
+                share=(lambda ids: ids[rank::world]) if world > 1 else None,
+                reduce=(lambda aggregator: aggregator.all_reduce()) if world > 1 else None,
+            )
+            load_trainable_state(model, self.engine.state.params)
+            self.state.global_step = round_number
+            self.control = self.callback_handler.on_step_end(args, self.state, self.control)
+            self._log_evaluate_save(metrics, trial, ignore_keys_for_eval)
+            self._fire("on_round_end", round=round_number, metrics=metrics)
+
+        if args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
+            self._load_best_params()
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)
         final_loss = self.round_history[-1]["train_loss"] if self.round_history else float("nan")
         metrics = {
@@ -389,22 +396,35 @@ class FedPACTrainer(Trainer):
         }
         return TrainOutput(self.state.global_step, final_loss, metrics)
 
+    def _log_evaluate_save(
+        self, metrics: dict[str, float], trial: Any, ignore_keys: list[str] | None
+    ) -> None:
+        """Trainer's ``_maybe_log_save_evaluate`` for a round (a round is one global step)."""
+        if self.control.should_log:
+            self.log(dict(metrics))
+        if self.control.should_evaluate and self.eval_dataset is not None:
+            evaluation = self._evaluate(trial, ignore_keys)
+            metrics.update(evaluation)
+            try:
+                is_best = self._determine_best_metric(metrics=evaluation, trial=trial)
+            except KeyError as err:  # a setting the user chose, not a bug: say which
+                raise ValueError(str(err.args[0]) if err.args else str(err)) from None
+            if self.args.save_strategy == SaveStrategy.BEST:
+                self.control.should_save = is_best
+        if self.control.should_save:
+            self.save_federated_checkpoint()
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         """``Trainer.evaluate``, plus perplexity for causal language models."""
-        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        loss_key = f"{metric_key_prefix}_loss"
-        if loss_key in metrics and self._is_causal_lm():
-            ppl = {f"{metric_key_prefix}_perplexity": math.exp(min(metrics[loss_key], 50.0))}
-            metrics.update(ppl)
-            self.log(ppl)
-        return metrics
+        from fedpac_hf.evaluation import add_perplexity
 
-    def _is_causal_lm(self) -> bool:
+        self.ensure_accelerator()
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         model = self.accelerator.unwrap_model(self.model)
-        base = getattr(getattr(model, "base_model", None), "model", model)
-        return type(base).__name__.endswith("ForCausalLM") or type(model).__name__.endswith(
-            "ForCausalLM"
-        )
+        added = add_perplexity(metrics, model, metric_key_prefix)
+        if added:
+            self.log(added)
+        return metrics
 
     def _fire(self, event: str, **kwargs: Any) -> None:
         for callback in self.callback_handler.callbacks:
@@ -413,116 +433,3 @@ class FedPACTrainer(Trainer):
                 result = handler(self.args, self.state, self.control, **kwargs)
                 if result is not None:
                     self.control = result
-
-    # ------------------------------------------------------------ checkpoints
-
-    def _run_identity(self, num_clients: int) -> dict[str, Any]:
-        """What must match for a checkpoint to be resumable by this run."""
-        shapes = {n: list(t.shape) for n, t in self.server_state.params.items()}
-        partition = None
-        if self.client_datasets is None:
-            partition = {
-                "partitioner": self.args.partitioner,
-                **{k: v for k, v in self.args.partitioner_kwargs().items() if k != "seed"},
-            }
-        model = self.accelerator.unwrap_model(self.model)
-        base = getattr(getattr(model, "base_model", None), "model", model)
-        return {
-            "model": type(base).__name__,
-            "algorithm": self.algorithm.name,
-            "client_optimizer": self.algorithm.optimizer,
-            "beta": self.algorithm.beta,
-            "align": self.algorithm.align,
-            "num_clients": num_clients,
-            "seed": self.args.seed,
-            "partition": partition,
-            "param_shapes": shapes,
-        }
-
-    def save_federated_checkpoint(self) -> Path | None:
-        """Write ``output_dir/checkpoint-round-{r}`` (main process only) and rotate old ones."""
-        if not self.args.should_save:
-            return None
-        num_clients = len(self.client_datasets or self._client_partition or [])
-        meta = {
-            "run": self._run_identity(num_clients),
-            "history": self.round_history,
-        }
-        target = Path(self.args.output_dir) / f"{CHECKPOINT_PREFIX}{self.server_state.round}"
-        path = save_federated_checkpoint(target, self.server_state, meta, self.save_model)
-        self._rotate_checkpoints()
-        self.control = self.callback_handler.on_save(self.args, self.state, self.control)
-        return path
-
-    def _rotate_checkpoints(self) -> None:
-        limit = self.args.save_total_limit
-        if not limit:
-            return
-        root = Path(self.args.output_dir)
-        pattern = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
-        found = sorted((int(m.group(1)), d) for d in root.iterdir() if (m := pattern.match(d.name)))
-        for _, d in found[:-limit]:
-            shutil.rmtree(d, ignore_errors=True)
-
-    def _resume(self, checkpoint: str | bool, num_clients: int) -> None:
-        if isinstance(checkpoint, str) and checkpoint.strip().lower() in ("true", "latest"):
-            if not Path(checkpoint).exists():  # `--resume_from_checkpoint true` on the CLI
-                checkpoint = True
-        if checkpoint is True:
-            found = latest_checkpoint(self.args.output_dir)
-            if found is None:
-                raise FileNotFoundError(
-                    f"resume_from_checkpoint=True but {self.args.output_dir} holds no "
-                    f"{CHECKPOINT_PREFIX}* checkpoint (save them with save_every_rounds)"
-                )
-            checkpoint = str(found)
-        state, meta = load_federated_checkpoint(checkpoint)
-        expected = self._run_identity(num_clients)
-        saved = meta.get("run", {})
-        for key, value in expected.items():
-            if saved.get(key) != value:
-                if key == "param_shapes":
-                    detail = _shape_difference(saved.get(key) or {}, value)
-                elif isinstance(value, dict) and isinstance(saved.get(key), dict):
-                    detail = ", ".join(
-                        f"{k}: checkpoint has {saved[key].get(k)!r}, this run has {value.get(k)!r}"
-                        for k in sorted(set(saved[key]) | set(value))
-                        if saved[key].get(k) != value.get(k)
-                    )
-                else:
-                    detail = f"checkpoint has {saved.get(key)!r}, this run has {value!r}"
-                raise ValueError(
-                    f"cannot resume from {checkpoint}: {key} differs ({detail}); resume with the "
-                    "same model, algorithm and partition, or start a new output_dir"
-                )
-        actual = {n: list(t.shape) for n, t in state.params.items()}
-        if actual != expected["param_shapes"]:
-            raise ValueError(
-                f"cannot resume from {checkpoint}: its {STATE_TENSORS} does not match its "
-                f"{STATE_JSON} ({_shape_difference(actual, expected['param_shapes'])}); the "
-                "checkpoint is corrupt, resume from an earlier one"
-            )
-        self.server_state = state
-        self.round_history = list(meta.get("history", []))
-        load_trainable_state(self.model, state.params)
-        logger.info("resumed from %s at round %d", checkpoint, state.round)
-
-
-def _shape_difference(saved: dict[str, Any], current: dict[str, Any]) -> str:
-    """Name the first trainable parameter that differs between a checkpoint and this model."""
-    only_saved = sorted(set(saved) - set(current))
-    only_current = sorted(set(current) - set(saved))
-    if only_saved or only_current:
-        parts = []
-        if only_saved:
-            parts.append(f"only the checkpoint has {only_saved[:3]}")
-        if only_current:
-            parts.append(f"only this model has {only_current[:3]}")
-        return "trainable parameters differ: " + ", ".join(parts)
-    for name in sorted(current):
-        if list(saved[name]) != list(current[name]):
-            return (
-                f"parameter {name!r} has shape {list(saved[name])} in the checkpoint and "
-                f"{list(current[name])} in this model"
-            )
-    return "shapes differ"

@@ -171,3 +171,23 @@ def test_readme_algorithm_table_lists_every_registered_algorithm():
     )
     for name in list_algorithms():
         assert f"| `{name}` |" in table
+
+
+def test_the_plain_python_example_runs_as_the_readme_shows(tmp_path):
+    """`python examples/train_vit_mnist5k.py`, in a fresh process, shortened to one round."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "examples/train_vit_mnist5k.py", "--num_rounds", "1"]
+        + ["--output_dir", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "round 1/1 |" in result.stdout and "test accuracy after 1 rounds:" in result.stdout
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()

@@ -85,24 +85,21 @@ def test_run_config_keys_become_arguments(tmp_path):
         arguments_from_run_config({"beta": 2.0, "output-dir": str(tmp_path)})
 
 
-def test_strategy_samples_like_the_trainer_and_refuses_impossible_minimums():
-    from fedpac_hf.federated import sample_clients
+def test_strategy_runs_the_round_engine_and_refuses_impossible_minimums():
+    from fedpac_hf.federated import RoundEngine, ServerState, sample_clients
 
-    strategy = FedPACStrategy(
-        get_algorithm("fedpac_soap"),
-        num_clients=10,
-        clients_per_round=0.3,
-        learning_rates=[0.1, 0.1],
-        local_steps=2,
-        seed=3,
-    )
-    assert strategy.sample(2) == sample_clients(10, 3, 3, 1)
-    with pytest.raises(ValueError, match="min_clients_per_round=4"):
-        FedPACStrategy(
-            get_algorithm("fedavg"),
-            num_clients=10,
-            clients_per_round=3,
-            learning_rates=[0.1],
-            local_steps=1,
-            min_clients_per_round=4,
+    def engine(**overrides):
+        kwargs = dict(
+            num_clients=10, clients_per_round=0.3, learning_rates=[0.1, 0.05], local_steps=2, seed=3
         )
+        kwargs.update(overrides)
+        state = ServerState(params={"w": torch.zeros(2)})
+        return RoundEngine(get_algorithm(kwargs.pop("algorithm", "fedpac_soap")), state, **kwargs)
+
+    strategy = FedPACStrategy(engine())
+    assert strategy.engine.sample(1) == sample_clients(10, 3, 3, 1)
+    assert strategy.num_clients == 10 and strategy.server_state.round == 0
+    with pytest.raises(
+        ValueError, match="min_clients_per_round must lie in \\[1, clients per round = 3\\], got 4"
+    ):
+        engine(algorithm="fedavg", clients_per_round=3, min_clients_per_round=4)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -12,9 +13,13 @@ pytest.importorskip("flwr")
 pytest.importorskip("ray")
 
 import torch  # noqa: E402
+from transformers import default_data_collator  # noqa: E402
 
 from fedpac_hf import FedPACArguments, FedPACTrainer  # noqa: E402
+from fedpac_hf.evaluation import make_evaluator  # noqa: E402
+from fedpac_hf.federated import RoundError, simulate  # noqa: E402
 from fedpac_hf.flower import run_fedpac_simulation  # noqa: E402
+from fedpac_hf.partition import IidPartitioner  # noqa: E402
 
 from .trainer_fixtures import image_data, tiny_vit  # noqa: E402
 
@@ -46,7 +51,7 @@ def flower_args(output_dir: Path, **overrides) -> FedPACArguments:
     return FedPACArguments(**kwargs)
 
 
-def build_trainer(args: FedPACArguments) -> FedPACTrainer:
+def build_trainer(args: FedPACArguments, run_config=None) -> FedPACTrainer:
     """The tiny ViT on banded images, split over args.num_clients clients."""
     data = image_data(n=120)
     return FedPACTrainer(
@@ -54,16 +59,26 @@ def build_trainer(args: FedPACArguments) -> FedPACTrainer:
     )
 
 
+def build_model(args: FedPACArguments, run_config=None):
+    """The server's global model: the clients' tiny ViT, same initial weights."""
+    return tiny_vit()
+
+
+def build_evaluator(args: FedPACArguments, run_config=None):
+    """Central evaluation on the banded images' test split (no trainer on the server)."""
+    return make_evaluator(args, image_data(n=120)["test"])
+
+
 class FailingClientTrainer(FedPACTrainer):
     """A trainer whose client 1 cannot train (its data source is broken)."""
 
-    def train_client(self, client_id, dataset, round_index, lr):
+    def train_client(self, client_id, dataset, round_index, lr, state=None):
         if client_id == 1:
             raise OSError("client 1: the local data volume is not mounted")
-        return super().train_client(client_id, dataset, round_index, lr)
+        return super().train_client(client_id, dataset, round_index, lr, state)
 
 
-def build_failing_trainer(args: FedPACArguments) -> FedPACTrainer:
+def build_failing_trainer(args: FedPACArguments, run_config=None) -> FedPACTrainer:
     data = image_data(n=120)
     return FailingClientTrainer(model=tiny_vit(), args=args, train_dataset=data["train"])
 
@@ -72,14 +87,18 @@ def test_simulation_matches_the_in_process_trainer(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        reference = build_trainer(flower_args(tmp_path / "in_process"))
+        reference = build_trainer(
+            flower_args(tmp_path / "in_process", eval_strategy="steps", eval_steps=1)
+        )
         reference.train()
     finally:
         torch.set_num_threads(threads)
 
     result = run_fedpac_simulation(
         build_trainer,
-        flower_args(tmp_path / "flower"),
+        flower_args(tmp_path / "flower", eval_strategy="steps", eval_steps=1),
+        build_model=build_model,
+        build_evaluator=build_evaluator,
         num_supernodes=3,
         backend_config=BACKEND,
     )
@@ -90,7 +109,7 @@ def test_simulation_matches_the_in_process_trainer(tmp_path):
         for key in ("train_loss", "drift", "drift_relative", "bytes_up", "bytes_down"):
             assert flower_round[key] == pytest.approx(trainer_round[key], rel=1e-5, abs=1e-8), key
         assert flower_round["wire_bytes_up"] >= flower_round["bytes_up"] > 0
-        assert "eval_loss" in flower_round
+        assert flower_round["eval_loss"] == pytest.approx(trainer_round["eval_loss"], rel=1e-5)
     state, ref = result.server_state, reference.server_state
     assert state.round == ref.round == 2
     for part in ("params", "curvature", "direction"):
@@ -99,13 +118,20 @@ def test_simulation_matches_the_in_process_trainer(tmp_path):
         for name in theirs:
             torch.testing.assert_close(mine[name], theirs[name], rtol=1e-5, atol=1e-6)
     assert result.checkpoint is not None and (result.checkpoint / "model.safetensors").is_file()
+    # the server wrote the run's metrics as it went, so `fedpac-hf report` can draw them
+    rows = (tmp_path / "flower" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(row)["round"] for row in rows] == [1.0, 2.0]
 
 
 def test_a_failing_client_is_dropped_and_the_round_completes(tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="flwr")
     args = flower_args(tmp_path, num_rounds=1, clients_per_round=3, algorithm="fedavg")
     result = run_fedpac_simulation(
-        build_failing_trainer, args, num_supernodes=3, backend_config=BACKEND
+        build_failing_trainer,
+        args,
+        build_model=build_model,
+        num_supernodes=3,
+        backend_config=BACKEND,
     )
     (history,) = result.history
     assert history["num_clients"] == 2 and history["num_dropped"] == 1
@@ -117,5 +143,66 @@ def test_too_few_surviving_clients_fail_the_round(tmp_path):
     args = flower_args(
         tmp_path, num_rounds=1, clients_per_round=3, min_clients_per_round=3, algorithm="fedavg"
     )
-    with pytest.raises(RuntimeError, match="min_clients_per_round=3"):
-        run_fedpac_simulation(build_failing_trainer, args, num_supernodes=3, backend_config=BACKEND)
+    with pytest.raises(RoundError, match="min_clients_per_round=3") as info:
+        run_fedpac_simulation(
+            build_failing_trainer,
+            args,
+            build_model=build_model,
+            num_supernodes=3,
+            backend_config=BACKEND,
+        )
+    # the core's failure path: the dropped client's reason is in the error
+    assert "client 1: ClientAppError" in str(info.value)
+    assert "local data volume is not mounted" in str(info.value)
+    assert not (tmp_path / "run" / "checkpoint-round-1").exists()  # nothing saved for the round
+
+
+def one_example_per_client(args: FedPACArguments, run_config=None) -> FedPACTrainer:
+    """Four clients holding one image each: every shell sees the same batches."""
+    data = image_data(n=8)["train"].select(range(4)).rename_column("label", "labels")
+    return FedPACTrainer(
+        model=tiny_vit(), args=args, train_dataset=data, partitioner=IidPartitioner(4, seed=0)
+    )
+
+
+def test_simulate_the_trainer_and_flower_give_identical_global_parameters(tmp_path):
+    """One small run through each shell of the round engine ends in the same state."""
+    args = flower_args(
+        tmp_path / "trainer", num_clients=4, clients_per_round=2, num_rounds=2, local_steps=2
+    )
+    trainer = one_example_per_client(args)
+    trainer.train()
+
+    model = tiny_vit()
+    loaders = [
+        torch.utils.data.DataLoader(
+            trainer.client_dataset(i), batch_size=1, collate_fn=default_data_collator
+        )
+        for i in range(4)
+    ]
+    simulate(
+        model,
+        loaders,
+        args.build_algorithm(),
+        num_rounds=2,
+        clients_per_round=2,
+        local_steps=2,
+        loss_fn=lambda m, batch: m(**batch).loss,
+        seed=args.seed,
+        lr=args.learning_rate,
+        max_grad_norm=args.max_grad_norm,
+    )
+
+    result = run_fedpac_simulation(
+        one_example_per_client,
+        flower_args(
+            tmp_path / "flower", num_clients=4, clients_per_round=2, num_rounds=2, local_steps=2
+        ),
+        build_model=build_model,
+        num_supernodes=4,
+        backend_config=BACKEND,
+    )
+    simulated = {n: p.detach() for n, p in model.named_parameters()}
+    for name, reference in trainer.server_state.params.items():
+        assert torch.equal(simulated[name], reference), name
+        assert torch.equal(result.server_state.params[name], reference), name

@@ -27,8 +27,8 @@ def write_config(path: Path, output_dir: Path) -> Path:
         **TINY_VIT,
         "num_rounds": NUM_ROUNDS,
         "local_steps": 12,
-        "save_every_rounds": 1,
-        "eval_every_rounds": 0,
+        "save_strategy": "steps",
+        "save_steps": 1,
         "output_dir": str(output_dir),
     }
     path.write_text(yaml.safe_dump(settings))

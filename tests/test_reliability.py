@@ -143,7 +143,9 @@ def test_trainer_drops_a_raising_and_a_nan_client_and_logs_why(tmp_path, caplog)
     clients[1] = FlakyImages(clients[1])
     clients[2] = nan_images(clients[2])
     trainer = FedPACTrainer(
-        model=tiny_vit(), args=tiny_args(tmp_path, save_every_rounds=1), client_datasets=clients
+        model=tiny_vit(),
+        args=tiny_args(tmp_path, save_strategy="steps", save_steps=1),
+        client_datasets=clients,
     )
     with caplog.at_level(logging.WARNING, logger="fedpac_hf"):
         trainer.train()
@@ -166,7 +168,9 @@ def test_a_failed_round_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
 
     trainer = FedPACTrainer(
         model=tiny_vit(),
-        args=tiny_args(tmp_path, num_rounds=3, save_every_rounds=1, min_clients_per_round=2),
+        args=tiny_args(
+            tmp_path, num_rounds=3, save_strategy="steps", save_steps=1, min_clients_per_round=2
+        ),
         client_datasets=clients,
         callbacks=[BreakAfterFirstRound()],
     )
@@ -296,7 +300,7 @@ def test_resume_with_another_model_names_the_parameter(tmp_path):
     clients = four_clients(n=64)
     FedPACTrainer(
         model=tiny_vit(),
-        args=tiny_args(tmp_path, num_rounds=1, save_every_rounds=1),
+        args=tiny_args(tmp_path, num_rounds=1, save_strategy="steps", save_steps=1),
         client_datasets=clients,
     ).train()
     from transformers import ViTConfig, ViTForImageClassification
@@ -327,7 +331,7 @@ def test_resume_from_a_corrupt_checkpoint_names_the_file(tmp_path):
     clients = four_clients(n=64)
     FedPACTrainer(
         model=tiny_vit(),
-        args=tiny_args(tmp_path, num_rounds=1, save_every_rounds=1),
+        args=tiny_args(tmp_path, num_rounds=1, save_strategy="steps", save_steps=1),
         client_datasets=clients,
     ).train()
     path = tmp_path / "run" / "checkpoint-round-1" / STATE_TENSORS

@@ -45,7 +45,7 @@ def test_vit_rounds_log_metrics_evaluate_and_lower_the_loss(tmp_path):
     data = image_data()
     trainer = FedPACTrainer(
         model=tiny_vit(),
-        args=vit_args(tmp_path),
+        args=vit_args(tmp_path, eval_strategy="steps", eval_steps=1),  # a round is a step
         train_dataset=data["train"],
         eval_dataset=data["test"],
         compute_metrics=accuracy,
@@ -83,7 +83,14 @@ def test_lora_llama_trains_only_adapters_and_saves_a_loadable_adapter(tmp_path):
     }
     clients = text_clients()
     eval_ds = datasets.concatenate_datasets([c.select(range(8)) for c in clients])
-    args = vit_args(tmp_path, algorithm="fedpac_soap", clients_per_round=2, learning_rate=1e-2)
+    args = vit_args(
+        tmp_path,
+        algorithm="fedpac_soap",
+        clients_per_round=2,
+        learning_rate=1e-2,
+        eval_strategy="steps",
+        eval_steps=3,  # evaluate after the last round
+    )
     trainer = FedPACTrainer(model=model, args=args, client_datasets=clients, eval_dataset=eval_ds)
     before = trainer.evaluate()["eval_loss"]
     trainer.train()
@@ -116,7 +123,7 @@ def test_resume_from_a_checkpoint_reproduces_an_uninterrupted_run(tmp_path):
 
     first = FedPACTrainer(
         model=tiny_vit(),
-        args=vit_args(tmp_path / "b", num_rounds=4, save_every_rounds=2),
+        args=vit_args(tmp_path / "b", num_rounds=4, save_strategy="steps", save_steps=2),
         train_dataset=data["train"],
     )
     first.train()
@@ -143,7 +150,7 @@ def test_resume_with_another_algorithm_or_partition_is_refused(tmp_path):
     data = image_data()
     FedPACTrainer(
         model=tiny_vit(),
-        args=vit_args(tmp_path, num_rounds=1, save_every_rounds=1),
+        args=vit_args(tmp_path, num_rounds=1, save_strategy="steps", save_steps=1),
         train_dataset=data["train"],
     ).train()
     ckpt = str(tmp_path / "run" / "checkpoint-round-1")
@@ -338,3 +345,84 @@ def test_sophia_and_muon_clients_run_and_send_real_curvature(tmp_path, algorithm
     assert theta and all(t.dtype == torch.float32 for t in theta.values())
     assert sum(float(t.abs().sum()) for t in theta.values()) > 0
     assert all(torch.isfinite(t).all() for t in trainer.server_state.params.values())
+
+
+def test_early_stopping_and_best_model_work_as_in_trainer(tmp_path):
+    """A round is one global step: EarlyStoppingCallback stops a run that does not improve."""
+    from transformers import EarlyStoppingCallback
+
+    data = image_data(n=160)
+    trainer = FedPACTrainer(
+        model=tiny_vit(),
+        args=vit_args(
+            tmp_path,
+            num_rounds=8,
+            num_clients=4,
+            learning_rate=1e-12,  # the model cannot change: accuracy never improves
+            eval_strategy="steps",
+            eval_steps=1,
+            save_strategy="steps",
+            save_steps=1,
+            metric_for_best_model="accuracy",
+            load_best_model_at_end=True,
+        ),
+        train_dataset=data["train"],
+        eval_dataset=data["test"],
+        compute_metrics=accuracy,
+        callbacks=[EarlyStoppingCallback(early_stopping_patience=1)],
+    )
+    out = trainer.train()
+    assert out.global_step == 2  # round 2 did not beat round 1: stop
+    first = trainer.round_history[0]["eval_accuracy"]
+    assert trainer.state.best_metric == first
+    assert trainer.state.best_model_checkpoint == str(tmp_path / "run" / "checkpoint-round-1")
+
+
+def test_load_best_model_at_end_restores_the_best_rounds_parameters(tmp_path):
+    data = image_data(n=160)
+    args = vit_args(
+        tmp_path,
+        num_rounds=3,
+        num_clients=4,
+        eval_strategy="steps",
+        eval_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        save_total_limit=1,
+        metric_for_best_model="loss",
+        greater_is_better=True,  # the highest loss is "best": round 1 of a run that learns
+        load_best_model_at_end=True,
+    )
+    trainer = FedPACTrainer(
+        model=tiny_vit(), args=args, train_dataset=data["train"], eval_dataset=data["test"]
+    )
+    trainer.train()
+    losses = [h["eval_loss"] for h in trainer.round_history]
+    assert losses[0] > losses[-1] and trainer.state.best_metric == losses[0]
+    run = tmp_path / "run"
+    # the newest checkpoint is rotated in, the best one is kept beside it
+    assert sorted(p.name for p in run.glob("checkpoint-round-*")) == [
+        "checkpoint-round-1",
+        "checkpoint-round-3",
+    ]
+    best, _ = load_federated_checkpoint(run / "checkpoint-round-1")
+    final = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+    for name, tensor in best.params.items():
+        assert torch.equal(final[name].detach(), tensor), name
+    assert not torch.equal(trainer.server_state.params[name], best.params[name])
+
+
+def test_the_console_shows_one_line_per_round_and_no_dicts(tmp_path, capsys):
+    data = image_data(n=160)
+    trainer = FedPACTrainer(
+        model=tiny_vit(),
+        args=vit_args(tmp_path, num_rounds=2, num_clients=4, eval_strategy="steps", eval_steps=1),
+        train_dataset=data["train"],
+        eval_dataset=data["test"],
+        compute_metrics=accuracy,
+    )
+    trainer.train()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert [line.split(" | ")[0] for line in lines] == ["round 1/2", "round 2/2"]
+    assert "eval_accuracy" in lines[1] and "MB" in lines[1] and "drift" in lines[1]
+    assert not any(line.startswith("{") for line in lines)

@@ -1,7 +1,7 @@
 """The client rule: K local steps of a (FedPAC-)preconditioned optimizer.
 
 One function, :func:`client_update`, implements step 1-4 of the client side of
-FedPAC (see ``FEDPAC.md``) for every registered algorithm:
+FedPAC (see ``docs/algorithm.md``) for every registered algorithm:
 
 1. load the global trainable parameters into the (one, shared) model and build
    the base optimizer with learning rate ``(1 - beta) * lr``;

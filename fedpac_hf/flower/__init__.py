@@ -5,18 +5,20 @@ core (:mod:`fedpac_hf.federated`) runs on Flower's simulation engine or on a
 real SuperLink/SuperNode deployment:
 
 - :class:`FedPACStrategy` (``fedpac_hf.flower.strategy``) is a Flower
-  message-API ``Strategy`` that applies the core's server rule
-  (:class:`~fedpac_hf.federated.RoundAggregator`) each round;
-- :func:`make_client_app` (``fedpac_hf.flower.clientapp``) builds a
-  ``ClientApp`` whose local steps are :meth:`FedPACTrainer.train_client`;
+  message-API ``Strategy`` that runs the core's round engine
+  (:class:`~fedpac_hf.federated.RoundEngine`: sampling, schedule, server rule,
+  failures) inside Flower's ``Strategy.start`` loop;
 - :func:`make_server_app` (``fedpac_hf.flower.serverapp``) builds the
-  ``ServerApp`` that drives the strategy, evaluates and checkpoints;
+  ``ServerApp`` from a model factory (and optionally an evaluator factory):
+  it drives the strategy, evaluates centrally and checkpoints, with no
+  trainer and no training data on the server;
+- :func:`make_client_app` (``fedpac_hf.flower.clientapp``) builds a
+  ``ClientApp`` whose local steps are the trainer's client step;
 - :func:`run_fedpac_simulation` (``fedpac_hf.flower.simulation``) runs both on
   Flower's simulation engine from Python.
 
-Both apps are configured like :class:`~fedpac_hf.FedPACTrainer`: a
-:class:`~fedpac_hf.FedPACArguments` (given directly or read from Flower's run
-config) and a callable that builds the trainer (model + data) from it.
+Both apps read :class:`~fedpac_hf.FedPACArguments` (given directly or from
+Flower's run config); their factories are called with ``(args, run_config)``.
 
 Needs the ``flower`` extra: ``pip install "fedpac_hf[flower]"`` (and
 ``flwr[simulation]`` for the simulation engine, which runs on Ray).
@@ -32,34 +34,36 @@ except ImportError as err:  # pragma: no cover - depends on the environment
         "(and 'flwr[simulation]' to use the simulation engine)"
     ) from err
 
-from .clientapp import FedPACClient, make_client_app
-from .config import TrainerFactory, arguments_from_run_config
-from .records import (
-    array_record_to_tensors,
-    client_update_from_content,
-    client_update_to_content,
-    server_state_from_content,
-    server_state_to_content,
-    tensors_to_array_record,
-)
-from .serverapp import make_server_app
-from .simulation import SimulationResult, run_fedpac_simulation
-from .strategy import FedPACStrategy, PartitionStrategy
+import importlib
+from typing import Any
 
-__all__ = [
-    "FedPACClient",
-    "FedPACStrategy",
-    "PartitionStrategy",
-    "SimulationResult",
-    "TrainerFactory",
-    "array_record_to_tensors",
-    "arguments_from_run_config",
-    "client_update_from_content",
-    "client_update_to_content",
-    "make_client_app",
-    "make_server_app",
-    "run_fedpac_simulation",
-    "server_state_from_content",
-    "server_state_to_content",
-    "tensors_to_array_record",
-]
+# Imported on first use, so that the server side (strategy, ServerApp) loads
+# without the client side's trainer.
+_LAZY = {
+    "FedPACClient": ".clientapp",
+    "make_client_app": ".clientapp",
+    "EvaluatorFactory": ".config",
+    "ModelFactory": ".config",
+    "TrainerFactory": ".config",
+    "arguments_from_run_config": ".config",
+    "array_record_to_tensors": ".records",
+    "client_update_from_content": ".records",
+    "client_update_to_content": ".records",
+    "server_state_from_content": ".records",
+    "server_state_to_content": ".records",
+    "tensors_to_array_record": ".records",
+    "FlowerServerRun": ".serverapp",
+    "make_server_app": ".serverapp",
+    "SimulationResult": ".simulation",
+    "run_fedpac_simulation": ".simulation",
+    "FedPACStrategy": ".strategy",
+    "PartitionStrategy": ".strategy",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'fedpac_hf.flower' has no attribute {name!r}")

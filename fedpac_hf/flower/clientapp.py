@@ -1,15 +1,16 @@
 """The FedPAC ClientApp: the core's client rule behind Flower's ``train`` messages.
 
 One :class:`FedPACClient` per client process builds a
-:class:`~fedpac_hf.FedPACTrainer` once (model, data, collator) from the run's
-arguments and answers every ``train`` message with
-:meth:`FedPACTrainer.train_client` after loading the received global state
-into ``trainer.server_state``: the same local-step code as an in-process run,
-so that a Flower run and ``trainer.train()`` give the same clients' updates.
+:class:`~fedpac_hf.FedPACTrainer` once per run (model, data, collator) with
+``build_trainer(args, run_config)`` and answers every ``train`` message with
+the trainer's client step (:meth:`FedPACTrainer.train_client_by_id`) from the
+received global state: the same local-step code as an in-process run, so
+that a Flower run and ``trainer.train()`` give the same clients' updates.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -70,8 +71,8 @@ class FedPACClient:
     Parameters
     ----------
     build_trainer:
-        Builds the :class:`FedPACTrainer` from the run's arguments; its
-        ``client_dataset(partition_id)`` is this node's data.
+        ``build_trainer(args, run_config)`` builds the :class:`FedPACTrainer`;
+        its ``client_dataset(partition_id)`` is this node's data.
     arguments:
         Fixed arguments; default: read from each run's run config
         (:func:`arguments_from_run_config`).
@@ -83,20 +84,36 @@ class FedPACClient:
         self.build_trainer = build_trainer
         self.arguments = arguments
 
-    def trainer_for(self, context: Context) -> tuple[FedPACTrainer, int]:
-        """The trainer of the context's run (built on first use) and its number of clients."""
-        args = self.arguments or arguments_from_run_config(
-            context.run_config, output_dir=_scratch_dir()
+    def client_arguments(self, context: Context) -> FedPACArguments:
+        """The run's arguments as a client uses them: no evaluation, no saving, scratch output."""
+        # a client neither evaluates nor saves: the server does
+        settings = dict(
+            output_dir=_scratch_dir(),
+            eval_strategy="no",
+            save_strategy="no",
+            load_best_model_at_end=False,
         )
+        if self.arguments is not None:
+            return dataclasses.replace(self.arguments, **settings)
+        return arguments_from_run_config(context.run_config, **settings)
+
+    def trainer_for(self, context: Context) -> tuple[FedPACTrainer, int]:
+        """The trainer of the context's run (built on first use) and its number of clients.
+
+        The arguments are built only with the trainer: building any
+        ``TrainingArguments`` resets Accelerate's process-wide state, which a
+        cached trainer still uses.
+        """
         key = (
             context.run_id,
             _factory_key(self.build_trainer),
-            args.to_json_string(),
+            repr(sorted(context.run_config.items())),
         )
         with _TRAINERS_LOCK:
             if key not in _TRAINERS:
                 _TRAINERS.clear()  # one trainer (one model) per process
-                trainer = self.build_trainer(args)
+                args = self.client_arguments(context)
+                trainer = self.build_trainer(args, dict(context.run_config))
                 trainer.model.to(trainer.args.device)
                 _TRAINERS[key] = (trainer, trainer.setup_clients())
             return _TRAINERS[key]
@@ -136,11 +153,11 @@ class FedPACClient:
                 f"partition-id {partition} is not among the trainer's {num_clients} clients; "
                 "num_clients (run config) must equal the number of partitions"
             )
-        trainer.server_state = server_state_from_content(message.content)
+        state = server_state_from_content(message.content)
         round_index = int(config["round-index"])
         update = run_client(
             functools.partial(
-                trainer.train_client_by_id, partition, round_index, float(config["lr"])
+                trainer.train_client_by_id, partition, round_index, float(config["lr"]), state
             ),
             partition,
             round_index + 1,
@@ -167,8 +184,7 @@ def make_client_app(
     Parameters
     ----------
     build_trainer:
-        ``build_trainer(args) -> FedPACTrainer``, the same callable the
-        ServerApp and an in-process run use.
+        ``build_trainer(args, run_config) -> FedPACTrainer`` (model + data).
     arguments:
         Fixed arguments; default: each run's run config.
 

@@ -1,12 +1,20 @@
 """Configuration shared by the FedPAC ServerApp and ClientApp.
 
-Both apps are configured exactly like :class:`~fedpac_hf.FedPACTrainer`: a
-:class:`~fedpac_hf.FedPACArguments` and a *trainer factory*, a callable that
-builds the trainer (model, data, collator, metrics) from those arguments. The
-arguments either come from Python or from Flower's run config
-(``[tool.flwr.app.config]`` in the app's ``pyproject.toml``, overridable with
-``flwr run --run-config``), whose keys are the argument names with ``-`` or
-``_`` (``num-rounds = 5``, ``learning-rate = 3e-3``).
+Both apps read the same :class:`~fedpac_hf.FedPACArguments`, from Python or
+from Flower's run config (``[tool.flwr.app.config]`` in the app's
+``pyproject.toml``, overridable with ``flwr run --run-config``), whose keys
+are the argument names with ``-`` or ``_`` (``num-rounds = 5``,
+``learning-rate = 3e-3``); other keys are the app's own (e.g. which dataset).
+
+What each side builds from them is given as a factory called with
+``(args, run_config)``:
+
+- the ClientApp: a :data:`TrainerFactory`, the :class:`~fedpac_hf.FedPACTrainer`
+  whose client step trains the node's partition;
+- the ServerApp: a :data:`ModelFactory` (the global model: initial
+  parameters, the model files of checkpoints) and optionally an
+  :data:`EvaluatorFactory` (centralised evaluation). The server needs neither
+  the training data nor a trainer.
 """
 
 from __future__ import annotations
@@ -15,22 +23,41 @@ import dataclasses
 import json
 import tempfile
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
 
 from fedpac_hf.arguments import FedPACArguments
-from fedpac_hf.trainer import FedPACTrainer
+from fedpac_hf.evaluation import Evaluator
 
-__all__ = ["TrainerFactory", "arguments_from_run_config", "argument_names"]
+if TYPE_CHECKING:  # the server side never imports the trainer
+    from fedpac_hf.trainer import FedPACTrainer
 
-TrainerFactory = Callable[[FedPACArguments], FedPACTrainer]
-"""Builds the :class:`FedPACTrainer` (model + data) that a run's arguments describe.
+__all__ = [
+    "EvaluatorFactory",
+    "ModelFactory",
+    "TrainerFactory",
+    "argument_names",
+    "arguments_from_run_config",
+]
 
-The ServerApp calls it once (initial parameters, learning-rate schedule,
-evaluation, checkpoints) and every ClientApp process calls it once (its
-partition, its local steps). It must build the same model with the same
-initial weights everywhere, e.g. from a config with a fixed seed, or from a
-pretrained checkpoint.
+RunConfig = Mapping[str, Any]
+
+TrainerFactory = Callable[[FedPACArguments, RunConfig], "FedPACTrainer"]
+"""``build_trainer(args, run_config)``: the client side's :class:`FedPACTrainer` (model + data).
+
+Every ClientApp process calls it once per run; the node trains
+``trainer.client_dataset(partition_id)``. It must build the same model with
+the same initial weights as the server's :data:`ModelFactory` (e.g. from a
+config with a fixed seed, or from a pretrained checkpoint).
 """
+
+ModelFactory = Callable[[FedPACArguments, RunConfig], torch.nn.Module]
+"""``build_model(args, run_config)``: the global model on the server (same trainable parameters)."""
+
+EvaluatorFactory = Callable[[FedPACArguments, RunConfig], Evaluator]
+"""``build_evaluator(args, run_config)``: ``evaluate(model) -> metrics`` on the server
+(e.g. :func:`fedpac_hf.evaluation.make_evaluator` over a held-out set)."""
 
 # Fields of TrainingArguments whose JSON-looking string values must be decoded.
 _JSON_FIELDS = {"client_optimizer_kwargs", "lr_scheduler_kwargs", "report_to"}

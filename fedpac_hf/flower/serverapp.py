@@ -1,135 +1,191 @@
-"""The FedPAC ServerApp: drives :class:`FedPACStrategy` with a trainer's configuration.
+"""The FedPAC ServerApp: the round engine on Flower, central evaluation, checkpoints.
 
-The ServerApp builds the same :class:`~fedpac_hf.FedPACTrainer` as the
-clients (``build_trainer(args)``) and uses it as the server's shell: its
-model gives the initial global parameters, ``round_learning_rates()`` the
-schedule, ``evaluate()`` the centralised evaluation of the global model,
-``log()`` the round metrics (so ``report_to`` integrations work), and
-``save_federated_checkpoint()`` the same safetensors + JSON checkpoints as an
-in-process run, written to ``output_dir``.
+The server side needs the core and the arguments, not a trainer: it builds the
+global model (``build_model(args, run_config)``), optionally an evaluator
+(``build_evaluator(args, run_config)``), the round engine the arguments
+describe, and runs :class:`FedPACStrategy` with Flower's ``Strategy.start``.
+After every round it evaluates the global model when ``eval_strategy`` asks
+for it (and after the last round whenever there is an evaluator), appends
+the round's metrics to ``output_dir/metrics.jsonl`` (so ``fedpac-hf report``
+draws a Flower run too), and writes the same safetensors + JSON checkpoints
+as an in-process run (``save_strategy="steps"``/``save_steps``, and always
+after the last round).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from transformers.trainer_callback import TrainerState
 
 from fedpac_hf.arguments import FedPACArguments
+from fedpac_hf.checkpoint import CHECKPOINT_PREFIX, run_identity, save_federated_checkpoint
+from fedpac_hf.evaluation import Evaluator
 from fedpac_hf.federated import ServerState, load_trainable_state
-from fedpac_hf.trainer import FedPACTrainer
+from fedpac_hf.reporting import append_metrics
 
-from .config import TrainerFactory, arguments_from_run_config
-from .records import array_record_to_tensors, tensors_to_array_record
+from .config import EvaluatorFactory, ModelFactory, arguments_from_run_config
+from .records import tensors_to_array_record
 from .strategy import FedPACStrategy
 
-__all__ = ["make_server_app"]
+__all__ = ["FlowerServerRun", "make_server_app"]
 
 # A child of Flower's logger: shown wherever Flower shows its logs (`flwr run --stream`).
 logger = logging.getLogger("flwr").getChild(__name__)
 
-FinishCallback = Callable[[FedPACTrainer, FedPACStrategy], None]
+FinishCallback = Callable[[torch.nn.Module, FedPACStrategy], None]
 
 
-def _evaluate_fn(trainer: FedPACTrainer) -> Callable[[int, ArrayRecord], MetricRecord | None]:
-    args = trainer.args
+class FlowerServerRun:
+    """One Flower run on the server: the global model, the engine, evaluation and files.
 
-    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        last = server_round == args.num_rounds
-        due = bool(args.eval_every_rounds) and server_round % args.eval_every_rounds == 0
-        if server_round == 0 or not (last or due):
+    Parameters
+    ----------
+    args:
+        The run's arguments.
+    model:
+        The global model (its trainable parameters are the global ones).
+    evaluate:
+        ``evaluate(model) -> metrics``, or ``None`` for no central evaluation.
+    **strategy_kwargs:
+        Passed to :class:`FedPACStrategy` (``node_wait_timeout``, ...).
+    """
+
+    def __init__(
+        self,
+        args: FedPACArguments,
+        model: torch.nn.Module,
+        evaluate: Evaluator | None = None,
+        **strategy_kwargs: Any,
+    ) -> None:
+        self.args = args
+        self.model = model
+        self.evaluate = evaluate
+        engine = args.round_engine(ServerState.from_model(model), args.num_clients)
+        self.strategy = FedPACStrategy(engine, **strategy_kwargs)
+        self.steps = TrainerState()
+        self.steps.compute_steps(
+            args, args.num_rounds
+        )  # eval_steps / save_steps as Trainer reads them
+        self.output_dir = Path(args.output_dir)
+
+    @property
+    def engine(self) -> Any:
+        """The strategy's round engine."""
+        return self.strategy.engine
+
+    def after_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Flower's ``evaluate_fn``: evaluate, record and checkpoint after each round."""
+        engine = self.engine
+        if server_round == 0 or not engine.history:  # Flower's call before the first round
             return None
-        load_trainable_state(trainer.model, array_record_to_tensors(arrays))
-        metrics = trainer.evaluate()
-        return MetricRecord(
-            {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-        )
+        done = engine.state.round
+        last = done == engine.num_rounds
+        result = None
+        load_trainable_state(self.model, engine.state.params)
+        steps_due = self.args.eval_strategy == "steps" and done % self.steps.eval_steps == 0
+        if self.evaluate is not None and (last or steps_due):
+            self.model.eval()
+            with torch.no_grad():
+                metrics = dict(self.evaluate(self.model))
+            engine.history[-1].update(metrics)
+            logger.info("round %d: evaluation %s", done, metrics)
+            result = MetricRecord({k: float(v) for k, v in metrics.items()})
+        append_metrics(self.output_dir, engine.history[-1])
+        save_due = self.args.save_strategy == "steps" and done % self.steps.save_steps == 0
+        if last or save_due:
+            self.save_checkpoint()
+        return result
 
-    return evaluate
+    def save_checkpoint(self) -> Path:
+        """Write ``output_dir/checkpoint-round-{r}``: global state, run identity, history, model."""
+        engine = self.engine
+        try:
+            partition = self.args.build_partitioner().settings()
+        except ValueError:
+            partition = None
+        meta = {
+            "run": run_identity(
+                model=self.model,
+                algorithm=engine.algorithm,
+                num_clients=engine.num_clients,
+                seed=self.args.seed,
+                partition=partition,
+                params=engine.state.params,
+            ),
+            "history": engine.history,
+        }
+        target = self.output_dir / f"{CHECKPOINT_PREFIX}{engine.state.round}"
+        save_model = getattr(self.model, "save_pretrained", None)
+        path = save_federated_checkpoint(target, engine.state, meta, save_model)
+        logger.info("global state of round %d written to %s", engine.state.round, path)
+        return path
+
+    def run(self, grid: Grid, round_timeout: float = 3600.0) -> None:
+        """Run the remaining rounds with Flower's ``Strategy.start``."""
+        engine = self.engine
+        self.strategy.start(
+            grid,
+            tensors_to_array_record(engine.state.params),
+            num_rounds=engine.num_rounds - engine.state.round,
+            timeout=round_timeout,
+            evaluate_fn=self.after_round,
+        )
+        load_trainable_state(self.model, engine.state.params)
 
 
 def make_server_app(
-    build_trainer: TrainerFactory,
+    build_model: ModelFactory,
+    build_evaluator: EvaluatorFactory | None = None,
     arguments: FedPACArguments | None = None,
     *,
     round_timeout: float = 3600.0,
     on_finish: FinishCallback | None = None,
     **strategy_kwargs: Any,
 ) -> ServerApp:
-    """A Flower ``ServerApp`` running FedPAC with ``build_trainer``'s model and arguments.
+    """A Flower ``ServerApp`` running FedPAC on the global model ``build_model`` makes.
 
     Parameters
     ----------
-    build_trainer:
-        ``build_trainer(args) -> FedPACTrainer``, the callable the ClientApp uses.
+    build_model:
+        ``build_model(args, run_config) -> model``, with the same trainable
+        parameters and initial weights as the clients' model.
+    build_evaluator:
+        ``build_evaluator(args, run_config) -> evaluate(model) -> metrics``
+        (e.g. :func:`fedpac_hf.evaluation.make_evaluator`); ``None``: no
+        central evaluation.
     arguments:
         Fixed arguments; default: the run config (:func:`arguments_from_run_config`).
     round_timeout:
         Seconds to wait for a round's replies; later ones are dropped.
     on_finish:
-        Called with ``(trainer, strategy)`` after the last round (the trainer's
-        model then holds the final global parameters).
+        Called with ``(model, strategy)`` after the last round (the model then
+        holds the final global parameters).
     **strategy_kwargs:
-        Overrides of :class:`FedPACStrategy`'s arguments (e.g. ``node_wait_timeout``).
+        Passed to :class:`FedPACStrategy` (e.g. ``node_wait_timeout``).
 
     Returns
     -------
     ServerApp
-        Runs ``args.num_rounds`` rounds, evaluates the global model on the
-        trainer's ``eval_dataset`` every ``eval_every_rounds`` rounds, logs
-        every round through ``trainer.log`` and writes the final federated
-        checkpoint (and ``save_every_rounds`` ones) under ``output_dir``.
+        Runs ``args.num_rounds`` rounds (see the module docstring).
     """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         args = arguments or arguments_from_run_config(context.run_config)
-        trainer = build_trainer(args)
-        trainer.model.to(trainer.args.device)
-        state = ServerState.from_model(trainer.model)
-        trainer.server_state = state
-        trainer.round_history = []
-
-        def round_end(server_round: int, new_state: ServerState, metrics: dict) -> None:
-            trainer.server_state = new_state
-            trainer.state.global_step = server_round
-            trainer.round_history.append(dict(metrics))
-            trainer.log(dict(metrics))
-            every = args.save_every_rounds
-            if every and server_round % every == 0 and server_round != args.num_rounds:
-                trainer.save_federated_checkpoint()
-
-        strategy = FedPACStrategy.from_trainer(
-            trainer,
-            trainer.setup_clients(),
-            initial_state=state,
-            on_round_end=round_end,
-            **strategy_kwargs,
-        )
-        evaluate = _evaluate_fn(trainer) if trainer.eval_dataset is not None else None
-
-        def evaluate_and_record(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-            result = evaluate(server_round, arrays) if evaluate is not None else None
-            if result is not None and trainer.round_history:
-                trainer.round_history[-1].update(dict(result))
-            return result
-
-        strategy.start(
-            grid,
-            tensors_to_array_record(state.params),
-            num_rounds=args.num_rounds,
-            timeout=round_timeout,
-            evaluate_fn=evaluate_and_record,
-        )
-        load_trainable_state(trainer.model, strategy.server_state.params)
-        path = trainer.save_federated_checkpoint()
-        if path is not None:
-            logger.info("final global state written to %s", path)
+        run_config = dict(context.run_config)
+        model = build_model(args, run_config)
+        evaluate = build_evaluator(args, run_config) if build_evaluator is not None else None
+        run = FlowerServerRun(args, model, evaluate, **strategy_kwargs)
+        run.run(grid, round_timeout)
         if on_finish is not None:
-            on_finish(trainer, strategy)
+            on_finish(model, run.strategy)
 
     return app

@@ -19,7 +19,7 @@ from fedpac_hf.checkpoint import CHECKPOINT_PREFIX
 from fedpac_hf.federated import ServerState
 
 from .clientapp import make_client_app
-from .config import TrainerFactory
+from .config import EvaluatorFactory, ModelFactory, TrainerFactory
 from .serverapp import make_server_app
 
 __all__ = ["SimulationResult", "run_fedpac_simulation"]
@@ -48,6 +48,9 @@ def run_fedpac_simulation(
     build_trainer: TrainerFactory,
     arguments: FedPACArguments,
     *,
+    build_model: ModelFactory,
+    build_evaluator: EvaluatorFactory | None = None,
+    run_config: dict[str, Any] | None = None,
     num_supernodes: int | None = None,
     backend_config: dict[str, Any] | None = None,
     verbose_logging: bool = False,
@@ -58,10 +61,17 @@ def run_fedpac_simulation(
     Parameters
     ----------
     build_trainer:
-        ``build_trainer(args) -> FedPACTrainer`` (model + data), called once by
-        the ServerApp and once in every simulation worker.
+        ``build_trainer(args, run_config) -> FedPACTrainer`` (model + data),
+        called once in every simulation worker (the clients).
     arguments:
         The run's arguments, as for ``FedPACTrainer``.
+    build_model:
+        ``build_model(args, run_config) -> model``: the server's global model.
+    build_evaluator:
+        ``build_evaluator(args, run_config) -> evaluate(model)``: central
+        evaluation on the server (optional).
+    run_config:
+        The app's own settings, handed to the factories (default ``{}``).
     num_supernodes:
         Virtual SuperNodes, one per client; default ``arguments.num_clients``.
     backend_config:
@@ -81,18 +91,32 @@ def run_fedpac_simulation(
     Raises
     ------
     RuntimeError
-        If a round has fewer than ``min_clients_per_round`` usable updates
-        (the ServerApp's error is re-raised).
+        If the ServerApp did not finish its rounds (e.g. a round had fewer
+        than ``min_clients_per_round`` usable updates: Flower logs the
+        ServerApp's ``RoundError`` naming why each client was dropped).
     """
     captured: dict[str, Any] = {}
+    config = dict(run_config or {})
 
-    def finish(trainer: Any, strategy: Any) -> None:
+    def finish(model: Any, strategy: Any) -> None:
         captured["state"] = strategy.server_state
-        captured["history"] = list(trainer.round_history)
+        captured["history"] = list(strategy.history)
 
-    server_app = make_server_app(build_trainer, arguments, on_finish=finish, **server_kwargs)
-    client_app = make_client_app(build_trainer, arguments)
-    config = backend_config or {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
+    def model_factory(args: FedPACArguments, _: Any) -> Any:
+        return build_model(args, config)
+
+    def evaluator_factory(args: FedPACArguments, _: Any) -> Any:
+        return build_evaluator(args, config) if build_evaluator is not None else None
+
+    def trainer_factory(args: FedPACArguments, _: Any) -> Any:
+        return build_trainer(args, config)
+
+    trainer_factory.__qualname__ = f"simulation:{getattr(build_trainer, '__qualname__', '')}"
+    server_app = make_server_app(
+        model_factory, evaluator_factory, arguments, on_finish=finish, **server_kwargs
+    )
+    client_app = make_client_app(trainer_factory, arguments)
+    backend = backend_config or {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     from flwr.simulation import run_simulation
 
@@ -100,7 +124,7 @@ def run_fedpac_simulation(
         server_app=server_app,
         client_app=client_app,
         num_supernodes=num_supernodes or arguments.num_clients,
-        backend_config=config,
+        backend_config=backend,
         verbose_logging=verbose_logging,
     )
     if "state" not in captured:

@@ -8,7 +8,7 @@ optimizer alike:
 - ``export_curvature()`` returns a flat ``dict[str, torch.Tensor]``: keys are
   ``f"{parameter_name}.{statistic}"`` (for instance ``"fc.weight.L"``), values
   are detached float32 CPU tensors holding only what may be averaged across
-  clients (see ``FEDPAC.md``: SOAP's Kronecker statistics, Sophia's Hessian
+  clients (see ``docs/algorithm.md``: SOAP's Kronecker statistics, Sophia's Hessian
   EMA, Muon's momentum, AdamW's second moment).
 - ``import_curvature(state)`` loads such a dict (normally the server's weighted
   average) as a warm start; keys and shapes are checked.

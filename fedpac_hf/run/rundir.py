@@ -1,0 +1,153 @@
+"""The run directory of ``fedpac-hf train``: settings, partition, metrics as they come, report.
+
+``config.yaml``
+    Every model/data setting and the training arguments that differ from
+    their defaults (``fedpac-hf train RUN_DIR/config.yaml`` reruns it).
+``partition.png`` / ``partition.txt``
+    The client x class heatmap and statistics table of the trainer's split.
+``metrics.jsonl`` / ``metrics.csv``
+    One row per round, written as the run goes (:class:`RunFilesCallback`).
+``accuracy.png`` (or ``perplexity.png``), ``loss.png``, ``drift.png``, ``bytes.png``, ``summary.md``
+    Drawn by :mod:`fedpac_hf.reporting` at the end (``fedpac-hf report`` redraws them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedpac_hf.arguments import FedPACArguments
+from fedpac_hf.callbacks import FedPACCallback
+
+from .config import ModelDataArguments, changed_training_arguments
+from .tasks import TaskBundle
+
+__all__ = [
+    "RunFilesCallback",
+    "print_final",
+    "render_config",
+    "write_config",
+    "write_partition_files",
+]
+
+
+class RunFilesCallback(FedPACCallback):
+    """Write a run's per-round metrics as they come, and its report at the end.
+
+    After every round (main process only) the round's metrics are appended to
+    ``metrics.jsonl`` and ``metrics.csv`` is rewritten; at the end of training
+    the figures and ``summary.md`` are drawn. On resume, rows of rounds after
+    the checkpoint are dropped so the files match the resumed history.
+
+    Parameters
+    ----------
+    run_dir : str or os.PathLike
+        The run directory (usually ``args.output_dir``).
+    title : str, optional
+        Prefix of the figure titles.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, title: str | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.title = title
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: D102
+        if not state.is_world_process_zero:
+            return control
+        import json
+
+        from fedpac_hf.reporting import METRICS_JSONL, read_metrics, write_metrics_csv
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        jsonl = self.run_dir / METRICS_JSONL
+        kept = []
+        if jsonl.is_file():
+            kept = [r for r in read_metrics(self.run_dir) if r.get("round", 0) <= state.global_step]
+        tmp = jsonl.with_name(jsonl.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        os.replace(tmp, jsonl)
+        write_metrics_csv(self.run_dir, kept)
+        return control
+
+    def on_round_end(self, args, state, control, **kwargs):  # noqa: D102
+        if state.is_world_process_zero and kwargs.get("metrics") is not None:
+            from fedpac_hf.reporting import append_metrics
+
+            append_metrics(self.run_dir, kwargs["metrics"])
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):  # noqa: D102
+        if state.is_world_process_zero:
+            from fedpac_hf.reporting import write_report
+
+            write_report(self.run_dir, title=self.title)
+        return control
+
+
+def render_config(margs: ModelDataArguments, args: FedPACArguments) -> str:
+    """The text of ``config.yaml``: the model/data settings and the changed training arguments.
+
+    Call it before building the trainer: finding the defaults builds a fresh
+    ``TrainingArguments``, which resets Accelerate's process-wide state.
+    """
+    import yaml
+
+    settings = dataclasses.asdict(margs)
+    settings.update(changed_training_arguments(args))
+    return yaml.safe_dump(settings, sort_keys=False)
+
+
+def write_config(run_dir: Path, text: str) -> None:
+    """Write ``config.yaml`` (:func:`render_config`) atomically."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / "config.yaml.tmp"
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, run_dir / "config.yaml")
+
+
+def write_partition_files(run_dir: Path, trainer: Any, bundle: TaskBundle, title: str) -> None:
+    """Write ``partition.txt`` and ``partition.png`` for the trainer's split of the training rows."""
+    from fedpac_hf.partition import partition_stats, plot_label_heatmap, read_column
+
+    trainer.setup_clients()
+    partitioner = trainer.partitioner
+    if bundle.class_column is not None:
+        labels = read_column(bundle.train_dataset, bundle.class_column)
+        num_classes = len(bundle.class_names) if bundle.class_names else None
+    else:
+        labels, num_classes = np.zeros(len(bundle.train_dataset), dtype=np.int64), None
+    stats = partition_stats(
+        trainer.client_indices,
+        labels,
+        num_classes=num_classes,
+        client_names=getattr(partitioner, "client_ids", None),
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "partition.txt").write_text(
+        f"{partitioner!r}\n\n{stats.table(max_clients=10)}\n", encoding="utf-8"
+    )
+    plot_label_heatmap(stats, run_dir / "partition.png", title=title)
+
+
+def print_final(metrics: dict[str, Any], run_dir: Path) -> None:
+    """Print the final quality metric, the final evaluation metrics and where the run is."""
+    from fedpac_hf.reporting import quality_metric
+
+    key = quality_metric([metrics])
+    rounds = int(metrics.get("round", 0))
+    if key is not None:
+        print(f"final {key.removeprefix('eval_')} after {rounds} rounds: {metrics[key]:.4f}")
+    shown = {
+        k: round(float(v), 4)
+        for k, v in metrics.items()
+        if k.startswith("eval_")
+        and isinstance(v, int | float)
+        and "runtime" not in k
+        and "per_second" not in k
+    }
+    print(f"final metrics: {shown}")
+    print(f"run directory: {run_dir} (summary.md, metrics.jsonl/csv, plots, model)")
