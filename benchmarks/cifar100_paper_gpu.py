@@ -21,7 +21,7 @@ Each run's per-round metrics land in ``OUTPUT/<run>/metrics.jsonl``; ``summary``
 (also printed after ``run``) writes ``OUTPUT/summary.md`` with the final test
 accuracy (mean ± std over seeds) beside the expected numbers below.
 
-Expected numbers (CIFAR-100, ViT-Tiny, Dirichlet 0.1, from /work/shared/FEDPAC.md):
+Expected numbers (CIFAR-100, ViT-Tiny, Dirichlet 0.1, see docs/algorithm.md):
 the FedMuon paper (same authors and setup) reports FedAvg 27.1, local AdamW
 37.9, local Muon 40.5 and FedMuon 48.2 % test accuracy; the FedPAC paper
 reports up to +5.8 points over the best baseline with ViTs. FedMuon is the
@@ -110,8 +110,8 @@ def base_overrides(ns: argparse.Namespace) -> list[str]:
             "--num_rounds", "2", "--local_steps", "2", "--num_clients", "10",
             "--clients_per_round", "2", "--hidden_size", "32", "--num_hidden_layers", "1",
             "--num_attention_heads", "2", "--intermediate_size", "64", "--bf16", "false",
-            "--dataloader_num_workers", "0", "--eval_every_rounds", "1",
-            "--per_device_train_batch_size", "16", "--save_every_rounds", "0",
+            "--dataloader_num_workers", "0", "--eval_steps", "1",
+            "--per_device_train_batch_size", "16", "--save_strategy", "no",
         ]  # fmt: skip
     elif ns.rounds:
         over += ["--num_rounds", str(ns.rounds)]

@@ -4,8 +4,8 @@ Runs a grid of federated trainings through :func:`fedpac_hf.run.run_training`
 (the code path of ``fedpac-hf train``) and caches one JSON per run under
 ``benchmarks/results/`` (the run's settings, the command that reproduces it
 and its per-round metrics). A second step builds ``benchmarks/RESULTS.md``
-(with the hand-written analysis of ``benchmarks/fedpac_results_notes.md`` near
-the top) and the accuracy/perplexity plots from whatever JSONs exist, so a
+(keeping the hand-written analysis between its ``<!-- analysis -->`` markers
+near the top) and the accuracy/perplexity plots from whatever JSONs exist, so a
 partial grid still yields a report.
 
 Protocol
@@ -601,6 +601,19 @@ def _human(x: float) -> str:
     return f"{x:.0f} B"
 
 
+ANALYSIS_START, ANALYSIS_END = "<!-- analysis -->", "<!-- /analysis -->"
+
+
+def _analysis(path: Path) -> str:
+    """The hand-written analysis of an existing report (kept when the tables are rebuilt)."""
+    if not path.is_file():
+        return ""
+    text = path.read_text(encoding="utf-8")
+    if ANALYSIS_START not in text or ANALYSIS_END not in text:
+        return ""
+    return text.split(ANALYSIS_START, 1)[1].split(ANALYSIS_END, 1)[0].strip()
+
+
 def report(s: Settings, out: Path) -> None:
     """Build RESULTS.md and the PNGs from the cached JSONs."""
     done = load_results(s.results)
@@ -634,9 +647,9 @@ def report(s: Settings, out: Path) -> None:
         f"{s.lm_rounds} rounds x K = {s.local_steps}. CPU, one torch thread per run, two runs "
         "at a time on a shared 2-core machine (wall times are therefore noisy, +-30 %).\n"
     )
-    notes = BENCH / "fedpac_results_notes.md"
-    if notes.is_file() and not s.quick:
-        add(notes.read_text(encoding="utf-8").strip() + "\n")
+    notes = _analysis(out)
+    if notes and not s.quick:
+        add(f"{ANALYSIS_START}\n{notes}\n{ANALYSIS_END}\n")
     _tuning_section(lines, groups, s)
     metric_vit = "eval_accuracy"
     last = 5
