@@ -147,6 +147,42 @@ def _simulate(out: Path, **overrides) -> None:
     simulate(**kwargs)
 
 
+def _cli_config(out: Path, text: str | bytes, *argv: str) -> None:
+    """``fedpac-hf train`` on a config file holding exactly ``text``."""
+    from fedpac_hf.cli import main
+
+    config = out / "run.yaml"
+    if isinstance(text, bytes):
+        config.write_bytes(text)
+    else:
+        config.write_text(text)
+    main(["train", str(config), *argv])
+
+
+def _finished_cli_run(out: Path) -> None:
+    _cli(out, _TINY_CLI + "save_strategy: steps\nsave_steps: 1\n")
+
+
+def _scores_csv(out: Path) -> Path:
+    """A classification CSV whose label column holds continuous scores."""
+    path = out / "scores.csv"
+    rows = "".join(f"review {i} of a product,{(i * 37 % 100) / 20:.2f}\n" for i in range(40))
+    path.write_text("text,label\n" + rows)
+    return path
+
+
+def _command(out: Path, *argv: str) -> None:
+    from fedpac_hf.cli import main
+
+    main(list(argv))
+
+
+def _run_config(**settings) -> None:
+    from fedpac_hf.flower import arguments_from_run_config
+
+    arguments_from_run_config(settings, app_settings=("dataset",))
+
+
 def _empty_client(out: Path) -> None:
     data = _tiny_data()
     _train(out, clients=[data.select(range(32)), data.select([])])
@@ -291,6 +327,187 @@ CASES = [
         "evaluation per epoch (a round is a step)",
         "`FedPACArguments`",
         lambda o: _args(o, eval_strategy="epoch"),
+    ),
+    Case(
+        "max_grad_norm < 0 (it used to mean 'no clipping')",
+        "`fedpac-hf train`",
+        lambda o: _cli(o, _TINY_CLI, "--max_grad_norm", "-1"),
+    ),
+    Case(
+        "max_grad_norm nan",
+        "`fedpac-hf train`",
+        lambda o: _cli(o, _TINY_CLI, "--max_grad_norm", "nan"),
+    ),
+    Case("server learning rate < 0", "`simulate`", lambda o: _simulate(o, server_lr=-1.0)),
+    Case(
+        "warm-up longer than the run (warm-up counts rounds)",
+        "`fedpac-hf train`",
+        lambda o: _cli(o, _TINY_CLI, "--warmup_steps", "1000", "--num_rounds", "2"),
+    ),
+    Case(
+        "continuous float labels in a classification CSV",
+        "`fedpac-hf train`",
+        lambda o: _cli(
+            o,
+            _TINY_CLI.replace("dataset: digits", f"dataset: {_scores_csv(o)}")
+            + "task: sequence_classification\n",
+        ),
+    ),
+    Case(
+        "LoRA settings with lora_r 0 (full fine-tuning)",
+        "`fedpac-hf train`",
+        lambda o: _cli(o, _TINY_CLI, "--lora_target_modules", "query"),
+    ),
+    Case(
+        "LoRA targets that match no layer",
+        "`fedpac-hf train`",
+        lambda o: _cli(o, _TINY_CLI, "--lora_r", "4", "--lora_target_modules", "qkv"),
+    ),
+    Case("an empty config file", "`fedpac-hf train`", lambda o: _cli_config(o, "")),
+    Case(
+        "a config that is not valid YAML",
+        "`fedpac-hf train`",
+        lambda o: _cli_config(o, "num_rounds: 3\nlocal_steps: [2\n"),
+    ),
+    Case(
+        "a binary file as config", "`fedpac-hf train`", lambda o: _cli_config(o, b"\x89PNG\x00\xff")
+    ),
+    Case(
+        "a list for a number",
+        "`fedpac-hf train`",
+        lambda o: _cli(o, _TINY_CLI + "num_rounds: [1, 2]\n"),
+    ),
+    Case(
+        "a fraction for a count",
+        "`fedpac-hf train`",
+        lambda o: _cli(o, _TINY_CLI.replace("num_rounds: 1", "num_rounds: 1.7")),
+    ),
+    Case(
+        "a mapping for a name",
+        "`fedpac-hf train`",
+        lambda o: _cli(o, _TINY_CLI + "algorithm: {name: fedavg}\n"),
+    ),
+    Case(
+        "mistyped optimizer option",
+        "`fedpac-hf train`",
+        lambda o: _cli(o, _TINY_CLI, "--client_optimizer_kwargs", '{"precondition_freq": 3}'),
+    ),
+    Case(
+        "optimizer option of the wrong type",
+        "`fedpac-hf train`",
+        lambda o: _cli(
+            o, _TINY_CLI, "--client_optimizer_kwargs", '{"precondition_frequency": "x"}'
+        ),
+    ),
+    Case(
+        "output_dir that is a file",
+        "`fedpac-hf train`",
+        lambda o: (
+            _scores_csv(o),
+            _cli_config(o, _TINY_CLI, "--output_dir", str(o / "scores.csv")),
+        ),
+    ),
+    Case(
+        "output_dir inside a file",
+        "`fedpac-hf train`",
+        lambda o: (
+            _scores_csv(o),
+            _cli_config(o, _TINY_CLI, "--output_dir", str(o / "scores.csv" / "run")),
+        ),
+    ),
+    Case(
+        "output_dir holding a finished run (no resume, no overwrite)",
+        "`fedpac-hf train`",
+        lambda o: (_finished_cli_run(o), _cli(o, _TINY_CLI)),
+    ),
+    Case(
+        "model folder that does not exist",
+        "`fedpac-hf train`",
+        lambda o: _cli(o, _TINY_CLI, "--model_name_or_path", str(o / "no_model")),
+    ),
+    Case(
+        "model folder that is empty",
+        "`fedpac-hf train`",
+        lambda o: (
+            (o / "empty").mkdir(),
+            _cli(o, _TINY_CLI, "--model_name_or_path", str(o / "empty")),
+        ),
+    ),
+    Case(
+        "model folder that holds no model",
+        "`fedpac-hf train`",
+        lambda o: (
+            (o / "notes").mkdir(),
+            (o / "notes" / "readme.txt").write_text("not a model"),
+            _cli(o, _TINY_CLI, "--model_name_or_path", str(o / "notes")),
+        ),
+    ),
+    Case(
+        "label column that holds images",
+        "`fedpac-hf train`",
+        lambda o: _cli(o, _TINY_CLI, "--label_column", "image"),
+    ),
+    Case(
+        "resume a round-2 checkpoint with num_rounds 1",
+        "`fedpac-hf train`",
+        lambda o: (
+            _cli(o, _TINY_CLI + "save_strategy: steps\nsave_steps: 1\n", "--num_rounds", "2"),
+            _cli(o, _TINY_CLI, "--resume_from_checkpoint", "true"),
+        ),
+    ),
+    Case(
+        "loss function returning a tuple",
+        "`simulate`",
+        lambda o: _simulate(o, loss_fn=lambda m, b: (m(b[0]).sum(), 0)),
+    ),
+    Case("num_rounds 1.5", "`simulate`", lambda o: _simulate(o, num_rounds=1.5)),
+    Case(
+        "a misspelt run-config key", "Flower run config", lambda o: _run_config(**{"num-round": 3})
+    ),
+    Case(
+        "a fraction for a count", "Flower run config", lambda o: _run_config(**{"local-steps": 2.5})
+    ),
+    Case(
+        "text that is not a boolean",
+        "`FedPACArguments`",
+        lambda o: _args(o, align="maybe"),
+    ),
+    Case(
+        "a file where the run directory should be",
+        "`fedpac-hf report`",
+        lambda o: (_scores_csv(o), _command(o, "report", str(o / "scores.csv"))),
+    ),
+    Case(
+        "a table of no client",
+        "`fedpac-hf partition`",
+        lambda o: _command(
+            o,
+            "partition",
+            "--dataset",
+            "digits",
+            "--partitioner",
+            "iid",
+            "--num-clients",
+            "4",
+            "--max-clients-shown",
+            "0",
+        ),  # fmt: skip
+    ),
+    Case(
+        "Dirichlet alpha nan",
+        "`fedpac-hf partition`",
+        lambda o: _command(
+            o,
+            "partition",
+            "--dataset",
+            "digits",
+            "--partitioner",
+            "dirichlet",
+            "--num-clients",
+            "4",
+            "--alpha",
+            "nan",
+        ),  # fmt: skip
     ),
     Case(
         "fp16 (needs a gradient scaler per client)",

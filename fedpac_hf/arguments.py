@@ -34,6 +34,7 @@ from fedpac_hf.federated import (
     get_algorithm,
     round_learning_rates,
 )
+from fedpac_hf.validation import coerce_fields
 
 __all__ = ["FedPACArguments", "REPLACED_SETTINGS"]
 
@@ -100,8 +101,8 @@ class FedPACArguments(TrainingArguments):
     clients_per_round: float = field(
         default=0.1,
         metadata={
-            "help": "Clients sampled per round: a fraction in (0, 1] of num_clients or a "
-            "whole count > 1."
+            "help": "Clients sampled per round: a fraction in (0, 1) of num_clients (0.1: "
+            "10%) or a whole count >= 1 (1: one client; num_clients: all)."
         },
     )
     local_steps: int = field(
@@ -119,6 +120,14 @@ class FedPACArguments(TrainingArguments):
     min_clients_per_round: int = field(
         default=1,
         metadata={"help": "A round whose surviving client updates are fewer than this fails."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start a new run in an output_dir that holds another run's checkpoints "
+            "or metrics (they are deleted). Without it such a start is refused; "
+            "resume_from_checkpoint continues the run instead."
+        },
     )
     # --- partitioning (used when the trainer gets one train_dataset) --------
     num_clients: int = field(
@@ -176,10 +185,22 @@ class FedPACArguments(TrainingArguments):
             # torchrun / accelerate launch on a CPU-only machine: Accelerate only sets up
             # its gloo process group (and reports the real world size) with cpu=True.
             self.use_cpu = True
+        # one reading of every setting, whichever door (YAML, CLI, Python, Flower) it came by
+        coerce_fields(self)
+        if isinstance(
+            self.resume_from_checkpoint, str
+        ) and self.resume_from_checkpoint.strip().lower() in ("", "false", "no", "none"):
+            self.resume_from_checkpoint = None
         if self.dataloader_pin_memory and not torch.cuda.is_available():
             self.dataloader_pin_memory = (
                 False  # pinning needs an accelerator; torch warns otherwise
             )
+        if self.output_dir and os.path.exists(self.output_dir):
+            if not os.path.isdir(self.output_dir):
+                raise ValueError(
+                    f"output_dir={self.output_dir!r} is a file, not a directory; choose another "
+                    "output_dir"
+                )
         super().__post_init__()
         if isinstance(self.client_optimizer_kwargs, str):
             try:
@@ -208,12 +229,26 @@ class FedPACArguments(TrainingArguments):
                 f"learning_rate (the clients' local rate) must be a positive number, got "
                 f"{self.learning_rate}"
             )
-        if not self.clients_per_round > 0 or (
-            self.clients_per_round > 1 and self.clients_per_round != int(self.clients_per_round)
+        if not 0 < self.clients_per_round < 1 and (
+            self.clients_per_round < 1 or not float(self.clients_per_round).is_integer()
         ):
             raise ValueError(
-                f"clients_per_round must be a fraction in (0, 1] or a whole count >= 1, got "
+                f"clients_per_round must be a fraction in (0, 1) or a whole count >= 1, got "
                 f"{self.clients_per_round}"
+            )
+        if self.clients_per_round >= 1:
+            self.clients_per_round = int(self.clients_per_round)  # a count, however it was written
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
+            raise ValueError(
+                f"max_grad_norm must be a finite number >= 0 (0 turns clipping off), got "
+                f"{self.max_grad_norm}"
+            )
+        warmup = self.get_warmup_steps(self.num_rounds)
+        if warmup >= self.num_rounds:
+            raise ValueError(
+                f"warmup_steps counts rounds (a round is one global step): {warmup} warm-up "
+                f"rounds in a {self.num_rounds}-round run would never reach learning_rate; use "
+                f"fewer than num_rounds={self.num_rounds} (or a fraction such as 0.1)"
             )
         if not (self.server_learning_rate > 0 and math.isfinite(self.server_learning_rate)):
             raise ValueError(
@@ -357,9 +392,9 @@ class FedPACArguments(TrainingArguments):
                 **dict(algorithm.optimizer_kwargs),
             )
         except (ValueError, TypeError) as err:
-            raise type(err)(
-                f"client optimizer {algorithm.optimizer!r} refuses client_optimizer_kwargs / "
-                f"weight_decay: {err}"
+            raise ValueError(
+                f"client optimizer {algorithm.optimizer!r} refuses client_optimizer_kwargs="
+                f"{self.client_optimizer_kwargs or {}} / weight_decay={self.weight_decay}: {err}"
             ) from None
 
     def assign_clients(self, dataset: Any, partitioner: Any = None) -> list[Any]:

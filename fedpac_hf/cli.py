@@ -2,10 +2,13 @@
 
 Each subcommand is a pair of functions registered in :data:`SUBCOMMANDS`:
 ``add_arguments(parser)`` declares its options and ``run(args) -> int`` does
-the work; ``partition``, ``train`` and ``report`` are registered. Mistakes a user can make (a bad option value, a
-missing column or file) end in a one-line ``fedpac-hf <cmd>: error: ...``
-message and exit status 2, without a traceback; a round that fails (too few
-clients succeeded, a non-finite global model) ends in one line and status 1.
+the work; ``partition``, ``train`` and ``report`` are registered. Mistakes a
+user can make (a bad option value, a missing column, file or model, an
+unwritable or busy output_dir: ``ValueError``, ``OSError``, ``ImportError``)
+end in a one-line ``fedpac-hf <cmd>: error: ...`` message and exit status 2,
+without a traceback; a round that fails (too few clients succeeded, a
+non-finite global model) ends in one line and status 1. A bug in training
+code (a loss that is not a scalar, a model called wrongly) keeps its traceback.
 """
 
 from __future__ import annotations
@@ -122,6 +125,8 @@ def _partitioner_kwargs(args: argparse.Namespace) -> dict:
 
 def run_partition(args: argparse.Namespace) -> int:
     """Partition a dataset, print its statistics table and optionally write the heatmap."""
+    if args.max_clients_shown < 1:
+        raise ValueError(f"--max-clients-shown must be at least 1, got {args.max_clients_shown}")
     from fedpac_hf.data import load_dataset_by_name
     from fedpac_hf.partition import (
         get_partitioner,
@@ -268,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Output piped into e.g. `head`, which stopped reading: not an error.
         sys.stdout = open(os.devnull, "w")
         return 0
-    except (ValueError, FileNotFoundError, ImportError) as error:
+    except (ValueError, OSError, ImportError) as error:  # caused by input: one line, status 2
         message = " ".join(str(error).split())
         args._parser.exit(2, f"{args._parser.prog}: error: {message}\n")
     except RuntimeError as error:

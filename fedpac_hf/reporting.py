@@ -520,6 +520,8 @@ def write_report(run_dir: str | os.PathLike, title: str | None = None) -> list[P
         The files written, figures first and ``summary.md`` last.
     """
     path = Path(run_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} is a file; give the run directory (the run's output_dir)")
     if not path.is_dir():
         raise FileNotFoundError(f"run directory {path} does not exist")
     records = read_metrics(path)

@@ -46,6 +46,7 @@ from fedpac_hf.federated import (
     load_trainable_state,
     trainable_parameters,
 )
+from fedpac_hf.output_dir import claim_output_dir
 from fedpac_hf.trainer_checkpoints import RoundCheckpointsMixin
 
 __all__ = ["FedPACTrainer", "FedPACCallback"]
@@ -336,6 +337,22 @@ class FedPACTrainer(RoundCheckpointsMixin, Trainer):
         """
         if trial is not None:
             raise ValueError("hyperparameter search is not supported by FedPACTrainer")
+        claim = None
+        if self.args.should_save:  # one run per output_dir, and never over another run's files
+            claim = claim_output_dir(
+                self.args.output_dir,
+                resume=bool(resume_from_checkpoint),
+                overwrite=self.args.overwrite_output_dir,
+            )
+        try:
+            return self._train_rounds(resume_from_checkpoint, trial, ignore_keys_for_eval)
+        finally:
+            if claim is not None:
+                claim.release()
+
+    def _train_rounds(
+        self, resume_from_checkpoint: str | bool | None, trial: Any, ignore_keys_for_eval: Any
+    ) -> TrainOutput:
         args = self.args
         start_time = time.time()
         self.ensure_accelerator()

@@ -82,6 +82,11 @@ class RoundCheckpointsMixin:
                 )
             checkpoint = str(found)
         state, meta = load_federated_checkpoint(checkpoint)
+        if state.round > self.args.num_rounds:
+            raise ValueError(
+                f"cannot resume from {checkpoint}: it is at round {state.round}, past "
+                f"num_rounds={self.args.num_rounds}; raise num_rounds to continue the run"
+            )
         check_resumable(
             checkpoint,
             meta.get("run", {}),

@@ -24,6 +24,10 @@ def test_every_bad_input_gets_a_message_and_the_doc_is_current():
         assert outcome != "no error", f"{case.mistake} ({case.where}) was accepted"
         assert message.strip(), f"{case.mistake} ({case.where}) gave no message"
         assert "Traceback" not in message
+        if case.where.startswith("`fedpac-hf "):  # a user error: one line, status 2
+            command = case.where.strip("`")
+            assert outcome == "exit status 2", f"{case.mistake}: {outcome} {message}"
+            assert message.startswith(f"{command}: error: "), message
     assert script.DOC.read_text(encoding="utf-8") == script.render(rows), (
         "docs/bad_inputs.md is stale: run python docs/make_bad_inputs_table.py"
     )

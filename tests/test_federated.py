@@ -119,14 +119,17 @@ def test_sampling_is_deterministic_distinct_and_sized():
 
 def test_participation_fractions_and_counts():
     assert resolve_clients_per_round(100, 0.1) == 10
-    assert resolve_clients_per_round(100, 1.0) == 100
+    # 1 means one client however it is written: the command line types it as 1.0
+    assert resolve_clients_per_round(100, 1.0) == resolve_clients_per_round(100, 1) == 1
     assert resolve_clients_per_round(100, 0.001) == 1
     assert resolve_clients_per_round(100, 7) == 7
     assert resolve_clients_per_round(100, 7.0) == 7
     with pytest.raises(ValueError, match="more than the 10 clients"):
         resolve_clients_per_round(10, 11)
-    with pytest.raises(ValueError, match="at least 1"):
+    with pytest.raises(ValueError, match="neither a fraction"):
         resolve_clients_per_round(10, 0)
+    with pytest.raises(ValueError, match="neither a fraction"):
+        resolve_clients_per_round(10, 2.5)
     with pytest.raises(ValueError, match="fraction"):
         resolve_clients_per_round(10, -0.5)
 

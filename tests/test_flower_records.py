@@ -75,9 +75,10 @@ def test_run_config_keys_become_arguments(tmp_path):
             "num-rounds": 4,
             "algorithm": "fedpac_muon",
             "client-optimizer-kwargs": '{"momentum": 0.9}',
-            "dataset": "mnist5k",  # the app's own key, ignored here
+            "dataset": "mnist5k",  # the app's own key, left to the app
             "output-dir": str(tmp_path),
-        }
+        },
+        app_settings=("dataset",),
     )
     assert args.num_rounds == 4 and args.build_algorithm().optimizer == "muon"
     assert args.client_optimizer_kwargs == {"momentum": 0.9}

@@ -28,6 +28,7 @@ from .algorithms import Algorithm
 from .state import ServerState, load_trainable_state, trainable_parameters
 
 __all__ = [
+    "PROGRAMMING_ERRORS",
     "ClientUpdate",
     "ClientError",
     "ClientFailure",
@@ -40,6 +41,19 @@ __all__ = [
 LossFn = Callable[[torch.nn.Module, Any], Any]
 
 logger = logging.getLogger(__name__)
+
+
+PROGRAMMING_ERRORS: tuple[type[BaseException], ...] = (
+    TypeError,
+    AttributeError,
+    NameError,
+    NotImplementedError,
+)
+"""Exceptions that mean the training code is wrong (loss function, model, collator).
+
+Every client would fail the same way, so :func:`run_client` stops the run
+with them instead of dropping the client.
+"""
 
 
 class ClientError(RuntimeError):
@@ -90,6 +104,10 @@ def run_client(
     exception type and its message, and returned as a :class:`ClientFailure`
     for the caller to leave out of the round's aggregation.
     ``KeyboardInterrupt``, ``SystemExit`` and other non-``Exception`` errors are not caught.
+    Neither are :data:`PROGRAMMING_ERRORS` (``TypeError``, ``AttributeError``,
+    ...): a loss function that returns a tuple, or a model called with a
+    wrong argument, is a bug in the training code, reported once (logged as an
+    error, then raised with its traceback) rather than as every client dropped.
 
     Parameters
     ----------
@@ -110,6 +128,16 @@ def run_client(
     """
     try:
         return train()
+    except PROGRAMMING_ERRORS as error:
+        (log or logger).error(
+            "round %d, client %d: %s: %s; this is a bug in the training code (the loss "
+            "function, the model or the data collator), not a failing client: the run stops",
+            round_number,
+            client_id,
+            type(error).__name__,
+            " ".join(str(error).split()),
+        )
+        raise
     except Exception as error:  # noqa: BLE001 - any client failure drops only that client
         message = " ".join(str(error).split()) or "(no message)"
         prefix = f"client {client_id}: "
@@ -176,6 +204,18 @@ def batch_size(batch: Any) -> int:
         if isinstance(value, torch.Tensor) and value.ndim > 0:
             return int(value.shape[0])
     raise TypeError("cannot count the examples in a batch without a tensor")
+
+
+def _scalar_loss(loss: Any) -> torch.Tensor:
+    """The loss as ``loss_fn`` returned it, if it is a one-element tensor (else ``TypeError``)."""
+    if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+        return loss
+    shape = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else None
+    raise TypeError(
+        "loss_fn(model, batch) must return the batch's loss as a scalar tensor, got "
+        + (shape or f"a {type(loss).__name__}")
+        + " (reduce it with .mean(), or return outputs.loss rather than the model output)"
+    )
 
 
 def _default_clip(params: list[torch.Tensor], max_norm: float) -> None:
@@ -251,6 +291,11 @@ def client_update(
         )
     if lr <= 0 or not math.isfinite(lr):
         raise ValueError(f"the local learning rate must be a positive number, got {lr}")
+    if max_grad_norm is not None and not (math.isfinite(max_grad_norm) and max_grad_norm >= 0):
+        raise ValueError(
+            f"max_grad_norm must be a finite number >= 0 (0 or None: no clipping), got "
+            f"{max_grad_norm}"
+        )
     if optimizer_factory is None:
         from fedpac_hf.optim import create_optimizer as optimizer_factory
     backward = backward or (lambda loss: loss.backward())
@@ -301,7 +346,7 @@ def client_update(
             optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0
             for batch in micro:
-                loss = loss_fn(model, batch)
+                loss = _scalar_loss(loss_fn(model, batch))
                 if gradient_accumulation_steps > 1:
                     loss = loss / gradient_accumulation_steps
                 backward(loss)

@@ -15,27 +15,25 @@ __all__ = ["resolve_clients_per_round", "sample_clients"]
 def resolve_clients_per_round(num_clients: int, clients_per_round: int | float) -> int:
     """Turn a count or a fraction of ``num_clients`` into a count S in [1, num_clients].
 
-    An ``int`` is a count; a ``float`` in (0, 1] is a fraction (rounded, at
-    least one client). Raises ``ValueError`` for impossible participation.
+    A value in (0, 1) is a fraction (rounded, at least one client); a value
+    >= 1 is a count and must be whole, however it is written (``1``, ``1.0``
+    and ``"1"`` all mean one client). Raises ``ValueError`` for impossible
+    participation.
     """
     if num_clients < 1:
         raise ValueError(f"num_clients must be at least 1, got {num_clients}")
-    if isinstance(clients_per_round, bool):
-        raise ValueError("clients_per_round must be a count or a fraction, not a bool")
-    if isinstance(clients_per_round, float) and clients_per_round <= 1.0:
-        if clients_per_round <= 0.0:
-            raise ValueError(
-                f"clients_per_round as a fraction must lie in (0, 1], got {clients_per_round}"
-            )
-        return max(1, int(round(clients_per_round * num_clients)))
-    if float(clients_per_round) != int(clients_per_round):
+    if isinstance(clients_per_round, bool) or not isinstance(clients_per_round, int | float):
         raise ValueError(
-            f"clients_per_round={clients_per_round} is neither a fraction in (0, 1] "
-            "nor a whole number of clients"
+            f"clients_per_round must be a count or a fraction, got {clients_per_round!r}"
+        )
+    if 0.0 < clients_per_round < 1.0:
+        return max(1, int(round(clients_per_round * num_clients)))
+    if not clients_per_round >= 1 or not float(clients_per_round).is_integer():
+        raise ValueError(
+            f"clients_per_round={clients_per_round} is neither a fraction in (0, 1) nor a "
+            "whole number of clients >= 1"
         )
     count = int(clients_per_round)
-    if count < 1:
-        raise ValueError(f"clients_per_round must be at least 1, got {clients_per_round}")
     if count > num_clients:
         raise ValueError(
             f"clients_per_round={count} is more than the {num_clients} clients available; "

@@ -98,10 +98,18 @@ def simulate(
         updates or a non-finite global model.
     """
     algorithm = get_algorithm(algorithm)
-    if num_rounds < 1:
-        raise ValueError(f"num_rounds must be at least 1, got {num_rounds}")
+    for name, value in (("num_rounds", num_rounds), ("local_steps", local_steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
     if not lr > 0 or not math.isfinite(lr):
         raise ValueError(f"lr must be a positive number, got {lr}")
+    if not server_lr > 0 or not math.isfinite(server_lr):
+        raise ValueError(f"server_lr must be a positive number, got {server_lr}")
+    if max_grad_norm is not None and not (math.isfinite(max_grad_norm) and max_grad_norm >= 0):
+        raise ValueError(
+            f"max_grad_norm must be a finite number >= 0 (0 or None: no clipping), got "
+            f"{max_grad_norm}"
+        )
     if not client_loaders:
         raise ValueError("client_loaders is empty: a federation needs at least one client")
     for cid, loader in enumerate(client_loaders):

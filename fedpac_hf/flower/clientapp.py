@@ -16,6 +16,7 @@ import logging
 import os
 import tempfile
 import threading
+from collections.abc import Iterable
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -79,10 +80,14 @@ class FedPACClient:
     """
 
     def __init__(
-        self, build_trainer: TrainerFactory, arguments: FedPACArguments | None = None
+        self,
+        build_trainer: TrainerFactory,
+        arguments: FedPACArguments | None = None,
+        app_settings: Iterable[str] = (),
     ) -> None:
         self.build_trainer = build_trainer
         self.arguments = arguments
+        self.app_settings = tuple(app_settings)
 
     def client_arguments(self, context: Context) -> FedPACArguments:
         """The run's arguments as a client uses them: no evaluation, no saving, scratch output."""
@@ -95,7 +100,7 @@ class FedPACClient:
         )
         if self.arguments is not None:
             return dataclasses.replace(self.arguments, **settings)
-        return arguments_from_run_config(context.run_config, **settings)
+        return arguments_from_run_config(context.run_config, self.app_settings, **settings)
 
     def trainer_for(self, context: Context) -> tuple[FedPACTrainer, int]:
         """The trainer of the context's run (built on first use) and its number of clients.
@@ -177,7 +182,10 @@ class FedPACClient:
 
 
 def make_client_app(
-    build_trainer: TrainerFactory, arguments: FedPACArguments | None = None
+    build_trainer: TrainerFactory,
+    arguments: FedPACArguments | None = None,
+    *,
+    app_settings: Iterable[str] = (),
 ) -> ClientApp:
     """A Flower ``ClientApp`` that trains FedPAC clients with ``build_trainer``'s trainer.
 
@@ -187,6 +195,9 @@ def make_client_app(
         ``build_trainer(args, run_config) -> FedPACTrainer`` (model + data).
     arguments:
         Fixed arguments; default: each run's run config.
+    app_settings:
+        The app's own run-config keys (e.g. ``("dataset",)``); any other key
+        that is not a ``FedPACArguments`` field is refused.
 
     Returns
     -------
@@ -194,7 +205,7 @@ def make_client_app(
         Handles ``train`` (local steps) and ``query`` (which partition this
         node holds) messages.
     """
-    client = FedPACClient(build_trainer, arguments)
+    client = FedPACClient(build_trainer, arguments, app_settings)
     app = ClientApp()
     app.train()(client.train)
     app.query()(client.query)

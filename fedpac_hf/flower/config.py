@@ -22,13 +22,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fedpac_hf.arguments import FedPACArguments
 from fedpac_hf.evaluation import Evaluator
+from fedpac_hf.validation import closest_name
 
 if TYPE_CHECKING:  # the server side never imports the trainer
     from fedpac_hf.trainer import FedPACTrainer
@@ -68,18 +69,25 @@ def argument_names() -> set[str]:
     return {f.name for f in dataclasses.fields(FedPACArguments) if f.init}
 
 
-def arguments_from_run_config(run_config: Mapping[str, Any], **overrides: Any) -> FedPACArguments:
+def arguments_from_run_config(
+    run_config: Mapping[str, Any], app_settings: Iterable[str] = (), **overrides: Any
+) -> FedPACArguments:
     """Build :class:`FedPACArguments` from a Flower run config.
 
     Keys that name a ``FedPACArguments`` field (``-`` read as ``_``) become
-    that field; other keys are left to the app (e.g. which dataset to load).
-    Defaults that suit a federated app: no ``report_to`` integration, no
-    progress bars and a temporary ``output_dir`` when none is given.
+    that field, read like YAML and command-line values (``local-steps = 2.5``
+    is refused). Keys in ``app_settings`` are the app's own (e.g. which
+    dataset) and are left to it; any other key is a mistake, refused with the
+    closest valid name. Defaults that suit a federated app: no ``report_to``
+    integration, no progress bars and a temporary ``output_dir`` when none is
+    given.
 
     Parameters
     ----------
     run_config:
         ``context.run_config`` of a ServerApp or ClientApp, or any mapping.
+    app_settings:
+        The app's own run-config keys (written with ``-`` or ``_``).
     **overrides:
         Fields set last, over the run config.
 
@@ -87,15 +95,31 @@ def arguments_from_run_config(run_config: Mapping[str, Any], **overrides: Any) -
     -------
     FedPACArguments
         Validated arguments (a bad value raises ``ValueError`` naming the field).
+
+    Raises
+    ------
+    ValueError
+        For a key that is neither a field nor an app setting, or a bad value.
     """
     names = argument_names()
+    own = {key.replace("-", "_") for key in app_settings}
     kwargs: dict[str, Any] = {"report_to": [], "disable_tqdm": True}
     for key, value in run_config.items():
         name = key.replace("-", "_")
-        if name not in names:
+        if name in own:
             continue
+        if name not in names:
+            close = closest_name(name, names | own)
+            hint = f"; did you mean {close.replace('_', '-')!r}?" if close else ""
+            raise ValueError(
+                f"unknown run-config key {key!r}{hint} (keys are FedPACArguments fields written "
+                f"with - or _, plus the app's own: {sorted(own) or 'none'})"
+            )
         if name in _JSON_FIELDS and isinstance(value, str) and value.strip()[:1] in "{[":
-            value = json.loads(value)
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"run-config key {key!r} is not valid JSON ({err})") from None
         kwargs[name] = value
     kwargs.update(overrides)
     if not kwargs.get("output_dir"):

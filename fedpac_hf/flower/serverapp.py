@@ -15,7 +15,7 @@ after the last round).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from fedpac_hf.arguments import FedPACArguments
 from fedpac_hf.checkpoint import CHECKPOINT_PREFIX, run_identity, save_federated_checkpoint
 from fedpac_hf.evaluation import Evaluator
 from fedpac_hf.federated import ServerState, load_trainable_state
+from fedpac_hf.output_dir import claim_output_dir
 from fedpac_hf.reporting import append_metrics
 
 from .config import EvaluatorFactory, ModelFactory, arguments_from_run_config
@@ -128,15 +129,19 @@ class FlowerServerRun:
         return path
 
     def run(self, grid: Grid, round_timeout: float = 3600.0) -> None:
-        """Run the remaining rounds with Flower's ``Strategy.start``."""
+        """Run the remaining rounds with Flower's ``Strategy.start``.
+
+        The server owns ``output_dir`` for the run (see :mod:`fedpac_hf.output_dir`).
+        """
         engine = self.engine
-        self.strategy.start(
-            grid,
-            tensors_to_array_record(engine.state.params),
-            num_rounds=engine.num_rounds - engine.state.round,
-            timeout=round_timeout,
-            evaluate_fn=self.after_round,
-        )
+        with claim_output_dir(self.output_dir, overwrite=self.args.overwrite_output_dir):
+            self.strategy.start(
+                grid,
+                tensors_to_array_record(engine.state.params),
+                num_rounds=engine.num_rounds - engine.state.round,
+                timeout=round_timeout,
+                evaluate_fn=self.after_round,
+            )
         load_trainable_state(self.model, engine.state.params)
 
 
@@ -145,6 +150,7 @@ def make_server_app(
     build_evaluator: EvaluatorFactory | None = None,
     arguments: FedPACArguments | None = None,
     *,
+    app_settings: Iterable[str] = (),
     round_timeout: float = 3600.0,
     on_finish: FinishCallback | None = None,
     **strategy_kwargs: Any,
@@ -162,6 +168,9 @@ def make_server_app(
         central evaluation.
     arguments:
         Fixed arguments; default: the run config (:func:`arguments_from_run_config`).
+    app_settings:
+        The app's own run-config keys (e.g. ``("dataset",)``); any other key
+        that is not a ``FedPACArguments`` field is refused.
     round_timeout:
         Seconds to wait for a round's replies; later ones are dropped.
     on_finish:
@@ -179,7 +188,7 @@ def make_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        args = arguments or arguments_from_run_config(context.run_config)
+        args = arguments or arguments_from_run_config(context.run_config, app_settings)
         run_config = dict(context.run_config)
         model = build_model(args, run_config)
         evaluate = build_evaluator(args, run_config) if build_evaluator is not None else None

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpac_hf.arguments import REPLACED_SETTINGS, FedPACArguments
+from fedpac_hf.validation import coerce_fields
 
 __all__ = [
     "TASKS",
@@ -159,6 +160,7 @@ class ModelDataArguments:
     )
 
     def __post_init__(self) -> None:
+        coerce_fields(self)  # YAML, command line and Python values read one way
         self.task = self.task.strip().lower().replace("-", "_")
         if self.task not in TASKS:
             close = difflib.get_close_matches(self.task, TASKS, n=1)
@@ -169,6 +171,20 @@ class ModelDataArguments:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.lora_r < 0:
             raise ValueError(f"lora_r must be >= 0 (0: full fine-tuning), got {self.lora_r}")
+        if self.lora_r == 0:
+            lora_only = {
+                "lora_target_modules": self.lora_target_modules,
+                "lora_modules_to_save": self.lora_modules_to_save,
+                "lora_alpha": self.lora_alpha,
+                "lora_dropout": self.lora_dropout or None,
+            }
+            given = [name for name, value in lora_only.items() if value is not None]
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)} set but lora_r is 0, which fine-tunes the whole model "
+                    "without adapters; set lora_r > 0 (e.g. 8) to train LoRA adapters, or "
+                    f"remove {', '.join(given)}"
+                )
         for name in ("max_train_examples", "max_eval_examples", "max_clients", "num_threads"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -235,6 +251,33 @@ def _unknown_key_error(key: str, where: str) -> ValueError:
     )
 
 
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """The settings of a YAML config file; every way it can be unreadable names the file."""
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text file: a config is YAML text") from None
+    except OSError as err:
+        raise ValueError(f"{path} cannot be read ({err.strerror})") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{where}: not valid YAML ({problem})") from None
+    if loaded is None:
+        raise ValueError(
+            f"{path} holds no settings; a config is a YAML mapping such as 'num_rounds: 10' "
+            "(see configs/ for complete examples)"
+        )
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path} must hold a mapping of settings, got {type(loaded).__name__}")
+    return loaded
+
+
 def parse_run_config(
     config: str | os.PathLike | dict[str, Any] | None = None,
     overrides: Sequence[str] = (),
@@ -258,7 +301,6 @@ def parse_run_config(
     (ModelDataArguments, FedPACArguments)
         The parsed settings.
     """
-    import yaml
 
     where = "the config"
     values: dict[str, Any] = {}
@@ -269,12 +311,7 @@ def parse_run_config(
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
         where = str(path)
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path} must hold a mapping of settings, got {type(loaded).__name__}")
-        values = loaded
+        values = _read_yaml(path)
     valid = set(_valid_fields())
     for key in values:
         if key not in valid:

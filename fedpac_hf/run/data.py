@@ -84,9 +84,24 @@ def require_columns(train: Any, test: Any, **columns: str) -> None:
 
 def encode_labels(train: Any, test: Any, column: str) -> tuple[Any, Any, list[str]]:
     """Add an integer ``label`` column (class ids) from ``column``; return the class names."""
-    from datasets import ClassLabel
+    from datasets import ClassLabel, Value
 
     feature = train.features.get(column)
+    scalar = [name for name, f in train.features.items() if isinstance(f, ClassLabel | Value)]
+    if not isinstance(feature, ClassLabel | Value):
+        raise ValueError(
+            f"label_column={column!r} holds {type(feature).__name__} values, not classes; "
+            f"set label_column to a column of class names or ids: {scalar}"
+        )
+    if isinstance(feature, Value) and feature.dtype.startswith("float"):
+        values = np.asarray(train[column], dtype=np.float64)
+        if not np.all(np.isfinite(values) & (values == np.round(values))):
+            example = next(v for v in values if not (np.isfinite(v) and v == round(v)))
+            raise ValueError(
+                f"label_column={column!r} holds continuous values (e.g. {example:g}): "
+                "classification needs classes; round or bin the column, or choose another "
+                "label_column"
+            )
     if isinstance(feature, ClassLabel):
         names = list(feature.names)
         to_id = None

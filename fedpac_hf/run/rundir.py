@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +37,15 @@ __all__ = [
 
 
 class RunFilesCallback(FedPACCallback):
-    """Write a run's per-round metrics as they come, and its report at the end.
+    """Write a run's files once the trainer has checked everything, then its metrics as they come.
 
-    After every round (main process only) the round's metrics are appended to
-    ``metrics.jsonl`` and ``metrics.csv`` is rewritten; at the end of training
-    the figures and ``summary.md`` are drawn. On resume, rows of rounds after
-    the checkpoint are dropped so the files match the resumed history.
+    At the start of training, after the trainer has made the split and checked
+    any checkpoint it resumes, the main process writes ``config.yaml`` and the
+    partition files (nothing is written for a start that is refused); after
+    every round it appends the round's metrics to ``metrics.jsonl`` and
+    rewrites ``metrics.csv``; at the end it draws the figures and
+    ``summary.md``. On resume, rows of rounds after the checkpoint are dropped
+    so the files match the resumed history.
 
     Parameters
     ----------
@@ -49,11 +53,23 @@ class RunFilesCallback(FedPACCallback):
         The run directory (usually ``args.output_dir``).
     title : str, optional
         Prefix of the figure titles.
+    config_text : str, optional
+        The text of ``config.yaml`` (:func:`render_config`).
+    write_partition : callable, optional
+        Writes the partition files (called with no argument).
     """
 
-    def __init__(self, run_dir: str | os.PathLike, title: str | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        title: str | None = None,
+        config_text: str | None = None,
+        write_partition: Callable[[], None] | None = None,
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.title = title
+        self.config_text = config_text
+        self.write_partition = write_partition
 
     def on_train_begin(self, args, state, control, **kwargs):  # noqa: D102
         if not state.is_world_process_zero:
@@ -63,6 +79,10 @@ class RunFilesCallback(FedPACCallback):
         from fedpac_hf.reporting import METRICS_JSONL, read_metrics, write_metrics_csv
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.config_text is not None:
+            write_config(self.run_dir, self.config_text)
+        if self.write_partition is not None:
+            self.write_partition()
         jsonl = self.run_dir / METRICS_JSONL
         kept = []
         if jsonl.is_file():

@@ -80,7 +80,28 @@ def _apply_lora(model: Any, margs: ModelDataArguments, task_type: str | None) ->
         modules_to_save=margs.lora_saved_modules(),
         task_type=task_type,
     )
-    return get_peft_model(model, config)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:
+        if "target" not in str(err).lower():
+            raise
+        raise ValueError(
+            f"lora_target_modules={','.join(margs.lora_targets())!r} matches no layer of "
+            f"{type(model).__name__}; its linear layers are named "
+            f"{', '.join(linear_layer_names(model))}"
+        ) from None
+
+
+def linear_layer_names(model: Any) -> list[str]:
+    """The distinct last names of the model's ``nn.Linear`` layers (what LoRA can target)."""
+    import torch
+
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name
+    }
+    return sorted(names)
 
 
 def _image_task(margs: ModelDataArguments, args: FedPACArguments) -> TaskBundle:
@@ -100,9 +121,13 @@ def _image_task(margs: ModelDataArguments, args: FedPACArguments) -> TaskBundle:
     label2id = {name: i for i, name in id2label.items()}
     first = train[0][margs.image_column]
     if margs.model_name_or_path:
-        processor = AutoImageProcessor.from_pretrained(margs.model_name_or_path)
-        model = AutoModelForImageClassification.from_pretrained(
+        processor = _pretrained(
+            AutoImageProcessor.from_pretrained, margs.model_name_or_path, "image processor"
+        )
+        model = _pretrained(
+            AutoModelForImageClassification.from_pretrained,
             margs.model_name_or_path,
+            "model",
             num_labels=len(names),
             id2label=id2label,
             label2id=label2id,
@@ -177,11 +202,16 @@ def _causal_lm_task(margs: ModelDataArguments, args: FedPACArguments) -> TaskBun
     require_columns(train, test, text_column=margs.text_column)
     base = None
     if margs.model_name_or_path:
-        tokenizer = AutoTokenizer.from_pretrained(margs.model_name_or_path)
+        tokenizer = _pretrained(
+            AutoTokenizer.from_pretrained, margs.model_name_or_path, "tokenizer"
+        )
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        model = AutoModelForCausalLM.from_pretrained(
-            margs.model_name_or_path, attn_implementation="eager"
+        model = _pretrained(
+            AutoModelForCausalLM.from_pretrained,
+            margs.model_name_or_path,
+            "model",
+            attn_implementation="eager",
         )
     else:
         tokenizer = train_bpe_tokenizer(train[margs.text_column], margs.tokenizer_vocab_size)
@@ -244,9 +274,11 @@ def _sequence_classification_task(margs: ModelDataArguments, args: FedPACArgumen
     require_columns(train, test, text_column=margs.text_column, label_column=margs.label_column)
     train, test, names = encode_labels(train, test, margs.label_column)
     source = margs.model_name_or_path or str(minilm_path())
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForSequenceClassification.from_pretrained(
+    tokenizer = _pretrained(AutoTokenizer.from_pretrained, source, "tokenizer")
+    model = _pretrained(
+        AutoModelForSequenceClassification.from_pretrained,
         source,
+        "model",
         num_labels=len(names),
         id2label=dict(enumerate(names)),
         label2id={name: i for i, name in enumerate(names)},
@@ -267,6 +299,25 @@ def _sequence_classification_task(margs: ModelDataArguments, args: FedPACArgumen
         class_column="label",
         class_names=names,
     )
+
+
+def _pretrained(loader: Callable[..., Any], source: str, what: str, **kwargs: Any) -> Any:
+    """``loader(source, **kwargs)``; a source that is no model fails naming model_name_or_path."""
+    local = Path(source).expanduser()
+    looks_local = local.is_absolute() or source.startswith((".", "~")) or local.exists()
+    if looks_local and not local.exists():
+        raise ValueError(f"model_name_or_path={source!r} does not exist")
+    if looks_local and local.is_dir() and not any(local.iterdir()):
+        raise ValueError(f"model_name_or_path={source!r} is an empty folder, not a saved model")
+    try:
+        return loader(source, **kwargs)
+    except (OSError, ValueError) as err:
+        reason = " ".join(str(err).split())[:300]
+        raise ValueError(
+            f"model_name_or_path={source!r}: cannot load its {what} ({reason}); give a Hub id "
+            "(reachable, or in the local cache when offline) or a folder written by "
+            "save_pretrained"
+        ) from None
 
 
 def build_task(margs: ModelDataArguments, args: FedPACArguments) -> TaskBundle:

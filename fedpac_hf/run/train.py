@@ -8,6 +8,7 @@ same behind a default config, for scripts.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,15 +16,10 @@ from typing import Any
 
 from fedpac_hf.arguments import FedPACArguments
 from fedpac_hf.callbacks import EvaluateLastRoundCallback
+from fedpac_hf.output_dir import claim_output_dir
 
 from .config import ModelDataArguments, config_parser, parse_run_config
-from .rundir import (
-    RunFilesCallback,
-    print_final,
-    render_config,
-    write_config,
-    write_partition_files,
-)
+from .rundir import RunFilesCallback, print_final, render_config, write_partition_files
 from .tasks import DEFAULT_MODEL_NAMES, build_task
 
 __all__ = ["run_example", "run_training"]
@@ -71,12 +67,30 @@ def run_training(
 def _train(
     model_args: ModelDataArguments, args: FedPACArguments, callbacks: Sequence[Any]
 ) -> dict[str, float]:
+    run_dir = Path(args.output_dir)
+    config_text = render_config(model_args, args)
+    # one owner for the run directory, for the whole command (the trainer's claim nests)
+    with (
+        claim_output_dir(
+            run_dir, resume=bool(args.resume_from_checkpoint), overwrite=args.overwrite_output_dir
+        )
+        if args.should_save
+        else contextlib.nullcontext()
+    ):
+        return _train_in(run_dir, model_args, args, config_text, callbacks)
+
+
+def _train_in(
+    run_dir: Path,
+    model_args: ModelDataArguments,
+    args: FedPACArguments,
+    config_text: str,
+    callbacks: Sequence[Any],
+) -> dict[str, float]:
     from transformers import set_seed
 
     from fedpac_hf.trainer import FedPACTrainer
 
-    run_dir = Path(args.output_dir)
-    config_text = render_config(model_args, args)
     set_seed(args.seed)
     bundle = build_task(model_args, args)
     if not bundle.remove_unused_columns and args.remove_unused_columns:
@@ -84,6 +98,13 @@ def _train(
         args.remove_unused_columns = False
     model_name = model_args.model_name_or_path or DEFAULT_MODEL_NAMES[model_args.task]
     title = f"{model_name} / {model_args.dataset} / {args.algorithm}"
+    partition_title = f"{model_args.dataset}, {args.partitioner}"
+    files = RunFilesCallback(
+        run_dir,
+        title=title,
+        config_text=config_text,
+        write_partition=lambda: write_partition_files(run_dir, trainer, bundle, partition_title),
+    )
     trainer = FedPACTrainer(
         model=bundle.model,
         args=args,
@@ -92,14 +113,11 @@ def _train(
         eval_dataset=bundle.eval_dataset,
         processing_class=bundle.processing_class,
         compute_metrics=bundle.compute_metrics,
-        callbacks=[RunFilesCallback(run_dir, title=title), EvaluateLastRoundCallback(), *callbacks],
+        callbacks=[files, EvaluateLastRoundCallback(), *callbacks],
         client_transform=bundle.client_transform,
     )
-    trainer.setup_clients()  # a split that cannot be made fails before anything is written
-    if args.should_save:
-        write_config(run_dir, config_text)
-        partition_title = f"{model_args.dataset}, {args.partitioner}"
-        write_partition_files(run_dir, trainer, bundle, partition_title)
+    # nothing is written before the trainer has split the data and checked any
+    # checkpoint it resumes: config.yaml and the partition files come at train begin
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or None)
     final = dict(trainer.round_history[-1]) if trainer.round_history else {}
     if bundle.base_model_to_save is not None and args.should_save:
@@ -150,7 +168,7 @@ def run_example(default_config: str | os.PathLike, argv: Sequence[str] | None = 
     try:
         model_args, training_args = parse_run_config(config, argv)
         return run_training(model_args, training_args)
-    except (ValueError, FileNotFoundError, ImportError) as error:
+    except (ValueError, OSError, ImportError) as error:
         message = " ".join(str(error).split())
         print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -2,6 +2,6 @@
 
 from fedpac_hf.flower import make_client_app
 
-from .task import build_trainer
+from .task import APP_SETTINGS, build_trainer
 
-app = make_client_app(build_trainer)
+app = make_client_app(build_trainer, app_settings=APP_SETTINGS)

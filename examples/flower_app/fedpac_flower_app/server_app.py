@@ -2,6 +2,6 @@
 
 from fedpac_hf.flower import make_server_app
 
-from .task import build_evaluator, build_model
+from .task import APP_SETTINGS, build_evaluator, build_model
 
-app = make_server_app(build_model, build_evaluator)
+app = make_server_app(build_model, build_evaluator, app_settings=APP_SETTINGS)

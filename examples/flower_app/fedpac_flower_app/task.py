@@ -22,6 +22,9 @@ from fedpac_hf.evaluation import make_evaluator
 #: or "synthetic" (banded 28x28 images, no extra package). Set by the run config.
 DATASETS = ("mnist5k", "synthetic")
 
+#: Run-config keys of this app beside the FedPACArguments fields.
+APP_SETTINGS = ("dataset",)
+
 
 def tiny_vit(num_labels: int, seed: int) -> ViTForImageClassification:
     """A 2-layer ViT for 28x28 grayscale images, initialised from ``seed``."""

@@ -1,0 +1,150 @@
+"""One owner per run directory.
+
+A run claims its ``output_dir`` before it writes anything there:
+
+- a lock (``.fedpac_hf.lock``, an ``flock`` the operating system releases when
+  the process ends, even on ``kill -9``) refuses a second run on the same
+  directory while the first one lives;
+- a directory that holds another run's checkpoints (``checkpoint-round-*``) or
+  metrics (``metrics.jsonl``) is refused, unless the run resumes it
+  (``resume_from_checkpoint``) or replaces it (``overwrite_output_dir``, which
+  deletes those files first), so that a later resume never picks up an older
+  run's checkpoint and metrics of two runs never interleave.
+
+Claims are re-entrant within a process: ``fedpac-hf train`` claims the
+directory for the whole command and the trainer's own claim inside it is a
+no-op.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import threading
+from pathlib import Path
+
+__all__ = ["LOCK_NAME", "OutputDirClaim", "claim_output_dir", "previous_run_files"]
+
+LOCK_NAME = ".fedpac_hf.lock"
+_RUN_FILES = ("metrics.jsonl", "metrics.csv", "summary.md")
+# complete checkpoints, and the previous copy of one whose replacement was interrupted
+_CHECKPOINT_GLOBS = ("checkpoint-round-*", ".old-checkpoint-round-*")
+
+_HELD: dict[Path, list[int]] = {}  # directory -> [lock file descriptor, claims]
+_HELD_LOCK = threading.Lock()
+
+
+def previous_run_files(output_dir: str | os.PathLike[str]) -> list[str]:
+    """Names of another run's checkpoints and metrics files in ``output_dir``."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = sorted(p.name for g in _CHECKPOINT_GLOBS for p in root.glob(g) if p.is_dir())
+    found += [name for name in _RUN_FILES[:1] if (root / name).is_file()]
+    return found
+
+
+class OutputDirClaim:
+    """A held claim on a run directory; :meth:`release` it (or use it as a context manager)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._released = False
+
+    def release(self) -> None:
+        """Give the claim back; the lock goes when the last claim of this process does."""
+        if self._released:
+            return
+        self._released = True
+        with _HELD_LOCK:
+            held = _HELD.get(self.path)
+            if held is None:
+                return
+            held[1] -= 1
+            if held[1] == 0:
+                os.close(held[0])  # closing the descriptor drops the flock
+                del _HELD[self.path]
+
+    def __enter__(self) -> OutputDirClaim:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def claim_output_dir(
+    output_dir: str | os.PathLike[str], *, resume: bool = False, overwrite: bool = False
+) -> OutputDirClaim:
+    """Lock ``output_dir`` for this process and refuse to start over another run's files.
+
+    Parameters
+    ----------
+    output_dir:
+        The run directory (created if missing).
+    resume:
+        The run continues from a checkpoint in the directory: its files stay.
+    overwrite:
+        Delete another run's checkpoints and metrics files and start afresh.
+
+    Returns
+    -------
+    OutputDirClaim
+        Release it when the run ends.
+
+    Raises
+    ------
+    ValueError
+        If the directory cannot be written, another live process holds it, or
+        it holds another run's files and neither ``resume`` nor ``overwrite``
+        is set; the message says which setting to change.
+    """
+    path = Path(output_dir).resolve()
+    with _HELD_LOCK:
+        if path in _HELD:
+            _HELD[path][1] += 1
+            return OutputDirClaim(path)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise ValueError(
+                f"output_dir={str(output_dir)!r} cannot be written ({err.strerror}); choose "
+                "another output_dir"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ValueError(
+                f"output_dir={str(output_dir)!r} is in use by another run (process {owner}); "
+                "wait for it to finish or choose another output_dir"
+            ) from None
+        try:
+            _check_previous_run(path, output_dir, resume=resume, overwrite=overwrite)
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _HELD[path] = [fd, 1]
+    return OutputDirClaim(path)
+
+
+def _check_previous_run(path: Path, output_dir: object, *, resume: bool, overwrite: bool) -> None:
+    previous = previous_run_files(path)
+    if not previous or resume:
+        return
+    if not overwrite:
+        shown = ", ".join(previous[:4]) + (", ..." if len(previous) > 4 else "")
+        raise ValueError(
+            f"output_dir={str(output_dir)!r} holds another run ({shown}); set "
+            "resume_from_checkpoint=true to continue it, overwrite_output_dir=true to replace "
+            "it, or choose another output_dir"
+        )
+    for pattern in _CHECKPOINT_GLOBS:
+        for old in path.glob(pattern):
+            shutil.rmtree(old, ignore_errors=True)
+    for name in _RUN_FILES:
+        (path / name).unlink(missing_ok=True)

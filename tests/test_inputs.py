@@ -1,0 +1,183 @@
+"""Inputs are read one way from every door, checked before anything is written, and a
+run directory has one owner. (Every refused input and its message: docs/bad_inputs.md.)"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fedpac_hf import FedPACArguments, FedPACTrainer
+from fedpac_hf.cli import main
+from fedpac_hf.federated import resolve_clients_per_round, simulate
+from fedpac_hf.flower import arguments_from_run_config
+from fedpac_hf.output_dir import claim_output_dir
+from fedpac_hf.run import parse_run_config
+
+from .trainer_fixtures import image_data, tiny_vit
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_CLI = {
+    "dataset": "digits",
+    "max_train_examples": 64,
+    "max_eval_examples": 16,
+    "patch_size": 4,
+    "hidden_size": 16,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+    "num_clients": 4,
+    "clients_per_round": 2,
+    "num_rounds": 1,
+    "local_steps": 1,
+    "report_to": "none",
+    "disable_tqdm": True,
+    "num_threads": 1,
+}
+
+
+def write_config(path: Path, **settings) -> str:
+    path.write_text(yaml.safe_dump({**TINY_CLI, **settings}))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected", "sampled_of_10"),
+    [("1", 1, 1), ("1.0", 1, 1), ("3", 3, 3), ("0.5", 0.5, 5)],
+)
+def test_clients_per_round_1_means_one_client_from_every_door(
+    tmp_path, value, expected, sampled_of_10
+):
+    config = write_config(tmp_path / "c.yaml")
+    _, cli = parse_run_config(config, ["--clients_per_round", value])
+    _, from_yaml = parse_run_config({**TINY_CLI, "clients_per_round": float(value)})
+    python = FedPACArguments(output_dir=str(tmp_path), clients_per_round=float(value))
+    flower = arguments_from_run_config({"clients-per-round": float(value)})
+    for args in (cli, from_yaml, python, flower):
+        assert args.clients_per_round == expected
+    assert resolve_clients_per_round(10, cli.clients_per_round) == sampled_of_10
+
+
+def test_text_booleans_and_numbers_are_read_like_the_command_line(tmp_path):
+    args = FedPACArguments(
+        output_dir=str(tmp_path), align="false", learning_rate="3e-3", local_steps="4"
+    )
+    assert args.align is False and args.learning_rate == 3e-3 and args.local_steps == 4
+    assert args.build_algorithm().align is False
+    model_args, args = parse_run_config({**TINY_CLI, "num_rounds": "2", "lora_r": 4.0})
+    assert args.num_rounds == 2 and model_args.lora_r == 4
+    assert arguments_from_run_config({"align": "no", "beta": "0.25"}).build_algorithm().beta == 0.25
+
+
+def test_flower_run_config_keeps_the_apps_own_keys_and_refuses_typos():
+    args = arguments_from_run_config({"dataset": "mnist5k", "num-rounds": 3}, ("dataset",))
+    assert args.num_rounds == 3
+    with pytest.raises(ValueError, match="unknown run-config key 'dataset'"):
+        arguments_from_run_config({"dataset": "mnist5k"})
+    with pytest.raises(ValueError, match="did you mean 'local-steps'"):
+        arguments_from_run_config({"local_step": 3}, ("dataset",))
+
+
+def test_a_refused_start_writes_nothing(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    config = write_config(
+        tmp_path / "c.yaml", output_dir=str(run_dir), save_strategy="steps", save_steps=1
+    )
+    assert main(["train", config]) == 0
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    assert {"config.yaml", "partition.txt", "metrics.jsonl"} <= set(before)
+    for argv in (
+        ["--algorithm", "local_soap", "--resume_from_checkpoint", "true"],  # another algorithm
+        ["--num_clients", "500", "--resume_from_checkpoint", "true"],  # more clients than rows
+        [],  # a new run over the finished one, without resume or overwrite
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            main(["train", config, *argv])
+        assert exit_.value.code == 2
+    after = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    assert after == before  # config.yaml, partition files and metrics untouched
+    assert "holds another run (checkpoint-round-1, metrics.jsonl)" in capsys.readouterr().err
+
+
+def test_overwrite_output_dir_replaces_the_old_run_so_resume_cannot_pick_it_up(tmp_path):
+    run_dir = tmp_path / "run"
+    config = write_config(
+        tmp_path / "c.yaml",
+        output_dir=str(run_dir),
+        save_strategy="steps",
+        save_steps=1,
+        num_rounds=2,
+    )
+    assert main(["train", config]) == 0
+    assert (run_dir / "checkpoint-round-2").is_dir()
+    assert main(["train", config, "--overwrite_output_dir", "true", "--num_rounds", "1"]) == 0
+    assert sorted(p.name for p in run_dir.glob("checkpoint-round-*")) == ["checkpoint-round-1"]
+    rows = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 1  # the old run's rows are gone, not interleaved
+
+
+HOLD = """
+import sys, time
+from fedpac_hf.output_dir import claim_output_dir
+claim_output_dir(sys.argv[1])
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_run_on_a_busy_output_dir_is_refused_until_the_first_ends(tmp_path):
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(run_dir)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        data = image_data(n=64)
+        args = FedPACArguments(
+            output_dir=str(run_dir),
+            num_rounds=1,
+            num_clients=2,
+            clients_per_round=2,
+            local_steps=1,
+            report_to=[],
+            disable_tqdm=True,
+        )
+        trainer = FedPACTrainer(model=tiny_vit(), args=args, train_dataset=data["train"])
+        with pytest.raises(ValueError, match=rf"in use by another run \(process {holder.pid}\)"):
+            trainer.train()
+    finally:
+        holder.kill()  # SIGKILL: the operating system releases the lock
+        holder.wait()
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            claim_output_dir(run_dir).release()
+            break
+        except ValueError:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    trainer.train()
+    assert trainer.round_history[-1]["round"] == 1.0
+
+
+def test_a_bug_in_the_loss_function_stops_the_run_once_instead_of_dropping_clients(caplog):
+    model = torch.nn.Linear(3, 2)
+    batch = (torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))
+
+    def loss_fn(m, b):
+        return m(b[0]).softmax().mean()  # softmax() without dim: a TypeError in user code
+
+    with caplog.at_level(logging.ERROR), pytest.raises(TypeError, match="softmax"):
+        simulate(model, [[batch], [batch]], "fedavg", 1, 2, 1, loss_fn)
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "bug in the training code" in errors[0].getMessage()
+    assert "dropping" not in caplog.text
