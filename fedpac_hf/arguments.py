@@ -27,6 +27,7 @@ import torch
 from transformers import TrainingArguments
 
 from fedpac_hf.federated import (
+    TRANSPORT_DTYPES,
     WEIGHTINGS,
     Algorithm,
     RoundEngine,
@@ -115,6 +116,14 @@ class FedPACArguments(TrainingArguments):
         default="uniform",
         metadata={
             "help": "Weights of client updates: 'uniform' (the paper) or 'num_examples' (FedAvg)."
+        },
+    )
+    transport_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "What the global state and the clients' deltas and curvature travel as: "
+            "'float32' or 'bfloat16' (half the bytes; the server keeps float32 parameters and "
+            "sums in float64)."
         },
     )
     min_clients_per_round: int = field(
@@ -254,6 +263,10 @@ class FedPACArguments(TrainingArguments):
             raise ValueError(
                 f"server_learning_rate must be positive, got {self.server_learning_rate}"
             )
+        if self.transport_dtype not in TRANSPORT_DTYPES:
+            raise ValueError(
+                f"transport_dtype must be one of {TRANSPORT_DTYPES}, got {self.transport_dtype!r}"
+            )
         if self.aggregation_weighting not in WEIGHTINGS:
             raise ValueError(
                 f"aggregation_weighting must be one of {WEIGHTINGS}, got "
@@ -356,6 +369,7 @@ class FedPACArguments(TrainingArguments):
             server_learning_rate=self.server_learning_rate,
             weighting=self.aggregation_weighting,
             min_clients_per_round=self.min_clients_per_round,
+            transport_dtype=self.transport_dtype,
             history=history,
         )
 

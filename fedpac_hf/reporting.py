@@ -85,7 +85,8 @@ _TABLE_COLUMNS = (
     ("eval_f1", "eval f1", "{:.4f}"),
     ("eval_perplexity", "eval perplexity", "{:.2f}"),
     ("drift_relative", "drift (rel.)", "{:.3g}"),
-    ("bytes_up", "bytes up", "{}"),
+    ("bytes_up_delta", "up: deltas", "{}"),
+    ("bytes_up_theta", "up: Theta", "{}"),
     ("round_time", "time (s)", "{:.1f}"),
 )
 
@@ -341,9 +342,16 @@ def plot_metrics(
         written.append(_save(figure, path / "drift.png"))
 
     byte_lines = (
-        ("bytes_up", "up (clients to server)", "tab:green"),
-        ("bytes_down", "down (server to clients)", "tab:purple"),
+        ("bytes_up_delta", "up: deltas", "tab:green"),
+        ("bytes_up_theta", "up: curvature (Theta)", "tab:olive"),
+        ("bytes_down_params", "down: parameters + direction", "tab:purple"),
+        ("bytes_down_theta", "down: curvature (Theta)", "tab:pink"),
     )
+    if not any("bytes_up_delta" in r for r in records):  # runs logged before the split
+        byte_lines = (
+            ("bytes_up", "up (clients to server)", "tab:green"),
+            ("bytes_down", "down (server to clients)", "tab:purple"),
+        )
     written += _lines_plot(
         records,
         byte_lines,
@@ -354,6 +362,25 @@ def plot_metrics(
         from_zero=True,
     )
     return written
+
+
+def _byte_parts(records: Sequence[dict[str, Any]], total: str) -> str:
+    """`` (deltas 1.2 MB, Theta 3.4 MB)``: what a bytes total is made of."""
+    parts = (
+        (("bytes_up_delta", "deltas"), ("bytes_up_theta", "Theta"))
+        if total == "bytes_up"
+        else (
+            ("bytes_down_params", "parameters"),
+            ("bytes_down_direction", "direction"),
+            ("bytes_down_theta", "Theta"),
+        )
+    )
+    shown = [
+        f"{label} {_format_bytes(sum(ys))}"
+        for key, label in parts
+        if (ys := _series(records, key)[1])
+    ]
+    return f" ({', '.join(shown)})" if shown else ""
 
 
 def _format_bytes(value: float) -> str:
@@ -464,7 +491,7 @@ def write_summary(
     for key, label in (("bytes_up", "bytes up"), ("bytes_down", "bytes down")):
         _, ys = _series(records, key)
         if ys:
-            lines.append(f"- total {label}: {_format_bytes(sum(ys))}")
+            lines.append(f"- total {label}: {_format_bytes(sum(ys))}{_byte_parts(records, key)}")
     _, times = _series(records, "round_time")
     if times:
         lines.append(f"- training time: {sum(times):.1f} s ({sum(times) / len(times):.2f} s/round)")

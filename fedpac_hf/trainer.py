@@ -384,7 +384,9 @@ class FedPACTrainer(RoundCheckpointsMixin, Trainer):
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
 
         def train_one(client_id: int, plan: RoundPlan) -> ClientUpdate:
-            return self.train_client_by_id(client_id, plan.round_index, plan.learning_rate)
+            return self.train_client_by_id(
+                client_id, plan.round_index, plan.learning_rate, plan.state
+            )
 
         while not self.engine.finished and not self.control.should_training_stop:
             self.control = self.callback_handler.on_step_begin(args, self.state, self.control)

@@ -55,7 +55,7 @@ def trainer_for(model, engine, data, fail=()):
             raise ClientError(f"client {client_id}: broken on purpose")
         return client_update(
             model,
-            engine.state,
+            plan.state,
             engine.algorithm,
             cycle_batches(data[client_id]),
             lr=plan.learning_rate,
@@ -170,3 +170,57 @@ def test_a_stale_plan_is_refused():
 def test_impossible_settings_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
         make_engine(make_model(), **overrides)
+
+
+def test_bytes_are_split_into_delta_and_theta_up_and_params_direction_theta_down():
+    model, data = make_model(), loaders()
+    engine = make_engine(model)
+    first = engine.run_round(trainer_for(model, engine, data))
+    second = engine.run_round(trainer_for(model, engine, data))
+    for m in (first, second):
+        assert m["bytes_up"] == m["bytes_up_delta"] + m["bytes_up_theta"]
+        assert m["bytes_down"] == (
+            m["bytes_down_params"] + m["bytes_down_direction"] + m["bytes_down_theta"]
+        )
+        assert m["bytes_up_delta"] == 2 * (3 * 2 + 2) * 4  # two clients' float32 deltas
+        assert m["bytes_up_theta"] > 0
+    # nothing to send down before the first aggregation; afterwards Theta and g_G go down
+    assert first["bytes_down_theta"] == first["bytes_down_direction"] == 0
+    assert second["bytes_down_theta"] > 0 and second["bytes_down_direction"] == 2 * 8 * 4
+
+    model = make_model()
+    fedavg = make_engine(model, algorithm="fedavg")
+    m = fedavg.run_round(trainer_for(model, fedavg, data))
+    assert m["bytes_up_theta"] == m["bytes_down_theta"] == 0  # SGD has no curvature
+
+
+def run_three_rounds(algorithm: str, transport_dtype: str):
+    model, data = make_model(), loaders()
+    engine = make_engine(model, algorithm=algorithm, transport_dtype=transport_dtype)
+    history = [engine.run_round(trainer_for(model, engine, data)) for _ in range(3)]
+    return engine, history
+
+
+def test_bfloat16_transport_halves_the_bytes_and_keeps_float32_master_weights():
+    (_, full), (half_engine, half) = (
+        run_three_rounds("fedpac_soap", dtype) for dtype in ("float32", "bfloat16")
+    )
+    for f, h in zip(full, half):
+        for key in ("bytes_up_delta", "bytes_up_theta", "bytes_down_params", "bytes_down_theta"):
+            assert h[key] * 2 == f[key], key
+    assert all(t.dtype == torch.float32 for t in half_engine.state.params.values())
+    assert all(t.dtype == torch.float32 for t in half_engine.state.curvature.values())
+
+
+def test_bfloat16_transport_moves_the_model_almost_as_float32_does():
+    start = {n: p.detach() for n, p in make_model().named_parameters()}
+    (full, _), (half, _) = (
+        run_three_rounds("fedavg_adamw", dtype) for dtype in ("float32", "bfloat16")
+    )
+
+    def norm(tensors):
+        return float(sum(t.square().sum() for t in tensors) ** 0.5)
+
+    moved = norm(full.state.params[n] - start[n] for n in start)
+    apart = norm(half.state.params[n] - full.state.params[n] for n in start)
+    assert 0 < apart < 0.01 * moved  # rounded transport: a different, nearby trajectory

@@ -86,6 +86,28 @@ def test_run_config_keys_become_arguments(tmp_path):
         arguments_from_run_config({"beta": 2.0, "output-dir": str(tmp_path)})
 
 
+def test_bfloat16_transport_round_trips_exactly_in_half_the_bytes():
+    s = state()
+    half = s.cast(torch.bfloat16)
+    content = server_state_to_content(
+        half, get_algorithm("fedpac_soap"), server_round=1, lr=0.01, partition_id=0
+    )
+    full = server_state_to_content(
+        s, get_algorithm("fedpac_soap"), server_round=1, lr=0.01, partition_id=0
+    )
+    assert content.config_records["config"]["transport-dtype"] == "bfloat16"
+    back = server_state_from_content(content)
+    for part in ("params", "curvature", "direction"):
+        for name, t in getattr(half, part).items():
+            assert getattr(back, part)[name].dtype == torch.bfloat16
+            assert torch.equal(getattr(back, part)[name], t)
+
+    def payload(message):
+        return sum(a.numpy().nbytes for r in message.array_records.values() for a in r.values())
+
+    assert 2 * payload(content) == payload(full)
+
+
 def test_strategy_runs_the_round_engine_and_refuses_impossible_minimums():
     from fedpac_hf.federated import RoundEngine, ServerState, sample_clients
 

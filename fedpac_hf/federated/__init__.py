@@ -20,9 +20,22 @@ from .client import (
     cycle_batches,
     run_client,
 )
-from .engine import ROUND_METRICS, RoundEngine, RoundPlan, round_learning_rates
+from .engine import (
+    ROUND_METRICS,
+    TRANSPORT_DTYPES,
+    RoundEngine,
+    RoundPlan,
+    round_learning_rates,
+)
 from .sampling import resolve_clients_per_round, sample_clients
-from .server import WEIGHTINGS, RoundAggregator, RoundError, aggregate, downlink_bytes
+from .server import (
+    WEIGHTINGS,
+    RoundAggregator,
+    RoundError,
+    aggregate,
+    downlink_bytes,
+    downlink_parts,
+)
 from .simulation import simulate
 from .state import (
     ServerState,
@@ -38,6 +51,7 @@ __all__ = [
     "ClientFailure",
     "ClientUpdate",
     "ROUND_METRICS",
+    "TRANSPORT_DTYPES",
     "RoundAggregator",
     "RoundEngine",
     "RoundError",
@@ -49,6 +63,7 @@ __all__ = [
     "client_update",
     "cycle_batches",
     "downlink_bytes",
+    "downlink_parts",
     "get_algorithm",
     "get_trainable_state",
     "list_algorithms",

@@ -174,6 +174,19 @@ class ClientUpdate:
     num_steps: int
     metrics: dict[str, float] = field(default_factory=dict)
 
+    def cast(self, dtype: torch.dtype) -> ClientUpdate:
+        """This update with its delta and Theta in ``dtype`` (reduced-precision transport)."""
+        if dtype == torch.float32:
+            return self
+        return ClientUpdate(
+            client_id=self.client_id,
+            delta={n: t.to(dtype) for n, t in self.delta.items()},
+            curvature={n: t.to(dtype) for n, t in self.curvature.items()},
+            num_examples=self.num_examples,
+            num_steps=self.num_steps,
+            metrics=dict(self.metrics),
+        )
+
 
 def cycle_batches(loader: Iterable[Any]) -> Iterator[Any]:
     """Yield batches from ``loader`` forever, starting a new pass when one ends.

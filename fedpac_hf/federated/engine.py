@@ -33,13 +33,21 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from .algorithms import Algorithm
 from .client import ClientFailure, ClientUpdate, run_client
 from .sampling import resolve_clients_per_round, sample_clients
 from .server import WEIGHTINGS, RoundAggregator
 from .state import ServerState
 
-__all__ = ["ROUND_METRICS", "RoundEngine", "RoundPlan", "round_learning_rates"]
+__all__ = [
+    "ROUND_METRICS",
+    "TRANSPORT_DTYPES",
+    "RoundEngine",
+    "RoundPlan",
+    "round_learning_rates",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +63,23 @@ ROUND_METRICS: tuple[str, ...] = (
     "drift_relative",
     "bytes_up",
     "bytes_down",
+    "bytes_up_delta",
+    "bytes_up_theta",
+    "bytes_down_params",
+    "bytes_down_direction",
+    "bytes_down_theta",
     "round_time",
 )
 """The metrics every round reports, whichever shell ran it.
 
 ``drift``/``drift_relative`` appear only for optimizers with a curvature
 state; evaluation adds ``eval_*`` entries and Flower adds ``wire_bytes_*``.
+``bytes_up``/``bytes_down`` are the totals of the parts: the clients' deltas
+and Theta up; the parameters, the global direction and Theta down.
 """
+
+TRANSPORT_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
+"""What updates and global state can travel as (the server always sums in float64)."""
 
 # Schedules driven by an evaluation metric, not by the round count.
 _UNSCHEDULABLE = ("reduce_lr_on_plateau", "greedy")
@@ -157,6 +175,11 @@ class RoundPlan:
         eta_l of this round.
     aggregator:
         The running sums of the updates recorded so far.
+    state:
+        What the clients start from: the global state as it travels (rounded
+        to the transport dtype; the server keeps its float32 master copy).
+    transport_dtype:
+        The dtype updates travel in; :meth:`record` rounds updates to it.
     started:
         ``time.perf_counter()`` when the round was planned.
     log:
@@ -167,6 +190,8 @@ class RoundPlan:
     clients: list[int]
     learning_rate: float
     aggregator: RoundAggregator
+    state: ServerState
+    transport_dtype: torch.dtype = torch.float32
     started: float = field(default_factory=time.perf_counter)
     log: logging.Logger = logger
 
@@ -180,7 +205,7 @@ class RoundPlan:
         if isinstance(result, ClientFailure):
             self.aggregator.drop(result)
         else:
-            self.aggregator.add(result)
+            self.aggregator.add(result.cast(self.transport_dtype))
 
     def fail(self, client_id: int, error_type: str, message: str) -> None:
         """Record that ``client_id`` produced no update, and why (logged as a warning)."""
@@ -219,6 +244,10 @@ class RoundEngine:
         ``"uniform"`` or ``"num_examples"`` weights of the client updates.
     min_clients_per_round:
         A round with fewer usable updates fails with ``RoundError``.
+    transport_dtype:
+        ``"float32"`` or ``"bfloat16"``: what the global state and the
+        clients' deltas and Theta travel as (counted in the bytes metrics);
+        the server keeps float32 parameters and sums in float64.
     history:
         Metrics of the rounds already done (when resuming).
     log:
@@ -245,6 +274,7 @@ class RoundEngine:
         server_learning_rate: float = 1.0,
         weighting: str = "uniform",
         min_clients_per_round: int = 1,
+        transport_dtype: str = "float32",
         history: Sequence[Mapping[str, float]] = (),
         log: logging.Logger | None = None,
     ) -> None:
@@ -261,6 +291,10 @@ class RoundEngine:
             raise ValueError(f"server_learning_rate must be positive, got {server_learning_rate}")
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        if transport_dtype not in TRANSPORT_DTYPES:
+            raise ValueError(
+                f"transport_dtype must be one of {TRANSPORT_DTYPES}, got {transport_dtype!r}"
+            )
         self.clients_per_round = resolve_clients_per_round(num_clients, clients_per_round)
         if not 1 <= min_clients_per_round <= self.clients_per_round:
             raise ValueError(
@@ -280,6 +314,7 @@ class RoundEngine:
         self.server_learning_rate = float(server_learning_rate)
         self.weighting = weighting
         self.min_clients_per_round = int(min_clients_per_round)
+        self.transport_dtype = getattr(torch, transport_dtype)
         self.history: list[dict[str, float]] = [dict(h) for h in history]
         self.log = log or logger
 
@@ -302,11 +337,15 @@ class RoundEngine:
         r = self.state.round
         if r >= self.num_rounds:
             raise ValueError(f"all {self.num_rounds} rounds are done; nothing left to plan")
+        sent = self.state.cast(self.transport_dtype)
+        aggregator = RoundAggregator(self.state, self.algorithm, self.weighting, sent)  # type: ignore[arg-type]
         return RoundPlan(
             round_index=r,
             clients=self.sample(r),
             learning_rate=self.learning_rates[r],
-            aggregator=RoundAggregator(self.state, self.algorithm, self.weighting),  # type: ignore[arg-type]
+            aggregator=aggregator,
+            state=sent,
+            transport_dtype=self.transport_dtype,
             log=self.log,
         )
 

@@ -25,7 +25,14 @@ from .algorithms import Algorithm
 from .client import ClientFailure, ClientUpdate
 from .state import ServerState, tensor_bytes
 
-__all__ = ["RoundAggregator", "RoundError", "aggregate", "downlink_bytes", "WEIGHTINGS"]
+__all__ = [
+    "RoundAggregator",
+    "RoundError",
+    "aggregate",
+    "downlink_bytes",
+    "downlink_parts",
+    "WEIGHTINGS",
+]
 
 
 class RoundError(RuntimeError):
@@ -40,14 +47,23 @@ Weighting = Literal["uniform", "num_examples"]
 WEIGHTINGS: tuple[str, ...] = ("uniform", "num_examples")
 
 
+def downlink_parts(server_state: ServerState, algorithm: Algorithm) -> dict[str, int]:
+    """Bytes the server sends to one client, by part: params, direction g_G, Theta.
+
+    Theta goes down only when the algorithm aligns and g_G only when it
+    corrects; tensors count at their dtype's size (2 bytes with bfloat16
+    transport).
+    """
+    return {
+        "params": tensor_bytes(server_state.params),
+        "direction": tensor_bytes(server_state.direction) if algorithm.correction else 0,
+        "theta": tensor_bytes(server_state.curvature) if algorithm.align else 0,
+    }
+
+
 def downlink_bytes(server_state: ServerState, algorithm: Algorithm) -> int:
     """Bytes the server sends to one client: params, plus Theta and g_G when used."""
-    total = tensor_bytes(server_state.params)
-    if algorithm.align:
-        total += tensor_bytes(server_state.curvature)
-    if algorithm.correction:
-        total += tensor_bytes(server_state.direction)
-    return total
+    return sum(downlink_parts(server_state, algorithm).values())
 
 
 class RoundAggregator:
@@ -67,14 +83,22 @@ class RoundAggregator:
     weighting:
         ``"uniform"`` (each sampled client counts the same, the paper's choice)
         or ``"num_examples"`` (FedAvg's weighting by examples seen).
+    sent_state:
+        What the clients received, when it differs from ``server_state``
+        (e.g. rounded to bfloat16 for transport); it sizes the downlink.
     """
 
     def __init__(
-        self, server_state: ServerState, algorithm: Algorithm, weighting: Weighting = "uniform"
+        self,
+        server_state: ServerState,
+        algorithm: Algorithm,
+        weighting: Weighting = "uniform",
+        sent_state: ServerState | None = None,
     ) -> None:
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
         self.server_state = server_state
+        self.sent_state = sent_state if sent_state is not None else server_state
         self.algorithm = algorithm
         self.weighting = weighting
         self.delta_sum = {
@@ -87,7 +111,8 @@ class RoundAggregator:
         self.num_clients = 0
         self.num_examples = 0
         self.loss_sum = 0.0
-        self.uplink_bytes = 0
+        self.delta_bytes = 0
+        self.theta_bytes = 0
         self.client_ids: list[int] = []
         self.failures: list[ClientFailure] = []
 
@@ -147,9 +172,9 @@ class RoundAggregator:
         self.num_clients += 1
         self.num_examples += int(update.num_examples)
         self.loss_sum += float(update.metrics.get("train_loss", 0.0)) * weight
-        self.uplink_bytes += tensor_bytes(update.delta)
+        self.delta_bytes += tensor_bytes(update.delta)
         if self.algorithm.align:
-            self.uplink_bytes += tensor_bytes(update.curvature)
+            self.theta_bytes += tensor_bytes(update.curvature)
         self.client_ids.append(int(update.client_id))
 
     def all_reduce(self) -> None:
@@ -184,7 +209,8 @@ class RoundAggregator:
                 self.num_clients,
                 self.num_examples,
                 self.loss_sum,
-                self.uplink_bytes,
+                self.delta_bytes,
+                self.theta_bytes,
             ],
             dtype=torch.float64,
         )
@@ -206,10 +232,11 @@ class RoundAggregator:
             num_clients,
             num_examples,
             self.loss_sum,
-            uplink,
+            delta_bytes,
+            theta_bytes,
         ) = scalars.tolist()
         self.num_clients, self.num_examples = int(num_clients), int(num_examples)
-        self.uplink_bytes = int(uplink)
+        self.delta_bytes, self.theta_bytes = int(delta_bytes), int(theta_bytes)
         self.client_ids = sorted(ids)
         self.failures = sorted(failures, key=lambda f: f.client_id)
 
@@ -264,14 +291,22 @@ class RoundAggregator:
             metrics["drift_relative"] = drift / norm_sq if norm_sq > 0 else 0.0
             curvature = {n: m.to(torch.float32) for n, m in mean_w.items()}
 
-        down = downlink_bytes(state, self.algorithm) * self.num_clients
+        down = {
+            part: size * self.num_clients
+            for part, size in downlink_parts(self.sent_state, self.algorithm).items()
+        }
         metrics.update(
             num_clients=float(self.num_clients),
             num_examples=float(self.num_examples),
             train_loss=self.loss_sum * inv_w,
             update_norm=float(sum(d.square().sum() for d in delta.values()) ** 0.5),
-            bytes_up=float(self.uplink_bytes),
-            bytes_down=float(down),
+            bytes_up=float(self.delta_bytes + self.theta_bytes),
+            bytes_down=float(sum(down.values())),
+            bytes_up_delta=float(self.delta_bytes),
+            bytes_up_theta=float(self.theta_bytes),
+            bytes_down_params=float(down["params"]),
+            bytes_down_direction=float(down["direction"]),
+            bytes_down_theta=float(down["theta"]),
         )
         for part, tensors in (("model", params), ("direction", direction)):
             _require_finite(tensors, part, state.round + 1, server_lr)

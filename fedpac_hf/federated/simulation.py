@@ -44,6 +44,7 @@ def simulate(
     max_grad_norm: float | None = None,
     curvature_loss_fn: LossFn | None = None,
     min_clients_per_round: int = 1,
+    transport_dtype: str = "float32",
     progress: bool = False,
     callback: Callable[[ServerState, dict[str, float]], None] | None = None,
 ) -> list[dict[str, float]]:
@@ -83,6 +84,9 @@ def simulate(
         update) is dropped with a logged reason (see
         :func:`~fedpac_hf.federated.run_client`); fewer survivors than this
         stops the run with :class:`~fedpac_hf.federated.RoundError`.
+    transport_dtype:
+        ``"float32"`` or ``"bfloat16"``: what the global state and the
+        clients' deltas and Theta travel as (the server sums in float64).
     progress:
         Show a progress bar over rounds.
     callback:
@@ -126,13 +130,14 @@ def simulate(
         server_learning_rate=server_lr,
         weighting=weighting,
         min_clients_per_round=min_clients_per_round,
+        transport_dtype=transport_dtype,
         log=logger,
     )
 
     def train_client(client_id: int, plan: RoundPlan):
         return client_update(
             model,
-            engine.state,
+            plan.state,
             algorithm,
             cycle_batches(client_loaders[client_id]),
             lr=plan.learning_rate,

@@ -97,6 +97,21 @@ class ServerState:
     direction: dict[str, torch.Tensor] | None = None
     round: int = 0
 
+    def cast(self, dtype: torch.dtype) -> ServerState:
+        """This state with every tensor in ``dtype`` (what travels with reduced-precision transport)."""
+        if dtype == torch.float32:
+            return self
+
+        def convert(tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+            return None if tensors is None else {n: t.to(dtype) for n, t in tensors.items()}
+
+        return ServerState(
+            params=convert(self.params),
+            curvature=convert(self.curvature),
+            direction=convert(self.direction),
+            round=self.round,
+        )
+
     @classmethod
     def from_model(cls, model: torch.nn.Module) -> ServerState:
         """Initial state: the model's trainable parameters, no curvature, no direction."""

@@ -19,6 +19,7 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -170,6 +171,8 @@ class FedPACClient:
         )
         if not isinstance(update, ClientUpdate):
             raise ClientError(str(update))
+        if config.get("transport-dtype") == "bfloat16":  # send as the server sent: half the bytes
+            update = update.cast(torch.bfloat16)
         logger.info(
             "round %d: client %d trained %d steps on %d examples, train_loss %.4f",
             int(config["server-round"]),

@@ -18,7 +18,10 @@ Uplink (client to server), one ``RecordDict``:
 - ``"metrics"``: ``num-examples``, ``num-steps``, ``partition-id`` and the
   client's training metrics (``MetricRecord``).
 
-Tensors travel as float32 NumPy arrays, so a round trip is exact.
+Tensors travel as float32 NumPy arrays, so a round trip is exact; with
+``transport_dtype="bfloat16"`` the downlink state and the uplink delta and
+Theta travel as bfloat16 bit patterns (``int16`` arrays), half the bytes, and
+``config["transport-dtype"]`` tells the client to send its update the same way.
 """
 
 from __future__ import annotations
@@ -60,33 +63,42 @@ _NUM_STEPS = "num-steps"
 _PARTITION_ID = "partition-id"
 
 
+def _to_array(tensor: torch.Tensor) -> Array:
+    """A float32 tensor as float32; a bfloat16 one as its raw bits (numpy has no bfloat16)."""
+    tensor = tensor.detach().to("cpu")
+    if tensor.dtype == torch.bfloat16:
+        return Array(np.ascontiguousarray(tensor.view(torch.int16).numpy()))
+    return Array(np.ascontiguousarray(tensor.to(torch.float32).numpy()))
+
+
 def tensors_to_array_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
-    """Pack named tensors into an ``ArrayRecord`` (float32, CPU, names kept in order).
+    """Pack named tensors into an ``ArrayRecord`` (CPU, names kept in order).
 
     Parameters
     ----------
     tensors:
         Parameters, a delta, a curvature state or a direction, by name.
+        bfloat16 tensors (reduced-precision transport) travel as their 16-bit
+        patterns, everything else as float32.
 
     Returns
     -------
     ArrayRecord
-        One float32 ``Array`` per tensor.
+        One ``Array`` per tensor.
     """
-    return ArrayRecord(
-        {
-            name: Array(np.ascontiguousarray(t.detach().to("cpu", torch.float32).numpy()))
-            for name, t in tensors.items()
-        }
-    )
+    return ArrayRecord({name: _to_array(t) for name, t in tensors.items()})
 
 
 def array_record_to_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    """Unpack an ``ArrayRecord`` into writable float32 CPU tensors, by name."""
-    return {
-        name: torch.from_numpy(np.array(array.numpy(), dtype=np.float32, copy=True))
-        for name, array in record.items()
-    }
+    """Unpack an ``ArrayRecord`` into writable CPU tensors (float32, or bfloat16 as sent)."""
+    tensors = {}
+    for name, array in record.items():
+        values = array.numpy()
+        if values.dtype == np.int16:
+            tensors[name] = torch.from_numpy(values.copy()).view(torch.bfloat16)
+        else:
+            tensors[name] = torch.from_numpy(np.array(values, dtype=np.float32, copy=True))
+    return tensors
 
 
 def server_state_to_content(
@@ -127,9 +139,14 @@ def server_state_to_content(
             "round-index": int(server_round) - 1,
             "lr": float(lr),
             "partition-id": int(partition_id),
+            "transport-dtype": _dtype_name(state),
         }
     )
     return content
+
+
+def _dtype_name(state: ServerState) -> str:
+    return "bfloat16" if next(iter(state.params.values())).dtype == torch.bfloat16 else "float32"
 
 
 def with_partition(content: RecordDict, partition_id: int) -> RecordDict:

@@ -99,7 +99,7 @@ class FedPACStrategy(PartitionStrategy):
         plan = self.engine.plan_round()
         self._plan = plan
         content = server_state_to_content(
-            self.engine.state,
+            plan.state,
             self.engine.algorithm,
             server_round=plan.round_number,
             lr=plan.learning_rate,
