@@ -31,11 +31,6 @@ __all__ = [
 ]
 
 TASKS = ("image_classification", "causal_lm", "sequence_classification")
-DEFAULT_LORA_TARGETS = {
-    "image_classification": "query,value",
-    "sequence_classification": "query,value",
-    "causal_lm": "q_proj,v_proj",
-}
 
 
 @dataclass
@@ -145,8 +140,9 @@ class ModelDataArguments:
     lora_target_modules: str | None = field(
         default=None,
         metadata={
-            "help": "Comma-separated module names that get adapters (default: query,value for "
-            "ViT/BERT, q_proj,v_proj for Llama)."
+            "help": "Comma-separated module names that get adapters (default: the loaded "
+            "model's attention query and value projections, e.g. q_proj,v_proj for Llama and "
+            "ViT, query,value for BERT)."
         },
     )
     lora_modules_to_save: str | None = field(
@@ -191,8 +187,8 @@ class ModelDataArguments:
                 raise ValueError(f"{name} must be at least 1 (or unset), got {value}")
 
     def lora_targets(self) -> list[str]:
-        """Module names that get LoRA adapters."""
-        return split_list(self.lora_target_modules or DEFAULT_LORA_TARGETS[self.task])
+        """Module names set to get LoRA adapters (``[]``: the model's attention projections)."""
+        return split_list(self.lora_target_modules or "")
 
     def lora_saved_modules(self) -> list[str] | None:
         """Modules trained in full beside the adapters (``modules_to_save``)."""

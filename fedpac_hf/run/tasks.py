@@ -21,8 +21,14 @@ from fedpac_hf.arguments import FedPACArguments
 
 from .config import ModelDataArguments
 from .data import encode_labels, load_splits, require_columns, tokenize, train_bpe_tokenizer
+from .lora import apply_lora
 
-__all__ = ["DEFAULT_MODEL_NAMES", "TaskBundle", "build_task", "minilm_path"]
+__all__ = [
+    "DEFAULT_MODEL_NAMES",
+    "TaskBundle",
+    "build_task",
+    "minilm_path",
+]
 
 DEFAULT_MODEL_NAMES = {
     "image_classification": "small ViT",
@@ -69,41 +75,6 @@ def _accuracy_metrics() -> Callable:
     return compute_metrics
 
 
-def _apply_lora(model: Any, margs: ModelDataArguments, task_type: str | None) -> Any:
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(
-        r=margs.lora_r,
-        lora_alpha=margs.lora_alpha if margs.lora_alpha is not None else 2 * margs.lora_r,
-        lora_dropout=margs.lora_dropout,
-        target_modules=margs.lora_targets(),
-        modules_to_save=margs.lora_saved_modules(),
-        task_type=task_type,
-    )
-    try:
-        return get_peft_model(model, config)
-    except ValueError as err:
-        if "target" not in str(err).lower():
-            raise
-        raise ValueError(
-            f"lora_target_modules={','.join(margs.lora_targets())!r} matches no layer of "
-            f"{type(model).__name__}; its linear layers are named "
-            f"{', '.join(linear_layer_names(model))}"
-        ) from None
-
-
-def linear_layer_names(model: Any) -> list[str]:
-    """The distinct last names of the model's ``nn.Linear`` layers (what LoRA can target)."""
-    import torch
-
-    names = {
-        name.rsplit(".", 1)[-1]
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and name
-    }
-    return sorted(names)
-
-
 def _image_task(margs: ModelDataArguments, args: FedPACArguments) -> TaskBundle:
     import torch
     from transformers import (
@@ -134,7 +105,7 @@ def _image_task(margs: ModelDataArguments, args: FedPACArguments) -> TaskBundle:
             ignore_mismatched_sizes=True,
             attn_implementation="eager",
         )
-        channels = 3
+        channels = int(getattr(model.config, "num_channels", 3))
     else:
         size = margs.image_size or first.size[0]
         channels = len(first.getbands())
@@ -163,7 +134,7 @@ def _image_task(margs: ModelDataArguments, args: FedPACArguments) -> TaskBundle:
     base = None
     if margs.lora_r:
         base = copy.deepcopy(model) if not margs.model_name_or_path else None
-        model = _apply_lora(model, margs, task_type=None)
+        model = apply_lora(model, margs, task_type=None)
     image_column = margs.image_column
 
     def transform(batch: dict[str, list]) -> dict[str, Any]:
@@ -231,7 +202,7 @@ def _causal_lm_task(margs: ModelDataArguments, args: FedPACArguments) -> TaskBun
         model = LlamaForCausalLM._from_config(config, attn_implementation="eager")
     if margs.lora_r:
         base = copy.deepcopy(model) if not margs.model_name_or_path else None
-        model = _apply_lora(model, margs, task_type="CAUSAL_LM")
+        model = apply_lora(model, margs, task_type="CAUSAL_LM")
     keep = [c for c in (args.partition_id_column, args.partition_label_column) if c]
     train = tokenize(train, tokenizer, margs.text_column, margs.max_length, keep)
     test = tokenize(test, tokenizer, margs.text_column, margs.max_length, [])
@@ -285,7 +256,7 @@ def _sequence_classification_task(margs: ModelDataArguments, args: FedPACArgumen
         attn_implementation="eager",
     )
     if margs.lora_r:
-        model = _apply_lora(model, margs, task_type="SEQ_CLS")
+        model = apply_lora(model, margs, task_type="SEQ_CLS")
     keep = ["label"] + [c for c in (args.partition_id_column,) if c]
     train = tokenize(train, tokenizer, margs.text_column, margs.max_length, keep)
     test = tokenize(test, tokenizer, margs.text_column, margs.max_length, ["label"])
@@ -302,7 +273,13 @@ def _sequence_classification_task(margs: ModelDataArguments, args: FedPACArgumen
 
 
 def _pretrained(loader: Callable[..., Any], source: str, what: str, **kwargs: Any) -> Any:
-    """``loader(source, **kwargs)``; a source that is no model fails naming model_name_or_path."""
+    """``loader(source, **kwargs)``; a source that is no model fails naming model_name_or_path.
+
+    ``base:<name>`` loads a pretrained base of :mod:`fedpac_hf.bases` (built on first use).
+    """
+    from fedpac_hf.bases import resolve_model_name
+
+    source = resolve_model_name(source)
     local = Path(source).expanduser()
     looks_local = local.is_absolute() or source.startswith((".", "~")) or local.exists()
     if looks_local and not local.exists():

@@ -1,0 +1,86 @@
+"""LoRA adapters for a run: which layers get them, and applying them with PEFT.
+
+By default the adapters go on the attention query and value projections of
+the model actually loaded, whatever the installed transformers names them
+(``q_proj``/``v_proj`` for Llama and, since transformers 5, ViT;
+``query``/``value`` for BERT); ``lora_target_modules`` overrides that, and a
+target that matches nothing is refused with the model's linear layers listed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import ModelDataArguments
+
+__all__ = ["ATTENTION_PROJECTIONS", "apply_lora", "default_lora_targets", "linear_layer_names"]
+
+
+# Attention projections under the names transformers gives them, most specific first:
+# the query and value projections, as in the LoRA paper (fused projections: the fused one).
+ATTENTION_PROJECTIONS: tuple[tuple[str, ...], ...] = (
+    ("q_proj", "v_proj"),  # Llama, Mistral, OPT, ViT in transformers >= 5
+    ("query", "value"),  # BERT, RoBERTa, MiniLM, ViT before transformers 5
+    ("q_lin", "v_lin"),  # DistilBERT
+    ("q", "v"),  # T5
+    ("c_attn",),  # GPT-2 (fused, Conv1D)
+    ("qkv_proj",),
+    ("Wqkv",),
+    ("qkv",),
+)
+
+
+def linear_layer_names(model: Any) -> list[str]:
+    """The distinct last names of the model's linear layers (what LoRA can target)."""
+    import torch
+
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if name and (isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D")
+    }
+    return sorted(names)
+
+
+def default_lora_targets(model: Any) -> list[str]:
+    """The model's attention query/value projections, whatever this transformers names them.
+
+    Raises
+    ------
+    ValueError
+        If the model has none of the known names; the message lists its
+        linear layers, to choose ``lora_target_modules`` from.
+    """
+    present = set(linear_layer_names(model))
+    for names in ATTENTION_PROJECTIONS:
+        if set(names) <= present:
+            return list(names)
+    raise ValueError(
+        f"no attention projection of {type(model).__name__} has a name LoRA defaults know; set "
+        f"lora_target_modules to some of its linear layers: {', '.join(sorted(present))}"
+    )
+
+
+def apply_lora(model: Any, margs: ModelDataArguments, task_type: str | None) -> Any:
+    """``model`` with LoRA adapters as ``margs`` says (``lora_r``, targets, ``modules_to_save``)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = margs.lora_targets() or default_lora_targets(model)
+    config = LoraConfig(
+        r=margs.lora_r,
+        lora_alpha=margs.lora_alpha if margs.lora_alpha is not None else 2 * margs.lora_r,
+        lora_dropout=margs.lora_dropout,
+        target_modules=targets,
+        modules_to_save=margs.lora_saved_modules(),
+        task_type=task_type,
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:
+        if "target" not in str(err).lower():
+            raise
+        raise ValueError(
+            f"lora_target_modules={','.join(targets)!r} matches no layer of "
+            f"{type(model).__name__}; its linear layers are named "
+            f"{', '.join(linear_layer_names(model))}"
+        ) from None
