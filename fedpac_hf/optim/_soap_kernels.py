@@ -1,11 +1,12 @@
 """Numerical kernels of the SOAP step (private to :mod:`fedpac_hf.optim.soap`).
 
 Split out of ``soap.py`` so that the optimizer class stays readable. The
-kernels follow the reference SOAP update exactly; they only avoid work:
+kernels compute the reference SOAP update (up to rounding); they only avoid work:
 
 - :func:`matrix_adam_step_` handles a parameter viewed as a matrix (the common
-  case): two products into the eigenbases, Adam in place, and the product back
-  out fused into the parameter update (``addmm_``), with no other temporaries.
+  case): two products into the eigenbases, Adam's moments updated in place,
+  and the last product back out accumulated straight into the parameter
+  (``addmm_``) instead of into a direction tensor that is then added.
 - :func:`symmetric_update_` updates a statistic ``L <- beta L + (1 - beta) A A^T``
   in place; for large sides it computes only the upper blocks of ``A A^T`` and
   mirrors them, which saves a third of that product.
@@ -172,9 +173,9 @@ def symmetric_update_(stat: torch.Tensor, a: torch.Tensor, beta: float) -> None:
     For ``stat`` of side at least :data:`SYMMETRIC_BLOCK_MIN` the side is cut into
     :data:`SYMMETRIC_BLOCKS` blocks; only the blocks on and above the diagonal
     are computed (``addmm_`` into views of ``stat``) and the blocks below are
-    copied from their transposes, so the result is exactly symmetric. This
-    assumes ``stat`` is symmetric on entry, which every SOAP statistic is (zero,
-    imported averages of symmetric matrices, or earlier updates).
+    copied from their transposes. This assumes ``stat`` is symmetric on entry
+    (to rounding), which every SOAP statistic is: zero, an imported average of
+    symmetric matrices, or the result of earlier updates.
     """
     n = stat.shape[0]
     alpha = 1.0 - beta
