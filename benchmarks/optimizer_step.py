@@ -51,6 +51,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 OPTIMIZERS = ["torch-adamw", "adamw", "sgd", "soap", "soap-256", "muon", "sophia"]
 WORKLOADS = ["vit", "llama-lora"]
@@ -329,6 +330,10 @@ def soap_breakdown(warmup: int, steps: int) -> None:
 
     ms = {k: v / steps * 1e3 for k, v in {**spent, **totals}.items()}
     flops = soap_flops(soap.optimizer)
+    with FlopCounterMode(display=False) as counter:
+        adamw.model(**adamw.batch).loss.backward()
+    adamw.optimizer.zero_grad(set_to_none=True)
+    forward_backward_flops = counter.get_total_flops()
     refresh_qr = ms["refresh: power step + QR + sort"]
     rows = [
         (
@@ -369,6 +374,12 @@ def soap_breakdown(warmup: int, steps: int) -> None:
         ms["torch-adamw fwd+bwd"] + ms["torch-adamw step"]
     )
     print(f"\nSOAP / AdamW, forward + backward + step (mean): {ratio:.2f}")
+    soap_total = sum(flops.values())
+    print(
+        f"forward + backward: {forward_backward_flops / 1e9:.2f} GFLOP (torch FlopCounterMode); "
+        f"SOAP's products: {soap_total / 1e9:.2f} GFLOP per step "
+        f"({soap_total / forward_backward_flops:.2f} x forward + backward)"
+    )
 
 
 def main() -> None:
