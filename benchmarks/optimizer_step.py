@@ -25,21 +25,33 @@ ratio to ``torch.optim.AdamW``, peak memory and the optimizer-state size.
 
 Run: ``python benchmarks/optimizer_step.py`` (``--threads`` sets torch's CPU
 threads, default 1).
+
+``--soap-breakdown`` instead splits SOAP's step on the ViT workload into its
+parts (rotations + Adam, statistics, refresh, ...), timed in place on the real
+code path while SOAP and ``torch.optim.AdamW`` steps alternate, and prints each
+part's milliseconds per step (refreshes amortised) next to the floating-point
+work it needs, counted from the shapes.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import inspect
 import json
+import math
 import os
 import statistics
 import subprocess
 import sys
 import threading
 import time
+from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 OPTIMIZERS = ["torch-adamw", "adamw", "sgd", "soap", "soap-256", "muon", "sophia"]
 WORKLOADS = ["vit", "llama-lora"]
@@ -219,6 +231,157 @@ def peak_memory(workload: str, name: str, warmup: int) -> dict[str, Any]:
     return {"peak_mib": max(peak, _rss_mib()) - base, "device": "cpu"}
 
 
+def soap_flops(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """Floating-point work of SOAP's parts per step, counted from the shapes.
+
+    Rotating (or contracting for a statistic) side ``i`` of length ``d`` of a
+    tensor with ``N`` elements is a product of ``2 d N`` flops: per step two
+    rotations in and two out (``rotate``) and one statistic per rotated side
+    (``statistics``, counted as the full product ``G G^T``; for sides of 512 or
+    more SOAP computes two thirds of it). Per refresh (every
+    ``precondition_frequency`` steps): ``2 d^3`` for the power step ``GG Q``,
+    about ``(8/3) d^3`` for a Householder QR with the explicit ``Q``, and two
+    rotations of the first moment (``carry``).
+    """
+    from fedpac_hf.optim.soap import preconditioner_layout
+
+    work: dict[str, float] = defaultdict(float)
+    for group in optimizer.param_groups:
+        freq = group["precondition_frequency"]
+        for p in group["params"]:
+            view, rotated = preconditioner_layout(
+                p.shape, group["max_precond_dim"], group["merge_dims"], group["precondition_1d"]
+            )
+            n = math.prod(view)
+            for d, on in zip(view, rotated, strict=True):
+                if on:
+                    work["rotate"] += 2 * 2 * d * n
+                    work["statistics"] += 2 * d * n
+                    work["refresh"] += (2 * d**3 + 8 / 3 * d**3) / freq
+                    work["carry"] += 2 * 2 * d * n / freq
+    return dict(work)
+
+
+def soap_breakdown(warmup: int, steps: int) -> None:
+    """Print SOAP's step on the ViT workload split into its parts (ms per step).
+
+    The parts are timed by wrapping SOAP's own methods and kernels (the same
+    code path, about a microsecond per call added); SOAP steps alternate with
+    ``torch.optim.AdamW`` steps on a copy of the model, as in the main table.
+    """
+    from fedpac_hf.optim import soap as soap_module
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    spent: dict[str, float] = defaultdict(float)
+
+    def timed(label: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            sync()
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                sync()
+                spent[label] += time.perf_counter() - start
+
+        return wrapper
+
+    cls = soap_module.SOAP
+    patches = {
+        (cls, "_check_gradients"): "gradient checks",
+        (cls, "_adam_in_eigenbasis"): "rotations + Adam (rotated parameters)",
+        (cls, "_accumulate"): "statistics GG^T",
+        (cls, "_refresh"): "refresh",
+        (soap_module, "refresh_bases_"): "refresh: power step + QR + sort",
+        (soap_module, "foreach_adam_step_"): "Adam, parameters not rotated (foreach)",
+    }
+    originals = {key: inspect.getattr_static(*key) for key in patches}
+    for (owner, name), label in patches.items():
+        raw = originals[owner, name]
+        if isinstance(raw, staticmethod):
+            setattr(owner, name, staticmethod(timed(label, raw.__func__)))
+        else:
+            setattr(owner, name, timed(label, raw))
+    try:
+        soap = _Runner("vit", "soap", device)
+        adamw = _Runner("vit", "torch-adamw", device)
+        for _ in range(warmup):
+            soap.step()
+            adamw.step()
+        spent.clear()
+        totals: dict[str, float] = defaultdict(float)
+        for r in range(steps):
+            for runner in (soap, adamw) if r % 2 == 0 else (adamw, soap):
+                sync()
+                start = time.perf_counter()
+                runner.model(**runner.batch).loss.backward()
+                sync()
+                middle = time.perf_counter()
+                runner.optimizer.step()
+                sync()
+                totals[f"{runner.name} fwd+bwd"] += middle - start
+                totals[f"{runner.name} step"] += time.perf_counter() - middle
+                runner.optimizer.zero_grad(set_to_none=True)
+    finally:
+        for (owner, name), fn in originals.items():
+            setattr(owner, name, fn)
+
+    ms = {k: v / steps * 1e3 for k, v in {**spent, **totals}.items()}
+    flops = soap_flops(soap.optimizer)
+    with FlopCounterMode(display=False) as counter:
+        adamw.model(**adamw.batch).loss.backward()
+    adamw.optimizer.zero_grad(set_to_none=True)
+    forward_backward_flops = counter.get_total_flops()
+    refresh_qr = ms["refresh: power step + QR + sort"]
+    rows = [
+        (
+            "rotations + Adam (rotated parameters)",
+            ms["rotations + Adam (rotated parameters)"],
+            flops["rotate"],
+        ),
+        ("statistics GG^T", ms["statistics GG^T"], flops["statistics"]),
+        ("refresh: power step + QR + sort (amortised)", refresh_qr, flops["refresh"]),
+        ("refresh: carry first moment (amortised)", ms["refresh"] - refresh_qr, flops["carry"]),
+        (
+            "Adam, parameters not rotated (foreach)",
+            ms["Adam, parameters not rotated (foreach)"],
+            None,
+        ),
+        ("gradient checks", ms["gradient checks"], None),
+    ]
+    rest = ms["soap step"] - sum(r[1] for r in rows)
+    rows.append(("rest (weight decay, loop, casts)", rest, None))
+    print(
+        f"device: {device.type}, torch threads: {torch.get_num_threads()}, warm-up {warmup} steps, "
+        f"{steps} steps of SOAP and torch.optim.AdamW alternating; ViT workload; "
+        "ms per step, refreshes amortised\n"
+    )
+    print("| part of SOAP's step | ms / step | GFLOP / step | GFLOP/s |")
+    print("|---|---:|---:|---:|")
+    for label, t, f in rows:
+        rate = f"{f / 1e9 / (t / 1e3):.0f}" if f else ""
+        work = f"{f / 1e9:.2f}" if f else ""
+        print(f"| {label} | {t:.1f} | {work} | {rate} |")
+    print(f"| **SOAP step (mean)** | **{ms['soap step']:.1f}** | | |")
+    print(f"| torch.optim.AdamW step (mean) | {ms['torch-adamw step']:.1f} | | |")
+    print(
+        f"| forward + backward (mean; SOAP's model / AdamW's model) "
+        f"| {ms['soap fwd+bwd']:.1f} / {ms['torch-adamw fwd+bwd']:.1f} | | |"
+    )
+    ratio = (ms["soap fwd+bwd"] + ms["soap step"]) / (
+        ms["torch-adamw fwd+bwd"] + ms["torch-adamw step"]
+    )
+    print(f"\nSOAP / AdamW, forward + backward + step (mean): {ratio:.2f}")
+    soap_total = sum(flops.values())
+    print(
+        f"forward + backward: {forward_backward_flops / 1e9:.2f} GFLOP (torch FlopCounterMode); "
+        f"SOAP's products: {soap_total / 1e9:.2f} GFLOP per step "
+        f"({soap_total / forward_backward_flops:.2f} x forward + backward)"
+    )
+
+
 def main() -> None:
     """Time all optimizers per workload, measure peak memory in subprocesses, print a table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -228,10 +391,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps (use a multiple of 10)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
+        "--soap-breakdown",
+        action="store_true",
+        help="split SOAP's step on the ViT workload into its parts instead of the table",
+    )
+    parser.add_argument(
         "--memory-worker", nargs=2, metavar=("WORKLOAD", "OPTIMIZER"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.soap_breakdown:
+        soap_breakdown(args.warmup, args.steps)
+        return
     if args.memory_worker:
         print(json.dumps(peak_memory(*args.memory_worker, args.warmup)))
         return

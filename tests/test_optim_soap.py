@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedpac_hf.optim import SOAP, eigenbasis, preconditioner_layout
+from fedpac_hf.optim import SOAP, _soap_kernels, eigenbasis, preconditioner_layout
 
 
 def _mlp(widths: list[int], dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Sequential:
@@ -271,3 +271,183 @@ def test_no_warnings_on_normal_training() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _train(model, opt, _batches(6, 4, 3, torch.float32))
+
+
+# --------------------------------------------------------------- fast-path tests
+# The step takes different code paths by parameter kind (fused matrix path,
+# foreach Adam for parameters with no rotated side, the general side-by-side
+# path for 1-D and higher-dimensional tensors, block-wise statistics for long
+# sides); each is checked against the reference or against another path.
+
+
+@pytest.mark.parametrize("n", [5, 12, 601])
+def test_symmetric_update_matches_full_product(n: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_soap_kernels, "SYMMETRIC_BLOCK_MIN", 4)
+    gen = torch.Generator().manual_seed(n)
+    a = torch.randn(n, 7, generator=gen, dtype=torch.float64)
+    b = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    stat = b @ b.T
+    expected = stat.lerp(a @ a.T, 1 - 0.9)
+    _soap_kernels.symmetric_update_(stat, a, 0.9)
+    torch.testing.assert_close(stat, expected, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(stat, stat.T, atol=1e-12, rtol=0)
+
+
+def test_matches_reference_with_blockwise_statistics(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Force the block-wise G G^T (used for sides >= 512 in practice) on small sides.
+    monkeypatch.setattr(_soap_kernels, "SYMMETRIC_BLOCK_MIN", 4)
+    test_matches_reference_soap_over_50_steps([8, 8, 8, 8], 10000)
+
+
+class _Mixed(nn.Module):
+    """A 4-D conv weight, a 3-D parameter, a one-sided and a two-sided matrix, biases."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.mix = nn.Parameter(0.3 * torch.randn(3, 4, 5))
+        self.fc1 = nn.Linear(20, 10)
+        self.fc2 = nn.Linear(10, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv(x))  # (B, 3, 4, 4)
+        h = torch.einsum("bchw,chk->bwk", h, self.mix).flatten(1)  # (B, 20)
+        return self.fc2(torch.tanh(self.fc1(h)))
+
+
+def test_mixed_shapes_match_reference() -> None:
+    # max_precond_dim=12 leaves fc1's 20-side unrotated (one-sided path); every
+    # rotated side has a full-rank statistic from the first step (a rotated side
+    # longer than the other sides' product would have an arbitrary null basis).
+    pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
+    ref_model = _Mixed().double()
+    model = copy.deepcopy(ref_model)
+    hyper = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.01, precondition_frequency=4)
+    ref = pytorch_optimizer.SOAP(ref_model.parameters(), max_precondition_dim=12, **hyper)
+    ours = SOAP(model.named_parameters(), max_precond_dim=12, **hyper)
+    assert len(ours.state) == 0
+    gen = torch.Generator().manual_seed(2)
+    start = [p.detach().clone() for p in model.parameters()]
+    for _ in range(30):
+        x = torch.randn(32, 2, 6, 6, generator=gen, dtype=torch.float64)
+        y = torch.randn(32, 10, generator=gen, dtype=torch.float64)
+        for m, o in ((ref_model, ref), (model, ours)):
+            o.zero_grad()
+            F.mse_loss(m(x), y).backward()
+            o.step()
+    assert not any("GG1" in k for k in ours.state[model.fc1.weight])
+    for (name, p), q, p0 in zip(
+        model.named_parameters(), ref_model.parameters(), start, strict=True
+    ):
+        assert (p - p0).abs().max() > 1e-3, name
+        torch.testing.assert_close(p, q, atol=2e-6, rtol=0, msg=name)
+
+
+def test_preconditioned_vector_equals_column_matrix() -> None:
+    # precondition_1d: a vector takes the general path; the same values as an
+    # (n, 1) matrix take the fused matrix path. Both have the same statistic.
+    torch.manual_seed(4)
+    vec = nn.Parameter(torch.randn(6, dtype=torch.float64))
+    col = nn.Parameter(vec.detach().clone().unsqueeze(1))
+    opt_v = SOAP([("v", vec)], lr=1e-2, precondition_1d=True, precondition_frequency=2)
+    opt_c = SOAP([("c", col)], lr=1e-2, precondition_frequency=2)
+    for _ in range(7):
+        g = torch.randn(6, dtype=torch.float64)
+        vec.grad, col.grad = g.clone(), g.clone().unsqueeze(1)
+        opt_v.step()
+        opt_c.step()
+    assert (vec - col.squeeze(1)).abs().max() < 1e-12
+    assert (vec.detach() - opt_v.state[vec]["exp_avg"]).abs().max() > 0  # it did move
+    torch.testing.assert_close(opt_v.export_curvature()["v.L"], opt_c.export_curvature()["c.L"])
+
+
+def test_unpreconditioned_parameters_take_plain_adam_with_their_own_step_counts() -> None:
+    # Two biases in one group; the second misses its gradient on one step, so the
+    # two are at different Adam step counts (different bias corrections).
+    lr, (b1, b2), eps, wd = 1e-2, (0.9, 0.99), 1e-8, 0.1
+    a = nn.Parameter(torch.randn(5, dtype=torch.float64))
+    b = nn.Parameter(torch.randn(3, dtype=torch.float64))
+    opt = SOAP([("a", a), ("b", b)], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
+    oracle = {}
+    gen = torch.Generator().manual_seed(0)
+    for step in range(6):
+        for name, p in (("a", a), ("b", b)):
+            p.grad = (
+                None
+                if (name == "b" and step == 3)
+                else torch.randn(p.shape, generator=gen, dtype=p.dtype)
+            )
+        expected = {}
+        for name, p in (("a", a), ("b", b)):
+            if p.grad is None:
+                expected[name] = p.detach().clone()
+                continue
+            if name not in oracle:  # fresh start: no update
+                oracle[name] = [0, torch.zeros_like(p), torch.zeros_like(p)]
+                expected[name] = p.detach().clone()
+                continue
+            o = oracle[name]
+            o[0] += 1
+            o[1] = o[1].lerp(p.grad, 1 - b1)
+            o[2] = o[2].lerp(p.grad.square(), 1 - b2)
+            size = lr * (1 - b2 ** o[0]) ** 0.5 / (1 - b1 ** o[0])
+            expected[name] = (p - size * o[1] / (o[2].sqrt() + eps)) * (1 - lr * wd)
+        opt.step()
+        torch.testing.assert_close(a.detach(), expected["a"], atol=1e-14, rtol=0)
+        torch.testing.assert_close(b.detach(), expected["b"], atol=1e-14, rtol=0)
+    assert opt.state[a]["step"] == 5 and opt.state[b]["step"] == 4
+    assert set(opt.state[a]) == {"step", "exp_avg", "exp_avg_sq"}
+
+
+def test_fused_and_fallback_matrix_paths_agree() -> None:
+    # A non-contiguous float32 parameter takes the fallback (direction, then add);
+    # its contiguous twin the fused addmm_ path.
+    torch.manual_seed(5)
+    base = torch.randn(7, 5)
+    fused = nn.Parameter(base.clone())
+    strided = nn.Parameter(base.T.contiguous().T)  # same values, column-major
+    assert not strided.is_contiguous()
+    opts = [SOAP([("w", p)], lr=1e-2, precondition_frequency=3) for p in (fused, strided)]
+    for _ in range(8):
+        g = torch.randn(7, 5)
+        for p, o in zip((fused, strided), opts, strict=True):
+            p.grad = g.clone()
+            o.step()
+    torch.testing.assert_close(fused.detach(), strided.detach(), atol=1e-6, rtol=0)
+    assert (fused.detach() - base).abs().max() > 1e-2
+
+
+def test_bf16_parameters_follow_float32_run_with_float32_state() -> None:
+    # bf16 matrices take the unfused path (direction cast to bf16, then added),
+    # bf16 vectors the foreach path with the same cast; the state stays float32.
+    torch.manual_seed(6)
+    w16 = nn.Parameter(torch.randn(5, 5).to(torch.bfloat16))
+    b16 = nn.Parameter(torch.randn(4).to(torch.bfloat16))
+    w32 = nn.Parameter(w16.detach().float())
+    b32 = nn.Parameter(b16.detach().float())
+    start = [w32.detach().clone(), b32.detach().clone()]
+    opt16 = SOAP([("w", w16), ("b", b16)], lr=1e-1, precondition_frequency=2)
+    opt32 = SOAP([("w", w32), ("b", b32)], lr=1e-1, precondition_frequency=2)
+    for _ in range(4):
+        gw, gb = torch.randn(5, 5).to(torch.bfloat16), torch.randn(4).to(torch.bfloat16)
+        w16.grad, b16.grad = gw, gb
+        w32.grad, b32.grad = gw.float(), gb.float()
+        opt16.step()
+        opt32.step()
+    for p16, p32, p0 in zip((w16, b16), (w32, b32), start, strict=True):
+        assert p16.dtype == torch.bfloat16
+        assert (p32.detach() - p0).abs().max() > 0.1  # it moved
+        torch.testing.assert_close(p16.detach().float(), p32.detach(), atol=3e-2, rtol=1e-2)
+        assert {v.dtype for v in opt16.state[p16].values() if isinstance(v, torch.Tensor)} == {
+            torch.float32
+        }
+
+
+def test_gradient_whose_norm_overflows_is_refused_as_overflow() -> None:
+    w = nn.Parameter(torch.zeros(4, 4))
+    opt = SOAP([("w", w)])
+    w.grad = torch.full((4, 4), 1e38)  # finite, but its 2-norm is inf in float32
+    with pytest.raises(FloatingPointError, match="overflow the statistics"):
+        opt.step()
+    assert len(opt.state[w]) == 0

@@ -14,11 +14,15 @@ follow the eigenvalue order. A side longer than ``max_precond_dim`` is not
 rotated (identity), so a LoRA factor ``B`` of shape ``4096 x 16`` with
 ``max_precond_dim=1024`` is preconditioned on its 16-side only.
 
-Implementation note: the reference keeps Adam's first moment in the original
-basis and rotates it every step. Here it is kept in the rotated basis and, when
-the bases are refreshed, rotated back and into the new bases; since the bases
-are orthogonal this is the same quantity, and it saves two matrix products per
-matrix per step.
+Implementation notes (the update is the reference's; see ``_soap_kernels.py``):
+the reference keeps Adam's first moment in the original basis and rotates it
+every step. Here it is kept in the rotated basis and, when the bases are
+refreshed, rotated back and into the new bases; since the bases are orthogonal
+this is the same quantity, and it saves two matrix products per matrix per step.
+Matrices take a fused path (the product back out of the eigenbasis is
+accumulated straight into the parameter, the statistics are updated in place,
+only the upper blocks of a large ``G G^T`` are computed), and parameters with no
+rotated side take one ``torch._foreach_*`` Adam step per parameter group.
 
 Federated use (FedPAC): the curvature state Theta is ``{name.L, name.R}`` for the
 rotated sides only (``name.L`` alone for a preconditioned 1-D parameter,
@@ -49,15 +53,23 @@ gradient (or one whose squared norm overflows the statistics' dtype) raises
 
 from __future__ import annotations
 
-import contextlib
 import math
-import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch.optim.optimizer import Optimizer, ParamsT
 
+from ._soap_kernels import (
+    eigenbasis,
+    foreach_adam_step_,
+    highest_matmul_precision,
+    matrix_adam_step_,
+    refresh_bases_,
+    rotate,
+    side_outer_products,
+    symmetric_update_,
+)
 from .base import (
     CurvatureOptimizer,
     check_curvature_keys,
@@ -117,110 +129,6 @@ def _stat_names(ndim: int) -> list[str]:
     if ndim == 2:
         return ["L", "R"]
     return [f"GG{i}" for i in range(ndim)]
-
-
-def eigenbasis(matrix: torch.Tensor) -> torch.Tensor:
-    """Orthonormal eigenvectors of a symmetric matrix, by descending eigenvalue.
-
-    Used for SOAP's eigenbasis on a fresh start and on a warm start from an
-    imported statistic. ``eigh`` runs in the matrix's dtype (float32 or float64);
-    if it raises or returns non-finite values it is retried in float64, and if
-    that fails too (or the matrix itself is not finite) the identity is returned
-    (that side is then simply not rotated). Every fallback emits a warning; the
-    function never raises.
-    """
-    n = matrix.shape[0]
-    eye = torch.eye(n, dtype=matrix.dtype, device=matrix.device)
-    if not bool(torch.isfinite(matrix).all()):
-        warnings.warn(
-            f"SOAP: statistic of size {n}x{n} is not finite; using the identity basis",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        return eye
-    dtypes = [matrix.dtype] if matrix.dtype == torch.float64 else [matrix.dtype, torch.float64]
-    for dtype in dtypes:
-        try:
-            m = matrix.to(dtype)
-            # A tiny diagonal jitter, as in the reference, keeps an all-zero
-            # statistic from producing an arbitrary basis.
-            _, vectors = torch.linalg.eigh(m + 1e-30 * torch.eye(n, dtype=dtype, device=m.device))
-        except RuntimeError as error:  # torch.linalg.LinAlgError is a RuntimeError
-            warnings.warn(
-                f"SOAP: eigh failed in {dtype} for a {n}x{n} statistic ({error}); "
-                + ("retrying in float64" if dtype != torch.float64 else "using the identity"),
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            continue
-        if bool(torch.isfinite(vectors).all()):
-            return vectors.flip(1).to(matrix.dtype)
-        warnings.warn(
-            f"SOAP: eigh returned non-finite values in {dtype} for a {n}x{n} statistic; "
-            + ("retrying in float64" if dtype != torch.float64 else "using the identity"),
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    return eye
-
-
-@contextlib.contextmanager
-def _highest_matmul_precision(device: torch.device) -> Iterator[None]:
-    """Disable TF32 for float32 matmuls on CUDA while curvature is computed."""
-    if device.type != "cuda":
-        yield
-        return
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
-
-
-def _rotate(
-    x: torch.Tensor,
-    bases: list[torch.Tensor | None],
-    view_shape: tuple[int, ...],
-    back: bool,
-) -> torch.Tensor:
-    """Rotate ``x`` into (``back=False``: ``Q^T x``) or out of (``back=True``: ``Q x``)
-    the eigenbases, side by side; ``None`` sides are left as they are."""
-    if all(q is None for q in bases):
-        return x
-    shape = x.shape
-    y = x.reshape(view_shape)
-    if len(view_shape) == 2:
-        left, right = bases
-        if left is not None:
-            y = (left if back else left.T) @ y
-        if right is not None:
-            y = y @ (right.T if back else right)
-        return y.reshape(shape)
-    for q in bases:
-        if q is None:
-            y = y.movedim(0, -1)
-        else:
-            # contract side 0 with Q (or Q^T) and append the result as the last side
-            y = torch.tensordot(y, q, dims=([0], [1 if back else 0]))
-    return y.reshape(shape)
-
-
-def _side_outer_products(g: torch.Tensor, rotated: tuple[bool, ...]) -> list[torch.Tensor | None]:
-    """For each rotated side ``i`` of ``g``: the contraction of ``g`` with itself
-    over all other sides (``G G^T`` and ``G^T G`` for a matrix)."""
-    if g.dim() == 1:
-        return [torch.outer(g, g) if rotated[0] else None]
-    if g.dim() == 2:
-        return [g @ g.T if rotated[0] else None, g.T @ g if rotated[1] else None]
-    out: list[torch.Tensor | None] = []
-    for i, on in enumerate(rotated):
-        if not on:
-            out.append(None)
-            continue
-        others = [j for j in range(g.dim()) if j != i]
-        out.append(torch.tensordot(g, g, dims=(others, others)))
-    return out
 
 
 class SOAP(Optimizer, CurvatureOptimizer):
@@ -348,79 +256,137 @@ class SOAP(Optimizer, CurvatureOptimizer):
         return [state[f"Q{i}"] if on else None for i, on in enumerate(rotated)]
 
     # ------------------------------------------------------------------ step
-    def _check_statistics_range(self) -> None:
-        """Refuse gradients whose squared norm would overflow the statistics."""
+    def _check_gradients(self) -> None:
+        """Refuse sparse or non-finite gradients, and gradients whose squared norm
+        would overflow the statistics, before anything is changed.
+
+        One 2-norm per gradient decides both (it is non-finite when the gradient
+        holds a NaN or an infinity); only when it flags something does the slower
+        :func:`~fedpac_hf.optim.base.check_grads` run, to raise its usual error.
+        """
         names, grads = [], []
         for name, p in named_params(self):
-            if p.grad is not None:
-                names.append(name)
-                grads.append(p.grad)
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                check_grads(self)  # raises, naming the parameter
+            names.append(name)
+            grads.append(p.grad)
         if not grads:
             return
-        for name, p_grad, norm in zip(names, grads, torch._foreach_norm(grads), strict=True):
-            limit = torch.finfo(torch.float64 if p_grad.dtype == torch.float64 else torch.float32)
-            if float(norm) ** 2 >= limit.max:
+        norms = torch._foreach_norm(grads)
+        if len({(n.device, n.dtype) for n in norms}) == 1:
+            values = torch.stack(norms).tolist()  # one transfer instead of one per norm
+        else:
+            values = [float(n) for n in norms]
+        limits = [
+            torch.finfo(torch.float64 if g.dtype == torch.float64 else torch.float32).max
+            for g in grads
+        ]
+        if all(math.isfinite(v) and v * v < m for v, m in zip(values, limits, strict=True)):
+            return
+        check_grads(self)  # raises for a NaN or an infinity
+        for name, value, limit in zip(names, values, limits, strict=True):
+            if not (math.isfinite(value) and value * value < limit):
                 raise FloatingPointError(
-                    f"SOAP: gradient of {name!r} has norm {float(norm):.3g}; its outer products "
+                    f"SOAP: gradient of {name!r} has norm {value:.3g}; its outer products "
                     "would overflow the statistics. The step was refused and no state was changed"
                 )
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        """Perform one SOAP step (statistics-only on a parameter's first fresh call)."""
+        """Perform one SOAP step (statistics-only on a parameter's first fresh call).
+
+        Parameters viewed as matrices take the fused path
+        (:func:`~fedpac_hf.optim._soap_kernels.matrix_adam_step_`), parameters
+        with no rotated side take one ``torch._foreach_*`` Adam step per group,
+        and the rest (preconditioned 1-D and higher-dimensional tensors) the
+        general side-by-side rotation.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        check_grads(self)
-        self._check_statistics_range()
+        self._check_gradients()
 
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             shampoo_beta = group["shampoo_beta"] if group["shampoo_beta"] is not None else beta2
+            # Plain-Adam parameters, batched per (device, step): foreach lists.
+            plain: dict[tuple[torch.device, int], list[list[torch.Tensor]]] = {}
+            updated: list[torch.Tensor] = []
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self.state[p]
                 view, rotated = self._layout(p, group)
-                dtype = curvature_dtype(p)
-                grad = p.grad.to(dtype)
-                with _highest_matmul_precision(p.device):
-                    if len(state) == 0:
-                        # Fresh start: statistics and eigenbasis only, no update.
-                        state.update(self._fresh_state(p, group))
+                grad = p.grad.to(curvature_dtype(p))
+                if len(state) == 0:
+                    # Fresh start: statistics and eigenbasis only, no update.
+                    state.update(self._fresh_state(p, group))
+                    with highest_matmul_precision(p.device):
                         self._accumulate(state, grad, view, rotated, shampoo_beta)
                         for i, on in enumerate(rotated):
                             if on:
                                 state[f"Q{i}"] = eigenbasis(state[f"GG{i}"])
-                        continue
+                    continue
 
-                    state["step"] += 1
-                    t = state["step"]
-                    bases = self._bases(state, rotated)
-                    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-
-                    grad_rotated = _rotate(grad, bases, view, back=False)
-                    exp_avg.lerp_(grad_rotated, 1.0 - beta1)
-                    exp_avg_sq.lerp_(grad_rotated.square(), 1.0 - beta2)
-                    denom = exp_avg_sq.sqrt().add_(group["eps"])
-                    direction = _rotate(exp_avg / denom, bases, view, back=True)
-                    step_size = group["lr"]
-                    if group["correct_bias"]:
-                        step_size *= math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
-                    p.add_(direction.to(p.dtype), alpha=-step_size)
-                    if group["weight_decay"] != 0.0:
-                        p.mul_(1.0 - group["lr"] * group["weight_decay"])
-
+                state["step"] += 1
+                t = state["step"]
+                updated.append(p)
+                if not any(rotated):
+                    lists = plain.setdefault((p.device, t), [[], [], [], []])
+                    for lst, x in zip(lists, (p, grad, state["exp_avg"], state["exp_avg_sq"])):
+                        lst.append(x)
+                    continue
+                with highest_matmul_precision(p.device):
+                    self._adam_in_eigenbasis(p, grad, state, view, rotated, group, t)
                     self._accumulate(state, grad, view, rotated, shampoo_beta)
                     if t % group["precondition_frequency"] == 0:
-                        # The first moment is kept in the rotated basis; carry it
-                        # over to the new basis exactly (bases are orthogonal).
-                        exp_avg.copy_(_rotate(exp_avg, bases, view, back=True))
-                        self._refresh_bases(state, view, rotated)
-                        new_bases = self._bases(state, rotated)
-                        exp_avg.copy_(_rotate(exp_avg, new_bases, view, back=False))
+                        self._refresh(state, view, rotated)
+
+            for (_, t), lists in plain.items():
+                foreach_adam_step_(*lists, self._step_size(group, t), beta1, beta2, group["eps"])
+            if group["weight_decay"] != 0.0 and updated:
+                torch._foreach_mul_(updated, 1.0 - group["lr"] * group["weight_decay"])
         return loss
+
+    @staticmethod
+    def _step_size(group: Mapping[str, Any], t: int) -> float:
+        """Learning rate times Adam's bias correction at Adam step ``t``."""
+        beta1, beta2 = group["betas"]
+        step_size = group["lr"]
+        if group["correct_bias"]:
+            step_size *= math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
+        return step_size
+
+    def _adam_in_eigenbasis(
+        self,
+        p: torch.Tensor,
+        grad: torch.Tensor,
+        state: dict[str, Any],
+        view: tuple[int, ...],
+        rotated: tuple[bool, ...],
+        group: Mapping[str, Any],
+        t: int,
+    ) -> None:
+        """Adam step of a parameter with at least one rotated side (no weight decay)."""
+        beta1, beta2 = group["betas"]
+        step_size = self._step_size(group, t)
+        bases = self._bases(state, rotated)
+        if len(view) == 2:
+            left, right = bases
+            matrix_adam_step_(
+                p, grad, state, view, left, right, step_size, beta1, beta2, group["eps"]
+            )
+            return
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        grad_rotated = rotate(grad, bases, view, back=False)
+        exp_avg.lerp_(grad_rotated, 1.0 - beta1)
+        exp_avg_sq.lerp_(grad_rotated.square(), 1.0 - beta2)
+        denom = exp_avg_sq.sqrt().add_(group["eps"])
+        direction = rotate(exp_avg / denom, bases, view, back=True)
+        p.add_(direction.to(p.dtype), alpha=-step_size)
 
     @staticmethod
     def _accumulate(
@@ -430,41 +396,28 @@ class SOAP(Optimizer, CurvatureOptimizer):
         rotated: tuple[bool, ...],
         shampoo_beta: float,
     ) -> None:
+        """Update the statistic of every rotated side: ``GG_i <- b GG_i + (1 - b) G_i G_i^T``."""
         if not any(rotated):
             return
-        products = _side_outer_products(grad.reshape(view), rotated)
-        for i, outer in enumerate(products):
+        g = grad.reshape(view)
+        if g.dim() <= 2:
+            sides = [g, g.T] if g.dim() == 2 else [g.unsqueeze(1)]
+            for i, (side, on) in enumerate(zip(sides, rotated, strict=True)):
+                if on:
+                    symmetric_update_(state[f"GG{i}"], side, shampoo_beta)
+            return
+        for i, outer in enumerate(side_outer_products(g, rotated)):
             if outer is not None:
                 state[f"GG{i}"].lerp_(outer, 1.0 - shampoo_beta)
 
     @staticmethod
-    def _refresh_bases(
-        state: dict[str, Any], view: tuple[int, ...], rotated: tuple[bool, ...]
-    ) -> None:
-        """One power-iteration step + QR per rotated side; reorder the second moment
-        so that it follows the new (descending) eigenvalue order."""
-        if not any(rotated):
-            return
-        exp_avg_sq = state["exp_avg_sq"]
-        v = exp_avg_sq.reshape(view)
-        for i, on in enumerate(rotated):
-            if not on:
-                continue
-            stat, basis = state[f"GG{i}"], state[f"Q{i}"]
-            power = stat @ basis
-            estimated_eigenvalues = (basis * power).sum(dim=0)
-            order = torch.argsort(estimated_eigenvalues, descending=True)
-            v = v.index_select(i, order)
-            q, _ = torch.linalg.qr(power.index_select(1, order))
-            if not bool(torch.isfinite(q).all()):
-                warnings.warn(
-                    "SOAP: QR refresh produced non-finite values; recomputing the basis by eigh",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-                q = eigenbasis(stat)
-            state[f"Q{i}"] = q
-        exp_avg_sq.copy_(v.reshape(exp_avg_sq.shape))
+    def _refresh(state: dict[str, Any], view: tuple[int, ...], rotated: tuple[bool, ...]) -> None:
+        """Refresh the eigenbases (power iteration + QR) and carry Adam's first moment,
+        which is kept in the rotated basis, over to the new bases exactly."""
+        exp_avg = state["exp_avg"]
+        original = rotate(exp_avg, SOAP._bases(state, rotated), view, back=True)
+        refresh_bases_(state, view, rotated, eigenbasis)
+        exp_avg.copy_(rotate(original, SOAP._bases(state, rotated), view, back=False))
 
     # ------------------------------------------------------------------ Theta
     def export_curvature(self) -> dict[str, torch.Tensor]:
@@ -506,7 +459,7 @@ class SOAP(Optimizer, CurvatureOptimizer):
                 if on:
                     imported = state[f"{name}.{stat}"].to(device=p.device, dtype=curvature_dtype(p))
                     fresh[f"GG{i}"] = imported.clone()
-                    with _highest_matmul_precision(p.device):
+                    with highest_matmul_precision(p.device):
                         fresh[f"Q{i}"] = eigenbasis(fresh[f"GG{i}"])
             self.state[p] = fresh
 
