@@ -27,7 +27,8 @@ rotated side take one ``torch._foreach_*`` Adam step per parameter group.
 Federated use (FedPAC): the curvature state Theta is ``{name.L, name.R}`` for the
 rotated sides only (``name.L`` alone for a preconditioned 1-D parameter,
 ``name.GG{i}`` for the sides of a parameter with more than two dimensions).
-The eigenbases and Adam's moments are not part of Theta.
+The eigenbases and Adam's moments are not part of Theta. With
+``theta_max_dim`` the statistic of a longer side travels as its diagonal.
 
 Step-count policy
 -----------------
@@ -70,6 +71,7 @@ from ._soap_kernels import (
     side_outer_products,
     symmetric_update_,
 )
+from ._theta_forms import expand, sketch
 from .base import (
     CurvatureOptimizer,
     check_curvature_keys,
@@ -164,6 +166,19 @@ class SOAP(Optimizer, CurvatureOptimizer):
         get plain Adam.
     correct_bias : bool
         Adam bias correction.
+    theta_max_dim : int or None
+        Statistics of sides longer than this travel in Theta as their diagonal
+        (``d`` floats instead of ``d x d``); the client still keeps and uses the
+        full statistic, and a warm start from a diagonal starts from that
+        diagonal matrix. ``None``: every statistic travels in full. This is how
+        a LoRA factor's long side (``d`` of a ``d x r`` adapter) is kept
+        adapter-sized (``curvature="lora"``).
+    theta_sketch_dim : int
+        With ``theta_max_dim``: a long side also sends ``k`` columns of a
+        Nystroem sketch ``L @ Omega`` (a shared, fixed test matrix), from
+        which the warm start rebuilds the statistic's leading directions; 0
+        sends the diagonal alone. Both forms are linear in ``L``, so the
+        server's average is exact.
     """
 
     def __init__(
@@ -179,6 +194,8 @@ class SOAP(Optimizer, CurvatureOptimizer):
         merge_dims: bool = False,
         precondition_1d: bool = False,
         correct_bias: bool = True,
+        theta_max_dim: int | None = None,
+        theta_sketch_dim: int = 0,
     ) -> None:
         if not lr >= 0.0:
             raise ValueError(f"SOAP: lr must be >= 0, got {lr}")
@@ -198,6 +215,14 @@ class SOAP(Optimizer, CurvatureOptimizer):
             raise ValueError(
                 f"SOAP: max_precond_dim must be a positive integer, got {max_precond_dim}"
             )
+        if theta_max_dim is not None and (int(theta_max_dim) != theta_max_dim or theta_max_dim < 1):
+            raise ValueError(
+                f"SOAP: theta_max_dim must be a positive integer or None, got {theta_max_dim}"
+            )
+        if int(theta_sketch_dim) != theta_sketch_dim or theta_sketch_dim < 0:
+            raise ValueError(
+                f"SOAP: theta_sketch_dim must be an integer >= 0, got {theta_sketch_dim}"
+            )
         defaults = {
             "lr": lr,
             "betas": tuple(betas),
@@ -209,6 +234,8 @@ class SOAP(Optimizer, CurvatureOptimizer):
             "merge_dims": merge_dims,
             "precondition_1d": precondition_1d,
             "correct_bias": correct_bias,
+            "theta_max_dim": theta_max_dim,
+            "theta_sketch_dim": int(theta_sketch_dim),
         }
         super().__init__(params, defaults)
         check_params_supported(self)
@@ -229,13 +256,25 @@ class SOAP(Optimizer, CurvatureOptimizer):
                 name, p = next(names)
                 yield name, p, group
 
-    def _curvature_shapes(self) -> dict[str, tuple[int, int]]:
-        shapes: dict[str, tuple[int, int]] = {}
+    @staticmethod
+    def _travels_as_diagonal(group: Mapping[str, Any], d: int) -> bool:
+        limit = group.get("theta_max_dim")
+        return limit is not None and d > limit
+
+    def _curvature_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes: dict[str, tuple[int, ...]] = {}
         for name, p, group in self._named_with_groups():
             view, rotated = self._layout(p, group)
             for stat, d, on in zip(_stat_names(len(view)), view, rotated, strict=True):
-                if on:
+                if not on:
+                    continue
+                if not self._travels_as_diagonal(group, d):
                     shapes[f"{name}.{stat}"] = (d, d)
+                    continue
+                shapes[f"{name}.{stat}"] = (d,)
+                k = min(group.get("theta_sketch_dim", 0), d)
+                if k:
+                    shapes[f"{name}.{stat}.sketch"] = (d, k)
         return shapes
 
     def _fresh_state(self, p: torch.Tensor, group: Mapping[str, Any]) -> dict[str, Any]:
@@ -423,6 +462,8 @@ class SOAP(Optimizer, CurvatureOptimizer):
     def export_curvature(self) -> dict[str, torch.Tensor]:
         """Return Theta: the statistics ``L``/``R`` (``GG{i}``) of every rotated side.
 
+        A side longer than ``theta_max_dim`` exports the diagonal of its statistic.
+
         Parameters that have not been stepped yet export zero statistics, so the
         keys only depend on the model and the optimizer configuration.
         """
@@ -436,11 +477,15 @@ class SOAP(Optimizer, CurvatureOptimizer):
                 if not on:
                     continue
                 value = state.get(f"GG{i}")
-                theta[f"{name}.{stat}"] = (
-                    torch.zeros(d, d, dtype=torch.float32)
-                    if value is None
-                    else value.detach().to(device="cpu", dtype=torch.float32).clone()
-                )
+                if value is None:
+                    value = torch.zeros(d, d, dtype=torch.float32)
+                value = value.detach()
+                if self._travels_as_diagonal(group, d):
+                    k = min(group.get("theta_sketch_dim", 0), d)
+                    if k:
+                        theta[f"{name}.{stat}.sketch"] = sketch(value, k).cpu()
+                    value = torch.diagonal(value)
+                theta[f"{name}.{stat}"] = value.to(device="cpu", dtype=torch.float32).clone()
         return theta
 
     def import_curvature(self, state: Mapping[str, torch.Tensor]) -> None:
@@ -458,6 +503,11 @@ class SOAP(Optimizer, CurvatureOptimizer):
             for i, (stat, on) in enumerate(zip(_stat_names(len(view)), rotated, strict=True)):
                 if on:
                     imported = state[f"{name}.{stat}"].to(device=p.device, dtype=curvature_dtype(p))
+                    if imported.ndim == 1:  # a long side that travelled in a compact form
+                        sketched = state.get(f"{name}.{stat}.sketch")
+                        if sketched is not None:
+                            sketched = sketched.to(device=p.device)
+                        imported = expand(imported, sketched)
                     fresh[f"GG{i}"] = imported.clone()
                     with highest_matmul_precision(p.device):
                         fresh[f"Q{i}"] = eigenbasis(fresh[f"GG{i}"])
