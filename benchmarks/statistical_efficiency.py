@@ -47,7 +47,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -349,13 +349,19 @@ def git_commit() -> str:
     return "unknown"
 
 
-def run_job(job: Job, lr: float, s: Settings) -> dict[str, Any]:
-    """Train one job through ``run_training`` and return its JSON record."""
+def train_once(
+    config: str, overrides: list[str], run_dir: Path, keys: Sequence[str] = KEPT_KEYS
+) -> dict[str, Any]:
+    """Train ``config`` with ``overrides`` through ``run_training`` (the CLI's code path).
+
+    Returns the part of a run record that any grid shares: the overrides as
+    shown (cache folders replaced by ``<validation folder>``), the
+    ``fedpac-hf train`` command, the wall time, the library commit and the
+    per-round metrics restricted to ``keys``. ``run_dir`` is deleted afterwards.
+    """
     from fedpac_hf.run import parse_run_config, run_training
 
-    run_dir = CACHE / "runs" / job.key(lr)
-    overrides = job_overrides(job, lr, s, run_dir)
-    model_args, training_args = parse_run_config(ROOT / config_of(job), overrides)
+    model_args, training_args = parse_run_config(ROOT / config, overrides)
     start = time.perf_counter()
     run_training(model_args, training_args)
     wall = time.perf_counter() - start
@@ -363,20 +369,30 @@ def run_job(job: Job, lr: float, s: Settings) -> dict[str, Any]:
     with open(run_dir / "metrics.jsonl", encoding="utf-8") as handle:
         for line in handle:
             row = json.loads(line)
-            history.append({k: row[k] for k in KEPT_KEYS if k in row})
+            history.append({k: row[k] for k in keys if k in row})
     shutil.rmtree(run_dir, ignore_errors=True)
     shown = [o if not o.startswith(str(CACHE)) else "<validation folder>" for o in overrides]
+    return {
+        "config": config,
+        "overrides": shown,
+        "command": "fedpac-hf train " + shlex.join([config, *shown]),
+        "wall_time_s": wall,
+        "library_commit": git_commit(),
+        "history": history,
+    }
+
+
+def run_job(job: Job, lr: float, s: Settings) -> dict[str, Any]:
+    """Train one job through ``run_training`` and return its JSON record."""
+    run_dir = CACHE / "runs" / job.key(lr)
+    overrides = job_overrides(job, lr, s, run_dir)
+    record = train_once(config_of(job), overrides, run_dir)
     return {
         **asdict(job),
         "lr": lr,
         "rounds": s.lm_rounds if job.suite == "lm" else s.rounds,
         "local_steps": s.local_steps,
-        "config": config_of(job),
-        "overrides": shown,
-        "command": "fedpac-hf train " + shlex.join([config_of(job), *shown]),
-        "wall_time_s": wall,
-        "library_commit": git_commit(),
-        "history": history,
+        **record,
     }
 
 
@@ -406,36 +422,52 @@ def claim(lock_dir: Path, key: str) -> bool:
     return True
 
 
-def work(s: Settings, deadline: float, only: Sequence[str]) -> None:
-    """Worker loop: take the first ready, unclaimed job until none is left or time is up."""
+def run_queue(
+    plan: Callable[[dict[str, dict[str, Any]]], tuple[list[tuple[str, Any]], int]],
+    run: Callable[[str, Any], dict[str, Any]],
+    results: Path,
+    deadline: float,
+) -> None:
+    """Worker loop shared by the benchmark grids: run the first runnable, unclaimed run.
+
+    Parameters
+    ----------
+    plan:
+        ``plan(done)`` -> ``(runnable, waiting)``: the runs not done yet whose
+        settings are known, as ``(key, spec)`` in priority order, and how many
+        runs still wait for others (a tuned rate, a chosen default). ``done``
+        maps the keys of the cached JSONs to their records.
+    run:
+        ``run(key, spec)``: train one run and return its JSON record.
+    results:
+        Folder of the cached JSONs (``<key>.json``); workers share it through
+        lock files under ``CACHE/locks/<results folder name>``.
+    deadline:
+        ``time.time()`` after which no new run is started.
+    """
     import torch
 
     torch.set_num_threads(1)
-    s.results.mkdir(parents=True, exist_ok=True)
-    lock_dir = CACHE / "locks" / s.results.name
+    results.mkdir(parents=True, exist_ok=True)
+    lock_dir = CACHE / "locks" / results.name
     lock_dir.mkdir(parents=True, exist_ok=True)
-    jobs = [j for j in all_jobs(s) if not only or j.suite in only or j.split in only]
     while time.time() < deadline:
-        done = load_results(s.results)
-        pending, ran = 0, False
-        for job in jobs:
-            lr = resolve(job, done, s)
-            if lr is not None and job.key(lr) in done:
-                continue
-            pending += 1
-            if lr is None:
-                continue
-            key = job.key(lr)
+        runnable, waiting = plan(load_results(results))
+        if not runnable and not waiting:
+            print(f"[{os.getpid()}] grid complete", flush=True)
+            return
+        ran = False
+        for key, spec in runnable:
             if not claim(lock_dir, key):
                 continue
             try:
-                if (s.results / f"{key}.json").is_file():
+                if (results / f"{key}.json").is_file():
                     break
                 print(f"[{os.getpid()}] {time.strftime('%H:%M:%S')} start {key}", flush=True)
-                record = run_job(job, lr, s)
-                tmp = s.results / f".{key}.json.tmp"
+                record = run(key, spec)
+                tmp = results / f".{key}.json.tmp"
                 tmp.write_text(json.dumps(record, indent=1) + "\n")
-                os.replace(tmp, s.results / f"{key}.json")
+                os.replace(tmp, results / f"{key}.json")
                 print(
                     f"[{os.getpid()}] {time.strftime('%H:%M:%S')} done {key} "
                     f"in {record['wall_time_s']:.0f}s",
@@ -445,12 +477,26 @@ def work(s: Settings, deadline: float, only: Sequence[str]) -> None:
                 (lock_dir / key).unlink(missing_ok=True)
             ran = True
             break
-        if pending == 0:
-            print(f"[{os.getpid()}] grid complete", flush=True)
-            return
         if not ran:
             time.sleep(5)
     print(f"[{os.getpid()}] deadline reached", flush=True)
+
+
+def work(s: Settings, deadline: float, only: Sequence[str]) -> None:
+    """Worker loop: take the first ready, unclaimed job until none is left or time is up."""
+    jobs = [j for j in all_jobs(s) if not only or j.suite in only or j.split in only]
+
+    def plan(done: dict[str, dict[str, Any]]) -> tuple[list[tuple[str, Any]], int]:
+        runnable, waiting = [], 0
+        for job in jobs:
+            lr = resolve(job, done, s)
+            if lr is None:
+                waiting += 1
+            elif job.key(lr) not in done:
+                runnable.append((job.key(lr), (job, lr)))
+        return runnable, waiting
+
+    run_queue(plan, lambda key, spec: run_job(*spec, s), s.results, deadline)
 
 
 # ------------------------------------------------------------------ report
