@@ -198,3 +198,39 @@ def test_the_sketch_of_a_long_side_is_linear_and_rebuilds_its_leading_directions
     top = torch.linalg.eigh(mean).eigenvectors[:, -1]
     assert float(top @ small @ top) > 0.5 * float(torch.linalg.eigvalsh(mean)[-1])
     assert torch.equal(expand(torch.diagonal(mean), None), torch.diag(torch.diagonal(mean)))
+
+
+def test_a_long_side_can_travel_as_its_sketch_alone_the_size_of_its_diagonal():
+    from fedpac_hf.optim import SOAP
+    from fedpac_hf.optim._theta_forms import expand, sketch
+
+    torch.manual_seed(0)
+    factor = torch.nn.Parameter(torch.randn(24, 4))  # a LoRA B factor: d = 24, r = 4
+    opt = SOAP([("B", factor)], lr=1e-2, theta_max_dim=4, theta_sketch_dim=1, theta_diagonal=False)
+    direction = torch.randn(24, 1)
+    for _ in range(3):  # gradients sharing one long-side direction: a rank-1 statistic
+        factor.grad = direction @ torch.randn(1, 4)
+        opt.step()
+    theta = opt.export_curvature()
+    assert set(theta) == {"B.L.sketch", "B.R"}  # no diagonal
+    assert theta["B.L.sketch"].shape == (24, 1) and theta["B.R"].shape == (4, 4)
+
+    fresh = SOAP(
+        [("B", torch.nn.Parameter(torch.zeros(24, 4)))],
+        lr=1e-2, theta_max_dim=4, theta_sketch_dim=1, theta_diagonal=False,
+    )  # fmt: skip
+    fresh.import_curvature(theta)
+    statistic = opt.state[factor]["GG0"]
+    warm = fresh.state[fresh.param_groups[0]["params"][0]]["GG0"]
+    torch.testing.assert_close(warm, statistic, rtol=1e-4, atol=1e-6)  # rank 1: exact
+    # the same d floats as a diagonal, which loses the direction
+    low_rank = statistic + 1e-3 * torch.eye(24)
+    err_sketch = torch.linalg.norm(expand(None, sketch(low_rank, 1)) - low_rank)
+    err_diag = torch.linalg.norm(expand(torch.diagonal(low_rank), None) - low_rank)
+    assert err_sketch < 0.2 * err_diag
+    with pytest.raises(ValueError, match="theta_sketch_dim >= 1"):
+        SOAP([("B", factor)], theta_max_dim=4, theta_diagonal=False)
+    with pytest.raises(ValueError, match="a diagonal, a sketch or both"):
+        expand(None, None)
+    with pytest.raises(ValueError, match="missing"):
+        fresh.import_curvature({"B.L": torch.ones(24), "B.R": torch.eye(4)})

@@ -2,8 +2,9 @@
 
 A statistic ``L`` (``d x d``, symmetric positive semi-definite) of a long side
 is too big to send every round when the parameter is a thin LoRA factor. Two
-compact forms, both *linear* in ``L`` so that the server's weighted average of
-the clients' forms is exactly the form of the average statistic:
+compact forms, sent alone or together, both *linear* in ``L`` so that the
+server's weighted average of the clients' forms is exactly the form of the
+average statistic:
 
 - the diagonal ``diag(L)`` (``d`` floats);
 - a Nystroem sketch ``Y = L @ Omega`` (``d x k`` floats) with a fixed test
@@ -13,7 +14,12 @@ the clients' forms is exactly the form of the average statistic:
   directions, which the diagonal alone loses.
 
 ``expand(diagonal, sketch)`` rebuilds a full matrix: the Nystroem part plus the
-diagonal it misses (clipped at zero), so the result keeps ``diag(L)``.
+diagonal it misses (clipped at zero), so the result keeps ``diag(L)``; without
+the diagonal, the Nystroem part alone.
+
+The long-side statistic of a LoRA factor is nearly low-rank (each step adds a
+``G G^T`` of rank at most ``r``, and successive gradients share directions): a
+sketch keeps its leading directions, which its diagonal loses.
 """
 
 from __future__ import annotations
@@ -41,13 +47,13 @@ def sketch(statistic: torch.Tensor, k: int) -> torch.Tensor:
     return (statistic.to(torch.float64) @ omega).to(torch.float32)
 
 
-def expand(diagonal: torch.Tensor, sketched: torch.Tensor | None) -> torch.Tensor:
-    """A full ``d x d`` statistic from its diagonal and (optionally) its sketch.
+def expand(diagonal: torch.Tensor | None, sketched: torch.Tensor | None) -> torch.Tensor:
+    """A full ``d x d`` statistic from its diagonal and/or its sketch.
 
     Parameters
     ----------
     diagonal:
-        ``diag(L)``, length ``d``.
+        ``diag(L)``, length ``d``, or ``None`` (the sketch alone travelled).
     sketched:
         ``L @ Omega`` (``d x k``) or ``None`` (the diagonal matrix is returned).
 
@@ -55,9 +61,17 @@ def expand(diagonal: torch.Tensor, sketched: torch.Tensor | None) -> torch.Tenso
     -------
     Tensor
         ``Y (Omega^T Y)^+ Y^T + diag(max(diag(L) - diag(Nystroem), 0))``,
-        symmetric, in ``diagonal``'s dtype.
+        symmetric, in ``diagonal``'s dtype; without ``diagonal`` the Nystroem
+        part ``Y (Omega^T Y)^+ Y^T`` alone, in ``sketched``'s dtype.
+
+    Raises
+    ------
+    ValueError
+        If both are ``None``.
     """
     if sketched is None:
+        if diagonal is None:
+            raise ValueError("expand needs a diagonal, a sketch or both")
         return torch.diag(diagonal)
     d, k = sketched.shape
     y = sketched.to(torch.float64)
@@ -66,5 +80,7 @@ def expand(diagonal: torch.Tensor, sketched: torch.Tensor | None) -> torch.Tenso
     core = 0.5 * (core + core.T)
     nystroem = y @ torch.linalg.pinv(core, hermitian=True) @ y.T
     nystroem = 0.5 * (nystroem + nystroem.T)
+    if diagonal is None:
+        return nystroem.to(sketched.dtype)
     rest = (diagonal.to(torch.float64) - torch.diagonal(nystroem)).clamp_(min=0.0)
     return (nystroem + torch.diag(rest)).to(diagonal.dtype)

@@ -28,7 +28,9 @@ Federated use (FedPAC): the curvature state Theta is ``{name.L, name.R}`` for th
 rotated sides only (``name.L`` alone for a preconditioned 1-D parameter,
 ``name.GG{i}`` for the sides of a parameter with more than two dimensions).
 The eigenbases and Adam's moments are not part of Theta. With
-``theta_max_dim`` the statistic of a longer side travels as its diagonal.
+``theta_max_dim`` the statistic of a longer side travels in a compact form:
+its diagonal, a ``theta_sketch_dim``-column Nystroem sketch, or both (see
+:mod:`fedpac_hf.optim._theta_forms`).
 
 Step-count policy
 -----------------
@@ -179,6 +181,13 @@ class SOAP(Optimizer, CurvatureOptimizer):
         which the warm start rebuilds the statistic's leading directions; 0
         sends the diagonal alone. Both forms are linear in ``L``, so the
         server's average is exact.
+    theta_diagonal : bool
+        With ``theta_max_dim``: whether a long side sends its diagonal.
+        ``False`` (which needs ``theta_sketch_dim >= 1``) sends the sketch
+        alone and the warm start is its rank-``k`` Nystroem approximation: the
+        same ``d`` floats as the diagonal for ``k = 1``, but a LoRA factor's
+        long-side statistic is nearly low-rank, so its leading direction
+        carries far more of it than its diagonal does.
     """
 
     def __init__(
@@ -196,6 +205,7 @@ class SOAP(Optimizer, CurvatureOptimizer):
         correct_bias: bool = True,
         theta_max_dim: int | None = None,
         theta_sketch_dim: int = 0,
+        theta_diagonal: bool = True,
     ) -> None:
         if not lr >= 0.0:
             raise ValueError(f"SOAP: lr must be >= 0, got {lr}")
@@ -223,6 +233,11 @@ class SOAP(Optimizer, CurvatureOptimizer):
             raise ValueError(
                 f"SOAP: theta_sketch_dim must be an integer >= 0, got {theta_sketch_dim}"
             )
+        if not theta_diagonal and theta_sketch_dim < 1:
+            raise ValueError(
+                "SOAP: theta_diagonal=False sends a long side as its sketch alone and needs "
+                f"theta_sketch_dim >= 1, got {theta_sketch_dim}"
+            )
         defaults = {
             "lr": lr,
             "betas": tuple(betas),
@@ -236,6 +251,7 @@ class SOAP(Optimizer, CurvatureOptimizer):
             "correct_bias": correct_bias,
             "theta_max_dim": theta_max_dim,
             "theta_sketch_dim": int(theta_sketch_dim),
+            "theta_diagonal": bool(theta_diagonal),
         }
         super().__init__(params, defaults)
         check_params_supported(self)
@@ -271,7 +287,8 @@ class SOAP(Optimizer, CurvatureOptimizer):
                 if not self._travels_as_diagonal(group, d):
                     shapes[f"{name}.{stat}"] = (d, d)
                     continue
-                shapes[f"{name}.{stat}"] = (d,)
+                if group.get("theta_diagonal", True):
+                    shapes[f"{name}.{stat}"] = (d,)
                 k = min(group.get("theta_sketch_dim", 0), d)
                 if k:
                     shapes[f"{name}.{stat}.sketch"] = (d, k)
@@ -462,7 +479,8 @@ class SOAP(Optimizer, CurvatureOptimizer):
     def export_curvature(self) -> dict[str, torch.Tensor]:
         """Return Theta: the statistics ``L``/``R`` (``GG{i}``) of every rotated side.
 
-        A side longer than ``theta_max_dim`` exports the diagonal of its statistic.
+        A side longer than ``theta_max_dim`` exports the diagonal of its statistic
+        (unless ``theta_diagonal`` is off) and, with ``theta_sketch_dim``, its sketch.
 
         Parameters that have not been stepped yet export zero statistics, so the
         keys only depend on the model and the optimizer configuration.
@@ -484,6 +502,8 @@ class SOAP(Optimizer, CurvatureOptimizer):
                     k = min(group.get("theta_sketch_dim", 0), d)
                     if k:
                         theta[f"{name}.{stat}.sketch"] = sketch(value, k).cpu()
+                    if not group.get("theta_diagonal", True):
+                        continue
                     value = torch.diagonal(value)
                 theta[f"{name}.{stat}"] = value.to(device="cpu", dtype=torch.float32).clone()
         return theta
@@ -502,12 +522,15 @@ class SOAP(Optimizer, CurvatureOptimizer):
             view, rotated = self._layout(p, group)
             for i, (stat, on) in enumerate(zip(_stat_names(len(view)), rotated, strict=True)):
                 if on:
-                    imported = state[f"{name}.{stat}"].to(device=p.device, dtype=curvature_dtype(p))
-                    if imported.ndim == 1:  # a long side that travelled in a compact form
+                    dtype = curvature_dtype(p)
+                    imported = state.get(f"{name}.{stat}")
+                    if imported is not None:
+                        imported = imported.to(device=p.device, dtype=dtype)
+                    if imported is None or imported.ndim == 1:  # a compact long side
                         sketched = state.get(f"{name}.{stat}.sketch")
                         if sketched is not None:
                             sketched = sketched.to(device=p.device)
-                        imported = expand(imported, sketched)
+                        imported = expand(imported, sketched).to(dtype)
                     fresh[f"GG{i}"] = imported.clone()
                     with highest_matmul_precision(p.device):
                         fresh[f"Q{i}"] = eigenbasis(fresh[f"GG{i}"])
