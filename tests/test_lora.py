@@ -234,3 +234,26 @@ def test_a_long_side_can_travel_as_its_sketch_alone_the_size_of_its_diagonal():
         expand(None, None)
     with pytest.raises(ValueError, match="missing"):
         fresh.import_curvature({"B.L": torch.ones(24), "B.R": torch.eye(4)})
+
+
+def test_a_warm_start_from_a_sketch_alone_rotates_its_direction_and_keeps_the_axes():
+    from fedpac_hf.optim import SOAP
+    from fedpac_hf.optim._theta_forms import axes_completed_basis, sketch
+
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(12, 1, generator=g, dtype=torch.float64)
+    u /= u.norm()
+    basis = axes_completed_basis(3.0 * u @ u.T, 1)
+    torch.testing.assert_close(basis.T @ basis, torch.eye(12, dtype=torch.float64))
+    torch.testing.assert_close(basis[:, 0].abs(), u[:, 0].abs())  # the direction comes first
+    e1 = torch.eye(12, dtype=torch.float64)[:, 0]
+    axis = e1 - (u[:, 0] @ e1) * u[:, 0]  # then the first axis, made orthogonal to it
+    torch.testing.assert_close(basis[:, 1].abs(), (axis / axis.norm()).abs())
+    assert torch.equal(axes_completed_basis(torch.zeros(5, 5), 1), torch.eye(5))
+
+    options = {"theta_max_dim": 4, "theta_sketch_dim": 1, "theta_diagonal": False}
+    fresh = SOAP([("B", torch.nn.Parameter(torch.zeros(12, 4)))], lr=1e-2, **options)
+    statistic = (u @ u.T).float()
+    fresh.import_curvature({"B.L.sketch": sketch(statistic, 1), "B.R": torch.eye(4)})
+    q = fresh.state[fresh.param_groups[0]["params"][0]]["Q0"]
+    torch.testing.assert_close(q.abs(), basis.float().abs(), rtol=1e-4, atol=1e-5)

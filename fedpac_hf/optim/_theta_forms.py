@@ -19,14 +19,18 @@ the diagonal, the Nystroem part alone.
 
 The long-side statistic of a LoRA factor is nearly low-rank (each step adds a
 ``G G^T`` of rank at most ``r``, and successive gradients share directions): a
-sketch keeps its leading directions, which its diagonal loses.
+sketch keeps its leading directions, which its diagonal loses. A sketch sent
+without the diagonal rebuilds a rank-``k`` matrix, whose eigenbasis is
+arbitrary outside those ``k`` directions; :func:`axes_completed_basis` gives the
+warm start the sketch's directions followed by the coordinate axes instead (the
+basis a diagonal statistic gives).
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["expand", "sketch", "test_matrix"]
+__all__ = ["axes_completed_basis", "expand", "sketch", "test_matrix"]
 
 _CACHE: dict[tuple[int, int], torch.Tensor] = {}
 
@@ -84,3 +88,34 @@ def expand(diagonal: torch.Tensor | None, sketched: torch.Tensor | None) -> torc
         return nystroem.to(sketched.dtype)
     rest = (diagonal.to(torch.float64) - torch.diagonal(nystroem)).clamp_(min=0.0)
     return (nystroem + torch.diag(rest)).to(diagonal.dtype)
+
+
+def axes_completed_basis(statistic: torch.Tensor, k: int) -> torch.Tensor:
+    """An orthonormal basis: a rank-``k`` statistic's eigenvectors, then the coordinate axes.
+
+    The first columns are the eigenvectors of ``statistic`` with a non-zero
+    eigenvalue (at most ``k``, by descending eigenvalue); the rest are the
+    coordinate axes e_1, e_2, ... made orthogonal to them (Gram-Schmidt, by
+    a QR factorisation). An all-zero statistic gives the identity.
+
+    Parameters
+    ----------
+    statistic:
+        A symmetric ``d x d`` matrix of rank at most ``k`` (a Nystroem rebuild).
+    k:
+        The sketch's number of columns.
+
+    Returns
+    -------
+    Tensor
+        ``d x d`` with orthonormal columns, in ``statistic``'s dtype and device.
+    """
+    d = statistic.shape[0]
+    eye = torch.eye(d, dtype=torch.float64, device=statistic.device)
+    values, vectors = torch.linalg.eigh(statistic.to(torch.float64))
+    keep = values > 1e-12 * values.abs().max().clamp(min=torch.finfo(torch.float64).tiny)
+    top = vectors[:, keep].flip(1)[:, :k]  # descending eigenvalue
+    if top.shape[1] == 0:
+        return eye.to(statistic.dtype)
+    basis, _ = torch.linalg.qr(torch.cat([top, eye], dim=1))  # d x d: span(top), then axes
+    return basis.to(statistic.dtype)

@@ -73,7 +73,7 @@ from ._soap_kernels import (
     side_outer_products,
     symmetric_update_,
 )
-from ._theta_forms import expand, sketch
+from ._theta_forms import axes_completed_basis, expand, sketch
 from .base import (
     CurvatureOptimizer,
     check_curvature_keys,
@@ -511,6 +511,12 @@ class SOAP(Optimizer, CurvatureOptimizer):
     def import_curvature(self, state: Mapping[str, torch.Tensor]) -> None:
         """Warm-start from Theta: statistics imported, eigenbases by eigh, moments zero.
 
+        A long side that sent its sketch alone (``theta_diagonal=False``) is
+        rebuilt as the sketch's rank-``k`` Nystroem matrix, and its basis is the
+        sketch's directions followed by the coordinate axes
+        (:func:`~fedpac_hf.optim._theta_forms.axes_completed_basis`) rather than
+        the arbitrary completion ``eigh`` would pick for the zero eigenvalues.
+
         Raises ``ValueError`` if keys or shapes do not match this optimizer's
         parameters and ``max_precond_dim``/``merge_dims``/``precondition_1d``, or
         if a value is not finite. The next ``step()`` updates every parameter.
@@ -524,16 +530,20 @@ class SOAP(Optimizer, CurvatureOptimizer):
                 if on:
                     dtype = curvature_dtype(p)
                     imported = state.get(f"{name}.{stat}")
+                    basis = None
                     if imported is not None:
                         imported = imported.to(device=p.device, dtype=dtype)
                     if imported is None or imported.ndim == 1:  # a compact long side
                         sketched = state.get(f"{name}.{stat}.sketch")
                         if sketched is not None:
                             sketched = sketched.to(device=p.device)
-                        imported = expand(imported, sketched).to(dtype)
+                        diagonal = imported
+                        imported = expand(diagonal, sketched).to(dtype)
+                        if diagonal is None:  # the sketch alone: its directions, then axes
+                            basis = axes_completed_basis(imported, sketched.shape[1])
                     fresh[f"GG{i}"] = imported.clone()
                     with highest_matmul_precision(p.device):
-                        fresh[f"Q{i}"] = eigenbasis(fresh[f"GG{i}"])
+                        fresh[f"Q{i}"] = basis if basis is not None else eigenbasis(imported)
             self.state[p] = fresh
 
     def reset_basis_moments(self) -> None:
