@@ -183,11 +183,10 @@ SPLITS: dict[str, tuple[str, list[str]]] = {
 }
 # where a split's learning rates are tuned
 TUNED_ON = {"vit-path1": "vit-dir0.1"}
-# CPU cut: these forms run at the tuned rate of another form instead of their own
-RATE_OF = {"sk1": "nys1", "sk2": "nys1", "sk4": "nys1", "rank": "diag"}
+# A CPU cut if needed: a form listed here runs at the tuned rate of another form
+RATE_OF: dict[str, str] = {}
 TUNED_FORMS = [f for f in FORMS if f not in RATE_OF]
-# CPU cut: sk1 (the diagonal plus nys1's column) runs last, after the rest of the grid
-COMPARED_FORMS = [f for f in FORMS if f != "sk1"]
+COMPARED_FORMS = list(FORMS)
 
 
 @dataclass(frozen=True)
@@ -339,7 +338,7 @@ def plan(done: dict[str, dict], s: Settings) -> tuple[list[Run], int]:
     Order: tuning at Dirichlet 0.1, its final runs (seed-major), the bf16 runs,
     the ceilings, one class per client and the causal LM for fedavg_adamw,
     local_soap and fedpac_soap (and full on the pathological split), then the
-    tail: the other methods there, and the sk1 form.
+    tail: the other methods there.
     """
     runs: list[Run] = []
     waiting = 0
@@ -393,7 +392,6 @@ def plan(done: dict[str, dict], s: Settings) -> tuple[list[Run], int]:
     lm_rest = [*(a for a in first if a not in lm_first), *rest]
     tune("lm-speaker", lm_rest)
     final("lm-speaker", lm_rest, s.seeds)
-    final("vit-dir0.1", ["fedpac_soap-sk1"], s.seeds)
     todo = [r for r in dict.fromkeys(runs) if r.key not in done]
     return todo, waiting
 
