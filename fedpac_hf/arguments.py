@@ -39,6 +39,7 @@ from fedpac_hf.validation import coerce_fields
 
 __all__ = [
     "CURVATURE_FORMS",
+    "LORA_THETA_OPTIONS",
     "FedPACArguments",
     "REPLACED_SETTINGS",
     "curvature_options",
@@ -46,6 +47,13 @@ __all__ = [
 ]
 
 CURVATURE_FORMS: tuple[str, ...] = ("auto", "full", "lora")
+
+# What a LoRA factor's long side (the d of a d x r factor) sends with curvature "lora"
+# (and "auto" on a PEFT model): a one-column Nystroem sketch of its statistic and no
+# diagonal, d floats. Chosen by measurement, benchmarks/LORA.md section 2: the same bytes
+# as the diagonal, and the statistic is nearly low-rank, so its leading direction is
+# worth far more than its diagonal.
+LORA_THETA_OPTIONS: dict[str, Any] = {"theta_sketch_dim": 1, "theta_diagonal": False}
 
 # Settings of earlier versions -> what replaces them (named in the error for the old key).
 REPLACED_SETTINGS = {
@@ -95,8 +103,9 @@ class FedPACArguments(TrainingArguments):
         metadata={
             "help": "Form of the curvature state Theta that travels: 'full' (every statistic; "
             "two-sided SOAP sends d x d per long side), 'lora' (adapter-sized: a LoRA factor's "
-            "rank side in full, longer sides as their diagonal; needs a PEFT model), or "
-            "'auto' ('lora' for a PEFT model, 'full' otherwise)."
+            "rank side in full, each longer side as a one-column sketch of its statistic, d "
+            "floats; needs a PEFT model), or 'auto' ('lora' for a PEFT model, 'full' "
+            "otherwise)."
         },
     )
     beta: float | None = field(
@@ -347,9 +356,13 @@ class FedPACArguments(TrainingArguments):
         optimizer = self.client_optimizer or base.optimizer
         kwargs: dict[str, Any] = {"weight_decay": self.weight_decay}
         kwargs.update(base.optimizer_kwargs)
+        user = dict(self.client_optimizer_kwargs or {})
         if model is not None:
-            kwargs.update(curvature_options(self.curvature, optimizer, model))
-        kwargs.update(self.client_optimizer_kwargs or {})
+            form = curvature_options(self.curvature, optimizer, model)
+            if user.get("theta_sketch_dim") == 0 and "theta_diagonal" not in user:
+                form["theta_diagonal"] = True  # no sketch asked for: the diagonal alone
+            kwargs.update(form)
+        kwargs.update(user)
         return get_algorithm(
             base,
             optimizer=self.client_optimizer,
@@ -506,10 +519,13 @@ def curvature_options(form: str, optimizer: str, model: torch.nn.Module) -> dict
     """Client-optimizer options that give Theta the ``curvature`` form asked for.
 
     ``"lora"`` (and ``"auto"`` on a PEFT model) keeps SOAP's statistics of the
-    sides no longer than the LoRA rank r (a factor's rank side, a small head's
-    class side) in full and sends every longer side as its diagonal: Theta is
-    then r^2 + d floats per d x r factor instead of r^2 + d^2. Sophia's and
-    Muon's Theta is already the adapters' size and does not change.
+    sides no longer than the LoRA rank r (a factor's rank side) in full and
+    sends every longer side as a one-column Nystroem sketch of its statistic
+    (:data:`LORA_THETA_OPTIONS`): Theta is then r^2 + d floats per d x r factor
+    instead of r^2 + d^2: at most a quarter of the factor when r > 4 and
+    d >= 4 r^2 / (r - 4) (d >= 64 at r = 8, d >= 171 at r = 16). Client options given by the user
+    (``client_optimizer_kwargs``) override these. Sophia's and Muon's Theta is
+    already the adapters' size and does not change.
 
     Raises
     ------
@@ -526,4 +542,4 @@ def curvature_options(form: str, optimizer: str, model: torch.nn.Module) -> dict
         )
     if form == "full" or rank is None or optimizer.lower() != "soap":
         return {}
-    return {"theta_max_dim": rank}
+    return {"theta_max_dim": rank, **LORA_THETA_OPTIONS}

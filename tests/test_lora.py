@@ -148,7 +148,11 @@ def test_curvature_auto_is_adapter_sized_for_peft_models_and_full_otherwise(tmp_
 
     from .trainer_fixtures import tiny_lora_llama, tiny_vit
 
-    assert curvature_options("auto", "soap", tiny_lora_llama()) == {"theta_max_dim": 4}
+    assert curvature_options("auto", "soap", tiny_lora_llama()) == {
+        "theta_max_dim": 4,
+        "theta_sketch_dim": 1,
+        "theta_diagonal": False,
+    }
     assert curvature_options("auto", "soap", tiny_vit()) == {}
     assert curvature_options("full", "soap", tiny_lora_llama()) == {}
     assert curvature_options("lora", "muon", tiny_lora_llama()) == {}  # already adapter-sized
@@ -234,6 +238,58 @@ def test_a_long_side_can_travel_as_its_sketch_alone_the_size_of_its_diagonal():
         expand(None, None)
     with pytest.raises(ValueError, match="missing"):
         fresh.import_curvature({"B.L": torch.ones(24), "B.R": torch.eye(4)})
+
+
+def _lora_llama(width: int, rank: int):
+    from peft import LoraConfig, get_peft_model
+
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2,
+    )  # fmt: skip
+    lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"])
+    return get_peft_model(LlamaForCausalLM(config), lora)
+
+
+@pytest.mark.parametrize("width", [64, 256])
+def test_the_default_lora_theta_is_sketches_at_most_a_quarter_of_a_rank_8_adapter(width, tmp_path):
+    from fedpac_hf import FedPACArguments
+    from fedpac_hf.optim import create_optimizer
+
+    model = _lora_llama(width, rank=8)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    sizes = {}
+    for form in ("auto", "full"):
+        args = FedPACArguments(output_dir=str(tmp_path), curvature=form, report_to=[])
+        algorithm = args.build_algorithm(model)
+        optimizer = create_optimizer("soap", model, lr=1e-2, **algorithm.optimizer_kwargs)
+        theta = optimizer.export_curvature()
+        sizes[form] = sum(t.numel() for t in theta.values())
+        if form == "auto":
+            long_sides = [k for k, t in theta.items() if t.shape[0] == width]
+            assert long_sides and all(k.endswith(".sketch") for k in long_sides)
+            assert all(theta[k].shape == (width, 1) for k in long_sides)
+            assert all(t.ndim == 2 for t in theta.values())  # no diagonal travels
+    # per d x 8 factor: 64 + d floats of 8 d
+    assert sizes["auto"] == pytest.approx((64 + width) / (8 * width) * trainable)
+    assert sizes["auto"] <= 0.25 * trainable
+    assert sizes["full"] > 5 * trainable
+
+
+def test_asking_for_no_sketch_with_the_lora_form_sends_the_diagonal(tmp_path):
+    from fedpac_hf import FedPACArguments
+
+    model = _lora_llama(64, rank=8)
+    args = FedPACArguments(
+        output_dir=str(tmp_path), client_optimizer_kwargs={"theta_sketch_dim": 0}, report_to=[]
+    )
+    kwargs = args.build_algorithm(model).optimizer_kwargs
+    assert kwargs["theta_sketch_dim"] == 0 and kwargs["theta_diagonal"] is True
+    args = FedPACArguments(
+        output_dir=str(tmp_path), client_optimizer_kwargs={"theta_sketch_dim": 2}, report_to=[]
+    )
+    kwargs = args.build_algorithm(model).optimizer_kwargs
+    assert kwargs["theta_sketch_dim"] == 2 and kwargs["theta_diagonal"] is False
 
 
 def test_a_warm_start_from_a_sketch_alone_rotates_its_direction_and_keeps_the_axes():
