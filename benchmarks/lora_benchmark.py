@@ -32,9 +32,10 @@ Protocol
   The ViT rates are tuned at Dirichlet 0.1 and reused on the pathological
   split; the centralised and head-only ceilings are tuned on their own.
   Final runs train on the full training split and are scored on the test split.
-* The default form is chosen by :func:`default_form`: the best mean final test
-  accuracy at Dirichlet 0.1 among the forms whose Theta is at most
-  ``THETA_BUDGET`` times Delta's bytes. The pathological and causal-LM runs of
+* The default form is chosen by :func:`default_form`: the best validation score
+  at Dirichlet 0.1 (tuning runs) among the forms whose Theta is at most
+  ``DEFAULT_BUDGET`` times Delta's bytes (issue #12 asked for 0.25x; the report
+  shows what that budget costs). The pathological and causal-LM runs of
   ``fedpac_soap`` use it (and ``full``).
 
 Usage (from the repository root)::
@@ -83,7 +84,8 @@ from statistical_efficiency import (  # noqa: E402  (the shared benchmark machin
 RESULTS = BENCH / "lora_results"
 VIT_CONFIG = "configs/vit_lora_mnist5k.yaml"
 LM_CONFIG = "configs/causal_lm_shakespeare.yaml"
-THETA_BUDGET = 0.25  # Theta bytes / Delta bytes the default form may send
+THETA_BUDGET = 0.25  # issue #12's goal for the default: Theta bytes / Delta bytes
+DEFAULT_BUDGET = 1.0  # the default form sends at most as much curvature as adapter
 LORA_RANK = 8  # lora_r of both configs
 
 KEYS = (
@@ -317,19 +319,23 @@ def final_runs(split: str, arm: str, done: dict[str, dict], s: Settings) -> list
 
 
 def default_form(done: dict[str, dict], s: Settings) -> str | None:
-    """The form with the best mean final test accuracy at Dirichlet 0.1 within the budget.
+    """The form with the best validation score at Dirichlet 0.1 within ``DEFAULT_BUDGET``.
 
     Candidates: the forms of ``COMPARED_FORMS`` whose Theta is at most
-    ``THETA_BUDGET`` x Delta. None until every final run of every one is done.
+    ``DEFAULT_BUDGET`` x Delta; each is scored by its tuning score at its
+    chosen rate (validation split, seed 0), so the test split chooses nothing.
+    None until every form's tuning is done.
     """
-    means: dict[str, float] = {}
+    scores: dict[str, float] = {}
     for form in COMPARED_FORMS:
-        runs = final_runs("vit-dir0.1", f"fedpac_soap-{form}", done, s)
-        if runs is None:
+        arm = f"fedpac_soap-{form}"
+        lr = best_lr("vit-dir0.1", arm, done)
+        if lr is None:
             return None
-        if theta_ratio(runs[0]) <= THETA_BUDGET + 1e-9:
-            means[form] = float(np.mean([_curve(r, "eval_accuracy")[-1] for r in runs]))
-    return max(means, key=lambda f: means[f]) if means else None
+        record = done[Run("vit-dir0.1", "tune", arm, 0, lr).key]
+        if theta_ratio(record) <= DEFAULT_BUDGET + 1e-9:
+            scores[form] = tune_score(record)
+    return max(scores, key=lambda f: scores[f]) if scores else None
 
 
 def plan(done: dict[str, dict], s: Settings) -> tuple[list[Run], int]:
@@ -1031,8 +1037,8 @@ def report(s: Settings, out: Path) -> None:
             add(f"| {form} | {what} | `{shlex.join(over)}` |")
         add("")
         add(
-            f"Default rule: the best mean final test accuracy among the forms whose Theta is "
-            f"at most {THETA_BUDGET}x Delta. Chosen: **{default or 'not yet known'}**. "
+            f"Default rule: the best validation score (section 5) among the forms whose Theta "
+            f"is at most {DEFAULT_BUDGET:g}x Delta. Chosen: **{default or 'not yet known'}**. "
             "`rate of X`: ran at form X's tuned rate (a CPU cut).\n"
         )
         method_table(lines, forms, "eval_accuracy", default)

@@ -39,7 +39,7 @@ from fedpac_hf.validation import coerce_fields
 
 __all__ = [
     "CURVATURE_FORMS",
-    "LORA_THETA_OPTIONS",
+    "LORA_SKETCH_COLUMNS",
     "FedPACArguments",
     "REPLACED_SETTINGS",
     "curvature_options",
@@ -48,12 +48,14 @@ __all__ = [
 
 CURVATURE_FORMS: tuple[str, ...] = ("auto", "full", "lora")
 
-# What a LoRA factor's long side (the d of a d x r factor) sends with curvature "lora"
-# (and "auto" on a PEFT model): a one-column Nystroem sketch of its statistic and no
-# diagonal, d floats. Chosen by measurement, benchmarks/LORA.md section 2: the same bytes
-# as the diagonal, and the statistic is nearly low-rank, so its leading direction is
-# worth far more than its diagonal.
-LORA_THETA_OPTIONS: dict[str, Any] = {"theta_sketch_dim": 1, "theta_diagonal": False}
+# Columns of the Nystroem sketch a LoRA factor's long side (the d of a d x r factor)
+# sends with curvature "lora" (and "auto" on a PEFT model), beside its diagonal:
+# min(4, r - 2). Chosen on the validation split of benchmarks/LORA.md (section 2):
+# the best form that sends at most as much curvature as adapter (cheaper forms lose
+# most of FedPAC's gain there); fewer columns at small ranks keep Theta below the
+# adapter's size.
+LORA_SKETCH_COLUMNS = 4
+
 
 # Settings of earlier versions -> what replaces them (named in the error for the old key).
 REPLACED_SETTINGS = {
@@ -103,7 +105,7 @@ class FedPACArguments(TrainingArguments):
         metadata={
             "help": "Form of the curvature state Theta that travels: 'full' (every statistic; "
             "two-sided SOAP sends d x d per long side), 'lora' (adapter-sized: a LoRA factor's "
-            "rank side in full, each longer side as a one-column sketch of its statistic, d "
+            "rank side in full, each longer side as its diagonal plus a 4-column sketch, 5 d "
             "floats; needs a PEFT model), or 'auto' ('lora' for a PEFT model, 'full' "
             "otherwise)."
         },
@@ -356,13 +358,9 @@ class FedPACArguments(TrainingArguments):
         optimizer = self.client_optimizer or base.optimizer
         kwargs: dict[str, Any] = {"weight_decay": self.weight_decay}
         kwargs.update(base.optimizer_kwargs)
-        user = dict(self.client_optimizer_kwargs or {})
         if model is not None:
-            form = curvature_options(self.curvature, optimizer, model)
-            if user.get("theta_sketch_dim") == 0 and "theta_diagonal" not in user:
-                form["theta_diagonal"] = True  # no sketch asked for: the diagonal alone
-            kwargs.update(form)
-        kwargs.update(user)
+            kwargs.update(curvature_options(self.curvature, optimizer, model))
+        kwargs.update(self.client_optimizer_kwargs or {})
         return get_algorithm(
             base,
             optimizer=self.client_optimizer,
@@ -520,11 +518,12 @@ def curvature_options(form: str, optimizer: str, model: torch.nn.Module) -> dict
 
     ``"lora"`` (and ``"auto"`` on a PEFT model) keeps SOAP's statistics of the
     sides no longer than the LoRA rank r (a factor's rank side) in full and
-    sends every longer side as a one-column Nystroem sketch of its statistic
-    (:data:`LORA_THETA_OPTIONS`): Theta is then r^2 + d floats per d x r factor
-    instead of r^2 + d^2: at most a quarter of the factor when r > 4 and
-    d >= 4 r^2 / (r - 4) (d >= 64 at r = 8, d >= 171 at r = 16). Client options given by the user
-    (``client_optimizer_kwargs``) override these. Sophia's and Muon's Theta is
+    sends every longer side as its diagonal plus a k-column Nystroem sketch of
+    its statistic, k = min(4, r - 2) (:data:`LORA_SKETCH_COLUMNS`): Theta is
+    then r^2 + (k + 1) d floats per d x r factor instead of r^2 + d^2, that is
+    r/d + (k + 1)/r of the factor (0.66 at r = 8, d = 256; 0.32 at r = 16,
+    d = 4096; 0.88 at r = 4, d = 32). Client options given by the user
+    (``client_optimizer_kwargs``, e.g. ``theta_sketch_dim``) override these. Sophia's and Muon's Theta is
     already the adapters' size and does not change.
 
     Raises
@@ -542,4 +541,5 @@ def curvature_options(form: str, optimizer: str, model: torch.nn.Module) -> dict
         )
     if form == "full" or rank is None or optimizer.lower() != "soap":
         return {}
-    return {"theta_max_dim": rank, **LORA_THETA_OPTIONS}
+    columns = min(LORA_SKETCH_COLUMNS, max(rank - 2, 0))
+    return {"theta_max_dim": rank, "theta_sketch_dim": columns, "theta_diagonal": True}

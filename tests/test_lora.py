@@ -150,8 +150,8 @@ def test_curvature_auto_is_adapter_sized_for_peft_models_and_full_otherwise(tmp_
 
     assert curvature_options("auto", "soap", tiny_lora_llama()) == {
         "theta_max_dim": 4,
-        "theta_sketch_dim": 1,
-        "theta_diagonal": False,
+        "theta_sketch_dim": 2,  # min(4, r - 2) at r = 4
+        "theta_diagonal": True,
     }
     assert curvature_options("auto", "soap", tiny_vit()) == {}
     assert curvature_options("full", "soap", tiny_lora_llama()) == {}
@@ -179,8 +179,8 @@ def test_a_lora_run_sends_theta_smaller_than_the_adapter_by_default(tmp_path):
         sent[form] = trainer.round_history[-1]
     auto, full = sent["auto"], sent["full"]
     assert auto["bytes_up_delta"] == full["bytes_up_delta"]
-    # d = 32, r = 4: (16 + 32) / (4 * 32) of each factor instead of (16 + 1024) / (4 * 32)
-    assert auto["bytes_up_theta"] < 0.4 * auto["bytes_up_delta"]
+    # d = 32, r = 4, k = 2: (16 + 3 * 32) / (4 * 32) of each factor, not (16 + 1024) / (4 * 32)
+    assert auto["bytes_up_theta"] == pytest.approx(112 / 128 * auto["bytes_up_delta"])
     assert full["bytes_up_theta"] > 5 * full["bytes_up_delta"]
     assert auto["bytes_down_theta"] < full["bytes_down_theta"]
 
@@ -252,7 +252,7 @@ def _lora_llama(width: int, rank: int):
 
 
 @pytest.mark.parametrize("width", [64, 256])
-def test_the_default_lora_theta_is_sketches_at_most_a_quarter_of_a_rank_8_adapter(width, tmp_path):
+def test_the_default_lora_theta_is_diagonals_and_sketches_smaller_than_the_adapter(width, tmp_path):
     from fedpac_hf import FedPACArguments
     from fedpac_hf.optim import create_optimizer
 
@@ -266,17 +266,19 @@ def test_the_default_lora_theta_is_sketches_at_most_a_quarter_of_a_rank_8_adapte
         theta = optimizer.export_curvature()
         sizes[form] = sum(t.numel() for t in theta.values())
         if form == "auto":
-            long_sides = [k for k, t in theta.items() if t.shape[0] == width]
-            assert long_sides and all(k.endswith(".sketch") for k in long_sides)
-            assert all(theta[k].shape == (width, 1) for k in long_sides)
-            assert all(t.ndim == 2 for t in theta.values())  # no diagonal travels
-    # per d x 8 factor: 64 + d floats of 8 d
-    assert sizes["auto"] == pytest.approx((64 + width) / (8 * width) * trainable)
-    assert sizes["auto"] <= 0.25 * trainable
+            sketches = [k for k in theta if k.endswith(".sketch")]
+            assert sketches and all(theta[k].shape == (width, 4) for k in sketches)
+            assert all(theta[k.removesuffix(".sketch")].shape == (width,) for k in sketches)
+            assert all(
+                t.shape == (8, 8) for k, t in theta.items() if t.ndim == 2 and k not in sketches
+            )
+    # per d x 8 factor: 64 + 5 d floats of 8 d
+    assert sizes["auto"] == pytest.approx((64 + 5 * width) / (8 * width) * trainable)
+    assert sizes["auto"] < trainable
     assert sizes["full"] > 5 * trainable
 
 
-def test_asking_for_no_sketch_with_the_lora_form_sends_the_diagonal(tmp_path):
+def test_a_users_theta_options_override_the_lora_form(tmp_path):
     from fedpac_hf import FedPACArguments
 
     model = _lora_llama(64, rank=8)
@@ -285,11 +287,14 @@ def test_asking_for_no_sketch_with_the_lora_form_sends_the_diagonal(tmp_path):
     )
     kwargs = args.build_algorithm(model).optimizer_kwargs
     assert kwargs["theta_sketch_dim"] == 0 and kwargs["theta_diagonal"] is True
+    assert kwargs["theta_max_dim"] == 8
     args = FedPACArguments(
-        output_dir=str(tmp_path), client_optimizer_kwargs={"theta_sketch_dim": 2}, report_to=[]
+        output_dir=str(tmp_path),
+        client_optimizer_kwargs={"theta_sketch_dim": 1, "theta_diagonal": False},
+        report_to=[],
     )
     kwargs = args.build_algorithm(model).optimizer_kwargs
-    assert kwargs["theta_sketch_dim"] == 2 and kwargs["theta_diagonal"] is False
+    assert kwargs["theta_sketch_dim"] == 1 and kwargs["theta_diagonal"] is False
 
 
 def test_a_warm_start_from_a_sketch_alone_rotates_its_direction_and_keeps_the_axes():
