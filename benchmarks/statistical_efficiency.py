@@ -660,6 +660,37 @@ def _analysis(path: Path) -> str:
     return text.split(ANALYSIS_START, 1)[1].split(ANALYSIS_END, 1)[0].strip()
 
 
+def _section_markers(name: str) -> tuple[str, str]:
+    return f"<!-- section:{name} -->", f"<!-- /section:{name} -->"
+
+
+def write_section(path: Path, name: str, text: str) -> None:
+    """Put ``text`` into the ``name`` section of the report at ``path`` (replaced if there,
+    appended otherwise); :func:`report` keeps such sections when it rebuilds the rest."""
+    start, end = _section_markers(name)
+    block = f"{start}\n{text.strip()}\n{end}"
+    current = path.read_text(encoding="utf-8") if path.is_file() else ""
+    if start in current and end in current:
+        before, rest = current.split(start, 1)
+        current = before + block + rest.split(end, 1)[1]
+    else:
+        current = current.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(current, encoding="utf-8")
+
+
+def _kept_sections(path: Path) -> list[str]:
+    """The sections other benchmark scripts wrote into the report (see :func:`write_section`)."""
+    if not path.is_file():
+        return []
+    text, blocks = path.read_text(encoding="utf-8"), []
+    for part in text.split("<!-- section:")[1:]:
+        name = part.split(" -->", 1)[0]
+        start, end = _section_markers(name)
+        if end in part:
+            blocks.append(start + part.split(end, 1)[0].split(" -->", 1)[1] + end)
+    return blocks
+
+
 def report(s: Settings, out: Path) -> None:
     """Build RESULTS.md and the PNGs from the cached JSONs."""
     done = load_results(s.results)
@@ -737,6 +768,7 @@ def report(s: Settings, out: Path) -> None:
         add("![perplexity vs round](perplexity_shakespeare.png)\n")
         _lm_table(lines, summ)
     _cost_section(lines, groups)
+    lines += ["", *_kept_sections(out)]
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(f"wrote {out}")
 
