@@ -12,7 +12,8 @@ kernels compute the reference SOAP update (up to rounding); they only avoid work
   mirrors them, which saves a third of that product.
 - :func:`foreach_adam_step_` runs plain Adam (with ``torch._foreach_*`` ops) on
   the parameters that have no rotated side (biases, norm weights).
-- :func:`refresh_bases_` is the reference's power-iteration + QR refresh.
+- :func:`refresh_bases_` is the reference's power-iteration + QR refresh
+  (without a host sync).
 - :func:`rotate` and :func:`side_outer_products` are the general versions used
   for 1-D and higher-dimensional parameters.
 - :func:`eigenbasis` (re-exported by ``soap.py``) is the ``eigh`` basis of a
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -289,15 +290,18 @@ def refresh_bases_(
     state: dict[str, Any],
     view: tuple[int, ...],
     rotated: tuple[bool, ...],
-    fallback: Callable[[torch.Tensor], torch.Tensor],
 ) -> None:
     """One power-iteration step + QR per rotated side (the reference's refresh).
 
     For each rotated side ``i``: ``P = GG_i Q_i``; the columns are sorted by the
     estimated eigenvalues ``diag(Q_i^T P)`` (descending), Adam's second moment is
-    permuted along side ``i`` to follow, and ``Q_i <- qr(P).Q``. A QR that yields
-    non-finite values is replaced by ``fallback(GG_i)`` (an ``eigh`` basis) with
-    a warning. Adam's first moment is not touched here.
+    permuted along side ``i`` to follow, and ``Q_i <- qr(P).Q``. Adam's first
+    moment is not touched here.
+
+    A QR that yields non-finite values (which only a non-finite statistic
+    produces) leaves that side as it was: its previous basis and the second
+    moment's order are kept. The choice is made on the device with
+    ``torch.where``, so a refresh never waits for the device (no host sync).
     """
     exp_avg_sq = state["exp_avg_sq"]
     v = exp_avg_sq.reshape(view)
@@ -308,16 +312,10 @@ def refresh_bases_(
         power = stat @ basis
         estimated_eigenvalues = (basis * power).sum(dim=0)
         order = torch.argsort(estimated_eigenvalues, descending=True)
-        v = v.index_select(i, order)
         q, _ = torch.linalg.qr(power.index_select(1, order))
         # |q| <= 1 when it is finite, so its sum is finite exactly when every entry is
         # (one reduction instead of an elementwise isfinite + all).
-        if not bool(torch.isfinite(q.sum())):
-            warnings.warn(
-                "SOAP: QR refresh produced non-finite values; recomputing the basis by eigh",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-            q = fallback(stat)
-        state[f"Q{i}"] = q
+        finite = torch.isfinite(q.sum())
+        state[f"Q{i}"] = torch.where(finite, q, basis)
+        v = torch.where(finite, v.index_select(i, order), v)
     exp_avg_sq.copy_(v.reshape(exp_avg_sq.shape))

@@ -48,7 +48,10 @@ parameters) whatever the parameter dtype; bf16/fp16 gradients are cast up, and
 :meth:`SOAP.load_state_dict` keeps them float32. A failing ``eigh`` is retried in
 float64 and then replaced by the identity, each with a warning. A non-finite
 gradient (or one whose squared norm overflows the statistics' dtype) raises
-``FloatingPointError`` before anything is changed.
+``FloatingPointError`` before anything is changed (one host sync per step; none
+with ``check_finite_grads = False``, see
+:class:`~fedpac_hf.optim.base.CurvatureOptimizer`). A refresh whose QR is not
+finite keeps that side's previous basis, decided on the device (no host sync).
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ from .base import (
     check_grads,
     check_params_supported,
     curvature_dtype,
+    export_device,
     named_params,
     restore_saved_state_dtypes,
 )
@@ -261,8 +265,10 @@ class SOAP(Optimizer, CurvatureOptimizer):
         would overflow the statistics, before anything is changed.
 
         One 2-norm per gradient decides both (it is non-finite when the gradient
-        holds a NaN or an infinity); only when it flags something does the slower
-        :func:`~fedpac_hf.optim.base.check_grads` run, to raise its usual error.
+        holds a NaN or an infinity), read in one host sync; only when it flags
+        something does the slower :func:`~fedpac_hf.optim.base.check_grads` run,
+        to raise its usual error. With ``check_finite_grads = False`` only the
+        sparse check runs (no sync).
         """
         names, grads = [], []
         for name, p in named_params(self):
@@ -272,7 +278,7 @@ class SOAP(Optimizer, CurvatureOptimizer):
                 check_grads(self)  # raises, naming the parameter
             names.append(name)
             grads.append(p.grad)
-        if not grads:
+        if not grads or not self.check_finite_grads:
             return
         norms = torch._foreach_norm(grads)
         if len({(n.device, n.dtype) for n in norms}) == 1:
@@ -416,15 +422,18 @@ class SOAP(Optimizer, CurvatureOptimizer):
         which is kept in the rotated basis, over to the new bases exactly."""
         exp_avg = state["exp_avg"]
         original = rotate(exp_avg, SOAP._bases(state, rotated), view, back=True)
-        refresh_bases_(state, view, rotated, eigenbasis)
+        refresh_bases_(state, view, rotated)
         exp_avg.copy_(rotate(original, SOAP._bases(state, rotated), view, back=False))
 
     # ------------------------------------------------------------------ Theta
-    def export_curvature(self) -> dict[str, torch.Tensor]:
+    def export_curvature(
+        self, device: torch.device | str | None = "cpu"
+    ) -> dict[str, torch.Tensor]:
         """Return Theta: the statistics ``L``/``R`` (``GG{i}``) of every rotated side.
 
         Parameters that have not been stepped yet export zero statistics, so the
-        keys only depend on the model and the optimizer configuration.
+        keys only depend on the model and the optimizer configuration. Float32
+        copies on ``device`` (``None``: each parameter's device).
         """
         theta: dict[str, torch.Tensor] = {}
         for name, p, group in self._named_with_groups():
@@ -436,10 +445,11 @@ class SOAP(Optimizer, CurvatureOptimizer):
                 if not on:
                     continue
                 value = state.get(f"GG{i}")
+                target = export_device(p, device)
                 theta[f"{name}.{stat}"] = (
-                    torch.zeros(d, d, dtype=torch.float32)
+                    torch.zeros(d, d, dtype=torch.float32, device=target)
                     if value is None
-                    else value.detach().to(device="cpu", dtype=torch.float32).clone()
+                    else value.detach().to(device=target, dtype=torch.float32, copy=True)
                 )
         return theta
 
