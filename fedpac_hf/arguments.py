@@ -308,11 +308,6 @@ class FedPACArguments(TrainingArguments):
                 "each holding the whole trainable model; sharding one client's model over "
                 "processes is not implemented. Remove --fsdp (LoRA keeps models small)."
             )
-        if self.fp16:
-            raise ValueError(
-                "fp16 is not supported by FedPACTrainer yet (it needs a gradient scaler inside "
-                "every client's local steps); use --bf16, which needs no scaler."
-            )
 
     def build_algorithm(self) -> Algorithm:
         """The :class:`Algorithm` these arguments describe (registry entry + overrides)."""
@@ -344,6 +339,7 @@ class FedPACArguments(TrainingArguments):
         num_clients: int,
         history: Any = (),
         algorithm: Algorithm | None = None,
+        device: torch.device | str | None = None,
     ) -> RoundEngine:
         """The :class:`~fedpac_hf.federated.RoundEngine` these arguments describe.
 
@@ -357,6 +353,10 @@ class FedPACArguments(TrainingArguments):
             Metrics of the rounds already done (when resuming).
         algorithm:
             Overrides :meth:`build_algorithm`.
+        device:
+            Where the clients train, when they train in this process (the
+            round's state is copied there once and the server's sums live
+            there); ``None``: the CPU.
         """
         return RoundEngine(
             algorithm or self.build_algorithm(),
@@ -371,6 +371,7 @@ class FedPACArguments(TrainingArguments):
             min_clients_per_round=self.min_clients_per_round,
             transport_dtype=self.transport_dtype,
             history=history,
+            device=device,
         )
 
     def build_partitioner(self) -> Any:

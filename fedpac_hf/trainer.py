@@ -7,7 +7,9 @@ or a given partitioner), so every checkpoint records the split it was made
 on. Rounds run through the core's :class:`~fedpac_hf.federated.RoundEngine`
 (sampling, schedule, aggregation, failures); each client runs the core's
 client rule (:func:`fedpac_hf.federated.client_update`) with Trainer's data
-collator, ``compute_loss``, Accelerate's autocast and backward.
+collator, ``compute_loss``, Accelerate's autocast and backward; with ``fp16``
+each client gets a fresh ``torch.amp.GradScaler`` for its round (overflowing
+steps are skipped and counted in the round's ``skipped_steps``).
 
 A round is one ``global_step``: Trainer's own ``eval_strategy``/``eval_steps``,
 ``save_strategy``/``save_steps``, ``logging_steps``, ``metric_for_best_model``,
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -252,11 +254,62 @@ class FedPACTrainer(RoundCheckpointsMixin, Trainer):
 
     # ----------------------------------------------------------- local steps
 
+    def _inputs_on_device(self, inputs: Any) -> Any:
+        """Trainer's ``_prepare_inputs``, with pinned batches copied without blocking the host.
+
+        ``Trainer`` moves each tensor with a plain ``.to(device)``, which makes
+        the host wait for the device on every micro-batch; a pinned tensor (the
+        client loaders pin their batches on CUDA) can be copied asynchronously.
+        """
+        device = self.args.device
+        if device.type == "cuda":
+
+            def move(data: Any) -> Any:
+                if isinstance(data, Mapping):
+                    return type(data)({k: move(v) for k, v in data.items()})
+                if isinstance(data, (list, tuple)):
+                    return type(data)(move(v) for v in data)
+                if (
+                    isinstance(data, torch.Tensor)
+                    and data.device.type == "cpu"
+                    and data.is_pinned()
+                ):
+                    return data.to(device, non_blocking=True)
+                return data
+
+            inputs = move(inputs)
+        return self._prepare_inputs(inputs)
+
     def client_loss(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         """One micro-batch's loss: Trainer's ``compute_loss`` under Accelerate's autocast."""
-        inputs = self._prepare_inputs(inputs)
+        inputs = self._inputs_on_device(inputs)
         with self.accelerator.autocast():
             return self.compute_loss(model, inputs)
+
+    def client_backward(self, loss: torch.Tensor) -> None:
+        """Back-propagate one client loss: Accelerate's ``backward``, except under fp16.
+
+        With fp16 the client's own gradient scaler has scaled the loss already
+        (:meth:`client_grad_scaler`), so Accelerate's scaler must not scale it again.
+        """
+        if self.accelerator.scaler is not None:
+            loss.backward()
+        else:
+            self.accelerator.backward(loss)
+
+    def client_grad_scaler(self) -> torch.amp.GradScaler | None:
+        """A fresh gradient scaler for one client's round under ``fp16`` (else ``None``).
+
+        Fresh for every client and round, so no client inherits another's loss
+        scale; its options are Accelerate's (``GradScalerKwargs`` handler) when
+        one was given. On the CPU, where Accelerate does not autocast to fp16,
+        the scaler still scales and unscales (harmless in float32).
+        """
+        if not self.args.fp16:
+            return None
+        handler = getattr(self.accelerator, "scaler_handler", None)
+        kwargs = handler.to_kwargs() if handler is not None else {}
+        return torch.amp.GradScaler(self.args.device.type, **kwargs)
 
     def curvature_loss(self, model: torch.nn.Module, inputs: dict[str, Any]) -> Any:
         """Sophia's Gauss-Newton-Bartlett loss: labels sampled from the model's softmax.
@@ -266,7 +319,7 @@ class FedPACTrainer(RoundCheckpointsMixin, Trainer):
         """
         from fedpac_hf.optim import gnb_loss
 
-        inputs = self._prepare_inputs(inputs)
+        inputs = self._inputs_on_device(inputs)
         labels = inputs.pop("labels", None)
         with self.accelerator.autocast():
             logits = model(**inputs).logits
@@ -307,8 +360,9 @@ class FedPACTrainer(RoundCheckpointsMixin, Trainer):
             client_id=client_id,
             gradient_accumulation_steps=self.args.gradient_accumulation_steps,
             max_grad_norm=self.args.max_grad_norm,
-            backward=self.accelerator.backward,
+            backward=self.client_backward,
             curvature_loss_fn=self.curvature_loss,
+            grad_scaler=self.client_grad_scaler(),
         )
 
     def train_client_by_id(
@@ -370,7 +424,7 @@ class FedPACTrainer(RoundCheckpointsMixin, Trainer):
         self.state.compute_steps(args, args.num_rounds)
         self.state.train_batch_size = args.per_device_train_batch_size
         self.engine = args.round_engine(
-            ServerState.from_model(model), num_clients, algorithm=self.algorithm
+            ServerState.from_model(model), num_clients, algorithm=self.algorithm, device=args.device
         )
         if world > 1 and self.engine.clients_per_round < world:
             raise ValueError(

@@ -95,7 +95,11 @@ class RoundCheckpointsMixin:
             self.args.partition_setting_names(),
         )
         self.engine = self.args.round_engine(
-            state, num_clients, history=meta.get("history", []), algorithm=self.algorithm
+            state,
+            num_clients,
+            history=meta.get("history", []),
+            algorithm=self.algorithm,
+            device=self.args.device,
         )
         saved = meta.get("trainer_state") or {}
         self.state.best_metric = saved.get("best_metric")

@@ -47,19 +47,22 @@ SYMMETRIC_BLOCK_MIN = 512
 SYMMETRIC_BLOCKS = 3
 
 
-def eigenbasis(matrix: torch.Tensor) -> torch.Tensor:
+def eigenbasis(matrix: torch.Tensor, warn_not_finite: bool = True) -> torch.Tensor:
     """Orthonormal eigenvectors of a symmetric matrix, by descending eigenvalue.
 
     Used for SOAP's eigenbasis on a fresh start and on a warm start from an
     imported statistic. ``eigh`` runs in the matrix's dtype (float32 or float64);
     if it raises or returns non-finite values it is retried in float64, and if
     that fails too (or the matrix itself is not finite) the identity is returned
-    (that side is then simply not rotated). Every fallback emits a warning; the
-    function never raises.
+    (that side is then simply not rotated). Every fallback emits a warning
+    (except a non-finite matrix with ``warn_not_finite=False``: a caller that
+    checks its result later knows already); the function never raises.
     """
     n = matrix.shape[0]
     eye = torch.eye(n, dtype=matrix.dtype, device=matrix.device)
     if not bool(torch.isfinite(matrix).all()):
+        if not warn_not_finite:
+            return eye
         warnings.warn(
             f"SOAP: statistic of size {n}x{n} is not finite; using the identity basis",
             RuntimeWarning,

@@ -334,7 +334,9 @@ class SOAP(Optimizer, CurvatureOptimizer):
                         self._accumulate(state, grad, view, rotated, shampoo_beta)
                         for i, on in enumerate(rotated):
                             if on:
-                                state[f"Q{i}"] = eigenbasis(state[f"GG{i}"])
+                                state[f"Q{i}"] = eigenbasis(
+                                    state[f"GG{i}"], warn_not_finite=self.check_finite_grads
+                                )
                     continue
 
                 state["step"] += 1
