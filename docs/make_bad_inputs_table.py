@@ -509,11 +509,6 @@ CASES = [
             "nan",
         ),  # fmt: skip
     ),
-    Case(
-        "fp16 (needs a gradient scaler per client)",
-        "`FedPACArguments`",
-        lambda o: _args(o, fp16=True),
-    ),
 ]
 
 

@@ -17,7 +17,8 @@ kernels compute the reference SOAP update (up to rounding); they only avoid work
 - :func:`rotate` and :func:`side_outer_products` are the general versions used
   for 1-D and higher-dimensional parameters.
 - :func:`eigenbasis` (re-exported by ``soap.py``) is the ``eigh`` basis of a
-  fresh or warm start, with its fallbacks.
+  fresh or warm start, with its fallbacks; :func:`eigenbases` does a warm
+  start's matrices with one host sync for all.
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ from typing import Any
 
 import torch
 
+from .base import all_finite
+
 __all__ = [
+    "eigenbases",
     "eigenbasis",
     "foreach_adam_step_",
     "highest_matmul_precision",
@@ -93,6 +97,35 @@ def eigenbasis(matrix: torch.Tensor, warn_not_finite: bool = True) -> torch.Tens
             stacklevel=2,
         )
     return eye
+
+
+def eigenbases(matrices: list[torch.Tensor], warn_not_finite: bool = True) -> list[torch.Tensor]:
+    """:func:`eigenbasis` of several symmetric matrices, with one host sync for all.
+
+    One ``eigh`` per matrix in its own dtype (as :func:`eigenbasis` tries
+    first), then one finiteness check of all the bases together (a
+    non-finite matrix gives a non-finite basis). Only a matrix whose ``eigh``
+    raised or returned non-finite values goes through :func:`eigenbasis` and
+    its fallbacks (and warnings; ``warn_not_finite`` is passed on).
+    """
+    bases: list[torch.Tensor | None] = []
+    for m in matrices:
+        n = m.shape[0]
+        try:
+            _, vectors = torch.linalg.eigh(m + 1e-30 * torch.eye(n, dtype=m.dtype, device=m.device))
+        except RuntimeError:  # torch.linalg.LinAlgError is a RuntimeError
+            bases.append(None)
+            continue
+        bases.append(vectors.flip(1))
+    done = [b for b in bases if b is not None]
+    if len(done) == len(bases) and bool(all_finite(done)):
+        return done
+    return [
+        b
+        if b is not None and bool(torch.isfinite(b).all())
+        else eigenbasis(m, warn_not_finite=warn_not_finite)
+        for m, b in zip(matrices, bases, strict=True)
+    ]
 
 
 @contextlib.contextmanager

@@ -64,6 +64,7 @@ import torch
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from ._soap_kernels import (
+    eigenbases,
     eigenbasis,
     foreach_adam_step_,
     highest_matmul_precision,
@@ -314,6 +315,7 @@ class SOAP(Optimizer, CurvatureOptimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_gradients()
+        fresh_sides: list[tuple[dict[str, Any], int]] = []  # bases to compute after the loop
 
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
@@ -328,15 +330,11 @@ class SOAP(Optimizer, CurvatureOptimizer):
                 view, rotated = self._layout(p, group)
                 grad = p.grad.to(curvature_dtype(p))
                 if len(state) == 0:
-                    # Fresh start: statistics and eigenbasis only, no update.
+                    # Fresh start: statistics and eigenbasis (below) only, no update.
                     state.update(self._fresh_state(p, group))
                     with highest_matmul_precision(p.device):
                         self._accumulate(state, grad, view, rotated, shampoo_beta)
-                        for i, on in enumerate(rotated):
-                            if on:
-                                state[f"Q{i}"] = eigenbasis(
-                                    state[f"GG{i}"], warn_not_finite=self.check_finite_grads
-                                )
+                    fresh_sides += [(state, i) for i, on in enumerate(rotated) if on]
                     continue
 
                 state["step"] += 1
@@ -357,7 +355,19 @@ class SOAP(Optimizer, CurvatureOptimizer):
                 foreach_adam_step_(*lists, self._step_size(group, t), beta1, beta2, group["eps"])
             if group["weight_decay"] != 0.0 and updated:
                 torch._foreach_mul_(updated, 1.0 - group["lr"] * group["weight_decay"])
+        self._set_bases(fresh_sides)
         return loss
+
+    def _set_bases(self, sides: list[tuple[dict[str, Any], int]]) -> None:
+        """Eigenbases of the given (state, side) statistics, with one host sync for all."""
+        if not sides:
+            return
+        with highest_matmul_precision(sides[0][0][f"GG{sides[0][1]}"].device):
+            bases = eigenbases(
+                [state[f"GG{i}"] for state, i in sides], warn_not_finite=self.check_finite_grads
+            )
+        for (state, i), basis in zip(sides, bases, strict=True):
+            state[f"Q{i}"] = basis
 
     @staticmethod
     def _step_size(group: Mapping[str, Any], t: int) -> float:
@@ -464,6 +474,7 @@ class SOAP(Optimizer, CurvatureOptimizer):
         """
         check_curvature_keys(self._curvature_shapes(), state)
         check_finite_curvature(state)
+        sides: list[tuple[dict[str, Any], int]] = []
         for name, p, group in self._named_with_groups():
             fresh = self._fresh_state(p, group)
             view, rotated = self._layout(p, group)
@@ -471,9 +482,9 @@ class SOAP(Optimizer, CurvatureOptimizer):
                 if on:
                     imported = state[f"{name}.{stat}"].to(device=p.device, dtype=curvature_dtype(p))
                     fresh[f"GG{i}"] = imported.clone()
-                    with highest_matmul_precision(p.device):
-                        fresh[f"Q{i}"] = eigenbasis(fresh[f"GG{i}"])
+                    sides.append((fresh, i))
             self.state[p] = fresh
+        self._set_bases(sides)
 
     def reset_basis_moments(self) -> None:
         """Zero Adam's moments (they live in the client's rotated basis) and its step count."""

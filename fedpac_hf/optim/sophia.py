@@ -47,6 +47,7 @@ from torch.optim.optimizer import Optimizer
 
 from .base import (
     CurvatureOptimizer,
+    all_finite,
     check_curvature_keys,
     check_finite_curvature,
     check_grads,
@@ -288,20 +289,16 @@ class Sophia(Optimizer, CurvatureOptimizer):
         """Warm-start: ``h`` from Theta, first moment zero, step counts restart at 0."""
         named = list(self._named_states())
         check_curvature_keys({f"{n}.hessian": tuple(p.shape) for n, p in named}, state)
-        check_finite_curvature(state)
-        first = next(iter(state.values()), None)
-        negative = (
-            [(v < 0).any().to(first.device) for v in state.values()] if first is not None else []
-        )
-        bad = (
-            sorted(k for k, v in state.items() if bool((v < 0).any()))
-            if negative and bool(torch.stack(negative).any())  # one host sync when all is well
-            else []
-        )
-        if bad:
-            raise ValueError(
-                f"Sophia: Hessian estimate must be non-negative; negative in {bad[:5]}"
-            )
+        values = list(state.values())
+        if values:  # one host sync when all is well: every entry finite and non-negative
+            device = values[0].device
+            nonnegative = torch.stack([(v >= 0).all().to(device) for v in values]).all()
+            if not bool(nonnegative & all_finite(values).to(device)):
+                check_finite_curvature(state)  # names the entries with NaN or infinity
+                bad = sorted(k for k, v in state.items() if bool((v < 0).any()))
+                raise ValueError(
+                    f"Sophia: Hessian estimate must be non-negative; negative in {bad[:5]}"
+                )
         for name, p in named:
             self.state.pop(p, None)
             self._state_for(p)["hessian"].copy_(state[f"{name}.hessian"])
