@@ -8,6 +8,7 @@ shapes that run on a CPU in seconds.
 from __future__ import annotations
 
 import contextlib
+import gc
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -86,9 +87,17 @@ class SyntheticImages(torch.utils.data.Dataset):
 
 
 def vit(
-    image_size: int, patch: int, width: int, depth: int, heads: int, labels: int, seed: int = 0
+    image_size: int,
+    patch: int,
+    width: int,
+    depth: int,
+    heads: int,
+    labels: int,
+    seed: int = 0,
+    device: torch.device | None = None,
 ) -> torch.nn.Module:
-    """A randomly initialised ``ViTForImageClassification`` (MLP 4 x width)."""
+    """A randomly initialised ``ViTForImageClassification`` (MLP 4 x width), built on
+    ``device`` (default: the CPU)."""
     from transformers import ViTConfig, ViTForImageClassification
 
     torch.manual_seed(seed)
@@ -102,7 +111,8 @@ def vit(
         intermediate_size=4 * width,
         num_labels=labels,
     )
-    return ViTForImageClassification(config)
+    with device or torch.device("cpu"):
+        return ViTForImageClassification(config)
 
 
 def vit_tiny(shapes: Shapes, seed: int = 0) -> torch.nn.Module:
@@ -253,11 +263,13 @@ def time_steps(
 @contextlib.contextmanager
 def fresh_device_memory(device: torch.device) -> Iterator[None]:
     """Empty the allocator's cache and reset the peak counter before, and after, a block."""
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     try:
         yield
     finally:
+        gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
