@@ -36,7 +36,8 @@ from typing import Any
 import torch
 
 from .algorithms import Algorithm
-from .client import ClientFailure, ClientUpdate, run_client
+from .client import ClientUpdate
+from .failures import ClientFailure, run_client
 from .sampling import resolve_clients_per_round, sample_clients
 from .server import WEIGHTINGS, RoundAggregator
 from .state import ServerState

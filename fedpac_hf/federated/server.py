@@ -24,7 +24,8 @@ import torch
 from fedpac_hf.optim.base import all_finite
 
 from .algorithms import Algorithm
-from .client import ClientFailure, ClientUpdate
+from .client import ClientUpdate
+from .failures import ClientFailure
 from .state import ServerState, move_tensors, tensor_bytes
 
 __all__ = [
