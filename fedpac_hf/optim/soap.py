@@ -32,10 +32,11 @@ The eigenbases and Adam's moments are not part of Theta. With
 
 Step-count policy
 -----------------
-- Fresh start (no :meth:`SOAP.import_curvature`): like the reference, the first
-  ``step()`` of a parameter only initialises the statistics and the eigenbasis
-  (eigh) and does not change the parameter; Adam steps start with the second
-  call.
+- Fresh start (no :meth:`SOAP.import_curvature`): the first ``step()`` of a
+  parameter initialises the statistics and the eigenbasis (eigh) from its
+  gradient and then takes Adam step 1 in that basis, so every step moves the
+  parameters (a cold federated client with ``local_steps=1`` trains). The
+  reference skips that update (``first_step_updates=False`` reproduces it).
 - Warm start (:meth:`SOAP.import_curvature`): the statistics are the imported
   ones, the eigenbases are computed from them by ``eigh``, Adam's moments are
   zero and Adam's step count restarts at 0, so the first ``step()`` already
@@ -179,6 +180,11 @@ class SOAP(Optimizer, CurvatureOptimizer):
         which the warm start rebuilds the statistic's leading directions; 0
         sends the diagonal alone. Both forms are linear in ``L``, so the
         server's average is exact.
+    first_step_updates : bool
+        A fresh start (no warm start) updates the parameters on its first
+        step, with the eigenbasis of that step's gradient. ``False`` follows
+        the reference, whose first step only initialises the statistics, so a
+        client with ``local_steps=1`` would never move.
     """
 
     def __init__(
@@ -196,6 +202,7 @@ class SOAP(Optimizer, CurvatureOptimizer):
         correct_bias: bool = True,
         theta_max_dim: int | None = None,
         theta_sketch_dim: int = 0,
+        first_step_updates: bool = True,
     ) -> None:
         if not lr >= 0.0:
             raise ValueError(f"SOAP: lr must be >= 0, got {lr}")
@@ -236,6 +243,7 @@ class SOAP(Optimizer, CurvatureOptimizer):
             "correct_bias": correct_bias,
             "theta_max_dim": theta_max_dim,
             "theta_sketch_dim": int(theta_sketch_dim),
+            "first_step_updates": bool(first_step_updates),
         }
         super().__init__(params, defaults)
         check_params_supported(self)
@@ -334,7 +342,7 @@ class SOAP(Optimizer, CurvatureOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        """Perform one SOAP step (statistics-only on a parameter's first fresh call).
+        """Perform one SOAP step (see the step-count policy in the module docstring).
 
         Parameters viewed as matrices take the fused path
         (:func:`~fedpac_hf.optim._soap_kernels.matrix_adam_step_`), parameters
@@ -360,15 +368,18 @@ class SOAP(Optimizer, CurvatureOptimizer):
                 state = self.state[p]
                 view, rotated = self._layout(p, group)
                 grad = p.grad.to(curvature_dtype(p))
-                if len(state) == 0:
-                    # Fresh start: statistics and eigenbasis only, no update.
+                fresh = len(state) == 0
+                if fresh:
+                    # Fresh start: statistics and eigenbasis from this gradient, then (unless
+                    # first_step_updates is off, as in the reference) the Adam step in them.
                     state.update(self._fresh_state(p, group))
                     with highest_matmul_precision(p.device):
                         self._accumulate(state, grad, view, rotated, shampoo_beta)
                         for i, on in enumerate(rotated):
                             if on:
                                 state[f"Q{i}"] = eigenbasis(state[f"GG{i}"])
-                    continue
+                    if not group.get("first_step_updates", True):
+                        continue
 
                 state["step"] += 1
                 t = state["step"]
@@ -380,7 +391,8 @@ class SOAP(Optimizer, CurvatureOptimizer):
                     continue
                 with highest_matmul_precision(p.device):
                     self._adam_in_eigenbasis(p, grad, state, view, rotated, group, t)
-                    self._accumulate(state, grad, view, rotated, shampoo_beta)
+                    if not fresh:  # a fresh start has folded this gradient in already
+                        self._accumulate(state, grad, view, rotated, shampoo_beta)
                     if t % group["precondition_frequency"] == 0:
                         self._refresh(state, view, rotated)
 
