@@ -509,6 +509,22 @@ CASES = [
             "nan",
         ),  # fmt: skip
     ),
+    Case("unknown curvature form", "`FedPACArguments`", lambda o: _args(o, curvature="small")),
+    Case(
+        "LoRA-sized curvature for a model without adapters",
+        "`fedpac-hf train`",
+        lambda o: _cli(o, _TINY_CLI, "--curvature", "lora"),
+    ),
+    Case(
+        "unknown transport dtype",
+        "`FedPACArguments`",
+        lambda o: _args(o, transport_dtype="float8"),
+    ),
+    Case(
+        "unknown pretrained base",
+        "`fedpac-hf train`",
+        lambda o: _cli(o, _TINY_CLI, "--model_name_or_path", "base:vit-huge"),
+    ),
     Case(
         "fp16 (needs a gradient scaler per client)",
         "`FedPACArguments`",
