@@ -301,7 +301,7 @@ CASES = [
         "resume with another partition",
         "`fedpac-hf train`",
         lambda o: (
-            _cli(o, _TINY_CLI + "save_strategy: steps\nsave_steps: 1\n"),
+            _finished_cli_run(o),
             _cli(o, _TINY_CLI, "--dirichlet_alpha", "100", "--resume_from_checkpoint", "true"),
         ),
     ),
@@ -309,7 +309,7 @@ CASES = [
         "resume with other training data",
         "`fedpac-hf train`",
         lambda o: (
-            _cli(o, _TINY_CLI + "save_strategy: steps\nsave_steps: 1\n"),
+            _finished_cli_run(o),
             _cli(o, _TINY_CLI, "--max_train_examples", "60", "--resume_from_checkpoint", "true"),
         ),
     ),
