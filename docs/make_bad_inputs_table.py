@@ -478,7 +478,7 @@ CASES = [
         lambda o: (_scores_csv(o), _command(o, "report", str(o / "scores.csv"))),
     ),
     Case(
-        "a table of no client",
+        "a negative number of table rows",
         "`fedpac-hf partition`",
         lambda o: _command(
             o,
