@@ -25,6 +25,7 @@ to resume from it.
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -205,10 +206,12 @@ class FlowerServerRun:
         engine = self.engine
         if error is None:
             logger.info(
-                "FedPAC run finished: %d of %d rounds done; final global state in %s",
+                "FedPAC run finished: %d of %d rounds done; final global state in %s; "
+                "peak memory of the ServerApp process %s",
                 engine.state.round,
                 engine.num_rounds,
                 self.output_dir / f"{CHECKPOINT_PREFIX}{engine.state.round}",
+                _peak_memory(),
             )
             return
         logger.error(
@@ -225,6 +228,16 @@ class FlowerServerRun:
                 '--run-config "resume-from-checkpoint=true"',
                 last,
             )
+
+
+def _peak_memory() -> str:
+    """The peak resident memory of this process so far, e.g. ``"612 MiB"``."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return "unknown"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return f"{peak / (2**20 if sys.platform == 'darwin' else 2**10):.0f} MiB"
 
 
 def make_server_app(
