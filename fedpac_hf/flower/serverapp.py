@@ -221,12 +221,21 @@ class FlowerServerRun:
             type(error).__name__,
             error,
         )
+        if isinstance(error, ValueError | FileNotFoundError):  # a setting to change, not a crash
+            return
         last = latest_checkpoint(self.output_dir)
-        if last is not None and not isinstance(error, ValueError | FileNotFoundError):
+        if last is not None:
             logger.error(
                 "its last checkpoint is %s; continue the run from it with "
                 '--run-config "resume-from-checkpoint=true"',
                 last,
+            )
+        elif engine.state.round:
+            logger.error(
+                "no checkpoint to resume from (save_strategy=%r, save_steps=%s); set "
+                "save-strategy='steps' and save-steps=1 to checkpoint every round",
+                str(getattr(self.args.save_strategy, "value", self.args.save_strategy)),
+                self.args.save_steps,
             )
 
 
