@@ -135,7 +135,10 @@ class FlowerServerRun:
             setting_names=self.args.partition_setting_names(),
         )
         self.strategy.engine = self.args.round_engine(
-            state, self.engine.num_clients, history=meta.get("history", [])
+            state,
+            self.engine.num_clients,
+            history=meta.get("history", []),
+            algorithm=self.engine.algorithm,
         )
         load_trainable_state(self.model, state.params)
         keep_metrics_through(self.output_dir, state.round)
