@@ -111,6 +111,16 @@ def test_resuming_another_run_is_refused_naming_the_setting(tmp_path, change, na
     assert run.engine.state.round == 0  # nothing was taken from the refused checkpoint
 
 
+def test_resuming_with_another_model_is_refused_naming_the_parameter(tmp_path):
+    args = finished_run(tmp_path)
+    model = tiny_vit()
+    model.classifier = torch.nn.Linear(32, 3)  # a head for 3 labels instead of the run's
+    run = FlowerServerRun(saving_args(args.output_dir, resume_from_checkpoint="true"), model)
+    with pytest.raises(ValueError, match="param_shapes differs") as info:
+        run.resume(True)
+    assert "parameter 'classifier.bias' has shape" in str(info.value)
+
+
 def test_resume_finds_the_latest_checkpoint_and_refuses_what_it_cannot_continue(tmp_path):
     args = finished_run(tmp_path, rounds=2)
     longer = saving_args(args.output_dir, num_rounds=3, resume_from_checkpoint="true")
