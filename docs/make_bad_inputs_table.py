@@ -183,6 +183,24 @@ def _run_config(**settings) -> None:
     arguments_from_run_config(settings, app_settings=("dataset",))
 
 
+def _flower_resume(out: Path, **overrides) -> None:
+    """A Flower ServerApp resuming a round-1 checkpoint of the ServerApp with ``overrides``."""
+    from fedpac_hf.flower import FlowerServerRun
+
+    first = FlowerServerRun(_args(out, save_strategy="steps", save_steps=1), _tiny_model())
+    first.engine.history.append({"round": 1.0})
+    first.engine.state.round = 1
+    first.save_checkpoint()
+    args = _args(out, resume_from_checkpoint="true", **overrides)
+    FlowerServerRun(args, _tiny_model()).resume(args.resume_from_checkpoint)
+
+
+def _flower_timeout(out: Path) -> None:
+    from fedpac_hf.flower.config import flower_setting
+
+    flower_setting({"node-wait-timeout": 0}, "node-wait-timeout")
+
+
 def _empty_client(out: Path) -> None:
     data = _tiny_data()
     _train(out, clients=[data.select(range(32)), data.select([])])
@@ -467,6 +485,17 @@ CASES = [
     Case(
         "a fraction for a count", "Flower run config", lambda o: _run_config(**{"local-steps": 2.5})
     ),
+    Case(
+        "resume with another algorithm",
+        "Flower ServerApp",
+        lambda o: _flower_resume(o, algorithm="local_soap"),
+    ),
+    Case(
+        "resume with another partition",
+        "Flower ServerApp",
+        lambda o: _flower_resume(o, dirichlet_alpha=5.0),
+    ),
+    Case("a timeout of 0 seconds", "Flower run config", _flower_timeout),
     Case(
         "text that is not a boolean",
         "`FedPACArguments`",

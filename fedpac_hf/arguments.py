@@ -211,6 +211,8 @@ class FedPACArguments(TrainingArguments):
             # torchrun / accelerate launch on a CPU-only machine: Accelerate only sets up
             # its gloo process group (and reports the real world size) with cpu=True.
             self.use_cpu = True
+        if isinstance(self.resume_from_checkpoint, bool):  # TOML/YAML `true` / `false`
+            self.resume_from_checkpoint = "true" if self.resume_from_checkpoint else None
         # one reading of every setting, whichever door (YAML, CLI, Python, Flower) it came by
         coerce_fields(self)
         if isinstance(
