@@ -519,8 +519,8 @@ CASES = [
             "--num-clients",
             "4",
             "--max-clients-shown",
-            "0",
-        ),  # fmt: skip
+            "-1",
+        ),
     ),
     Case(
         "Dirichlet alpha nan",
