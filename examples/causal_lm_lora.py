@@ -1,8 +1,9 @@
-"""Causal language modelling with LoRA: a small Llama from LlamaConfig and a
-byte-level BPE tokenizer trained on the Shakespeare training split (offline),
-one client per speaker, adapters on q_proj/v_proj only; the trainer logs
-eval_perplexity. With --model_name_or_path any Hub causal LM
-(AutoModelForCausalLM + AutoTokenizer)::
+"""Causal language modelling with LoRA adapters only, on a pretrained base, offline:
+the small Llama `base:llama-shakespeare` (trained centrally on the Shakespeare
+plays no client holds; built once and cached) adapts to five other plays, one
+client per speaker, adapters on the attention query/value projections (the
+default); the trainer logs eval_perplexity. With --model_name_or_path any Hub
+causal LM (AutoModelForCausalLM + AutoTokenizer)::
 
     python examples/causal_lm_lora.py
     python examples/causal_lm_lora.py --model_name_or_path HuggingFaceTB/SmolLM2-135M --lora_r 16

@@ -1,8 +1,8 @@
 """ViT image classification: a small ViT from ViTConfig on MNIST-5k (offline)
 with 20 Dirichlet(0.1) clients and FedPAC-SOAP; with --model_name_or_path and
 --dataset a Hub ViT (AutoModelForImageClassification, ignore_mismatched_sizes)
-on CIFAR-10/100, full fine-tuning or LoRA (--lora_r 16, adapters on
-query,value; the classifier trained in full)::
+on CIFAR-10/100, full fine-tuning or LoRA (--lora_r 16, adapters on the
+attention query/value projections; the classifier trained in full)::
 
     python examples/vit_image_classification.py
     python examples/vit_image_classification.py --num_rounds 2 --output_dir runs/try

@@ -37,7 +37,15 @@ from fedpac_hf.federated import (
 )
 from fedpac_hf.validation import coerce_fields
 
-__all__ = ["FedPACArguments", "REPLACED_SETTINGS"]
+__all__ = [
+    "CURVATURE_FORMS",
+    "FedPACArguments",
+    "REPLACED_SETTINGS",
+    "curvature_options",
+    "lora_rank",
+]
+
+CURVATURE_FORMS: tuple[str, ...] = ("auto", "full", "lora")
 
 # Settings of earlier versions -> what replaces them (named in the error for the old key).
 REPLACED_SETTINGS = {
@@ -80,6 +88,15 @@ class FedPACArguments(TrainingArguments):
         metadata={
             "help": "Extra keyword arguments of the client optimizer, as a dict (YAML) "
             "or a JSON string, e.g. '{\"precondition_frequency\": 10}'."
+        },
+    )
+    curvature: str = field(
+        default="auto",
+        metadata={
+            "help": "Form of the curvature state Theta that travels: 'full' (every statistic; "
+            "two-sided SOAP sends d x d per long side), 'lora' (adapter-sized: a LoRA factor's "
+            "rank side in full, longer sides as their diagonal; needs a PEFT model), or "
+            "'auto' ('lora' for a PEFT model, 'full' otherwise)."
         },
     )
     beta: float | None = field(
@@ -194,6 +211,8 @@ class FedPACArguments(TrainingArguments):
             # torchrun / accelerate launch on a CPU-only machine: Accelerate only sets up
             # its gloo process group (and reports the real world size) with cpu=True.
             self.use_cpu = True
+        if isinstance(self.resume_from_checkpoint, bool):  # TOML/YAML `true` / `false`
+            self.resume_from_checkpoint = "true" if self.resume_from_checkpoint else None
         # one reading of every setting, whichever door (YAML, CLI, Python, Flower) it came by
         coerce_fields(self)
         if isinstance(
@@ -263,6 +282,8 @@ class FedPACArguments(TrainingArguments):
             raise ValueError(
                 f"server_learning_rate must be positive, got {self.server_learning_rate}"
             )
+        if self.curvature not in CURVATURE_FORMS:
+            raise ValueError(f"curvature must be one of {CURVATURE_FORMS}, got {self.curvature!r}")
         if self.transport_dtype not in TRANSPORT_DTYPES:
             raise ValueError(
                 f"transport_dtype must be one of {TRANSPORT_DTYPES}, got {self.transport_dtype!r}"
@@ -309,11 +330,22 @@ class FedPACArguments(TrainingArguments):
                 "processes is not implemented. Remove --fsdp (LoRA keeps models small)."
             )
 
-    def build_algorithm(self) -> Algorithm:
-        """The :class:`Algorithm` these arguments describe (registry entry + overrides)."""
+    def build_algorithm(self, model: torch.nn.Module | None = None) -> Algorithm:
+        """The :class:`Algorithm` these arguments describe (registry entry + overrides).
+
+        Parameters
+        ----------
+        model:
+            The model the clients train; with ``curvature`` ``"auto"`` or
+            ``"lora"`` its LoRA rank sizes the curvature state (see
+            :func:`curvature_options`). Without it, Theta is the full one.
+        """
         base = get_algorithm(self.algorithm)
+        optimizer = self.client_optimizer or base.optimizer
         kwargs: dict[str, Any] = {"weight_decay": self.weight_decay}
         kwargs.update(base.optimizer_kwargs)
+        if model is not None:
+            kwargs.update(curvature_options(self.curvature, optimizer, model))
         kwargs.update(self.client_optimizer_kwargs or {})
         return get_algorithm(
             base,
@@ -454,3 +486,47 @@ class FedPACArguments(TrainingArguments):
                 alpha=self.dirichlet_alpha, min_examples_per_client=self.min_examples_per_client
             )
         return kwargs
+
+
+def lora_rank(model: torch.nn.Module) -> int | None:
+    """The largest LoRA rank of a PEFT model's adapters (``None`` without adapters)."""
+    configs = getattr(model, "peft_config", None)
+    if not configs:
+        return None
+    ranks = []
+    for config in configs.values():
+        rank = getattr(config, "r", None)
+        if rank is None:
+            continue
+        ranks += [
+            int(rank),
+            *(int(r) for r in (getattr(config, "rank_pattern", None) or {}).values()),
+        ]
+    return max(ranks) if ranks else None
+
+
+def curvature_options(form: str, optimizer: str, model: torch.nn.Module) -> dict[str, Any]:
+    """Client-optimizer options that give Theta the ``curvature`` form asked for.
+
+    ``"lora"`` (and ``"auto"`` on a PEFT model) keeps SOAP's statistics of the
+    sides no longer than the LoRA rank r (a factor's rank side, a small head's
+    class side) in full and sends every longer side as its diagonal: Theta is
+    then r^2 + d floats per d x r factor instead of r^2 + d^2. Sophia's and
+    Muon's Theta is already the adapters' size and does not change.
+
+    Raises
+    ------
+    ValueError
+        For ``"lora"`` on a model without LoRA adapters.
+    """
+    if form not in CURVATURE_FORMS:
+        raise ValueError(f"curvature must be one of {CURVATURE_FORMS}, got {form!r}")
+    rank = lora_rank(model)
+    if form == "lora" and rank is None:
+        raise ValueError(
+            "curvature='lora' sizes Theta for LoRA adapters, but the model has none (no "
+            "peft_config); use curvature='full' or 'auto', or train adapters (lora_r > 0)"
+        )
+    if form == "full" or rank is None or optimizer.lower() != "soap":
+        return {}
+    return {"theta_max_dim": rank}

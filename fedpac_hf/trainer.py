@@ -156,7 +156,7 @@ class FedPACTrainer(ClientStepsMixin, RoundCheckpointsMixin, Trainer):
         self.client_datasets = list(client_datasets) if client_datasets is not None else None
         self.partitioner = partitioner
         self.client_transform = client_transform
-        self.algorithm = args.build_algorithm()
+        self.algorithm = args.build_algorithm(self.model)
         self.engine: RoundEngine | None = None
         self.client_indices: list[np.ndarray] | None = None
         self._train_rows: Any = None

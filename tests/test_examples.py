@@ -57,6 +57,7 @@ def test_vit_example_trains_and_saves_a_loadable_model(tmp_path):
 
 def test_causal_lm_example_saves_an_adapter_that_loads_with_its_base(tmp_path):
     from peft import AutoPeftModelForCausalLM
+    from safetensors import safe_open
     from transformers import AutoTokenizer
 
     run_dir = tmp_path / "lm"
@@ -71,11 +72,16 @@ def test_causal_lm_example_saves_an_adapter_that_loads_with_its_base(tmp_path):
     assert last["eval_perplexity"] == pytest.approx(
         torch.tensor(last["eval_loss"]).exp().item(), rel=1e-4
     )
-    assert (run_dir / "adapter_config.json").is_file() and (run_dir / "base_model").is_dir()
+    from fedpac_hf.bases import base_path
+
+    adapter = json.loads((run_dir / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(base_path("llama-shakespeare"))
+    assert adapter["modules_to_save"] is None  # a pretrained base: adapters only
     model = AutoPeftModelForCausalLM.from_pretrained(run_dir).eval()
     trained = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert trained and any(p.abs().sum() > 0 for p in trained)  # B starts at zero
-    assert {n.split(".")[-1] for n, p in model.named_parameters() if p.requires_grad} <= {"weight"}
+    with safe_open(str(run_dir / "adapter_model.safetensors"), "pt") as handle:
+        assert all("lora_" in key for key in handle.keys())
     tokenizer = AutoTokenizer.from_pretrained(run_dir)
     assert len(tokenizer) <= 512
     batch = tokenizer(["To be, or not to be"], return_tensors="pt")

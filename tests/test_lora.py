@@ -114,3 +114,87 @@ def test_pretrained_bases_are_built_once_reproducibly_and_load_by_name(tmp_path,
     assert all(torch.equal(first[k], second[k]) for k in first)  # same seed, same weights
     with pytest.raises(ValueError, match="unknown pretrained base 'vit-big'"):
         resolve_model_name("base:vit-big")
+
+
+def test_soap_sends_long_sides_as_their_diagonal_and_warm_starts_from_it():
+    from fedpac_hf.optim import SOAP
+
+    torch.manual_seed(0)
+    factor = torch.nn.Parameter(torch.randn(24, 4))  # a LoRA B factor: d = 24, r = 4
+    opt = SOAP([("B", factor)], lr=1e-2, theta_max_dim=4)
+    for _ in range(3):
+        factor.grad = torch.randn(24, 4)
+        opt.step()
+    theta = opt.export_curvature()
+    assert theta["B.L"].shape == (24,) and theta["B.R"].shape == (4, 4)
+    full = SOAP([("B", torch.nn.Parameter(factor.detach().clone()))], lr=1e-2)
+    for _ in range(3):
+        full.param_groups[0]["params"][0].grad = torch.randn(24, 4)
+        full.step()
+    assert full.export_curvature()["B.L"].shape == (24, 24)
+
+    fresh = SOAP([("B", torch.nn.Parameter(torch.zeros(24, 4)))], lr=1e-2, theta_max_dim=4)
+    fresh.import_curvature(theta)
+    state = fresh.state[fresh.param_groups[0]["params"][0]]
+    assert torch.equal(state["GG0"], torch.diag(theta["B.L"]))  # the diagonal warm start
+    assert torch.equal(state["GG1"], theta["B.R"])
+    with pytest.raises(ValueError, match="has shape"):
+        fresh.import_curvature(full.export_curvature())  # a d x d statistic is not expected
+
+
+def test_curvature_auto_is_adapter_sized_for_peft_models_and_full_otherwise(tmp_path):
+    from fedpac_hf import FedPACArguments
+    from fedpac_hf.arguments import curvature_options
+
+    from .trainer_fixtures import tiny_lora_llama, tiny_vit
+
+    assert curvature_options("auto", "soap", tiny_lora_llama()) == {"theta_max_dim": 4}
+    assert curvature_options("auto", "soap", tiny_vit()) == {}
+    assert curvature_options("full", "soap", tiny_lora_llama()) == {}
+    assert curvature_options("lora", "muon", tiny_lora_llama()) == {}  # already adapter-sized
+    with pytest.raises(ValueError, match="curvature='lora' sizes Theta for LoRA adapters"):
+        curvature_options("lora", "soap", tiny_vit())
+    with pytest.raises(ValueError, match="curvature must be one of"):
+        FedPACArguments(output_dir=str(tmp_path), curvature="tiny")
+
+
+def test_a_lora_run_sends_theta_smaller_than_the_adapter_by_default(tmp_path):
+    from fedpac_hf import FedPACArguments, FedPACTrainer
+
+    from .trainer_fixtures import text_clients, tiny_lora_llama
+
+    sent = {}
+    for form in ("auto", "full"):
+        args = FedPACArguments(
+            output_dir=str(tmp_path / form), algorithm="fedpac_soap", curvature=form,
+            num_rounds=2, local_steps=2, clients_per_round=2, learning_rate=1e-2,
+            per_device_train_batch_size=8, report_to=[], disable_tqdm=True,
+        )  # fmt: skip
+        trainer = FedPACTrainer(model=tiny_lora_llama(), args=args, client_datasets=text_clients())
+        trainer.train()
+        sent[form] = trainer.round_history[-1]
+    auto, full = sent["auto"], sent["full"]
+    assert auto["bytes_up_delta"] == full["bytes_up_delta"]
+    # d = 32, r = 4: (16 + 32) / (4 * 32) of each factor instead of (16 + 1024) / (4 * 32)
+    assert auto["bytes_up_theta"] < 0.4 * auto["bytes_up_delta"]
+    assert full["bytes_up_theta"] > 5 * full["bytes_up_delta"]
+    assert auto["bytes_down_theta"] < full["bytes_down_theta"]
+
+
+def test_the_sketch_of_a_long_side_is_linear_and_rebuilds_its_leading_directions():
+    from fedpac_hf.optim._theta_forms import expand, sketch
+
+    g = torch.Generator().manual_seed(0)
+    factors = [torch.randn(40, 3, generator=g) for _ in range(2)]
+    stats = [f @ f.T for f in factors]  # rank-3 statistics of two clients
+    mean = (stats[0] + stats[1]) / 2
+    # linear: the average of the clients' sketches is the sketch of the average statistic
+    torch.testing.assert_close((sketch(stats[0], 6) + sketch(stats[1], 6)) / 2, sketch(mean, 6))
+    rebuilt = expand(torch.diagonal(mean), sketch(mean, 6))  # rank 6 >= rank of the mean
+    torch.testing.assert_close(rebuilt, mean, rtol=1e-4, atol=1e-4)
+    # too small a sketch keeps the diagonal exactly and the leading direction approximately
+    small = expand(torch.diagonal(mean), sketch(mean, 2))
+    torch.testing.assert_close(torch.diagonal(small), torch.diagonal(mean), rtol=1e-5, atol=1e-5)
+    top = torch.linalg.eigh(mean).eigenvectors[:, -1]
+    assert float(top @ small @ top) > 0.5 * float(torch.linalg.eigvalsh(mean)[-1])
+    assert torch.equal(expand(torch.diagonal(mean), None), torch.diag(torch.diagonal(mean)))

@@ -27,14 +27,16 @@ rotated side take one ``torch._foreach_*`` Adam step per parameter group.
 Federated use (FedPAC): the curvature state Theta is ``{name.L, name.R}`` for the
 rotated sides only (``name.L`` alone for a preconditioned 1-D parameter,
 ``name.GG{i}`` for the sides of a parameter with more than two dimensions).
-The eigenbases and Adam's moments are not part of Theta.
+The eigenbases and Adam's moments are not part of Theta. With
+``theta_max_dim`` the statistic of a longer side travels as its diagonal.
 
 Step-count policy
 -----------------
-- Fresh start (no :meth:`SOAP.import_curvature`): like the reference, the first
-  ``step()`` of a parameter only initialises the statistics and the eigenbasis
-  (eigh) and does not change the parameter; Adam steps start with the second
-  call.
+- Fresh start (no :meth:`SOAP.import_curvature`): the first ``step()`` of a
+  parameter initialises the statistics and the eigenbasis (eigh) from its
+  gradient and then takes Adam step 1 in that basis, so every step moves the
+  parameters (a cold federated client with ``local_steps=1`` trains). The
+  reference skips that update (``first_step_updates=False`` reproduces it).
 - Warm start (:meth:`SOAP.import_curvature`): the statistics are the imported
   ones, the eigenbases are computed from them by ``eigh``, Adam's moments are
   zero and Adam's step count restarts at 0, so the first ``step()`` already
@@ -74,6 +76,7 @@ from ._soap_kernels import (
     side_outer_products,
     symmetric_update_,
 )
+from ._theta_forms import expand, sketch
 from .base import (
     CurvatureOptimizer,
     check_curvature_keys,
@@ -169,6 +172,24 @@ class SOAP(Optimizer, CurvatureOptimizer):
         get plain Adam.
     correct_bias : bool
         Adam bias correction.
+    theta_max_dim : int or None
+        Statistics of sides longer than this travel in Theta as their diagonal
+        (``d`` floats instead of ``d x d``); the client still keeps and uses the
+        full statistic, and a warm start from a diagonal starts from that
+        diagonal matrix. ``None``: every statistic travels in full. This is how
+        a LoRA factor's long side (``d`` of a ``d x r`` adapter) is kept
+        adapter-sized (``curvature="lora"``).
+    theta_sketch_dim : int
+        With ``theta_max_dim``: a long side also sends ``k`` columns of a
+        Nystroem sketch ``L @ Omega`` (a shared, fixed test matrix), from
+        which the warm start rebuilds the statistic's leading directions; 0
+        sends the diagonal alone. Both forms are linear in ``L``, so the
+        server's average is exact.
+    first_step_updates : bool
+        A fresh start (no warm start) updates the parameters on its first
+        step, with the eigenbasis of that step's gradient. ``False`` follows
+        the reference, whose first step only initialises the statistics, so a
+        client with ``local_steps=1`` would never move.
     """
 
     def __init__(
@@ -184,6 +205,9 @@ class SOAP(Optimizer, CurvatureOptimizer):
         merge_dims: bool = False,
         precondition_1d: bool = False,
         correct_bias: bool = True,
+        theta_max_dim: int | None = None,
+        theta_sketch_dim: int = 0,
+        first_step_updates: bool = True,
     ) -> None:
         if not lr >= 0.0:
             raise ValueError(f"SOAP: lr must be >= 0, got {lr}")
@@ -203,6 +227,14 @@ class SOAP(Optimizer, CurvatureOptimizer):
             raise ValueError(
                 f"SOAP: max_precond_dim must be a positive integer, got {max_precond_dim}"
             )
+        if theta_max_dim is not None and (int(theta_max_dim) != theta_max_dim or theta_max_dim < 1):
+            raise ValueError(
+                f"SOAP: theta_max_dim must be a positive integer or None, got {theta_max_dim}"
+            )
+        if int(theta_sketch_dim) != theta_sketch_dim or theta_sketch_dim < 0:
+            raise ValueError(
+                f"SOAP: theta_sketch_dim must be an integer >= 0, got {theta_sketch_dim}"
+            )
         defaults = {
             "lr": lr,
             "betas": tuple(betas),
@@ -214,6 +246,9 @@ class SOAP(Optimizer, CurvatureOptimizer):
             "merge_dims": merge_dims,
             "precondition_1d": precondition_1d,
             "correct_bias": correct_bias,
+            "theta_max_dim": theta_max_dim,
+            "theta_sketch_dim": int(theta_sketch_dim),
+            "first_step_updates": bool(first_step_updates),
         }
         super().__init__(params, defaults)
         check_params_supported(self)
@@ -234,13 +269,25 @@ class SOAP(Optimizer, CurvatureOptimizer):
                 name, p = next(names)
                 yield name, p, group
 
-    def _curvature_shapes(self) -> dict[str, tuple[int, int]]:
-        shapes: dict[str, tuple[int, int]] = {}
+    @staticmethod
+    def _travels_as_diagonal(group: Mapping[str, Any], d: int) -> bool:
+        limit = group.get("theta_max_dim")
+        return limit is not None and d > limit
+
+    def _curvature_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes: dict[str, tuple[int, ...]] = {}
         for name, p, group in self._named_with_groups():
             view, rotated = self._layout(p, group)
             for stat, d, on in zip(_stat_names(len(view)), view, rotated, strict=True):
-                if on:
+                if not on:
+                    continue
+                if not self._travels_as_diagonal(group, d):
                     shapes[f"{name}.{stat}"] = (d, d)
+                    continue
+                shapes[f"{name}.{stat}"] = (d,)
+                k = min(group.get("theta_sketch_dim", 0), d)
+                if k:
+                    shapes[f"{name}.{stat}.sketch"] = (d, k)
         return shapes
 
     def _fresh_state(self, p: torch.Tensor, group: Mapping[str, Any]) -> dict[str, Any]:
@@ -302,7 +349,7 @@ class SOAP(Optimizer, CurvatureOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        """Perform one SOAP step (statistics-only on a parameter's first fresh call).
+        """Perform one SOAP step (see the step-count policy in the module docstring).
 
         Parameters viewed as matrices take the fused path
         (:func:`~fedpac_hf.optim._soap_kernels.matrix_adam_step_`), parameters
@@ -315,7 +362,7 @@ class SOAP(Optimizer, CurvatureOptimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_gradients()
-        fresh_sides: list[tuple[dict[str, Any], int]] = []  # bases to compute after the loop
+        started = self._start_fresh()
 
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
@@ -329,13 +376,9 @@ class SOAP(Optimizer, CurvatureOptimizer):
                 state = self.state[p]
                 view, rotated = self._layout(p, group)
                 grad = p.grad.to(curvature_dtype(p))
-                if len(state) == 0:
-                    # Fresh start: statistics and eigenbasis (below) only, no update.
-                    state.update(self._fresh_state(p, group))
-                    with highest_matmul_precision(p.device):
-                        self._accumulate(state, grad, view, rotated, shampoo_beta)
-                    fresh_sides += [(state, i) for i, on in enumerate(rotated) if on]
-                    continue
+                fresh = p in started
+                if fresh and not group.get("first_step_updates", True):
+                    continue  # the reference: a fresh start only gathers statistics
 
                 state["step"] += 1
                 t = state["step"]
@@ -347,7 +390,8 @@ class SOAP(Optimizer, CurvatureOptimizer):
                     continue
                 with highest_matmul_precision(p.device):
                     self._adam_in_eigenbasis(p, grad, state, view, rotated, group, t)
-                    self._accumulate(state, grad, view, rotated, shampoo_beta)
+                    if not fresh:  # a fresh start has folded this gradient in already
+                        self._accumulate(state, grad, view, rotated, shampoo_beta)
                     if t % group["precondition_frequency"] == 0:
                         self._refresh(state, view, rotated)
 
@@ -355,8 +399,33 @@ class SOAP(Optimizer, CurvatureOptimizer):
                 foreach_adam_step_(*lists, self._step_size(group, t), beta1, beta2, group["eps"])
             if group["weight_decay"] != 0.0 and updated:
                 torch._foreach_mul_(updated, 1.0 - group["lr"] * group["weight_decay"])
-        self._set_bases(fresh_sides)
         return loss
+
+    def _start_fresh(self) -> set[torch.Tensor]:
+        """Start every parameter that has a gradient and no state yet.
+
+        Its statistics come from this gradient and its eigenbases from them (one
+        batched computation, one host sync for all). Returns the parameters started.
+        """
+        started: set[torch.Tensor] = set()
+        sides: list[tuple[dict[str, Any], int]] = []
+        for group in self.param_groups:
+            shampoo_beta = group["shampoo_beta"]
+            shampoo_beta = shampoo_beta if shampoo_beta is not None else group["betas"][1]
+            for p in group["params"]:
+                if p.grad is None or len(self.state[p]) != 0:
+                    continue
+                state = self.state[p]
+                view, rotated = self._layout(p, group)
+                state.update(self._fresh_state(p, group))
+                with highest_matmul_precision(p.device):
+                    self._accumulate(
+                        state, p.grad.to(curvature_dtype(p)), view, rotated, shampoo_beta
+                    )
+                sides += [(state, i) for i, on in enumerate(rotated) if on]
+                started.add(p)
+        self._set_bases(sides)
+        return started
 
     def _set_bases(self, sides: list[tuple[dict[str, Any], int]]) -> None:
         """Eigenbases of the given (state, side) statistics, with one host sync for all."""
@@ -443,6 +512,8 @@ class SOAP(Optimizer, CurvatureOptimizer):
     ) -> dict[str, torch.Tensor]:
         """Return Theta: the statistics ``L``/``R`` (``GG{i}``) of every rotated side.
 
+        A side longer than ``theta_max_dim`` exports the diagonal of its statistic.
+
         Parameters that have not been stepped yet export zero statistics, so the
         keys only depend on the model and the optimizer configuration. Float32
         copies on ``device`` (``None``: each parameter's device).
@@ -458,11 +529,17 @@ class SOAP(Optimizer, CurvatureOptimizer):
                     continue
                 value = state.get(f"GG{i}")
                 target = export_device(p, device)
-                theta[f"{name}.{stat}"] = (
-                    torch.zeros(d, d, dtype=torch.float32, device=target)
-                    if value is None
-                    else value.detach().to(device=target, dtype=torch.float32, copy=True)
-                )
+                if value is None:
+                    value = torch.zeros(d, d, dtype=torch.float32, device=p.device)
+                value = value.detach()
+                if self._travels_as_diagonal(group, d):
+                    k = min(group.get("theta_sketch_dim", 0), d)
+                    if k:
+                        theta[f"{name}.{stat}.sketch"] = sketch(value, k).to(
+                            device=target, dtype=torch.float32
+                        )
+                    value = torch.diagonal(value)
+                theta[f"{name}.{stat}"] = value.to(device=target, dtype=torch.float32, copy=True)
         return theta
 
     def import_curvature(self, state: Mapping[str, torch.Tensor]) -> None:
@@ -481,6 +558,11 @@ class SOAP(Optimizer, CurvatureOptimizer):
             for i, (stat, on) in enumerate(zip(_stat_names(len(view)), rotated, strict=True)):
                 if on:
                     imported = state[f"{name}.{stat}"].to(device=p.device, dtype=curvature_dtype(p))
+                    if imported.ndim == 1:  # a long side that travelled in a compact form
+                        sketched = state.get(f"{name}.{stat}.sketch")
+                        if sketched is not None:
+                            sketched = sketched.to(device=p.device)
+                        imported = expand(imported, sketched)
                     fresh[f"GG{i}"] = imported.clone()
                     sides.append((fresh, i))
             self.state[p] = fresh
