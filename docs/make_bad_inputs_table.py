@@ -183,6 +183,24 @@ def _run_config(**settings) -> None:
     arguments_from_run_config(settings, app_settings=("dataset",))
 
 
+def _flower_resume(out: Path, **overrides) -> None:
+    """A Flower ServerApp resuming a round-1 checkpoint of the ServerApp with ``overrides``."""
+    from fedpac_hf.flower import FlowerServerRun
+
+    first = FlowerServerRun(_args(out, save_strategy="steps", save_steps=1), _tiny_model())
+    first.engine.history.append({"round": 1.0})
+    first.engine.state.round = 1
+    first.save_checkpoint()
+    args = _args(out, resume_from_checkpoint="true", **overrides)
+    FlowerServerRun(args, _tiny_model()).resume(args.resume_from_checkpoint)
+
+
+def _flower_timeout(out: Path) -> None:
+    from fedpac_hf.flower.config import flower_setting
+
+    flower_setting({"node-wait-timeout": 0}, "node-wait-timeout")
+
+
 def _empty_client(out: Path) -> None:
     data = _tiny_data()
     _train(out, clients=[data.select(range(32)), data.select([])])
@@ -301,7 +319,7 @@ CASES = [
         "resume with another partition",
         "`fedpac-hf train`",
         lambda o: (
-            _cli(o, _TINY_CLI + "save_strategy: steps\nsave_steps: 1\n"),
+            _finished_cli_run(o),
             _cli(o, _TINY_CLI, "--dirichlet_alpha", "100", "--resume_from_checkpoint", "true"),
         ),
     ),
@@ -309,7 +327,7 @@ CASES = [
         "resume with other training data",
         "`fedpac-hf train`",
         lambda o: (
-            _cli(o, _TINY_CLI + "save_strategy: steps\nsave_steps: 1\n"),
+            _finished_cli_run(o),
             _cli(o, _TINY_CLI, "--max_train_examples", "60", "--resume_from_checkpoint", "true"),
         ),
     ),
@@ -468,6 +486,17 @@ CASES = [
         "a fraction for a count", "Flower run config", lambda o: _run_config(**{"local-steps": 2.5})
     ),
     Case(
+        "resume with another algorithm",
+        "Flower ServerApp",
+        lambda o: _flower_resume(o, algorithm="local_soap"),
+    ),
+    Case(
+        "resume with another partition",
+        "Flower ServerApp",
+        lambda o: _flower_resume(o, dirichlet_alpha=5.0),
+    ),
+    Case("a timeout of 0 seconds", "Flower run config", _flower_timeout),
+    Case(
         "text that is not a boolean",
         "`FedPACArguments`",
         lambda o: _args(o, align="maybe"),
@@ -478,7 +507,7 @@ CASES = [
         lambda o: (_scores_csv(o), _command(o, "report", str(o / "scores.csv"))),
     ),
     Case(
-        "a table of no client",
+        "a negative number of table rows",
         "`fedpac-hf partition`",
         lambda o: _command(
             o,
@@ -490,8 +519,8 @@ CASES = [
             "--num-clients",
             "4",
             "--max-clients-shown",
-            "0",
-        ),  # fmt: skip
+            "-1",
+        ),
     ),
     Case(
         "Dirichlet alpha nan",
@@ -509,10 +538,21 @@ CASES = [
             "nan",
         ),  # fmt: skip
     ),
+    Case("unknown curvature form", "`FedPACArguments`", lambda o: _args(o, curvature="small")),
     Case(
-        "fp16 (needs a gradient scaler per client)",
+        "LoRA-sized curvature for a model without adapters",
+        "`fedpac-hf train`",
+        lambda o: _cli(o, _TINY_CLI, "--curvature", "lora"),
+    ),
+    Case(
+        "unknown transport dtype",
         "`FedPACArguments`",
-        lambda o: _args(o, fp16=True),
+        lambda o: _args(o, transport_dtype="float8"),
+    ),
+    Case(
+        "unknown pretrained base",
+        "`fedpac-hf train`",
+        lambda o: _cli(o, _TINY_CLI, "--model_name_or_path", "base:vit-huge"),
     ),
 ]
 

@@ -222,6 +222,8 @@ class FedPACArguments(TrainingArguments):
             # torchrun / accelerate launch on a CPU-only machine: Accelerate only sets up
             # its gloo process group (and reports the real world size) with cpu=True.
             self.use_cpu = True
+        if isinstance(self.resume_from_checkpoint, bool):  # TOML/YAML `true` / `false`
+            self.resume_from_checkpoint = "true" if self.resume_from_checkpoint else None
         # one reading of every setting, whichever door (YAML, CLI, Python, Flower) it came by
         coerce_fields(self)
         if isinstance(
@@ -338,11 +340,6 @@ class FedPACArguments(TrainingArguments):
                 "each holding the whole trainable model; sharding one client's model over "
                 "processes is not implemented. Remove --fsdp (LoRA keeps models small)."
             )
-        if self.fp16:
-            raise ValueError(
-                "fp16 is not supported by FedPACTrainer yet (it needs a gradient scaler inside "
-                "every client's local steps); use --bf16, which needs no scaler."
-            )
 
     def build_algorithm(self, model: torch.nn.Module | None = None) -> Algorithm:
         """The :class:`Algorithm` these arguments describe (registry entry + overrides).
@@ -385,6 +382,7 @@ class FedPACArguments(TrainingArguments):
         num_clients: int,
         history: Any = (),
         algorithm: Algorithm | None = None,
+        device: torch.device | str | None = None,
     ) -> RoundEngine:
         """The :class:`~fedpac_hf.federated.RoundEngine` these arguments describe.
 
@@ -398,6 +396,10 @@ class FedPACArguments(TrainingArguments):
             Metrics of the rounds already done (when resuming).
         algorithm:
             Overrides :meth:`build_algorithm`.
+        device:
+            Where the clients train, when they train in this process (the
+            round's state is copied there once and the server's sums live
+            there); ``None``: the CPU.
         """
         return RoundEngine(
             algorithm or self.build_algorithm(),
@@ -412,6 +414,7 @@ class FedPACArguments(TrainingArguments):
             min_clients_per_round=self.min_clients_per_round,
             transport_dtype=self.transport_dtype,
             history=history,
+            device=device,
         )
 
     def build_partitioner(self) -> Any:

@@ -28,7 +28,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +42,9 @@ __all__ = [
     "CHECKPOINT_PREFIX",
     "STATE_TENSORS",
     "STATE_JSON",
-    "check_resumable",
     "latest_checkpoint",
     "load_federated_checkpoint",
-    "model_name",
     "rotate_checkpoints",
-    "run_identity",
     "save_federated_checkpoint",
 ]
 
@@ -265,142 +262,13 @@ def rotate_checkpoints(
         shutil.rmtree(d, ignore_errors=True)
 
 
-# ------------------------------------------------------------------ run identity
+# Moved to fedpac_hf.resume; still importable from here.
+_MOVED = ("check_resumable", "load_resumable_checkpoint", "model_name", "run_identity")
 
 
-def model_name(model: torch.nn.Module) -> str:
-    """The class name of the model under any PEFT or Accelerate wrapper (e.g. ``ViTForImageClassification``)."""
-    model = getattr(model, "module", model)
-    base = getattr(getattr(model, "base_model", None), "model", model)
-    return type(base).__name__
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        from fedpac_hf import resume
 
-
-def run_identity(
-    *,
-    model: torch.nn.Module,
-    algorithm: Any,
-    num_clients: int,
-    seed: int,
-    partition: Mapping[str, Any] | None,
-    params: Mapping[str, torch.Tensor],
-) -> dict[str, Any]:
-    """What must match for a checkpoint to be resumed by a run.
-
-    Parameters
-    ----------
-    model:
-        The run's model (its class is recorded).
-    algorithm:
-        The run's :class:`~fedpac_hf.federated.Algorithm`.
-    num_clients:
-        Clients in the federation.
-    seed:
-        The seed of client sampling.
-    partition:
-        How the training data was split: the partitioner's settings and the
-        clients' sizes (``None`` when the clients were given as datasets and
-        only their sizes are known, which then sit here too).
-    params:
-        The global trainable parameters (their names and shapes are recorded).
-
-    Returns
-    -------
-    dict
-        JSON-serialisable identity, stored under ``"run"`` in the checkpoint's JSON.
-    """
-    return {
-        "model": model_name(model),
-        "algorithm": algorithm.name,
-        "client_optimizer": algorithm.optimizer,
-        "beta": algorithm.beta,
-        "align": algorithm.align,
-        "num_clients": int(num_clients),
-        "seed": int(seed),
-        "partition": dict(partition) if partition is not None else None,
-        "param_shapes": {n: list(t.shape) for n, t in params.items()},
-    }
-
-
-def check_resumable(
-    checkpoint: str | os.PathLike[str],
-    saved: Mapping[str, Any],
-    expected: Mapping[str, Any],
-    state: ServerState,
-    setting_names: Mapping[str, str] | None = None,
-) -> None:
-    """Refuse to resume a checkpoint made by another run, naming what differs.
-
-    Parameters
-    ----------
-    checkpoint:
-        The checkpoint's directory (for the message).
-    saved:
-        The checkpoint's run identity (its JSON's ``"run"``).
-    expected:
-        This run's identity (:func:`run_identity`).
-    state:
-        The checkpoint's loaded state (its tensors must match its JSON).
-    setting_names:
-        How a partition entry is called in the user's settings, e.g.
-        ``{"alpha": "dirichlet_alpha"}``, so the message names the setting to change.
-
-    Raises
-    ------
-    ValueError
-        If a part of the identity differs, or the checkpoint's tensors do not
-        match its own JSON (a corrupt checkpoint).
-    """
-    names = setting_names or {}
-    for key, value in expected.items():
-        if saved.get(key) == value:
-            continue
-        old = saved.get(key)
-        if key == "param_shapes":
-            detail = _shape_difference(old or {}, value)
-        elif isinstance(value, dict) and isinstance(old, dict):
-            detail = ", ".join(
-                f"{names.get(k, k)}: checkpoint has {_short(old.get(k))}, "
-                f"this run has {_short(value.get(k))}"
-                for k in sorted(set(old) | set(value))
-                if old.get(k) != value.get(k)
-            )
-        else:
-            detail = f"checkpoint has {_short(old)}, this run has {_short(value)}"
-        raise ValueError(
-            f"cannot resume from {checkpoint}: {key} differs ({detail}); resume with the same "
-            "model, algorithm, data and partition, or start a new output_dir"
-        )
-    actual = {n: list(t.shape) for n, t in state.params.items()}
-    if actual != expected["param_shapes"]:
-        raise ValueError(
-            f"cannot resume from {checkpoint}: its {STATE_TENSORS} does not match its "
-            f"{STATE_JSON} ({_shape_difference(actual, expected['param_shapes'])}); the "
-            "checkpoint is corrupt, resume from an earlier one"
-        )
-
-
-def _short(value: Any) -> str:
-    """A value for a message: lists of client sizes are summarised."""
-    if isinstance(value, list) and len(value) > 6:
-        return f"{len(value)} entries starting {value[:4]!r}"
-    return repr(value)
-
-
-def _shape_difference(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str:
-    """Name the first trainable parameter that differs between a checkpoint and this model."""
-    only_saved = sorted(set(saved) - set(current))
-    only_current = sorted(set(current) - set(saved))
-    if only_saved or only_current:
-        parts = []
-        if only_saved:
-            parts.append(f"only the checkpoint has {only_saved[:3]}")
-        if only_current:
-            parts.append(f"only this model has {only_current[:3]}")
-        return "trainable parameters differ: " + ", ".join(parts)
-    for name in sorted(current):
-        if list(saved[name]) != list(current[name]):
-            return (
-                f"parameter {name!r} has shape {list(saved[name])} in the checkpoint and "
-                f"{list(current[name])} in this model"
-            )
-    return "shapes differ"
+        return getattr(resume, name)
+    raise AttributeError(f"module 'fedpac_hf.checkpoint' has no attribute {name!r}")

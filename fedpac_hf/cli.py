@@ -84,7 +84,10 @@ def add_partition_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--plot", help="write the client x class heatmap to this PNG")
     parser.add_argument(
-        "--max-clients-shown", type=int, default=10, help="client rows in the printed table"
+        "--max-clients-shown",
+        type=int,
+        default=10,
+        help="client rows in the printed table (0: the summary only)",
     )
 
 
@@ -125,8 +128,10 @@ def _partitioner_kwargs(args: argparse.Namespace) -> dict:
 
 def run_partition(args: argparse.Namespace) -> int:
     """Partition a dataset, print its statistics table and optionally write the heatmap."""
-    if args.max_clients_shown < 1:
-        raise ValueError(f"--max-clients-shown must be at least 1, got {args.max_clients_shown}")
+    if args.max_clients_shown < 0:
+        raise ValueError(
+            f"--max-clients-shown must be >= 0 (0: the summary only), got {args.max_clients_shown}"
+        )
     from fedpac_hf.data import load_dataset_by_name
     from fedpac_hf.partition import (
         get_partitioner,

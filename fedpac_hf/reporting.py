@@ -37,6 +37,7 @@ __all__ = [
     "SUMMARY_MD",
     "algorithm_table",
     "append_metrics",
+    "keep_metrics_through",
     "plot_metrics",
     "quality_metric",
     "read_metrics",
@@ -115,6 +116,38 @@ def append_metrics(run_dir: str | os.PathLike, record: dict[str, Any]) -> None:
         handle.write(json.dumps(clean, sort_keys=False) + "\n")
         handle.flush()
     write_metrics_csv(path, read_metrics(path))
+
+
+def keep_metrics_through(run_dir: str | os.PathLike, last_round: int) -> list[dict[str, Any]]:
+    """Drop the rows of rounds after ``last_round`` from ``metrics.jsonl`` and ``metrics.csv``.
+
+    A resumed run calls it with its checkpoint's round, so rounds that a
+    killed run logged after its last checkpoint are not kept twice. Both
+    files are rewritten atomically (an absent ``metrics.jsonl`` becomes empty).
+
+    Parameters
+    ----------
+    run_dir : str or os.PathLike
+        The run directory.
+    last_round : int
+        The last round whose rows are kept.
+
+    Returns
+    -------
+    list of dict
+        The rows kept.
+    """
+    path = Path(run_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    jsonl = path / METRICS_JSONL
+    kept = []
+    if jsonl.is_file():
+        kept = [r for r in read_metrics(path) if r.get("round", 0) <= last_round]
+    tmp = jsonl.with_name(jsonl.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    os.replace(tmp, jsonl)
+    write_metrics_csv(path, kept)
+    return kept
 
 
 def _jsonable(value: Any) -> Any:

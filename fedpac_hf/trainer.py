@@ -7,7 +7,9 @@ or a given partitioner), so every checkpoint records the split it was made
 on. Rounds run through the core's :class:`~fedpac_hf.federated.RoundEngine`
 (sampling, schedule, aggregation, failures); each client runs the core's
 client rule (:func:`fedpac_hf.federated.client_update`) with Trainer's data
-collator, ``compute_loss``, Accelerate's autocast and backward.
+collator, ``compute_loss``, Accelerate's autocast and backward; with ``fp16``
+each client gets a fresh ``torch.amp.GradScaler`` for its round (overflowing
+steps are skipped and counted in the round's ``skipped_steps``).
 
 A round is one ``global_step``: Trainer's own ``eval_strategy``/``eval_steps``,
 ``save_strategy``/``save_steps``, ``logging_steps``, ``metric_for_best_model``,
@@ -48,6 +50,7 @@ from fedpac_hf.federated import (
 )
 from fedpac_hf.output_dir import claim_output_dir
 from fedpac_hf.trainer_checkpoints import RoundCheckpointsMixin
+from fedpac_hf.trainer_client import ClientStepsMixin
 
 __all__ = ["FedPACTrainer", "FedPACCallback"]
 
@@ -59,7 +62,7 @@ def _client_seed(seed: int, round_index: int, client_id: int) -> int:
     return int(np.random.SeedSequence([seed, round_index, client_id]).generate_state(1)[0])
 
 
-class FedPACTrainer(RoundCheckpointsMixin, Trainer):
+class FedPACTrainer(ClientStepsMixin, RoundCheckpointsMixin, Trainer):
     """Federated fine-tuning with FedPAC and its baselines, inside ``Trainer``.
 
     Takes ``Trainer``'s constructor arguments, plus:
@@ -252,34 +255,6 @@ class FedPACTrainer(RoundCheckpointsMixin, Trainer):
 
     # ----------------------------------------------------------- local steps
 
-    def client_loss(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
-        """One micro-batch's loss: Trainer's ``compute_loss`` under Accelerate's autocast."""
-        inputs = self._prepare_inputs(inputs)
-        with self.accelerator.autocast():
-            return self.compute_loss(model, inputs)
-
-    def curvature_loss(self, model: torch.nn.Module, inputs: dict[str, Any]) -> Any:
-        """Sophia's Gauss-Newton-Bartlett loss: labels sampled from the model's softmax.
-
-        Returns ``(loss, num_samples)``; padded positions (``attention_mask`` 0 or
-        label -100) do not count. Sampling is seeded per client and round.
-        """
-        from fedpac_hf.optim import gnb_loss
-
-        inputs = self._prepare_inputs(inputs)
-        labels = inputs.pop("labels", None)
-        with self.accelerator.autocast():
-            logits = model(**inputs).logits
-        generator = torch.Generator(device=logits.device)
-        generator.manual_seed(self._gnb_seed)
-        self._gnb_seed += 1
-        mask = inputs.get("attention_mask")
-        if logits.ndim == 3 and mask is not None:
-            return gnb_loss(logits, attention_mask=mask, generator=generator)
-        if labels is not None and labels.shape == logits.shape[:-1]:
-            return gnb_loss(logits, labels=labels, generator=generator)
-        return gnb_loss(logits, generator=generator)
-
     def train_client(
         self,
         client_id: int,
@@ -307,8 +282,9 @@ class FedPACTrainer(RoundCheckpointsMixin, Trainer):
             client_id=client_id,
             gradient_accumulation_steps=self.args.gradient_accumulation_steps,
             max_grad_norm=self.args.max_grad_norm,
-            backward=self.accelerator.backward,
+            backward=self.client_backward,
             curvature_loss_fn=self.curvature_loss,
+            grad_scaler=self.client_grad_scaler(),
         )
 
     def train_client_by_id(
@@ -370,7 +346,7 @@ class FedPACTrainer(RoundCheckpointsMixin, Trainer):
         self.state.compute_steps(args, args.num_rounds)
         self.state.train_batch_size = args.per_device_train_batch_size
         self.engine = args.round_engine(
-            ServerState.from_model(model), num_clients, algorithm=self.algorithm
+            ServerState.from_model(model), num_clients, algorithm=self.algorithm, device=args.device
         )
         if world > 1 and self.engine.clients_per_round < world:
             raise ValueError(

@@ -15,14 +15,12 @@ from typing import Any
 
 from fedpac_hf.checkpoint import (
     CHECKPOINT_PREFIX,
-    check_resumable,
-    latest_checkpoint,
     load_federated_checkpoint,
     rotate_checkpoints,
-    run_identity,
     save_federated_checkpoint,
 )
 from fedpac_hf.federated import load_trainable_state
+from fedpac_hf.resume import load_resumable_checkpoint, run_identity
 
 __all__ = ["RoundCheckpointsMixin"]
 
@@ -69,33 +67,19 @@ class RoundCheckpointsMixin:
         return path
 
     def _resume(self, checkpoint: str | bool, num_clients: int) -> None:
-        if isinstance(checkpoint, str) and checkpoint.strip().lower() in ("true", "latest"):
-            if not Path(checkpoint).exists():  # `--resume_from_checkpoint true` on the CLI
-                checkpoint = True
-        if checkpoint is True:
-            found = latest_checkpoint(self.args.output_dir)
-            if found is None:
-                raise FileNotFoundError(
-                    f"resume_from_checkpoint=True but {self.args.output_dir} holds no "
-                    f"{CHECKPOINT_PREFIX}* checkpoint (save them with save_strategy='steps' "
-                    "and save_steps)"
-                )
-            checkpoint = str(found)
-        state, meta = load_federated_checkpoint(checkpoint)
-        if state.round > self.args.num_rounds:
-            raise ValueError(
-                f"cannot resume from {checkpoint}: it is at round {state.round}, past "
-                f"num_rounds={self.args.num_rounds}; raise num_rounds to continue the run"
-            )
-        check_resumable(
+        checkpoint, state, meta = load_resumable_checkpoint(
             checkpoint,
-            meta.get("run", {}),
-            self._run_identity(num_clients),
-            state,
-            self.args.partition_setting_names(),
+            self.args.output_dir,
+            identity=self._run_identity(num_clients),
+            num_rounds=self.args.num_rounds,
+            setting_names=self.args.partition_setting_names(),
         )
         self.engine = self.args.round_engine(
-            state, num_clients, history=meta.get("history", []), algorithm=self.algorithm
+            state,
+            num_clients,
+            history=meta.get("history", []),
+            algorithm=self.algorithm,
+            device=self.args.device,
         )
         saved = meta.get("trainer_state") or {}
         self.state.best_metric = saved.get("best_metric")

@@ -1,206 +1,128 @@
-"""A real local Flower deployment: SuperLink + 2 SuperNodes on 127.0.0.1, `flwr run` the example."""
+"""A real local Flower deployment losing SuperNodes: SuperLink + 3 SuperNodes on 127.0.0.1.
+
+The example app runs 5 rounds (seed 0: rounds 1..5 sample partitions [1, 2],
+[1, 2], [0, 1], [1, 2], [0, 2]) while the test takes its sites down:
+
+- round 2: partition 1's SuperNode is killed while it trains: the round
+  completes with client 2, and the server log names client 1 and why;
+- round 3: partition 1 has no node: it is dropped after node-wait-timeout
+  and client 0 trains; then a new SuperNode for partition 1 starts;
+- round 4: the new node is found and trains partition 1 again;
+- round 5: the sites of both sampled partitions are gone: the round fails
+  with the core's RoundError listing both clients' reasons, nothing is saved
+  for it, and the run's last checkpoint is round 4's.
+"""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
+import json
 
 import pytest
 
 pytest.importorskip("flwr")
 
-from fedpac_hf.checkpoint import load_federated_checkpoint  # noqa: E402
+from fedpac_hf.checkpoint import latest_checkpoint, load_federated_checkpoint  # noqa: E402
+from fedpac_hf.federated import sample_clients  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-APP = ROOT / "examples" / "flower_app"
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args[0]} exited early:\n{log.read_text()[-3000:]}")
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.3)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}:\n{log.read_text()[-3000:]}")
+from .flower_processes import (  # noqa: E402
+    APP,
+    Processes,
+    flower_env,
+    free_port,
+    run_id,
+    run_status,
+)
 
 
-def stop(process: subprocess.Popen) -> None:
-    """End a process we started and the children it started (its own process group)."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
-    for _ in range(20):  # children (superexec, apps) leave when their parent is gone
-        try:
-            os.killpg(process.pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.5)
-    os.killpg(process.pid, signal.SIGKILL)
+def training(log: str, round_number: int) -> bool:
+    """Whether a SuperNode's log shows it received round ``round_number``'s train message."""
+    start = log.find(f", ROUND {round_number}]")
+    return start >= 0 and "Receiving: train message" in log[start:]
 
 
 @pytest.mark.slow
-def test_flwr_run_on_a_local_superlink_with_two_supernodes(tmp_path):
-    home, out = tmp_path / "flwr_home", tmp_path / "out"
+def test_a_deployment_loses_supernodes_mid_round_and_between_rounds(tmp_path):
+    assert [sample_clients(3, 2, 0, r) for r in range(5)] == [
+        [1, 2],
+        [1, 2],
+        [0, 1],
+        [1, 2],
+        [0, 2],
+    ]
+    home, out, link = tmp_path / "flwr_home", tmp_path / "out", free_port()
     home.mkdir()
-    link = free_port()
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "test"\n\n[superlink.test]\n'
         f'address = "127.0.0.1:{link}"\ninsecure = true\n'
     )
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(home),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",
-    }
-    processes: list[subprocess.Popen] = []
+    processes = Processes(tmp_path, flower_env(home), tmp_path)
 
-    def start(name: str, *args: str) -> tuple[subprocess.Popen, Path]:
-        log = tmp_path / f"{name}.log"
-        with log.open("wb") as sink:
-            process = subprocess.Popen(
-                [str(BIN / args[0]), *args[1:]],
-                env=env,
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        processes.append(process)
-        return process, log
+    def supernode(name: str, partition: int) -> None:
+        processes.start(
+            name,
+            f"flower-supernode --insecure --superlink 127.0.0.1:{link} --port {free_port()} "
+            f"--node-config 'partition-id={partition} num-partitions=3'",
+        )
+
+    def logged(text: str):
+        return lambda: text in processes.text("run")
 
     try:
-        superlink, link_log = start(
+        processes.start(
             "superlink",
-            "flower-superlink",
-            "--insecure",
-            "--port",
-            str(link),
-            "--health-server-address",
-            f"127.0.0.1:{free_port()}",
+            f"flower-superlink --insecure --port {link} --database {tmp_path / 'state.db'} "
             "--disable-runtime-dependency-installation",
-            "--database",
-            str(tmp_path / "state.db"),
         )
-        wait_for_port(link, superlink, link_log)
-        for partition in (0, 1):
-            node, node_log = start(
-                f"supernode{partition}",
-                "flower-supernode",
-                "--insecure",
-                "--superlink",
-                f"127.0.0.1:{link}",
-                "--port",
-                str(free_port()),
-                "--health-server-address",
-                f"127.0.0.1:{free_port()}",
-                "--node-config",
-                f"partition-id={partition} num-partitions=2",
-            )
-        run = subprocess.run(
-            [
-                str(BIN / "flwr"),
-                "run",
-                str(APP),
-                "test",
-                "--stream",
-                "--run-config",
-                f"num-clients=2 clients-per-round=2 num-rounds=1 local-steps=2 output-dir='{out}'",
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=420,
+        processes.wait_for_port(link, "superlink")
+        for partition in range(3):
+            supernode(f"node{partition}", partition)
+        processes.start(
+            "run",
+            f"flwr run {APP} test --stream --run-config "
+            f"\"num-rounds=5 node-wait-timeout=20 output-dir='{out}'\"",
         )
-        logs = run.stdout + run.stderr
-        assert run.returncode == 0, logs[-4000:]
-        state, meta = load_federated_checkpoint(out / "checkpoint-round-1")
-        assert state.round == 1 and state.curvature and state.direction
-        (round_one,) = meta["history"]
-        assert round_one["num_clients"] == 2 and round_one["num_dropped"] == 0
-        assert round_one["drift_relative"] > 0 and "eval_accuracy" in round_one
-        assert "round 1: 2/2 clients [0, 1]" in logs
+        processes.wait_until(
+            lambda: training(processes.text("node1"), 2), "round 2 on node 1", watch="run"
+        )
+        processes.kill("node1")  # while its ClientApp trains client 1
+        processes.wait_until(
+            logged("round 3: dropping client 1: NotConnected"), "round 3's drop", watch="run"
+        )
+        supernode("node1-again", 1)  # the site comes back (a new node id)
+        processes.wait_until(logged("round 4: 2/2 clients [1, 2]"), "round 4", watch="run")
+        processes.kill("node0")  # round 5's sites, partitions 0 and 2, go down
+        processes.kill("node2")
+        processes.started["run"].wait(timeout=600)
+        listing = processes.run("flwr ls test --format json")
     finally:
-        for process in reversed(processes):
-            stop(process)
-    assert all(p.poll() is not None for p in processes)
+        processes.stop_all()
 
+    logs = processes.text("run")
+    # round 2: the node lost mid-round is named, with the SuperLink's reason
+    assert "round 2: dropping client 1: NodeUnavailable: node " in logs, logs[-5000:]
+    assert "Node Unavailable" in logs and "ignoring an unexpected reply" not in logs
+    assert "round 2: 1/2 clients [2]" in logs
+    # round 3: the same deterministic sample; the partition without a node is dropped
+    assert "round 3: 1/2 clients [0]" in logs
+    # round 4: the restarted node holds partition 1 again and trains it
+    assert "round 4: 2/2 clients [1, 2]" in logs
+    # round 5: every sampled client lost: the core's failure rule, nothing saved
+    assert (
+        "FedPAC run failed after 4 of 5 rounds: RoundError: round 5: only 0 of 2 client "
+        "updates succeeded, fewer than min_clients_per_round=1"
+    ) in logs
+    failure = logs[logs.index("round 5: only 0 of 2") :]
+    assert "client 0: " in failure and "client 2: " in failure
+    assert "nothing was saved for this round" in failure
+    assert f"its last checkpoint is {out / 'checkpoint-round-4'}" in logs
+    assert 'continue the run from it with --run-config "resume-from-checkpoint=true"' in logs
 
-def _processes_mentioning(text: str) -> list[int]:
-    """Ids of processes whose command line mentions ``text`` (a path unique to this test)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode():
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
-
-
-@pytest.mark.slow
-def test_flwr_run_the_example_on_the_simulation_engine(tmp_path):
-    pytest.importorskip("ray")
-    home, out = tmp_path / "flwr_home", tmp_path / "out"
-    home.mkdir()
-    (home / "config.toml").write_text((APP / "flower_config.toml").read_text())
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(home),
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-    }
-    try:
-        run = subprocess.run(
-            [
-                str(BIN / "flwr"),
-                "run",
-                str(APP),
-                "fedpac-simulation",
-                "--stream",
-                "--run-config",
-                f"num-rounds=1 local-steps=2 output-dir='{out}'",
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        logs = run.stdout + run.stderr
-        assert run.returncode == 0, logs[-4000:]
-        state, meta = load_federated_checkpoint(out / "checkpoint-round-1")
-        assert state.round == 1 and meta["history"][0]["num_clients"] == 2
-        assert "round 1: 2/2 clients" in logs
-    finally:
-        # `flwr run` leaves its managed local SuperLink running in the background
-        for pid in _processes_mentioning(str(home)):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 20
-    while _processes_mentioning(str(home)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not _processes_mentioning(str(home))
+    assert latest_checkpoint(out).name == "checkpoint-round-4"
+    assert not (out / "checkpoint-round-5").exists()
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1.0, 2.0, 3.0, 4.0]
+    _, meta = load_federated_checkpoint(out / "checkpoint-round-4")
+    assert [h["num_clients"] for h in meta["history"]] == [2.0, 1.0, 1.0, 2.0]
+    assert [h["num_dropped"] for h in meta["history"]] == [0.0, 1.0, 1.0, 0.0]
+    # `flwr run` ended normally; the SuperLink knows the run failed
+    assert run_status(listing.stdout, run_id(logs))["status"] == "finished:failed"

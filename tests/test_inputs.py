@@ -181,3 +181,21 @@ def test_a_bug_in_the_loss_function_stops_the_run_once_instead_of_dropping_clien
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1 and "bug in the training code" in errors[0].getMessage()
     assert "dropping" not in caplog.text
+
+
+def test_local_soap_with_one_local_step_trains():
+    """A cold SOAP client takes a real step, so K = 1 moves the model (it used not to)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    batch = (torch.randn(8, 3), torch.tensor([0, 1] * 4))
+    history = simulate(
+        model,
+        [[batch], [batch]],
+        "local_soap",
+        num_rounds=2,
+        clients_per_round=2,
+        local_steps=1,
+        loss_fn=lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1]),
+        lr=0.05,
+    )
+    assert all(h["update_norm"] > 0 for h in history)

@@ -48,7 +48,10 @@ def test_matches_reference_soap_over_50_steps(widths: list[int], max_dim: int) -
     model = copy.deepcopy(ref_model)
     hyper = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.01, precondition_frequency=3)
     ref = pytorch_optimizer.SOAP(ref_model.parameters(), max_precondition_dim=max_dim, **hyper)
-    ours = SOAP(model.named_parameters(), max_precond_dim=max_dim, **hyper)
+    # the reference's first step only initialises the statistics
+    ours = SOAP(
+        model.named_parameters(), max_precond_dim=max_dim, first_step_updates=False, **hyper
+    )
     start = [p.detach().clone() for p in model.parameters()]
     for step, (x, y) in enumerate(_batches(50, widths[0], widths[-1], torch.float64)):
         for m, o in ((ref_model, ref), (model, ours)):
@@ -325,7 +328,7 @@ def test_mixed_shapes_match_reference() -> None:
     model = copy.deepcopy(ref_model)
     hyper = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.01, precondition_frequency=4)
     ref = pytorch_optimizer.SOAP(ref_model.parameters(), max_precondition_dim=12, **hyper)
-    ours = SOAP(model.named_parameters(), max_precond_dim=12, **hyper)
+    ours = SOAP(model.named_parameters(), max_precond_dim=12, first_step_updates=False, **hyper)
     assert len(ours.state) == 0
     gen = torch.Generator().manual_seed(2)
     start = [p.detach().clone() for p in model.parameters()]
@@ -368,7 +371,14 @@ def test_unpreconditioned_parameters_take_plain_adam_with_their_own_step_counts(
     lr, (b1, b2), eps, wd = 1e-2, (0.9, 0.99), 1e-8, 0.1
     a = nn.Parameter(torch.randn(5, dtype=torch.float64))
     b = nn.Parameter(torch.randn(3, dtype=torch.float64))
-    opt = SOAP([("a", a), ("b", b)], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
+    opt = SOAP(
+        [("a", a), ("b", b)],
+        lr=lr,
+        betas=(b1, b2),
+        eps=eps,
+        weight_decay=wd,
+        first_step_updates=False,
+    )
     oracle = {}
     gen = torch.Generator().manual_seed(0)
     for step in range(6):
@@ -451,3 +461,24 @@ def test_gradient_whose_norm_overflows_is_refused_as_overflow() -> None:
     with pytest.raises(FloatingPointError, match="overflow the statistics"):
         opt.step()
     assert len(opt.state[w]) == 0
+
+
+def test_a_cold_first_step_moves_the_parameters_in_its_own_eigenbasis() -> None:
+    """A fresh SOAP takes a real step at once: K = 1 local step trains (not the reference)."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(6, 4, dtype=torch.float64))
+    b = nn.Parameter(torch.randn(4, dtype=torch.float64))
+    start = (w.detach().clone(), b.detach().clone())
+    opt = SOAP([("w", w), ("b", b)], lr=1e-2, betas=(0.9, 0.99), weight_decay=0.0)
+    w.grad, b.grad = torch.randn(6, 4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    opt.step()
+    state = opt.state[w]
+    assert state["step"] == 1 and opt.state[b]["step"] == 1
+    # Adam step 1 in the eigenbasis of this gradient's statistics: -lr * sign in that basis
+    left, right = state["Q0"], state["Q1"]
+    rotated = left.T @ w.grad @ right
+    expected = start[0] - 1e-2 * left @ (rotated / (rotated.abs() + 1e-8)) @ right.T
+    torch.testing.assert_close(w.detach(), expected, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(b.detach(), start[1] - 1e-2 * b.grad.sign(), rtol=0, atol=1e-8)
+    # the statistics hold this gradient once, not twice
+    torch.testing.assert_close(state["GG0"], 0.01 * w.grad @ w.grad.T)

@@ -16,7 +16,7 @@ call it with their own loss function, backward (Accelerate's) and clipping.
 
 from __future__ import annotations
 
-import logging
+import inspect
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -24,7 +24,10 @@ from typing import Any
 
 import torch
 
+from fedpac_hf.optim.base import all_finite
+
 from .algorithms import Algorithm
+from .failures import PROGRAMMING_ERRORS, ClientError, ClientFailure, run_client
 from .state import ServerState, load_trainable_state, trainable_parameters
 
 __all__ = [
@@ -40,112 +43,6 @@ __all__ = [
 
 LossFn = Callable[[torch.nn.Module, Any], Any]
 
-logger = logging.getLogger(__name__)
-
-
-PROGRAMMING_ERRORS: tuple[type[BaseException], ...] = (
-    TypeError,
-    AttributeError,
-    NameError,
-    NotImplementedError,
-)
-"""Exceptions that mean the training code is wrong (loss function, model, collator).
-
-Every client would fail the same way, so :func:`run_client` stops the run
-with them instead of dropping the client.
-"""
-
-
-class ClientError(RuntimeError):
-    """A client could not produce a usable update (non-finite loss or update).
-
-    The server drops such a client from the round's aggregation.
-    """
-
-
-@dataclass(frozen=True)
-class ClientFailure:
-    """Why one client produced no update in one round (see :func:`run_client`).
-
-    Attributes
-    ----------
-    client_id:
-        Index of the client in the federation.
-    round_number:
-        The round, counted from 1.
-    error_type:
-        Name of the exception's class, e.g. ``"FloatingPointError"``.
-    message:
-        The exception's message.
-    """
-
-    client_id: int
-    round_number: int
-    error_type: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"client {self.client_id}: {self.error_type}: {self.message}"
-
-
-def run_client(
-    train: Callable[[], ClientUpdate],
-    client_id: int,
-    round_number: int,
-    log: logging.Logger | None = None,
-) -> ClientUpdate | ClientFailure:
-    """Run one client's local training, turning any failure into a logged drop.
-
-    The one place where the in-process trainer, :func:`~fedpac_hf.federated.simulate`
-    and the Flower client decide what a failing client is: any ``Exception``
-    from its local training (a data error, an optimizer's
-    ``FloatingPointError``, :class:`ClientError` for a non-finite loss or
-    update) is logged as a warning naming the round, the client, the
-    exception type and its message, and returned as a :class:`ClientFailure`
-    for the caller to leave out of the round's aggregation.
-    ``KeyboardInterrupt``, ``SystemExit`` and other non-``Exception`` errors are not caught.
-    Neither are :data:`PROGRAMMING_ERRORS` (``TypeError``, ``AttributeError``,
-    ...): a loss function that returns a tuple, or a model called with a
-    wrong argument, is a bug in the training code, reported once (logged as an
-    error, then raised with its traceback) rather than as every client dropped.
-
-    Parameters
-    ----------
-    train:
-        Runs the client's local steps and returns its update (e.g. a closure
-        over :func:`client_update`).
-    client_id:
-        The client's index, for the log and the failure record.
-    round_number:
-        The round, counted from 1, for the log.
-    log:
-        Where to log the drop (default: this module's logger).
-
-    Returns
-    -------
-    ClientUpdate or ClientFailure
-        The update, or why there is none.
-    """
-    try:
-        return train()
-    except PROGRAMMING_ERRORS as error:
-        (log or logger).error(
-            "round %d, client %d: %s: %s; this is a bug in the training code (the loss "
-            "function, the model or the data collator), not a failing client: the run stops",
-            round_number,
-            client_id,
-            type(error).__name__,
-            " ".join(str(error).split()),
-        )
-        raise
-    except Exception as error:  # noqa: BLE001 - any client failure drops only that client
-        message = " ".join(str(error).split()) or "(no message)"
-        prefix = f"client {client_id}: "
-        message = message.removeprefix(prefix)
-        failure = ClientFailure(int(client_id), int(round_number), type(error).__name__, message)
-        (log or logger).warning("round %d: dropping %s", round_number, failure)
-        return failure
-
 
 @dataclass
 class ClientUpdate:
@@ -156,15 +53,19 @@ class ClientUpdate:
     client_id:
         Index of the client in the federation.
     delta:
-        ``theta_i - theta^r`` per trainable parameter, float32 CPU.
+        ``theta_i - theta^r`` per trainable parameter, float32, on the device
+        the client trained on (:func:`client_update` leaves it there; the
+        server sums it where it is, Flower copies it to the CPU to send it).
     curvature:
-        The client's Theta after its local steps (``{}`` for SGD), float32 CPU.
+        The client's Theta after its local steps (``{}`` for SGD), float32,
+        on the same device.
     num_examples:
         Training examples seen in the local steps (for example weighting).
     num_steps:
         Local optimizer steps taken (K).
     metrics:
-        ``train_loss`` (mean over the local steps) and friends.
+        ``train_loss`` (mean over the local steps), ``skipped_steps`` (steps an
+        fp16 gradient scaler skipped for overflowing) and friends.
     """
 
     client_id: int
@@ -235,6 +136,21 @@ def _default_clip(params: list[torch.Tensor], max_norm: float) -> None:
     torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
+def _export_curvature(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The optimizer's Theta, left on the parameters' device when it can say so."""
+    export = getattr(optimizer, "export_curvature", None)
+    if export is None:
+        return {}
+    if "device" in inspect.signature(export).parameters:
+        return export(device=None)
+    return export()
+
+
+def _model_device(params: Mapping[str, torch.Tensor]) -> torch.device:
+    """The device of the first trainable parameter (where the client's sums live)."""
+    return next(iter(params.values())).device
+
+
 def client_update(
     model: torch.nn.Module,
     server_state: ServerState,
@@ -251,8 +167,21 @@ def client_update(
     clip_grad: Callable[[list[torch.Tensor], float], None] | None = None,
     curvature_loss_fn: LossFn | None = None,
     optimizer_factory: Callable[..., torch.optim.Optimizer] | None = None,
+    grad_scaler: torch.amp.GradScaler | None = None,
 ) -> ClientUpdate:
     """Run one client's local training for one round and return its update.
+
+    The local steps never wait for the device: the losses are summed where
+    the model is, the optimizer's own per-step finiteness check is switched off
+    (``check_finite_grads = False``, see
+    :class:`~fedpac_hf.optim.base.CurvatureOptimizer`), and the delta and
+    Theta stay on the model's device. Everything is checked once, after the
+    last step, in one host sync: a client that diverged (a non-finite loss in
+    any step, a non-finite update or curvature) is detected at the end of its
+    steps and raises :class:`ClientError`. With ``grad_scaler`` each step
+    costs one host sync, the scaler's decision to skip it. Sophia's curvature
+    pass on a masked batch adds one more on the steps that refresh it (counting
+    the masked positions, see :func:`fedpac_hf.optim.gnb_loss`).
 
     Parameters
     ----------
@@ -290,11 +219,25 @@ def client_update(
     optimizer_factory:
         Builds the base optimizer, ``factory(name, model, lr=..., **kwargs)``;
         default :func:`fedpac_hf.optim.create_optimizer`.
+    grad_scaler:
+        A fresh ``torch.amp.GradScaler`` for this client and round (fp16 mixed
+        precision): each micro-batch's loss is scaled before ``backward``, the
+        gradients are unscaled before clipping, and a step whose gradients
+        overflow is skipped (parameters, optimizer state and correction left
+        as they were) and counted in ``metrics["skipped_steps"]``; the scale
+        backs off as usual. Sophia's curvature pass is not scaled. ``None``:
+        no loss scaling (fp32, bf16).
+
+    Returns
+    -------
+    ClientUpdate
+        Delta and Theta as float32 tensors on the model's device.
 
     Raises
     ------
     ClientError
-        If a loss or the resulting update is not finite.
+        If a loss, the update or the curvature state is not finite (checked
+        once, after the last local step).
     """
     if local_steps < 1:
         raise ValueError(f"local_steps must be at least 1, got {local_steps}")
@@ -314,26 +257,36 @@ def client_update(
     backward = backward or (lambda loss: loss.backward())
     clip_grad = clip_grad or _default_clip
 
-    load_trainable_state(model, server_state.params)
     params = trainable_parameters(model)
+    device = _model_device(params)
+    state = server_state.to(device)  # a no-op when the round engine put it there
+    load_trainable_state(model, state.params)
     param_list = list(params.values())
     beta = float(algorithm.beta)
     optimizer = optimizer_factory(
         algorithm.optimizer, model, lr=(1.0 - beta) * lr, **dict(algorithm.optimizer_kwargs)
     )
-    if algorithm.align and server_state.curvature:
-        optimizer.import_curvature(server_state.curvature)
+    if hasattr(optimizer, "check_finite_grads"):
+        optimizer.check_finite_grads = False  # checked once, after the last step
+    if algorithm.align and state.curvature:
+        optimizer.import_curvature(state.curvature)
 
     correction: list[torch.Tensor] | None = None
-    if algorithm.correction and server_state.direction is not None:
+    if algorithm.correction and state.direction is not None:
         correction = [
-            server_state.direction[name].to(device=p.device, dtype=p.dtype)
-            for name, p in params.items()
+            state.direction[name].to(device=p.device, dtype=p.dtype) for name, p in params.items()
         ]
 
+    steps_taken = [0]  # counted on the host: GradScaler calls step() only for finite gradients
+    hook = optimizer.register_step_post_hook(
+        lambda *_: steps_taken.__setitem__(0, steps_taken[0] + 1)
+    )
     was_training = model.training
     model.train()
-    losses: list[float] = []
+    # float64 where the device has it, as the per-step Python floats this sum replaces
+    loss_sum = torch.zeros(
+        (), dtype=torch.float32 if device.type == "mps" else torch.float64, device=device
+    )
     num_examples = 0
     hessian_refreshes = 0
     refresh_due = getattr(optimizer, "hessian_update_due", None)
@@ -357,38 +310,48 @@ def client_update(
                 optimizer.update_hessian(int(num_samples))
                 hessian_refreshes += 1
             optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
             for batch in micro:
                 loss = _scalar_loss(loss_fn(model, batch))
                 if gradient_accumulation_steps > 1:
                     loss = loss / gradient_accumulation_steps
-                backward(loss)
-                step_loss += float(loss.detach())
+                backward(loss if grad_scaler is None else grad_scaler.scale(loss))
+                loss_sum += loss.detach().reshape(()).to(loss_sum.device)
                 num_examples += batch_size(batch)
-            if not math.isfinite(step_loss):
-                raise ClientError(f"client {client_id}: non-finite training loss {step_loss}")
-            losses.append(step_loss)
+            if grad_scaler is not None:
+                grad_scaler.unscale_(optimizer)  # clip the true gradients
             if max_grad_norm is not None and max_grad_norm > 0:
                 clip_grad(param_list, max_grad_norm)
-            optimizer.step()
-            if correction is not None:
+            taken = steps_taken[0]
+            if grad_scaler is None:
+                optimizer.step()
+            else:
+                grad_scaler.step(optimizer)  # one host sync: skips a step that overflowed
+                grad_scaler.update()
+            if correction is not None and steps_taken[0] > taken:
                 with torch.no_grad():
                     torch._foreach_add_(param_list, correction, alpha=-beta * lr)
     finally:
         # a failed client leaves no gradients or train mode behind for the next one
+        hook.remove()
         optimizer.zero_grad(set_to_none=True)
         model.train(was_training)
 
-    delta = {
-        name: p.detach().to(device="cpu", dtype=torch.float32) - server_state.params[name]
-        for name, p in params.items()
-    }
-    if not all(torch.isfinite(d).all() for d in delta.values()):
-        raise ClientError(f"client {client_id}: the parameter update is not finite")
-    curvature = optimizer.export_curvature() if hasattr(optimizer, "export_curvature") else {}
-    if not all(torch.isfinite(t).all() for t in curvature.values()):
+    delta = {name: p.detach().to(torch.float32) - state.params[name] for name, p in params.items()}
+    curvature = _export_curvature(optimizer)
+    usable = all_finite(delta.values()).to(device) & all_finite(curvature.values()).to(device)
+    # the one host sync of the client: its loss, or NaN when the update or Theta is not finite
+    total_loss = float(torch.where(usable, loss_sum, float("nan")))
+    if not math.isfinite(total_loss):
+        loss_value = float(loss_sum)
+        if not math.isfinite(loss_value):
+            raise ClientError(f"client {client_id}: non-finite training loss {loss_value}")
+        if not bool(all_finite(delta.values())):
+            raise ClientError(f"client {client_id}: the parameter update is not finite")
         raise ClientError(f"client {client_id}: the curvature state is not finite")
-    metrics = {"train_loss": sum(losses) / len(losses)}
+    metrics = {
+        "train_loss": total_loss / local_steps,
+        "skipped_steps": float(local_steps - steps_taken[0]),
+    }
     if hessian_refreshes:
         metrics["hessian_refreshes"] = float(hessian_refreshes)
     return ClientUpdate(

@@ -36,7 +36,8 @@ from typing import Any
 import torch
 
 from .algorithms import Algorithm
-from .client import ClientFailure, ClientUpdate, run_client
+from .client import ClientUpdate
+from .failures import ClientFailure, run_client
 from .sampling import resolve_clients_per_round, sample_clients
 from .server import WEIGHTINGS, RoundAggregator
 from .state import ServerState
@@ -59,6 +60,7 @@ ROUND_METRICS: tuple[str, ...] = (
     "num_dropped",
     "num_examples",
     "update_norm",
+    "skipped_steps",
     "drift",
     "drift_relative",
     "bytes_up",
@@ -76,6 +78,8 @@ ROUND_METRICS: tuple[str, ...] = (
 state; evaluation adds ``eval_*`` entries and Flower adds ``wire_bytes_*``.
 ``bytes_up``/``bytes_down`` are the totals of the parts: the clients' deltas
 and Theta up; the parameters, the global direction and Theta down.
+``skipped_steps`` sums, over the round's clients, the local steps that an fp16
+gradient scaler skipped because their gradients overflowed (0 without fp16).
 """
 
 TRANSPORT_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
@@ -177,7 +181,8 @@ class RoundPlan:
         The running sums of the updates recorded so far.
     state:
         What the clients start from: the global state as it travels (rounded
-        to the transport dtype; the server keeps its float32 master copy).
+        to the transport dtype; the server keeps its float32 master copy), on
+        the engine's ``device``.
     transport_dtype:
         The dtype updates travel in; :meth:`record` rounds updates to it.
     started:
@@ -252,6 +257,12 @@ class RoundEngine:
         Metrics of the rounds already done (when resuming).
     log:
         Where dropped clients are logged (default: this module's logger).
+    device:
+        Where in-process clients train (the model's device): each round's
+        global state is copied there once for all its clients, and the
+        server's float64 sums live there (:class:`RoundAggregator`), so no
+        client waits for a host transfer. ``None``: the CPU (Flower's server).
+        The global state between rounds stays on the CPU.
 
     Attributes
     ----------
@@ -277,6 +288,7 @@ class RoundEngine:
         transport_dtype: str = "float32",
         history: Sequence[Mapping[str, float]] = (),
         log: logging.Logger | None = None,
+        device: torch.device | str | None = None,
     ) -> None:
         if num_clients < 1:
             raise ValueError(
@@ -317,6 +329,7 @@ class RoundEngine:
         self.transport_dtype = getattr(torch, transport_dtype)
         self.history: list[dict[str, float]] = [dict(h) for h in history]
         self.log = log or logger
+        self.device = torch.device("cpu") if device is None else torch.device(device)
 
     @property
     def num_rounds(self) -> int:
@@ -338,13 +351,19 @@ class RoundEngine:
         if r >= self.num_rounds:
             raise ValueError(f"all {self.num_rounds} rounds are done; nothing left to plan")
         sent = self.state.cast(self.transport_dtype)
-        aggregator = RoundAggregator(self.state, self.algorithm, self.weighting, sent)  # type: ignore[arg-type]
+        aggregator = RoundAggregator(
+            self.state,
+            self.algorithm,
+            self.weighting,  # type: ignore[arg-type]
+            sent,
+            device=self.device,
+        )
         return RoundPlan(
             round_index=r,
             clients=self.sample(r),
             learning_rate=self.learning_rates[r],
             aggregator=aggregator,
-            state=sent,
+            state=sent.to(self.device),
             transport_dtype=self.transport_dtype,
             log=self.log,
         )

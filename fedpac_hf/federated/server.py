@@ -21,9 +21,12 @@ from typing import Any, Literal
 
 import torch
 
+from fedpac_hf.optim.base import all_finite
+
 from .algorithms import Algorithm
-from .client import ClientFailure, ClientUpdate
-from .state import ServerState, tensor_bytes
+from .client import ClientUpdate
+from .failures import ClientFailure
+from .state import ServerState, move_tensors, tensor_bytes
 
 __all__ = [
     "RoundAggregator",
@@ -31,6 +34,7 @@ __all__ = [
     "aggregate",
     "downlink_bytes",
     "downlink_parts",
+    "sum_device",
     "WEIGHTINGS",
 ]
 
@@ -45,6 +49,16 @@ class RoundError(RuntimeError):
 
 Weighting = Literal["uniform", "num_examples"]
 WEIGHTINGS: tuple[str, ...] = ("uniform", "num_examples")
+
+
+def sum_device(device: torch.device | str | None) -> torch.device:
+    """Where a :class:`RoundAggregator` keeps its float64 sums for updates made on
+    ``device``: that device, or the CPU for ``None`` and for devices without
+    float64 (Apple's ``mps``)."""
+    if device is None:
+        return torch.device("cpu")
+    device = torch.device(device)
+    return torch.device("cpu") if device.type == "mps" else device
 
 
 def downlink_parts(server_state: ServerState, algorithm: Algorithm) -> dict[str, int]:
@@ -70,7 +84,11 @@ class RoundAggregator:
     """Running weighted sums of one round's client updates.
 
     Accumulators are float64 so that the drift (a difference of large sums)
-    keeps its precision. ``add`` every update, then ``finalize``.
+    keeps its precision. ``add`` every update, then ``finalize``. The sums
+    live on ``device``: on the accelerator the clients train on, updates that
+    stay there are summed without a host transfer, and nothing is read back
+    until :meth:`finalize`, which returns the next global state on the CPU
+    (float32 master weights, as checkpoints and Flower expect).
 
     Parameters
     ----------
@@ -86,6 +104,9 @@ class RoundAggregator:
     sent_state:
         What the clients received, when it differs from ``server_state``
         (e.g. rounded to bfloat16 for transport); it sizes the downlink.
+    device:
+        Where the running sums live (default: the CPU). A device without
+        float64 (Apple's ``mps``) sums on the CPU instead.
     """
 
     def __init__(
@@ -94,6 +115,7 @@ class RoundAggregator:
         algorithm: Algorithm,
         weighting: Weighting = "uniform",
         sent_state: ServerState | None = None,
+        device: torch.device | str | None = None,
     ) -> None:
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
@@ -101,12 +123,15 @@ class RoundAggregator:
         self.sent_state = sent_state if sent_state is not None else server_state
         self.algorithm = algorithm
         self.weighting = weighting
+        self.device = sum_device(device)
         self.delta_sum = {
-            n: torch.zeros_like(p, dtype=torch.float64) for n, p in server_state.params.items()
+            n: torch.zeros(p.shape, dtype=torch.float64, device=self.device)
+            for n, p in server_state.params.items()
         }
         self.curvature_weighted_sum: dict[str, torch.Tensor] = {}
         self.curvature_sum: dict[str, torch.Tensor] = {}
-        self.curvature_square_sum = 0.0
+        self.curvature_square_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.skipped_steps = 0.0
         self.weight_sum = 0.0
         self.num_clients = 0
         self.num_examples = 0
@@ -152,8 +177,9 @@ class RoundAggregator:
                 "global model's"
             )
         weight = float(update.num_examples) if self.weighting == "num_examples" else 1.0
-        for name, d in update.delta.items():
-            self.delta_sum[name].add_(d.to(torch.float64), alpha=weight)
+        names = list(update.delta)
+        deltas = [update.delta[n].to(self.device, torch.float64) for n in names]
+        torch._foreach_add_([self.delta_sum[n] for n in names], deltas, alpha=weight)
         if update.curvature:
             if self.num_clients and set(update.curvature) != set(self.curvature_sum):
                 raise ValueError(
@@ -161,17 +187,18 @@ class RoundAggregator:
                     "other clients' (another optimizer or model?)"
                 )
             for name, t in update.curvature.items():
-                t64 = t.to(torch.float64)
+                t64 = t.to(self.device, torch.float64)
                 if name not in self.curvature_sum:
                     self.curvature_sum[name] = torch.zeros_like(t64)
                     self.curvature_weighted_sum[name] = torch.zeros_like(t64)
                 self.curvature_sum[name].add_(t64)
                 self.curvature_weighted_sum[name].add_(t64, alpha=weight)
-                self.curvature_square_sum += float(t64.square().sum())
+                self.curvature_square_sum += t64.square().sum()
         self.weight_sum += weight
         self.num_clients += 1
         self.num_examples += int(update.num_examples)
         self.loss_sum += float(update.metrics.get("train_loss", 0.0)) * weight
+        self.skipped_steps += float(update.metrics.get("skipped_steps", 0.0))
         self.delta_bytes += tensor_bytes(update.delta)
         if self.algorithm.align:
             self.theta_bytes += tensor_bytes(update.curvature)
@@ -199,21 +226,23 @@ class RoundAggregator:
             failures += client_failures
         for k, shape in shapes.items():
             if k not in self.curvature_sum:
-                self.curvature_sum[k] = torch.zeros(shape, dtype=torch.float64)
-                self.curvature_weighted_sum[k] = torch.zeros(shape, dtype=torch.float64)
+                zeros = torch.zeros(shape, dtype=torch.float64, device=self.device)
+                self.curvature_sum[k] = zeros
+                self.curvature_weighted_sum[k] = zeros.clone()
         names, curv = sorted(self.delta_sum), sorted(self.curvature_sum)
-        scalars = torch.tensor(
+        host = torch.tensor(
             [
-                self.curvature_square_sum,
                 self.weight_sum,
                 self.num_clients,
                 self.num_examples,
                 self.loss_sum,
                 self.delta_bytes,
                 self.theta_bytes,
+                self.skipped_steps,
             ],
             dtype=torch.float64,
         )
+        scalars = torch.cat([self.curvature_square_sum.reshape(1), host.to(self.device)])
         tensors = (
             [self.delta_sum[n] for n in names]
             + [self.curvature_sum[k] for k in curv]
@@ -226,15 +255,16 @@ class RoundAggregator:
         for t in tensors:
             t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
+        self.curvature_square_sum = scalars[0].clone()
         (
-            self.curvature_square_sum,
             self.weight_sum,
             num_clients,
             num_examples,
             self.loss_sum,
             delta_bytes,
             theta_bytes,
-        ) = scalars.tolist()
+            self.skipped_steps,
+        ) = scalars[1:].cpu().tolist()
         self.num_clients, self.num_examples = int(num_clients), int(num_examples)
         self.delta_bytes, self.theta_bytes = int(delta_bytes), int(theta_bytes)
         self.client_ids = sorted(ids)
@@ -271,25 +301,50 @@ class RoundAggregator:
             )
         state = self.server_state
         inv_w = 1.0 / self.weight_sum
+        master = move_tensors(state.params, self.device)
         delta = {n: (s * inv_w) for n, s in self.delta_sum.items()}
         params = {
-            n: (state.params[n].to(torch.float64) + server_lr * delta[n]).to(torch.float32)
+            n: (master[n].to(torch.float64) + server_lr * delta[n]).to(torch.float32)
             for n in state.params
         }
         direction = {n: (-d / (local_steps * lr)).to(torch.float32) for n, d in delta.items()}
 
         curvature: dict[str, torch.Tensor] | None = None
-        metrics: dict[str, float] = {}
+        # device scalars, read in one transfer below
+        scalars: dict[str, torch.Tensor] = {
+            "update_norm": torch.stack([d.square().sum() for d in delta.values()]).sum().sqrt()
+        }
         if self.curvature_weighted_sum:
             mean_w = {n: s * inv_w for n, s in self.curvature_weighted_sum.items()}
             inv_s = 1.0 / self.num_clients
             # (1/S) sum_i ||T_i - M||^2 = (1/S) sum ||T_i||^2 - 2 <(1/S) sum T_i, M> + ||M||^2
-            cross = sum(float((self.curvature_sum[n] * m).sum()) for n, m in mean_w.items())
-            norm_sq = sum(float(m.square().sum()) for m in mean_w.values())
-            drift = max(0.0, inv_s * self.curvature_square_sum - 2.0 * inv_s * cross + norm_sq)
+            cross = torch.stack(
+                [(self.curvature_sum[n] * m).sum() for n, m in mean_w.items()]
+            ).sum()
+            scalars["norm_sq"] = torch.stack([m.square().sum() for m in mean_w.values()]).sum()
+            scalars["drift"] = (
+                inv_s * self.curvature_square_sum - 2.0 * inv_s * cross + scalars["norm_sq"]
+            )
+            curvature = {n: m.to(torch.float32) for n, m in mean_w.items()}
+        finite = {
+            part: all_finite(tensors.values()).to(self.device)
+            for part, tensors in (
+                ("model", params),
+                ("direction", direction),
+                ("curvature", curvature or {}),
+            )
+        }
+        names = list(scalars) + list(finite)
+        values = torch.stack(
+            [scalars[k] for k in scalars] + [f.to(torch.float64) for f in finite.values()]
+        )
+        read = dict(zip(names, values.cpu().tolist()))  # one host sync for every metric
+        metrics: dict[str, float] = {}
+        if "drift" in read:
+            drift = max(0.0, read["drift"])
+            norm_sq = read["norm_sq"]
             metrics["drift"] = drift
             metrics["drift_relative"] = drift / norm_sq if norm_sq > 0 else 0.0
-            curvature = {n: m.to(torch.float32) for n, m in mean_w.items()}
 
         down = {
             part: size * self.num_clients
@@ -299,7 +354,8 @@ class RoundAggregator:
             num_clients=float(self.num_clients),
             num_examples=float(self.num_examples),
             train_loss=self.loss_sum * inv_w,
-            update_norm=float(sum(d.square().sum() for d in delta.values()) ** 0.5),
+            update_norm=read["update_norm"],
+            skipped_steps=self.skipped_steps,
             bytes_up=float(self.delta_bytes + self.theta_bytes),
             bytes_down=float(sum(down.values())),
             bytes_up_delta=float(self.delta_bytes),
@@ -308,9 +364,22 @@ class RoundAggregator:
             bytes_down_direction=float(down["direction"]),
             bytes_down_theta=float(down["theta"]),
         )
-        for part, tensors in (("model", params), ("direction", direction)):
-            _require_finite(tensors, part, state.round + 1, server_lr)
-        _require_finite(curvature or {}, "curvature", state.round + 1, server_lr)
+        for part in finite:
+            if not read[part]:
+                tensors = {"model": params, "direction": direction}.get(part, curvature or {})
+                _require_finite(tensors, part, state.round + 1, server_lr)
+        new = move_tensors(
+            {
+                **{("params", n): t for n, t in params.items()},
+                **{("direction", n): t for n, t in direction.items()},
+                **{("curvature", n): t for n, t in (curvature or {}).items()},
+            },
+            "cpu",
+        )
+        params = {n: new[("params", n)] for n in params}
+        direction = {n: new[("direction", n)] for n in direction}
+        if curvature is not None:
+            curvature = {n: new[("curvature", n)] for n in curvature}
         new_state = ServerState(
             params=params, curvature=curvature, direction=direction, round=state.round + 1
         )

@@ -132,6 +132,7 @@ def simulate(
         min_clients_per_round=min_clients_per_round,
         transport_dtype=transport_dtype,
         log=logger,
+        device=next(p.device for p in model.parameters() if p.requires_grad),
     )
 
     def train_client(client_id: int, plan: RoundPlan):

@@ -9,8 +9,9 @@ their low bits.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -19,8 +20,57 @@ __all__ = [
     "trainable_parameters",
     "get_trainable_state",
     "load_trainable_state",
+    "move_tensors",
     "tensor_bytes",
 ]
+
+K = TypeVar("K", bound=Hashable)
+
+
+def move_tensors(
+    tensors: Mapping[K, torch.Tensor], device: torch.device | str
+) -> dict[K, torch.Tensor]:
+    """``tensors`` on ``device``, moved with one copy per dtype instead of one per tensor.
+
+    Tensors already on ``device`` are returned as they are. The others are
+    concatenated into one flat buffer per dtype and copied at once: from the
+    CPU to a CUDA device through pinned memory without blocking the host, to
+    the CPU in one transfer (one host sync) and split into tensors that own
+    their memory (so they can be saved). Tensors moved to an accelerator are
+    views into one buffer per dtype.
+
+    Parameters
+    ----------
+    tensors:
+        Tensors by any key.
+    device:
+        Where they should be.
+
+    Returns
+    -------
+    dict
+        The same keys, in the same order, with the tensors on ``device``.
+    """
+    device = torch.device(device)
+    out: dict[K, torch.Tensor] = {}
+    groups: dict[tuple[torch.device, torch.dtype], list[K]] = {}
+    for key, t in tensors.items():
+        if t.device == device or (device.index is None and t.device.type == device.type):
+            out[key] = t
+        else:
+            groups.setdefault((t.device, t.dtype), []).append(key)
+    for (_, _), keys in groups.items():
+        parts = [tensors[k] for k in keys]
+        flat = torch.cat([t.reshape(-1) for t in parts])
+        if device.type == "cuda" and flat.device.type == "cpu":
+            moved = flat.pin_memory().to(device, non_blocking=True)
+        else:
+            moved = flat.to(device)
+        own = moved.device.type == "cpu"
+        for key, t, chunk in zip(keys, parts, moved.split([t.numel() for t in parts])):
+            chunk = chunk.view(t.shape)
+            out[key] = chunk.clone() if own else chunk
+    return {key: out[key] for key in tensors}
 
 
 def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -64,7 +114,11 @@ def load_trainable_state(model: torch.nn.Module, state: Mapping[str, torch.Tenso
                 f"global parameter {name!r} has shape {tuple(src.shape)}, "
                 f"the model's has {tuple(p.shape)}"
             )
-        p.copy_(src)
+    devices = {p.device for p in params.values()}
+    if len(devices) == 1:  # one copy per dtype rather than one per parameter
+        state = move_tensors({n: state[n] for n in params}, devices.pop())
+    for name, p in params.items():
+        p.copy_(state[name])
 
 
 def tensor_bytes(tensors: Mapping[str, torch.Tensor] | None) -> int:
@@ -109,6 +163,27 @@ class ServerState:
             params=convert(self.params),
             curvature=convert(self.curvature),
             direction=convert(self.direction),
+            round=self.round,
+        )
+
+    def to(self, device: torch.device | str) -> ServerState:
+        """This state with every tensor on ``device`` (one copy per dtype, see
+        :func:`move_tensors`); ``self`` when it is there already."""
+        parts = {"params": self.params, "curvature": self.curvature, "direction": self.direction}
+        flat = {(part, n): t for part, ts in parts.items() for n, t in (ts or {}).items()}
+        moved = move_tensors(flat, device)
+        if all(moved[k] is flat[k] for k in flat):
+            return self
+
+        def part_of(part: str) -> dict[str, torch.Tensor] | None:
+            if parts[part] is None:
+                return None
+            return {n: moved[(part, n)] for n in parts[part]}
+
+        return ServerState(
+            params=part_of("params"),  # type: ignore[arg-type]
+            curvature=part_of("curvature"),
+            direction=part_of("direction"),
             round=self.round,
         )
 

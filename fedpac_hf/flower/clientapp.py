@@ -92,12 +92,13 @@ class FedPACClient:
 
     def client_arguments(self, context: Context) -> FedPACArguments:
         """The run's arguments as a client uses them: no evaluation, no saving, scratch output."""
-        # a client neither evaluates nor saves: the server does
+        # a client neither evaluates, saves nor resumes: the server does
         settings = dict(
             output_dir=_scratch_dir(),
             eval_strategy="no",
             save_strategy="no",
             load_best_model_at_end=False,
+            resume_from_checkpoint=None,
         )
         if self.arguments is not None:
             return dataclasses.replace(self.arguments, **settings)

@@ -35,11 +35,13 @@ if TYPE_CHECKING:  # the server side never imports the trainer
     from fedpac_hf.trainer import FedPACTrainer
 
 __all__ = [
+    "FLOWER_SETTINGS",
     "EvaluatorFactory",
     "ModelFactory",
     "TrainerFactory",
     "argument_names",
     "arguments_from_run_config",
+    "flower_setting",
 ]
 
 RunConfig = Mapping[str, Any]
@@ -59,6 +61,16 @@ ModelFactory = Callable[[FedPACArguments, RunConfig], torch.nn.Module]
 EvaluatorFactory = Callable[[FedPACArguments, RunConfig], Evaluator]
 """``build_evaluator(args, run_config)``: ``evaluate(model) -> metrics`` on the server
 (e.g. :func:`fedpac_hf.evaluation.make_evaluator` over a held-out set)."""
+
+FLOWER_SETTINGS: dict[str, float] = {"round-timeout": 3600.0, "node-wait-timeout": 120.0}
+"""Run-config keys of the apps themselves, with their defaults (seconds).
+
+``round-timeout``: how long a round waits for its replies (later ones are
+dropped, ``NoReply``); ``node-wait-timeout``: how long a round waits for the
+nodes of its sampled partitions to connect (a partition whose node is still
+missing then is dropped, ``NotConnected``). Both apps accept them; the
+ServerApp uses them.
+"""
 
 # Fields of TrainingArguments whose JSON-looking string values must be decoded.
 _JSON_FIELDS = {"client_optimizer_kwargs", "lr_scheduler_kwargs", "report_to"}
@@ -102,7 +114,8 @@ def arguments_from_run_config(
         For a key that is neither a field nor an app setting, or a bad value.
     """
     names = argument_names()
-    own = {key.replace("-", "_") for key in app_settings}
+    app = {key.replace("-", "_") for key in app_settings}
+    own = app | {key.replace("-", "_") for key in FLOWER_SETTINGS}
     kwargs: dict[str, Any] = {"report_to": [], "disable_tqdm": True}
     for key, value in run_config.items():
         name = key.replace("-", "_")
@@ -113,7 +126,8 @@ def arguments_from_run_config(
             hint = f"; did you mean {close.replace('_', '-')!r}?" if close else ""
             raise ValueError(
                 f"unknown run-config key {key!r}{hint} (keys are FedPACArguments fields written "
-                f"with - or _, plus the app's own: {sorted(own) or 'none'})"
+                f"with - or _, {' and '.join(FLOWER_SETTINGS)}, plus the app's own: "
+                f"{sorted(app) or 'none'})"
             )
         if name in _JSON_FIELDS and isinstance(value, str) and value.strip()[:1] in "{[":
             try:
@@ -125,3 +139,34 @@ def arguments_from_run_config(
     if not kwargs.get("output_dir"):
         kwargs["output_dir"] = tempfile.mkdtemp(prefix="fedpac-flower-")
     return FedPACArguments(**kwargs)
+
+
+def flower_setting(run_config: Mapping[str, Any], key: str, default: float | None = None) -> float:
+    """A positive number of seconds from the run config (one of :data:`FLOWER_SETTINGS`).
+
+    Parameters
+    ----------
+    run_config:
+        ``context.run_config``.
+    key:
+        The key, written with ``-``.
+    default:
+        Used when the run config does not have the key (default: :data:`FLOWER_SETTINGS`').
+
+    Raises
+    ------
+    ValueError
+        If the value is not a positive number, naming the key.
+    """
+    value = run_config.get(key, run_config.get(key.replace("-", "_")))
+    if value is None:
+        return float(FLOWER_SETTINGS[key] if default is None else default)
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = float("nan")
+    if isinstance(value, bool) or not seconds > 0 or seconds == float("inf"):
+        raise ValueError(
+            f"run-config key {key!r} must be a positive number of seconds, got {value!r}"
+        )
+    return seconds

@@ -9,12 +9,23 @@ for it (and after the last round whenever there is an evaluator), appends
 the round's metrics to ``output_dir/metrics.jsonl`` (so ``fedpac-hf report``
 draws a Flower run too), and writes the same safetensors + JSON checkpoints
 as an in-process run (``save_strategy="steps"``/``save_steps``, and always
-after the last round).
+after the last round; ``save_total_limit`` keeps the newest).
+
+A run whose arguments set ``resume_from_checkpoint`` (a checkpoint path, or
+``true`` for the latest under ``output_dir``) continues from that checkpoint
+through the same resume path as ``FedPACTrainer``
+(:func:`fedpac_hf.resume.load_resumable_checkpoint`): the engine is rebuilt
+from the checkpoint's state and history, only the remaining rounds run, and a
+checkpoint of another model, algorithm or partition is refused naming the
+setting. The ServerApp logs how the run ended as its last line: the rounds
+done and where the final state is, or the error, the last checkpoint and how
+to resume from it.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -25,13 +36,19 @@ from flwr.serverapp import Grid, ServerApp
 from transformers.trainer_callback import TrainerState
 
 from fedpac_hf.arguments import FedPACArguments
-from fedpac_hf.checkpoint import CHECKPOINT_PREFIX, run_identity, save_federated_checkpoint
+from fedpac_hf.checkpoint import (
+    CHECKPOINT_PREFIX,
+    latest_checkpoint,
+    rotate_checkpoints,
+    save_federated_checkpoint,
+)
 from fedpac_hf.evaluation import Evaluator
 from fedpac_hf.federated import ServerState, load_trainable_state
 from fedpac_hf.output_dir import claim_output_dir
-from fedpac_hf.reporting import append_metrics
+from fedpac_hf.reporting import append_metrics, keep_metrics_through
+from fedpac_hf.resume import load_resumable_checkpoint, run_identity
 
-from .config import EvaluatorFactory, ModelFactory, arguments_from_run_config
+from .config import EvaluatorFactory, ModelFactory, arguments_from_run_config, flower_setting
 from .records import tensors_to_array_record
 from .strategy import FedPACStrategy
 
@@ -71,15 +88,65 @@ class FlowerServerRun:
         engine = args.round_engine(ServerState.from_model(model), args.num_clients)
         self.strategy = FedPACStrategy(engine, **strategy_kwargs)
         self.steps = TrainerState()
-        self.steps.compute_steps(
-            args, args.num_rounds
-        )  # eval_steps / save_steps as Trainer reads them
+        # eval_steps / save_steps as Trainer reads them
+        self.steps.compute_steps(args, args.num_rounds)
         self.output_dir = Path(args.output_dir)
+        self.resumed_from: Path | None = None
 
     @property
     def engine(self) -> Any:
         """The strategy's round engine."""
         return self.strategy.engine
+
+    def identity(self) -> dict[str, Any]:
+        """The run's identity (what a checkpoint must match to be resumed by this run)."""
+        try:
+            partition = self.args.build_partitioner().settings()
+        except ValueError:
+            partition = None
+        return run_identity(
+            model=self.model,
+            algorithm=self.engine.algorithm,
+            num_clients=self.engine.num_clients,
+            seed=self.args.seed,
+            partition=partition,
+            params=self.engine.state.params,
+        )
+
+    def resume(self, checkpoint: str | bool) -> Path:
+        """Continue the run from ``checkpoint`` (a path, or true for the latest under output_dir).
+
+        The engine is rebuilt from the checkpoint's state and history, the
+        model takes its global parameters, and metrics rows of rounds after
+        it are dropped from ``metrics.jsonl``.
+
+        Raises
+        ------
+        FileNotFoundError
+            If there is no such checkpoint.
+        ValueError
+            If it is corrupt, past ``num_rounds`` or from another run (naming the setting).
+        """
+        path, state, meta = load_resumable_checkpoint(
+            checkpoint,
+            self.output_dir,
+            identity=self.identity(),
+            num_rounds=self.args.num_rounds,
+            setting_names=self.args.partition_setting_names(),
+        )
+        self.strategy.engine = self.args.round_engine(
+            state,
+            self.engine.num_clients,
+            history=meta.get("history", []),
+            algorithm=self.engine.algorithm,
+        )
+        load_trainable_state(self.model, state.params)
+        keep_metrics_through(self.output_dir, state.round)
+        self.resumed_from = path
+        logger.info(
+            "resumed from %s: %d of %d rounds done", path, state.round, self.engine.num_rounds
+        )
+        return path
 
     def after_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Flower's ``evaluate_fn``: evaluate, record and checkpoint after each round."""
@@ -107,34 +174,27 @@ class FlowerServerRun:
     def save_checkpoint(self) -> Path:
         """Write ``output_dir/checkpoint-round-{r}``: global state, run identity, history, model."""
         engine = self.engine
-        try:
-            partition = self.args.build_partitioner().settings()
-        except ValueError:
-            partition = None
-        meta = {
-            "run": run_identity(
-                model=self.model,
-                algorithm=engine.algorithm,
-                num_clients=engine.num_clients,
-                seed=self.args.seed,
-                partition=partition,
-                params=engine.state.params,
-            ),
-            "history": engine.history,
-        }
+        meta = {"run": self.identity(), "history": engine.history}
         target = self.output_dir / f"{CHECKPOINT_PREFIX}{engine.state.round}"
         save_model = getattr(self.model, "save_pretrained", None)
         path = save_federated_checkpoint(target, engine.state, meta, save_model)
         logger.info("global state of round %d written to %s", engine.state.round, path)
+        rotate_checkpoints(self.output_dir, self.args.save_total_limit)
         return path
 
     def run(self, grid: Grid, round_timeout: float = 3600.0) -> None:
         """Run the remaining rounds with Flower's ``Strategy.start``.
 
-        The server owns ``output_dir`` for the run (see :mod:`fedpac_hf.output_dir`).
+        The server owns ``output_dir`` for the run (see :mod:`fedpac_hf.output_dir`);
+        with ``resume_from_checkpoint`` it first resumes (:meth:`resume`).
         """
-        engine = self.engine
-        with claim_output_dir(self.output_dir, overwrite=self.args.overwrite_output_dir):
+        resume = self.args.resume_from_checkpoint
+        with claim_output_dir(
+            self.output_dir, resume=bool(resume), overwrite=self.args.overwrite_output_dir
+        ):
+            if resume:
+                self.resume(resume)
+            engine = self.engine
             self.strategy.start(
                 grid,
                 tensors_to_array_record(engine.state.params),
@@ -142,7 +202,54 @@ class FlowerServerRun:
                 timeout=round_timeout,
                 evaluate_fn=self.after_round,
             )
-        load_trainable_state(self.model, engine.state.params)
+        load_trainable_state(self.model, self.engine.state.params)
+
+    def report_end(self, error: BaseException | None = None) -> None:
+        """Log how the run ended (the ServerApp's last line): done, or why not and how to resume."""
+        engine = self.engine
+        if error is None:
+            logger.info(
+                "FedPAC run finished: %d of %d rounds done; final global state in %s; "
+                "peak memory of the ServerApp process %s",
+                engine.state.round,
+                engine.num_rounds,
+                self.output_dir / f"{CHECKPOINT_PREFIX}{engine.state.round}",
+                _peak_memory(),
+            )
+            return
+        logger.error(
+            "FedPAC run failed after %d of %d rounds: %s: %s",
+            engine.state.round,
+            engine.num_rounds,
+            type(error).__name__,
+            error,
+        )
+        if isinstance(error, ValueError | FileNotFoundError):  # a setting to change, not a crash
+            return
+        last = latest_checkpoint(self.output_dir)
+        if last is not None:
+            logger.error(
+                "its last checkpoint is %s; continue the run from it with "
+                '--run-config "resume-from-checkpoint=true"',
+                last,
+            )
+        elif engine.state.round:
+            logger.error(
+                "no checkpoint to resume from (save_strategy=%r, save_steps=%s); set "
+                "save-strategy='steps' and save-steps=1 to checkpoint every round",
+                str(getattr(self.args.save_strategy, "value", self.args.save_strategy)),
+                self.args.save_steps,
+            )
+
+
+def _peak_memory() -> str:
+    """The peak resident memory of this process so far, e.g. ``"612 MiB"``."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return "unknown"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return f"{peak / (2**20 if sys.platform == 'darwin' else 2**10):.0f} MiB"
 
 
 def make_server_app(
@@ -170,9 +277,12 @@ def make_server_app(
         Fixed arguments; default: the run config (:func:`arguments_from_run_config`).
     app_settings:
         The app's own run-config keys (e.g. ``("dataset",)``); any other key
-        that is not a ``FedPACArguments`` field is refused.
+        that is not a ``FedPACArguments`` field or one of
+        :data:`~fedpac_hf.flower.config.FLOWER_SETTINGS` is refused.
     round_timeout:
-        Seconds to wait for a round's replies; later ones are dropped.
+        Seconds to wait for a round's replies; later ones are dropped. The
+        run-config key ``round-timeout`` (and ``node-wait-timeout`` for the
+        strategy's ``node_wait_timeout``) overrides it.
     on_finish:
         Called with ``(model, strategy)`` after the last round (the model then
         holds the final global parameters).
@@ -188,12 +298,22 @@ def make_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        args = arguments or arguments_from_run_config(context.run_config, app_settings)
         run_config = dict(context.run_config)
+        args = arguments or arguments_from_run_config(run_config, app_settings)
         model = build_model(args, run_config)
         evaluate = build_evaluator(args, run_config) if build_evaluator is not None else None
-        run = FlowerServerRun(args, model, evaluate, **strategy_kwargs)
-        run.run(grid, round_timeout)
+        kwargs = dict(strategy_kwargs)  # the run config's timeouts come first
+        kwargs["node_wait_timeout"] = flower_setting(
+            run_config, "node-wait-timeout", kwargs.get("node_wait_timeout")
+        )
+        timeout = flower_setting(run_config, "round-timeout", round_timeout)
+        run = FlowerServerRun(args, model, evaluate, **kwargs)
+        try:
+            run.run(grid, timeout)
+        except Exception as err:
+            run.report_end(err)
+            raise
+        run.report_end()
         if on_finish is not None:
             on_finish(model, run.strategy)
 

@@ -64,7 +64,9 @@ def run_fedpac_simulation(
         ``build_trainer(args, run_config) -> FedPACTrainer`` (model + data),
         called once in every simulation worker (the clients).
     arguments:
-        The run's arguments, as for ``FedPACTrainer``.
+        The run's arguments, as for ``FedPACTrainer``; with
+        ``resume_from_checkpoint`` (a checkpoint path, or ``"true"`` for the
+        latest in ``output_dir``) the ServerApp continues that run.
     build_model:
         ``build_model(args, run_config) -> model``: the server's global model.
     build_evaluator:

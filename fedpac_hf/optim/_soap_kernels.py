@@ -12,23 +12,28 @@ kernels compute the reference SOAP update (up to rounding); they only avoid work
   mirrors them, which saves a third of that product.
 - :func:`foreach_adam_step_` runs plain Adam (with ``torch._foreach_*`` ops) on
   the parameters that have no rotated side (biases, norm weights).
-- :func:`refresh_bases_` is the reference's power-iteration + QR refresh.
+- :func:`refresh_bases_` is the reference's power-iteration + QR refresh
+  (without a host sync).
 - :func:`rotate` and :func:`side_outer_products` are the general versions used
   for 1-D and higher-dimensional parameters.
 - :func:`eigenbasis` (re-exported by ``soap.py``) is the ``eigh`` basis of a
-  fresh or warm start, with its fallbacks.
+  fresh or warm start, with its fallbacks; :func:`eigenbases` does a warm
+  start's matrices with one host sync for all.
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
+from .base import all_finite
+
 __all__ = [
+    "eigenbases",
     "eigenbasis",
     "foreach_adam_step_",
     "highest_matmul_precision",
@@ -46,19 +51,22 @@ SYMMETRIC_BLOCK_MIN = 512
 SYMMETRIC_BLOCKS = 3
 
 
-def eigenbasis(matrix: torch.Tensor) -> torch.Tensor:
+def eigenbasis(matrix: torch.Tensor, warn_not_finite: bool = True) -> torch.Tensor:
     """Orthonormal eigenvectors of a symmetric matrix, by descending eigenvalue.
 
     Used for SOAP's eigenbasis on a fresh start and on a warm start from an
     imported statistic. ``eigh`` runs in the matrix's dtype (float32 or float64);
     if it raises or returns non-finite values it is retried in float64, and if
     that fails too (or the matrix itself is not finite) the identity is returned
-    (that side is then simply not rotated). Every fallback emits a warning; the
-    function never raises.
+    (that side is then simply not rotated). Every fallback emits a warning
+    (except a non-finite matrix with ``warn_not_finite=False``: a caller that
+    checks its result later knows already); the function never raises.
     """
     n = matrix.shape[0]
     eye = torch.eye(n, dtype=matrix.dtype, device=matrix.device)
     if not bool(torch.isfinite(matrix).all()):
+        if not warn_not_finite:
+            return eye
         warnings.warn(
             f"SOAP: statistic of size {n}x{n} is not finite; using the identity basis",
             RuntimeWarning,
@@ -89,6 +97,35 @@ def eigenbasis(matrix: torch.Tensor) -> torch.Tensor:
             stacklevel=2,
         )
     return eye
+
+
+def eigenbases(matrices: list[torch.Tensor], warn_not_finite: bool = True) -> list[torch.Tensor]:
+    """:func:`eigenbasis` of several symmetric matrices, with one host sync for all.
+
+    One ``eigh`` per matrix in its own dtype (as :func:`eigenbasis` tries
+    first), then one finiteness check of all the bases together (a
+    non-finite matrix gives a non-finite basis). Only a matrix whose ``eigh``
+    raised or returned non-finite values goes through :func:`eigenbasis` and
+    its fallbacks (and warnings; ``warn_not_finite`` is passed on).
+    """
+    bases: list[torch.Tensor | None] = []
+    for m in matrices:
+        n = m.shape[0]
+        try:
+            _, vectors = torch.linalg.eigh(m + 1e-30 * torch.eye(n, dtype=m.dtype, device=m.device))
+        except RuntimeError:  # torch.linalg.LinAlgError is a RuntimeError
+            bases.append(None)
+            continue
+        bases.append(vectors.flip(1))
+    done = [b for b in bases if b is not None]
+    if len(done) == len(bases) and bool(all_finite(done)):
+        return done
+    return [
+        b
+        if b is not None and bool(torch.isfinite(b).all())
+        else eigenbasis(m, warn_not_finite=warn_not_finite)
+        for m, b in zip(matrices, bases, strict=True)
+    ]
 
 
 @contextlib.contextmanager
@@ -289,15 +326,18 @@ def refresh_bases_(
     state: dict[str, Any],
     view: tuple[int, ...],
     rotated: tuple[bool, ...],
-    fallback: Callable[[torch.Tensor], torch.Tensor],
 ) -> None:
     """One power-iteration step + QR per rotated side (the reference's refresh).
 
     For each rotated side ``i``: ``P = GG_i Q_i``; the columns are sorted by the
     estimated eigenvalues ``diag(Q_i^T P)`` (descending), Adam's second moment is
-    permuted along side ``i`` to follow, and ``Q_i <- qr(P).Q``. A QR that yields
-    non-finite values is replaced by ``fallback(GG_i)`` (an ``eigh`` basis) with
-    a warning. Adam's first moment is not touched here.
+    permuted along side ``i`` to follow, and ``Q_i <- qr(P).Q``. Adam's first
+    moment is not touched here.
+
+    A QR that yields non-finite values (which only a non-finite statistic
+    produces) leaves that side as it was: its previous basis and the second
+    moment's order are kept. The choice is made on the device with
+    ``torch.where``, so a refresh never waits for the device (no host sync).
     """
     exp_avg_sq = state["exp_avg_sq"]
     v = exp_avg_sq.reshape(view)
@@ -308,16 +348,10 @@ def refresh_bases_(
         power = stat @ basis
         estimated_eigenvalues = (basis * power).sum(dim=0)
         order = torch.argsort(estimated_eigenvalues, descending=True)
-        v = v.index_select(i, order)
         q, _ = torch.linalg.qr(power.index_select(1, order))
         # |q| <= 1 when it is finite, so its sum is finite exactly when every entry is
         # (one reduction instead of an elementwise isfinite + all).
-        if not bool(torch.isfinite(q.sum())):
-            warnings.warn(
-                "SOAP: QR refresh produced non-finite values; recomputing the basis by eigh",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-            q = fallback(stat)
-        state[f"Q{i}"] = q
+        finite = torch.isfinite(q.sum())
+        state[f"Q{i}"] = torch.where(finite, q, basis)
+        v = torch.where(finite, v.index_select(i, order), v)
     exp_avg_sq.copy_(v.reshape(exp_avg_sq.shape))

@@ -27,6 +27,7 @@ from .base import (
     check_finite_curvature,
     check_grads,
     check_params_supported,
+    export_device,
     named_params,
     unhooked_step,
 )
@@ -74,18 +75,24 @@ class AdamW(torch.optim.AdamW, CurvatureOptimizer):
                 out[name] = (p, group)
         return out
 
-    def export_curvature(self) -> dict[str, torch.Tensor]:
-        """Return ``{name.exp_avg_sq}``: bias-corrected second moments, float32 on CPU
-        (zeros for parameters that have not been stepped)."""
+    def export_curvature(
+        self, device: torch.device | str | None = "cpu"
+    ) -> dict[str, torch.Tensor]:
+        """Return ``{name.exp_avg_sq}``: bias-corrected second moments, float32 on
+        ``device`` (``None``: each parameter's device); zeros for parameters that
+        have not been stepped."""
         theta = {}
         for name, (p, group) in self._groups_by_name().items():
             state = self.state.get(p, {})
+            target = export_device(p, device)
             if "exp_avg_sq" not in state:
-                theta[f"{name}.exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32)
+                theta[f"{name}.exp_avg_sq"] = torch.zeros(
+                    p.shape, dtype=torch.float32, device=target
+                )
                 continue
-            step = float(state["step"])
+            step = float(state["step"])  # torch keeps the step count on the host
             correction = 1.0 - group["betas"][1] ** step if step > 0 else 1.0
-            value = state["exp_avg_sq"].detach().to(device="cpu", dtype=torch.float32)
+            value = state["exp_avg_sq"].detach().to(device=target, dtype=torch.float32)
             theta[f"{name}.exp_avg_sq"] = value / correction
         return theta
 

@@ -7,9 +7,10 @@ optimizer alike:
 
 - ``export_curvature()`` returns a flat ``dict[str, torch.Tensor]``: keys are
   ``f"{parameter_name}.{statistic}"`` (for instance ``"fc.weight.L"``), values
-  are detached float32 CPU tensors holding only what may be averaged across
-  clients (see ``docs/algorithm.md``: SOAP's Kronecker statistics, Sophia's Hessian
-  EMA, Muon's momentum, AdamW's second moment).
+  are detached float32 tensors holding only what may be averaged across
+  clients (see ``docs/algorithm.md``: SOAP's Kronecker statistics, Sophia's
+  Hessian EMA, Muon's momentum, AdamW's second moment), on the CPU unless
+  ``device`` says otherwise (``device=None`` keeps them on the parameters' device).
 - ``import_curvature(state)`` loads such a dict (normally the server's weighted
   average) as a warm start; keys and shapes are checked.
 - ``reset_basis_moments()`` zeroes the state that lives in a client-specific
@@ -23,8 +24,9 @@ parameters are called ``"group{g}.param{i}"``.
 from __future__ import annotations
 
 import abc
+import math
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from itertools import chain
 from typing import Any
 
@@ -32,6 +34,8 @@ import torch
 
 __all__ = [
     "CurvatureOptimizer",
+    "all_finite",
+    "export_device",
     "named_params",
     "check_curvature_keys",
     "check_finite_curvature",
@@ -87,11 +91,31 @@ class CurvatureOptimizer(abc.ABC):
     Subclasses implement :meth:`export_curvature`, :meth:`import_curvature`
     and :meth:`reset_basis_moments`. Optimizers without curvature (SGD) export
     an empty dict, which the federated core treats as "nothing to align".
+
+    Attributes
+    ----------
+    check_finite_grads:
+        Whether ``step()`` (and Sophia's ``update_hessian``) refuses non-finite
+        gradients up front with ``FloatingPointError``, at the cost of one host
+        sync per call (:func:`check_grads`). ``True`` by default. A training
+        loop that checks the outcome of all its steps once at the end (the
+        federated client, :func:`fedpac_hf.federated.client_update`) sets it
+        to ``False`` so that a step never waits for the device: a non-finite
+        gradient then reaches the parameters and the state, where that final
+        check finds it. Finite gradients give the same update either way.
     """
 
+    check_finite_grads: bool = True
+
     @abc.abstractmethod
-    def export_curvature(self) -> dict[str, torch.Tensor]:
-        """Return Theta: flat, stably named, float32 CPU tensors."""
+    def export_curvature(
+        self, device: torch.device | str | None = "cpu"
+    ) -> dict[str, torch.Tensor]:
+        """Return Theta: flat, stably named, float32 tensors on ``device``.
+
+        ``device=None`` keeps each tensor on its parameter's device (no
+        device-to-host copy, for a caller that aggregates on the accelerator).
+        """
 
     @abc.abstractmethod
     def import_curvature(self, state: Mapping[str, torch.Tensor]) -> None:
@@ -100,6 +124,12 @@ class CurvatureOptimizer(abc.ABC):
     def reset_basis_moments(self) -> None:
         """Zero the state that lives in a client-specific basis (default: none)."""
         return None
+
+
+def export_device(param: torch.Tensor, device: torch.device | str | None) -> torch.device:
+    """Where :meth:`CurvatureOptimizer.export_curvature` puts ``param``'s entries:
+    ``device``, or the parameter's own device when ``device`` is ``None``."""
+    return param.device if device is None else torch.device(device)
 
 
 def curvature_dtype(param: torch.Tensor) -> torch.dtype:
@@ -118,6 +148,26 @@ def check_params_supported(optimizer: torch.optim.Optimizer) -> None:
             )
 
 
+def all_finite(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Whether every entry of every tensor is finite, as a boolean tensor (no host sync).
+
+    One max-norm per tensor (exact: it cannot overflow, and it propagates NaN),
+    reduced to one 0-dim boolean on the first tensor's device; ``True`` for no
+    tensors. Read it with ``bool(...)`` once, after everything else is queued.
+    """
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    if not groups:
+        return torch.tensor(True)
+    flags = []
+    for group in groups.values():
+        maxima = torch._foreach_norm(group, float("inf"))
+        flags.append(torch.stack(maxima).isfinite().all())
+    device = flags[0].device
+    return torch.stack([f.to(device, non_blocking=True) for f in flags]).all()
+
+
 def check_grads(optimizer: torch.optim.Optimizer) -> None:
     """Validate every present gradient before a step mutates anything.
 
@@ -127,6 +177,13 @@ def check_grads(optimizer: torch.optim.Optimizer) -> None:
     ever reaches Theta). Under ``torch.amp.GradScaler`` non-finite steps are
     skipped by the scaler before ``step`` is called, so this only fires on real
     divergence; a federated client may catch ``FloatingPointError`` to drop itself.
+
+    The finiteness check costs one host sync: one 2-norm per gradient, read in
+    one transfer (a NaN or an infinity makes the norm non-finite; only when a
+    norm is not finite, which a finite gradient whose squares overflow can also
+    cause, are the exact max-norms computed to decide). An optimizer whose
+    ``check_finite_grads`` is ``False`` skips it (no sync): the caller checks the
+    result of its steps instead (see :class:`CurvatureOptimizer`).
     """
     names: list[str] = []
     grads: list[torch.Tensor] = []
@@ -140,13 +197,19 @@ def check_grads(optimizer: torch.optim.Optimizer) -> None:
             )
         names.append(name)
         grads.append(p.grad)
-    if not grads:
+    if not grads or not getattr(optimizer, "check_finite_grads", True):
+        return
+    norms = torch._foreach_norm(grads)
+    if len({(n.device, n.dtype) for n in norms}) == 1:
+        if bool(torch.stack(norms).isfinite().all()):
+            return
+    elif all(math.isfinite(float(n)) for n in norms):
         return
     # The max-norm of a finite tensor cannot overflow, and it propagates NaN.
     maxima = torch._foreach_norm(grads, float("inf"))
-    if bool(torch.stack([m.float() for m in maxima]).isfinite().all()):
-        return
     bad = [n for n, m in zip(names, maxima, strict=True) if not torch.isfinite(m)]
+    if not bad:
+        return  # finite gradients whose 2-norm overflowed
     raise FloatingPointError(
         f"{type(optimizer).__name__}: non-finite gradient in {bad[:5]}"
         f"{'...' if len(bad) > 5 else ''}; the step was refused and no state was changed"
@@ -154,7 +217,13 @@ def check_grads(optimizer: torch.optim.Optimizer) -> None:
 
 
 def check_finite_curvature(state: Mapping[str, torch.Tensor]) -> None:
-    """Raise ``ValueError`` naming the entries of a Theta that hold NaN or infinity."""
+    """Raise ``ValueError`` naming the entries of a Theta that hold NaN or infinity.
+
+    One host sync for the whole state (:func:`all_finite`); the entries are
+    looked at one by one only when something is not finite.
+    """
+    if bool(all_finite(state.values())):
+        return
     bad = sorted(k for k, v in state.items() if not bool(torch.isfinite(v).all()))
     if bad:
         raise ValueError(f"curvature state has non-finite values in {bad[:5]}")

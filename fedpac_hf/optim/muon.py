@@ -34,6 +34,7 @@ from .base import (
     check_finite_curvature,
     check_grads,
     check_params_supported,
+    export_device,
     named_params,
     unhooked_step,
 )
@@ -205,15 +206,19 @@ class Muon(Optimizer, CurvatureOptimizer):
             unhooked_step(type(inner).step)(inner)
         return loss
 
-    def export_curvature(self) -> dict[str, torch.Tensor]:
-        """Return ``{name.momentum}`` for the Muon matrices (float32, CPU)."""
+    def export_curvature(
+        self, device: torch.device | str | None = "cpu"
+    ) -> dict[str, torch.Tensor]:
+        """Return ``{name.momentum}`` for the Muon matrices (float32 on ``device``;
+        ``None``: each parameter's device)."""
         theta = {}
         for name, p in self._named(muon=True):
             buf = self.state.get(p, {}).get("momentum_buffer")
+            target = export_device(p, device)
             theta[f"{name}.momentum"] = (
-                torch.zeros(p.shape, dtype=torch.float32)
+                torch.zeros(p.shape, dtype=torch.float32, device=target)
                 if buf is None
-                else buf.detach().to(device="cpu", dtype=torch.float32).clone()
+                else buf.detach().to(device=target, dtype=torch.float32, copy=True)
             )
         return theta
 

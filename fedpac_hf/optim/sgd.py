@@ -32,7 +32,9 @@ class SGD(torch.optim.SGD, CurvatureOptimizer):
         unhooked_step(torch.optim.SGD.step)(self)
         return loss
 
-    def export_curvature(self) -> dict[str, torch.Tensor]:
+    def export_curvature(
+        self, device: torch.device | str | None = "cpu"
+    ) -> dict[str, torch.Tensor]:
         """Return ``{}``: SGD has no curvature state."""
         return {}
 

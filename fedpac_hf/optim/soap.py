@@ -34,10 +34,11 @@ its diagonal, a ``theta_sketch_dim``-column Nystroem sketch, or both (see
 
 Step-count policy
 -----------------
-- Fresh start (no :meth:`SOAP.import_curvature`): like the reference, the first
-  ``step()`` of a parameter only initialises the statistics and the eigenbasis
-  (eigh) and does not change the parameter; Adam steps start with the second
-  call.
+- Fresh start (no :meth:`SOAP.import_curvature`): the first ``step()`` of a
+  parameter initialises the statistics and the eigenbasis (eigh) from its
+  gradient and then takes Adam step 1 in that basis, so every step moves the
+  parameters (a cold federated client with ``local_steps=1`` trains). The
+  reference skips that update (``first_step_updates=False`` reproduces it).
 - Warm start (:meth:`SOAP.import_curvature`): the statistics are the imported
   ones, the eigenbases are computed from them by ``eigh``, Adam's moments are
   zero and Adam's step count restarts at 0, so the first ``step()`` already
@@ -51,7 +52,10 @@ parameters) whatever the parameter dtype; bf16/fp16 gradients are cast up, and
 :meth:`SOAP.load_state_dict` keeps them float32. A failing ``eigh`` is retried in
 float64 and then replaced by the identity, each with a warning. A non-finite
 gradient (or one whose squared norm overflows the statistics' dtype) raises
-``FloatingPointError`` before anything is changed.
+``FloatingPointError`` before anything is changed (one host sync per step; none
+with ``check_finite_grads = False``, see
+:class:`~fedpac_hf.optim.base.CurvatureOptimizer`). A refresh whose QR is not
+finite keeps that side's previous basis, decided on the device (no host sync).
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ import torch
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from ._soap_kernels import (
+    eigenbases,
     eigenbasis,
     foreach_adam_step_,
     highest_matmul_precision,
@@ -81,6 +86,7 @@ from .base import (
     check_grads,
     check_params_supported,
     curvature_dtype,
+    export_device,
     named_params,
     restore_saved_state_dtypes,
 )
@@ -188,6 +194,11 @@ class SOAP(Optimizer, CurvatureOptimizer):
         same ``d`` floats as the diagonal for ``k = 1``, but a LoRA factor's
         long-side statistic is nearly low-rank, so its leading direction
         carries far more of it than its diagonal does.
+    first_step_updates : bool
+        A fresh start (no warm start) updates the parameters on its first
+        step, with the eigenbasis of that step's gradient. ``False`` follows
+        the reference, whose first step only initialises the statistics, so a
+        client with ``local_steps=1`` would never move.
     """
 
     def __init__(
@@ -206,6 +217,7 @@ class SOAP(Optimizer, CurvatureOptimizer):
         theta_max_dim: int | None = None,
         theta_sketch_dim: int = 0,
         theta_diagonal: bool = True,
+        first_step_updates: bool = True,
     ) -> None:
         if not lr >= 0.0:
             raise ValueError(f"SOAP: lr must be >= 0, got {lr}")
@@ -252,6 +264,7 @@ class SOAP(Optimizer, CurvatureOptimizer):
             "theta_max_dim": theta_max_dim,
             "theta_sketch_dim": int(theta_sketch_dim),
             "theta_diagonal": bool(theta_diagonal),
+            "first_step_updates": bool(first_step_updates),
         }
         super().__init__(params, defaults)
         check_params_supported(self)
@@ -317,8 +330,10 @@ class SOAP(Optimizer, CurvatureOptimizer):
         would overflow the statistics, before anything is changed.
 
         One 2-norm per gradient decides both (it is non-finite when the gradient
-        holds a NaN or an infinity); only when it flags something does the slower
-        :func:`~fedpac_hf.optim.base.check_grads` run, to raise its usual error.
+        holds a NaN or an infinity), read in one host sync; only when it flags
+        something does the slower :func:`~fedpac_hf.optim.base.check_grads` run,
+        to raise its usual error. With ``check_finite_grads = False`` only the
+        sparse check runs (no sync).
         """
         names, grads = [], []
         for name, p in named_params(self):
@@ -328,7 +343,7 @@ class SOAP(Optimizer, CurvatureOptimizer):
                 check_grads(self)  # raises, naming the parameter
             names.append(name)
             grads.append(p.grad)
-        if not grads:
+        if not grads or not self.check_finite_grads:
             return
         norms = torch._foreach_norm(grads)
         if len({(n.device, n.dtype) for n in norms}) == 1:
@@ -351,7 +366,7 @@ class SOAP(Optimizer, CurvatureOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        """Perform one SOAP step (statistics-only on a parameter's first fresh call).
+        """Perform one SOAP step (see the step-count policy in the module docstring).
 
         Parameters viewed as matrices take the fused path
         (:func:`~fedpac_hf.optim._soap_kernels.matrix_adam_step_`), parameters
@@ -364,6 +379,7 @@ class SOAP(Optimizer, CurvatureOptimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_gradients()
+        started = self._start_fresh()
 
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
@@ -377,15 +393,9 @@ class SOAP(Optimizer, CurvatureOptimizer):
                 state = self.state[p]
                 view, rotated = self._layout(p, group)
                 grad = p.grad.to(curvature_dtype(p))
-                if len(state) == 0:
-                    # Fresh start: statistics and eigenbasis only, no update.
-                    state.update(self._fresh_state(p, group))
-                    with highest_matmul_precision(p.device):
-                        self._accumulate(state, grad, view, rotated, shampoo_beta)
-                        for i, on in enumerate(rotated):
-                            if on:
-                                state[f"Q{i}"] = eigenbasis(state[f"GG{i}"])
-                    continue
+                fresh = p in started
+                if fresh and not group.get("first_step_updates", True):
+                    continue  # the reference: a fresh start only gathers statistics
 
                 state["step"] += 1
                 t = state["step"]
@@ -397,7 +407,8 @@ class SOAP(Optimizer, CurvatureOptimizer):
                     continue
                 with highest_matmul_precision(p.device):
                     self._adam_in_eigenbasis(p, grad, state, view, rotated, group, t)
-                    self._accumulate(state, grad, view, rotated, shampoo_beta)
+                    if not fresh:  # a fresh start has folded this gradient in already
+                        self._accumulate(state, grad, view, rotated, shampoo_beta)
                     if t % group["precondition_frequency"] == 0:
                         self._refresh(state, view, rotated)
 
@@ -406,6 +417,43 @@ class SOAP(Optimizer, CurvatureOptimizer):
             if group["weight_decay"] != 0.0 and updated:
                 torch._foreach_mul_(updated, 1.0 - group["lr"] * group["weight_decay"])
         return loss
+
+    def _start_fresh(self) -> set[torch.Tensor]:
+        """Start every parameter that has a gradient and no state yet.
+
+        Its statistics come from this gradient and its eigenbases from them (one
+        batched computation, one host sync for all). Returns the parameters started.
+        """
+        started: set[torch.Tensor] = set()
+        sides: list[tuple[dict[str, Any], int]] = []
+        for group in self.param_groups:
+            shampoo_beta = group["shampoo_beta"]
+            shampoo_beta = shampoo_beta if shampoo_beta is not None else group["betas"][1]
+            for p in group["params"]:
+                if p.grad is None or len(self.state[p]) != 0:
+                    continue
+                state = self.state[p]
+                view, rotated = self._layout(p, group)
+                state.update(self._fresh_state(p, group))
+                with highest_matmul_precision(p.device):
+                    self._accumulate(
+                        state, p.grad.to(curvature_dtype(p)), view, rotated, shampoo_beta
+                    )
+                sides += [(state, i) for i, on in enumerate(rotated) if on]
+                started.add(p)
+        self._set_bases(sides)
+        return started
+
+    def _set_bases(self, sides: list[tuple[dict[str, Any], int]]) -> None:
+        """Eigenbases of the given (state, side) statistics, with one host sync for all."""
+        if not sides:
+            return
+        with highest_matmul_precision(sides[0][0][f"GG{sides[0][1]}"].device):
+            bases = eigenbases(
+                [state[f"GG{i}"] for state, i in sides], warn_not_finite=self.check_finite_grads
+            )
+        for (state, i), basis in zip(sides, bases, strict=True):
+            state[f"Q{i}"] = basis
 
     @staticmethod
     def _step_size(group: Mapping[str, Any], t: int) -> float:
@@ -472,18 +520,21 @@ class SOAP(Optimizer, CurvatureOptimizer):
         which is kept in the rotated basis, over to the new bases exactly."""
         exp_avg = state["exp_avg"]
         original = rotate(exp_avg, SOAP._bases(state, rotated), view, back=True)
-        refresh_bases_(state, view, rotated, eigenbasis)
+        refresh_bases_(state, view, rotated)
         exp_avg.copy_(rotate(original, SOAP._bases(state, rotated), view, back=False))
 
     # ------------------------------------------------------------------ Theta
-    def export_curvature(self) -> dict[str, torch.Tensor]:
+    def export_curvature(
+        self, device: torch.device | str | None = "cpu"
+    ) -> dict[str, torch.Tensor]:
         """Return Theta: the statistics ``L``/``R`` (``GG{i}``) of every rotated side.
 
         A side longer than ``theta_max_dim`` exports the diagonal of its statistic
         (unless ``theta_diagonal`` is off) and, with ``theta_sketch_dim``, its sketch.
 
         Parameters that have not been stepped yet export zero statistics, so the
-        keys only depend on the model and the optimizer configuration.
+        keys only depend on the model and the optimizer configuration. Float32
+        copies on ``device`` (``None``: each parameter's device).
         """
         theta: dict[str, torch.Tensor] = {}
         for name, p, group in self._named_with_groups():
@@ -495,17 +546,20 @@ class SOAP(Optimizer, CurvatureOptimizer):
                 if not on:
                     continue
                 value = state.get(f"GG{i}")
+                target = export_device(p, device)
                 if value is None:
-                    value = torch.zeros(d, d, dtype=torch.float32)
+                    value = torch.zeros(d, d, dtype=torch.float32, device=p.device)
                 value = value.detach()
                 if self._travels_as_diagonal(group, d):
                     k = min(group.get("theta_sketch_dim", 0), d)
                     if k:
-                        theta[f"{name}.{stat}.sketch"] = sketch(value, k).cpu()
+                        theta[f"{name}.{stat}.sketch"] = sketch(value, k).to(
+                            device=target, dtype=torch.float32
+                        )
                     if not group.get("theta_diagonal", True):
                         continue
                     value = torch.diagonal(value)
-                theta[f"{name}.{stat}"] = value.to(device="cpu", dtype=torch.float32).clone()
+                theta[f"{name}.{stat}"] = value.to(device=target, dtype=torch.float32, copy=True)
         return theta
 
     def import_curvature(self, state: Mapping[str, torch.Tensor]) -> None:
@@ -523,6 +577,7 @@ class SOAP(Optimizer, CurvatureOptimizer):
         """
         check_curvature_keys(self._curvature_shapes(), state)
         check_finite_curvature(state)
+        sides: list[tuple[dict[str, Any], int]] = []
         for name, p, group in self._named_with_groups():
             fresh = self._fresh_state(p, group)
             view, rotated = self._layout(p, group)
@@ -542,9 +597,12 @@ class SOAP(Optimizer, CurvatureOptimizer):
                         if diagonal is None:  # the sketch alone: its directions, then axes
                             basis = axes_completed_basis(imported, sketched.shape[1])
                     fresh[f"GG{i}"] = imported.clone()
-                    with highest_matmul_precision(p.device):
-                        fresh[f"Q{i}"] = basis if basis is not None else eigenbasis(imported)
+                    if basis is not None:
+                        fresh[f"Q{i}"] = basis
+                    else:
+                        sides.append((fresh, i))
             self.state[p] = fresh
+        self._set_bases(sides)
 
     def reset_basis_moments(self) -> None:
         """Zero Adam's moments (they live in the client's rotated basis) and its step count."""

@@ -47,11 +47,13 @@ from torch.optim.optimizer import Optimizer
 
 from .base import (
     CurvatureOptimizer,
+    all_finite,
     check_curvature_keys,
     check_finite_curvature,
     check_grads,
     check_params_supported,
     curvature_dtype,
+    export_device,
     named_params,
     restore_saved_state_dtypes,
     warn_once,
@@ -79,6 +81,9 @@ def gnb_loss(
 
     This is the Gauss-Newton-Bartlett loss of Sophia-G: the gradient of its mean
     gives ``g_hat`` with ``E[N * g_hat**2]`` equal to the Gauss-Newton diagonal.
+    A label is drawn for every position; masked positions weigh zero. Without
+    ``labels`` and ``attention_mask`` it never waits for the device; with them,
+    counting ``N`` is one host sync.
 
     Parameters
     ----------
@@ -106,7 +111,7 @@ def gnb_loss(
             f"gnb_loss: logits need a class dimension, got shape {tuple(logits.shape)}"
         )
     flat = logits.reshape(-1, logits.shape[-1]).float()
-    keep = torch.ones(flat.shape[0], dtype=torch.bool, device=logits.device)
+    keep: torch.Tensor | None = None
     for mask, what in ((labels, "labels"), (attention_mask, "attention_mask")):
         if mask is None:
             continue
@@ -114,15 +119,19 @@ def gnb_loss(
             raise ValueError(
                 f"gnb_loss: {what} has shape {tuple(mask.shape)}, expected {tuple(logits.shape[:-1])}"
             )
-        keep &= (mask.reshape(-1) != ignore_index) if what == "labels" else mask.reshape(-1).bool()
-    count = int(keep.sum())
+        kept = (mask.reshape(-1) != ignore_index) if what == "labels" else mask.reshape(-1).bool()
+        keep = kept if keep is None else keep & kept
+    with torch.no_grad():
+        probs = torch.softmax(flat, dim=-1)
+        sampled = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    if keep is None:  # every position counts: no host sync
+        return GNBLoss(F.cross_entropy(flat, sampled), flat.shape[0])
+    count = int(keep.sum())  # the one host sync: N is a number
     if count == 0:
         raise ValueError("gnb_loss: every position is masked out; nothing to sample")
-    counted = flat[keep]
-    with torch.no_grad():
-        probs = torch.softmax(counted, dim=-1)
-        sampled = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-    return GNBLoss(F.cross_entropy(counted, sampled), count)
+    # masked positions weigh 0 (no boolean indexing, which would be a second sync)
+    losses = F.cross_entropy(flat, sampled, reduction="none")
+    return GNBLoss(torch.where(keep, losses, 0.0).sum() / count, count)
 
 
 class Sophia(Optimizer, CurvatureOptimizer):
@@ -260,15 +269,19 @@ class Sophia(Optimizer, CurvatureOptimizer):
     def _named_states(self) -> Iterator[tuple[str, torch.Tensor]]:
         yield from named_params(self)
 
-    def export_curvature(self) -> dict[str, torch.Tensor]:
-        """Return ``{name.hessian}`` (float32, CPU; zeros before the first refresh)."""
+    def export_curvature(
+        self, device: torch.device | str | None = "cpu"
+    ) -> dict[str, torch.Tensor]:
+        """Return ``{name.hessian}`` (float32 on ``device``, ``None``: each parameter's
+        device; zeros before the first refresh)."""
         theta = {}
         for name, p in self._named_states():
             h = self.state.get(p, {}).get("hessian")
+            target = export_device(p, device)
             theta[f"{name}.hessian"] = (
-                torch.zeros(p.shape, dtype=torch.float32)
+                torch.zeros(p.shape, dtype=torch.float32, device=target)
                 if h is None
-                else h.detach().to(device="cpu", dtype=torch.float32).clone()
+                else h.detach().to(device=target, dtype=torch.float32, copy=True)
             )
         return theta
 
@@ -276,12 +289,16 @@ class Sophia(Optimizer, CurvatureOptimizer):
         """Warm-start: ``h`` from Theta, first moment zero, step counts restart at 0."""
         named = list(self._named_states())
         check_curvature_keys({f"{n}.hessian": tuple(p.shape) for n, p in named}, state)
-        check_finite_curvature(state)
-        bad = sorted(k for k, v in state.items() if bool((v < 0).any()))
-        if bad:
-            raise ValueError(
-                f"Sophia: Hessian estimate must be non-negative; negative in {bad[:5]}"
-            )
+        values = list(state.values())
+        if values:  # one host sync when all is well: every entry finite and non-negative
+            device = values[0].device
+            nonnegative = torch.stack([(v >= 0).all().to(device) for v in values]).all()
+            if not bool(nonnegative & all_finite(values).to(device)):
+                check_finite_curvature(state)  # names the entries with NaN or infinity
+                bad = sorted(k for k, v in state.items() if bool((v < 0).any()))
+                raise ValueError(
+                    f"Sophia: Hessian estimate must be non-negative; negative in {bad[:5]}"
+                )
         for name, p in named:
             self.state.pop(p, None)
             self._state_for(p)["hessian"].copy_(state[f"{name}.hessian"])

@@ -11,11 +11,13 @@ from __future__ import annotations
 import inspect
 import math
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
-from datasets import Dataset
+
+if TYPE_CHECKING:  # datasets is needed only by whoever passes a Dataset
+    from datasets import Dataset
 
 
 class Partitioner(ABC):

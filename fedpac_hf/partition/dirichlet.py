@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-from datasets import Dataset
 
 from fedpac_hf.partition.base import (
     Partitioner,
@@ -17,6 +16,9 @@ from fedpac_hf.partition.base import (
     group_by_client,
     read_column,
 )
+
+if TYPE_CHECKING:  # datasets is needed only by whoever passes a Dataset
+    from datasets import Dataset
 
 _ALPHA_HINT = " Use e.g. 0.05-0.1 for strong label skew, 0.6 for mild skew, 100 for near-IID."
 

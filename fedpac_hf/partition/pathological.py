@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-from datasets import Dataset
 
 from fedpac_hf.partition.base import (
     Partitioner,
@@ -14,6 +15,9 @@ from fedpac_hf.partition.base import (
     group_by_client,
     read_column,
 )
+
+if TYPE_CHECKING:  # datasets is needed only by whoever passes a Dataset
+    from datasets import Dataset
 
 
 class PathologicalPartitioner(Partitioner):

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-from datasets import Dataset
 
 from fedpac_hf.partition.base import (
     Partitioner,
@@ -13,6 +14,9 @@ from fedpac_hf.partition.base import (
     check_positive,
     group_by_client,
 )
+
+if TYPE_CHECKING:  # datasets is needed only by whoever passes a Dataset
+    from datasets import Dataset
 
 
 class QuantitySkewPartitioner(Partitioner):

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from datasets import Dataset
 
 from fedpac_hf.partition.base import encode_labels, read_column
+
+if TYPE_CHECKING:  # datasets is needed only by whoever passes a Dataset
+    from datasets import Dataset
 
 
 @dataclass
@@ -107,6 +111,12 @@ class PartitionStats:
         return self.table()
 
 
+def _is_hf_dataset(obj: object) -> bool:
+    """Whether ``obj`` is a ``datasets.Dataset`` (never, when datasets was not imported)."""
+    module = sys.modules.get("datasets")
+    return module is not None and isinstance(obj, module.Dataset)
+
+
 def partition_stats(
     parts_or_indices: Sequence[np.ndarray] | Sequence[Dataset],
     labels: np.ndarray | Sequence | str = "label",
@@ -136,7 +146,7 @@ def partition_stats(
         The statistics.
     """
     parts = list(parts_or_indices)
-    if parts and isinstance(parts[0], Dataset):
+    if parts and _is_hf_dataset(parts[0]):
         if not isinstance(labels, str):
             raise ValueError(
                 "with client datasets, labels must be the name of their label column "

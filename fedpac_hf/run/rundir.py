@@ -74,23 +74,14 @@ class RunFilesCallback(FedPACCallback):
     def on_train_begin(self, args, state, control, **kwargs):  # noqa: D102
         if not state.is_world_process_zero:
             return control
-        import json
-
-        from fedpac_hf.reporting import METRICS_JSONL, read_metrics, write_metrics_csv
+        from fedpac_hf.reporting import keep_metrics_through
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.config_text is not None:
             write_config(self.run_dir, self.config_text)
         if self.write_partition is not None:
             self.write_partition()
-        jsonl = self.run_dir / METRICS_JSONL
-        kept = []
-        if jsonl.is_file():
-            kept = [r for r in read_metrics(self.run_dir) if r.get("round", 0) <= state.global_step]
-        tmp = jsonl.with_name(jsonl.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        os.replace(tmp, jsonl)
-        write_metrics_csv(self.run_dir, kept)
+        keep_metrics_through(self.run_dir, state.global_step)
         return control
 
     def on_round_end(self, args, state, control, **kwargs):  # noqa: D102

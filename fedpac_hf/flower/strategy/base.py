@@ -4,10 +4,22 @@ In fedpac_hf a *client* is an index into the federation's partitions. On
 Flower every SuperNode holds one partition, named by its node config
 (``partition-id``, set by the simulation engine and by ``flower-supernode
 --node-config "partition-id=0 num-partitions=2"``). This base asks every node
-which partition it holds (a ``query`` message, once per node), sends a
-round's messages to the nodes holding the sampled clients, and sorts the
-replies back into client order, saying for every missing or failed client
-why. Which clients a round samples, and what happens to the replies, is the
+which partition it holds (a ``query`` message, once per node: a node that
+connects later, e.g. a SuperNode restarted after a crash, is asked when it
+appears and takes its partition back), sends a round's messages to the nodes
+holding the sampled clients, and sorts the replies back into client order,
+saying for every missing or failed client why:
+
+- ``NotConnected``: no connected node held the partition when the round
+  started (after waiting ``node_wait_timeout`` for it);
+- ``NodeUnavailable``: the node stopped reporting to the SuperLink during the
+  round (killed, machine or network down): the SuperLink answers for it once
+  its heartbeat has expired;
+- ``NoReply``: no reply within the round's timeout;
+- ``ClientAppError`` / ``ClientAppCrashed``: the ClientApp raised (its
+  reason) or died.
+
+Which clients a round samples, and what happens to the replies, is the
 round engine's business (see :class:`~fedpac_hf.flower.FedPACStrategy`).
 """
 
@@ -18,6 +30,7 @@ import time
 from collections.abc import Iterable, Mapping
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -31,6 +44,15 @@ NODE_RECORD_KEY = "node"
 
 Failure = tuple[int, str, str]
 """``(client_id, error_type, message)``: a sampled client that sent no usable reply."""
+
+# How an error reply's code is reported (any other code: "ClientAppError").
+_ERROR_TYPES = {
+    ErrorCode.NODE_UNAVAILABLE: "NodeUnavailable",
+    ErrorCode.MESSAGE_UNAVAILABLE: "NoReply",
+    ErrorCode.REPLY_MESSAGE_UNAVAILABLE: "NoReply",
+    ErrorCode.CLIENT_APP_CRASHED: "ClientAppCrashed",
+}
+_WAIT_LOG_SECONDS = 30.0  # while waiting for nodes, say so at most this often
 
 
 class PartitionStrategy(Strategy):
@@ -59,8 +81,9 @@ class PartitionStrategy(Strategy):
         self.node_wait_timeout = float(node_wait_timeout)
         self.query_timeout = float(query_timeout)
         self.partition_nodes: dict[int, int] = {}
-        self._queried_nodes: set[int] = set()
-        self._round_nodes: dict[int, int] = {}
+        # every node that answered a query, in the order asked: its partition (None: none)
+        self._node_partitions: dict[int, int | None] = {}
+        self._round_messages: dict[int, Message] = {}
 
     # ------------------------------------------------------------- nodes
 
@@ -68,7 +91,13 @@ class PartitionStrategy(Strategy):
         """Map partitions to node ids, asking newly connected nodes which they hold.
 
         Waits up to ``node_wait_timeout`` for the ``needed`` partitions to
-        appear. Returns ``{partition_id: node_id}`` of the connected nodes.
+        appear. A partition held by two connected nodes goes to the one that
+        connected last (a restarted SuperNode replaces its lost predecessor).
+
+        Returns
+        -------
+        dict
+            ``{partition_id: node_id}`` of the connected nodes.
 
         Raises
         ------
@@ -77,19 +106,28 @@ class PartitionStrategy(Strategy):
         """
         needed = set(needed)
         deadline = time.monotonic() + self.node_wait_timeout
+        said: tuple[set[int], float] | None = None
         while True:
             connected = set(grid.get_node_ids())
-            self.partition_nodes = {p: n for p, n in self.partition_nodes.items() if n in connected}
-            new = sorted(connected - self._queried_nodes)
+            new = sorted(connected - set(self._node_partitions))
             if new:
                 self._query_nodes(grid, new)
-            if needed <= set(self.partition_nodes) or time.monotonic() >= deadline:
+            self.partition_nodes = {
+                partition: node
+                for node, partition in self._node_partitions.items()
+                if node in connected and partition is not None
+            }
+            missing = needed - set(self.partition_nodes)
+            if not missing or time.monotonic() >= deadline:
                 return dict(self.partition_nodes)
-            logger.info(
-                "waiting for the nodes of partitions %s (%d nodes connected)",
-                sorted(needed - set(self.partition_nodes)),
-                len(connected),
-            )
+            if said is None or said[0] != missing or time.monotonic() - said[1] > _WAIT_LOG_SECONDS:
+                logger.info(
+                    "waiting up to %.0f s for the nodes of partitions %s (%d nodes connected)",
+                    max(deadline - time.monotonic(), 0.0),
+                    sorted(missing),
+                    len(connected),
+                )
+                said = (missing, time.monotonic())
             time.sleep(1.0)
 
     def _query_nodes(self, grid: Grid, node_ids: list[int]) -> None:
@@ -98,20 +136,22 @@ class PartitionStrategy(Strategy):
             for n in node_ids
         ]
         replies = list(grid.send_and_receive(messages, timeout=self.query_timeout))
-        answered = set()
         for reply in replies:
             node = reply.metadata.src_node_id
-            answered.add(node)
+            if node not in node_ids:  # e.g. the SuperLink answering for a node that left
+                continue
             if reply.has_error():
                 logger.warning(
                     "node %d did not say which partition it holds, it is left out: %s",
                     node,
                     reply.error.reason,
                 )
+                self._node_partitions[node] = None
                 continue
             info = reply.content.config_records.get(NODE_RECORD_KEY, ConfigRecord())
             if "partition-id" not in info:
                 logger.warning("node %d holds no partition (no partition-id), left out", node)
+                self._node_partitions[node] = None
                 continue
             partition, num = int(info["partition-id"]), int(info.get("num-partitions", -1))
             if num not in (-1, self.num_clients):
@@ -128,15 +168,12 @@ class PartitionStrategy(Strategy):
             other = self.partition_nodes.get(partition)
             if other is not None and other != node:
                 logger.warning(
-                    "nodes %d and %d both hold partition %d; using node %d",
-                    other,
-                    node,
-                    partition,
-                    min(other, node),
+                    "node %d now holds partition %d (before: node %d)", node, partition, other
                 )
-                node = min(other, node)
-            self.partition_nodes[partition] = node
-        self._queried_nodes.update(answered)
+            else:
+                logger.info("node %d holds partition %d", node, partition)
+            self._node_partitions.pop(node, None)
+            self._node_partitions[node] = partition
 
     # ----------------------------------------------------------- messaging
 
@@ -169,49 +206,63 @@ class PartitionStrategy(Strategy):
         """
         clients = list(clients)
         nodes = self.discover_nodes(grid, clients)
-        self._round_nodes = {c: nodes[c] for c in clients if c in nodes}
         failures: list[Failure] = [
             (c, "NotConnected", "no connected node holds this client")
             for c in clients
             if c not in nodes
         ]
-        messages = [
-            Message(
+        self._round_messages = {
+            client: Message(
                 content=contents[client],
-                dst_node_id=node,
+                dst_node_id=nodes[client],
                 message_type=MessageType.TRAIN,
                 group_id=group_id,
             )
-            for client, node in self._round_nodes.items()
-        ]
-        return messages, failures
+            for client in clients
+            if client in nodes
+        }
+        return list(self._round_messages.values()), failures
 
     def sort_replies(
         self, replies: Iterable[Message]
     ) -> tuple[list[tuple[int, RecordDict]], list[Failure]]:
         """The round's replies as ``(client_id, content)`` in client order, and the failures.
 
-        A failure is an error reply (its reason, e.g. the ClientApp's
-        exception) or a client whose node did not answer in time.
+        A reply is matched to its client by the message it answers, so an
+        error reply that the SuperLink sends for a lost node counts too. A
+        failure is an error reply (see the module docstring for the types) or
+        a client whose node did not answer in time.
         """
-        node_clients = {node: client for client, node in self._round_nodes.items()}
+        sent = self._round_messages
+        by_message = {m.metadata.message_id: c for c, m in sent.items() if m.metadata.message_id}
+        by_node = {m.metadata.dst_node_id: c for c, m in sent.items()}
         ok: list[tuple[int, RecordDict]] = []
         failures: list[Failure] = []
         seen: set[int] = set()
         for reply in replies:
-            node = reply.metadata.src_node_id
-            client = node_clients.get(node)
+            client = by_message.get(reply.metadata.reply_to_message_id)
+            if client is None:
+                client = by_node.get(reply.metadata.src_node_id)
             if client is None or client in seen:
-                logger.warning("ignoring an unexpected reply from node %d", node)
+                logger.warning(
+                    "ignoring an unexpected reply from node %d", reply.metadata.src_node_id
+                )
                 continue
             seen.add(client)
+            node = sent[client].metadata.dst_node_id
             if reply.has_error():
-                failures.append((client, "ClientAppError", reply.error.reason.strip()))
+                kind = _ERROR_TYPES.get(reply.error.code, "ClientAppError")
+                reason = reply.error.reason.strip()
+                if kind != "ClientAppError":
+                    reason = f"node {node}: {reason}"
+                failures.append((client, kind, reason))
             else:
                 ok.append((client, reply.content))
-        for client, node in self._round_nodes.items():
+        for client, message in sent.items():
             if client not in seen:
+                node = message.metadata.dst_node_id
                 failures.append((client, "NoReply", f"node {node} sent no reply in time"))
+        self._round_messages = {}
         return sorted(ok, key=lambda pair: pair[0]), sorted(failures)
 
     # ---------------------------------------------------------- evaluation

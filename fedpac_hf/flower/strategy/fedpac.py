@@ -72,11 +72,24 @@ class FedPACStrategy(PartitionStrategy):
         **partition_kwargs: Any,
     ) -> None:
         super().__init__(engine.num_clients, **partition_kwargs)
-        engine.log = logger  # dropped clients are logged where Flower shows its logs
         self.engine = engine
         self.on_round_end = on_round_end
         self._plan: RoundPlan | None = None
         self._bytes_down = 0
+
+    @property
+    def engine(self) -> RoundEngine:
+        """The round engine; set a new one (e.g. rebuilt from a checkpoint) before ``start``."""
+        return self._engine
+
+    @engine.setter
+    def engine(self, engine: RoundEngine) -> None:
+        if engine.num_clients != self.num_clients:
+            raise ValueError(
+                f"the engine has {engine.num_clients} clients, the strategy {self.num_clients}"
+            )
+        engine.log = logger  # dropped clients are logged where Flower shows its logs
+        self._engine = engine
 
     @property
     def server_state(self) -> ServerState:
@@ -98,6 +111,14 @@ class FedPACStrategy(PartitionStrategy):
         """
         plan = self.engine.plan_round()
         self._plan = plan
+        logger.info(
+            "round %d of %d%s: clients %s, learning rate %.4g",
+            plan.round_number,
+            self.engine.num_rounds,
+            f" (Flower's round {server_round})" if server_round != plan.round_number else "",
+            plan.clients,
+            plan.learning_rate,
+        )
         content = server_state_to_content(
             plan.state,
             self.engine.algorithm,
@@ -165,8 +186,17 @@ class FedPACStrategy(PartitionStrategy):
         return tensors_to_array_record(self.engine.state.params), MetricRecord(metrics)
 
     def summary(self) -> None:
-        """Log the algorithm and how clients are sampled."""
+        """Log the algorithm, how clients are sampled and, on a resumed run, where it resumes."""
         engine, algorithm = self.engine, self.engine.algorithm
+        if engine.state.round:
+            logger.info(
+                "resuming after round %d of %d: Flower numbers the remaining rounds from 1, "
+                "the rounds logged, recorded and saved here keep the run's numbers (%d..%d)",
+                engine.state.round,
+                engine.num_rounds,
+                engine.state.round + 1,
+                engine.num_rounds,
+            )
         logger.info(
             "%s: %d of %d clients per round (seed %d), at least %d must succeed; rounds %d..%d",
             type(self).__name__,

@@ -1,0 +1,125 @@
+"""Why a client produced no update, and the one place that decides it (:func:`run_client`).
+
+Split out of :mod:`fedpac_hf.federated.client` (which re-exports every name):
+the in-process trainer, :func:`~fedpac_hf.federated.simulate` and the Flower
+client all turn a failing client into a logged :class:`ClientFailure` here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .client import ClientUpdate
+
+__all__ = ["PROGRAMMING_ERRORS", "ClientError", "ClientFailure", "run_client"]
+
+# the logger the drops were always logged under, before this module was split out
+logger = logging.getLogger("fedpac_hf.federated.client")
+
+
+PROGRAMMING_ERRORS: tuple[type[BaseException], ...] = (
+    TypeError,
+    AttributeError,
+    NameError,
+    NotImplementedError,
+)
+"""Exceptions that mean the training code is wrong (loss function, model, collator).
+
+Every client would fail the same way, so :func:`run_client` stops the run
+with them instead of dropping the client.
+"""
+
+
+class ClientError(RuntimeError):
+    """A client could not produce a usable update (non-finite loss or update).
+
+    The server drops such a client from the round's aggregation.
+    """
+
+
+@dataclass(frozen=True)
+class ClientFailure:
+    """Why one client produced no update in one round (see :func:`run_client`).
+
+    Attributes
+    ----------
+    client_id:
+        Index of the client in the federation.
+    round_number:
+        The round, counted from 1.
+    error_type:
+        Name of the exception's class, e.g. ``"FloatingPointError"``.
+    message:
+        The exception's message.
+    """
+
+    client_id: int
+    round_number: int
+    error_type: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"client {self.client_id}: {self.error_type}: {self.message}"
+
+
+def run_client(
+    train: Callable[[], ClientUpdate],
+    client_id: int,
+    round_number: int,
+    log: logging.Logger | None = None,
+) -> ClientUpdate | ClientFailure:
+    """Run one client's local training, turning any failure into a logged drop.
+
+    The one place where the in-process trainer, :func:`~fedpac_hf.federated.simulate`
+    and the Flower client decide what a failing client is: any ``Exception``
+    from its local training (a data error, an optimizer's
+    ``FloatingPointError``, :class:`ClientError` for a non-finite loss or
+    update) is logged as a warning naming the round, the client, the
+    exception type and its message, and returned as a :class:`ClientFailure`
+    for the caller to leave out of the round's aggregation.
+    ``KeyboardInterrupt``, ``SystemExit`` and other non-``Exception`` errors are not caught.
+    Neither are :data:`PROGRAMMING_ERRORS` (``TypeError``, ``AttributeError``,
+    ...): a loss function that returns a tuple, or a model called with a
+    wrong argument, is a bug in the training code, reported once (logged as an
+    error, then raised with its traceback) rather than as every client dropped.
+
+    Parameters
+    ----------
+    train:
+        Runs the client's local steps and returns its update (e.g. a closure
+        over :func:`client_update`).
+    client_id:
+        The client's index, for the log and the failure record.
+    round_number:
+        The round, counted from 1, for the log.
+    log:
+        Where to log the drop (default: this module's logger).
+
+    Returns
+    -------
+    ClientUpdate or ClientFailure
+        The update, or why there is none.
+    """
+    try:
+        return train()
+    except PROGRAMMING_ERRORS as error:
+        (log or logger).error(
+            "round %d, client %d: %s: %s; this is a bug in the training code (the loss "
+            "function, the model or the data collator), not a failing client: the run stops",
+            round_number,
+            client_id,
+            type(error).__name__,
+            " ".join(str(error).split()),
+        )
+        raise
+    except Exception as error:  # noqa: BLE001 - any client failure drops only that client
+        message = " ".join(str(error).split()) or "(no message)"
+        prefix = f"client {client_id}: "
+        message = message.removeprefix(prefix)
+        failure = ClientFailure(int(client_id), int(round_number), type(error).__name__, message)
+        (log or logger).warning("round %d: dropping %s", round_number, failure)
+        return failure

@@ -1,0 +1,100 @@
+"""How :class:`~fedpac_hf.FedPACTrainer` runs one client's micro-batches on its device.
+
+Trainer's ``compute_loss`` under Accelerate's autocast, inputs copied to the
+device without blocking the host, Accelerate's backward, a fresh gradient
+scaler per client and round under ``fp16``, and Sophia's Gauss-Newton-Bartlett
+loss. :meth:`FedPACTrainer.train_client` hands these to the core's
+:func:`~fedpac_hf.federated.client_update`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+__all__ = ["ClientStepsMixin"]
+
+
+class ClientStepsMixin:
+    """The per-micro-batch methods of ``FedPACTrainer`` (loss, backward, scaler)."""
+
+    def _inputs_on_device(self, inputs: Any) -> Any:
+        """Trainer's ``_prepare_inputs``, with pinned batches copied without blocking the host.
+
+        ``Trainer`` moves each tensor with a plain ``.to(device)``, which makes
+        the host wait for the device on every micro-batch; a pinned tensor (the
+        client loaders pin their batches on CUDA) can be copied asynchronously.
+        """
+        device = self.args.device
+        if device.type == "cuda":
+
+            def move(data: Any) -> Any:
+                if isinstance(data, Mapping):
+                    return type(data)({k: move(v) for k, v in data.items()})
+                if isinstance(data, (list, tuple)):
+                    return type(data)(move(v) for v in data)
+                if (
+                    isinstance(data, torch.Tensor)
+                    and data.device.type == "cpu"
+                    and data.is_pinned()
+                ):
+                    return data.to(device, non_blocking=True)
+                return data
+
+            inputs = move(inputs)
+        return self._prepare_inputs(inputs)
+
+    def client_loss(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+        """One micro-batch's loss: Trainer's ``compute_loss`` under Accelerate's autocast."""
+        inputs = self._inputs_on_device(inputs)
+        with self.accelerator.autocast():
+            return self.compute_loss(model, inputs)
+
+    def client_backward(self, loss: torch.Tensor) -> None:
+        """Back-propagate one client loss: Accelerate's ``backward``, except under fp16.
+
+        With fp16 the client's own gradient scaler has scaled the loss already
+        (:meth:`client_grad_scaler`), so Accelerate's scaler must not scale it again.
+        """
+        if self.accelerator.scaler is not None:
+            loss.backward()
+        else:
+            self.accelerator.backward(loss)
+
+    def client_grad_scaler(self) -> torch.amp.GradScaler | None:
+        """A fresh gradient scaler for one client's round under ``fp16`` (else ``None``).
+
+        Fresh for every client and round, so no client inherits another's loss
+        scale; its options are Accelerate's (``GradScalerKwargs`` handler) when
+        one was given. On the CPU, where Accelerate does not autocast to fp16,
+        the scaler still scales and unscales (harmless in float32).
+        """
+        if not self.args.fp16:
+            return None
+        handler = getattr(self.accelerator, "scaler_handler", None)
+        kwargs = handler.to_kwargs() if handler is not None else {}
+        return torch.amp.GradScaler(self.args.device.type, **kwargs)
+
+    def curvature_loss(self, model: torch.nn.Module, inputs: dict[str, Any]) -> Any:
+        """Sophia's Gauss-Newton-Bartlett loss: labels sampled from the model's softmax.
+
+        Returns ``(loss, num_samples)``; padded positions (``attention_mask`` 0 or
+        label -100) do not count. Sampling is seeded per client and round.
+        """
+        from fedpac_hf.optim import gnb_loss
+
+        inputs = self._inputs_on_device(inputs)
+        labels = inputs.pop("labels", None)
+        with self.accelerator.autocast():
+            logits = model(**inputs).logits
+        generator = torch.Generator(device=logits.device)
+        generator.manual_seed(self._gnb_seed)
+        self._gnb_seed += 1
+        mask = inputs.get("attention_mask")
+        if logits.ndim == 3 and mask is not None:
+            return gnb_loss(logits, attention_mask=mask, generator=generator)
+        if labels is not None and labels.shape == logits.shape[:-1]:
+            return gnb_loss(logits, labels=labels, generator=generator)
+        return gnb_loss(logits, generator=generator)
