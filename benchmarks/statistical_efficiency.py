@@ -623,6 +623,13 @@ def plot(summaries: dict[str, MethodSummary], metric: str, title: str, path: Pat
     else:
         ax.set_ylabel("test perplexity")
         ax.set_yscale("log")
+    finish_figure(fig, ax, title, path)
+
+
+def finish_figure(fig: Any, ax: Any, title: str, path: Path) -> None:
+    """Title, grid and legend of a benchmark figure, then save and close it."""
+    import matplotlib.pyplot as plt
+
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2, loc="best")
