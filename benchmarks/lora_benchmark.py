@@ -1125,9 +1125,18 @@ def report(s: Settings, out: Path) -> None:
 
     todo, waiting = plan(done, s)
     add("## 6. What the CPU budget cut\n")
+    shared = ", ".join(f"{a} at {b}'s rate" for a, b in RATE_OF.items())
     add(
-        f"Rate sharing: {', '.join(f'{a} at {b} rate' for a, b in RATE_OF.items())}; the "
-        "pathological split at Dirichlet 0.1's rates. Runs of the grid not done when this "
+        (f"Rate sharing: {shared}. " if shared else "")
+        + "The pathological split runs at Dirichlet 0.1's rates. "
+        + (
+            ""
+            if s.lm_tail
+            else "The causal LM runs fedavg_adamw, local_soap and fedpac_soap (default form) "
+            "only; its full form, fedadamw and the Muon methods are left out "
+            "(`--lm-tail` adds them). "
+        )
+        + "Runs of the grid not done when this "
         f"report was made: {len(todo)} ready, {waiting} waiting for others"
         + (": " + ", ".join(f"`{r.key}`" for r in todo[:40]) if todo else "")
         + ".\n"
