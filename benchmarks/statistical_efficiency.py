@@ -221,7 +221,7 @@ def all_jobs(s: Settings) -> list[Job]:
     for i in range(4):
         for m in VIT_METHODS:
             grid = vit_grid(m, s.quick)
-            if i < len(grid) and m not in ABLATIONS:  # ablations reuse fedpac_soap's rate
+            if i < len(grid) and m not in ABLATIONS:  # ablations reuse fedpac_X's rate
                 jobs.append(Job("vit", TUNE_SPLIT, "tune", m, 0, grid[i]))
     # 2. ViT final runs at alpha = 0.1 (seed-major, so a partial grid covers every method)
     for seed in range(s.seeds):
@@ -617,6 +617,8 @@ def plot(summaries: dict[str, MethodSummary], metric: str, title: str, path: Pat
         "fedpac_sophia": "#ff7f0e",
         "fedpac_align_soap": "#e377c2",
         "fedpac_correct_soap": "#8c564b",
+        "fedpac_align_sophia": "#bcbd22",
+        "fedpac_correct_sophia": "#c49c94",
     }
     fig, ax = plt.subplots(figsize=(8, 5))
     for m in _order(summaries, VIT_METHODS):
