@@ -74,8 +74,15 @@ VIT_METHODS = [
     "fedpac_sophia",
     "fedpac_align_soap",
     "fedpac_correct_soap",
+    "fedpac_align_sophia",
+    "fedpac_correct_sophia",
 ]
-ABLATIONS = ["fedpac_align_soap", "fedpac_correct_soap"]
+ABLATIONS = [
+    "fedpac_align_soap",
+    "fedpac_correct_soap",
+    "fedpac_align_sophia",
+    "fedpac_correct_sophia",
+]
 LM_METHODS = ["fedavg_adamw", "fedadamw", "local_soap", "fedpac_soap"]
 PATHOLOGICAL_METHODS = [
     "fedavg",
@@ -126,6 +133,7 @@ KEPT_KEYS = (
     "bytes_down",
     "round_time",
     "num_clients",
+    "hessian_refreshes",
 )
 
 
@@ -173,6 +181,7 @@ VIT_EDGE_EXTENSIONS: dict[str, tuple[float, ...]] = {
     "local_muon": (0.03,),
     "fedpac_muon": (0.03,),
     "local_sophia": (3e-4,),
+    "fedpac_sophia": (3e-4,),
 }
 
 
@@ -212,7 +221,7 @@ def all_jobs(s: Settings) -> list[Job]:
     for i in range(4):
         for m in VIT_METHODS:
             grid = vit_grid(m, s.quick)
-            if i < len(grid) and m not in ABLATIONS:  # ablations reuse fedpac_soap's rate
+            if i < len(grid) and m not in ABLATIONS:  # ablations reuse fedpac_X's rate
                 jobs.append(Job("vit", TUNE_SPLIT, "tune", m, 0, grid[i]))
     # 2. ViT final runs at alpha = 0.1 (seed-major, so a partial grid covers every method)
     for seed in range(s.seeds):
@@ -321,11 +330,11 @@ def tune_score(record: dict[str, Any]) -> float:
 def best_lr(suite: str, method: str, done: dict[str, dict[str, Any]], s: Settings) -> float | None:
     """The tuned learning rate of ``method`` (None while its tuning runs are missing).
 
-    The ablations of FedPAC-SOAP run at FedPAC-SOAP's tuned rate, so that they
+    The ablations of FedPAC-X run at FedPAC-X's tuned rate, so that they
     differ from it in one knob only.
     """
     if method in ABLATIONS:
-        method = "fedpac_soap"
+        method = "fedpac_" + method.rsplit("_", 1)[1]
     split = TUNE_SPLIT if suite == "vit" else "speaker"
     grid = vit_grid(method, s.quick) if suite == "vit" else lm_grid(method, s.quick)
     scores = {}
@@ -536,6 +545,7 @@ class MethodSummary:
     worst_last_mean: float
     drift_rel: float
     round_time: float
+    refreshes: float
     bytes_up: float
     bytes_down: float
     curve: np.ndarray
@@ -561,6 +571,9 @@ def summarise(records: list[dict[str, Any]], metric: str, last: int) -> dict[str
             worst_last_mean=float(np.mean(worst)),
             drift_rel=float(np.nanmean(drift)) if np.isfinite(drift).any() else float("nan"),
             round_time=float(np.median(np.concatenate([_curve(r, "round_time") for r in runs]))),
+            refreshes=float(
+                np.nanmean(np.concatenate([_curve(r, "hessian_refreshes") for r in runs]))
+            ),
             bytes_up=float(np.median(np.concatenate([_curve(r, "bytes_up") for r in runs]))),
             bytes_down=float(
                 np.median(np.concatenate([_curve(r, "bytes_down")[1:] for r in runs]))
@@ -604,6 +617,8 @@ def plot(summaries: dict[str, MethodSummary], metric: str, title: str, path: Pat
         "fedpac_sophia": "#ff7f0e",
         "fedpac_align_soap": "#e377c2",
         "fedpac_correct_soap": "#8c564b",
+        "fedpac_align_sophia": "#bcbd22",
+        "fedpac_correct_sophia": "#c49c94",
     }
     fig, ax = plt.subplots(figsize=(8, 5))
     for m in _order(summaries, VIT_METHODS):
@@ -623,6 +638,13 @@ def plot(summaries: dict[str, MethodSummary], metric: str, title: str, path: Pat
     else:
         ax.set_ylabel("test perplexity")
         ax.set_yscale("log")
+    finish_figure(fig, ax, title, path)
+
+
+def finish_figure(fig: Any, ax: Any, title: str, path: Path) -> None:
+    """Title, grid and legend of a benchmark figure, then save and close it."""
+    import matplotlib.pyplot as plt
+
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2, loc="best")
@@ -938,13 +960,16 @@ def _cost_section(lines: list[str], groups: dict) -> None:
         "Per-round wall time: median `round_time` (all sampled clients' local steps plus "
         "aggregation, one thread, without evaluation) over every round of the final runs "
         "of the split. Bytes: `bytes_up` / `bytes_down` per round, all sampled clients "
-        "together (float32; down from round 2 on, when Theta and g_G exist).\n"
+        "together (float32; down from round 2 on, when Theta and g_G exist). GNB refreshes: "
+        "Sophia's Hessian refreshes per round, all sampled clients together (each one extra "
+        "forward and backward on a batch with sampled labels; its cost is in the round time; "
+        "empty for runs logged before the count existed).\n"
     )
     add(
-        "| workload | method | round time (s) | x fedavg_adamw | MiB up / round | "
-        "MiB down / round |"
+        "| workload | method | round time (s) | x fedavg_adamw | GNB refreshes / round | "
+        "MiB up / round | MiB down / round |"
     )
-    add("|---|---|---:|---:|---:|---:|")
+    add("|---|---|---:|---:|---:|---:|---:|")
     for suite, split, order in (("vit", "dir0.1", VIT_METHODS), ("lm", "speaker", LM_METHODS)):
         records = groups.get((suite, split, "final"), [])
         if not records:
@@ -956,9 +981,10 @@ def _cost_section(lines: list[str], groups: dict) -> None:
         for m in _order(summ, order):
             s = summ[m]
             ratio = f"{s.round_time / ref.round_time:.2f}" if ref else "n/a"
+            refreshes = f"{s.refreshes:.0f}" if np.isfinite(s.refreshes) else ""
             add(
-                f"| {label} | {m} | {s.round_time:.2f} | {ratio} | {_mib(s.bytes_up)} | "
-                f"{_mib(s.bytes_down)} |"
+                f"| {label} | {m} | {s.round_time:.2f} | {ratio} | {refreshes} | "
+                f"{_mib(s.bytes_up)} | {_mib(s.bytes_down)} |"
             )
     add("")
     theta = BENCH / "results" / "theta_bytes.json"
