@@ -203,3 +203,25 @@ def test_bf16_state_stays_float32_and_bad_gradients_are_refused() -> None:
     assert torch.equal(opt.state[model.weight]["hessian"], h_before)
     with pytest.raises(ValueError, match="batch_size"):
         opt.update_hessian(batch_size=0)
+
+
+def test_a_round_counts_its_hessian_refreshes() -> None:
+    from fedpac_hf.federated import get_algorithm, simulate
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    gen = torch.Generator().manual_seed(1)
+    clients = [
+        [(torch.randn(8, 4, generator=gen), torch.randint(0, 3, (8,), generator=gen))]
+        for _ in range(3)
+    ]
+    algorithm = get_algorithm(
+        "local_sophia", optimizer_kwargs={"hessian_update_interval": 2, "weight_decay": 0.0}
+    )
+    history = simulate(
+        model, clients, algorithm, num_rounds=2, clients_per_round=3, local_steps=5,
+        loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1]), lr=1e-2,
+        curvature_loss_fn=lambda m, b: gnb_loss(m(b[0]), generator=torch.Generator()),
+    )  # fmt: skip
+    # each client refreshes before its steps 0, 2 and 4
+    assert [h["hessian_refreshes"] for h in history] == [9.0, 9.0]
