@@ -67,25 +67,57 @@ def test_gnb_loss_masks_counts_and_reproducibility() -> None:
         gnb_loss(logits, attention_mask=torch.ones(2, 4))
 
 
-def test_clipped_update_closed_form() -> None:
+@pytest.mark.parametrize("bias_correction", [True, False])
+def test_clipped_update_closed_form(bias_correction) -> None:
     torch.manual_seed(2)
     w = nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
-    h = torch.rand(4, 3) * 1e-2
+    h = torch.rand(4, 3) * 50.0
     h[0] = 0.0  # no curvature -> the step saturates at lr * sign(m)
     lr, (b1, b2), rho, wd, eps = 0.05, (0.9, 0.99), 0.04, 0.1, 1e-12
-    opt = Sophia([("w", w)], lr=lr, betas=(b1, b2), rho=rho, weight_decay=wd, eps=eps)
-    opt.import_curvature({"w.hessian": h})
+    opt = Sophia(
+        [("w", w)], lr=lr, betas=(b1, b2), rho=rho, weight_decay=wd, eps=eps,
+        bias_correction=bias_correction,
+    )  # fmt: skip
+    opt.import_curvature({"w.hessian": h})  # a complete estimate: no correction of h
     g = torch.randn(4, 3, dtype=torch.float64)
     w.grad = g.clone()
     w0 = w.detach().clone()
     with pytest.warns(RuntimeWarning, match="refresh was due"):  # h imported, no refresh
         opt.step()
-    m = (1 - b1) * g
+    m = g if bias_correction else (1 - b1) * g  # m / (1 - b1^1) with correction
     ratio = (m / torch.clamp(rho * h.double(), min=eps)).clamp(-1, 1)
+    assert bool((ratio[1:].abs() < 1).any())  # not every step saturates
     torch.testing.assert_close(w.detach(), w0 * (1 - lr * wd) - lr * ratio, atol=1e-12, rtol=0)
     torch.testing.assert_close(
         (w0 * (1 - lr * wd) - w.detach())[0].abs(), torch.full((3,), lr, dtype=torch.float64)
     )
+
+
+@pytest.mark.parametrize("bias_correction", [True, False])
+def test_bias_correction_divides_h_by_the_weight_of_its_refreshes(bias_correction) -> None:
+    torch.manual_seed(3)
+    model = nn.Linear(5, 3)
+    b2 = 0.99
+    opt = Sophia(
+        model.named_parameters(), betas=(0.9, b2), hessian_update_interval=1,
+        bias_correction=bias_correction,
+    )  # fmt: skip
+    x = torch.randn(8, 5)
+    gen = torch.Generator().manual_seed(0)
+    estimates = []
+    for _ in range(3):  # three refreshes, each N g_hat^2 of a fresh sampled-label gradient
+        opt.zero_grad()
+        result = gnb_loss(model(x), generator=gen)
+        result.loss.backward()
+        estimates.append(8 * model.weight.grad.detach().square())
+        opt.update_hessian(result.num_samples)
+    ema = torch.zeros(3, 5)
+    for e in estimates:
+        ema = b2 * ema + (1 - b2) * e
+    theta = opt.export_curvature()["weight.hessian"]
+    weight = 1 - b2**3
+    expected = ema / weight if bias_correction else ema
+    torch.testing.assert_close(theta, expected, rtol=1e-5, atol=0)
 
 
 def test_refresh_cadence_and_missing_refresh_warning() -> None:
@@ -112,10 +144,12 @@ def test_refresh_cadence_and_missing_refresh_warning() -> None:
         fresh.step()
 
 
-def test_warm_start_reproduces_next_step_with_reset_moment() -> None:
+@pytest.mark.parametrize("bias_correction", [True, False])
+def test_warm_start_reproduces_next_step_with_reset_moment(bias_correction) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
-    opt = Sophia(model.named_parameters(), lr=1e-2, hessian_update_interval=2)
+    options = {"lr": 1e-2, "hessian_update_interval": 2, "bias_correction": bias_correction}
+    opt = Sophia(model.named_parameters(), **options)
     x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
     gen = torch.Generator().manual_seed(0)
     for _ in range(5):
@@ -126,7 +160,7 @@ def test_warm_start_reproduces_next_step_with_reset_moment() -> None:
         opt.zero_grad()
     theta = opt.export_curvature()
     twin = copy.deepcopy(model)
-    warm = Sophia(twin.named_parameters(), lr=1e-2, hessian_update_interval=2)
+    warm = Sophia(twin.named_parameters(), **options)
     warm.import_curvature(theta)
     assert warm.hessian_update_due()  # the cadence restarts with the warm start
     opt.reset_basis_moments()
@@ -169,3 +203,25 @@ def test_bf16_state_stays_float32_and_bad_gradients_are_refused() -> None:
     assert torch.equal(opt.state[model.weight]["hessian"], h_before)
     with pytest.raises(ValueError, match="batch_size"):
         opt.update_hessian(batch_size=0)
+
+
+def test_a_round_counts_its_hessian_refreshes() -> None:
+    from fedpac_hf.federated import get_algorithm, simulate
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    gen = torch.Generator().manual_seed(1)
+    clients = [
+        [(torch.randn(8, 4, generator=gen), torch.randint(0, 3, (8,), generator=gen))]
+        for _ in range(3)
+    ]
+    algorithm = get_algorithm(
+        "local_sophia", optimizer_kwargs={"hessian_update_interval": 2, "weight_decay": 0.0}
+    )
+    history = simulate(
+        model, clients, algorithm, num_rounds=2, clients_per_round=3, local_steps=5,
+        loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1]), lr=1e-2,
+        curvature_loss_fn=lambda m, b: gnb_loss(m(b[0]), generator=torch.Generator()),
+    )  # fmt: skip
+    # each client refreshes before its steps 0, 2 and 4
+    assert [h["hessian_refreshes"] for h in history] == [9.0, 9.0]

@@ -61,6 +61,7 @@ ROUND_METRICS: tuple[str, ...] = (
     "num_examples",
     "update_norm",
     "skipped_steps",
+    "hessian_refreshes",
     "drift",
     "drift_relative",
     "bytes_up",
@@ -79,7 +80,9 @@ state; evaluation adds ``eval_*`` entries and Flower adds ``wire_bytes_*``.
 ``bytes_up``/``bytes_down`` are the totals of the parts: the clients' deltas
 and Theta up; the parameters, the global direction and Theta down.
 ``skipped_steps`` sums, over the round's clients, the local steps that an fp16
-gradient scaler skipped because their gradients overflowed (0 without fp16).
+gradient scaler skipped because their gradients overflowed (0 without fp16);
+``hessian_refreshes`` the extra curvature passes (Sophia's Gauss-Newton-Bartlett
+refreshes, each one more forward and backward) of the round's clients.
 """
 
 TRANSPORT_DTYPES: tuple[str, ...] = ("float32", "bfloat16")

@@ -132,6 +132,7 @@ class RoundAggregator:
         self.curvature_sum: dict[str, torch.Tensor] = {}
         self.curvature_square_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.skipped_steps = 0.0
+        self.hessian_refreshes = 0.0
         self.weight_sum = 0.0
         self.num_clients = 0
         self.num_examples = 0
@@ -199,6 +200,7 @@ class RoundAggregator:
         self.num_examples += int(update.num_examples)
         self.loss_sum += float(update.metrics.get("train_loss", 0.0)) * weight
         self.skipped_steps += float(update.metrics.get("skipped_steps", 0.0))
+        self.hessian_refreshes += float(update.metrics.get("hessian_refreshes", 0.0))
         self.delta_bytes += tensor_bytes(update.delta)
         if self.algorithm.align:
             self.theta_bytes += tensor_bytes(update.curvature)
@@ -239,6 +241,7 @@ class RoundAggregator:
                 self.delta_bytes,
                 self.theta_bytes,
                 self.skipped_steps,
+                self.hessian_refreshes,
             ],
             dtype=torch.float64,
         )
@@ -264,6 +267,7 @@ class RoundAggregator:
             delta_bytes,
             theta_bytes,
             self.skipped_steps,
+            self.hessian_refreshes,
         ) = scalars[1:].cpu().tolist()
         self.num_clients, self.num_examples = int(num_clients), int(num_examples)
         self.delta_bytes, self.theta_bytes = int(delta_bytes), int(theta_bytes)
@@ -356,6 +360,7 @@ class RoundAggregator:
             train_loss=self.loss_sum * inv_w,
             update_norm=read["update_norm"],
             skipped_steps=self.skipped_steps,
+            hessian_refreshes=self.hessian_refreshes,
             bytes_up=float(self.delta_bytes + self.theta_bytes),
             bytes_down=float(sum(down.values())),
             bytes_up_delta=float(self.delta_bytes),
