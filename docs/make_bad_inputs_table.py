@@ -225,6 +225,11 @@ CASES = [
     ),
     Case("beta outside [0, 1]", "`FedPACArguments`", lambda o: _args(o, beta=1.5)),
     Case("beta = 1 (no local step left)", "`FedPACArguments`", lambda o: _args(o, beta=1.0)),
+    Case(
+        "beta neither a number nor auto",
+        "`fedpac-hf train`",
+        lambda o: _cli(o, _TINY_CLI, "--beta", "strong"),
+    ),
     Case("zero local steps", "`FedPACArguments`", lambda o: _args(o, local_steps=0)),
     Case("zero local steps", "`simulate`", lambda o: _simulate(o, local_steps=0)),
     Case("learning rate 0", "`FedPACArguments`", lambda o: _args(o, learning_rate=0.0)),

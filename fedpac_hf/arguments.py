@@ -33,6 +33,7 @@ from fedpac_hf.federated import (
     RoundEngine,
     ServerState,
     get_algorithm,
+    parse_beta,
     round_learning_rates,
 )
 from fedpac_hf.validation import coerce_fields
@@ -110,12 +111,14 @@ class FedPACArguments(TrainingArguments):
             "otherwise)."
         },
     )
-    beta: float | None = field(
+    beta: float | str | None = field(
         default=None,
         metadata={
             "help": "Correction strength in [0, 1): the base step is scaled by 1 - beta and "
-            "beta * lr * global_direction is subtracted after it. Default: the "
-            "algorithm's (0.5 for FedPAC)."
+            "beta * lr * global_direction is subtracted after it; or 'auto': the server "
+            "chooses it every round from the spread of the client updates and the change "
+            "of the global direction (at most 0.75). Default: the algorithm's (0.5 for "
+            "FedPAC)."
         },
     )
     align: bool | None = field(
@@ -226,6 +229,8 @@ class FedPACArguments(TrainingArguments):
             self.resume_from_checkpoint = "true" if self.resume_from_checkpoint else None
         # one reading of every setting, whichever door (YAML, CLI, Python, Flower) it came by
         coerce_fields(self)
+        if self.beta is not None:
+            self.beta = parse_beta(self.beta)
         if isinstance(
             self.resume_from_checkpoint, str
         ) and self.resume_from_checkpoint.strip().lower() in ("", "false", "no", "none"):

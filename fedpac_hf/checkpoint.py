@@ -146,6 +146,7 @@ def save_federated_checkpoint(
             "round": state.round,
             "has_curvature": state.curvature is not None,
             "has_direction": state.direction is not None,
+            "beta": state.beta,
             **metadata,
         }
         (tmp / STATE_JSON).write_text(json.dumps(doc, indent=2, sort_keys=True))
@@ -213,10 +214,21 @@ def load_federated_checkpoint(directory: str | os.PathLike[str]) -> tuple[Server
         curvature=parts["curvature"] if metadata.get("has_curvature") else None,
         direction=parts["direction"] if metadata.get("has_direction") else None,
         round=round_number,
+        beta=_beta_of(metadata, json_path),
     )
     if not state.params:
         raise ValueError(f"{tensor_path} holds no global parameters (no 'params::' entry)")
     return state, metadata
+
+
+def _beta_of(metadata: dict[str, Any], json_path: Path) -> float | None:
+    """The saved ``beta="auto"`` choice for the next round (absent in older checkpoints)."""
+    beta = metadata.get("beta")
+    if beta is None:
+        return None
+    if isinstance(beta, bool) or not isinstance(beta, int | float) or not 0 <= beta < 1:
+        raise ValueError(f"{json_path} is corrupt: 'beta' is {beta!r}, not a number in [0, 1)")
+    return float(beta)
 
 
 def latest_checkpoint(output_dir: str | os.PathLike[str]) -> Path | None:

@@ -14,7 +14,9 @@ Files written into the run directory:
 ``loss.png``
     Training loss (the clients' mean) and evaluation loss against the round.
 ``drift.png``
-    Relative preconditioner drift against the round (log scale).
+    Relative preconditioner drift against the round (log scale), against the
+    new global Theta and against the Theta the round started from, with the
+    correction strength beta of every round on a second axis.
 ``bytes.png``
     Bytes sent up (clients to server) and down per round.
 ``summary.md``
@@ -86,6 +88,8 @@ _TABLE_COLUMNS = (
     ("eval_f1", "eval f1", "{:.4f}"),
     ("eval_perplexity", "eval perplexity", "{:.2f}"),
     ("drift_relative", "drift (rel.)", "{:.3g}"),
+    ("drift_from_start_relative", "drift from start (rel.)", "{:.3g}"),
+    ("beta", "beta", "{:.3g}"),
     ("bytes_up_delta", "up: deltas", "{}"),
     ("bytes_up_theta", "up: Theta", "{}"),
     ("round_time", "time (s)", "{:.1f}"),
@@ -366,13 +370,7 @@ def plot_metrics(
     )
     written += _lines_plot(records, loss_lines, path / "loss.png", "loss vs round", "loss", title)
 
-    xs, ys = _series(records, "drift_relative")
-    if ys:
-        figure, axes = _figure("preconditioner drift vs round", "relative drift", title)
-        axes.plot(xs, ys, marker="o", markersize=3, color="tab:red")
-        if all(y > 0 for y in ys):
-            axes.set_yscale("log")
-        written.append(_save(figure, path / "drift.png"))
+    written += _drift_plot(records, path / "drift.png", title)
 
     byte_lines = (
         ("bytes_up_delta", "up: deltas", "tab:green"),
@@ -395,6 +393,37 @@ def plot_metrics(
         from_zero=True,
     )
     return written
+
+
+def _drift_plot(records: Sequence[dict[str, Any]], target: Path, title: str | None) -> list[Path]:
+    """Relative drift (against the new and the starting global Theta), with beta beside it."""
+    lines = (
+        ("drift_relative", "clients vs the new global Theta", "tab:red"),
+        ("drift_from_start_relative", "clients vs the Theta they started from", "tab:brown"),
+    )
+    figure, axes = _figure("preconditioner drift vs round", "relative drift", title)
+    positive = True
+    for key, label, color in lines:
+        xs, ys = _series(records, key)
+        if ys:
+            axes.plot(xs, ys, marker="o", markersize=3, label=label, color=color)
+            positive = positive and all(y > 0 for y in ys)
+    if not axes.lines:
+        return []
+    if positive:
+        axes.set_yscale("log")
+    xs, betas = _series(records, "beta")
+    if betas and any(b > 0 for b in betas):
+        right = axes.twinx()
+        right.plot(xs, betas, marker="s", markersize=3, color="tab:blue", label="beta (right)")
+        right.set_ylabel("correction strength beta")
+        right.set_ylim(0, 1)
+        handles = axes.get_legend_handles_labels()
+        extra = right.get_legend_handles_labels()
+        axes.legend(handles[0] + extra[0], handles[1] + extra[1], loc="best")
+    else:
+        axes.legend()
+    return [_save(figure, target)]
 
 
 def _byte_parts(records: Sequence[dict[str, Any]], total: str) -> str:
@@ -531,6 +560,12 @@ def write_summary(
     _, drift = _series(records, "drift_relative")
     if drift:
         lines.append(f"- relative drift: first {drift[0]:.3g}, last {drift[-1]:.3g}")
+    _, betas = _series(records, "beta")
+    if len(set(betas)) > 1:  # chosen by the server (beta="auto")
+        lines.append(
+            f"- beta: first {betas[0]:.3g}, last {betas[-1]:.3g}, "
+            f"range {min(betas):.3g}-{max(betas):.3g}"
+        )
     lines += ["", "## Per round", "", summary_table(records), ""]
 
     figures = [

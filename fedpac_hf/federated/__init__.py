@@ -4,6 +4,7 @@ Testable on a 10-line model; the HF trainer and the Flower apps are thin
 shells around it.
 """
 
+from .adaptive_beta import AUTO_BETA_MAX, AUTO_BETA_START, auto_beta, parse_beta, round_beta
 from .algorithms import (
     Algorithm,
     get_algorithm,
@@ -46,6 +47,8 @@ from .state import (
 )
 
 __all__ = [
+    "AUTO_BETA_MAX",
+    "AUTO_BETA_START",
     "Algorithm",
     "ClientError",
     "ClientFailure",
@@ -59,6 +62,7 @@ __all__ = [
     "ServerState",
     "WEIGHTINGS",
     "aggregate",
+    "auto_beta",
     "batch_size",
     "client_update",
     "cycle_batches",
@@ -68,8 +72,10 @@ __all__ = [
     "get_trainable_state",
     "list_algorithms",
     "load_trainable_state",
+    "parse_beta",
     "register_algorithm",
     "resolve_clients_per_round",
+    "round_beta",
     "round_learning_rates",
     "run_client",
     "sample_clients",

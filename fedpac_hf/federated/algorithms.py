@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .adaptive_beta import AUTO, AUTO_BETA_MAX, parse_beta
+
 __all__ = [
     "Algorithm",
     "register_algorithm",
@@ -48,31 +50,39 @@ class Algorithm:
         Extra keyword arguments for the optimizer (betas, eps, ...).
     description:
         One line for tables and ``--help``.
+    beta_max:
+        Upper bound of the correction strength chosen by ``beta="auto"``,
+        in (0, 1).
     """
 
     name: str
     optimizer: str
     align: bool = False
-    beta: float = 0.0
+    beta: float | str = 0.0
     optimizer_kwargs: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
+    beta_max: float = AUTO_BETA_MAX
 
     def __post_init__(self) -> None:
-        if not 0.0 <= float(self.beta) <= 1.0:
+        try:
+            beta = parse_beta(self.beta)
+        except ValueError as err:
+            raise ValueError(f"{err} (algorithm {self.name!r})") from None
+        object.__setattr__(self, "beta", beta)  # "0.3" -> 0.3, "AUTO" -> "auto"
+        if isinstance(self.beta_max, bool) or not 0.0 < float(self.beta_max) < 1.0:
             raise ValueError(
-                f"beta must lie in [0, 1] (the correction strength), got {self.beta} "
-                f"for algorithm {self.name!r}"
+                f"beta_max must lie in (0, 1), got {self.beta_max!r} (algorithm {self.name!r})"
             )
-        if float(self.beta) == 1.0:
-            # The base step would vanish: the clients would only replay g_G.
-            raise ValueError(
-                f"beta = 1 leaves no local step in algorithm {self.name!r}; use beta < 1"
-            )
+
+    @property
+    def adaptive_beta(self) -> bool:
+        """Whether the server chooses beta every round (``beta="auto"``)."""
+        return self.beta == AUTO
 
     @property
     def correction(self) -> bool:
         """Whether the global direction is blended into local steps."""
-        return self.beta > 0.0
+        return self.adaptive_beta or float(self.beta) > 0.0
 
     def replace(self, **changes: Any) -> Algorithm:
         """Return a copy with some fields changed (validated again)."""

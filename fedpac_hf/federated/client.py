@@ -26,6 +26,7 @@ import torch
 
 from fedpac_hf.optim.base import all_finite
 
+from .adaptive_beta import round_beta
 from .algorithms import Algorithm
 from .failures import PROGRAMMING_ERRORS, ClientError, ClientFailure, run_client
 from .state import ServerState, load_trainable_state, trainable_parameters
@@ -191,7 +192,9 @@ def client_update(
     server_state:
         Global parameters, curvature and direction of this round.
     algorithm:
-        The client rule's knobs (optimizer, alignment, beta).
+        The client rule's knobs (optimizer, alignment, beta; with ``beta="auto"``
+        the round's value travels as ``server_state.beta``, see
+        :func:`~fedpac_hf.federated.round_beta`).
     batches:
         An iterator yielding at least ``local_steps * gradient_accumulation_steps``
         batches (see :func:`cycle_batches`).
@@ -262,7 +265,7 @@ def client_update(
     state = server_state.to(device)  # a no-op when the round engine put it there
     load_trainable_state(model, state.params)
     param_list = list(params.values())
-    beta = float(algorithm.beta)
+    beta = round_beta(algorithm, state)
     optimizer = optimizer_factory(
         algorithm.optimizer, model, lr=(1.0 - beta) * lr, **dict(algorithm.optimizer_kwargs)
     )

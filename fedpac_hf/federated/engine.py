@@ -64,6 +64,11 @@ ROUND_METRICS: tuple[str, ...] = (
     "hessian_refreshes",
     "drift",
     "drift_relative",
+    "drift_from_start",
+    "drift_from_start_relative",
+    "beta",
+    "client_dispersion",
+    "direction_change",
     "bytes_up",
     "bytes_down",
     "bytes_up_delta",
@@ -76,7 +81,13 @@ ROUND_METRICS: tuple[str, ...] = (
 """The metrics every round reports, whichever shell ran it.
 
 ``drift``/``drift_relative`` appear only for optimizers with a curvature
-state; evaluation adds ``eval_*`` entries and Flower adds ``wire_bytes_*``.
+state, ``drift_from_start``/``drift_from_start_relative`` (each client's Theta
+against the global Theta the round started from) from round 2 on, and
+``direction_change`` (how far the global direction moved) from round 2 on.
+``beta`` is the correction strength the round's clients used (chosen by the
+server with ``beta="auto"``), ``client_dispersion`` the spread of their
+updates (:mod:`~fedpac_hf.federated.adaptive_beta`). Evaluation adds
+``eval_*`` entries and Flower adds ``wire_bytes_*``.
 ``bytes_up``/``bytes_down`` are the totals of the parts: the clients' deltas
 and Theta up; the parameters, the global direction and Theta down.
 ``skipped_steps`` sums, over the round's clients, the local steps that an fp16

@@ -8,6 +8,17 @@ proportional to the examples seen):
 - Theta^{r+1} = sum_i w_i Theta_i
 - drift D = (1/S) sum_i ||Theta_i - Theta^{r+1}||_F^2 (absolute, and relative
   to ||Theta^{r+1}||_F^2)
+- drift from the start D_0 = (1/S) sum_i ||Theta_i - Theta^r||_F^2 (relative to
+  ||Theta^r||_F^2), from round 2 on: how far each client's curvature ended
+  from the global Theta the round started with. An aligned client starts from
+  Theta^r, so D_0 is how far its K steps moved it; an unaligned one starts
+  cold, so D_0 is how far its own curvature lies from what alignment would
+  have given it. Unlike D, it compares aligned and unaligned methods on the
+  same reference.
+- for ``beta="auto"`` (:mod:`~fedpac_hf.federated.adaptive_beta`): the spread
+  of the updates sigma^2 = sum_i w_i ||Delta_i - Delta||^2 / (W (K eta_l)^2)
+  and the change of the direction tau^2 = ||g_G^{r+1} - g_G^r||^2, which set
+  the next round's beta.
 
 :class:`RoundAggregator` does this as a running sum so that the server holds
 O(1) model-sized buffers whatever the number of clients, and so that partial
@@ -23,6 +34,7 @@ import torch
 
 from fedpac_hf.optim.base import all_finite
 
+from .adaptive_beta import auto_beta, round_beta
 from .algorithms import Algorithm
 from .client import ClientUpdate
 from .failures import ClientFailure
@@ -131,6 +143,7 @@ class RoundAggregator:
         self.curvature_weighted_sum: dict[str, torch.Tensor] = {}
         self.curvature_sum: dict[str, torch.Tensor] = {}
         self.curvature_square_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.delta_square_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.skipped_steps = 0.0
         self.hessian_refreshes = 0.0
         self.weight_sum = 0.0
@@ -181,6 +194,10 @@ class RoundAggregator:
         names = list(update.delta)
         deltas = [update.delta[n].to(self.device, torch.float64) for n in names]
         torch._foreach_add_([self.delta_sum[n] for n in names], deltas, alpha=weight)
+        if deltas:
+            self.delta_square_sum += (
+                weight * torch.stack(torch._foreach_norm(deltas)).square().sum()
+            )
         if update.curvature:
             if self.num_clients and set(update.curvature) != set(self.curvature_sum):
                 raise ValueError(
@@ -245,7 +262,13 @@ class RoundAggregator:
             ],
             dtype=torch.float64,
         )
-        scalars = torch.cat([self.curvature_square_sum.reshape(1), host.to(self.device)])
+        scalars = torch.cat(
+            [
+                self.curvature_square_sum.reshape(1),
+                self.delta_square_sum.reshape(1),
+                host.to(self.device),
+            ]
+        )
         tensors = (
             [self.delta_sum[n] for n in names]
             + [self.curvature_sum[k] for k in curv]
@@ -259,6 +282,7 @@ class RoundAggregator:
             t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
         self.curvature_square_sum = scalars[0].clone()
+        self.delta_square_sum = scalars[1].clone()
         (
             self.weight_sum,
             num_clients,
@@ -268,7 +292,7 @@ class RoundAggregator:
             theta_bytes,
             self.skipped_steps,
             self.hessian_refreshes,
-        ) = scalars[1:].cpu().tolist()
+        ) = scalars[2:].cpu().tolist()
         self.num_clients, self.num_examples = int(num_clients), int(num_examples)
         self.delta_bytes, self.theta_bytes = int(delta_bytes), int(theta_bytes)
         self.client_ids = sorted(ids)
@@ -315,9 +339,22 @@ class RoundAggregator:
 
         curvature: dict[str, torch.Tensor] | None = None
         # device scalars, read in one transfer below
+        delta_sq = torch.stack([d.square().sum() for d in delta.values()]).sum()
+        scale = 1.0 / (local_steps * lr) ** 2  # delta units -> direction units
         scalars: dict[str, torch.Tensor] = {
-            "update_norm": torch.stack([d.square().sum() for d in delta.values()]).sum().sqrt()
+            "update_norm": delta_sq.sqrt(),
+            "client_dispersion": (self.delta_square_sum * inv_w - delta_sq) * scale,
         }
+        if state.direction is not None:
+            scalars["direction_change"] = torch.stack(
+                [
+                    (direction[n] - state.direction[n].to(self.device, torch.float32))
+                    .double()
+                    .square()
+                    .sum()
+                    for n in direction
+                ]
+            ).sum()
         if self.curvature_weighted_sum:
             mean_w = {n: s * inv_w for n, s in self.curvature_weighted_sum.items()}
             inv_s = 1.0 / self.num_clients
@@ -330,6 +367,21 @@ class RoundAggregator:
                 inv_s * self.curvature_square_sum - 2.0 * inv_s * cross + scalars["norm_sq"]
             )
             curvature = {n: m.to(torch.float32) for n, m in mean_w.items()}
+            start = state.curvature
+            if start and set(start) == set(mean_w):
+                # (1/S) sum_i ||T_i - T^r||^2, expanded like the drift
+                start64 = {n: t.to(self.device, torch.float64) for n, t in start.items()}
+                scalars["start_norm_sq"] = torch.stack(
+                    [t.square().sum() for t in start64.values()]
+                ).sum()
+                cross_start = torch.stack(
+                    [(self.curvature_sum[n] * start64[n]).sum() for n in start64]
+                ).sum()
+                scalars["drift_from_start"] = (
+                    inv_s * self.curvature_square_sum
+                    - 2.0 * inv_s * cross_start
+                    + scalars["start_norm_sq"]
+                )
         finite = {
             part: all_finite(tensors.values()).to(self.device)
             for part, tensors in (
@@ -349,6 +401,22 @@ class RoundAggregator:
             norm_sq = read["norm_sq"]
             metrics["drift"] = drift
             metrics["drift_relative"] = drift / norm_sq if norm_sq > 0 else 0.0
+        if "drift_from_start" in read:
+            drift0 = max(0.0, read["drift_from_start"])
+            norm0 = read["start_norm_sq"]
+            metrics["drift_from_start"] = drift0
+            metrics["drift_from_start_relative"] = drift0 / norm0 if norm0 > 0 else 0.0
+        metrics["beta"] = round_beta(self.algorithm, state)
+        metrics["client_dispersion"] = max(0.0, read["client_dispersion"])
+        next_beta = state.beta
+        if "direction_change" in read:
+            metrics["direction_change"] = read["direction_change"]
+            if self.algorithm.adaptive_beta:
+                next_beta = auto_beta(
+                    metrics["client_dispersion"],
+                    metrics["direction_change"],
+                    self.algorithm.beta_max,
+                )
 
         down = {
             part: size * self.num_clients
@@ -386,7 +454,11 @@ class RoundAggregator:
         if curvature is not None:
             curvature = {n: new[("curvature", n)] for n in curvature}
         new_state = ServerState(
-            params=params, curvature=curvature, direction=direction, round=state.round + 1
+            params=params,
+            curvature=curvature,
+            direction=direction,
+            round=state.round + 1,
+            beta=next_beta if self.algorithm.adaptive_beta else None,
         )
         return new_state, metrics
 

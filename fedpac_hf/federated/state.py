@@ -144,12 +144,17 @@ class ServerState:
         (the paper's zero direction).
     round:
         Number of completed rounds.
+    beta:
+        The correction strength the server chose for the next round when the
+        algorithm's beta is ``"auto"`` (None: not chosen yet, or a fixed beta);
+        see :func:`~fedpac_hf.federated.round_beta`.
     """
 
     params: dict[str, torch.Tensor]
     curvature: dict[str, torch.Tensor] | None = None
     direction: dict[str, torch.Tensor] | None = None
     round: int = 0
+    beta: float | None = None
 
     def cast(self, dtype: torch.dtype) -> ServerState:
         """This state with every tensor in ``dtype`` (what travels with reduced-precision transport)."""
@@ -164,6 +169,7 @@ class ServerState:
             curvature=convert(self.curvature),
             direction=convert(self.direction),
             round=self.round,
+            beta=self.beta,
         )
 
     def to(self, device: torch.device | str) -> ServerState:
@@ -185,6 +191,7 @@ class ServerState:
             curvature=part_of("curvature"),
             direction=part_of("direction"),
             round=self.round,
+            beta=self.beta,
         )
 
     @classmethod

@@ -142,6 +142,8 @@ def server_state_to_content(
             "transport-dtype": _dtype_name(state),
         }
     )
+    if state.beta is not None:  # beta="auto": the server's choice for this round
+        content[CONFIG_KEY]["beta"] = float(state.beta)
     return content
 
 
@@ -184,6 +186,7 @@ def server_state_from_content(content: RecordDict) -> ServerState:
         curvature=array_record_to_tensors(curvature) if curvature is not None else None,
         direction=array_record_to_tensors(direction) if direction is not None else None,
         round=int(config.get("round-index", 0)),
+        beta=float(config["beta"]) if "beta" in config else None,
     )
 
 
