@@ -167,7 +167,7 @@ def test_every_command_line_override_parses_or_is_refused_with_a_message(overrid
     [
         (["--num_rounds", "abc"], "argument --num_rounds/--num-rounds: invalid int value: 'abc'"),
         (["--num_clinets", "3"], "did you mean 'num_clients'"),
-        (["--beta", "2"], "beta must be a number in \\[0, 1\\) or \"auto\""),
+        (["--beta", "2"], 'beta must be a number in \\[0, 1\\) or "auto"'),
     ],
 )
 def test_override_errors_are_value_errors_not_exits(argv, expected):
