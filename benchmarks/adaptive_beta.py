@@ -153,6 +153,9 @@ def report(seeds: int) -> None:
         "and seeds. "
         "Commands: `benchmarks/beta_results/*.json`.\n"
     )
+    notes = _kept_notes(BENCH / "RESULTS.md")
+    if notes:
+        add(f"{NOTES_START}\n{notes}\n{NOTES_END}\n")
     means: dict[str, dict[str, float]] = {}
     for split, (config, _, lr_f, lr_l) in SPLITS.items():
         add(f"### {split} (`{config}`, fedpac_soap lr {lr_f:g}, local_soap lr {lr_l:g})\n")
@@ -203,6 +206,17 @@ def report(seeds: int) -> None:
     add("![beta chosen by the server, and drift](beta_auto.png)\n")
     write_section(BENCH / "RESULTS.md", "adaptive-beta", "\n".join(lines))
     print("wrote the adaptive-beta section of benchmarks/RESULTS.md")
+
+
+NOTES_START, NOTES_END = "<!-- beta-analysis -->", "<!-- /beta-analysis -->"
+
+
+def _kept_notes(path: Path) -> str:
+    """The hand-written reading of the tables (kept when the section is rebuilt)."""
+    text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    if NOTES_START not in text or NOTES_END not in text:
+        return ""
+    return text.split(NOTES_START, 1)[1].split(NOTES_END, 1)[0].strip()
 
 
 def _plot(done: dict[str, dict], seeds: int) -> None:

@@ -115,10 +115,10 @@ class FedPACArguments(TrainingArguments):
         default=None,
         metadata={
             "help": "Correction strength in [0, 1): the base step is scaled by 1 - beta and "
-            "beta * lr * global_direction is subtracted after it; or 'auto': the server "
-            "chooses it every round from the spread of the client updates and the change "
-            "of the global direction (at most 0.75). Default: the algorithm's (0.5 for "
-            "FedPAC)."
+            "beta * lr * global_direction is subtracted after it; or 'auto' (experimental, "
+            "trailed fixed 0.5 in benchmarks/RESULTS.md): the server chooses it every round "
+            "from the spread of the client updates and the change of the global direction "
+            "(at most 0.75). Default: the algorithm's (0.5 for FedPAC)."
         },
     )
     align: bool | None = field(
