@@ -24,12 +24,16 @@ import os
 import platform
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# the process helpers the Flower tests use (free ports, process trees)
+from tests.flower_processes import free_port, process_tree, processes_mentioning  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -39,40 +43,6 @@ _FINISHED = re.compile(
     r"FedPAC run finished: (\d+) of \d+ rounds done; .*peak memory of the ServerApp process "
     r"(\d+) MiB"
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _processes_mentioning(text: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode():
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
-
-
-def _children(pids: list[int]) -> list[int]:
-    parents = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    tree, frontier = list(pids), list(pids)
-    while frontier:
-        frontier = [p for p, parent in parents.items() if parent in frontier]
-        tree += frontier
-    return tree
 
 
 def run_once(num_clients: int, per_round: int, rounds: int, workdir: Path) -> dict[str, float]:
@@ -87,8 +57,8 @@ def run_once(num_clients: int, per_round: int, rounds: int, workdir: Path) -> di
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
         "FLWR_HOME": str(home),
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_TELEMETRY_ENABLED": "0",
         "HF_HUB_OFFLINE": "1",
@@ -109,7 +79,7 @@ def run_once(num_clients: int, per_round: int, rounds: int, workdir: Path) -> di
             command, env=env, cwd=workdir, capture_output=True, text=True, timeout=1800
         )
     finally:  # `flwr run` leaves its local SuperLink running: end it and its children
-        tree = _children(_processes_mentioning(str(home)))
+        tree = [p for pid in processes_mentioning(str(home)) for p in process_tree(pid)]
         for pid in reversed(tree):
             try:
                 os.kill(pid, signal.SIGTERM)
