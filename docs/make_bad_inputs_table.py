@@ -583,6 +583,9 @@ def run_case(case: Case) -> tuple[str, str]:
         finally:
             logging.disable(logging.NOTSET)
         message = message.replace(str(out.resolve()), PLACEHOLDER).replace(str(out), PLACEHOLDER)
+    if outcome in ("`ModuleNotFoundError`", "`ImportError`") or "No module named" in message:
+        # a broken install, not the user's mistake: never write it into the table
+        raise RuntimeError(f"{case.mistake} ({case.where}): {message}; reinstall the package")
     return outcome, message
 
 

@@ -6,6 +6,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parent.parent / "docs" / "make_bad_inputs_table.py"
 
 
@@ -31,3 +33,18 @@ def test_every_bad_input_gets_a_message_and_the_doc_is_current():
     assert script.DOC.read_text(encoding="utf-8") == script.render(rows), (
         "docs/bad_inputs.md is stale: run python docs/make_bad_inputs_table.py"
     )
+
+
+def test_a_broken_install_is_not_written_into_the_table():
+    script = load_script()
+
+    def missing_module(out):
+        import importlib
+
+        importlib.import_module("fedpac_hf_module_that_does_not_exist")
+
+    case = script.Case("a mistake", "`somewhere`", missing_module)
+    with pytest.raises(RuntimeError, match="reinstall the package"):
+        script.run_case(case)
+    ok = script.Case("a mistake", "`somewhere`", lambda out: int("x"))
+    assert script.run_case(ok)[0] == "`ValueError`"
