@@ -18,8 +18,8 @@ rewritten after each measurement, so whatever finishes is kept):
     Sophia at ViT-B/16 shapes in bf16, and of LoRA r = 16 adapters on a
     randomly initialised Llama-3.2-1B-shaped model (bf16 base).
 
-Needs torch, transformers, accelerate and peft; not ``datasets``, ``evaluate``
-or the network (synthetic tensors, models from configs). Run from the
+Needs torch, transformers, accelerate and peft; not ``datasets``, ``pyarrow``,
+``evaluate`` or the network (synthetic tensors, models from configs). Run from the
 repository root::
 
     PYTHONPATH=. python benchmarks/gpu_check.py --out benchmarks/GPU.md

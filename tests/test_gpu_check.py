@@ -1,8 +1,8 @@
 """``benchmarks/gpu_check.py --smoke``: the GPU check's code path on tiny shapes, on the CPU.
 
 It runs as the GPU machine would run it: from the working tree, without
-``datasets``, ``evaluate`` or ``mlxtend`` (the script makes them unimportable),
-offline. Its host-sync table must show what ``client_update`` promises through
+``datasets``, ``evaluate``, ``mlxtend`` or ``pyarrow`` (the script makes them
+unimportable), offline. Its host-sync table must show what ``client_update`` promises through
 the whole ``FedPACTrainer`` path: nothing per step without a gradient scaler,
 one per step with one (fp16).
 """
@@ -30,6 +30,7 @@ def test_gpu_check_smoke_runs_without_datasets_and_reports_every_section(tmp_pat
             "datasets",
             "evaluate",
             "mlxtend",
+            "pyarrow",
             "--out",
             str(out),
         ],

@@ -14,7 +14,6 @@ from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import pyarrow as pa
 
 if TYPE_CHECKING:  # datasets is needed only by whoever passes a Dataset
     from datasets import Dataset
@@ -119,6 +118,8 @@ def read_column(dataset: Dataset, column: str, argument: str = "label_column") -
     ValueError
         If the column does not exist or holds missing values.
     """
+    import pyarrow as pa  # a datasets.Dataset holds Arrow data; imported here, not with fedpac_hf
+
     if column not in dataset.column_names:
         raise ValueError(
             f"{argument}={column!r} is not a column of the dataset; available columns: "

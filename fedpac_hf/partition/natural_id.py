@@ -5,8 +5,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from fedpac_hf.partition.base import Partitioner, group_by_client, read_column
 
@@ -52,6 +50,9 @@ class NaturalIdPartitioner(Partitioner):
         if len(dataset) == 0:
             raise ValueError("the dataset is empty; NaturalIdPartitioner needs at least one row.")
         values = read_column(dataset, self.column, argument="column")
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
         try:
             encoded = pc.dictionary_encode(pa.array(values))
             dictionary = encoded.dictionary.to_numpy(zero_copy_only=False)
