@@ -1,4 +1,5 @@
-"""Why a client produced no update, and the one place that decides it (:func:`run_client`).
+"""Why a client produced no update, and the one place that decides it (:func:`run_client`);
+why a round produced no global model (:class:`RoundError`).
 
 Split out of :mod:`fedpac_hf.federated.client` (which re-exports every name):
 the in-process trainer, :func:`~fedpac_hf.federated.simulate` and the Flower
@@ -12,10 +13,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
+
 if TYPE_CHECKING:
     from .client import ClientUpdate
 
-__all__ = ["PROGRAMMING_ERRORS", "ClientError", "ClientFailure", "run_client"]
+__all__ = [
+    "PROGRAMMING_ERRORS",
+    "ClientError",
+    "ClientFailure",
+    "RoundError",
+    "require_finite_aggregate",
+    "run_client",
+]
 
 # the logger the drops were always logged under, before this module was split out
 logger = logging.getLogger("fedpac_hf.federated.client")
@@ -123,3 +133,25 @@ def run_client(
         failure = ClientFailure(int(client_id), int(round_number), type(error).__name__, message)
         (log or logger).warning("round %d: dropping %s", round_number, failure)
         return failure
+
+
+class RoundError(RuntimeError):
+    """A round produced no usable global model: too few clients succeeded, or it is not finite.
+
+    Raised before anything is saved, so the last checkpoint stays the last
+    good state; the message says why and what to change.
+    """
+
+
+def require_finite_aggregate(
+    tensors: dict[str, torch.Tensor], part: str, round_number: int, server_lr: float
+) -> None:
+    """Refuse a non-finite aggregate (e.g. float32 overflow of finite client updates)."""
+    for name, t in tensors.items():
+        if not torch.isfinite(t).all():
+            raise RoundError(
+                f"round {round_number}: the aggregated global {part} has inf/nan entries "
+                f"({name!r}) although every client update was finite; the global model is "
+                "neither updated nor saved. Lower learning_rate or server_learning_rate "
+                f"(now {server_lr:g}), or clip with max_grad_norm"
+            )

@@ -6,19 +6,11 @@ proportional to the examples seen):
 - Delta = sum_i w_i Delta_i,   theta^{r+1} = theta^r + eta_g * Delta
 - g_G^{r+1} = -Delta / (K * eta_l)
 - Theta^{r+1} = sum_i w_i Theta_i
-- drift D = (1/S) sum_i ||Theta_i - Theta^{r+1}||_F^2 (absolute, and relative
-  to ||Theta^{r+1}||_F^2)
-- drift from the start D_0 = (1/S) sum_i ||Theta_i - Theta^r||_F^2 (relative to
-  ||Theta^r||_F^2), from round 2 on: how far each client's curvature ended
-  from the global Theta the round started with. An aligned client starts from
-  Theta^r, so D_0 is how far its K steps moved it; an unaligned one starts
-  cold, so D_0 is how far its own curvature lies from what alignment would
-  have given it. Unlike D, it compares aligned and unaligned methods on the
-  same reference.
-- for ``beta="auto"`` (:mod:`~fedpac_hf.federated.adaptive_beta`): the spread
-  of the updates sigma^2 = sum_i w_i ||Delta_i - Delta||^2 / (W (K eta_l)^2)
-  and the change of the direction tau^2 = ||g_G^{r+1} - g_G^r||^2, which set
-  the next round's beta.
+- the round's diagnostics: the drift of the clients' Theta around Theta^{r+1}
+  and around the Theta^r they started from, the spread of their updates and
+  the change of g_G (which set ``beta="auto"``, see
+  :mod:`~fedpac_hf.federated.adaptive_beta`); the formulas are in
+  :mod:`~fedpac_hf.federated.round_metrics`.
 
 :class:`RoundAggregator` does this as a running sum so that the server holds
 O(1) model-sized buffers whatever the number of clients, and so that partial
@@ -37,8 +29,9 @@ from fedpac_hf.optim.base import all_finite
 from .adaptive_beta import auto_beta, round_beta
 from .algorithms import Algorithm
 from .client import ClientUpdate
-from .failures import ClientFailure
-from .state import ServerState, move_tensors, tensor_bytes
+from .failures import ClientFailure, RoundError, require_finite_aggregate
+from .round_metrics import curvature_scalars, drift_metrics, update_scalars
+from .state import ServerState, downlink_bytes, downlink_parts, move_tensors, tensor_bytes
 
 __all__ = [
     "RoundAggregator",
@@ -49,14 +42,6 @@ __all__ = [
     "sum_device",
     "WEIGHTINGS",
 ]
-
-
-class RoundError(RuntimeError):
-    """A round produced no usable global model: too few clients succeeded, or it is not finite.
-
-    Raised before anything is saved, so the last checkpoint stays the last
-    good state; the message says why and what to change.
-    """
 
 
 Weighting = Literal["uniform", "num_examples"]
@@ -71,25 +56,6 @@ def sum_device(device: torch.device | str | None) -> torch.device:
         return torch.device("cpu")
     device = torch.device(device)
     return torch.device("cpu") if device.type == "mps" else device
-
-
-def downlink_parts(server_state: ServerState, algorithm: Algorithm) -> dict[str, int]:
-    """Bytes the server sends to one client, by part: params, direction g_G, Theta.
-
-    Theta goes down only when the algorithm aligns and g_G only when it
-    corrects; tensors count at their dtype's size (2 bytes with bfloat16
-    transport).
-    """
-    return {
-        "params": tensor_bytes(server_state.params),
-        "direction": tensor_bytes(server_state.direction) if algorithm.correction else 0,
-        "theta": tensor_bytes(server_state.curvature) if algorithm.align else 0,
-    }
-
-
-def downlink_bytes(server_state: ServerState, algorithm: Algorithm) -> int:
-    """Bytes the server sends to one client: params, plus Theta and g_G when used."""
-    return sum(downlink_parts(server_state, algorithm).values())
 
 
 class RoundAggregator:
@@ -338,50 +304,25 @@ class RoundAggregator:
         direction = {n: (-d / (local_steps * lr)).to(torch.float32) for n, d in delta.items()}
 
         curvature: dict[str, torch.Tensor] | None = None
-        # device scalars, read in one transfer below
-        delta_sq = torch.stack([d.square().sum() for d in delta.values()]).sum()
-        scale = 1.0 / (local_steps * lr) ** 2  # delta units -> direction units
-        scalars: dict[str, torch.Tensor] = {
-            "update_norm": delta_sq.sqrt(),
-            "client_dispersion": (self.delta_square_sum * inv_w - delta_sq) * scale,
-        }
-        if state.direction is not None:
-            scalars["direction_change"] = torch.stack(
-                [
-                    (direction[n] - state.direction[n].to(self.device, torch.float32))
-                    .double()
-                    .square()
-                    .sum()
-                    for n in direction
-                ]
-            ).sum()
+        scalars = update_scalars(  # device scalars, read in one transfer below
+            delta,
+            self.delta_square_sum * inv_w,
+            direction,
+            state.direction,
+            units=1.0 / (local_steps * lr) ** 2,
+        )
         if self.curvature_weighted_sum:
-            mean_w = {n: s * inv_w for n, s in self.curvature_weighted_sum.items()}
-            inv_s = 1.0 / self.num_clients
-            # (1/S) sum_i ||T_i - M||^2 = (1/S) sum ||T_i||^2 - 2 <(1/S) sum T_i, M> + ||M||^2
-            cross = torch.stack(
-                [(self.curvature_sum[n] * m).sum() for n, m in mean_w.items()]
-            ).sum()
-            scalars["norm_sq"] = torch.stack([m.square().sum() for m in mean_w.values()]).sum()
-            scalars["drift"] = (
-                inv_s * self.curvature_square_sum - 2.0 * inv_s * cross + scalars["norm_sq"]
-            )
-            curvature = {n: m.to(torch.float32) for n, m in mean_w.items()}
-            start = state.curvature
-            if start and set(start) == set(mean_w):
-                # (1/S) sum_i ||T_i - T^r||^2, expanded like the drift
-                start64 = {n: t.to(self.device, torch.float64) for n, t in start.items()}
-                scalars["start_norm_sq"] = torch.stack(
-                    [t.square().sum() for t in start64.values()]
-                ).sum()
-                cross_start = torch.stack(
-                    [(self.curvature_sum[n] * start64[n]).sum() for n in start64]
-                ).sum()
-                scalars["drift_from_start"] = (
-                    inv_s * self.curvature_square_sum
-                    - 2.0 * inv_s * cross_start
-                    + scalars["start_norm_sq"]
+            mean = {n: s * inv_w for n, s in self.curvature_weighted_sum.items()}
+            scalars.update(
+                curvature_scalars(
+                    self.curvature_sum,
+                    mean,
+                    self.curvature_square_sum,
+                    self.num_clients,
+                    state.curvature,
                 )
+            )
+            curvature = {n: m.to(torch.float32) for n, m in mean.items()}
         finite = {
             part: all_finite(tensors.values()).to(self.device)
             for part, tensors in (
@@ -395,17 +336,7 @@ class RoundAggregator:
             [scalars[k] for k in scalars] + [f.to(torch.float64) for f in finite.values()]
         )
         read = dict(zip(names, values.cpu().tolist()))  # one host sync for every metric
-        metrics: dict[str, float] = {}
-        if "drift" in read:
-            drift = max(0.0, read["drift"])
-            norm_sq = read["norm_sq"]
-            metrics["drift"] = drift
-            metrics["drift_relative"] = drift / norm_sq if norm_sq > 0 else 0.0
-        if "drift_from_start" in read:
-            drift0 = max(0.0, read["drift_from_start"])
-            norm0 = read["start_norm_sq"]
-            metrics["drift_from_start"] = drift0
-            metrics["drift_from_start_relative"] = drift0 / norm0 if norm0 > 0 else 0.0
+        metrics = drift_metrics(read)
         metrics["beta"] = round_beta(self.algorithm, state)
         metrics["client_dispersion"] = max(0.0, read["client_dispersion"])
         next_beta = state.beta
@@ -440,7 +371,7 @@ class RoundAggregator:
         for part in finite:
             if not read[part]:
                 tensors = {"model": params, "direction": direction}.get(part, curvature or {})
-                _require_finite(tensors, part, state.round + 1, server_lr)
+                require_finite_aggregate(tensors, part, state.round + 1, server_lr)
         new = move_tensors(
             {
                 **{("params", n): t for n, t in params.items()},
@@ -461,20 +392,6 @@ class RoundAggregator:
             beta=next_beta if self.algorithm.adaptive_beta else None,
         )
         return new_state, metrics
-
-
-def _require_finite(
-    tensors: dict[str, torch.Tensor], part: str, round_number: int, server_lr: float
-) -> None:
-    """Refuse a non-finite aggregate (e.g. float32 overflow of finite client updates)."""
-    for name, t in tensors.items():
-        if not torch.isfinite(t).all():
-            raise RoundError(
-                f"round {round_number}: the aggregated global {part} has inf/nan entries "
-                f"({name!r}) although every client update was finite; the global model is "
-                "neither updated nor saved. Lower learning_rate or server_learning_rate "
-                f"(now {server_lr:g}), or clip with max_grad_norm"
-            )
 
 
 def aggregate(

@@ -11,12 +11,17 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
+if TYPE_CHECKING:
+    from .algorithms import Algorithm
+
 __all__ = [
     "ServerState",
+    "downlink_bytes",
+    "downlink_parts",
     "trainable_parameters",
     "get_trainable_state",
     "load_trainable_state",
@@ -198,3 +203,22 @@ class ServerState:
     def from_model(cls, model: torch.nn.Module) -> ServerState:
         """Initial state: the model's trainable parameters, no curvature, no direction."""
         return cls(params=get_trainable_state(model))
+
+
+def downlink_parts(server_state: ServerState, algorithm: Algorithm) -> dict[str, int]:
+    """Bytes the server sends to one client, by part: params, direction g_G, Theta.
+
+    Theta goes down only when the algorithm aligns and g_G only when it
+    corrects; tensors count at their dtype's size (2 bytes with bfloat16
+    transport).
+    """
+    return {
+        "params": tensor_bytes(server_state.params),
+        "direction": tensor_bytes(server_state.direction) if algorithm.correction else 0,
+        "theta": tensor_bytes(server_state.curvature) if algorithm.align else 0,
+    }
+
+
+def downlink_bytes(server_state: ServerState, algorithm: Algorithm) -> int:
+    """Bytes the server sends to one client: params, plus Theta and g_G when used."""
+    return sum(downlink_parts(server_state, algorithm).values())
