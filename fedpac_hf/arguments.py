@@ -16,8 +16,6 @@ checkpoint every N rounds, ``logging_steps`` logs, and
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -26,9 +24,14 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
+from fedpac_hf.argument_checks import PARTITIONER_FIELDS, PARTITIONERS, check_arguments
+from fedpac_hf.curvature_forms import (
+    CURVATURE_FORMS,
+    LORA_SKETCH_COLUMNS,
+    curvature_options,
+    lora_rank,
+)
 from fedpac_hf.federated import (
-    TRANSPORT_DTYPES,
-    WEIGHTINGS,
     Algorithm,
     RoundEngine,
     ServerState,
@@ -47,30 +50,10 @@ __all__ = [
     "lora_rank",
 ]
 
-CURVATURE_FORMS: tuple[str, ...] = ("auto", "full", "lora")
-
-# Columns of the Nystroem sketch a LoRA factor's long side (the d of a d x r factor)
-# sends with curvature "lora" (and "auto" on a PEFT model), beside its diagonal:
-# min(4, r - 2). Chosen on the validation split of benchmarks/LORA.md (section 2):
-# the best form that sends at most as much curvature as adapter (cheaper forms lose
-# most of FedPAC's gain there); fewer columns at small ranks keep Theta below the
-# adapter's size.
-LORA_SKETCH_COLUMNS = 4
-
-
 # Settings of earlier versions -> what replaces them (named in the error for the old key).
 REPLACED_SETTINGS = {
     "eval_every_rounds": "eval_strategy: steps with eval_steps: N (a round is one global step)",
     "save_every_rounds": "save_strategy: steps with save_steps: N (a round is one global step)",
-}
-
-_PARTITIONERS = ("iid", "dirichlet", "pathological", "quantity_skew", "natural_id")
-# partitioner constructor argument -> the FedPACArguments field that sets it
-_PARTITIONER_FIELDS = {
-    "alpha": "dirichlet_alpha",
-    "scheme": "dirichlet_scheme",
-    "label_column": "partition_label_column",
-    "column": "partition_id_column",
 }
 
 
@@ -175,7 +158,7 @@ class FedPACArguments(TrainingArguments):
     )
     partitioner: str = field(
         default="dirichlet",
-        metadata={"help": f"How to split train_dataset into clients: one of {_PARTITIONERS}."},
+        metadata={"help": f"How to split train_dataset into clients: one of {PARTITIONERS}."},
     )
     dirichlet_alpha: float = field(
         default=0.1,
@@ -246,105 +229,7 @@ class FedPACArguments(TrainingArguments):
                     "output_dir"
                 )
         super().__post_init__()
-        if isinstance(self.client_optimizer_kwargs, str):
-            try:
-                self.client_optimizer_kwargs = json.loads(self.client_optimizer_kwargs)
-            except json.JSONDecodeError as err:
-                raise ValueError(
-                    f"client_optimizer_kwargs is not valid JSON ({err}); write it like "
-                    "'{\"precondition_frequency\": 10}'"
-                ) from None
-        if self.client_optimizer_kwargs is not None and not isinstance(
-            self.client_optimizer_kwargs, dict
-        ):
-            raise ValueError("client_optimizer_kwargs must be a dict or a JSON object string")
-        for name in (
-            "num_rounds",
-            "local_steps",
-            "num_clients",
-            "min_clients_per_round",
-            "per_device_train_batch_size",
-            "gradient_accumulation_steps",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise ValueError(
-                f"learning_rate (the clients' local rate) must be a positive number, got "
-                f"{self.learning_rate}"
-            )
-        if not 0 < self.clients_per_round < 1 and (
-            self.clients_per_round < 1 or not float(self.clients_per_round).is_integer()
-        ):
-            raise ValueError(
-                f"clients_per_round must be a fraction in (0, 1) or a whole count >= 1, got "
-                f"{self.clients_per_round}"
-            )
-        if self.clients_per_round >= 1:
-            self.clients_per_round = int(self.clients_per_round)  # a count, however it was written
-        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
-            raise ValueError(
-                f"max_grad_norm must be a finite number >= 0 (0 turns clipping off), got "
-                f"{self.max_grad_norm}"
-            )
-        warmup = self.get_warmup_steps(self.num_rounds)
-        if warmup >= self.num_rounds:
-            raise ValueError(
-                f"warmup_steps counts rounds (a round is one global step): {warmup} warm-up "
-                f"rounds in a {self.num_rounds}-round run would never reach learning_rate; use "
-                f"fewer than num_rounds={self.num_rounds} (or a fraction such as 0.1)"
-            )
-        if not (self.server_learning_rate > 0 and math.isfinite(self.server_learning_rate)):
-            raise ValueError(
-                f"server_learning_rate must be positive, got {self.server_learning_rate}"
-            )
-        if self.curvature not in CURVATURE_FORMS:
-            raise ValueError(f"curvature must be one of {CURVATURE_FORMS}, got {self.curvature!r}")
-        if self.transport_dtype not in TRANSPORT_DTYPES:
-            raise ValueError(
-                f"transport_dtype must be one of {TRANSPORT_DTYPES}, got {self.transport_dtype!r}"
-            )
-        if self.aggregation_weighting not in WEIGHTINGS:
-            raise ValueError(
-                f"aggregation_weighting must be one of {WEIGHTINGS}, got "
-                f"{self.aggregation_weighting!r}"
-            )
-        if self.partitioner.replace("-", "_") not in _PARTITIONERS:
-            raise ValueError(
-                f"partitioner must be one of {_PARTITIONERS}, got {self.partitioner!r}"
-            )
-        self._check_client_optimizer(self.build_algorithm())  # fail early: name, beta, options
-        name = self.partitioner.replace("-", "_")
-        if name != "natural_id" or self.partition_id_column:
-            from fedpac_hf.partition import get_partitioner
-
-            kwargs = self.partitioner_kwargs()
-            try:
-                get_partitioner(name, **kwargs)  # fail early on its arguments
-            except ValueError as err:
-                fields = ", ".join(
-                    f"{_PARTITIONER_FIELDS.get(k, k)}={v!r}" for k, v in kwargs.items()
-                )
-                raise ValueError(f"partitioner {name!r} with {fields}: {err}") from None
-        for name in ("eval_strategy", "save_strategy", "logging_strategy"):
-            if str(getattr(getattr(self, name), "value", getattr(self, name))) == "epoch":
-                raise ValueError(
-                    f"{name}='epoch' has no meaning in a federated run (there are no epochs over "
-                    f"one dataset); a round is one global step: use {name}='steps' with "
-                    f"{name.replace('_strategy', '_steps')}=N to act every N rounds"
-                )
-        if self.deepspeed:
-            raise ValueError(
-                "FedPACTrainer does not support DeepSpeed: every client trains the whole "
-                "(trainable) model in one process and the server needs each client's full "
-                "optimizer curvature, which ZeRO shards away. Remove --deepspeed."
-            )
-        if self.fsdp:
-            raise ValueError(
-                "FedPACTrainer does not support FSDP: clients are spread over processes, "
-                "each holding the whole trainable model; sharding one client's model over "
-                "processes is not implemented. Remove --fsdp (LoRA keeps models small)."
-            )
+        check_arguments(self)
 
     def build_algorithm(self, model: torch.nn.Module | None = None) -> Algorithm:
         """The :class:`Algorithm` these arguments describe (registry entry + overrides).
@@ -431,34 +316,7 @@ class FedPACArguments(TrainingArguments):
     @staticmethod
     def partition_setting_names() -> dict[str, str]:
         """Partitioner argument -> the field of these arguments that sets it."""
-        return {**_PARTITIONER_FIELDS, "partitioner": "partitioner", "seed": "seed"}
-
-    def _check_client_optimizer(self, algorithm: Algorithm) -> None:
-        """Build the client optimizer once on a 2x2 weight: a bad name or option fails now.
-
-        Otherwise it would fail inside every client's first step, and every
-        client would be dropped.
-        """
-        from fedpac_hf.optim import OPTIMIZERS, create_optimizer
-
-        if algorithm.optimizer.lower() not in OPTIMIZERS:
-            raise ValueError(
-                f"client_optimizer={algorithm.optimizer!r} is not an optimizer; valid names: "
-                f"{sorted(OPTIMIZERS)}"
-            )
-        weight = torch.nn.Parameter(torch.zeros(2, 2))
-        try:
-            create_optimizer(
-                algorithm.optimizer,
-                [("weight", weight)],
-                lr=self.learning_rate,
-                **dict(algorithm.optimizer_kwargs),
-            )
-        except (ValueError, TypeError) as err:
-            raise ValueError(
-                f"client optimizer {algorithm.optimizer!r} refuses client_optimizer_kwargs="
-                f"{self.client_optimizer_kwargs or {}} / weight_decay={self.weight_decay}: {err}"
-            ) from None
+        return {**PARTITIONER_FIELDS, "partitioner": "partitioner", "seed": "seed"}
 
     def assign_clients(self, dataset: Any, partitioner: Any = None) -> list[Any]:
         """Split ``dataset`` into client index arrays with ``partitioner`` or the configured one.
@@ -471,8 +329,8 @@ class FedPACArguments(TrainingArguments):
         try:
             return partitioner.assign(dataset)
         except ValueError as err:
-            pattern = r"\b(" + "|".join(_PARTITIONER_FIELDS) + r")="
-            message = re.sub(pattern, lambda m: f"{_PARTITIONER_FIELDS[m.group(1)]}=", str(err))
+            pattern = r"\b(" + "|".join(PARTITIONER_FIELDS) + r")="
+            message = re.sub(pattern, lambda m: f"{PARTITIONER_FIELDS[m.group(1)]}=", str(err))
             raise ValueError(message) from None
 
     def partitioner_kwargs(self) -> dict[str, Any]:
@@ -502,52 +360,3 @@ class FedPACArguments(TrainingArguments):
                 alpha=self.dirichlet_alpha, min_examples_per_client=self.min_examples_per_client
             )
         return kwargs
-
-
-def lora_rank(model: torch.nn.Module) -> int | None:
-    """The largest LoRA rank of a PEFT model's adapters (``None`` without adapters)."""
-    configs = getattr(model, "peft_config", None)
-    if not configs:
-        return None
-    ranks = []
-    for config in configs.values():
-        rank = getattr(config, "r", None)
-        if rank is None:
-            continue
-        ranks += [
-            int(rank),
-            *(int(r) for r in (getattr(config, "rank_pattern", None) or {}).values()),
-        ]
-    return max(ranks) if ranks else None
-
-
-def curvature_options(form: str, optimizer: str, model: torch.nn.Module) -> dict[str, Any]:
-    """Client-optimizer options that give Theta the ``curvature`` form asked for.
-
-    ``"lora"`` (and ``"auto"`` on a PEFT model) keeps SOAP's statistics of the
-    sides no longer than the LoRA rank r (a factor's rank side) in full and
-    sends every longer side as its diagonal plus a k-column Nystroem sketch of
-    its statistic, k = min(4, r - 2) (:data:`LORA_SKETCH_COLUMNS`): Theta is
-    then r^2 + (k + 1) d floats per d x r factor instead of r^2 + d^2, that is
-    r/d + (k + 1)/r of the factor (0.66 at r = 8, d = 256; 0.32 at r = 16,
-    d = 4096; 0.88 at r = 4, d = 32). Client options given by the user
-    (``client_optimizer_kwargs``, e.g. ``theta_sketch_dim``) override these. Sophia's and Muon's Theta is
-    already the adapters' size and does not change.
-
-    Raises
-    ------
-    ValueError
-        For ``"lora"`` on a model without LoRA adapters.
-    """
-    if form not in CURVATURE_FORMS:
-        raise ValueError(f"curvature must be one of {CURVATURE_FORMS}, got {form!r}")
-    rank = lora_rank(model)
-    if form == "lora" and rank is None:
-        raise ValueError(
-            "curvature='lora' sizes Theta for LoRA adapters, but the model has none (no "
-            "peft_config); use curvature='full' or 'auto', or train adapters (lora_r > 0)"
-        )
-    if form == "full" or rank is None or optimizer.lower() != "soap":
-        return {}
-    columns = min(LORA_SKETCH_COLUMNS, max(rank - 2, 0))
-    return {"theta_max_dim": rank, "theta_sketch_dim": columns, "theta_diagonal": True}

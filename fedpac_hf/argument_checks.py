@@ -1,0 +1,161 @@
+"""The checks every :class:`~fedpac_hf.arguments.FedPACArguments` passes before a run.
+
+Each refuses a value that would otherwise be misread or fail late (inside every
+client's first step, or after hours of rounds), with a message that names the
+setting to change. ``docs/bad_inputs.md`` lists what each mistake gets.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+from fedpac_hf.curvature_forms import CURVATURE_FORMS
+from fedpac_hf.federated import TRANSPORT_DTYPES, WEIGHTINGS, Algorithm
+
+if TYPE_CHECKING:
+    from fedpac_hf.arguments import FedPACArguments
+
+__all__ = ["PARTITIONER_FIELDS", "PARTITIONERS", "check_arguments"]
+
+PARTITIONERS = ("iid", "dirichlet", "pathological", "quantity_skew", "natural_id")
+# partitioner constructor argument -> the FedPACArguments field that sets it
+PARTITIONER_FIELDS = {
+    "alpha": "dirichlet_alpha",
+    "scheme": "dirichlet_scheme",
+    "label_column": "partition_label_column",
+    "column": "partition_id_column",
+}
+
+
+def check_arguments(args: FedPACArguments) -> None:
+    """Refuse inconsistent or unsupported settings (after ``TrainingArguments``' own checks).
+
+    Raises
+    ------
+    ValueError
+        Naming the setting and what it accepts.
+    """
+    if isinstance(args.client_optimizer_kwargs, str):
+        try:
+            args.client_optimizer_kwargs = json.loads(args.client_optimizer_kwargs)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"client_optimizer_kwargs is not valid JSON ({err}); write it like "
+                "'{\"precondition_frequency\": 10}'"
+            ) from None
+    if args.client_optimizer_kwargs is not None and not isinstance(
+        args.client_optimizer_kwargs, dict
+    ):
+        raise ValueError("client_optimizer_kwargs must be a dict or a JSON object string")
+    for name in (
+        "num_rounds",
+        "local_steps",
+        "num_clients",
+        "min_clients_per_round",
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+    ):
+        if getattr(args, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(args, name)}")
+    if not (args.learning_rate > 0 and math.isfinite(args.learning_rate)):
+        raise ValueError(
+            f"learning_rate (the clients' local rate) must be a positive number, got "
+            f"{args.learning_rate}"
+        )
+    if not 0 < args.clients_per_round < 1 and (
+        args.clients_per_round < 1 or not float(args.clients_per_round).is_integer()
+    ):
+        raise ValueError(
+            f"clients_per_round must be a fraction in (0, 1) or a whole count >= 1, got "
+            f"{args.clients_per_round}"
+        )
+    if args.clients_per_round >= 1:
+        args.clients_per_round = int(args.clients_per_round)  # a count, however it was written
+    if not (math.isfinite(args.max_grad_norm) and args.max_grad_norm >= 0):
+        raise ValueError(
+            f"max_grad_norm must be a finite number >= 0 (0 turns clipping off), got "
+            f"{args.max_grad_norm}"
+        )
+    warmup = args.get_warmup_steps(args.num_rounds)
+    if warmup >= args.num_rounds:
+        raise ValueError(
+            f"warmup_steps counts rounds (a round is one global step): {warmup} warm-up "
+            f"rounds in a {args.num_rounds}-round run would never reach learning_rate; use "
+            f"fewer than num_rounds={args.num_rounds} (or a fraction such as 0.1)"
+        )
+    if not (args.server_learning_rate > 0 and math.isfinite(args.server_learning_rate)):
+        raise ValueError(f"server_learning_rate must be positive, got {args.server_learning_rate}")
+    if args.curvature not in CURVATURE_FORMS:
+        raise ValueError(f"curvature must be one of {CURVATURE_FORMS}, got {args.curvature!r}")
+    if args.transport_dtype not in TRANSPORT_DTYPES:
+        raise ValueError(
+            f"transport_dtype must be one of {TRANSPORT_DTYPES}, got {args.transport_dtype!r}"
+        )
+    if args.aggregation_weighting not in WEIGHTINGS:
+        raise ValueError(
+            f"aggregation_weighting must be one of {WEIGHTINGS}, got {args.aggregation_weighting!r}"
+        )
+    if args.partitioner.replace("-", "_") not in PARTITIONERS:
+        raise ValueError(f"partitioner must be one of {PARTITIONERS}, got {args.partitioner!r}")
+    _check_client_optimizer(args, args.build_algorithm())  # fail early: name, beta, options
+    name = args.partitioner.replace("-", "_")
+    if name != "natural_id" or args.partition_id_column:
+        from fedpac_hf.partition import get_partitioner
+
+        kwargs = args.partitioner_kwargs()
+        try:
+            get_partitioner(name, **kwargs)  # fail early on its arguments
+        except ValueError as err:
+            fields = ", ".join(f"{PARTITIONER_FIELDS.get(k, k)}={v!r}" for k, v in kwargs.items())
+            raise ValueError(f"partitioner {name!r} with {fields}: {err}") from None
+    for name in ("eval_strategy", "save_strategy", "logging_strategy"):
+        if str(getattr(getattr(args, name), "value", getattr(args, name))) == "epoch":
+            raise ValueError(
+                f"{name}='epoch' has no meaning in a federated run (there are no epochs over "
+                f"one dataset); a round is one global step: use {name}='steps' with "
+                f"{name.replace('_strategy', '_steps')}=N to act every N rounds"
+            )
+    if args.deepspeed:
+        raise ValueError(
+            "FedPACTrainer does not support DeepSpeed: every client trains the whole "
+            "(trainable) model in one process and the server needs each client's full "
+            "optimizer curvature, which ZeRO shards away. Remove --deepspeed."
+        )
+    if args.fsdp:
+        raise ValueError(
+            "FedPACTrainer does not support FSDP: clients are spread over processes, "
+            "each holding the whole trainable model; sharding one client's model over "
+            "processes is not implemented. Remove --fsdp (LoRA keeps models small)."
+        )
+
+
+def _check_client_optimizer(args: FedPACArguments, algorithm: Algorithm) -> None:
+    """Build the client optimizer once on a 2x2 weight: a bad name or option fails now.
+
+    Otherwise it would fail inside every client's first step, and every
+    client would be dropped.
+    """
+    from fedpac_hf.optim import OPTIMIZERS, create_optimizer
+
+    if algorithm.optimizer.lower() not in OPTIMIZERS:
+        raise ValueError(
+            f"client_optimizer={algorithm.optimizer!r} is not an optimizer; valid names: "
+            f"{sorted(OPTIMIZERS)}"
+        )
+    weight = torch.nn.Parameter(torch.zeros(2, 2))
+    try:
+        create_optimizer(
+            algorithm.optimizer,
+            [("weight", weight)],
+            lr=args.learning_rate,
+            **dict(algorithm.optimizer_kwargs),
+        )
+    except (ValueError, TypeError) as err:
+        raise ValueError(
+            f"client optimizer {algorithm.optimizer!r} refuses client_optimizer_kwargs="
+            f"{args.client_optimizer_kwargs or {}} / weight_decay={args.weight_decay}: {err}"
+        ) from None
