@@ -22,6 +22,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from fedpac_hf.metrics_file import read_metrics
+
 __all__ = ["finite", "plot_metrics", "quality_metric", "series"]
 
 
@@ -115,8 +117,6 @@ def plot_metrics(
     list of pathlib.Path
         The PNG files written (a figure whose metric was never logged is skipped).
     """
-    from fedpac_hf.reporting import read_metrics  # (reporting draws its figures with this)
-
     path = Path(run_dir)
     records = list(records) if records is not None else read_metrics(path)
     written: list[Path] = []
