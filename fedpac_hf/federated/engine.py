@@ -31,7 +31,6 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -39,6 +38,7 @@ from .algorithms import Algorithm
 from .client import ClientUpdate
 from .failures import ClientFailure, run_client
 from .sampling import resolve_clients_per_round, sample_clients
+from .schedule import round_learning_rates
 from .server import WEIGHTINGS, RoundAggregator
 from .state import ServerState
 
@@ -98,85 +98,6 @@ refreshes, each one more forward and backward) of the round's clients.
 
 TRANSPORT_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
 """What updates and global state can travel as (the server always sums in float64)."""
-
-# Schedules driven by an evaluation metric, not by the round count.
-_UNSCHEDULABLE = ("reduce_lr_on_plateau", "greedy")
-
-
-def round_learning_rates(
-    learning_rate: float,
-    num_rounds: int,
-    schedule: str = "cosine",
-    *,
-    warmup_rounds: int = 0,
-    scheduler_kwargs: Mapping[str, Any] | None = None,
-) -> list[float]:
-    """The local learning rate eta_l of every round, from a ``transformers`` schedule.
-
-    The schedule is stepped once per round, as ``Trainer`` steps it once per
-    optimizer step: a round is one global step. ``cosine`` (the paper's
-    choice) decays from ``learning_rate`` towards 0, ``linear`` likewise on a
-    straight line, ``constant`` keeps it; any other name of
-    ``transformers.SchedulerType`` that needs only the step count works too.
-    A warm-up that would start at 0 starts at its first positive rate instead:
-    a round at rate 0 would be wasted work.
-
-    Parameters
-    ----------
-    learning_rate:
-        Peak local learning rate.
-    num_rounds:
-        R, the number of rounds.
-    schedule:
-        A ``transformers`` scheduler name (``lr_scheduler_type``).
-    warmup_rounds:
-        Rounds of linear warm-up.
-    scheduler_kwargs:
-        Extra arguments of the scheduler (``lr_scheduler_kwargs``).
-
-    Returns
-    -------
-    list of float
-        ``num_rounds`` positive rates, index 0 for the first round.
-
-    Raises
-    ------
-    ValueError
-        For an unknown schedule, one that does not follow the step count, or
-        a non-positive rate or round count.
-    """
-    import torch
-    from transformers import SchedulerType
-    from transformers.optimization import get_scheduler
-
-    if not (learning_rate > 0 and math.isfinite(learning_rate)):
-        raise ValueError(f"learning_rate must be a positive number, got {learning_rate}")
-    if num_rounds < 1:
-        raise ValueError(f"num_rounds must be at least 1, got {num_rounds}")
-    names = [s.value for s in SchedulerType if s.value not in _UNSCHEDULABLE]
-    name = getattr(schedule, "value", schedule)
-    if name not in names:
-        raise ValueError(
-            f"lr_scheduler_type {name!r} cannot schedule the learning rate over rounds; "
-            f"choose one of {names}"
-        )
-    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=learning_rate)
-    scheduler = get_scheduler(
-        name,
-        dummy,
-        num_warmup_steps=int(warmup_rounds),
-        num_training_steps=num_rounds,
-        scheduler_specific_kwargs=dict(scheduler_kwargs or {}),
-    )
-    rates = []
-    for _ in range(num_rounds):
-        rates.append(float(dummy.param_groups[0]["lr"]))
-        dummy.step()
-        scheduler.step()
-    if rates[0] <= 0:
-        positive = [r for r in rates if r > 0]
-        rates[0] = positive[0] if positive else learning_rate
-    return rates
 
 
 @dataclass
