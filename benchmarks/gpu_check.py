@@ -16,7 +16,9 @@ rewritten after each measurement, so whatever finishes is kept):
     and plain ``transformers.Trainer`` on the same 500 steps, in bf16 and fp32;
 (b) step time and peak memory against ``torch.optim.AdamW`` of SOAP, Muon and
     Sophia at ViT-B/16 shapes in bf16, and of LoRA r = 16 adapters on a
-    randomly initialised Llama-3.2-1B-shaped model (bf16 base).
+    randomly initialised Llama-3.2-1B-shaped model (bf16 base); SOAP also with
+    ``rotation_precision="high"`` (``soap-tf32``: its rotations on TF32 tensor
+    cores, the statistics and refreshes in full float32).
 
 Needs torch, transformers, accelerate and peft; not ``datasets``, ``pyarrow``,
 ``evaluate`` or the network (synthetic tensors, models from configs). Run from the
@@ -49,8 +51,8 @@ sys.path[:0] = [str(ROOT), str(HERE)]  # the working tree's fedpac_hf, then gpu_
 SYNC_ALGORITHMS = ("fedavg_adamw", "fedpac_soap", "fedpac_sophia", "fedpac_muon")
 ROUND_ALGORITHMS = ("fedavg_adamw", "local_soap", "fedpac_soap")
 STEP_OPTIMIZERS = {
-    "vit-b16": ("torch-adamw", "adamw", "soap", "muon", "sophia"),
-    "llama-1b-lora": ("torch-adamw", "adamw", "soap", "soap-1024", "muon", "sophia"),
+    "vit-b16": ("torch-adamw", "adamw", "soap", "soap-tf32", "muon", "sophia"),
+    "llama-1b-lora": ("torch-adamw", "adamw", "soap", "soap-tf32", "soap-1024", "muon", "sophia"),
 }
 
 

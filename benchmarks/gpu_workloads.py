@@ -175,13 +175,15 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 def make_optimizer(name: str, model: torch.nn.Module, lr: float = 1e-4) -> torch.optim.Optimizer:
     """``torch.optim.AdamW`` for ``"torch-adamw"``; the package's optimizers as the
     federated client runs them (no per-step finiteness check) for the others;
-    ``"soap-1024"`` is SOAP with ``max_precond_dim=1024``."""
+    ``"soap-1024"`` is SOAP with ``max_precond_dim=1024``, ``"soap-tf32"`` SOAP with
+    ``rotation_precision="high"`` (its rotations on TF32 tensor cores)."""
     from fedpac_hf.optim import create_optimizer
 
     if name == "torch-adamw":
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    if name == "soap-1024":
-        optimizer = create_optimizer("soap", model, lr=lr, weight_decay=0.01, max_precond_dim=1024)
+    variants = {"soap-1024": {"max_precond_dim": 1024}, "soap-tf32": {"rotation_precision": "high"}}
+    if name in variants:
+        optimizer = create_optimizer("soap", model, lr=lr, weight_decay=0.01, **variants[name])
     else:
         optimizer = create_optimizer(name, model, lr=lr, weight_decay=0.01)
     optimizer.check_finite_grads = False

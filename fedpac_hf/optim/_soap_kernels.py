@@ -37,6 +37,7 @@ __all__ = [
     "eigenbasis",
     "foreach_adam_step_",
     "highest_matmul_precision",
+    "matmul_precision",
     "matrix_adam_step_",
     "refresh_bases_",
     "rotate",
@@ -131,11 +132,20 @@ def eigenbases(matrices: list[torch.Tensor], warn_not_finite: bool = True) -> li
 @contextlib.contextmanager
 def highest_matmul_precision(device: torch.device) -> Iterator[None]:
     """Disable TF32 for float32 matmuls on CUDA while curvature is computed."""
+    with matmul_precision(device, "highest"):
+        yield
+
+
+@contextlib.contextmanager
+def matmul_precision(device: torch.device, precision: str) -> Iterator[None]:
+    """Run float32 matmuls on CUDA at ``precision`` (``torch.set_float32_matmul_precision``:
+    ``"highest"`` full float32, ``"high"`` TensorFloat-32 tensor cores) inside the
+    block, then restore the caller's setting. Nothing changes on other devices."""
     if device.type != "cuda":
         yield
         return
     previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
+    torch.set_float32_matmul_precision(precision)
     try:
         yield
     finally:

@@ -67,6 +67,7 @@ from ._soap_kernels import (
     eigenbasis,
     foreach_adam_step_,
     highest_matmul_precision,
+    matmul_precision,
     matrix_adam_step_,
     refresh_bases_,
     rotate,
@@ -143,6 +144,13 @@ class SOAP(Optimizer, SOAPState):
         step, with the eigenbasis of that step's gradient. ``False`` follows
         the reference, whose first step only initialises the statistics, so a
         client with ``local_steps=1`` would never move.
+    rotation_precision : str
+        Float32 matmul precision, on CUDA, of the products that rotate the
+        gradient into the eigenbases and the update back out (the bulk of
+        SOAP's arithmetic): ``"highest"`` (full float32) or ``"high"``
+        (TensorFloat-32 tensor cores, about 1e-3 relative error per product).
+        The statistics, ``eigh``, the refresh and Theta always run at
+        ``"highest"``. No effect on a CPU.
     """
 
     def __init__(
@@ -162,6 +170,7 @@ class SOAP(Optimizer, SOAPState):
         theta_sketch_dim: int = 0,
         theta_diagonal: bool = True,
         first_step_updates: bool = True,
+        rotation_precision: str = "highest",
     ) -> None:
         if not lr >= 0.0:
             raise ValueError(f"SOAP: lr must be >= 0, got {lr}")
@@ -194,6 +203,10 @@ class SOAP(Optimizer, SOAPState):
                 "SOAP: theta_diagonal=False sends a long side as its sketch alone and needs "
                 f"theta_sketch_dim >= 1, got {theta_sketch_dim}"
             )
+        if rotation_precision not in ("highest", "high"):
+            raise ValueError(
+                f"SOAP: rotation_precision must be 'highest' or 'high', got {rotation_precision!r}"
+            )
         defaults = {
             "lr": lr,
             "betas": tuple(betas),
@@ -209,6 +222,7 @@ class SOAP(Optimizer, SOAPState):
             "theta_sketch_dim": int(theta_sketch_dim),
             "theta_diagonal": bool(theta_diagonal),
             "first_step_updates": bool(first_step_updates),
+            "rotation_precision": rotation_precision,
         }
         super().__init__(params, defaults)
         check_params_supported(self)
@@ -294,8 +308,9 @@ class SOAP(Optimizer, SOAPState):
                     for lst, x in zip(lists, (p, grad, state["exp_avg"], state["exp_avg_sq"])):
                         lst.append(x)
                     continue
-                with highest_matmul_precision(p.device):
+                with matmul_precision(p.device, group.get("rotation_precision", "highest")):
                     self._adam_in_eigenbasis(p, grad, state, view, rotated, group, t)
+                with highest_matmul_precision(p.device):
                     if not fresh:  # a fresh start has folded this gradient in already
                         self._accumulate(state, grad, view, rotated, shampoo_beta)
                     if t % group["precondition_frequency"] == 0:
