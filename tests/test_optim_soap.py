@@ -485,14 +485,14 @@ def test_a_cold_first_step_moves_the_parameters_in_its_own_eigenbasis() -> None:
 
 
 def test_rotation_precision_is_checked_and_changes_nothing_on_a_cpu() -> None:
-    with pytest.raises(ValueError, match="rotation_precision must be 'highest' or 'high'"):
+    with pytest.raises(ValueError, match="rotation_precision must be 'highest', 'high' or None"):
         SOAP([("w", nn.Parameter(torch.zeros(2, 2)))], rotation_precision="medium")
-    models = [_mlp([8, 16, 4], dtype=torch.float32) for _ in range(2)]
-    for model, precision in zip(models, ("highest", "high"), strict=True):
+    models = [_mlp([8, 16, 4], dtype=torch.float32) for _ in range(3)]
+    for model, precision in zip(models, (None, "highest", "high"), strict=True):
         opt = SOAP(model.named_parameters(), precondition_frequency=3, rotation_precision=precision)
         _train(model, opt, _batches(8, 8, 4, torch.float32))  # two refreshes
-    for p, q in zip(*(m.parameters() for m in models), strict=True):
-        assert torch.equal(p, q)
+    for p, q, r in zip(*(m.parameters() for m in models), strict=True):
+        assert torch.equal(p, q) and torch.equal(p, r)
 
 
 def test_matmul_precision_applies_on_cuda_only_and_restores_the_callers_setting() -> None:
@@ -506,6 +506,8 @@ def test_matmul_precision_applies_on_cuda_only_and_restores_the_callers_setting(
                 assert torch.get_float32_matmul_precision() == "high"
                 raise RuntimeError("inside")
         assert torch.get_float32_matmul_precision() == "medium"
+        with _soap_kernels.matmul_precision(torch.device("cuda"), None):
+            assert torch.get_float32_matmul_precision() == "medium"
         with _soap_kernels.highest_matmul_precision(torch.device("cuda")):
             assert torch.get_float32_matmul_precision() == "highest"
         assert torch.get_float32_matmul_precision() == "medium"

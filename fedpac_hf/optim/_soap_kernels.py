@@ -137,11 +137,12 @@ def highest_matmul_precision(device: torch.device) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def matmul_precision(device: torch.device, precision: str) -> Iterator[None]:
+def matmul_precision(device: torch.device, precision: str | None) -> Iterator[None]:
     """Run float32 matmuls on CUDA at ``precision`` (``torch.set_float32_matmul_precision``:
     ``"highest"`` full float32, ``"high"`` TensorFloat-32 tensor cores) inside the
-    block, then restore the caller's setting. Nothing changes on other devices."""
-    if device.type != "cuda":
+    block, then restore the caller's setting. ``None`` keeps the caller's setting;
+    nothing changes on other devices."""
+    if device.type != "cuda" or precision is None:
         yield
         return
     previous = torch.get_float32_matmul_precision()

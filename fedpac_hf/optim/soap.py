@@ -144,13 +144,16 @@ class SOAP(Optimizer, SOAPState):
         step, with the eigenbasis of that step's gradient. ``False`` follows
         the reference, whose first step only initialises the statistics, so a
         client with ``local_steps=1`` would never move.
-    rotation_precision : str
+    rotation_precision : str or None
         Float32 matmul precision, on CUDA, of the products that rotate the
         gradient into the eigenbases and the update back out (the bulk of
-        SOAP's arithmetic): ``"highest"`` (full float32) or ``"high"``
-        (TensorFloat-32 tensor cores, about 1e-3 relative error per product).
-        The statistics, ``eigh``, the refresh and Theta always run at
-        ``"highest"``. No effect on a CPU.
+        SOAP's arithmetic): ``"highest"`` (full float32), ``"high"``
+        (TensorFloat-32 tensor cores, about 1e-3 relative error per product),
+        or ``None`` (default): torch's setting at the time of the step, which
+        is full float32 unless TF32 was turned on (``TrainingArguments(tf32=True)``,
+        ``torch.set_float32_matmul_precision("high")``). The statistics,
+        ``eigh``, the refresh and Theta always run at ``"highest"``. No effect
+        on a CPU.
     """
 
     def __init__(
@@ -170,7 +173,7 @@ class SOAP(Optimizer, SOAPState):
         theta_sketch_dim: int = 0,
         theta_diagonal: bool = True,
         first_step_updates: bool = True,
-        rotation_precision: str = "highest",
+        rotation_precision: str | None = None,
     ) -> None:
         if not lr >= 0.0:
             raise ValueError(f"SOAP: lr must be >= 0, got {lr}")
@@ -203,9 +206,10 @@ class SOAP(Optimizer, SOAPState):
                 "SOAP: theta_diagonal=False sends a long side as its sketch alone and needs "
                 f"theta_sketch_dim >= 1, got {theta_sketch_dim}"
             )
-        if rotation_precision not in ("highest", "high"):
+        if rotation_precision not in (None, "highest", "high"):
             raise ValueError(
-                f"SOAP: rotation_precision must be 'highest' or 'high', got {rotation_precision!r}"
+                "SOAP: rotation_precision must be 'highest', 'high' or None, got "
+                f"{rotation_precision!r}"
             )
         defaults = {
             "lr": lr,
@@ -308,7 +312,7 @@ class SOAP(Optimizer, SOAPState):
                     for lst, x in zip(lists, (p, grad, state["exp_avg"], state["exp_avg_sq"])):
                         lst.append(x)
                     continue
-                with matmul_precision(p.device, group.get("rotation_precision", "highest")):
+                with matmul_precision(p.device, group.get("rotation_precision")):
                     self._adam_in_eigenbasis(p, grad, state, view, rotated, group, t)
                 with highest_matmul_precision(p.device):
                     if not fresh:  # a fresh start has folded this gradient in already
