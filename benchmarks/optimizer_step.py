@@ -328,7 +328,9 @@ def soap_breakdown(warmup: int, steps: int) -> None:
         for (owner, name), fn in originals.items():
             setattr(owner, name, fn)
 
-    ms = {k: v / steps * 1e3 for k, v in {**spent, **totals}.items()}
+    ms = defaultdict(float, {k: v / steps * 1e3 for k, v in {**spent, **totals}.items()})
+    if steps + warmup < 10:  # SOAP's default precondition_frequency
+        print(f"note: {steps + warmup} steps in all, so no eigenbasis refresh was timed")
     flops = soap_flops(soap.optimizer)
     with FlopCounterMode(display=False) as counter:
         adamw.model(**adamw.batch).loss.backward()
@@ -361,7 +363,7 @@ def soap_breakdown(warmup: int, steps: int) -> None:
     print("| part of SOAP's step | ms / step | GFLOP / step | GFLOP/s |")
     print("|---|---:|---:|---:|")
     for label, t, f in rows:
-        rate = f"{f / 1e9 / (t / 1e3):.0f}" if f else ""
+        rate = f"{f / 1e9 / (t / 1e3):.0f}" if f and t else ""
         work = f"{f / 1e9:.2f}" if f else ""
         print(f"| {label} | {t:.1f} | {work} | {rate} |")
     print(f"| **SOAP step (mean)** | **{ms['soap step']:.1f}** | | |")
