@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedpac_hf.optim import Muon, create_optimizer
+from fedpac_hf.optim.muon import newton_schulz, ns_dtype_for
 
 
 class _Net(nn.Module):
@@ -35,7 +36,13 @@ def _loss(model: nn.Module, seed: int) -> torch.Tensor:
 
 def test_matches_torch_muon_and_adamw_exactly() -> None:
     model, twin = _Net(), _Net()
-    opt = Muon(model.named_parameters(), lr=0.02, weight_decay=0.01, adjust_lr_fn=None)
+    opt = Muon(
+        model.named_parameters(),
+        lr=0.02,
+        weight_decay=0.01,
+        adjust_lr_fn=None,
+        ns_dtype="bfloat16",  # torch's; "auto" iterates in float32 on a CPU
+    )
     matrices = [p for n, p in twin.named_parameters() if n in {"hidden.weight", "hidden2.weight"}]
     others = [p for n, p in twin.named_parameters() if n not in {"hidden.weight", "hidden2.weight"}]
     ref_muon = torch.optim.Muon(matrices, lr=0.02, weight_decay=0.01)
@@ -119,3 +126,36 @@ def test_bad_inputs() -> None:
     assert opt.state == {} or all(len(s) == 0 for s in opt.state.values())
     with pytest.raises(ValueError, match="only 2-D"):
         Muon([{"params": [nn.Parameter(torch.zeros(3))], "use_muon": True}])
+
+
+def test_newton_schulz_dtype_auto_is_float32_on_a_cpu_and_more_accurate() -> None:
+    assert ns_dtype_for("auto", torch.device("cpu")) == torch.float32
+    assert ns_dtype_for("auto", torch.device("cuda")) == torch.bfloat16
+    assert ns_dtype_for("bfloat16", torch.device("cpu")) == torch.bfloat16
+    gen = torch.Generator().manual_seed(0)
+    update = torch.randn(48, 16, generator=gen)
+    coefficients = (3.4445, -4.7750, 2.0315)
+    exact = newton_schulz(update.double(), coefficients, 5, 1e-7, torch.float64)
+    errors = {
+        dtype: (newton_schulz(update, coefficients, 5, 1e-7, dtype).double() - exact).abs().max()
+        for dtype in (torch.float32, torch.bfloat16)
+    }
+    assert errors[torch.float32] < 1e-5 < errors[torch.bfloat16]
+    before = update.clone()
+    newton_schulz(update, coefficients, 5, 1e-7, torch.float32)
+    assert torch.equal(update, before)  # the momentum it is given stays untouched
+
+    model, twin = _Net(), _Net()
+    runs = [
+        Muon(m.named_parameters(), lr=0.02, ns_dtype=dtype)
+        for m, dtype in ((model, "auto"), (twin, "float32"))
+    ]
+    for step in range(3):
+        for m, opt in zip((model, twin), runs, strict=True):
+            opt.zero_grad()
+            _loss(m, step).backward()
+            opt.step()
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="ns_dtype must be one of"):
+        Muon(_Net().named_parameters(), ns_dtype="float16")

@@ -1,11 +1,13 @@
 """Muon for hidden matrices and AdamW for everything else, behind one optimizer.
 
-The matrix update is delegated to ``torch.optim.Muon`` and the rest to
-``torch.optim.AdamW``: :class:`Muon` owns the parameter groups and the state
-(so ``state_dict``/``load_state_dict``, ``zero_grad`` and LR schedulers see one
-ordinary optimizer) and hands each group to an inner torch optimizer that
-shares those very group dicts and the state dict. Every group has ``lr``
-(schedulers scale it) and a boolean ``use_muon``.
+The matrix update is ``torch.optim.Muon``'s (:func:`muon_matrix_step_`: the
+same operations in the same order, so in bfloat16 it matches torch's bit for
+bit) and the rest is delegated to ``torch.optim.AdamW``: :class:`Muon` owns the
+parameter groups and the state (so ``state_dict``/``load_state_dict``,
+``zero_grad`` and LR schedulers see one ordinary optimizer) and hands the AdamW
+groups to an inner torch optimizer that shares those very group dicts and the
+state dict. Every group has ``lr`` (schedulers scale it) and a boolean
+``use_muon``.
 
 Which parameters get Muon: 2-D parameters that are not embeddings or output
 heads (:func:`is_muon_matrix`). Embeddings, classifier/LM heads, norms,
@@ -14,13 +16,20 @@ kernels) get AdamW.
 
 Theta is ``{name.momentum}``: Muon's momentum buffer of every matrix parameter
 (zeros before the first step). The AdamW part exports nothing: its state starts
-from zero on every warm start. Precision follows torch: the momentum lives in
-the parameter dtype and torch's Newton-Schulz iteration runs in bfloat16 by
-design; Theta is exported as float32.
+from zero on every warm start. The momentum lives in the parameter dtype;
+Theta is exported as float32.
+
+Precision of the Newton-Schulz iteration (``ns_dtype``): torch runs it in
+bfloat16, which tensor cores do fast. A CPU without bfloat16 instructions
+(AVX2 only) multiplies bfloat16 matrices through a slow fallback, about 30x
+slower than float32 (benchmarks/optimizer_step.md), so ``"auto"`` (the default)
+iterates in bfloat16 on CUDA and in float32 elsewhere; ``"bfloat16"`` or
+``"float32"`` force one.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -39,7 +48,10 @@ from .base import (
     unhooked_step,
 )
 
-__all__ = ["Muon", "is_muon_matrix", "muon_matrix_names"]
+__all__ = ["NS_DTYPES", "Muon", "is_muon_matrix", "muon_matrix_names", "muon_matrix_step_"]
+
+NS_DTYPES: tuple[str, ...] = ("auto", "bfloat16", "float32")
+"""Accepted ``ns_dtype`` values of :class:`Muon`."""
 
 _NOT_HIDDEN = ("embed", "lm_head", "classifier", "score", "wte", "wpe", "pooler")
 
@@ -78,6 +90,73 @@ def muon_matrix_names(model: nn.Module) -> set[str]:
     }
 
 
+def newton_schulz(
+    update: torch.Tensor,
+    coefficients: tuple[float, float, float],
+    steps: int,
+    eps: float,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Approximately orthogonalise ``update`` (``U S V^T -> U S' V^T``, S' near 1) by
+    ``steps`` quintic Newton-Schulz iterations in ``dtype``, as ``torch.optim.Muon``
+    does (there in bfloat16). The input is not modified."""
+    a, b, c = coefficients
+    x = update.to(dtype=dtype, copy=True)
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.T
+    x.div_(x.norm().clamp(min=eps))  # spectral norm at most 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+def _adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    """``torch.optim.Muon``'s learning-rate adjustment for a matrix of ``shape``."""
+    rows, cols = shape[:2]
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return lr * math.sqrt(max(1.0, rows / cols))
+    if adjust_lr_fn == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(rows, cols))
+    return lr
+
+
+def ns_dtype_for(setting: str, device: torch.device) -> torch.dtype:
+    """The dtype ``ns_dtype=setting`` iterates in on ``device``."""
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, setting)
+
+
+@torch.no_grad()
+def muon_matrix_step_(optimizer: Optimizer, group: dict[str, Any]) -> None:
+    """One Muon step of a ``use_muon`` group: momentum, Nesterov, Newton-Schulz,
+    decoupled weight decay, adjusted learning rate (``torch.optim.Muon``'s rule).
+
+    The momentum buffer ``optimizer.state[p]["momentum_buffer"]`` is created at
+    the first step, like torch's.
+    """
+    lr = float(group["lr"])
+    momentum = group["momentum"]
+    for p in group["params"]:
+        if p.grad is None:
+            continue
+        grad = p.grad
+        state = optimizer.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+        buf = state["momentum_buffer"]
+        buf.lerp_(grad, 1 - momentum)
+        update = grad.lerp(buf, momentum) if group["nesterov"] else buf
+        dtype = ns_dtype_for(group.get("ns_dtype", "auto"), p.device)
+        update = newton_schulz(
+            update, group["ns_coefficients"], group["ns_steps"], group["eps"], dtype
+        )
+        p.mul_(1 - lr * group["weight_decay"])
+        p.add_(update, alpha=-_adjusted_lr(lr, group["adjust_lr_fn"], p.shape))
+
+
 class Muon(Optimizer, CurvatureOptimizer):
     """``torch.optim.Muon`` on hidden matrices plus ``torch.optim.AdamW`` on the rest.
 
@@ -98,6 +177,9 @@ class Muon(Optimizer, CurvatureOptimizer):
     adamw_lr : float or None
         Learning rate of the AdamW part (default: ``lr``).
     adamw_betas, adamw_eps : AdamW's ``betas`` and ``eps``.
+    ns_dtype : str
+        Dtype of the Newton-Schulz iteration: ``"auto"`` (bfloat16 on CUDA,
+        float32 elsewhere), ``"bfloat16"`` (torch's choice) or ``"float32"``.
     """
 
     def __init__(
@@ -114,7 +196,10 @@ class Muon(Optimizer, CurvatureOptimizer):
         adamw_lr: float | None = None,
         adamw_betas: tuple[float, float] = (0.9, 0.999),
         adamw_eps: float = 1e-8,
+        ns_dtype: str = "auto",
     ) -> None:
+        if ns_dtype not in NS_DTYPES:
+            raise ValueError(f"Muon: ns_dtype must be one of {NS_DTYPES}, got {ns_dtype!r}")
         muon_defaults = {
             "momentum": momentum,
             "nesterov": nesterov,
@@ -125,6 +210,7 @@ class Muon(Optimizer, CurvatureOptimizer):
         }
         # torch validates these and fills every key its AdamW step reads.
         torch.optim.Muon([torch.zeros(1, 1)], lr=lr, weight_decay=weight_decay, **muon_defaults)
+        muon_defaults["ns_dtype"] = ns_dtype
         adamw_defaults = dict(
             torch.optim.AdamW(
                 [torch.zeros(1)],
@@ -179,13 +265,12 @@ class Muon(Optimizer, CurvatureOptimizer):
         return out
 
     def _bind_inner(self) -> None:
-        """(Re)create the inner torch optimizers over this optimizer's groups and state."""
+        """(Re)create the inner ``torch.optim.AdamW`` over this optimizer's AdamW groups
+        and state."""
         self._inner: list[Optimizer] = []
-        for flag, cls in ((True, torch.optim.Muon), (False, torch.optim.AdamW)):
-            groups = [g for g in self.param_groups if g["use_muon"] == flag]
-            if not groups:
-                continue
-            inner = cls([p for g in groups for p in g["params"]])
+        groups = [g for g in self.param_groups if not g["use_muon"]]
+        if groups:
+            inner = torch.optim.AdamW([p for g in groups for p in g["params"]])
             inner.param_groups = groups
             inner.state = self.state
             self._inner.append(inner)
@@ -196,12 +281,15 @@ class Muon(Optimizer, CurvatureOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        """Validate gradients, then step ``torch.optim.Muon`` and ``torch.optim.AdamW``."""
+        """Validate gradients, then step the Muon groups and ``torch.optim.AdamW``."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         check_grads(self)
+        for group in self.param_groups:
+            if group["use_muon"]:
+                muon_matrix_step_(self, group)
         for inner in self._inner:
             unhooked_step(type(inner).step)(inner)
         return loss
