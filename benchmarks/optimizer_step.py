@@ -30,7 +30,9 @@ threads, default 1).
 parts (rotations + Adam, statistics, refresh, ...), timed in place on the real
 code path while SOAP and ``torch.optim.AdamW`` steps alternate, and prints each
 part's milliseconds per step (refreshes amortised) next to the floating-point
-work it needs, counted from the shapes.
+work it needs, counted from the shapes. ``--muon-ns`` times Muon's
+Newton-Schulz iteration on the ViT's matrices in float32 and in bfloat16
+(``--steps`` repeats each) and counts its work.
 """
 
 from __future__ import annotations
@@ -384,6 +386,56 @@ def soap_breakdown(warmup: int, steps: int) -> None:
     )
 
 
+def muon_newton_schulz(repeats: int) -> None:
+    """Print the work of Muon's Newton-Schulz iteration on the ViT workload and the
+    time of one iteration per matrix shape, in float32 and in bfloat16."""
+    from fedpac_hf.optim.muon import newton_schulz
+
+    runner = _Runner("vit", "muon", torch.device("cpu"))
+    shapes: dict[tuple[int, int], int] = defaultdict(int)
+    for group in runner.optimizer.param_groups:
+        if group["use_muon"]:
+            for param in group["params"]:
+                shapes[tuple(param.shape)] += 1
+    group = next(g for g in runner.optimizer.param_groups if g["use_muon"])
+    steps, coefficients = group["ns_steps"], group["ns_coefficients"]
+    with FlopCounterMode(display=False) as counter:
+        runner.model(**runner.batch).loss.backward()
+    print(
+        f"ViT workload, {steps} Newton-Schulz steps per matrix and optimizer step; ms: one "
+        "call for one matrix (the last row: all of them, one optimizer step)\n"
+    )
+    print("| matrix | count | GFLOP per step | float32 (ms) | bfloat16 (ms) |")
+    print("|---|---:|---:|---:|---:|")
+    total = {"flop": 0.0, torch.float32: 0.0, torch.bfloat16: 0.0}
+    gen = torch.Generator().manual_seed(0)
+    for (rows, cols), count in sorted(shapes.items()):
+        short, long = min(rows, cols), max(rows, cols)
+        flop = count * steps * (4 * short * short * long + 2 * short**3)
+        update = torch.randn(rows, cols, generator=gen)
+        ms = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            newton_schulz(update, coefficients, steps, 1e-7, dtype)  # warm-up
+            start = time.perf_counter()
+            for _ in range(repeats):
+                newton_schulz(update, coefficients, steps, 1e-7, dtype)
+            ms[dtype] = (time.perf_counter() - start) / repeats * 1e3
+            total[dtype] += count * ms[dtype]
+        total["flop"] += flop
+        print(
+            f"| {rows} x {cols} | {count} | {flop / 1e9:.2f} "
+            f"| {ms[torch.float32]:.1f} | {ms[torch.bfloat16]:.1f} |"
+        )
+    print(
+        f"| **all** | {sum(shapes.values())} | {total['flop'] / 1e9:.2f} "
+        f"| {total[torch.float32]:.1f} | {total[torch.bfloat16]:.1f} |\n"
+    )
+    print(
+        f"forward + backward: {counter.get_total_flops() / 1e9:.2f} GFLOP; Newton-Schulz: "
+        f"{total['flop'] / counter.get_total_flops():.2f} x forward + backward"
+    )
+
+
 def main() -> None:
     """Time all optimizers per workload, measure peak memory in subprocesses, print a table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -398,12 +450,20 @@ def main() -> None:
         help="split SOAP's step on the ViT workload into its parts instead of the table",
     )
     parser.add_argument(
+        "--muon-ns",
+        action="store_true",
+        help="time Muon's Newton-Schulz iteration per matrix shape, float32 vs bfloat16",
+    )
+    parser.add_argument(
         "--memory-worker", nargs=2, metavar=("WORKLOAD", "OPTIMIZER"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.soap_breakdown:
         soap_breakdown(args.warmup, args.steps)
+        return
+    if args.muon_ns:
+        muon_newton_schulz(max(args.steps, 1))
         return
     if args.memory_worker:
         print(json.dumps(peak_memory(*args.memory_worker, args.warmup)))
