@@ -21,7 +21,7 @@ Theta is exported as float32.
 
 Precision of the Newton-Schulz iteration (``ns_dtype``): torch runs it in
 bfloat16, which tensor cores do fast. A CPU without bfloat16 instructions
-(AVX2 only) multiplies bfloat16 matrices through a slow fallback, about 30x
+(AVX2 only) multiplies bfloat16 matrices through a slow fallback, about 25x
 slower than float32 (benchmarks/optimizer_step.md), so ``"auto"`` (the default)
 iterates in bfloat16 on CUDA and in float32 elsewhere; ``"bfloat16"`` or
 ``"float32"`` force one.
