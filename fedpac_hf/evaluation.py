@@ -81,6 +81,7 @@ def make_evaluator(
             "use_cpu",
             "remove_unused_columns",
             "dataloader_num_workers",
+            "dataloader_pin_memory",  # FedPACArguments turns it off without an accelerator
             "seed",
         )
     }

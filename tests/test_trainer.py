@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import datasets
@@ -12,6 +13,7 @@ from transformers import HfArgumentParser
 
 from fedpac_hf import FedPACArguments, FedPACCallback, FedPACTrainer
 from fedpac_hf.checkpoint import STATE_JSON, STATE_TENSORS, load_federated_checkpoint
+from fedpac_hf.evaluation import make_evaluator
 
 from .trainer_fixtures import accuracy, image_data, text_clients, tiny_lora_llama, tiny_vit
 
@@ -432,3 +434,18 @@ def test_the_console_shows_one_line_per_round_and_no_dicts(tmp_path, capsys):
     assert [line.split(" | ")[0] for line in lines] == ["round 1/2", "round 2/2"]
     assert "eval_accuracy" in lines[1] and "MB" in lines[1] and "drift" in lines[1]
     assert not any(line.startswith("{") for line in lines)
+
+
+def test_the_central_evaluator_keeps_the_runs_dataloader_settings(tmp_path):
+    """make_evaluator (the Flower ServerApp's evaluation) builds its own Trainer: it
+    must not pin memory where the run's arguments turned pinning off (no accelerator)."""
+    args = vit_args(tmp_path)
+    evaluate = make_evaluator(
+        args, image_data(n=64)["test"].rename_column("label", "labels"), compute_metrics=accuracy
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        metrics = evaluate(tiny_vit())
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and metrics["eval_loss"] > 0
+    if not torch.cuda.is_available():
+        assert not [w for w in caught if "pin_memory" in str(w.message)]
