@@ -252,7 +252,7 @@ class Muon(Optimizer, CurvatureOptimizer):
                     f"Muon: parameter {name!r} with shape {tuple(p.shape)} is in a "
                     "use_muon group; only 2-D parameters can use Muon"
                 )
-        self._bind_inner()
+        self._bind_adamw()
 
     def _named(self, muon: bool) -> list[tuple[str, torch.Tensor]]:
         names = iter(named_params(self))
@@ -264,20 +264,19 @@ class Muon(Optimizer, CurvatureOptimizer):
                     out.append((name, p))
         return out
 
-    def _bind_inner(self) -> None:
+    def _bind_adamw(self) -> None:
         """(Re)create the inner ``torch.optim.AdamW`` over this optimizer's AdamW groups
         and state."""
-        self._inner: list[Optimizer] = []
+        self._adamw: Optimizer | None = None
         groups = [g for g in self.param_groups if not g["use_muon"]]
         if groups:
-            inner = torch.optim.AdamW([p for g in groups for p in g["params"]])
-            inner.param_groups = groups
-            inner.state = self.state
-            self._inner.append(inner)
+            self._adamw = torch.optim.AdamW([p for g in groups for p in g["params"]])
+            self._adamw.param_groups = groups
+            self._adamw.state = self.state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._bind_inner()
+        self._bind_adamw()
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -290,8 +289,8 @@ class Muon(Optimizer, CurvatureOptimizer):
         for group in self.param_groups:
             if group["use_muon"]:
                 muon_matrix_step_(self, group)
-        for inner in self._inner:
-            unhooked_step(type(inner).step)(inner)
+        if self._adamw is not None:
+            unhooked_step(torch.optim.AdamW.step)(self._adamw)
         return loss
 
     def export_curvature(
