@@ -8,7 +8,7 @@ rewritten after each measurement, so whatever finishes is kept):
     on the ViT-Tiny shape with K = 5 and K = 15, for AdamW, SOAP, Sophia and
     Muon clients, in bf16 and fp16 (a GradScaler per client), counted by
     ``torch.cuda.set_sync_debug_mode("warn")`` and by
-    ``fedpac_hf.host_syncs.HostSyncCounter`` (which also says where they are);
+    ``fedpac_hf.trainer.host_syncs.HostSyncCounter`` (which also says where they are);
 (a) the paper's ViT-Tiny (32 px, patch 4, width 192, depth 12, 3 heads, 100
     classes) on synthetic data, 10 clients x K = 50, batch 50: seconds per round
     and client steps per second of ``FedPACTrainer`` with ``fedavg_adamw``,
@@ -194,7 +194,7 @@ def measure_syncs(report: Report, shapes: Any, device: Any, algorithm: str, prec
 
     from fedpac_hf import FedPACTrainer
     from fedpac_hf.federated import ServerState
-    from fedpac_hf.host_syncs import HostSyncCounter
+    from fedpac_hf.trainer.host_syncs import HostSyncCounter
 
     data = SyntheticImages(shapes.batch * 4, shapes.image_size, shapes.labels, seed=0)
     with tempfile.TemporaryDirectory() as tmp:

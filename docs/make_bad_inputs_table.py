@@ -104,7 +104,7 @@ def _checkpointed(out: Path) -> Path:
 
 
 def _truncated_checkpoint(out: Path) -> None:
-    from fedpac_hf.checkpoint import STATE_TENSORS
+    from fedpac_hf.rundir.checkpoint import STATE_TENSORS
 
     path = _checkpointed(out) / STATE_TENSORS
     path.write_bytes(path.read_bytes()[:100])

@@ -17,9 +17,9 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "FedPACTrainer": "fedpac_hf.trainer",
-    "FedPACCallback": "fedpac_hf.callbacks",
-    "FedPACArguments": "fedpac_hf.arguments",
+    "FedPACTrainer": "fedpac_hf.trainer.fedpac_trainer",
+    "FedPACCallback": "fedpac_hf.trainer.callbacks",
+    "FedPACArguments": "fedpac_hf.config.arguments",
     "simulate": "fedpac_hf.federated",
     "get_algorithm": "fedpac_hf.federated",
     "list_algorithms": "fedpac_hf.federated",

@@ -214,7 +214,7 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_report(args: argparse.Namespace) -> int:
     """Redraw a run's plots and summary.md from its metrics files and print the summary."""
-    from fedpac_hf.reporting import SUMMARY_MD, write_report
+    from fedpac_hf.rundir.reporting import SUMMARY_MD, write_report
 
     written = write_report(args.run_dir, title=args.title)
     summary = next(path for path in written if path.name == SUMMARY_MD)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedpac_hf.checkpoint import load_federated_checkpoint, save_federated_checkpoint
 from fedpac_hf.federated import (
     AUTO_BETA_START,
     Algorithm,
@@ -19,6 +18,7 @@ from fedpac_hf.federated import (
     round_beta,
     simulate,
 )
+from fedpac_hf.rundir.checkpoint import load_federated_checkpoint, save_federated_checkpoint
 
 from .test_federated import ce_loss, make_clients, make_model
 

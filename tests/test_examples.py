@@ -72,7 +72,7 @@ def test_causal_lm_example_saves_an_adapter_that_loads_with_its_base(tmp_path):
     assert last["eval_perplexity"] == pytest.approx(
         torch.tensor(last["eval_loss"]).exp().item(), rel=1e-4
     )
-    from fedpac_hf.bases import base_path
+    from fedpac_hf.run.bases import base_path
 
     adapter = json.loads((run_dir / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == str(base_path("llama-shakespeare"))
@@ -167,13 +167,13 @@ def test_accelerate_configs_are_readable_by_accelerate():
 
 def test_readme_algorithm_table_lists_every_registered_algorithm():
     from fedpac_hf.federated import list_algorithms
-    from fedpac_hf.reporting import algorithm_table
+    from fedpac_hf.rundir.reporting import algorithm_table
 
     readme = (ROOT / "README.md").read_text()
     table = readme.split("<!-- algorithms -->")[1].split("<!-- /algorithms -->")[0].strip()
     assert table == algorithm_table(), (
         "README's algorithm table is stale: paste the output of "
-        "`python -c 'from fedpac_hf.reporting import algorithm_table; print(algorithm_table())'`"
+        "`python -c 'from fedpac_hf.rundir.reporting import algorithm_table; print(algorithm_table())'`"
     )
     for name in list_algorithms():
         assert f"| `{name}` |" in table

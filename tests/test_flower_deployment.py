@@ -21,8 +21,8 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from fedpac_hf.checkpoint import latest_checkpoint, load_federated_checkpoint  # noqa: E402
 from fedpac_hf.federated import sample_clients  # noqa: E402
+from fedpac_hf.rundir.checkpoint import latest_checkpoint, load_federated_checkpoint  # noqa: E402
 
 from .flower_processes import (  # noqa: E402
     APP,

@@ -22,8 +22,8 @@ pytest.importorskip("flwr")
 
 import torch  # noqa: E402
 
-from fedpac_hf.checkpoint import latest_checkpoint, load_federated_checkpoint  # noqa: E402
 from fedpac_hf.federated import ServerState, sample_clients  # noqa: E402
+from fedpac_hf.rundir.checkpoint import latest_checkpoint, load_federated_checkpoint  # noqa: E402
 
 from .flower_processes import (  # noqa: E402
     APP,

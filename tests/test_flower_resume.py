@@ -11,10 +11,10 @@ pytest.importorskip("ray")
 
 import torch  # noqa: E402
 
-from fedpac_hf.checkpoint import latest_checkpoint, load_federated_checkpoint  # noqa: E402
 from fedpac_hf.flower import FlowerServerRun, run_fedpac_simulation  # noqa: E402
 from fedpac_hf.flower.config import arguments_from_run_config, flower_setting  # noqa: E402
-from fedpac_hf.output_dir import claim_output_dir  # noqa: E402
+from fedpac_hf.rundir.checkpoint import latest_checkpoint, load_federated_checkpoint  # noqa: E402
+from fedpac_hf.rundir.output_dir import claim_output_dir  # noqa: E402
 
 from .test_flower_simulation import BACKEND, build_model, build_trainer, flower_args  # noqa: E402
 from .trainer_fixtures import tiny_vit  # noqa: E402

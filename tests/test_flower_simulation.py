@@ -16,10 +16,10 @@ import torch  # noqa: E402
 from transformers import default_data_collator  # noqa: E402
 
 from fedpac_hf import FedPACArguments, FedPACTrainer  # noqa: E402
-from fedpac_hf.evaluation import make_evaluator  # noqa: E402
 from fedpac_hf.federated import RoundError, simulate  # noqa: E402
 from fedpac_hf.flower import run_fedpac_simulation  # noqa: E402
 from fedpac_hf.partition import IidPartitioner  # noqa: E402
+from fedpac_hf.trainer.evaluation import make_evaluator  # noqa: E402
 
 from .trainer_fixtures import image_data, tiny_vit  # noqa: E402
 

@@ -2,7 +2,7 @@
 
 Every read of a device value on the host (``item``, ``float``, ``bool``, a
 boolean mask, a copy to the CPU) goes through a few ATen operations, which
-:class:`fedpac_hf.host_syncs.HostSyncCounter` records; on the CPU it sees the
+:class:`fedpac_hf.trainer.host_syncs.HostSyncCounter` records; on the CPU it sees the
 reads a GPU run would wait for. The claims checked here are the ones
 ``client_update`` documents: no sync in a local step (one with a gradient
 scaler, the scaler's decision), one at the end of a client.
@@ -23,8 +23,8 @@ from fedpac_hf.federated import (
     get_algorithm,
 )
 from fedpac_hf.federated.state import move_tensors
-from fedpac_hf.host_syncs import HostSyncCounter
 from fedpac_hf.optim import gnb_loss
+from fedpac_hf.trainer.host_syncs import HostSyncCounter
 
 CLIENT = "fedpac_hf/federated/client.py"
 

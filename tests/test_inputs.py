@@ -17,8 +17,8 @@ from fedpac_hf import FedPACArguments, FedPACTrainer
 from fedpac_hf.cli import main
 from fedpac_hf.federated import resolve_clients_per_round, simulate
 from fedpac_hf.flower import arguments_from_run_config
-from fedpac_hf.output_dir import claim_output_dir
 from fedpac_hf.run import parse_run_config
+from fedpac_hf.rundir.output_dir import claim_output_dir
 
 from .trainer_fixtures import image_data, tiny_vit
 
@@ -124,7 +124,7 @@ def test_overwrite_output_dir_replaces_the_old_run_so_resume_cannot_pick_it_up(t
 
 HOLD = """
 import sys, time
-from fedpac_hf.output_dir import claim_output_dir
+from fedpac_hf.rundir.output_dir import claim_output_dir
 claim_output_dir(sys.argv[1])
 print("held", flush=True)
 time.sleep(120)

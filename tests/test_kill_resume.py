@@ -13,8 +13,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from fedpac_hf.checkpoint import latest_checkpoint
 from fedpac_hf.cli import main
+from fedpac_hf.rundir.checkpoint import latest_checkpoint
 
 from .test_cli_train import TINY_VIT
 

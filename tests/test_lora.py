@@ -100,7 +100,7 @@ def test_the_readme_vit_lora_command_runs_on_a_local_vit_folder(tmp_path):
 
 
 def test_pretrained_bases_are_built_once_reproducibly_and_load_by_name(tmp_path, monkeypatch):
-    from fedpac_hf.bases import base_path, resolve_model_name
+    from fedpac_hf.run.bases import base_path, resolve_model_name
 
     monkeypatch.setenv("FEDPAC_HF_CACHE", str(tmp_path / "cache"))
     folder = base_path("vit-mnist5k-0to4")
@@ -144,7 +144,7 @@ def test_soap_sends_long_sides_as_their_diagonal_and_warm_starts_from_it():
 
 def test_curvature_auto_is_adapter_sized_for_peft_models_and_full_otherwise(tmp_path):
     from fedpac_hf import FedPACArguments
-    from fedpac_hf.arguments import curvature_options
+    from fedpac_hf.config.arguments import curvature_options
 
     from .trainer_fixtures import tiny_lora_llama, tiny_vit
 

@@ -15,13 +15,6 @@ import pytest
 import torch
 
 from fedpac_hf import FedPACArguments, FedPACCallback, FedPACTrainer
-from fedpac_hf.checkpoint import (
-    STATE_JSON,
-    STATE_TENSORS,
-    latest_checkpoint,
-    load_federated_checkpoint,
-    save_federated_checkpoint,
-)
 from fedpac_hf.federated import (
     ClientFailure,
     ClientUpdate,
@@ -31,6 +24,13 @@ from fedpac_hf.federated import (
     get_algorithm,
     run_client,
     simulate,
+)
+from fedpac_hf.rundir.checkpoint import (
+    STATE_JSON,
+    STATE_TENSORS,
+    latest_checkpoint,
+    load_federated_checkpoint,
+    save_federated_checkpoint,
 )
 
 from .test_federated import ce_loss, make_clients, make_model
@@ -258,7 +258,7 @@ def test_a_kill_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path):
     script = f"""
 import os, signal, sys, torch
 sys.path.insert(0, {str(ROOT)!r})
-from fedpac_hf.checkpoint import save_federated_checkpoint
+from fedpac_hf.rundir.checkpoint import save_federated_checkpoint
 from fedpac_hf.federated import ServerState
 
 def save_model(directory):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from fedpac_hf.reporting import (
+from fedpac_hf.rundir.reporting import (
     METRICS_CSV,
     METRICS_JSONL,
     append_metrics,

@@ -12,8 +12,8 @@ import torch
 from transformers import HfArgumentParser
 
 from fedpac_hf import FedPACArguments, FedPACCallback, FedPACTrainer
-from fedpac_hf.checkpoint import STATE_JSON, STATE_TENSORS, load_federated_checkpoint
-from fedpac_hf.evaluation import make_evaluator
+from fedpac_hf.rundir.checkpoint import STATE_JSON, STATE_TENSORS, load_federated_checkpoint
+from fedpac_hf.trainer.evaluation import make_evaluator
 
 from .trainer_fixtures import accuracy, image_data, text_clients, tiny_lora_llama, tiny_vit
 

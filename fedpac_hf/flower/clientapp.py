@@ -23,9 +23,9 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedpac_hf.arguments import FedPACArguments
+from fedpac_hf.config.arguments import FedPACArguments
 from fedpac_hf.federated import ClientError, ClientUpdate, run_client
-from fedpac_hf.trainer import FedPACTrainer
+from fedpac_hf.trainer.fedpac_trainer import FedPACTrainer
 
 from .config import TrainerFactory, arguments_from_run_config
 from .records import CONFIG_KEY, client_update_to_content, server_state_from_content

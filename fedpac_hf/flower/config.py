@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fedpac_hf.arguments import FedPACArguments
-from fedpac_hf.evaluation import Evaluator
-from fedpac_hf.validation import closest_name
+from fedpac_hf.config.arguments import FedPACArguments
+from fedpac_hf.config.validation import closest_name
+from fedpac_hf.trainer.evaluation import Evaluator
 
 if TYPE_CHECKING:  # the server side never imports the trainer
-    from fedpac_hf.trainer import FedPACTrainer
+    from fedpac_hf.trainer.fedpac_trainer import FedPACTrainer
 
 __all__ = [
     "FLOWER_SETTINGS",
@@ -60,7 +60,7 @@ ModelFactory = Callable[[FedPACArguments, RunConfig], torch.nn.Module]
 
 EvaluatorFactory = Callable[[FedPACArguments, RunConfig], Evaluator]
 """``build_evaluator(args, run_config)``: ``evaluate(model) -> metrics`` on the server
-(e.g. :func:`fedpac_hf.evaluation.make_evaluator` over a held-out set)."""
+(e.g. :func:`fedpac_hf.trainer.evaluation.make_evaluator` over a held-out set)."""
 
 FLOWER_SETTINGS: dict[str, float] = {"round-timeout": 3600.0, "node-wait-timeout": 120.0}
 """Run-config keys of the apps themselves, with their defaults (seconds).

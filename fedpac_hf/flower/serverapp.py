@@ -14,7 +14,7 @@ after the last round; ``save_total_limit`` keeps the newest).
 A run whose arguments set ``resume_from_checkpoint`` (a checkpoint path, or
 ``true`` for the latest under ``output_dir``) continues from that checkpoint
 through the same resume path as ``FedPACTrainer``
-(:func:`fedpac_hf.resume.load_resumable_checkpoint`): the engine is rebuilt
+(:func:`fedpac_hf.rundir.resume.load_resumable_checkpoint`): the engine is rebuilt
 from the checkpoint's state and history, only the remaining rounds run, and a
 checkpoint of another model, algorithm or partition is refused naming the
 setting. The ServerApp logs how the run ended as its last line: the rounds
@@ -35,18 +35,18 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from transformers.trainer_callback import TrainerState
 
-from fedpac_hf.arguments import FedPACArguments
-from fedpac_hf.checkpoint import (
+from fedpac_hf.config.arguments import FedPACArguments
+from fedpac_hf.federated import ServerState, load_trainable_state
+from fedpac_hf.rundir.checkpoint import (
     CHECKPOINT_PREFIX,
     latest_checkpoint,
     rotate_checkpoints,
     save_federated_checkpoint,
 )
-from fedpac_hf.evaluation import Evaluator
-from fedpac_hf.federated import ServerState, load_trainable_state
-from fedpac_hf.output_dir import claim_output_dir
-from fedpac_hf.reporting import append_metrics, keep_metrics_through
-from fedpac_hf.resume import load_resumable_checkpoint, run_identity
+from fedpac_hf.rundir.output_dir import claim_output_dir
+from fedpac_hf.rundir.reporting import append_metrics, keep_metrics_through
+from fedpac_hf.rundir.resume import load_resumable_checkpoint, run_identity
+from fedpac_hf.trainer.evaluation import Evaluator
 
 from .config import EvaluatorFactory, ModelFactory, arguments_from_run_config, flower_setting
 from .records import tensors_to_array_record
@@ -185,7 +185,7 @@ class FlowerServerRun:
     def run(self, grid: Grid, round_timeout: float = 3600.0) -> None:
         """Run the remaining rounds with Flower's ``Strategy.start``.
 
-        The server owns ``output_dir`` for the run (see :mod:`fedpac_hf.output_dir`);
+        The server owns ``output_dir`` for the run (see :mod:`fedpac_hf.rundir.output_dir`);
         with ``resume_from_checkpoint`` it first resumes (:meth:`resume`).
         """
         resume = self.args.resume_from_checkpoint
@@ -271,7 +271,7 @@ def make_server_app(
         parameters and initial weights as the clients' model.
     build_evaluator:
         ``build_evaluator(args, run_config) -> evaluate(model) -> metrics``
-        (e.g. :func:`fedpac_hf.evaluation.make_evaluator`); ``None``: no
+        (e.g. :func:`fedpac_hf.trainer.evaluation.make_evaluator`); ``None``: no
         central evaluation.
     arguments:
         Fixed arguments; default: the run config (:func:`arguments_from_run_config`).

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedpac_hf.arguments import FedPACArguments
-from fedpac_hf.checkpoint import CHECKPOINT_PREFIX
+from fedpac_hf.config.arguments import FedPACArguments
 from fedpac_hf.federated import ServerState
+from fedpac_hf.rundir.checkpoint import CHECKPOINT_PREFIX
 
 from .clientapp import make_client_app
 from .config import EvaluatorFactory, ModelFactory, TrainerFactory

@@ -2,7 +2,7 @@
 
 A run is described by two dataclasses read together by ``HfArgumentParser``:
 :class:`ModelDataArguments` (task, model, data, LoRA) and
-:class:`~fedpac_hf.arguments.FedPACArguments` (the federated training
+:class:`~fedpac_hf.config.arguments.FedPACArguments` (the federated training
 settings). :func:`parse_run_config` reads them from a YAML file (or a dict)
 with command-line overrides on top, typing YAML values like command-line
 values and naming the closest valid field for a misspelt key.
@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedpac_hf.arguments import REPLACED_SETTINGS, FedPACArguments
-from fedpac_hf.validation import coerce_fields
+from fedpac_hf.config.arguments import REPLACED_SETTINGS, FedPACArguments
+from fedpac_hf.config.validation import coerce_fields
 
 __all__ = [
     "TASKS",
@@ -37,7 +37,7 @@ TASKS = ("image_classification", "causal_lm", "sequence_classification")
 class ModelDataArguments:
     """What to train on what: the task, the model, the dataset and LoRA.
 
-    Read together with :class:`~fedpac_hf.arguments.FedPACArguments` by
+    Read together with :class:`~fedpac_hf.config.arguments.FedPACArguments` by
     ``HfArgumentParser`` (YAML keys and ``--field value`` options).
     """
 

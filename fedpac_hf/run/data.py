@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from fedpac_hf.arguments import FedPACArguments
+from fedpac_hf.config.arguments import FedPACArguments
 
 from .config import ModelDataArguments, split_list
 

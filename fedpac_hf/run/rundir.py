@@ -8,7 +8,7 @@
 ``metrics.jsonl`` / ``metrics.csv``
     One row per round, written as the run goes (:class:`RunFilesCallback`).
 ``accuracy.png`` (or ``perplexity.png``), ``loss.png``, ``drift.png``, ``bytes.png``, ``summary.md``
-    Drawn by :mod:`fedpac_hf.reporting` at the end (``fedpac-hf report`` redraws them).
+    Drawn by :mod:`fedpac_hf.rundir.reporting` at the end (``fedpac-hf report`` redraws them).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from fedpac_hf.arguments import FedPACArguments
-from fedpac_hf.callbacks import FedPACCallback
+from fedpac_hf.config.arguments import FedPACArguments
+from fedpac_hf.trainer.callbacks import FedPACCallback
 
 from .config import ModelDataArguments, changed_training_arguments
 from .tasks import TaskBundle
@@ -74,7 +74,7 @@ class RunFilesCallback(FedPACCallback):
     def on_train_begin(self, args, state, control, **kwargs):  # noqa: D102
         if not state.is_world_process_zero:
             return control
-        from fedpac_hf.reporting import keep_metrics_through
+        from fedpac_hf.rundir.reporting import keep_metrics_through
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.config_text is not None:
@@ -86,14 +86,14 @@ class RunFilesCallback(FedPACCallback):
 
     def on_round_end(self, args, state, control, **kwargs):  # noqa: D102
         if state.is_world_process_zero and kwargs.get("metrics") is not None:
-            from fedpac_hf.reporting import append_metrics
+            from fedpac_hf.rundir.reporting import append_metrics
 
             append_metrics(self.run_dir, kwargs["metrics"])
         return control
 
     def on_train_end(self, args, state, control, **kwargs):  # noqa: D102
         if state.is_world_process_zero:
-            from fedpac_hf.reporting import write_report
+            from fedpac_hf.rundir.reporting import write_report
 
             write_report(self.run_dir, title=self.title)
         return control
@@ -146,7 +146,7 @@ def write_partition_files(run_dir: Path, trainer: Any, bundle: TaskBundle, title
 
 def print_final(metrics: dict[str, Any], run_dir: Path) -> None:
     """Print the final quality metric, the final evaluation metrics and where the run is."""
-    from fedpac_hf.reporting import quality_metric
+    from fedpac_hf.rundir.reporting import quality_metric
 
     key = quality_metric([metrics])
     rounds = int(metrics.get("round", 0))

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from fedpac_hf.arguments import FedPACArguments
+from fedpac_hf.config.arguments import FedPACArguments
 
 from .config import ModelDataArguments
 from .data import encode_labels, load_splits, require_columns, tokenize, train_bpe_tokenizer
@@ -275,9 +275,9 @@ def _sequence_classification_task(margs: ModelDataArguments, args: FedPACArgumen
 def _pretrained(loader: Callable[..., Any], source: str, what: str, **kwargs: Any) -> Any:
     """``loader(source, **kwargs)``; a source that is no model fails naming model_name_or_path.
 
-    ``base:<name>`` loads a pretrained base of :mod:`fedpac_hf.bases` (built on first use).
+    ``base:<name>`` loads a pretrained base of :mod:`fedpac_hf.run.bases` (built on first use).
     """
-    from fedpac_hf.bases import resolve_model_name
+    from fedpac_hf.run.bases import resolve_model_name
 
     source = resolve_model_name(source)
     local = Path(source).expanduser()

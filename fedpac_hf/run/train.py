@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedpac_hf.arguments import FedPACArguments
-from fedpac_hf.callbacks import EvaluateLastRoundCallback
-from fedpac_hf.output_dir import claim_output_dir
+from fedpac_hf.config.arguments import FedPACArguments
+from fedpac_hf.rundir.output_dir import claim_output_dir
+from fedpac_hf.trainer.callbacks import EvaluateLastRoundCallback
 
 from .config import ModelDataArguments, config_parser, parse_run_config
 from .rundir import RunFilesCallback, print_final, render_config, write_partition_files
@@ -89,7 +89,7 @@ def _train_in(
 ) -> dict[str, float]:
     from transformers import set_seed
 
-    from fedpac_hf.trainer import FedPACTrainer
+    from fedpac_hf.trainer.fedpac_trainer import FedPACTrainer
 
     set_seed(args.seed)
     bundle = build_task(model_args, args)

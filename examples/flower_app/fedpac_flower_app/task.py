@@ -16,7 +16,7 @@ from datasets import Dataset, DatasetDict
 from transformers import ViTConfig, ViTForImageClassification
 
 from fedpac_hf import FedPACArguments, FedPACTrainer
-from fedpac_hf.evaluation import make_evaluator
+from fedpac_hf.trainer.evaluation import make_evaluator
 
 #: Which data the run uses: "mnist5k" (real, offline, needs `fedpac_hf[data]`)
 #: or "synthetic" (banded 28x28 images, no extra package). Set by the run config.

@@ -24,13 +24,14 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
-from fedpac_hf.argument_checks import PARTITIONER_FIELDS, PARTITIONERS, check_arguments
-from fedpac_hf.curvature_forms import (
+from fedpac_hf.config.checks import PARTITIONER_FIELDS, PARTITIONERS, check_arguments
+from fedpac_hf.config.curvature_forms import (
     CURVATURE_FORMS,
     LORA_SKETCH_COLUMNS,
     curvature_options,
     lora_rank,
 )
+from fedpac_hf.config.validation import coerce_fields
 from fedpac_hf.federated import (
     Algorithm,
     RoundEngine,
@@ -39,7 +40,6 @@ from fedpac_hf.federated import (
     parse_beta,
     round_learning_rates,
 )
-from fedpac_hf.validation import coerce_fields
 
 __all__ = [
     "CURVATURE_FORMS",

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedpac_hf.metrics_file import read_metrics
+from fedpac_hf.rundir.metrics_file import read_metrics
 
 __all__ = ["finite", "plot_metrics", "quality_metric", "series"]
 

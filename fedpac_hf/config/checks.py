@@ -1,4 +1,4 @@
-"""The checks every :class:`~fedpac_hf.arguments.FedPACArguments` passes before a run.
+"""The checks every :class:`~fedpac_hf.config.arguments.FedPACArguments` passes before a run.
 
 Each refuses a value that would otherwise be misread or fail late (inside every
 client's first step, or after hours of rounds), with a message that names the
@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fedpac_hf.curvature_forms import CURVATURE_FORMS
+from fedpac_hf.config.curvature_forms import CURVATURE_FORMS
 from fedpac_hf.federated import TRANSPORT_DTYPES, WEIGHTINGS, Algorithm
 
 if TYPE_CHECKING:
-    from fedpac_hf.arguments import FedPACArguments
+    from fedpac_hf.config.arguments import FedPACArguments
 
 __all__ = ["PARTITIONER_FIELDS", "PARTITIONERS", "check_arguments"]
 

@@ -1,6 +1,6 @@
 """Round checkpoints of :class:`~fedpac_hf.FedPACTrainer`: save, resume, best model.
 
-A checkpoint (``output_dir/checkpoint-round-{r}``, see :mod:`fedpac_hf.checkpoint`)
+A checkpoint (``output_dir/checkpoint-round-{r}``, see :mod:`fedpac_hf.rundir.checkpoint`)
 holds the engine's global state, the run's identity (model, algorithm,
 sampling seed, the partition's settings and client sizes, parameter shapes),
 the round history and Trainer's best-metric bookkeeping. Resuming refuses a
@@ -13,14 +13,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from fedpac_hf.checkpoint import (
+from fedpac_hf.federated import load_trainable_state
+from fedpac_hf.rundir.checkpoint import (
     CHECKPOINT_PREFIX,
     load_federated_checkpoint,
     rotate_checkpoints,
     save_federated_checkpoint,
 )
-from fedpac_hf.federated import load_trainable_state
-from fedpac_hf.resume import load_resumable_checkpoint, run_identity
+from fedpac_hf.rundir.resume import load_resumable_checkpoint, run_identity
 
 __all__ = ["RoundCheckpointsMixin"]
 

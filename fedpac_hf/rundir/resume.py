@@ -1,6 +1,6 @@
 """Resuming a run: what must match, and the one path that finds, reads and checks a checkpoint.
 
-A checkpoint (:mod:`fedpac_hf.checkpoint`) records the identity of the run
+A checkpoint (:mod:`fedpac_hf.rundir.checkpoint`) records the identity of the run
 that wrote it (:func:`run_identity`: model class, algorithm, number of
 clients, sampling seed, partition, trainable parameter shapes). A run that
 resumes calls :func:`load_resumable_checkpoint`, which finds the checkpoint
@@ -20,14 +20,14 @@ from typing import Any
 
 import torch
 
-from fedpac_hf.checkpoint import (
+from fedpac_hf.federated.state import ServerState
+from fedpac_hf.rundir.checkpoint import (
     CHECKPOINT_PREFIX,
     STATE_JSON,
     STATE_TENSORS,
     latest_checkpoint,
     load_federated_checkpoint,
 )
-from fedpac_hf.federated.state import ServerState
 
 __all__ = ["check_resumable", "load_resumable_checkpoint", "model_name", "run_identity"]
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from fedpac_hf.resume import model_name
+from fedpac_hf.rundir.resume import model_name
 
 __all__ = ["Evaluator", "add_perplexity", "is_causal_lm", "make_evaluator"]
 

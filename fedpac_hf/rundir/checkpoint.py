@@ -272,15 +272,3 @@ def rotate_checkpoints(
     old = [d for _, d in found[:-limit] if d.resolve() != kept]
     for d in old:
         shutil.rmtree(d, ignore_errors=True)
-
-
-# Moved to fedpac_hf.resume; still importable from here.
-_MOVED = ("check_resumable", "load_resumable_checkpoint", "model_name", "run_identity")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        from fedpac_hf import resume
-
-        return getattr(resume, name)
-    raise AttributeError(f"module 'fedpac_hf.checkpoint' has no attribute {name!r}")

@@ -4,8 +4,8 @@ The training loop (the trainer's callback, the Flower ServerApp) appends one
 JSON object per round to ``metrics.jsonl`` as the round ends and keeps
 ``metrics.csv`` beside it; a resumed run first cuts both back to the rounds of
 its checkpoint. :func:`read_metrics` reads them back (the JSON lines, or the
-CSV when those are missing) for :mod:`fedpac_hf.reporting` and
-:mod:`fedpac_hf.plots`.
+CSV when those are missing) for :mod:`fedpac_hf.rundir.reporting` and
+:mod:`fedpac_hf.rundir.plots`.
 """
 
 from __future__ import annotations

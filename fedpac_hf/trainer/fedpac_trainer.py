@@ -1,7 +1,7 @@
 """`FedPACTrainer`: federated rounds of second-order clients inside HF `Trainer`.
 
 A user who fine-tunes with ``Trainer`` swaps in :class:`FedPACTrainer` and
-:class:`~fedpac_hf.arguments.FedPACArguments` and gets a federated run. The
+:class:`~fedpac_hf.config.arguments.FedPACArguments` and gets a federated run. The
 trainer owns the split of ``train_dataset`` into clients (``args.partitioner``
 or a given partitioner), so every checkpoint records the split it was made
 on. Rounds run through the core's :class:`~fedpac_hf.federated.RoundEngine`
@@ -36,8 +36,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerState
 from transformers.trainer_utils import SaveStrategy, TrainOutput
 
-from fedpac_hf.arguments import FedPACArguments
-from fedpac_hf.callbacks import FedPACCallback, RoundProgressCallback
+from fedpac_hf.config.arguments import FedPACArguments
 from fedpac_hf.federated import (
     ClientUpdate,
     RoundEngine,
@@ -48,9 +47,10 @@ from fedpac_hf.federated import (
     load_trainable_state,
     trainable_parameters,
 )
-from fedpac_hf.output_dir import claim_output_dir
-from fedpac_hf.trainer_checkpoints import RoundCheckpointsMixin
-from fedpac_hf.trainer_client import ClientStepsMixin
+from fedpac_hf.rundir.output_dir import claim_output_dir
+from fedpac_hf.trainer.callbacks import FedPACCallback, RoundProgressCallback
+from fedpac_hf.trainer.client_steps import ClientStepsMixin
+from fedpac_hf.trainer.round_checkpoints import RoundCheckpointsMixin
 
 __all__ = ["FedPACTrainer", "FedPACCallback"]
 
@@ -411,7 +411,7 @@ class FedPACTrainer(ClientStepsMixin, RoundCheckpointsMixin, Trainer):
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         """``Trainer.evaluate``, plus perplexity for causal language models."""
-        from fedpac_hf.evaluation import add_perplexity
+        from fedpac_hf.trainer.evaluation import add_perplexity
 
         self.ensure_accelerator()
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)

@@ -4,7 +4,7 @@ A run of ``fedpac-hf train`` (or :func:`fedpac_hf.run.run_training`) writes
 one JSON object per round to ``metrics.jsonl`` while it trains (and keeps
 ``metrics.csv`` beside it). Everything here reads that file (or
 ``metrics.csv`` when the JSON lines are missing), so ``fedpac-hf report
-RUN_DIR`` can redraw the figures (:mod:`fedpac_hf.plots`) and ``summary.md``
+RUN_DIR`` can redraw the figures (:mod:`fedpac_hf.rundir.plots`) and ``summary.md``
 of a finished run or of one that is still going, and the training loop can
 call :func:`write_report` at its end.
 
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedpac_hf.metrics_file import (
+from fedpac_hf.rundir.metrics_file import (
     METRICS_CSV,
     METRICS_JSONL,
     append_metrics,
@@ -29,7 +29,7 @@ from fedpac_hf.metrics_file import (
     read_run_config,
     write_metrics_csv,
 )
-from fedpac_hf.plots import finite, plot_metrics, quality_metric, series
+from fedpac_hf.rundir.plots import finite, plot_metrics, quality_metric, series
 
 __all__ = [
     "METRICS_CSV",
@@ -302,7 +302,7 @@ def algorithm_table() -> str:
 
     The README's algorithm table is this output (a test keeps them equal);
     regenerate it with
-    ``python -c "from fedpac_hf.reporting import algorithm_table; print(algorithm_table())"``.
+    ``python -c "from fedpac_hf.rundir.reporting import algorithm_table; print(algorithm_table())"``.
 
     Returns
     -------
