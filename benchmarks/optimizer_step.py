@@ -245,7 +245,7 @@ def soap_flops(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     about ``(8/3) d^3`` for a Householder QR with the explicit ``Q``, and two
     rotations of the first moment (``carry``).
     """
-    from fedpac_hf.optim.soap import preconditioner_layout
+    from fedpac_hf.optim._soap_state import preconditioner_layout
 
     work: dict[str, float] = defaultdict(float)
     for group in optimizer.param_groups:

@@ -144,7 +144,7 @@ def test_soap_sends_long_sides_as_their_diagonal_and_warm_starts_from_it():
 
 def test_curvature_auto_is_adapter_sized_for_peft_models_and_full_otherwise(tmp_path):
     from fedpac_hf import FedPACArguments
-    from fedpac_hf.config.arguments import curvature_options
+    from fedpac_hf.config.curvature_forms import curvature_options
 
     from .trainer_fixtures import tiny_lora_llama, tiny_vit
 

@@ -6,15 +6,9 @@ import json
 
 import pytest
 
-from fedpac_hf.rundir.reporting import (
-    METRICS_CSV,
-    METRICS_JSONL,
-    append_metrics,
-    quality_metric,
-    read_metrics,
-    summary_table,
-    write_report,
-)
+from fedpac_hf.rundir.metrics_file import METRICS_CSV, METRICS_JSONL, append_metrics, read_metrics
+from fedpac_hf.rundir.plots import quality_metric
+from fedpac_hf.rundir.reporting import summary_table, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -26,10 +26,7 @@ from transformers import TrainingArguments
 
 from fedpac_hf.config.checks import PARTITIONER_FIELDS, PARTITIONERS, check_arguments
 from fedpac_hf.config.curvature_forms import (
-    CURVATURE_FORMS,
-    LORA_SKETCH_COLUMNS,
     curvature_options,
-    lora_rank,
 )
 from fedpac_hf.config.validation import coerce_fields
 from fedpac_hf.federated import (
@@ -42,12 +39,8 @@ from fedpac_hf.federated import (
 )
 
 __all__ = [
-    "CURVATURE_FORMS",
-    "LORA_SKETCH_COLUMNS",
     "FedPACArguments",
     "REPLACED_SETTINGS",
-    "curvature_options",
-    "lora_rank",
 ]
 
 # Settings of earlier versions -> what replaces them (named in the error for the old key).

@@ -12,34 +12,26 @@ from .algorithms import (
     register_algorithm,
     unregister_algorithm,
 )
-from .client import (
-    ClientError,
-    ClientFailure,
-    ClientUpdate,
-    batch_size,
-    client_update,
-    cycle_batches,
-    run_client,
-)
+from .client import ClientUpdate, batch_size, client_update, cycle_batches
 from .engine import (
     ROUND_METRICS,
     TRANSPORT_DTYPES,
     RoundEngine,
     RoundPlan,
-    round_learning_rates,
 )
+from .failures import ClientError, ClientFailure, RoundError, run_client
 from .sampling import resolve_clients_per_round, sample_clients
+from .schedule import round_learning_rates
 from .server import (
     WEIGHTINGS,
     RoundAggregator,
-    RoundError,
     aggregate,
-    downlink_bytes,
-    downlink_parts,
 )
 from .simulation import simulate
 from .state import (
     ServerState,
+    downlink_bytes,
+    downlink_parts,
     get_trainable_state,
     load_trainable_state,
     tensor_bytes,

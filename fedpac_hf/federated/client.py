@@ -28,16 +28,12 @@ from fedpac_hf.optim.base import all_finite
 
 from .adaptive_beta import round_beta
 from .algorithms import Algorithm
-from .failures import PROGRAMMING_ERRORS, ClientError, ClientFailure, run_client
+from .failures import ClientError
 from .state import ServerState, load_trainable_state, trainable_parameters
 
 __all__ = [
-    "PROGRAMMING_ERRORS",
     "ClientUpdate",
-    "ClientError",
-    "ClientFailure",
     "client_update",
-    "run_client",
     "cycle_batches",
     "batch_size",
 ]

@@ -38,7 +38,6 @@ from .algorithms import Algorithm
 from .client import ClientUpdate
 from .failures import ClientFailure, run_client
 from .sampling import resolve_clients_per_round, sample_clients
-from .schedule import round_learning_rates
 from .server import WEIGHTINGS, RoundAggregator
 from .state import ServerState
 
@@ -47,7 +46,6 @@ __all__ = [
     "TRANSPORT_DTYPES",
     "RoundEngine",
     "RoundPlan",
-    "round_learning_rates",
 ]
 
 logger = logging.getLogger(__name__)

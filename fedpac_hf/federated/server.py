@@ -31,14 +31,11 @@ from .algorithms import Algorithm
 from .client import ClientUpdate
 from .failures import ClientFailure, RoundError, require_finite_aggregate
 from .round_metrics import curvature_scalars, drift_metrics, update_scalars
-from .state import ServerState, downlink_bytes, downlink_parts, move_tensors, tensor_bytes
+from .state import ServerState, downlink_parts, move_tensors, tensor_bytes
 
 __all__ = [
     "RoundAggregator",
-    "RoundError",
     "aggregate",
-    "downlink_bytes",
-    "downlink_parts",
     "sum_device",
     "WEIGHTINGS",
 ]

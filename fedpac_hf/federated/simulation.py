@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 
 from .algorithms import Algorithm, get_algorithm
 from .client import LossFn, client_update, cycle_batches
-from .engine import RoundEngine, RoundPlan, round_learning_rates
+from .engine import RoundEngine, RoundPlan
+from .schedule import round_learning_rates
 from .server import Weighting
 from .state import ServerState, load_trainable_state
 

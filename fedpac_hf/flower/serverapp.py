@@ -43,8 +43,8 @@ from fedpac_hf.rundir.checkpoint import (
     rotate_checkpoints,
     save_federated_checkpoint,
 )
+from fedpac_hf.rundir.metrics_file import append_metrics, keep_metrics_through
 from fedpac_hf.rundir.output_dir import claim_output_dir
-from fedpac_hf.rundir.reporting import append_metrics, keep_metrics_through
 from fedpac_hf.rundir.resume import load_resumable_checkpoint, run_identity
 from fedpac_hf.trainer.evaluation import Evaluator
 

@@ -6,12 +6,14 @@ refreshes), ``Muon`` (momentum of hidden matrices; AdamW for the rest),
 :func:`create_optimizer`. This package knows nothing about federation.
 """
 
+from ._soap_kernels import eigenbasis
+from ._soap_state import preconditioner_layout
 from .adamw import AdamW
 from .base import CurvatureOptimizer, check_curvature_keys, named_params
 from .factory import OPTIMIZERS, create_optimizer, no_weight_decay_names
 from .muon import Muon, is_muon_matrix, muon_matrix_names
 from .sgd import SGD
-from .soap import SOAP, eigenbasis, preconditioner_layout
+from .soap import SOAP
 from .sophia import GNBLoss, Sophia, gnb_loss, hessian_refresh_due, sophia_refresh
 
 __all__ = [

@@ -169,7 +169,7 @@ def rotate(
     bases : list of torch.Tensor or None
         One orthogonal matrix (or ``None``) per side of ``view_shape``.
     view_shape : tuple of int
-        The shape ``x`` is viewed as (see :func:`~fedpac_hf.optim.soap.preconditioner_layout`).
+        The shape ``x`` is viewed as (see :func:`~fedpac_hf.optim._soap_state.preconditioner_layout`).
     back : bool
         Rotate out of the eigenbases instead of into them.
 

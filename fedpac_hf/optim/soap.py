@@ -64,7 +64,6 @@ import torch
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from ._soap_kernels import (
-    eigenbasis,
     foreach_adam_step_,
     highest_matmul_precision,
     matmul_precision,
@@ -74,7 +73,7 @@ from ._soap_kernels import (
     side_outer_products,
     symmetric_update_,
 )
-from ._soap_state import SOAPState, preconditioner_layout
+from ._soap_state import SOAPState
 from .base import (
     check_grads,
     check_params_supported,
@@ -83,7 +82,7 @@ from .base import (
     restore_saved_state_dtypes,
 )
 
-__all__ = ["SOAP", "eigenbasis", "preconditioner_layout"]
+__all__ = ["SOAP"]
 
 
 class SOAP(Optimizer, SOAPState):

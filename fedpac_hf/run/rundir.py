@@ -74,7 +74,7 @@ class RunFilesCallback(FedPACCallback):
     def on_train_begin(self, args, state, control, **kwargs):  # noqa: D102
         if not state.is_world_process_zero:
             return control
-        from fedpac_hf.rundir.reporting import keep_metrics_through
+        from fedpac_hf.rundir.metrics_file import keep_metrics_through
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.config_text is not None:
@@ -86,7 +86,7 @@ class RunFilesCallback(FedPACCallback):
 
     def on_round_end(self, args, state, control, **kwargs):  # noqa: D102
         if state.is_world_process_zero and kwargs.get("metrics") is not None:
-            from fedpac_hf.rundir.reporting import append_metrics
+            from fedpac_hf.rundir.metrics_file import append_metrics
 
             append_metrics(self.run_dir, kwargs["metrics"])
         return control
@@ -146,7 +146,7 @@ def write_partition_files(run_dir: Path, trainer: Any, bundle: TaskBundle, title
 
 def print_final(metrics: dict[str, Any], run_dir: Path) -> None:
     """Print the final quality metric, the final evaluation metrics and where the run is."""
-    from fedpac_hf.rundir.reporting import quality_metric
+    from fedpac_hf.rundir.plots import quality_metric
 
     key = quality_metric([metrics])
     rounds = int(metrics.get("round", 0))

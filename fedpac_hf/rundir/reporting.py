@@ -21,29 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from fedpac_hf.rundir.metrics_file import (
-    METRICS_CSV,
-    METRICS_JSONL,
-    append_metrics,
-    keep_metrics_through,
     read_metrics,
     read_run_config,
-    write_metrics_csv,
 )
 from fedpac_hf.rundir.plots import finite, plot_metrics, quality_metric, series
 
 __all__ = [
-    "METRICS_CSV",
-    "METRICS_JSONL",
     "SUMMARY_MD",
     "algorithm_table",
-    "append_metrics",
-    "keep_metrics_through",
-    "plot_metrics",
-    "quality_metric",
-    "read_metrics",
-    "read_run_config",
     "summary_table",
-    "write_metrics_csv",
     "write_report",
     "write_summary",
 ]

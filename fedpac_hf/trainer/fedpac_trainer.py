@@ -48,11 +48,11 @@ from fedpac_hf.federated import (
     trainable_parameters,
 )
 from fedpac_hf.rundir.output_dir import claim_output_dir
-from fedpac_hf.trainer.callbacks import FedPACCallback, RoundProgressCallback
+from fedpac_hf.trainer.callbacks import RoundProgressCallback
 from fedpac_hf.trainer.client_steps import ClientStepsMixin
 from fedpac_hf.trainer.round_checkpoints import RoundCheckpointsMixin
 
-__all__ = ["FedPACTrainer", "FedPACCallback"]
+__all__ = ["FedPACTrainer"]
 
 logger = logging.getLogger(__name__)
 
