@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import json
 import math
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 
 from fedpac_hf.config.curvature_forms import CURVATURE_FORMS
 from fedpac_hf.federated import TRANSPORT_DTYPES, WEIGHTINGS, Algorithm
 
-if TYPE_CHECKING:
-    from fedpac_hf.config.arguments import FedPACArguments
-
-__all__ = ["PARTITIONER_FIELDS", "PARTITIONERS", "check_arguments"]
+__all__ = ["PARTITIONER_FIELDS", "PARTITIONERS", "CheckedSettings", "check_arguments"]
 
 PARTITIONERS = ("iid", "dirichlet", "pathological", "quantity_skew", "natural_id")
 # partitioner constructor argument -> the FedPACArguments field that sets it
@@ -31,7 +28,43 @@ PARTITIONER_FIELDS = {
 }
 
 
-def check_arguments(args: FedPACArguments) -> None:
+class CheckedSettings(Protocol):
+    """What :func:`check_arguments` reads (and normalises): a ``FedPACArguments``.
+
+    Declared here so that the checks need not import the class they check.
+    """
+
+    client_optimizer_kwargs: dict[str, Any] | str | None
+    num_rounds: int
+    local_steps: int
+    num_clients: int
+    min_clients_per_round: int
+    clients_per_round: float
+    per_device_train_batch_size: int
+    gradient_accumulation_steps: int
+    learning_rate: float
+    server_learning_rate: float
+    max_grad_norm: float
+    weight_decay: float
+    curvature: str
+    transport_dtype: str
+    aggregation_weighting: str
+    partitioner: str
+    partition_id_column: str | None
+    eval_strategy: Any
+    save_strategy: Any
+    logging_strategy: Any
+    deepspeed: Any
+    fsdp: Any
+
+    def get_warmup_steps(self, num_training_steps: int) -> int: ...
+
+    def build_algorithm(self) -> Algorithm: ...
+
+    def partitioner_kwargs(self) -> dict[str, Any]: ...
+
+
+def check_arguments(args: CheckedSettings) -> None:
     """Refuse inconsistent or unsupported settings (after ``TrainingArguments``' own checks).
 
     Raises
@@ -133,7 +166,7 @@ def check_arguments(args: FedPACArguments) -> None:
         )
 
 
-def _check_client_optimizer(args: FedPACArguments, algorithm: Algorithm) -> None:
+def _check_client_optimizer(args: CheckedSettings, algorithm: Algorithm) -> None:
     """Build the client optimizer once on a 2x2 weight: a bad name or option fails now.
 
     Otherwise it would fail inside every client's first step, and every

@@ -4,15 +4,18 @@ Testable on a 10-line model; the HF trainer and the Flower apps are thin
 shells around it.
 """
 
-from .adaptive_beta import AUTO_BETA_MAX, AUTO_BETA_START, auto_beta, parse_beta, round_beta
+from .adaptive_beta import AUTO_BETA_MAX, AUTO_BETA_START, auto_beta, parse_beta
 from .algorithms import (
     Algorithm,
+    downlink_bytes,
+    downlink_parts,
     get_algorithm,
     list_algorithms,
     register_algorithm,
+    round_beta,
     unregister_algorithm,
 )
-from .client import ClientUpdate, batch_size, client_update, cycle_batches
+from .client import batch_size, client_update, cycle_batches
 from .engine import (
     ROUND_METRICS,
     TRANSPORT_DTYPES,
@@ -29,9 +32,8 @@ from .server import (
 )
 from .simulation import simulate
 from .state import (
+    ClientUpdate,
     ServerState,
-    downlink_bytes,
-    downlink_parts,
     get_trainable_state,
     load_trainable_state,
     tensor_bytes,

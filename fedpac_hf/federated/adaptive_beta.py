@@ -36,11 +36,7 @@ used is logged as the ``beta`` metric.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .algorithms import Algorithm
-    from .state import ServerState
+from typing import Any
 
 __all__ = [
     "AUTO",
@@ -48,7 +44,6 @@ __all__ = [
     "AUTO_BETA_START",
     "auto_beta",
     "parse_beta",
-    "round_beta",
 ]
 
 AUTO = "auto"
@@ -107,17 +102,3 @@ def auto_beta(client_dispersion: float, direction_change: float, beta_max: float
     if not (math.isfinite(sigma2) and math.isfinite(tau2)) or sigma2 + tau2 == 0.0:
         return min(AUTO_BETA_START, beta_max)
     return min(sigma2 / (sigma2 + tau2), beta_max)
-
-
-def round_beta(algorithm: Algorithm, state: ServerState) -> float:
-    """The beta the clients use in the round that starts from ``state``.
-
-    A fixed ``algorithm.beta`` as it is; with ``"auto"`` the value the server
-    chose at the end of the last round (``state.beta``), or
-    :data:`AUTO_BETA_START` (at most ``beta_max``) before it has one.
-    """
-    if algorithm.beta != AUTO:
-        return float(algorithm.beta)
-    if state.beta is not None:
-        return float(state.beta)
-    return min(AUTO_BETA_START, algorithm.beta_max)

@@ -15,7 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .adaptive_beta import AUTO, AUTO_BETA_MAX, parse_beta
+from .adaptive_beta import AUTO, AUTO_BETA_MAX, AUTO_BETA_START, parse_beta
+from .state import ServerState, tensor_bytes
 
 __all__ = [
     "Algorithm",
@@ -23,6 +24,9 @@ __all__ = [
     "unregister_algorithm",
     "get_algorithm",
     "list_algorithms",
+    "round_beta",
+    "downlink_bytes",
+    "downlink_parts",
 ]
 
 
@@ -199,3 +203,36 @@ def _register_builtins() -> None:
 
 
 _register_builtins()
+
+
+def round_beta(algorithm: Algorithm, state: ServerState) -> float:
+    """The beta the clients use in the round that starts from ``state``.
+
+    A fixed ``algorithm.beta`` as it is; with ``"auto"`` the value the server
+    chose at the end of the last round (``state.beta``), or
+    :data:`AUTO_BETA_START` (at most ``beta_max``) before it has one.
+    """
+    if algorithm.beta != AUTO:
+        return float(algorithm.beta)
+    if state.beta is not None:
+        return float(state.beta)
+    return min(AUTO_BETA_START, algorithm.beta_max)
+
+
+def downlink_parts(server_state: ServerState, algorithm: Algorithm) -> dict[str, int]:
+    """Bytes the server sends to one client, by part: params, direction g_G, Theta.
+
+    Theta goes down only when the algorithm aligns and g_G only when it
+    corrects; tensors count at their dtype's size (2 bytes with bfloat16
+    transport).
+    """
+    return {
+        "params": tensor_bytes(server_state.params),
+        "direction": tensor_bytes(server_state.direction) if algorithm.correction else 0,
+        "theta": tensor_bytes(server_state.curvature) if algorithm.align else 0,
+    }
+
+
+def downlink_bytes(server_state: ServerState, algorithm: Algorithm) -> int:
+    """Bytes the server sends to one client: params, plus Theta and g_G when used."""
+    return sum(downlink_parts(server_state, algorithm).values())

@@ -19,71 +19,23 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from fedpac_hf.optim.base import all_finite
 
-from .adaptive_beta import round_beta
-from .algorithms import Algorithm
+from .algorithms import Algorithm, round_beta
 from .failures import ClientError
-from .state import ServerState, load_trainable_state, trainable_parameters
+from .state import ClientUpdate, ServerState, load_trainable_state, trainable_parameters
 
 __all__ = [
-    "ClientUpdate",
     "client_update",
     "cycle_batches",
     "batch_size",
 ]
 
 LossFn = Callable[[torch.nn.Module, Any], Any]
-
-
-@dataclass
-class ClientUpdate:
-    """What one client sends back after its local steps.
-
-    Attributes
-    ----------
-    client_id:
-        Index of the client in the federation.
-    delta:
-        ``theta_i - theta^r`` per trainable parameter, float32, on the device
-        the client trained on (:func:`client_update` leaves it there; the
-        server sums it where it is, Flower copies it to the CPU to send it).
-    curvature:
-        The client's Theta after its local steps (``{}`` for SGD), float32,
-        on the same device.
-    num_examples:
-        Training examples seen in the local steps (for example weighting).
-    num_steps:
-        Local optimizer steps taken (K).
-    metrics:
-        ``train_loss`` (mean over the local steps), ``skipped_steps`` (steps an
-        fp16 gradient scaler skipped for overflowing) and friends.
-    """
-
-    client_id: int
-    delta: dict[str, torch.Tensor]
-    curvature: dict[str, torch.Tensor]
-    num_examples: int
-    num_steps: int
-    metrics: dict[str, float] = field(default_factory=dict)
-
-    def cast(self, dtype: torch.dtype) -> ClientUpdate:
-        """This update with its delta and Theta in ``dtype`` (reduced-precision transport)."""
-        if dtype == torch.float32:
-            return self
-        return ClientUpdate(
-            client_id=self.client_id,
-            delta={n: t.to(dtype) for n, t in self.delta.items()},
-            curvature={n: t.to(dtype) for n, t in self.curvature.items()},
-            num_examples=self.num_examples,
-            num_steps=self.num_steps,
-            metrics=dict(self.metrics),
-        )
 
 
 def cycle_batches(loader: Iterable[Any]) -> Iterator[Any]:

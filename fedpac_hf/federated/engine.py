@@ -35,11 +35,10 @@ from dataclasses import dataclass, field
 import torch
 
 from .algorithms import Algorithm
-from .client import ClientUpdate
 from .failures import ClientFailure, run_client
 from .sampling import resolve_clients_per_round, sample_clients
 from .server import WEIGHTINGS, RoundAggregator
-from .state import ServerState
+from .state import ClientUpdate, ServerState
 
 __all__ = [
     "ROUND_METRICS",

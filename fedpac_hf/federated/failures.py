@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from .client import ClientUpdate
+    from .state import ClientUpdate
 
 __all__ = [
     "PROGRAMMING_ERRORS",

@@ -26,12 +26,11 @@ import torch
 
 from fedpac_hf.optim.base import all_finite
 
-from .adaptive_beta import auto_beta, round_beta
-from .algorithms import Algorithm
-from .client import ClientUpdate
+from .adaptive_beta import auto_beta
+from .algorithms import Algorithm, downlink_parts, round_beta
 from .failures import ClientFailure, RoundError, require_finite_aggregate
 from .round_metrics import curvature_scalars, drift_metrics, update_scalars
-from .state import ServerState, downlink_parts, move_tensors, tensor_bytes
+from .state import ClientUpdate, ServerState, move_tensors, tensor_bytes
 
 __all__ = [
     "RoundAggregator",

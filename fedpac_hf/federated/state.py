@@ -10,18 +10,14 @@ their low bits.
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
-if TYPE_CHECKING:
-    from .algorithms import Algorithm
-
 __all__ = [
+    "ClientUpdate",
     "ServerState",
-    "downlink_bytes",
-    "downlink_parts",
     "trainable_parameters",
     "get_trainable_state",
     "load_trainable_state",
@@ -205,20 +201,46 @@ class ServerState:
         return cls(params=get_trainable_state(model))
 
 
-def downlink_parts(server_state: ServerState, algorithm: Algorithm) -> dict[str, int]:
-    """Bytes the server sends to one client, by part: params, direction g_G, Theta.
+@dataclass
+class ClientUpdate:
+    """What one client sends back after its local steps.
 
-    Theta goes down only when the algorithm aligns and g_G only when it
-    corrects; tensors count at their dtype's size (2 bytes with bfloat16
-    transport).
+    Attributes
+    ----------
+    client_id:
+        Index of the client in the federation.
+    delta:
+        ``theta_i - theta^r`` per trainable parameter, float32, on the device
+        the client trained on (:func:`~fedpac_hf.federated.client.client_update` leaves it there; the
+        server sums it where it is, Flower copies it to the CPU to send it).
+    curvature:
+        The client's Theta after its local steps (``{}`` for SGD), float32,
+        on the same device.
+    num_examples:
+        Training examples seen in the local steps (for example weighting).
+    num_steps:
+        Local optimizer steps taken (K).
+    metrics:
+        ``train_loss`` (mean over the local steps), ``skipped_steps`` (steps an
+        fp16 gradient scaler skipped for overflowing) and friends.
     """
-    return {
-        "params": tensor_bytes(server_state.params),
-        "direction": tensor_bytes(server_state.direction) if algorithm.correction else 0,
-        "theta": tensor_bytes(server_state.curvature) if algorithm.align else 0,
-    }
 
+    client_id: int
+    delta: dict[str, torch.Tensor]
+    curvature: dict[str, torch.Tensor]
+    num_examples: int
+    num_steps: int
+    metrics: dict[str, float] = field(default_factory=dict)
 
-def downlink_bytes(server_state: ServerState, algorithm: Algorithm) -> int:
-    """Bytes the server sends to one client: params, plus Theta and g_G when used."""
-    return sum(downlink_parts(server_state, algorithm).values())
+    def cast(self, dtype: torch.dtype) -> ClientUpdate:
+        """This update with its delta and Theta in ``dtype`` (reduced-precision transport)."""
+        if dtype == torch.float32:
+            return self
+        return ClientUpdate(
+            client_id=self.client_id,
+            delta={n: t.to(dtype) for n, t in self.delta.items()},
+            curvature={n: t.to(dtype) for n, t in self.curvature.items()},
+            num_examples=self.num_examples,
+            num_steps=self.num_steps,
+            metrics=dict(self.metrics),
+        )
