@@ -8,7 +8,9 @@ import torch
 from fedpac_hf.federated import (
     AUTO_BETA_START,
     Algorithm,
+    ClientHooks,
     ClientUpdate,
+    LocalSteps,
     ServerState,
     aggregate,
     auto_beta,
@@ -112,9 +114,8 @@ def test_a_client_with_auto_steps_exactly_as_with_the_servers_value_fixed():
                 start,
                 algorithm,
                 cycle_batches(data),
-                lr=0.05,
-                local_steps=3,
-                loss_fn=ce_loss,
+                LocalSteps(lr=0.05, num_steps=3),
+                ClientHooks(loss_fn=ce_loss),
             )  # fmt: skip
         )
     for name in runs[0].delta:

@@ -8,6 +8,8 @@ import torch
 from fedpac_hf.federated import (
     ROUND_METRICS,
     ClientError,
+    ClientHooks,
+    LocalSteps,
     RoundEngine,
     RoundError,
     ServerState,
@@ -58,9 +60,8 @@ def trainer_for(model, engine, data, fail=()):
             plan.state,
             engine.algorithm,
             cycle_batches(data[client_id]),
-            lr=plan.learning_rate,
-            local_steps=engine.local_steps,
-            loss_fn=ce_loss,
+            LocalSteps(lr=plan.learning_rate, num_steps=engine.local_steps),
+            ClientHooks(loss_fn=ce_loss),
             client_id=client_id,
         )
 

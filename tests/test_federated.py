@@ -10,7 +10,9 @@ from torch import nn
 
 from fedpac_hf.federated import (
     Algorithm,
+    ClientHooks,
     ClientUpdate,
+    LocalSteps,
     ServerState,
     aggregate,
     client_update,
@@ -230,7 +232,7 @@ def test_client_step_is_scaled_base_step_plus_correction():
     beta, lr = 0.3, 0.2
     algo = Algorithm("t", "sgd", beta=beta)
     up = client_update(
-        model, state, algo, cycle_batches([batch]), lr=lr, local_steps=1, loss_fn=ce_loss
+        model, state, algo, cycle_batches([batch]), LocalSteps(lr, 1), ClientHooks(ce_loss)
     )
     for n in state.params:
         expected = -(1 - beta) * lr * grads[n] - beta * lr * g_dir[n]
@@ -344,9 +346,8 @@ def test_only_trainable_parameters_travel_and_frozen_ones_stay_bit_identical():
         state,
         get_algorithm("fedpac_soap"),
         cycle_batches(make_clients(1)[0]),
-        lr=0.01,
-        local_steps=3,
-        loss_fn=ce_loss,
+        LocalSteps(lr=0.01, num_steps=3),
+        ClientHooks(loss_fn=ce_loss),
     )
     assert "0.weight" not in up.delta
     assert not any(k.startswith("0.weight") for k in up.curvature)

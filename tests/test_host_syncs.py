@@ -16,6 +16,8 @@ from torch import nn
 
 from fedpac_hf.federated import (
     ClientError,
+    ClientHooks,
+    LocalSteps,
     RoundAggregator,
     ServerState,
     client_update,
@@ -70,10 +72,8 @@ def run(model, state, algorithm, steps, data=None, **kwargs):
         state,
         get_algorithm(algorithm),
         cycle_batches(data if data is not None else batches()),
-        lr=1e-2,
-        local_steps=steps,
-        max_grad_norm=1.0,
-        **kwargs,
+        LocalSteps(lr=1e-2, num_steps=steps, max_grad_norm=1.0),
+        ClientHooks(**kwargs),
     )
 
 
@@ -150,10 +150,8 @@ def test_sophia_refresh_on_a_masked_batch_costs_one_sync():
                 state,
                 algorithm,
                 cycle_batches(batches()),
-                lr=1e-2,
-                local_steps=steps,
-                loss_fn=ce_loss,
-                curvature_loss_fn=gnb_masked,
+                LocalSteps(lr=1e-2, num_steps=steps),
+                ClientHooks(loss_fn=ce_loss, curvature_loss_fn=gnb_masked),
             )
         counts.append(syncs.count(location_contains="fedpac_hf/optim/sophia.py"))
     assert counts[1] - counts[0] == 4
@@ -234,9 +232,8 @@ def test_a_diverged_client_is_detected_at_the_end_of_its_steps():
             state,
             get_algorithm("fedavg"),
             cycle_batches(batches()),
-            lr=1e30,
-            local_steps=1,
-            loss_fn=lambda m, b: (m[0].weight * 1e30).sum(),
+            LocalSteps(lr=1e30, num_steps=1),
+            ClientHooks(loss_fn=lambda m, b: (m[0].weight * 1e30).sum()),
         )
 
 

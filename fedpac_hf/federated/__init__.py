@@ -15,7 +15,7 @@ from .algorithms import (
     round_beta,
     unregister_algorithm,
 )
-from .client import batch_size, client_update, cycle_batches
+from .client import ClientHooks, LocalSteps, batch_size, client_update, cycle_batches
 from .engine import (
     ROUND_METRICS,
     TRANSPORT_DTYPES,
@@ -45,8 +45,10 @@ __all__ = [
     "AUTO_BETA_START",
     "Algorithm",
     "ClientError",
+    "ClientHooks",
     "ClientFailure",
     "ClientUpdate",
+    "LocalSteps",
     "ROUND_METRICS",
     "TRANSPORT_DTYPES",
     "RoundAggregator",

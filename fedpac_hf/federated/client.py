@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,6 +31,8 @@ from .failures import ClientError
 from .state import ClientUpdate, ServerState, load_trainable_state, trainable_parameters
 
 __all__ = [
+    "ClientHooks",
+    "LocalSteps",
     "client_update",
     "cycle_batches",
     "batch_size",
@@ -85,6 +88,10 @@ def _default_clip(params: list[torch.Tensor], max_norm: float) -> None:
     torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
+def _default_backward(loss: torch.Tensor) -> None:
+    loss.backward()
+
+
 def _export_curvature(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     """The optimizer's Theta, left on the parameters' device when it can say so."""
     export = getattr(optimizer, "export_curvature", None)
@@ -95,73 +102,59 @@ def _export_curvature(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tenso
     return export()
 
 
-def _model_device(params: Mapping[str, torch.Tensor]) -> torch.device:
-    """The device of the first trainable parameter (where the client's sums live)."""
-    return next(iter(params.values())).device
+@dataclass(frozen=True)
+class LocalSteps:
+    """The numbers of one client's round: K optimizer steps at the local rate eta_l.
 
-
-def client_update(
-    model: torch.nn.Module,
-    server_state: ServerState,
-    algorithm: Algorithm,
-    batches: Iterator[Any],
-    *,
-    lr: float,
-    local_steps: int,
-    loss_fn: LossFn,
-    client_id: int = 0,
-    gradient_accumulation_steps: int = 1,
-    max_grad_norm: float | None = None,
-    backward: Callable[[torch.Tensor], None] | None = None,
-    clip_grad: Callable[[list[torch.Tensor], float], None] | None = None,
-    curvature_loss_fn: LossFn | None = None,
-    optimizer_factory: Callable[..., torch.optim.Optimizer] | None = None,
-    grad_scaler: torch.amp.GradScaler | None = None,
-) -> ClientUpdate:
-    """Run one client's local training for one round and return its update.
-
-    The local steps never wait for the device: the losses are summed where
-    the model is, the optimizer's own per-step finiteness check is switched off
-    (``check_finite_grads = False``, see
-    :class:`~fedpac_hf.optim.base.CurvatureOptimizer`), and the delta and
-    Theta stay on the model's device. Everything is checked once, after the
-    last step, in one host sync: a client that diverged (a non-finite loss in
-    any step, a non-finite update or curvature) is detected at the end of its
-    steps and raises :class:`ClientError`. With ``grad_scaler`` each step
-    costs one host sync, the scaler's decision to skip it. Sophia's curvature
-    pass on a masked batch adds one more on the steps that refresh it (counting
-    the masked positions, see :func:`fedpac_hf.optim.gnb_loss`).
-
-    Parameters
+    Attributes
     ----------
-    model:
-        The one model shared by all clients; its trainable parameters are
-        overwritten with ``server_state.params`` first.
-    server_state:
-        Global parameters, curvature and direction of this round.
-    algorithm:
-        The client rule's knobs (optimizer, alignment, beta; with ``beta="auto"``
-        the round's value travels as ``server_state.beta``, see
-        :func:`~fedpac_hf.federated.round_beta`).
-    batches:
-        An iterator yielding at least ``local_steps * gradient_accumulation_steps``
-        batches (see :func:`cycle_batches`).
     lr:
         This round's local learning rate eta_l (the schedule over rounds is
         the caller's). The base optimizer runs at ``(1 - beta) * lr``.
-    local_steps:
+    num_steps:
         K, optimizer steps per round.
-    loss_fn:
-        ``loss_fn(model, batch) -> scalar loss``.
     gradient_accumulation_steps:
         Micro-batches averaged into each optimizer step.
     max_grad_norm:
-        Clip the gradient norm before each base step (None: no clipping).
+        Clip the gradient norm before each base step (``None`` or 0: no clipping).
+    """
+
+    lr: float
+    num_steps: int
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_steps < 1:
+            raise ValueError(f"local_steps must be at least 1, got {self.num_steps}")
+        if self.gradient_accumulation_steps < 1:
+            raise ValueError(
+                "gradient_accumulation_steps must be at least 1, got "
+                f"{self.gradient_accumulation_steps}"
+            )
+        if self.lr <= 0 or not math.isfinite(self.lr):
+            raise ValueError(f"the local learning rate must be a positive number, got {self.lr}")
+        norm = self.max_grad_norm
+        if norm is not None and not (math.isfinite(norm) and norm >= 0):
+            raise ValueError(
+                f"max_grad_norm must be a finite number >= 0 (0 or None: no clipping), got {norm}"
+            )
+
+
+@dataclass
+class ClientHooks:
+    """How a client computes and applies its gradients; plain PyTorch by default.
+
+    Attributes
+    ----------
+    loss_fn:
+        ``loss_fn(model, batch) -> scalar loss``.
     backward:
         How to back-propagate a loss (default ``loss.backward()``; the HF
         trainer passes ``accelerator.backward``).
     clip_grad:
-        How to clip (default ``torch.nn.utils.clip_grad_norm_``).
+        How to clip, ``clip_grad(params, max_norm)`` (default
+        ``torch.nn.utils.clip_grad_norm_``).
     curvature_loss_fn:
         For optimizers that refresh curvature from an extra pass (Sophia's
         Gauss-Newton-Bartlett estimate): ``fn(model, batch) -> loss`` or
@@ -178,6 +171,79 @@ def client_update(
         as they were) and counted in ``metrics["skipped_steps"]``; the scale
         backs off as usual. Sophia's curvature pass is not scaled. ``None``:
         no loss scaling (fp32, bf16).
+    """
+
+    loss_fn: LossFn
+    backward: Callable[[torch.Tensor], None] | None = None
+    clip_grad: Callable[[list[torch.Tensor], float], None] | None = None
+    curvature_loss_fn: LossFn | None = None
+    optimizer_factory: Callable[..., torch.optim.Optimizer] | None = None
+    grad_scaler: torch.amp.GradScaler | None = None
+
+
+@dataclass
+class _Tally:
+    """What a client counts during its local steps (the loss stays on the device)."""
+
+    loss_sum: torch.Tensor
+    num_examples: int = 0
+    steps_taken: int = 0  # on the host: GradScaler calls step() only for finite gradients
+    hessian_refreshes: int = 0
+
+
+def client_update(
+    model: torch.nn.Module,
+    server_state: ServerState,
+    algorithm: Algorithm,
+    batches: Iterator[Any],
+    steps: LocalSteps,
+    hooks: ClientHooks,
+    *,
+    client_id: int = 0,
+) -> ClientUpdate:
+    """Run one client's local training for one round and return its update.
+
+    The step rule, in the order the body reads:
+
+    1. load theta^r into the model; the base optimizer runs at ``(1 - beta) * lr``;
+    2. alignment: warm-start it from the global Theta (``algorithm.align``);
+    3. K times: a base step on the client's gradient, then the correction
+       ``theta <- theta - beta * lr * g_G`` (``algorithm.correction``);
+    4. the update: delta, Theta, examples seen, metrics.
+
+    The local steps never wait for the device: the losses are summed where
+    the model is, the optimizer's own per-step finiteness check is switched off
+    (``check_finite_grads = False``, see
+    :class:`~fedpac_hf.optim.base.CurvatureOptimizer`), and the delta and
+    Theta stay on the model's device. Everything is checked once, after the
+    last step, in one host sync: a client that diverged (a non-finite loss in
+    any step, a non-finite update or curvature) is detected at the end of its
+    steps and raises :class:`~fedpac_hf.federated.failures.ClientError`. With
+    ``hooks.grad_scaler`` each step costs one host sync, the scaler's decision
+    to skip it. Sophia's curvature pass on a masked batch adds one more on the
+    steps that refresh it (counting the masked positions, see
+    :func:`fedpac_hf.optim.gnb_loss`).
+
+    Parameters
+    ----------
+    model:
+        The one model shared by all clients; its trainable parameters are
+        overwritten with ``server_state.params`` first.
+    server_state:
+        Global parameters, curvature and direction of this round.
+    algorithm:
+        The client rule's knobs (optimizer, alignment, beta; with ``beta="auto"``
+        the round's value travels as ``server_state.beta``, see
+        :func:`~fedpac_hf.federated.algorithms.round_beta`).
+    batches:
+        An iterator yielding at least ``num_steps * gradient_accumulation_steps``
+        batches (see :func:`cycle_batches`).
+    steps:
+        The round's numbers: learning rate, K, accumulation, clipping.
+    hooks:
+        How to compute the loss, back-propagate, clip, build the optimizer.
+    client_id:
+        The client's index, named in its metrics and errors.
 
     Returns
     -------
@@ -190,126 +256,167 @@ def client_update(
         If a loss, the update or the curvature state is not finite (checked
         once, after the last local step).
     """
-    if local_steps < 1:
-        raise ValueError(f"local_steps must be at least 1, got {local_steps}")
-    if gradient_accumulation_steps < 1:
-        raise ValueError(
-            f"gradient_accumulation_steps must be at least 1, got {gradient_accumulation_steps}"
-        )
-    if lr <= 0 or not math.isfinite(lr):
-        raise ValueError(f"the local learning rate must be a positive number, got {lr}")
-    if max_grad_norm is not None and not (math.isfinite(max_grad_norm) and max_grad_norm >= 0):
-        raise ValueError(
-            f"max_grad_norm must be a finite number >= 0 (0 or None: no clipping), got "
-            f"{max_grad_norm}"
-        )
-    if optimizer_factory is None:
-        from fedpac_hf.optim import create_optimizer as optimizer_factory
-    backward = backward or (lambda loss: loss.backward())
-    clip_grad = clip_grad or _default_clip
-
     params = trainable_parameters(model)
     device = _model_device(params)
     state = server_state.to(device)  # a no-op when the round engine put it there
     load_trainable_state(model, state.params)
-    param_list = list(params.values())
     beta = round_beta(algorithm, state)
-    optimizer = optimizer_factory(
-        algorithm.optimizer, model, lr=(1.0 - beta) * lr, **dict(algorithm.optimizer_kwargs)
-    )
-    if hasattr(optimizer, "check_finite_grads"):
-        optimizer.check_finite_grads = False  # checked once, after the last step
+    optimizer = _base_optimizer(model, algorithm, (1.0 - beta) * steps.lr, hooks)
     if algorithm.align and state.curvature:
-        optimizer.import_curvature(state.curvature)
-
-    correction: list[torch.Tensor] | None = None
+        optimizer.import_curvature(state.curvature)  # alignment
+    correction = None
     if algorithm.correction and state.direction is not None:
         correction = [
             state.direction[name].to(device=p.device, dtype=p.dtype) for name, p in params.items()
         ]
 
-    steps_taken = [0]  # counted on the host: GradScaler calls step() only for finite gradients
+    param_list = list(params.values())
+    # float64 where the device has it, as the per-step Python floats this sum replaces
+    tally = _Tally(torch.zeros((), dtype=_sum_dtype(device), device=device))
     hook = optimizer.register_step_post_hook(
-        lambda *_: steps_taken.__setitem__(0, steps_taken[0] + 1)
+        lambda *_: setattr(tally, "steps_taken", tally.steps_taken + 1)
     )
     was_training = model.training
     model.train()
-    # float64 where the device has it, as the per-step Python floats this sum replaces
-    loss_sum = torch.zeros(
-        (), dtype=torch.float32 if device.type == "mps" else torch.float64, device=device
-    )
-    num_examples = 0
-    hessian_refreshes = 0
-    refresh_due = getattr(optimizer, "hessian_update_due", None)
     try:
-        for _ in range(local_steps):
-            micro = [next(batches) for _ in range(gradient_accumulation_steps)]
-            if refresh_due is not None and refresh_due():
-                if curvature_loss_fn is None:
-                    raise ValueError(
-                        f"optimizer {algorithm.optimizer!r} refreshes its curvature from an extra "
-                        "pass: pass curvature_loss_fn (e.g. a Gauss-Newton-Bartlett loss on the "
-                        "model's logits)"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                result = curvature_loss_fn(model, micro[0])
-                if isinstance(result, tuple):
-                    curvature_loss, num_samples = result
-                else:
-                    curvature_loss, num_samples = result, batch_size(micro[0])
-                backward(curvature_loss)
-                optimizer.update_hessian(int(num_samples))
-                hessian_refreshes += 1
-            optimizer.zero_grad(set_to_none=True)
-            for batch in micro:
-                loss = _scalar_loss(loss_fn(model, batch))
-                if gradient_accumulation_steps > 1:
-                    loss = loss / gradient_accumulation_steps
-                backward(loss if grad_scaler is None else grad_scaler.scale(loss))
-                loss_sum += loss.detach().reshape(()).to(loss_sum.device)
-                num_examples += batch_size(batch)
-            if grad_scaler is not None:
-                grad_scaler.unscale_(optimizer)  # clip the true gradients
-            if max_grad_norm is not None and max_grad_norm > 0:
-                clip_grad(param_list, max_grad_norm)
-            taken = steps_taken[0]
-            if grad_scaler is None:
-                optimizer.step()
-            else:
-                grad_scaler.step(optimizer)  # one host sync: skips a step that overflowed
-                grad_scaler.update()
-            if correction is not None and steps_taken[0] > taken:
+        for _ in range(steps.num_steps):
+            micro = [next(batches) for _ in range(steps.gradient_accumulation_steps)]
+            _refresh_curvature_if_due(model, optimizer, micro[0], algorithm, hooks, tally)
+            taken = _base_step(model, optimizer, micro, param_list, steps, hooks, tally)
+            if correction is not None and taken:
                 with torch.no_grad():
-                    torch._foreach_add_(param_list, correction, alpha=-beta * lr)
+                    torch._foreach_add_(param_list, correction, alpha=-beta * steps.lr)
     finally:
         # a failed client leaves no gradients or train mode behind for the next one
         hook.remove()
         optimizer.zero_grad(set_to_none=True)
         model.train(was_training)
+    return _collect_update(params, state, optimizer, steps, tally, client_id)
 
+
+def _model_device(params: Mapping[str, torch.Tensor]) -> torch.device:
+    """The device of the first trainable parameter (where the client's sums live)."""
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    return next(iter(params.values())).device
+
+
+def _sum_dtype(device: torch.device) -> torch.dtype:
+    """float64 for the loss sum where the device has it (not on Apple's ``mps``)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _base_optimizer(
+    model: torch.nn.Module, algorithm: Algorithm, lr: float, hooks: ClientHooks
+) -> torch.optim.Optimizer:
+    """The algorithm's base optimizer at rate ``lr``, its per-step finiteness check off."""
+    factory = hooks.optimizer_factory
+    if factory is None:
+        from fedpac_hf.optim import create_optimizer as factory
+    optimizer = factory(algorithm.optimizer, model, lr=lr, **dict(algorithm.optimizer_kwargs))
+    if hasattr(optimizer, "check_finite_grads"):
+        optimizer.check_finite_grads = False  # checked once, after the last step
+    return optimizer
+
+
+def _refresh_curvature_if_due(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: Any,
+    algorithm: Algorithm,
+    hooks: ClientHooks,
+    tally: _Tally,
+) -> None:
+    """Sophia-style optimizers: an extra pass that refreshes the curvature, when due."""
+    refresh_due = getattr(optimizer, "hessian_update_due", None)
+    if refresh_due is None or not refresh_due():
+        return
+    if hooks.curvature_loss_fn is None:
+        raise ValueError(
+            f"optimizer {algorithm.optimizer!r} refreshes its curvature from an extra "
+            "pass: pass curvature_loss_fn (e.g. a Gauss-Newton-Bartlett loss on the "
+            "model's logits)"
+        )
+    optimizer.zero_grad(set_to_none=True)
+    result = hooks.curvature_loss_fn(model, batch)
+    if isinstance(result, tuple):
+        curvature_loss, num_samples = result
+    else:
+        curvature_loss, num_samples = result, batch_size(batch)
+    (hooks.backward or _default_backward)(curvature_loss)
+    optimizer.update_hessian(int(num_samples))
+    tally.hessian_refreshes += 1
+
+
+def _base_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro: list[Any],
+    param_list: list[torch.Tensor],
+    steps: LocalSteps,
+    hooks: ClientHooks,
+    tally: _Tally,
+) -> bool:
+    """Accumulate the micro-batches' gradients, clip, take one base step.
+
+    Returns whether the step was taken (a ``GradScaler`` skips one that overflowed).
+    """
+    backward = hooks.backward or _default_backward
+    scaler = hooks.grad_scaler
+    optimizer.zero_grad(set_to_none=True)
+    for batch in micro:
+        loss = _scalar_loss(hooks.loss_fn(model, batch))
+        if steps.gradient_accumulation_steps > 1:
+            loss = loss / steps.gradient_accumulation_steps
+        backward(loss if scaler is None else scaler.scale(loss))
+        tally.loss_sum += loss.detach().reshape(()).to(tally.loss_sum.device)
+        tally.num_examples += batch_size(batch)
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # clip the true gradients
+    if steps.max_grad_norm:
+        (hooks.clip_grad or _default_clip)(param_list, steps.max_grad_norm)
+    taken = tally.steps_taken
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)  # one host sync: skips a step that overflowed
+        scaler.update()
+    return tally.steps_taken > taken
+
+
+def _collect_update(
+    params: Mapping[str, torch.Tensor],
+    state: ServerState,
+    optimizer: torch.optim.Optimizer,
+    steps: LocalSteps,
+    tally: _Tally,
+    client_id: int,
+) -> ClientUpdate:
+    """Delta, Theta and metrics, checked for finiteness in the client's one host sync."""
+    device = tally.loss_sum.device
     delta = {name: p.detach().to(torch.float32) - state.params[name] for name, p in params.items()}
     curvature = _export_curvature(optimizer)
     usable = all_finite(delta.values()).to(device) & all_finite(curvature.values()).to(device)
     # the one host sync of the client: its loss, or NaN when the update or Theta is not finite
-    total_loss = float(torch.where(usable, loss_sum, float("nan")))
+    total_loss = float(torch.where(usable, tally.loss_sum, float("nan")))
     if not math.isfinite(total_loss):
-        loss_value = float(loss_sum)
+        loss_value = float(tally.loss_sum)
         if not math.isfinite(loss_value):
             raise ClientError(f"client {client_id}: non-finite training loss {loss_value}")
         if not bool(all_finite(delta.values())):
             raise ClientError(f"client {client_id}: the parameter update is not finite")
         raise ClientError(f"client {client_id}: the curvature state is not finite")
     metrics = {
-        "train_loss": total_loss / local_steps,
-        "skipped_steps": float(local_steps - steps_taken[0]),
+        "train_loss": total_loss / steps.num_steps,
+        "skipped_steps": float(steps.num_steps - tally.steps_taken),
     }
-    if hessian_refreshes:
-        metrics["hessian_refreshes"] = float(hessian_refreshes)
+    if tally.hessian_refreshes:
+        metrics["hessian_refreshes"] = float(tally.hessian_refreshes)
     return ClientUpdate(
         client_id=client_id,
         delta=delta,
         curvature=curvature,
-        num_examples=num_examples,
-        num_steps=local_steps,
+        num_examples=tally.num_examples,
+        num_steps=steps.num_steps,
         metrics=metrics,
     )

@@ -310,7 +310,7 @@ class RoundEngine:
         plan:
             The round from :meth:`plan_round`, with every result recorded.
         reduce:
-            Combines partial sums first, e.g. ``RoundAggregator.all_reduce``
+            Combines partial sums first, e.g. ``fedpac_hf.federated.distributed.all_reduce``
             when clients are spread over processes.
 
         Raises

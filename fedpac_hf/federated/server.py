@@ -20,7 +20,7 @@ sums computed in several processes can simply be added together.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
@@ -185,81 +185,6 @@ class RoundAggregator:
             self.theta_bytes += tensor_bytes(update.curvature)
         self.client_ids.append(int(update.client_id))
 
-    def all_reduce(self) -> None:
-        """Sum this aggregator with its peers in the other processes (torch.distributed).
-
-        Every process of the default process group calls this after adding
-        its share of the round's clients; afterwards every process holds the
-        sums over all clients, so ``finalize`` gives the same state everywhere.
-        A process whose clients all failed contributes zeros.
-        """
-        import torch.distributed as dist
-
-        key_lists: list[Any] = [None] * dist.get_world_size()
-        mine = {k: tuple(t.shape) for k, t in self.curvature_sum.items()}
-        dist.all_gather_object(key_lists, (mine, self.client_ids, self.failures))
-        shapes: dict[str, tuple[int, ...]] = {}
-        ids: list[int] = []
-        failures: list[ClientFailure] = []
-        for keys, client_ids, client_failures in key_lists:
-            shapes.update(keys)
-            ids += client_ids
-            failures += client_failures
-        for k, shape in shapes.items():
-            if k not in self.curvature_sum:
-                zeros = torch.zeros(shape, dtype=torch.float64, device=self.device)
-                self.curvature_sum[k] = zeros
-                self.curvature_weighted_sum[k] = zeros.clone()
-        names, curv = sorted(self.delta_sum), sorted(self.curvature_sum)
-        host = torch.tensor(
-            [
-                self.weight_sum,
-                self.num_clients,
-                self.num_examples,
-                self.loss_sum,
-                self.delta_bytes,
-                self.theta_bytes,
-                self.skipped_steps,
-                self.hessian_refreshes,
-            ],
-            dtype=torch.float64,
-        )
-        scalars = torch.cat(
-            [
-                self.curvature_square_sum.reshape(1),
-                self.delta_square_sum.reshape(1),
-                host.to(self.device),
-            ]
-        )
-        tensors = (
-            [self.delta_sum[n] for n in names]
-            + [self.curvature_sum[k] for k in curv]
-            + [self.curvature_weighted_sum[k] for k in curv]
-            + [scalars]
-        )
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        dist.all_reduce(flat)
-        offset = 0
-        for t in tensors:
-            t.copy_(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
-        self.curvature_square_sum = scalars[0].clone()
-        self.delta_square_sum = scalars[1].clone()
-        (
-            self.weight_sum,
-            num_clients,
-            num_examples,
-            self.loss_sum,
-            delta_bytes,
-            theta_bytes,
-            self.skipped_steps,
-            self.hessian_refreshes,
-        ) = scalars[2:].cpu().tolist()
-        self.num_clients, self.num_examples = int(num_clients), int(num_examples)
-        self.delta_bytes, self.theta_bytes = int(delta_bytes), int(theta_bytes)
-        self.client_ids = sorted(ids)
-        self.failures = sorted(failures, key=lambda f: f.client_id)
-
     def finalize(
         self,
         *,
@@ -268,6 +193,12 @@ class RoundAggregator:
         server_lr: float = 1.0,
     ) -> tuple[ServerState, dict[str, float]]:
         """The next global state and this round's server metrics.
+
+        In named steps: the server rule (:meth:`_server_step`, :meth:`_mean_curvature`),
+        every diagnostic read back in one transfer (:meth:`_read_metrics`), the
+        next round's beta (:meth:`_next_beta`), the bytes that travelled
+        (:meth:`_byte_metrics`), and the finiteness check before the new state
+        moves to the CPU.
 
         Parameters
         ----------
@@ -290,96 +221,17 @@ class RoundAggregator:
                 + (f" (dropped: {'; '.join(map(str, self.failures[:5]))})" if self.failures else "")
             )
         state = self.server_state
-        inv_w = 1.0 / self.weight_sum
-        master = move_tensors(state.params, self.device)
-        delta = {n: (s * inv_w) for n, s in self.delta_sum.items()}
-        params = {
-            n: (master[n].to(torch.float64) + server_lr * delta[n]).to(torch.float32)
-            for n in state.params
-        }
-        direction = {n: (-d / (local_steps * lr)).to(torch.float32) for n, d in delta.items()}
-
-        curvature: dict[str, torch.Tensor] | None = None
-        scalars = update_scalars(  # device scalars, read in one transfer below
-            delta,
-            self.delta_square_sum * inv_w,
-            direction,
-            state.direction,
-            units=1.0 / (local_steps * lr) ** 2,
-        )
-        if self.curvature_weighted_sum:
-            mean = {n: s * inv_w for n, s in self.curvature_weighted_sum.items()}
-            scalars.update(
-                curvature_scalars(
-                    self.curvature_sum,
-                    mean,
-                    self.curvature_square_sum,
-                    self.num_clients,
-                    state.curvature,
-                )
-            )
-            curvature = {n: m.to(torch.float32) for n, m in mean.items()}
-        finite = {
-            part: all_finite(tensors.values()).to(self.device)
-            for part, tensors in (
-                ("model", params),
-                ("direction", direction),
-                ("curvature", curvature or {}),
-            )
-        }
-        names = list(scalars) + list(finite)
-        values = torch.stack(
-            [scalars[k] for k in scalars] + [f.to(torch.float64) for f in finite.values()]
-        )
-        read = dict(zip(names, values.cpu().tolist()))  # one host sync for every metric
-        metrics = drift_metrics(read)
-        metrics["beta"] = round_beta(self.algorithm, state)
-        metrics["client_dispersion"] = max(0.0, read["client_dispersion"])
-        next_beta = state.beta
-        if "direction_change" in read:
-            metrics["direction_change"] = read["direction_change"]
-            if self.algorithm.adaptive_beta:
-                next_beta = auto_beta(
-                    metrics["client_dispersion"],
-                    metrics["direction_change"],
-                    self.algorithm.beta_max,
-                )
-
-        down = {
-            part: size * self.num_clients
-            for part, size in downlink_parts(self.sent_state, self.algorithm).items()
-        }
-        metrics.update(
-            num_clients=float(self.num_clients),
-            num_examples=float(self.num_examples),
-            train_loss=self.loss_sum * inv_w,
-            update_norm=read["update_norm"],
-            skipped_steps=self.skipped_steps,
-            hessian_refreshes=self.hessian_refreshes,
-            bytes_up=float(self.delta_bytes + self.theta_bytes),
-            bytes_down=float(sum(down.values())),
-            bytes_up_delta=float(self.delta_bytes),
-            bytes_up_theta=float(self.theta_bytes),
-            bytes_down_params=float(down["params"]),
-            bytes_down_direction=float(down["direction"]),
-            bytes_down_theta=float(down["theta"]),
-        )
-        for part in finite:
+        delta, params, direction = self._server_step(lr, local_steps, server_lr)
+        mean = self._mean_curvature()
+        curvature = None if mean is None else {n: m.to(torch.float32) for n, m in mean.items()}
+        parts = {"model": params, "direction": direction, "curvature": curvature or {}}
+        read, metrics = self._read_metrics(delta, direction, mean, parts, lr, local_steps)
+        next_beta = self._next_beta(metrics)
+        metrics.update(self._byte_metrics())
+        for part, tensors in parts.items():
             if not read[part]:
-                tensors = {"model": params, "direction": direction}.get(part, curvature or {})
                 require_finite_aggregate(tensors, part, state.round + 1, server_lr)
-        new = move_tensors(
-            {
-                **{("params", n): t for n, t in params.items()},
-                **{("direction", n): t for n, t in direction.items()},
-                **{("curvature", n): t for n, t in (curvature or {}).items()},
-            },
-            "cpu",
-        )
-        params = {n: new[("params", n)] for n in params}
-        direction = {n: new[("direction", n)] for n in direction}
-        if curvature is not None:
-            curvature = {n: new[("curvature", n)] for n in curvature}
+        params, direction, curvature = _to_cpu(params, direction, curvature)
         new_state = ServerState(
             params=params,
             curvature=curvature,
@@ -388,6 +240,129 @@ class RoundAggregator:
             beta=next_beta if self.algorithm.adaptive_beta else None,
         )
         return new_state, metrics
+
+    def _server_step(
+        self, lr: float, local_steps: int, server_lr: float
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The server rule on the parameters: mean delta, theta^{r+1}, g_G^{r+1} (on the device).
+
+        ``Delta = sum_i w_i Delta_i / W``, ``theta^{r+1} = theta^r + eta_g Delta``,
+        ``g_G^{r+1} = -Delta / (K eta_l)``.
+        """
+        inv_w = 1.0 / self.weight_sum
+        master = move_tensors(self.server_state.params, self.device)
+        delta = {n: (s * inv_w) for n, s in self.delta_sum.items()}
+        params = {
+            n: (master[n].to(torch.float64) + server_lr * delta[n]).to(torch.float32)
+            for n in self.server_state.params
+        }
+        direction = {n: (-d / (local_steps * lr)).to(torch.float32) for n, d in delta.items()}
+        return delta, params, direction
+
+    def _mean_curvature(self) -> dict[str, torch.Tensor] | None:
+        """Theta^{r+1} = sum_i w_i Theta_i / W in float64 (``None`` when no client sent Theta)."""
+        if not self.curvature_weighted_sum:
+            return None
+        inv_w = 1.0 / self.weight_sum
+        return {n: s * inv_w for n, s in self.curvature_weighted_sum.items()}
+
+    def _read_metrics(
+        self,
+        delta: dict[str, torch.Tensor],
+        direction: dict[str, torch.Tensor],
+        mean_curvature: dict[str, torch.Tensor] | None,
+        parts: dict[str, dict[str, torch.Tensor]],
+        lr: float,
+        local_steps: int,
+    ) -> tuple[dict[str, float], dict[str, float]]:
+        """Every device scalar of the round read back in one host sync.
+
+        Returns the raw values (the update and curvature scalars of
+        :mod:`~fedpac_hf.federated.round_metrics`, and whether each of ``parts``
+        is finite) and the round's metrics derived from them.
+        """
+        inv_w = 1.0 / self.weight_sum
+        state = self.server_state
+        scalars = update_scalars(
+            delta,
+            self.delta_square_sum * inv_w,
+            direction,
+            state.direction,
+            units=1.0 / (local_steps * lr) ** 2,
+        )
+        if mean_curvature is not None:
+            scalars.update(
+                curvature_scalars(
+                    self.curvature_sum,
+                    mean_curvature,
+                    self.curvature_square_sum,
+                    self.num_clients,
+                    state.curvature,
+                )
+            )
+        for part, tensors in parts.items():
+            scalars[part] = all_finite(tensors.values()).to(self.device, torch.float64)
+        values = torch.stack([v.reshape(()) for v in scalars.values()])
+        read = dict(zip(scalars, values.cpu().tolist()))  # one host sync for every metric
+        metrics = drift_metrics(read)
+        metrics["beta"] = round_beta(self.algorithm, state)
+        metrics["client_dispersion"] = max(0.0, read["client_dispersion"])
+        if "direction_change" in read:
+            metrics["direction_change"] = read["direction_change"]
+        metrics.update(
+            num_clients=float(self.num_clients),
+            num_examples=float(self.num_examples),
+            train_loss=self.loss_sum * inv_w,
+            update_norm=read["update_norm"],
+            skipped_steps=self.skipped_steps,
+            hessian_refreshes=self.hessian_refreshes,
+        )
+        return read, metrics
+
+    def _next_beta(self, metrics: dict[str, float]) -> float | None:
+        """The beta of the next round under ``beta="auto"`` (else the state's, unchanged)."""
+        if "direction_change" not in metrics or not self.algorithm.adaptive_beta:
+            return self.server_state.beta
+        return auto_beta(
+            metrics["client_dispersion"], metrics["direction_change"], self.algorithm.beta_max
+        )
+
+    def _byte_metrics(self) -> dict[str, float]:
+        """Bytes up (delta, Theta) and down (params, g_G, Theta) in this round, all clients."""
+        down = {
+            part: size * self.num_clients
+            for part, size in downlink_parts(self.sent_state, self.algorithm).items()
+        }
+        return {
+            "bytes_up": float(self.delta_bytes + self.theta_bytes),
+            "bytes_down": float(sum(down.values())),
+            "bytes_up_delta": float(self.delta_bytes),
+            "bytes_up_theta": float(self.theta_bytes),
+            "bytes_down_params": float(down["params"]),
+            "bytes_down_direction": float(down["direction"]),
+            "bytes_down_theta": float(down["theta"]),
+        }
+
+
+def _to_cpu(
+    params: dict[str, torch.Tensor],
+    direction: dict[str, torch.Tensor],
+    curvature: dict[str, torch.Tensor] | None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """The new global state on the CPU, in one copy per dtype (:func:`move_tensors`)."""
+    new = move_tensors(
+        {
+            **{("params", n): t for n, t in params.items()},
+            **{("direction", n): t for n, t in direction.items()},
+            **{("curvature", n): t for n, t in (curvature or {}).items()},
+        },
+        "cpu",
+    )
+    return (
+        {n: new[("params", n)] for n in params},
+        {n: new[("direction", n)] for n in direction},
+        None if curvature is None else {n: new[("curvature", n)] for n in curvature},
+    )
 
 
 def aggregate(

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .algorithms import Algorithm, get_algorithm
-from .client import LossFn, client_update, cycle_batches
+from .client import ClientHooks, LocalSteps, LossFn, client_update, cycle_batches
 from .engine import RoundEngine, RoundPlan
 from .schedule import round_learning_rates
 from .server import Weighting
@@ -136,18 +136,17 @@ def simulate(
         device=next(p.device for p in model.parameters() if p.requires_grad),
     )
 
+    hooks = ClientHooks(loss_fn=loss_fn, curvature_loss_fn=curvature_loss_fn)
+
     def train_client(client_id: int, plan: RoundPlan):
         return client_update(
             model,
             plan.state,
             algorithm,
             cycle_batches(client_loaders[client_id]),
-            lr=plan.learning_rate,
-            local_steps=local_steps,
-            loss_fn=loss_fn,
+            LocalSteps(lr=plan.learning_rate, num_steps=local_steps, max_grad_norm=max_grad_norm),
+            hooks,
             client_id=client_id,
-            max_grad_norm=max_grad_norm,
-            curvature_loss_fn=curvature_loss_fn,
         )
 
     bar = tqdm(range(num_rounds), desc=f"{algorithm.name} rounds", disable=not progress)

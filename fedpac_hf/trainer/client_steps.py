@@ -9,16 +9,32 @@ loss. :meth:`FedPACTrainer.train_client` hands these to the core's
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from fedpac_hf.config.arguments import FedPACArguments
 
 __all__ = ["ClientStepsMixin"]
 
 
 class ClientStepsMixin:
-    """The per-micro-batch methods of ``FedPACTrainer`` (loss, backward, scaler)."""
+    """The per-micro-batch methods of ``FedPACTrainer`` (loss, backward, scaler).
+
+    What it uses of the trainer it is mixed into is declared below: Trainer's
+    ``args``, ``accelerator``, ``compute_loss`` and ``_prepare_inputs``, and
+    ``_gnb_seed``, which ``FedPACTrainer.train_client`` seeds per client and round.
+    """
+
+    args: FedPACArguments
+    accelerator: Accelerator
+    compute_loss: Callable[..., torch.Tensor]
+    _prepare_inputs: Callable[[Any], Any]
+    _gnb_seed: int
 
     def _inputs_on_device(self, inputs: Any) -> Any:
         """Trainer's ``_prepare_inputs``, with pinned batches copied without blocking the host.

@@ -38,7 +38,9 @@ from transformers.trainer_utils import SaveStrategy, TrainOutput
 
 from fedpac_hf.config.arguments import FedPACArguments
 from fedpac_hf.federated import (
+    ClientHooks,
     ClientUpdate,
+    LocalSteps,
     RoundEngine,
     RoundPlan,
     ServerState,
@@ -47,6 +49,7 @@ from fedpac_hf.federated import (
     load_trainable_state,
     trainable_parameters,
 )
+from fedpac_hf.federated.distributed import all_reduce
 from fedpac_hf.rundir.output_dir import claim_output_dir
 from fedpac_hf.trainer.callbacks import RoundProgressCallback
 from fedpac_hf.trainer.client_steps import ClientStepsMixin
@@ -276,15 +279,19 @@ class FedPACTrainer(ClientStepsMixin, RoundCheckpointsMixin, Trainer):
             state,
             self.algorithm,
             cycle_batches(self._client_dataloader(dataset, seed)),
-            lr=lr,
-            local_steps=self.args.local_steps,
-            loss_fn=self.client_loss,
+            LocalSteps(
+                lr=lr,
+                num_steps=self.args.local_steps,
+                gradient_accumulation_steps=self.args.gradient_accumulation_steps,
+                max_grad_norm=self.args.max_grad_norm,
+            ),
+            ClientHooks(
+                loss_fn=self.client_loss,
+                backward=self.client_backward,
+                curvature_loss_fn=self.curvature_loss,
+                grad_scaler=self.client_grad_scaler(),
+            ),
             client_id=client_id,
-            gradient_accumulation_steps=self.args.gradient_accumulation_steps,
-            max_grad_norm=self.args.max_grad_norm,
-            backward=self.client_backward,
-            curvature_loss_fn=self.curvature_loss,
-            grad_scaler=self.client_grad_scaler(),
         )
 
     def train_client_by_id(
@@ -372,7 +379,7 @@ class FedPACTrainer(ClientStepsMixin, RoundCheckpointsMixin, Trainer):
             metrics = self.engine.run_round(
                 train_one,
                 share=(lambda ids: ids[rank::world]) if world > 1 else None,
-                reduce=(lambda aggregator: aggregator.all_reduce()) if world > 1 else None,
+                reduce=all_reduce if world > 1 else None,
             )
             load_trainable_state(model, self.engine.state.params)
             self.state.global_step = round_number

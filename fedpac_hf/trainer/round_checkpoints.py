@@ -10,10 +10,13 @@ checkpoint whose identity differs from the run's, naming the setting.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fedpac_hf.federated import load_trainable_state
+import torch
+
+from fedpac_hf.federated import Algorithm, RoundEngine, load_trainable_state
 from fedpac_hf.rundir.checkpoint import (
     CHECKPOINT_PREFIX,
     load_federated_checkpoint,
@@ -22,13 +25,37 @@ from fedpac_hf.rundir.checkpoint import (
 )
 from fedpac_hf.rundir.resume import load_resumable_checkpoint, run_identity
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from transformers.trainer_callback import CallbackHandler, TrainerControl, TrainerState
+
+    from fedpac_hf.config.arguments import FedPACArguments
+
 __all__ = ["RoundCheckpointsMixin"]
 
 logger = logging.getLogger(__name__)
 
 
 class RoundCheckpointsMixin:
-    """Checkpoint, resume and best-model methods of ``FedPACTrainer`` (a round is a step)."""
+    """Checkpoint, resume and best-model methods of ``FedPACTrainer`` (a round is a step).
+
+    What it uses of the trainer it is mixed into is declared below: Trainer's
+    ``args``, ``accelerator``, ``model``, ``state``, ``control``,
+    ``callback_handler`` and ``save_model``, and ``FedPACTrainer``'s
+    ``algorithm``, ``engine``, ``round_history`` and ``partition_record``.
+    """
+
+    args: FedPACArguments
+    accelerator: Accelerator
+    model: torch.nn.Module
+    state: TrainerState
+    control: TrainerControl
+    callback_handler: CallbackHandler
+    save_model: Callable[..., None]
+    algorithm: Algorithm
+    engine: RoundEngine
+    round_history: list[dict[str, Any]]
+    partition_record: Callable[[], dict[str, Any]]
 
     def _run_identity(self, num_clients: int) -> dict[str, Any]:
         """What must match for a checkpoint to be resumable by this run."""
