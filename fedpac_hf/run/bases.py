@@ -67,9 +67,10 @@ def _train(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], lr: f
 
 
 def _build_vit_digits(folder: Path) -> dict[str, Any]:
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+    from transformers import ViTConfig, ViTForImageClassification
 
     from fedpac_hf.data import load_mnist5k
+    from fedpac_hf.run.data import vit_image_processor
 
     data = load_mnist5k(seed=0)
 
@@ -100,7 +101,7 @@ def _build_vit_digits(folder: Path) -> dict[str, Any]:
     with torch.no_grad():
         accuracy = float((model(pixel_values=tx).logits.argmax(-1) == ty).float().mean())
     model.save_pretrained(folder)
-    ViTImageProcessor(
+    vit_image_processor(
         do_resize=False,
         size={"height": 28, "width": 28},
         image_mean=[0.5],

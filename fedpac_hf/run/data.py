@@ -6,6 +6,7 @@ the setting to change when a column or a class is missing.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,7 +16,43 @@ from fedpac_hf.config.arguments import FedPACArguments
 
 from .config import ModelDataArguments, split_list
 
-__all__ = ["encode_labels", "load_splits", "require_columns", "tokenize", "train_bpe_tokenizer"]
+__all__ = [
+    "encode_labels",
+    "image_processor_backend",
+    "load_splits",
+    "require_columns",
+    "tokenize",
+    "train_bpe_tokenizer",
+    "vit_image_processor",
+]
+
+
+def image_processor_backend() -> dict[str, str]:
+    """Keyword arguments that pick the image processors' PIL backend when torchvision is missing.
+
+    transformers' image processors prefer a torchvision backend and, without
+    torchvision, fall back to PIL with a warning on every run that the user
+    cannot act on (PyPI's torchvision does not install beside every torch
+    build). Asking for PIL explicitly gives the same pixels without the
+    warning. Empty where torchvision is installed or transformers has no
+    backends (its default is then kept).
+    """
+    import transformers
+
+    if importlib.util.find_spec("torchvision") is not None:
+        return {}
+    if not hasattr(transformers, "ViTImageProcessorPil"):
+        return {}
+    return {"backend": "pil"}
+
+
+def vit_image_processor(**kwargs: Any) -> Any:
+    """A ViT image processor with ``kwargs``, on the PIL backend when torchvision is missing."""
+    import transformers
+
+    if image_processor_backend():
+        return transformers.ViTImageProcessorPil(**kwargs)
+    return transformers.ViTImageProcessor(**kwargs)
 
 
 def _limit(dataset: Any, limit: int | None, seed: int) -> Any:

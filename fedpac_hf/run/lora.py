@@ -9,6 +9,7 @@ target that matches nothing is refused with the model's linear layers listed.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from .config import ModelDataArguments
@@ -75,7 +76,13 @@ def apply_lora(model: Any, margs: ModelDataArguments, task_type: str | None) -> 
         task_type=task_type,
     )
     try:
-        return get_peft_model(model, config)
+        with warnings.catch_warnings():
+            # peft (0.21) reads transformers' deprecated is_gradient_checkpointing while
+            # wrapping: a notice about two libraries' internals that no setting changes
+            warnings.filterwarnings(
+                "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
+            )
+            return get_peft_model(model, config)
     except ValueError as err:
         if "target" not in str(err).lower():
             raise

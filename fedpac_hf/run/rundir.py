@@ -144,21 +144,34 @@ def write_partition_files(run_dir: Path, trainer: Any, bundle: TaskBundle, title
     plot_label_heatmap(stats, run_dir / "partition.png", title=title)
 
 
+# Trainer's evaluation entries that time the evaluation rather than score the model.
+_TIMING_WORDS = ("runtime", "per_second", "preparation_time")
+
+
 def print_final(metrics: dict[str, Any], run_dir: Path) -> None:
-    """Print the final quality metric, the final evaluation metrics and where the run is."""
+    """Print the final evaluation as one line, then where the run is.
+
+    ``final accuracy after 30 rounds: 0.8660 (loss 0.4524)``: the quality
+    metric first, the other evaluation metrics in brackets; Trainer's timing
+    entries (``eval_runtime``, ``eval_model_preparation_time``, ...) are left out.
+    """
     from fedpac_hf.rundir.plots import quality_metric
 
     key = quality_metric([metrics])
     rounds = int(metrics.get("round", 0))
-    if key is not None:
-        print(f"final {key.removeprefix('eval_')} after {rounds} rounds: {metrics[key]:.4f}")
     shown = {
-        k: round(float(v), 4)
+        k.removeprefix("eval_"): float(v)
         for k, v in metrics.items()
         if k.startswith("eval_")
         and isinstance(v, int | float)
-        and "runtime" not in k
-        and "per_second" not in k
+        and not any(word in k for word in _TIMING_WORDS)
     }
-    print(f"final metrics: {shown}")
+    others = ", ".join(
+        f"{name} {value:.4f}" for name, value in shown.items() if f"eval_{name}" != key
+    )
+    if key is not None:
+        headline = f"final {key.removeprefix('eval_')} after {rounds} rounds: {metrics[key]:.4f}"
+        print(headline + (f" ({others})" if others else ""))
+    elif others:
+        print(f"final evaluation after {rounds} rounds: {others}")
     print(f"run directory: {run_dir} (summary.md, metrics.jsonl/csv, plots, model)")

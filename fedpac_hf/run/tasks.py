@@ -20,7 +20,15 @@ import numpy as np
 from fedpac_hf.config.arguments import FedPACArguments
 
 from .config import ModelDataArguments
-from .data import encode_labels, load_splits, require_columns, tokenize, train_bpe_tokenizer
+from .data import (
+    encode_labels,
+    image_processor_backend,
+    load_splits,
+    require_columns,
+    tokenize,
+    train_bpe_tokenizer,
+    vit_image_processor,
+)
 from .lora import apply_lora
 
 __all__ = [
@@ -82,7 +90,6 @@ def _image_task(margs: ModelDataArguments, args: FedPACArguments) -> TaskBundle:
         AutoModelForImageClassification,
         ViTConfig,
         ViTForImageClassification,
-        ViTImageProcessor,
     )
 
     train, test = load_splits(margs, args)
@@ -93,7 +100,10 @@ def _image_task(margs: ModelDataArguments, args: FedPACArguments) -> TaskBundle:
     first = train[0][margs.image_column]
     if margs.model_name_or_path:
         processor = _pretrained(
-            AutoImageProcessor.from_pretrained, margs.model_name_or_path, "image processor"
+            AutoImageProcessor.from_pretrained,
+            margs.model_name_or_path,
+            "image processor",
+            **image_processor_backend(),
         )
         model = _pretrained(
             AutoModelForImageClassification.from_pretrained,
@@ -109,7 +119,7 @@ def _image_task(margs: ModelDataArguments, args: FedPACArguments) -> TaskBundle:
     else:
         size = margs.image_size or first.size[0]
         channels = len(first.getbands())
-        processor = ViTImageProcessor(
+        processor = vit_image_processor(
             do_resize=size != first.size[0],
             size={"height": size, "width": size},
             image_mean=[0.5] * channels,
