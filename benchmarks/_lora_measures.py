@@ -92,7 +92,7 @@ def theta_spectrum(s: Settings) -> None:
         "sk4": lambda m: expand(torch.diagonal(m), sketch(m, 4)),
     }
     rows = []
-    for ckpt in sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])):
+    for ckpt in sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1])):
         tensors = load_file(str(ckpt / "fedpac_state.safetensors"))
         stats = {
             k.removeprefix("curvature::"): v.double()
@@ -113,7 +113,7 @@ def theta_spectrum(s: Settings) -> None:
                     cap[f].append(float(torch.trace(vecs.T @ m @ vecs) / ev[:4].sum()))
             rows.append(
                 {
-                    "round": int(ckpt.name.split("-")[1]),
+                    "round": int(ckpt.name.rsplit("-", 1)[1]),
                     "sides": kind,
                     "count": len(mats),
                     "top1": float(np.mean(top1)),
