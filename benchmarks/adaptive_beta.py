@@ -25,7 +25,6 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -36,19 +35,22 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from statistical_efficiency import (  # noqa: E402  (the shared benchmark machinery)
+from _harness.reporting import kept_block, write_section  # noqa: E402
+from _harness.runs import (  # noqa: E402  (the shared benchmark machinery)
     BENCH,
     CACHE,
     KEPT_KEYS,
-    VIT_SPLITS,
-    _curve,
     load_results,
     run_queue,
+    series,
+    show_output_dir,
     train_once,
-    write_section,
 )
+from statistical_efficiency import VIT_SPLITS  # noqa: E402  (the splits of RESULTS.md)
 
 RESULTS = BENCH / "beta_results"
+# the hand-written reading of the tables (kept when the section is rebuilt)
+NOTES_START, NOTES_END = "<!-- beta-analysis -->", "<!-- /beta-analysis -->"
 KEYS = (*KEPT_KEYS, "beta", "client_dispersion", "direction_change", "drift_from_start_relative")
 VIT_CONFIG = "configs/vit_mnist5k.yaml"
 LORA_CONFIG = "configs/vit_lora_mnist5k.yaml"
@@ -97,9 +99,7 @@ def run_one(split: str, arm: str, seed: int) -> dict[str, Any]:
     run_dir = CACHE / "runs" / key
     config = SPLITS[split][0]
     record = train_once(config, overrides_of(split, arm, seed, run_dir), run_dir, KEYS)
-    i = record["overrides"].index("--output_dir")
-    record["overrides"][i + 1] = f"runs/{key}"
-    record["command"] = "fedpac-hf train " + shlex.join([config, *record["overrides"]])
+    show_output_dir(record, f"runs/{key}")
     return {"split": split, "arm": arm, "seed": seed, "suite": "vit", **record}
 
 
@@ -118,13 +118,13 @@ def work(seeds: int, deadline: float) -> None:
 
 
 def _final(record: dict[str, Any]) -> float:
-    return 100.0 * float(_curve(record, "eval_accuracy")[-1])
+    return 100.0 * float(series(record, "eval_accuracy")[-1])
 
 
 def _median_of(records: list[dict[str, Any]], key: str, skip: int = 0) -> float:
     """Median over rounds (from ``skip`` on) and seeds: robust to the early rounds, whose
     small global Theta makes relative drifts large."""
-    values = [_curve(r, key)[skip:] for r in records if key in r["history"][-1]]
+    values = [series(r, key)[skip:] for r in records if key in r["history"][-1]]
     return float(np.nanmedian(np.concatenate(values))) if values else float("nan")
 
 
@@ -153,7 +153,7 @@ def report(seeds: int) -> None:
         "and seeds. "
         "Commands: `benchmarks/beta_results/*.json`.\n"
     )
-    notes = _kept_notes(BENCH / "RESULTS.md")
+    notes = kept_block(BENCH / "RESULTS.md", NOTES_START, NOTES_END)
     if notes:
         add(f"{NOTES_START}\n{notes}\n{NOTES_END}\n")
     means: dict[str, dict[str, float]] = {}
@@ -169,10 +169,10 @@ def report(seeds: int) -> None:
             if not records:
                 continue
             finals = [_final(r) for r in records]
-            best = np.mean([100 * np.max(_curve(r, "eval_accuracy")) for r in records])
+            best = np.mean([100 * np.max(series(r, "eval_accuracy")) for r in records])
             means[split][arm] = float(np.mean(finals))
             betas = (
-                np.concatenate([_curve(r, "beta")[2:] for r in records])
+                np.concatenate([series(r, "beta")[2:] for r in records])
                 if arm == "beta=auto"
                 else None
             )
@@ -208,17 +208,6 @@ def report(seeds: int) -> None:
     print("wrote the adaptive-beta section of benchmarks/RESULTS.md")
 
 
-NOTES_START, NOTES_END = "<!-- beta-analysis -->", "<!-- /beta-analysis -->"
-
-
-def _kept_notes(path: Path) -> str:
-    """The hand-written reading of the tables (kept when the section is rebuilt)."""
-    text = path.read_text(encoding="utf-8") if path.is_file() else ""
-    if NOTES_START not in text or NOTES_END not in text:
-        return ""
-    return text.split(NOTES_START, 1)[1].split(NOTES_END, 1)[0].strip()
-
-
 def _plot(done: dict[str, dict], seeds: int) -> None:
     import matplotlib
 
@@ -230,11 +219,11 @@ def _plot(done: dict[str, dict], seeds: int) -> None:
         records = [done[k] for s in range(seeds) if (k := key_of(split, "beta=auto", s)) in done]
         if not records:
             continue
-        beta = np.mean([_curve(r, "beta") for r in records], axis=0)
+        beta = np.mean([series(r, "beta") for r in records], axis=0)
         axes[0].plot(np.arange(1, len(beta) + 1), beta, marker="o", markersize=3, label=split)
         for arm, style in (("beta=auto", "-"), ("local_soap", ":")):
             recs = [done[k] for s in range(seeds) if (k := key_of(split, arm, s)) in done]
-            curves = [_curve(r, "drift_from_start_relative")[1:] for r in recs]  # round 2 on
+            curves = [series(r, "drift_from_start_relative")[1:] for r in recs]  # round 2 on
             curves = [c for c in curves if c.size]
             if curves:
                 n = min(c.size for c in curves)

@@ -16,8 +16,13 @@ from fedpac_hf.flower.config import arguments_from_run_config, flower_setting  #
 from fedpac_hf.rundir.checkpoint import latest_checkpoint, load_federated_checkpoint  # noqa: E402
 from fedpac_hf.rundir.output_dir import claim_output_dir  # noqa: E402
 
-from .test_flower_simulation import BACKEND, build_model, build_trainer, flower_args  # noqa: E402
-from .trainer_fixtures import tiny_vit  # noqa: E402
+from .trainer_fixtures import (  # noqa: E402
+    BACKEND,
+    build_model,
+    build_trainer,
+    flower_args,
+    tiny_vit,
+)
 
 
 class ServerStoppedError(Exception):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from pathlib import Path
 
 import pytest
 
@@ -15,72 +14,22 @@ pytest.importorskip("ray")
 import torch  # noqa: E402
 from transformers import default_data_collator  # noqa: E402
 
-from fedpac_hf import FedPACArguments, FedPACTrainer  # noqa: E402
 from fedpac_hf.federated import RoundError, simulate  # noqa: E402
 from fedpac_hf.flower import run_fedpac_simulation  # noqa: E402
-from fedpac_hf.partition import IidPartitioner  # noqa: E402
-from fedpac_hf.trainer.evaluation import make_evaluator  # noqa: E402
 
-from .trainer_fixtures import image_data, tiny_vit  # noqa: E402
+from .trainer_fixtures import (  # noqa: E402
+    BACKEND,
+    build_evaluator,
+    build_failing_trainer,
+    build_model,
+    build_trainer,
+    flower_args,
+    one_example_per_client,
+    tiny_vit,
+)
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-
-# One Ray worker with one thread: SOAP's eigendecompositions depend on the thread count.
-BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 1}}
-
-
-def flower_args(output_dir: Path, **overrides) -> FedPACArguments:
-    kwargs = dict(
-        output_dir=str(output_dir),
-        algorithm="fedpac_soap",
-        num_rounds=2,
-        num_clients=3,
-        clients_per_round=2,
-        local_steps=3,
-        learning_rate=3e-3,
-        per_device_train_batch_size=8,
-        per_device_eval_batch_size=64,
-        partitioner="dirichlet",
-        dirichlet_alpha=0.5,
-        report_to=[],
-        disable_tqdm=True,
-        seed=7,
-    )
-    kwargs.update(overrides)
-    return FedPACArguments(**kwargs)
-
-
-def build_trainer(args: FedPACArguments, run_config=None) -> FedPACTrainer:
-    """The tiny ViT on banded images, split over args.num_clients clients."""
-    data = image_data(n=120)
-    return FedPACTrainer(
-        model=tiny_vit(), args=args, train_dataset=data["train"], eval_dataset=data["test"]
-    )
-
-
-def build_model(args: FedPACArguments, run_config=None):
-    """The server's global model: the clients' tiny ViT, same initial weights."""
-    return tiny_vit()
-
-
-def build_evaluator(args: FedPACArguments, run_config=None):
-    """Central evaluation on the banded images' test split (no trainer on the server)."""
-    return make_evaluator(args, image_data(n=120)["test"])
-
-
-class FailingClientTrainer(FedPACTrainer):
-    """A trainer whose client 1 cannot train (its data source is broken)."""
-
-    def train_client(self, client_id, dataset, round_index, lr, state=None):
-        if client_id == 1:
-            raise OSError("client 1: the local data volume is not mounted")
-        return super().train_client(client_id, dataset, round_index, lr, state)
-
-
-def build_failing_trainer(args: FedPACArguments, run_config=None) -> FedPACTrainer:
-    data = image_data(n=120)
-    return FailingClientTrainer(model=tiny_vit(), args=args, train_dataset=data["train"])
 
 
 def test_simulation_matches_the_in_process_trainer(tmp_path):
@@ -155,14 +104,6 @@ def test_too_few_surviving_clients_fail_the_round(tmp_path):
     assert "client 1: ClientAppError" in str(info.value)
     assert "local data volume is not mounted" in str(info.value)
     assert not (tmp_path / "run" / "checkpoint-round-1").exists()  # nothing saved for the round
-
-
-def one_example_per_client(args: FedPACArguments, run_config=None) -> FedPACTrainer:
-    """Four clients holding one image each: every shell sees the same batches."""
-    data = image_data(n=8)["train"].select(range(4)).rename_column("label", "labels")
-    return FedPACTrainer(
-        model=tiny_vit(), args=args, train_dataset=data, partitioner=IidPartitioner(4, seed=0)
-    )
 
 
 def test_simulate_the_trainer_and_flower_give_identical_global_parameters(tmp_path):

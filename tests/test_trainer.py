@@ -15,28 +15,14 @@ from fedpac_hf import FedPACArguments, FedPACCallback, FedPACTrainer
 from fedpac_hf.rundir.checkpoint import STATE_JSON, STATE_TENSORS, load_federated_checkpoint
 from fedpac_hf.trainer.evaluation import make_evaluator
 
-from .trainer_fixtures import accuracy, image_data, text_clients, tiny_lora_llama, tiny_vit
-
-
-def vit_args(tmp_path: Path, **overrides) -> FedPACArguments:
-    kwargs = dict(
-        output_dir=str(tmp_path / "run"),
-        algorithm="fedpac_soap",
-        num_rounds=3,
-        num_clients=8,
-        clients_per_round=0.5,
-        local_steps=5,
-        learning_rate=3e-3,
-        per_device_train_batch_size=16,
-        per_device_eval_batch_size=80,
-        partitioner="dirichlet",
-        dirichlet_alpha=0.3,
-        report_to=[],
-        disable_tqdm=True,
-        seed=0,
-    )
-    kwargs.update(overrides)
-    return FedPACArguments(**kwargs)
+from .trainer_fixtures import (
+    accuracy,
+    image_data,
+    text_clients,
+    tiny_lora_llama,
+    tiny_vit,
+    vit_args,
+)
 
 
 def trainable_vector(model: torch.nn.Module) -> torch.Tensor:
