@@ -12,7 +12,15 @@ cheap: :class:`FedPACTrainer`, :class:`FedPACArguments`,
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what the lazy names resolve to, for type checkers and IDEs
+    from fedpac_hf.config.arguments import FedPACArguments
+    from fedpac_hf.federated import get_algorithm, list_algorithms, simulate
+    from fedpac_hf.optim import create_optimizer
+    from fedpac_hf.partition import get_partitioner
+    from fedpac_hf.trainer.callbacks import FedPACCallback
+    from fedpac_hf.trainer.fedpac_trainer import FedPACTrainer
 
 __version__ = "0.1.0"
 
@@ -27,7 +35,17 @@ _LAZY = {
     "get_partitioner": "fedpac_hf.partition",
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = [  # written out (not *_LAZY) so that linters see the names above as exported
+    "__version__",
+    "FedPACTrainer",
+    "FedPACCallback",
+    "FedPACArguments",
+    "simulate",
+    "get_algorithm",
+    "list_algorithms",
+    "create_optimizer",
+    "get_partitioner",
+]
 
 
 def __getattr__(name: str) -> Any:
