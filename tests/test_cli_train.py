@@ -134,3 +134,24 @@ def test_report_on_a_folder_without_a_run_fails_cleanly(tmp_path, capsys):
         main(["report", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "metrics.jsonl" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("budget", ["1.0", "0.25"])
+def test_the_cli_sends_the_theta_the_budget_allows(tmp_path, capsys, budget):
+    """`fedpac-hf train` sizes Theta with the function every entry point uses."""
+    from fedpac_hf.federated.theta_budget import soap_theta_floats, theta_options
+    from fedpac_hf.run import build_task, parse_run_config
+
+    settings = {**TINY_VIT, "lora_r": 4, "num_rounds": 1, "theta_budget": budget}
+    config = write_yaml(tmp_path / "c.yaml", settings)
+    run_dir = tmp_path / "run"
+    assert main(["train", config, "--output_dir", str(run_dir)]) == 0
+    (row,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    model_args, args = parse_run_config(config, ["--output_dir", str(tmp_path / "again")])
+    model = build_task(model_args, args).model
+    options = theta_options(model, "soap", "auto", float(budget))
+    shapes = [tuple(p.shape) for p in model.parameters() if p.requires_grad]
+    floats = soap_theta_floats(shapes, options)
+    assert row["bytes_up_theta"] == 4 * floats * row["num_clients"]  # float32, every client
+    assert row["bytes_up_theta"] <= float(budget) * row["bytes_up_delta"]

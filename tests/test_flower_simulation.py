@@ -17,14 +17,17 @@ from transformers import default_data_collator  # noqa: E402
 from fedpac_hf.federated import RoundError, simulate  # noqa: E402
 from fedpac_hf.flower import run_fedpac_simulation  # noqa: E402
 
-from .trainer_fixtures import (  # noqa: E402
+from .trainer_fixtures import (
     BACKEND,
     build_evaluator,
     build_failing_trainer,
+    build_lora_model,
     build_model,
     build_trainer,
     flower_args,
     one_example_per_client,
+    one_lora_example_per_client,
+    tiny_lora_vit,  # noqa: E402
     tiny_vit,
 )
 
@@ -106,25 +109,41 @@ def test_too_few_surviving_clients_fail_the_round(tmp_path):
     assert not (tmp_path / "run" / "checkpoint-round-1").exists()  # nothing saved for the round
 
 
-def test_simulate_the_trainer_and_flower_give_identical_global_parameters(tmp_path):
-    """One small run through each shell of the round engine ends in the same state."""
+@pytest.mark.parametrize(
+    ("make_model", "make_trainer", "server_model"),
+    [
+        (tiny_vit, one_example_per_client, build_model),
+        (tiny_lora_vit, one_lora_example_per_client, build_lora_model),
+    ],
+    ids=["full-model", "lora"],
+)
+def test_simulate_the_trainer_and_flower_give_identical_global_parameters(
+    tmp_path, make_model, make_trainer, server_model
+):
+    """One small run through each shell of the round engine ends in the same state.
+
+    The same model gets the same form of Theta (``curvature: auto``, ``theta_budget``
+    1.0) whichever shell builds its client options: the same options, the same
+    global Theta entries, the same parameters.
+    """
     args = flower_args(
         tmp_path / "trainer", num_clients=4, clients_per_round=2, num_rounds=2, local_steps=2
     )
-    trainer = one_example_per_client(args)
+    trainer = make_trainer(args)
     trainer.train()
 
-    model = tiny_vit()
+    model = make_model()
     loaders = [
         torch.utils.data.DataLoader(
             trainer.client_dataset(i), batch_size=1, collate_fn=default_data_collator
         )
         for i in range(4)
     ]
+    states = []
     simulate(
         model,
         loaders,
-        args.build_algorithm(),
+        args.algorithm,
         num_rounds=2,
         clients_per_round=2,
         local_steps=2,
@@ -132,17 +151,25 @@ def test_simulate_the_trainer_and_flower_give_identical_global_parameters(tmp_pa
         seed=args.seed,
         lr=args.learning_rate,
         max_grad_norm=args.max_grad_norm,
+        callback=lambda state, metrics: states.append(state),
     )
 
     result = run_fedpac_simulation(
-        one_example_per_client,
+        make_trainer,
         flower_args(
             tmp_path / "flower", num_clients=4, clients_per_round=2, num_rounds=2, local_steps=2
         ),
-        build_model=build_model,
+        build_model=server_model,
         num_supernodes=4,
         backend_config=BACKEND,
     )
+    options = trainer.algorithm.optimizer_kwargs
+    assert options["theta_compact"] == "basis"  # the budget's form, not full Theta
+    assert result.algorithm.optimizer_kwargs == options
+    shapes = {n: tuple(t.shape) for n, t in trainer.server_state.curvature.items()}
+    assert any(n.endswith(".basis") for n in shapes)
+    for state in (states[-1], result.server_state):
+        assert {n: tuple(t.shape) for n, t in state.curvature.items()} == shapes
     simulated = {n: p.detach() for n, p in model.named_parameters()}
     for name, reference in trainer.server_state.params.items():
         assert torch.equal(simulated[name], reference), name

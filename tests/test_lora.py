@@ -142,22 +142,24 @@ def test_soap_sends_long_sides_as_their_diagonal_and_warm_starts_from_it():
         fresh.import_curvature(full.export_curvature())  # a d x d statistic is not expected
 
 
-def test_curvature_auto_is_adapter_sized_for_peft_models_and_full_otherwise(tmp_path):
+def test_curvature_auto_fits_the_budget_and_lora_keeps_its_earlier_form(tmp_path):
     from fedpac_hf import FedPACArguments
-    from fedpac_hf.config.curvature_forms import curvature_options
+    from fedpac_hf.federated.theta_budget import theta_options
 
     from .trainer_fixtures import tiny_lora_llama, tiny_vit
 
-    assert curvature_options("auto", "soap", tiny_lora_llama()) == {
+    auto = theta_options(tiny_lora_llama(), "soap", "auto")
+    assert auto["theta_compact"] == "basis" and auto["theta_max_dim"] >= 4  # rank 4 in full
+    assert theta_options(tiny_lora_llama(), "soap", "lora") == {
         "theta_max_dim": 4,
         "theta_sketch_dim": 2,  # min(4, r - 2) at r = 4
         "theta_diagonal": True,
     }
-    assert curvature_options("auto", "soap", tiny_vit()) == {}
-    assert curvature_options("full", "soap", tiny_lora_llama()) == {}
-    assert curvature_options("lora", "muon", tiny_lora_llama()) == {}  # already adapter-sized
+    assert theta_options(tiny_vit(), "soap", "auto")  # full Theta is larger than the model
+    assert theta_options(tiny_lora_llama(), "soap", "full") == {}
+    assert theta_options(tiny_lora_llama(), "muon", "lora") == {}  # already adapter-sized
     with pytest.raises(ValueError, match="curvature='lora' sizes Theta for LoRA adapters"):
-        curvature_options("lora", "soap", tiny_vit())
+        theta_options(tiny_vit(), "soap", "lora")
     with pytest.raises(ValueError, match="curvature must be one of"):
         FedPACArguments(output_dir=str(tmp_path), curvature="tiny")
 
@@ -179,10 +181,15 @@ def test_a_lora_run_sends_theta_smaller_than_the_adapter_by_default(tmp_path):
         sent[form] = trainer.round_history[-1]
     auto, full = sent["auto"], sent["full"]
     assert auto["bytes_up_delta"] == full["bytes_up_delta"]
-    # d = 32, r = 4, k = 2: (16 + 3 * 32) / (4 * 32) of each factor, not (16 + 1024) / (4 * 32)
+    # theta_budget 1.0: at most as much curvature as adapter goes up, in the basis form
+    # (d = 32, r = 4, k = 2: 16 + 3 * 32 floats per factor of 128), not 16 + 1024
     assert auto["bytes_up_theta"] == pytest.approx(112 / 128 * auto["bytes_up_delta"])
     assert full["bytes_up_theta"] > 5 * full["bytes_up_delta"]
-    assert auto["bytes_down_theta"] < full["bytes_down_theta"]
+    # down: the server's basis and eigenvalues and the next test matrix of each long side
+    # (32 * 32 + 32 + 64 floats) beside the full rank side, against 1024 in full
+    assert auto["bytes_down_theta"] == pytest.approx(
+        (16 + 1024 + 32 + 64) / (16 + 1024) * full["bytes_down_theta"]
+    )
 
 
 def test_the_sketch_of_a_long_side_is_linear_and_rebuilds_its_leading_directions():
@@ -252,7 +259,7 @@ def _lora_llama(width: int, rank: int):
 
 
 @pytest.mark.parametrize("width", [64, 256])
-def test_the_default_lora_theta_is_diagonals_and_sketches_smaller_than_the_adapter(width, tmp_path):
+def test_the_default_lora_theta_is_the_basis_form_within_the_adapters_size(width, tmp_path):
     from fedpac_hf import FedPACArguments
     from fedpac_hf.optim import create_optimizer
 
@@ -266,35 +273,36 @@ def test_the_default_lora_theta_is_diagonals_and_sketches_smaller_than_the_adapt
         theta = optimizer.export_curvature()
         sizes[form] = sum(t.numel() for t in theta.values())
         if form == "auto":
-            sketches = [k for k in theta if k.endswith(".sketch")]
-            assert sketches and all(theta[k].shape == (width, 4) for k in sketches)
-            assert all(theta[k.removesuffix(".sketch")].shape == (width,) for k in sketches)
+            k = algorithm.optimizer_kwargs["theta_sketch_dim"]
+            sketches = [key for key in theta if key.endswith(".steered_sketch")]
+            assert sketches and all(theta[key].shape == (width, k) for key in sketches)
             assert all(
-                t.shape == (8, 8) for k, t in theta.items() if t.ndim == 2 and k not in sketches
+                t.shape == (8, 8) for key, t in theta.items() if t.ndim == 2 and key not in sketches
             )
-    # per d x 8 factor: 64 + 5 d floats of 8 d
-    assert sizes["auto"] == pytest.approx((64 + 5 * width) / (8 * width) * trainable)
-    assert sizes["auto"] < trainable
+    # per d x 8 factor: 64 + (k + 1) d floats of 8 d, the largest k that fits
+    assert sizes["auto"] <= trainable < sizes["auto"] * (1 + 1 / 7)
     assert sizes["full"] > 5 * trainable
 
 
-def test_a_users_theta_options_override_the_lora_form(tmp_path):
+def test_a_users_theta_options_replace_the_derived_form(tmp_path):
     from fedpac_hf import FedPACArguments
 
     model = _lora_llama(64, rank=8)
     args = FedPACArguments(
-        output_dir=str(tmp_path), client_optimizer_kwargs={"theta_sketch_dim": 0}, report_to=[]
-    )
-    kwargs = args.build_algorithm(model).optimizer_kwargs
-    assert kwargs["theta_sketch_dim"] == 0 and kwargs["theta_diagonal"] is True
-    assert kwargs["theta_max_dim"] == 8
-    args = FedPACArguments(
         output_dir=str(tmp_path),
-        client_optimizer_kwargs={"theta_sketch_dim": 1, "theta_diagonal": False},
+        client_optimizer_kwargs={"theta_max_dim": 8, "theta_sketch_dim": 0},
         report_to=[],
     )
     kwargs = args.build_algorithm(model).optimizer_kwargs
+    assert kwargs["theta_sketch_dim"] == 0 and kwargs["theta_max_dim"] == 8
+    assert "theta_compact" not in kwargs  # nothing of the budget's form is mixed in
+    args = FedPACArguments(
+        output_dir=str(tmp_path), curvature="lora",
+        client_optimizer_kwargs={"theta_sketch_dim": 1, "theta_diagonal": False}, report_to=[],
+    )  # fmt: skip
+    kwargs = args.build_algorithm(model).optimizer_kwargs
     assert kwargs["theta_sketch_dim"] == 1 and kwargs["theta_diagonal"] is False
+    assert kwargs["theta_max_dim"] == 8  # curvature "lora" is overridden key by key, as before
 
 
 def test_a_warm_start_from_a_sketch_alone_rotates_its_direction_and_keeps_the_axes():

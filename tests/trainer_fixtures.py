@@ -210,9 +210,36 @@ def build_failing_trainer(args: FedPACArguments, run_config: dict | None = None)
     return FailingClientTrainer(model=tiny_vit(), args=args, train_dataset=data["train"])
 
 
-def one_example_per_client(args: FedPACArguments, run_config: dict | None = None) -> FedPACTrainer:
+def tiny_lora_vit(seed: int = 0):
+    """:func:`tiny_vit` with rank-4 LoRA adapters on its query/value projections, head trained."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"]
+    )
+    return get_peft_model(tiny_vit(seed), lora)
+
+
+def build_lora_model(args: FedPACArguments, run_config: dict | None = None):
+    """The server's global model when the clients train :func:`tiny_lora_vit`."""
+    return tiny_lora_vit()
+
+
+def one_example_per_client(
+    args: FedPACArguments, run_config: dict | None = None, model: Any = None
+) -> FedPACTrainer:
     """Four clients holding one image each: every shell sees the same batches."""
     data = image_data(n=8)["train"].select(range(4)).rename_column("label", "labels")
     return FedPACTrainer(
-        model=tiny_vit(), args=args, train_dataset=data, partitioner=IidPartitioner(4, seed=0)
+        model=tiny_vit() if model is None else model,
+        args=args,
+        train_dataset=data,
+        partitioner=IidPartitioner(4, seed=0),
     )
+
+
+def one_lora_example_per_client(
+    args: FedPACArguments, run_config: dict | None = None
+) -> FedPACTrainer:
+    """:func:`one_example_per_client` training the adapters of :func:`tiny_lora_vit`."""
+    return one_example_per_client(args, run_config, model=tiny_lora_vit())

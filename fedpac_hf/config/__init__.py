@@ -3,9 +3,10 @@
 - ``arguments.py``: ``FedPACArguments`` (``TrainingArguments`` + the federated fields);
 - ``checks.py``: the consistency checks every ``FedPACArguments`` passes;
 - ``validation.py``: reading one setting the same way from YAML, the command
-  line, Python and Flower's run config;
-- ``curvature_forms.py``: the ``curvature`` setting's forms of Theta.
+  line, Python and Flower's run config.
 
-Nothing here imports ``transformers.Trainer``: the Flower ServerApp reads its
+The form of Theta (``curvature``, ``theta_budget``) is decided by
+:func:`fedpac_hf.federated.theta_budget.theta_options`, which ``simulate``
+calls too. Nothing here imports ``transformers.Trainer``: the Flower ServerApp reads its
 settings without the HF training shell.
 """

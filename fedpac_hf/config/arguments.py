@@ -25,9 +25,6 @@ import torch
 from transformers import TrainingArguments
 
 from fedpac_hf.config.checks import PARTITIONER_FIELDS, PARTITIONERS, check_arguments
-from fedpac_hf.config.curvature_forms import (
-    curvature_options,
-)
 from fedpac_hf.config.validation import coerce_fields
 from fedpac_hf.federated import (
     Algorithm,
@@ -37,6 +34,7 @@ from fedpac_hf.federated import (
     parse_beta,
     round_learning_rates,
 )
+from fedpac_hf.federated.theta_budget import theta_options
 
 __all__ = [
     "FedPACArguments",
@@ -80,11 +78,20 @@ class FedPACArguments(TrainingArguments):
     curvature: str = field(
         default="auto",
         metadata={
-            "help": "Form of the curvature state Theta that travels: 'full' (every statistic; "
-            "two-sided SOAP sends d x d per long side), 'lora' (adapter-sized: a LoRA factor's "
-            "rank side in full, each longer side as its diagonal plus a 4-column sketch, 5 d "
-            "floats; needs a PEFT model), or 'auto' ('lora' for a PEFT model, 'full' "
-            "otherwise)."
+            "help": "Form of the curvature state Theta that travels: 'auto' (the richest form "
+            "that fits theta_budget), 'full' (every statistic as the optimizer keeps it; "
+            "two-sided SOAP sends d x d per side), or 'lora' (the LoRA-rank form of earlier "
+            "versions: rank side in full, each longer side as its diagonal plus a "
+            "min(4, r - 2)-column fixed sketch; needs a PEFT model)."
+        },
+    )
+    theta_budget: float = field(
+        default=1.0,
+        metadata={
+            "help": "With curvature 'auto': Theta's bytes up per client and round as a "
+            "fraction of the trainable parameters' bytes (1.0: as much curvature as delta). "
+            "SOAP sends small sides in full and long sides as their diagonal in a basis the "
+            "server keeps plus a few sketch columns, as many as fit (docs/algorithm.md)."
         },
     )
     beta: float | str | None = field(
@@ -230,16 +237,27 @@ class FedPACArguments(TrainingArguments):
         Parameters
         ----------
         model:
-            The model the clients train; with ``curvature`` ``"auto"`` or
-            ``"lora"`` its LoRA rank sizes the curvature state (see
-            :func:`curvature_options`). Without it, Theta is the full one.
+            The model the clients train: with ``curvature`` ``"auto"`` its
+            trainable parameters and ``theta_budget`` size the curvature state
+            (see :func:`~fedpac_hf.federated.theta_budget.theta_options`, the
+            function every entry point uses). Without it, Theta is the full one.
         """
         base = get_algorithm(self.algorithm)
         optimizer = self.client_optimizer or base.optimizer
         kwargs: dict[str, Any] = {"weight_decay": self.weight_decay}
         kwargs.update(base.optimizer_kwargs)
         if model is not None:
-            kwargs.update(curvature_options(self.curvature, optimizer, model))
+            align = base.align if self.align is None else self.align
+            kwargs.update(
+                theta_options(
+                    model,
+                    optimizer,
+                    self.curvature,
+                    self.theta_budget,
+                    self.client_optimizer_kwargs,
+                    align=align,
+                )
+            )
         kwargs.update(self.client_optimizer_kwargs or {})
         return get_algorithm(
             base,

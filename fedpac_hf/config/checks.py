@@ -13,8 +13,8 @@ from typing import Any, Protocol
 
 import torch
 
-from fedpac_hf.config.curvature_forms import CURVATURE_FORMS
 from fedpac_hf.federated import TRANSPORT_DTYPES, WEIGHTINGS, Algorithm
+from fedpac_hf.federated.theta_budget import CURVATURE_FORMS
 
 __all__ = ["PARTITIONER_FIELDS", "PARTITIONERS", "CheckedSettings", "check_arguments"]
 
@@ -47,6 +47,7 @@ class CheckedSettings(Protocol):
     max_grad_norm: float
     weight_decay: float
     curvature: str
+    theta_budget: float
     transport_dtype: str
     aggregation_weighting: str
     partitioner: str
@@ -124,6 +125,13 @@ def check_arguments(args: CheckedSettings) -> None:
         raise ValueError(f"server_learning_rate must be positive, got {args.server_learning_rate}")
     if args.curvature not in CURVATURE_FORMS:
         raise ValueError(f"curvature must be one of {CURVATURE_FORMS}, got {args.curvature!r}")
+    if isinstance(args.theta_budget, bool) or not (
+        math.isfinite(args.theta_budget) and args.theta_budget > 0
+    ):
+        raise ValueError(
+            "theta_budget (Theta's bytes up as a fraction of the trainable parameters') must be "
+            f"a positive number, got {args.theta_budget}"
+        )
     if args.transport_dtype not in TRANSPORT_DTYPES:
         raise ValueError(
             f"transport_dtype must be one of {TRANSPORT_DTYPES}, got {args.transport_dtype!r}"

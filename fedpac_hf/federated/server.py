@@ -24,6 +24,7 @@ from typing import Literal
 
 import torch
 
+from fedpac_hf.optim import next_global_curvature
 from fedpac_hf.optim.base import all_finite
 
 from .adaptive_beta import auto_beta
@@ -223,7 +224,7 @@ class RoundAggregator:
         state = self.server_state
         delta, params, direction = self._server_step(lr, local_steps, server_lr)
         mean = self._mean_curvature()
-        curvature = None if mean is None else {n: m.to(torch.float32) for n, m in mean.items()}
+        curvature = None if mean is None else self._next_curvature(mean)
         parts = {"model": params, "direction": direction, "curvature": curvature or {}}
         read, metrics = self._read_metrics(delta, direction, mean, parts, lr, local_steps)
         next_beta = self._next_beta(metrics)
@@ -265,6 +266,25 @@ class RoundAggregator:
             return None
         inv_w = 1.0 / self.weight_sum
         return {n: s * inv_w for n, s in self.curvature_weighted_sum.items()}
+
+    def _next_curvature(self, mean: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Theta^{r+1} as the clients will import it (float32).
+
+        The average itself, except for long sides sent in the basis form, whose
+        server-side basis turns with what the clients sent
+        (:func:`~fedpac_hf.optim.next_global_curvature`). The clients built
+        their compact forms on the Theta they imported: none without alignment.
+        """
+        previous = self.server_state.curvature if self.algorithm.align else None
+        if previous:
+            previous = move_tensors(previous, self.device)
+        following = next_global_curvature(
+            previous,
+            mean,
+            steered=self.algorithm.optimizer_kwargs.get("theta_steered"),
+            seed=self.server_state.round + 1,
+        )
+        return {n: m.to(torch.float32) for n, m in following.items()}
 
     def _read_metrics(
         self,

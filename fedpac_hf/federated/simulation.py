@@ -21,6 +21,7 @@ from .engine import RoundEngine, RoundPlan
 from .schedule import round_learning_rates
 from .server import Weighting
 from .state import ServerState, load_trainable_state
+from .theta_budget import theta_options
 
 __all__ = ["simulate"]
 
@@ -46,6 +47,8 @@ def simulate(
     curvature_loss_fn: LossFn | None = None,
     min_clients_per_round: int = 1,
     transport_dtype: str = "float32",
+    curvature: str = "auto",
+    theta_budget: float = 1.0,
     progress: bool = False,
     callback: Callable[[ServerState, dict[str, float]], None] | None = None,
 ) -> list[dict[str, float]]:
@@ -88,6 +91,12 @@ def simulate(
     transport_dtype:
         ``"float32"`` or ``"bfloat16"``: what the global state and the
         clients' deltas and Theta travel as (the server sums in float64).
+    curvature, theta_budget:
+        The form of Theta: ``"auto"`` fits it into ``theta_budget`` times the
+        trainable parameters, ``"full"`` sends it whole (see
+        :func:`~fedpac_hf.federated.theta_budget.theta_options`, which
+        ``FedPACTrainer``, the CLI and the Flower apps use too). Options in
+        the algorithm's ``optimizer_kwargs`` take precedence.
     progress:
         Show a progress bar over rounds.
     callback:
@@ -103,6 +112,18 @@ def simulate(
         updates or a non-finite global model.
     """
     algorithm = get_algorithm(algorithm)
+    form = theta_options(
+        model,
+        algorithm.optimizer,
+        curvature,
+        theta_budget,
+        algorithm.optimizer_kwargs,
+        align=algorithm.align,
+    )
+    if form:
+        algorithm = get_algorithm(
+            algorithm, optimizer_kwargs={**form, **algorithm.optimizer_kwargs}
+        )
     for name, value in (("num_rounds", num_rounds), ("local_steps", local_steps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")

@@ -85,7 +85,10 @@ class FlowerServerRun:
         self.args = args
         self.model = model
         self.evaluate = evaluate
-        engine = args.round_engine(ServerState.from_model(model), args.num_clients)
+        # the model sizes Theta's form (theta_budget) exactly as on the clients
+        engine = args.round_engine(
+            ServerState.from_model(model), args.num_clients, algorithm=args.build_algorithm(model)
+        )
         self.strategy = FedPACStrategy(engine, **strategy_kwargs)
         self.steps = TrainerState()
         # eval_steps / save_steps as Trainer reads them

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpac_hf.config.arguments import FedPACArguments
-from fedpac_hf.federated import ServerState
+from fedpac_hf.federated import Algorithm, ServerState
 from fedpac_hf.rundir.checkpoint import CHECKPOINT_PREFIX
 
 from .clientapp import make_client_app
@@ -37,11 +37,15 @@ class SimulationResult:
         One dict of metrics per round (drift, bytes, loss, evaluation, ...).
     checkpoint:
         Directory of the final federated checkpoint (``None`` if not saved).
+    algorithm:
+        The algorithm the ServerApp ran, with the client options that give
+        Theta its form (``curvature``, ``theta_budget``).
     """
 
     server_state: ServerState
     history: list[dict[str, float]] = field(default_factory=list)
     checkpoint: Path | None = None
+    algorithm: Algorithm | None = None
 
 
 def run_fedpac_simulation(
@@ -103,6 +107,7 @@ def run_fedpac_simulation(
     def finish(model: Any, strategy: Any) -> None:
         captured["state"] = strategy.server_state
         captured["history"] = list(strategy.history)
+        captured["algorithm"] = strategy.engine.algorithm
 
     def model_factory(args: FedPACArguments, _: Any) -> Any:
         return build_model(args, config)
@@ -135,5 +140,6 @@ def run_fedpac_simulation(
     return SimulationResult(
         server_state=captured["state"],
         history=captured["history"],
+        algorithm=captured["algorithm"],
         checkpoint=final if final.is_dir() else None,
     )

@@ -11,8 +11,10 @@ rotated sides only (``name.L`` alone for a preconditioned 1-D parameter,
 ``name.GG{i}`` for the sides of a parameter with more than two dimensions).
 The eigenbases and Adam's moments are not part of Theta. With
 ``theta_max_dim`` the statistic of a longer side travels in a compact form:
-its diagonal, a ``theta_sketch_dim``-column Nystroem sketch, or both (see
-:mod:`fedpac_hf.optim._theta_forms`).
+its diagonal, a ``theta_sketch_dim``-column Nystroem sketch, or both
+(``theta_compact="sketch"``), or its diagonal in the server's basis and a
+sketch steered to that basis's leading directions (``theta_compact="basis"``;
+the server sends the basis down, see :mod:`fedpac_hf.optim._theta_forms`).
 
 A warm start (:meth:`SOAPState.import_curvature`) sets the statistics, computes
 the eigenbases from them by ``eigh`` and zeroes Adam's moments.
@@ -27,7 +29,7 @@ from typing import Any
 import torch
 
 from ._soap_kernels import eigenbases, highest_matmul_precision
-from ._theta_forms import axes_completed_basis, expand, sketch
+from ._theta_forms import UP_KEYS, axes_completed_basis, basis_export, expand, sketch, test_matrix
 from .base import (
     CurvatureOptimizer,
     check_curvature_keys,
@@ -119,6 +121,10 @@ class SOAPState(CurvatureOptimizer):
         limit = group.get("theta_max_dim")
         return limit is not None and d > limit
 
+    @staticmethod
+    def _basis_form(group: Mapping[str, Any]) -> bool:
+        return group.get("theta_compact", "sketch") == "basis"
+
     def _curvature_shapes(self) -> dict[str, tuple[int, ...]]:
         shapes: dict[str, tuple[int, ...]] = {}
         for name, p, group in self._named_with_groups():
@@ -129,9 +135,14 @@ class SOAPState(CurvatureOptimizer):
                 if not self._travels_as_diagonal(group, d):
                     shapes[f"{name}.{stat}"] = (d, d)
                     continue
+                k = min(group.get("theta_sketch_dim", 0), d)
+                if self._basis_form(group):  # what the server sends down
+                    shapes[f"{name}.{stat}.basis"] = (d, d)
+                    shapes[f"{name}.{stat}.eigenvalues"] = (d,)
+                    shapes[f"{name}.{stat}.test"] = (d, k)
+                    continue
                 if group.get("theta_diagonal", True):
                     shapes[f"{name}.{stat}"] = (d,)
-                k = min(group.get("theta_sketch_dim", 0), d)
                 if k:
                     shapes[f"{name}.{stat}.sketch"] = (d, k)
         return shapes
@@ -190,6 +201,17 @@ class SOAPState(CurvatureOptimizer):
                 if value is None:
                     value = torch.zeros(d, d, dtype=torch.float32, device=p.device)
                 value = value.detach()
+                if self._travels_as_diagonal(group, d) and self._basis_form(group):
+                    k = min(group["theta_sketch_dim"], d)
+                    test = state.get(f"theta_test{i}")
+                    rotated, sketched = basis_export(
+                        value,
+                        state.get(f"theta_basis{i}"),
+                        test_matrix(d, k) if test is None else test,
+                    )
+                    theta[f"{name}.{stat}.{UP_KEYS[0]}"] = rotated.to(target)
+                    theta[f"{name}.{stat}.{UP_KEYS[1]}"] = sketched.to(target)
+                    continue
                 if self._travels_as_diagonal(group, d):
                     k = min(group.get("theta_sketch_dim", 0), d)
                     if k:
@@ -224,6 +246,14 @@ class SOAPState(CurvatureOptimizer):
             for i, (stat, on) in enumerate(zip(stat_names(len(view)), rotated, strict=True)):
                 if on:
                     dtype = curvature_dtype(p)
+                    shared = state.get(f"{name}.{stat}.basis")
+                    if shared is not None:  # the server's basis: no eigh, kept for export
+                        shared = shared.to(device=p.device, dtype=dtype)
+                        values = state[f"{name}.{stat}.eigenvalues"].to(p.device, dtype)
+                        fresh[f"GG{i}"] = (shared * values) @ shared.T
+                        fresh[f"Q{i}"] = fresh[f"theta_basis{i}"] = shared
+                        fresh[f"theta_test{i}"] = state[f"{name}.{stat}.test"].to(p.device, dtype)
+                        continue
                     imported = state.get(f"{name}.{stat}")
                     basis = None
                     if imported is not None:

@@ -24,13 +24,42 @@ without the diagonal rebuilds a rank-``k`` matrix, whose eigenbasis is
 arbitrary outside those ``k`` directions; :func:`axes_completed_basis` gives the
 warm start the sketch's directions followed by the coordinate axes instead (the
 basis a diagonal statistic gives).
+
+The *basis* form (``theta_compact="basis"``) gives the long side a memory on
+the server. The server keeps an orthonormal basis ``Q`` and eigenvalues
+``lambda`` per long side and sends them down with the test matrix ``Omega`` of
+the next round (the ``k`` leading columns of ``Q``: steered where the global
+statistic has its mass). A client warm-starts from ``Q diag(lambda) Q^T`` with
+``Q`` as its eigenbasis, and sends up ``diag(Q^T L Q)`` (the energy of its
+statistic along each shared direction) and ``L Omega`` (how the leading
+directions couple to all others). Both are linear in ``L``, so their averages
+are exactly those of the average statistic; :func:`next_basis` turns them into
+the next ``Q``, ``lambda`` and ``Omega`` (:func:`next_global_curvature` on a whole
+Theta). Per long side: ``(k + 1) d`` floats up, ``d^2 + (k + 1) d`` down.
 """
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 
-__all__ = ["axes_completed_basis", "expand", "sketch", "test_matrix"]
+__all__ = [
+    "BASIS_KEYS",
+    "UP_KEYS",
+    "axes_completed_basis",
+    "basis_export",
+    "expand",
+    "next_basis",
+    "next_global_curvature",
+    "sketch",
+    "test_matrix",
+]
+
+#: Entry suffixes of a basis-form long side ``X``: what a client sends up ...
+UP_KEYS = ("rotated_diagonal", "steered_sketch")
+#: ... and what the server sends down.
+BASIS_KEYS = ("basis", "eigenvalues", "test")
 
 _CACHE: dict[tuple[int, int], torch.Tensor] = {}
 
@@ -119,3 +148,136 @@ def axes_completed_basis(statistic: torch.Tensor, k: int) -> torch.Tensor:
         return eye.to(statistic.dtype)
     basis, _ = torch.linalg.qr(torch.cat([top, eye], dim=1))  # d x d: span(top), then axes
     return basis.to(statistic.dtype)
+
+
+def basis_export(
+    statistic: torch.Tensor, basis: torch.Tensor | None, test: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A client's basis-form long side: ``diag(Q^T L Q)`` and ``L @ Omega`` (float32).
+
+    ``basis`` ``None`` (no global basis yet) means the coordinate axes.
+    """
+    stat = statistic.to(torch.float64)
+    if basis is None:
+        rotated = torch.diagonal(stat).clone()
+    else:
+        q = basis.to(stat.device, torch.float64)
+        rotated = ((stat @ q) * q).sum(0)
+    sketched = stat @ test.to(stat.device, torch.float64)
+    return rotated.to(torch.float32), sketched.to(torch.float32)
+
+
+def next_basis(
+    basis: torch.Tensor | None,
+    test: torch.Tensor,
+    sketched: torch.Tensor,
+    rotated_diagonal: torch.Tensor,
+    steered: int | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The server's next basis, eigenvalues and test matrix of one long side.
+
+    In the basis ``Q`` (the axes when ``None``) the averaged statistic is
+    ``B = Q^T L Q``. What the clients sent fixes its diagonal ``c`` exactly, and
+    with ``W = Q^T Omega``, ``Z = Q^T (L Omega) = B W`` fixes every entry that
+    touches ``span(W)``. The estimate keeps those and assumes ``Q`` already
+    diagonalises the rest:
+
+        B' = Z W^T + W Z^T - W (W^T Z) W^T + (I - P) diag(c) (I - P),  P = W W^T,
+
+    then its diagonal is set to ``c``. ``B' = V diag(w) V^T`` turns the basis:
+    ``Q' = Q V`` (by descending ``w``), ``lambda' = max(w, 0)`` (the statistic stays
+    positive semi-definite). The next test matrix is the leading ``steered``
+    columns of ``Q'`` (where the statistic has its mass: they are re-measured
+    every round) completed by ``k - steered`` random directions orthogonal to
+    them (so that the coupling of the other directions is measured too, a
+    few at a time). All in float64; returned in float32 on ``sketched``'s device.
+
+    Parameters
+    ----------
+    basis:
+        ``Q`` of this round (``d x d``, orthonormal columns) or ``None``.
+    test:
+        ``Omega`` of this round (``d x k``, orthonormal columns).
+    sketched, rotated_diagonal:
+        The clients' weighted averages of ``L @ Omega`` and ``diag(Q^T L Q)``.
+    steered:
+        Columns of the next test matrix steered to the leading directions
+        (default: all ``k``).
+    generator:
+        Draws the random columns (seeded by the caller, e.g. by the round).
+
+    Returns
+    -------
+    tuple of Tensor
+        ``Q'`` (``d x d``), ``lambda'`` (``d``), ``Omega'`` (``d x k``).
+    """
+    device = sketched.device
+    c = rotated_diagonal.to(device, torch.float64)
+    d, k = sketched.shape
+    q = (
+        torch.eye(d, dtype=torch.float64, device=device)
+        if basis is None
+        else basis.to(device, torch.float64)
+    )
+    w = q.T @ test.to(device, torch.float64)
+    z = q.T @ sketched.to(torch.float64)
+    projected = torch.eye(d, dtype=torch.float64, device=device) - w @ w.T
+    estimate = z @ w.T + w @ z.T - w @ (w.T @ z) @ w.T + projected @ torch.diag(c) @ projected
+    estimate = 0.5 * (estimate + estimate.T)
+    estimate.diagonal().copy_(c)
+    values, vectors = torch.linalg.eigh(estimate)
+    values, vectors = values.flip(0), vectors.flip(1)  # descending
+    turned = q @ vectors
+    steered = k if steered is None else min(max(int(steered), 0), k)
+    lead = turned[:, :steered]
+    draw = torch.randn(d, k - steered, generator=generator, dtype=torch.float64).to(device)
+    draw = draw - lead @ (lead.T @ draw)
+    omega = torch.linalg.qr(torch.cat([lead, draw], dim=1)).Q
+    omega[:, :steered] = lead  # QR may flip signs; keep the steered columns as they are
+    return (
+        turned.to(torch.float32),
+        values.clamp(min=0.0).to(torch.float32),
+        omega.to(torch.float32),
+    )
+
+
+def next_global_curvature(
+    previous: dict[str, torch.Tensor] | None,
+    mean: dict[str, torch.Tensor],
+    steered: int | None = None,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """The global Theta to send down, from the clients' weighted average ``mean``.
+
+    Every entry is the average as it is, except basis-form long sides: their
+    ``X.rotated_diagonal`` and ``X.steered_sketch`` become ``X.basis``,
+    ``X.eigenvalues`` and ``X.test`` by :func:`next_basis`, from the basis and
+    test matrix of ``previous`` (the Theta the clients started from; the axes
+    and :func:`test_matrix` when it has none). ``steered`` columns of each next
+    test matrix follow the leading directions, the others are drawn from a
+    generator seeded by ``seed`` and the side's name (pass the round, so that a
+    resumed run draws the same).
+    """
+    previous = previous or {}
+    suffix = "." + UP_KEYS[1]
+    result = {}
+    for key, value in mean.items():
+        if key.endswith("." + UP_KEYS[0]) or key.endswith(suffix):
+            continue
+        result[key] = value
+    for key, sketched in mean.items():
+        if not key.endswith(suffix):
+            continue
+        side = key[: -len(suffix)]
+        d, k = sketched.shape
+        basis = previous.get(f"{side}.basis")
+        test = previous.get(f"{side}.test")
+        if test is None:
+            test = test_matrix(d, k)
+        generator = torch.Generator().manual_seed(zlib.crc32(side.encode()) + 1_000_003 * seed)
+        q, values, omega = next_basis(
+            basis, test, sketched, mean[f"{side}.{UP_KEYS[0]}"], steered, generator
+        )
+        result.update({f"{side}.basis": q, f"{side}.eigenvalues": values, f"{side}.test": omega})
+    return result

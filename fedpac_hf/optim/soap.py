@@ -138,6 +138,18 @@ class SOAP(Optimizer, SOAPState):
         same ``d`` floats as the diagonal for ``k = 1``, but a LoRA factor's
         long-side statistic is nearly low-rank, so its leading direction
         carries far more of it than its diagonal does.
+    theta_compact : str
+        How a long side travels: ``"sketch"`` (the diagonal and/or a sketch
+        with a fixed test matrix, rebuilt by each client) or ``"basis"`` (the
+        diagonal in the server's basis and a ``theta_sketch_dim``-column sketch
+        steered to its leading directions; the server turns the basis with
+        them and sends it down, so the long side keeps a memory across rounds;
+        needs ``theta_sketch_dim >= 1`` and ``theta_diagonal``).
+    theta_steered : int or None
+        With ``theta_compact="basis"``: how many of the ``theta_sketch_dim``
+        columns the server steers to its basis's leading directions; the others
+        are random directions, new every round (``None``: all steered). Read
+        by the server, which chooses the test matrices it sends down.
     first_step_updates : bool
         A fresh start (no warm start) updates the parameters on its first
         step, with the eigenbasis of that step's gradient. ``False`` follows
@@ -171,6 +183,8 @@ class SOAP(Optimizer, SOAPState):
         theta_max_dim: int | None = None,
         theta_sketch_dim: int = 0,
         theta_diagonal: bool = True,
+        theta_compact: str = "sketch",
+        theta_steered: int | None = None,
         first_step_updates: bool = True,
         rotation_precision: str | None = None,
     ) -> None:
@@ -205,6 +219,21 @@ class SOAP(Optimizer, SOAPState):
                 "SOAP: theta_diagonal=False sends a long side as its sketch alone and needs "
                 f"theta_sketch_dim >= 1, got {theta_sketch_dim}"
             )
+        if theta_compact not in ("sketch", "basis"):
+            raise ValueError(
+                f"SOAP: theta_compact must be 'sketch' or 'basis', got {theta_compact!r}"
+            )
+        if theta_compact == "basis" and (theta_sketch_dim < 1 or not theta_diagonal):
+            raise ValueError(
+                "SOAP: theta_compact='basis' sends the diagonal and a steered sketch of every long "
+                f"side: it needs theta_sketch_dim >= 1 and theta_diagonal, got {theta_sketch_dim} "
+                f"and {theta_diagonal}"
+            )
+        if theta_steered is not None and not 0 <= theta_steered <= theta_sketch_dim:
+            raise ValueError(
+                f"SOAP: theta_steered must be None or in [0, theta_sketch_dim={theta_sketch_dim}], "
+                f"got {theta_steered}"
+            )
         if rotation_precision not in (None, "highest", "high"):
             raise ValueError(
                 "SOAP: rotation_precision must be 'highest', 'high' or None, got "
@@ -224,6 +253,8 @@ class SOAP(Optimizer, SOAPState):
             "theta_max_dim": theta_max_dim,
             "theta_sketch_dim": int(theta_sketch_dim),
             "theta_diagonal": bool(theta_diagonal),
+            "theta_compact": theta_compact,
+            "theta_steered": theta_steered,
             "first_step_updates": bool(first_step_updates),
             "rotation_precision": rotation_precision,
         }
