@@ -194,6 +194,7 @@ def measure_syncs(report: Report, shapes: Any, device: Any, algorithm: str, prec
 
     from fedpac_hf import FedPACTrainer
     from fedpac_hf.federated import ServerState
+    from fedpac_hf.optim import next_global_curvature
     from fedpac_hf.trainer.host_syncs import HostSyncCounter
 
     data = SyntheticImages(shapes.batch * 4, shapes.image_size, shapes.labels, seed=0)
@@ -204,7 +205,10 @@ def measure_syncs(report: Report, shapes: Any, device: Any, algorithm: str, prec
         start = ServerState.from_model(trainer.model)
         first = trainer.train_client(0, data, 0, 1e-3, start)
         delta = {n: d.cpu() for n, d in first.delta.items()}
-        theta = {n: t.cpu() for n, t in first.curvature.items()} or None
+        # the global Theta the server would send down after this client (compact forms
+        # turn into the server's basis)
+        theta = next_global_curvature(None, {n: t.cpu() for n, t in first.curvature.items()})
+        theta = {n: t.float() for n, t in theta.items()} or None
         warm = ServerState(start.params, theta, delta, round=1)
         counts = {}
         for steps in shapes.sync_steps:

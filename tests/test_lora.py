@@ -155,7 +155,8 @@ def test_curvature_auto_fits_the_budget_and_lora_keeps_its_earlier_form(tmp_path
         "theta_sketch_dim": 2,  # min(4, r - 2) at r = 4
         "theta_diagonal": True,
     }
-    assert theta_options(tiny_vit(), "soap", "auto")  # full Theta is larger than the model
+    assert theta_options(tiny_vit(), "soap", "auto") == {}  # no adapters: full by default
+    assert theta_options(tiny_vit(), "soap", "auto", 1.0)  # unless a budget is set
     assert theta_options(tiny_lora_llama(), "soap", "full") == {}
     assert theta_options(tiny_lora_llama(), "muon", "lora") == {}  # already adapter-sized
     with pytest.raises(ValueError, match="curvature='lora' sizes Theta for LoRA adapters"):

@@ -193,5 +193,8 @@ def test_budget_settings_are_refused_naming_the_setting(tmp_path):
     with pytest.raises(ValueError, match="theta_budget"):
         FedPACArguments(output_dir=str(tmp_path), theta_budget=-1, report_to=[])
     assert theta_options(model, "soap", "full", 0.5) == {}
+    assert theta_options(model, "soap") == {}  # no adapters, no budget set: full Theta
+    with pytest.raises(ValueError, match="theta_budget"):
+        theta_options(model, "soap", "auto", True)
     assert theta_options(model, "soap", "auto", 1.0, align=False) == {}  # nothing travels
     assert theta_options(model, "soap", "auto", 1.0, {"theta_max_dim": 8}) == {}  # the user's

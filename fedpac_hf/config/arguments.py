@@ -85,13 +85,14 @@ class FedPACArguments(TrainingArguments):
             "min(4, r - 2)-column fixed sketch; needs a PEFT model)."
         },
     )
-    theta_budget: float = field(
-        default=1.0,
+    theta_budget: float | None = field(
+        default=None,
         metadata={
             "help": "With curvature 'auto': Theta's bytes up per client and round as a "
             "fraction of the trainable parameters' bytes (1.0: as much curvature as delta). "
             "SOAP sends small sides in full and long sides as their diagonal in a basis the "
-            "server keeps plus a few sketch columns, as many as fit (docs/algorithm.md)."
+            "server keeps plus a few sketch columns, as many as fit (docs/algorithm.md). "
+            "Default: 1.0 for a model with LoRA adapters, full Theta without."
         },
     )
     beta: float | str | None = field(

@@ -47,7 +47,7 @@ class CheckedSettings(Protocol):
     max_grad_norm: float
     weight_decay: float
     curvature: str
-    theta_budget: float
+    theta_budget: float | None
     transport_dtype: str
     aggregation_weighting: str
     partitioner: str
@@ -125,8 +125,9 @@ def check_arguments(args: CheckedSettings) -> None:
         raise ValueError(f"server_learning_rate must be positive, got {args.server_learning_rate}")
     if args.curvature not in CURVATURE_FORMS:
         raise ValueError(f"curvature must be one of {CURVATURE_FORMS}, got {args.curvature!r}")
-    if isinstance(args.theta_budget, bool) or not (
-        math.isfinite(args.theta_budget) and args.theta_budget > 0
+    budget = args.theta_budget
+    if budget is not None and (
+        isinstance(budget, bool) or not (math.isfinite(budget) and budget > 0)
     ):
         raise ValueError(
             "theta_budget (Theta's bytes up as a fraction of the trainable parameters') must be "

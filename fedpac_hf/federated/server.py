@@ -24,7 +24,7 @@ from typing import Literal
 
 import torch
 
-from fedpac_hf.optim import next_global_curvature
+from fedpac_hf.optim import next_global_curvature, sent_form
 from fedpac_hf.optim.base import all_finite
 
 from .adaptive_beta import auto_beta
@@ -317,7 +317,7 @@ class RoundAggregator:
                     mean_curvature,
                     self.curvature_square_sum,
                     self.num_clients,
-                    state.curvature,
+                    sent_form(state.curvature),
                 )
             )
         for part, tensors in parts.items():

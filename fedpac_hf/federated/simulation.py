@@ -48,7 +48,7 @@ def simulate(
     min_clients_per_round: int = 1,
     transport_dtype: str = "float32",
     curvature: str = "auto",
-    theta_budget: float = 1.0,
+    theta_budget: float | None = None,
     progress: bool = False,
     callback: Callable[[ServerState, dict[str, float]], None] | None = None,
 ) -> list[dict[str, float]]:
@@ -93,7 +93,8 @@ def simulate(
         clients' deltas and Theta travel as (the server sums in float64).
     curvature, theta_budget:
         The form of Theta: ``"auto"`` fits it into ``theta_budget`` times the
-        trainable parameters, ``"full"`` sends it whole (see
+        trainable parameters (unset: 1.0 with LoRA adapters, full Theta
+        without), ``"full"`` sends it whole (see
         :func:`~fedpac_hf.federated.theta_budget.theta_options`, which
         ``FedPACTrainer``, the CLI and the Flower apps use too). Options in
         the algorithm's ``optimizer_kwargs`` take precedence.

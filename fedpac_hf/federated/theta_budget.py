@@ -8,7 +8,11 @@ same model trains with the same Theta whichever door it came in by.
 
 ``theta_budget`` is the size of Theta a client sends up per round, as a
 fraction of the trainable parameters (``1.0``: as many bytes of curvature as
-of parameter deltas). For SOAP the form is the richest that fits
+of parameter deltas). Unset, it is 1.0 for a model with LoRA adapters and
+unlimited (full Theta) for a model without: on the full-model ViT of
+benchmarks/LORA.md the budget cost more than a point against full Theta on the
+validation split, and full Theta of a square layer is only twice the layer.
+For SOAP the form is the richest that fits
 (:func:`soap_theta_form`):
 
 1. every statistic in full, if that fits;
@@ -115,7 +119,7 @@ def soap_theta_form(
     shapes: Iterable[tuple[int, ...]],
     budget: float,
     layout: Mapping[str, Any] | None = None,
-    steered: float = 0.5,
+    steered: float = 1.0,
 ) -> dict[str, Any]:
     """SOAP options that fit Theta into ``budget`` times the parameters (see the module docstring).
 
@@ -131,6 +135,8 @@ def soap_theta_form(
     steered:
         The fraction of the sketch columns the server steers to its basis's
         leading directions (rounded up; the rest are random every round).
+        All of them by default, the best of the mixes measured on the
+        validation split of benchmarks/LORA.md (section "Theta budget").
 
     Returns
     -------
@@ -189,14 +195,15 @@ def theta_options(
     model: torch.nn.Module,
     optimizer: str,
     curvature: str = "auto",
-    theta_budget: float = 1.0,
+    theta_budget: float | None = None,
     optimizer_kwargs: Mapping[str, Any] | None = None,
     align: bool = True,
 ) -> dict[str, Any]:
     """Client-optimizer options that give Theta the form ``curvature`` and ``theta_budget`` ask for.
 
     ``"auto"`` (default) fits Theta into ``theta_budget`` times the trainable
-    parameters (:func:`soap_theta_form`); ``"full"`` sends every statistic as
+    parameters (:func:`soap_theta_form`; ``None``: 1.0 with LoRA adapters, full
+    Theta without); ``"full"`` sends every statistic as
     the optimizer keeps it; ``"lora"`` is the form sized by the LoRA rank before
     the budget existed (rank side in full, each longer side as its diagonal
     plus a ``min(4, r - 2)``-column sketch with a fixed test matrix), kept so
@@ -216,15 +223,20 @@ def theta_options(
     """
     if curvature not in CURVATURE_FORMS:
         raise ValueError(f"curvature must be one of {CURVATURE_FORMS}, got {curvature!r}")
-    if not (isinstance(theta_budget, int | float) and math.isfinite(theta_budget)) or not (
-        theta_budget > 0
+    rank = lora_rank(model)
+    if theta_budget is None:  # adapters: as much curvature as adapter; else full Theta
+        theta_budget = 1.0 if rank is not None else math.inf
+    elif (
+        isinstance(theta_budget, bool)
+        or not isinstance(theta_budget, int | float)
+        or not math.isfinite(theta_budget)
+        or not theta_budget > 0
     ):
         raise ValueError(
             f"theta_budget (Theta's bytes up as a fraction of the trainable parameters') must "
             f"be a positive number, got {theta_budget!r}"
         )
     name = optimizer.lower()
-    rank = lora_rank(model)
     if curvature == "lora":
         if rank is None:
             raise ValueError(
@@ -235,7 +247,7 @@ def theta_options(
             return {}
         columns = min(LORA_SKETCH_COLUMNS, max(rank - 2, 0))
         return {"theta_max_dim": rank, "theta_sketch_dim": columns, "theta_diagonal": True}
-    if curvature == "full" or name == "sgd" or not align:
+    if curvature == "full" or name == "sgd" or not align or theta_budget == math.inf:
         return {}
     if name != "soap":
         if theta_budget < 1.0:

@@ -8,7 +8,7 @@ refreshes), ``Muon`` (momentum of hidden matrices; AdamW for the rest),
 
 from ._soap_kernels import eigenbasis
 from ._soap_state import preconditioner_layout
-from ._theta_forms import next_global_curvature
+from ._theta_forms import next_global_curvature, sent_form
 from .adamw import AdamW
 from .base import CurvatureOptimizer, check_curvature_keys, named_params
 from .factory import OPTIMIZERS, create_optimizer, no_weight_decay_names
@@ -35,6 +35,7 @@ __all__ = [
     "muon_matrix_names",
     "named_params",
     "next_global_curvature",
+    "sent_form",
     "no_weight_decay_names",
     "preconditioner_layout",
     "sophia_refresh",

@@ -39,7 +39,7 @@ from .base import (
     named_params,
 )
 
-__all__ = ["SOAPState", "preconditioner_layout", "stat_names"]
+__all__ = ["SOAPState", "check_theta_options", "preconditioner_layout", "stat_names"]
 
 
 def preconditioner_layout(
@@ -78,6 +78,40 @@ def preconditioner_layout(
         merged.append(product)
         view = tuple(merged) if len(merged) > 1 else (shape[0], math.prod(shape[1:]))
     return view, tuple(d <= max_precond_dim for d in view)
+
+
+def check_theta_options(
+    theta_max_dim: int | None,
+    theta_sketch_dim: int,
+    theta_diagonal: bool,
+    theta_compact: str,
+    theta_steered: int | None,
+) -> None:
+    """Refuse SOAP's Theta options (see :class:`~fedpac_hf.optim.soap.SOAP`) that cannot work."""
+    if theta_max_dim is not None and (int(theta_max_dim) != theta_max_dim or theta_max_dim < 1):
+        raise ValueError(
+            f"SOAP: theta_max_dim must be a positive integer or None, got {theta_max_dim}"
+        )
+    if int(theta_sketch_dim) != theta_sketch_dim or theta_sketch_dim < 0:
+        raise ValueError(f"SOAP: theta_sketch_dim must be an integer >= 0, got {theta_sketch_dim}")
+    if not theta_diagonal and theta_sketch_dim < 1:
+        raise ValueError(
+            "SOAP: theta_diagonal=False sends a long side as its sketch alone and needs "
+            f"theta_sketch_dim >= 1, got {theta_sketch_dim}"
+        )
+    if theta_compact not in ("sketch", "basis"):
+        raise ValueError(f"SOAP: theta_compact must be 'sketch' or 'basis', got {theta_compact!r}")
+    if theta_compact == "basis" and (theta_sketch_dim < 1 or not theta_diagonal):
+        raise ValueError(
+            "SOAP: theta_compact='basis' sends the diagonal and a steered sketch of every long "
+            f"side: it needs theta_sketch_dim >= 1 and theta_diagonal, got {theta_sketch_dim} "
+            f"and {theta_diagonal}"
+        )
+    if theta_steered is not None and not 0 <= theta_steered <= theta_sketch_dim:
+        raise ValueError(
+            f"SOAP: theta_steered must be None or in [0, theta_sketch_dim={theta_sketch_dim}], "
+            f"got {theta_steered}"
+        )
 
 
 def stat_names(ndim: int) -> list[str]:
@@ -248,11 +282,14 @@ class SOAPState(CurvatureOptimizer):
                     dtype = curvature_dtype(p)
                     shared = state.get(f"{name}.{stat}.basis")
                     if shared is not None:  # the server's basis: no eigh, kept for export
-                        shared = shared.to(device=p.device, dtype=dtype)
+                        # copies: own memory, as the statistics get (a view into a loaded
+                        # checkpoint's buffer can round differently in a product)
+                        shared = shared.to(device=p.device, dtype=dtype, copy=True)
                         values = state[f"{name}.{stat}.eigenvalues"].to(p.device, dtype)
+                        test = state[f"{name}.{stat}.test"]
                         fresh[f"GG{i}"] = (shared * values) @ shared.T
                         fresh[f"Q{i}"] = fresh[f"theta_basis{i}"] = shared
-                        fresh[f"theta_test{i}"] = state[f"{name}.{stat}.test"].to(p.device, dtype)
+                        fresh[f"theta_test{i}"] = test.to(p.device, dtype, copy=True)
                         continue
                     imported = state.get(f"{name}.{stat}")
                     basis = None

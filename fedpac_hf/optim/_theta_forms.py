@@ -52,6 +52,7 @@ __all__ = [
     "expand",
     "next_basis",
     "next_global_curvature",
+    "sent_form",
     "sketch",
     "test_matrix",
 ]
@@ -235,10 +236,12 @@ def next_basis(
     draw = draw - lead @ (lead.T @ draw)
     omega = torch.linalg.qr(torch.cat([lead, draw], dim=1)).Q
     omega[:, :steered] = lead  # QR may flip signs; keep the steered columns as they are
+    # contiguous: LAPACK returns column-major tensors, and a checkpoint restores row-major
+    # ones; the same strides keep a resumed run's products bit-identical
     return (
-        turned.to(torch.float32),
-        values.clamp(min=0.0).to(torch.float32),
-        omega.to(torch.float32),
+        turned.to(torch.float32).contiguous(),
+        values.clamp(min=0.0).to(torch.float32).contiguous(),
+        omega.to(torch.float32).contiguous(),
     )
 
 
@@ -280,4 +283,26 @@ def next_global_curvature(
             basis, test, sketched, mean[f"{side}.{UP_KEYS[0]}"], steered, generator
         )
         result.update({f"{side}.basis": q, f"{side}.eigenvalues": values, f"{side}.test": omega})
+    return result
+
+
+def sent_form(curvature: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    """A global Theta in the form the clients send it up (for the drift from the start).
+
+    A basis-form side ``X`` (``X.basis``, ``X.eigenvalues``, ``X.test``) is the
+    statistic ``M = Q diag(lambda) Q^T``; sent up it would be
+    ``diag(Q^T M Q) = lambda`` and ``M Omega``. Other entries are as they are.
+    """
+    if not curvature:
+        return curvature
+    result = {
+        k: v for k, v in curvature.items() if not k.endswith(tuple("." + s for s in BASIS_KEYS))
+    }
+    for key, q in curvature.items():
+        if not key.endswith(".basis"):
+            continue
+        side = key[: -len(".basis")]
+        values, test = curvature[f"{side}.eigenvalues"], curvature[f"{side}.test"]
+        result[f"{side}.{UP_KEYS[0]}"] = values
+        result[f"{side}.{UP_KEYS[1]}"] = (q * values) @ (q.T @ test)
     return result
