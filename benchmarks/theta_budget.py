@@ -238,7 +238,7 @@ def run_one(run: Run) -> Record:
     """Train one run and return its JSON record."""
     run_dir = CACHE / "runs" / run.key
     record = train_once(SPLITS[run.split][0], overrides(run, run_dir), run_dir, KEYS)
-    return {**asdict(run), "method": run.arm, **record, "machine": machine()}
+    return {**asdict(run), "suite": "vit", "method": run.arm, **record, "machine": machine()}
 
 
 # ------------------------------------------------------------------- report
