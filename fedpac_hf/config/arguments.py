@@ -95,6 +95,15 @@ class FedPACArguments(TrainingArguments):
             "Default: 1.0 for a model with LoRA adapters, full Theta without."
         },
     )
+    preflight: bool = field(
+        default=True,
+        metadata={
+            "help": "Before round 1 and before anything is written: check the labels against "
+            "the model's head, then one client step, one aggregation, one warm-started step "
+            "and one evaluation batch on the real model, all put back (the run trains as "
+            "without it). A failure stops the run naming the stage and the cause."
+        },
+    )
     beta: float | str | None = field(
         default=None,
         metadata={

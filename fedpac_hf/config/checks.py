@@ -196,7 +196,7 @@ def _check_client_optimizer(args: CheckedSettings, algorithm: Algorithm) -> None
             lr=args.learning_rate,
             **dict(algorithm.optimizer_kwargs),
         )
-    except (ValueError, TypeError) as err:
+    except Exception as err:  # noqa: BLE001 - any refusal of these options is the options'
         raise ValueError(
             f"client optimizer {algorithm.optimizer!r} refuses client_optimizer_kwargs="
             f"{args.client_optimizer_kwargs or {}} / weight_decay={args.weight_decay}: {err}"

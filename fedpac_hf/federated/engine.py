@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .algorithms import Algorithm
-from .failures import ClientFailure, run_client
+from .failures import ClientFailure, RoundError, recurring_failures, run_client
 from .sampling import resolve_clients_per_round, sample_clients
 from .server import WEIGHTINGS, RoundAggregator
 from .state import ClientUpdate, ServerState
@@ -253,6 +253,8 @@ class RoundEngine:
         self.state = state
         self.num_clients = int(num_clients)
         self.learning_rates = rates
+        # each client's last failure, to tell an error that comes back from bad luck
+        self.last_failures: dict[int, ClientFailure] = {}
         self.local_steps = int(local_steps)
         self.seed = int(seed)
         self.server_learning_rate = float(server_learning_rate)
@@ -326,6 +328,7 @@ class RoundEngine:
         aggregator = plan.aggregator
         if reduce is not None:
             reduce(aggregator)
+        self._stop_on_recurring(aggregator, plan.round_number)
         aggregator.require(self.min_clients_per_round, plan.round_number)
         state, server_metrics = aggregator.finalize(
             lr=plan.learning_rate,
@@ -342,6 +345,21 @@ class RoundEngine:
         }
         self.history.append(metrics)
         return metrics
+
+    def _stop_on_recurring(self, aggregator: RoundAggregator, round_number: int) -> None:
+        """Raise :class:`RoundError` when a client fails again exactly as it last failed."""
+        repeated = recurring_failures(self.last_failures, aggregator.failures)
+        for client_id in aggregator.client_ids:
+            self.last_failures.pop(client_id, None)
+        self.last_failures.update({f.client_id: f for f in aggregator.failures})
+        if repeated:
+            causes = "; ".join(str(f) for f in repeated[:3])
+            raise RoundError(
+                f"round {round_number}: {causes}; the same error as the last time this client "
+                "was sampled, so it is a setting or data error that will come back, not bad "
+                "luck: the run stops (nothing was saved for this round; fix the cause and "
+                "resume from the last checkpoint)"
+            )
 
     def run_round(
         self,

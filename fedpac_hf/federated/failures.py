@@ -1,15 +1,17 @@
 """Why a client produced no update, and the one place that decides it (:func:`run_client`);
 why a round produced no global model (:class:`RoundError`).
 
-Split out of :mod:`fedpac_hf.federated.client` (which re-exports every name):
-the in-process trainer, :func:`~fedpac_hf.federated.simulate` and the Flower
-client all turn a failing client into a logged :class:`ClientFailure` here.
+The in-process trainer, :func:`~fedpac_hf.federated.simulate` and the Flower
+client all turn a failing client into a logged :class:`ClientFailure` here;
+:func:`recurring_failures` tells a client's bad luck from an error that will
+come back every time it is sampled.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -23,6 +25,8 @@ __all__ = [
     "ClientError",
     "ClientFailure",
     "RoundError",
+    "TRANSIENT_ERRORS",
+    "recurring_failures",
     "require_finite_aggregate",
     "run_client",
 ]
@@ -133,6 +137,43 @@ def run_client(
         failure = ClientFailure(int(client_id), int(round_number), type(error).__name__, message)
         (log or logger).warning("round %d: dropping %s", round_number, failure)
         return failure
+
+
+TRANSIENT_ERRORS: tuple[str, ...] = (
+    "ClientError",
+    "FloatingPointError",
+    "NotConnected",
+    "NodeUnavailable",
+    "NoReply",
+)
+"""Failures that can pass: a non-finite loss or update, a node that is away."""
+
+
+def recurring_failures(
+    last: Mapping[int, ClientFailure], failures: Sequence[ClientFailure]
+) -> list[ClientFailure]:
+    """The failures of this round that repeat the same client's last failure exactly.
+
+    The same exception type with the same message from the same client, the
+    last time it was sampled and again now, is an error that will come back
+    every time (a label outside the model's head in its data, a setting its
+    data cannot meet), not bad luck; :data:`TRANSIENT_ERRORS` never count.
+    """
+    return [
+        f
+        for f in failures
+        if _cause(f) not in TRANSIENT_ERRORS
+        and (previous := last.get(f.client_id)) is not None
+        and (previous.error_type, previous.message) == (f.error_type, f.message)
+    ]
+
+
+def _cause(failure: ClientFailure) -> str:
+    """The exception type behind a failure (a Flower reply's error names the client's inside)."""
+    inner = re.search(r"client \d+: (\w+): ", failure.message)
+    return (
+        inner.group(1) if inner and failure.error_type == "ClientAppError" else failure.error_type
+    )
 
 
 class RoundError(RuntimeError):

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from .algorithms import Algorithm, get_algorithm
 from .client import ClientHooks, LocalSteps, LossFn, client_update, cycle_batches
 from .engine import RoundEngine, RoundPlan
+from .preflight import preflight as run_preflight
 from .schedule import round_learning_rates
 from .server import Weighting
 from .state import ServerState, load_trainable_state
@@ -49,6 +50,7 @@ def simulate(
     transport_dtype: str = "float32",
     curvature: str = "auto",
     theta_budget: float | None = None,
+    preflight: bool = True,
     progress: bool = False,
     callback: Callable[[ServerState, dict[str, float]], None] | None = None,
 ) -> list[dict[str, float]]:
@@ -98,6 +100,12 @@ def simulate(
         :func:`~fedpac_hf.federated.theta_budget.theta_options`, which
         ``FedPACTrainer``, the CLI and the Flower apps use too). Options in
         the algorithm's ``optimizer_kwargs`` take precedence.
+    preflight:
+        Before round 1, run one local step of client 0, one aggregation, one
+        warm-started step and ``eval_fn`` once (:func:`~fedpac_hf.federated.preflight.preflight`),
+        then put the model and every random stream back: a setting or data
+        error stops the run here with :class:`~fedpac_hf.federated.preflight.PreflightError`,
+        and the run trains exactly as without it.
     progress:
         Show a progress bar over rounds.
     callback:
@@ -159,6 +167,17 @@ def simulate(
     )
 
     hooks = ClientHooks(loss_fn=loss_fn, curvature_loss_fn=curvature_loss_fn)
+    if preflight:
+        seconds = run_preflight(
+            model,
+            engine.algorithm,
+            lambda: cycle_batches(client_loaders[0]),
+            LocalSteps(lr=engine.learning_rates[0], num_steps=1, max_grad_norm=max_grad_norm),
+            hooks,
+            weighting=weighting,
+            eval_fn=eval_fn,
+        )
+        logger.info("preflight passed in %.1f s", seconds)
 
     def train_client(client_id: int, plan: RoundPlan):
         return client_update(

@@ -107,6 +107,9 @@ class FedPACClient:
     def trainer_for(self, context: Context) -> tuple[FedPACTrainer, int]:
         """The trainer of the context's run (built on first use) and its number of clients.
 
+        On first use the trainer's preflight runs on this node's partition
+        (``preflight=False`` skips it); a trainer that fails it is not kept.
+
         The arguments are built only with the trainer: building any
         ``TrainingArguments`` resets Accelerate's process-wide state, which a
         cached trainer still uses.
@@ -122,7 +125,13 @@ class FedPACClient:
                 args = self.client_arguments(context)
                 trainer = self.build_trainer(args, dict(context.run_config))
                 trainer.model.to(trainer.args.device)
-                _TRAINERS[key] = (trainer, trainer.setup_clients())
+                num_clients = trainer.setup_clients()
+                partition, _ = _partition_of(context)
+                if trainer.args.preflight and 0 <= partition < num_clients:
+                    # on the first message, before any round's work: a failure is
+                    # this node's error reply, every time, until the server stops
+                    trainer.preflight(partition)
+                _TRAINERS[key] = (trainer, num_clients)
             return _TRAINERS[key]
 
     def query(self, message: Message, context: Context) -> Message:

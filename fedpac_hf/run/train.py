@@ -20,7 +20,7 @@ from fedpac_hf.trainer.callbacks import EvaluateLastRoundCallback
 
 from .config import ModelDataArguments, config_parser, parse_run_config
 from .rundir import RunFilesCallback, print_final, render_config, write_partition_files
-from .tasks import DEFAULT_MODEL_NAMES, build_task
+from .tasks import DEFAULT_MODEL_NAMES, TaskBundle, build_task
 
 __all__ = ["run_example", "run_training"]
 
@@ -69,6 +69,9 @@ def _train(
 ) -> dict[str, float]:
     run_dir = Path(args.output_dir)
     config_text = render_config(model_args, args)
+    bundle, trainer = _build(run_dir, model_args, args, config_text, callbacks)
+    if args.preflight:  # before the run directory is claimed: a failure writes nothing
+        trainer.preflight()
     # one owner for the run directory, for the whole command (the trainer's claim nests)
     with (
         claim_output_dir(
@@ -77,16 +80,17 @@ def _train(
         if args.should_save
         else contextlib.nullcontext()
     ):
-        return _train_in(run_dir, model_args, args, config_text, callbacks)
+        return _train_in(run_dir, args, bundle, trainer)
 
 
-def _train_in(
+def _build(
     run_dir: Path,
     model_args: ModelDataArguments,
     args: FedPACArguments,
     config_text: str,
     callbacks: Sequence[Any],
-) -> dict[str, float]:
+) -> tuple[TaskBundle, Any]:
+    """The task (model, data, processing) and its ``FedPACTrainer``; nothing is written."""
     from transformers import set_seed
 
     from fedpac_hf.trainer.fedpac_trainer import FedPACTrainer
@@ -116,6 +120,11 @@ def _train_in(
         callbacks=[files, EvaluateLastRoundCallback(), *callbacks],
         client_transform=bundle.client_transform,
     )
+    return bundle, trainer
+
+
+def _train_in(run_dir: Path, args: FedPACArguments, bundle: TaskBundle, trainer: Any) -> dict:
+    """Train (resuming if asked), save the model and print the final line."""
     # nothing is written before the trainer has split the data and checked any
     # checkpoint it resumes: config.yaml and the partition files come at train begin
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or None)

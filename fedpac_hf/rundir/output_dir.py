@@ -18,13 +18,22 @@ no-op.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["LOCK_NAME", "OutputDirClaim", "claim_output_dir", "previous_run_files"]
+__all__ = [
+    "LOCK_NAME",
+    "OutputDirClaim",
+    "check_writable",
+    "claim_output_dir",
+    "no_new_folders",
+    "previous_run_files",
+]
 
 LOCK_NAME = ".fedpac_hf.lock"
 _RUN_FILES = ("metrics.jsonl", "metrics.csv", "summary.md")
@@ -148,3 +157,44 @@ def _check_previous_run(path: Path, output_dir: object, *, resume: bool, overwri
             shutil.rmtree(old, ignore_errors=True)
     for name in _RUN_FILES:
         (path / name).unlink(missing_ok=True)
+
+
+def check_writable(output_dir: str | os.PathLike[str]) -> None:
+    """Refuse an ``output_dir`` that cannot be created or written, naming the setting.
+
+    Looks at the nearest folder that exists on the way to it; creates nothing.
+    """
+    folder = Path(output_dir).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        reason = "Not a directory"
+    elif not os.access(folder, os.W_OK | os.X_OK):
+        reason = "Permission denied"
+    else:
+        return
+    raise ValueError(
+        f"output_dir={str(output_dir)!r} cannot be written ({reason}: {folder}); choose "
+        "another output_dir"
+    )
+
+
+@contextlib.contextmanager
+def no_new_folders(path: str | os.PathLike[str] | None) -> Iterator[None]:
+    """Remove, on exit, the folders of ``path`` that did not exist on entry and stayed empty.
+
+    ``transformers.Trainer`` creates its ``output_dir`` when it is built; a
+    run that then fails its preflight must leave no trace (the claim creates
+    the folder when the run starts).
+    """
+    missing: list[str] = []
+    folder = os.fspath(path) if path is not None else ""
+    while folder and not os.path.exists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder.rstrip(os.sep))
+    try:
+        yield
+    finally:
+        for made in missing:  # deepest first
+            with contextlib.suppress(OSError):
+                os.rmdir(made)

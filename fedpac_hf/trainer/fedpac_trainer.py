@@ -50,9 +50,10 @@ from fedpac_hf.federated import (
     trainable_parameters,
 )
 from fedpac_hf.federated.distributed import all_reduce
-from fedpac_hf.rundir.output_dir import claim_output_dir
+from fedpac_hf.rundir.output_dir import check_writable, claim_output_dir, no_new_folders
 from fedpac_hf.trainer.callbacks import RoundProgressCallback
 from fedpac_hf.trainer.client_steps import ClientStepsMixin
+from fedpac_hf.trainer.preflight import PreflightMixin
 from fedpac_hf.trainer.round_checkpoints import RoundCheckpointsMixin
 
 __all__ = ["FedPACTrainer"]
@@ -65,7 +66,7 @@ def _client_seed(seed: int, round_index: int, client_id: int) -> int:
     return int(np.random.SeedSequence([seed, round_index, client_id]).generate_state(1)[0])
 
 
-class FedPACTrainer(ClientStepsMixin, RoundCheckpointsMixin, Trainer):
+class FedPACTrainer(ClientStepsMixin, RoundCheckpointsMixin, PreflightMixin, Trainer):
     """Federated fine-tuning with FedPAC and its baselines, inside ``Trainer``.
 
     Takes ``Trainer``'s constructor arguments, plus:
@@ -139,19 +140,22 @@ class FedPACTrainer(ClientStepsMixin, RoundCheckpointsMixin, Trainer):
                 "client_datasets are already split: pass train_dataset with partitioner / "
                 "client_transform instead"
             )
-        super().__init__(
-            model=model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            model_init=model_init,
-            compute_loss_func=compute_loss_func,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-        )
+        if args is not None and args.should_save:
+            check_writable(args.output_dir)
+        with no_new_folders(args.output_dir if args is not None else None):
+            super().__init__(
+                model=model,
+                args=args,
+                data_collator=data_collator,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                model_init=model_init,
+                compute_loss_func=compute_loss_func,
+                compute_metrics=compute_metrics,
+                callbacks=callbacks,
+                preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            )
         # one readable line per round instead of Trainer's dict-per-log printers
         self.remove_callback(PrinterCallback)
         self.remove_callback(ProgressCallback)
@@ -320,6 +324,8 @@ class FedPACTrainer(ClientStepsMixin, RoundCheckpointsMixin, Trainer):
         """
         if trial is not None:
             raise ValueError("hyperparameter search is not supported by FedPACTrainer")
+        if self.args.preflight and self.preflight_seconds is None:  # before anything is written
+            self.preflight()
         claim = None
         if self.args.should_save:  # one run per output_dir, and never over another run's files
             claim = claim_output_dir(

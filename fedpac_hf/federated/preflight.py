@@ -1,0 +1,166 @@
+"""The preflight: one client's round in miniature, before anything is written.
+
+A mistake in the settings or the data (a loss that is not finite at the
+initial weights, an optimizer option the optimizer refuses, a batch the model
+cannot take, a curvature state that does not warm-start) otherwise surfaces as
+"round 1: only 0 of N client updates succeeded", after files were written.
+:func:`preflight` runs, on the real model and then puts everything back:
+
+1. one local step of one client from the initial weights (the configured
+   client optimizer, its curvature collection, clipping, scaler);
+2. one server aggregation of that update (the server rule, Theta's form);
+3. one local step from the aggregated state (alignment: the warm start from
+   the global Theta, and the correction);
+4. one evaluation (``eval_fn``), when given.
+
+Errors of the training code itself (:data:`~fedpac_hf.federated.failures.PROGRAMMING_ERRORS`:
+a loss function that returns a tuple, a model called with a wrong argument)
+pass through with their traceback, as in a round.
+
+Afterwards the model's trainable parameters, its buffers, its train/eval mode
+and every random stream (torch's CPU and CUDA generators, NumPy's and Python's
+global ones) are as before, so a run with the preflight trains exactly as one
+without. A failure raises :class:`PreflightError` naming the stage.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+
+from .algorithms import Algorithm
+from .client import ClientHooks, LocalSteps, client_update
+from .failures import PROGRAMMING_ERRORS, ClientError
+from .server import RoundAggregator
+from .state import ServerState, get_trainable_state, load_trainable_state
+
+__all__ = ["PreflightError", "preflight", "restored"]
+
+
+class PreflightError(ValueError):
+    """Training cannot work with these settings or this data (found before round 1)."""
+
+
+@contextmanager
+def restored(model: torch.nn.Module) -> Iterator[None]:
+    """Put ``model``'s trainable parameters, buffers and mode and every RNG back on exit."""
+    params = {n: t.clone() for n, t in get_trainable_state(model).items()}
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    training = model.training
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    numpy_rng = np.random.get_state()
+    python_rng = random.getstate()
+    try:
+        yield
+    finally:
+        load_trainable_state(model, params)
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():
+                if name in buffers:
+                    buffer.copy_(buffers[name])
+        model.train(training)
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        np.random.set_state(numpy_rng)
+        random.setstate(python_rng)
+
+
+def _stage(name: str, run: Callable[[], Any], lr: float, first: bool = False) -> Any:
+    try:
+        return run()
+    except PROGRAMMING_ERRORS:
+        raise  # the training code is wrong (loss function, model, collator): its traceback
+    except ClientError as error:
+        message = " ".join(str(error).split())
+        if "non-finite training loss" in message and first:
+            raise PreflightError(
+                f"preflight, {name}: the training loss is not finite at the initial weights "
+                "(the learning rate plays no part yet): check the model, its labels and the "
+                f"data ({message})"
+            ) from error
+        raise PreflightError(
+            f"preflight, {name}: {message} after one step at learning_rate={lr:g}: lower "
+            "learning_rate or clip with max_grad_norm"
+        ) from error
+    except Exception as error:
+        message = " ".join(str(error).split()) or "(no message)"
+        raise PreflightError(f"preflight, {name}: {type(error).__name__}: {message}") from error
+
+
+def preflight(
+    model: torch.nn.Module,
+    algorithm: Algorithm,
+    batches: Callable[[], Iterator[Any]],
+    steps: LocalSteps,
+    hooks: ClientHooks,
+    *,
+    weighting: str = "uniform",
+    eval_fn: Callable[[torch.nn.Module], Any] | None = None,
+) -> float:
+    """Run the preflight (see the module docstring); return its time in seconds.
+
+    Parameters
+    ----------
+    model:
+        The model the run trains; it is left exactly as it was.
+    algorithm:
+        The run's algorithm, with its client-optimizer options.
+    batches:
+        Returns a fresh iterator over one client's batches (called for each
+        local step, so both steps see the same first batches).
+    steps:
+        The run's local-step settings; the preflight takes one step of them
+        (``num_steps`` is ignored) at their learning rate.
+    hooks:
+        How the run computes and applies gradients.
+    weighting:
+        The run's aggregation weighting.
+    eval_fn:
+        Evaluates the model (e.g. on one batch), or ``None``.
+
+    Raises
+    ------
+    PreflightError
+        Naming the stage and the cause.
+    """
+    start = time.perf_counter()
+    one = LocalSteps(
+        lr=steps.lr,
+        num_steps=1,
+        gradient_accumulation_steps=steps.gradient_accumulation_steps,
+        max_grad_norm=steps.max_grad_norm,
+    )
+    with restored(model):
+        state = ServerState.from_model(model)
+        state = ServerState({n: t.clone() for n, t in state.params.items()})
+        first = _stage(
+            "one local step from the initial weights",
+            lambda: client_update(model, state, algorithm, batches(), one, hooks),
+            one.lr,
+            first=True,
+        )
+
+        def aggregate() -> ServerState:
+            aggregator = RoundAggregator(state, algorithm, weighting)  # type: ignore[arg-type]
+            aggregator.add(first)
+            return aggregator.finalize(lr=one.lr, local_steps=1)[0]
+
+        following = _stage("the server's aggregation of that update", aggregate, one.lr)
+        _stage(
+            "one local step from the aggregated state (warm start and correction)",
+            lambda: client_update(model, following, algorithm, batches(), one, hooks),
+            one.lr,
+        )
+        if eval_fn is not None:
+            load_trainable_state(model, state.params)
+            model.eval()
+            _stage("one evaluation", lambda: eval_fn(model), one.lr)
+    return time.perf_counter() - start

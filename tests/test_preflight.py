@@ -1,0 +1,136 @@
+"""The preflight (#27): setting and data errors stop a run before round 1 and before any
+file is written; a run with the preflight trains exactly as one without; an error that
+comes back every time a client is sampled stops the run instead of dropping it forever."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fedpac_hf.federated import RoundError, simulate
+from fedpac_hf.federated.preflight import PreflightError
+
+from .trainer_fixtures import image_data, tiny_vit, vit_args
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def loaders(num_clients: int = 3) -> list[torch.utils.data.DataLoader]:
+    """Shuffling loaders without their own generator: they draw from torch's global RNG."""
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for c in range(num_clients):
+        x = torch.randn(24, 6, generator=g)
+        y = torch.full((24,), c % 3)
+        marker = torch.full((24,), float(c))
+        data = torch.utils.data.TensorDataset(x, y, marker)
+        out.append(torch.utils.data.DataLoader(data, batch_size=8, shuffle=True))
+    return out
+
+
+def ce_loss(model: nn.Module, batch) -> torch.Tensor:
+    return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+
+def run(loss_fn=ce_loss, num_rounds: int = 3, **kwargs):
+    model = make_model()
+    torch.manual_seed(5)  # the loaders shuffle with the global RNG
+    history = simulate(
+        model, loaders(), "fedpac_soap", num_rounds=num_rounds, clients_per_round=3,
+        local_steps=2, loss_fn=loss_fn, lr=0.01, **kwargs,
+    )  # fmt: skip
+    return model, history
+
+
+def test_a_run_with_the_preflight_trains_exactly_as_one_without():
+    with_model, with_history = run(preflight=True)
+    without_model, without_history = run(preflight=False)
+    for a, b in zip(with_model.parameters(), without_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert [h["train_loss"] for h in with_history] == [h["train_loss"] for h in without_history]
+
+
+def test_a_loss_that_is_not_finite_at_the_initial_weights_is_a_setting_not_the_rate():
+    def nan_loss(model, batch):
+        return ce_loss(model, batch) * float("nan")
+
+    with pytest.raises(PreflightError, match="not finite at the initial weights") as info:
+        run(nan_loss)
+    assert "learning rate plays no part" in str(info.value)
+    assert isinstance(info.value, ValueError)  # the CLI's one-line, status-2 errors
+
+
+def test_an_error_that_comes_back_stops_the_run_and_bad_luck_does_not():
+    def broken_client_one(model, batch):
+        if float(batch[2][0]) == 1.0:
+            raise ValueError("client data: column 'text' holds an empty cell")
+        return ce_loss(model, batch)
+
+    with pytest.raises(RoundError, match="round 2: client 1: ValueError: client data") as info:
+        run(broken_client_one)
+    assert "same error as the last time" in str(info.value)
+
+    def unlucky_client_two(model, batch):  # a non-finite loss: dropped, not a stop
+        loss = ce_loss(model, batch)
+        return loss * float("inf") if float(batch[2][0]) == 2.0 else loss
+
+    _, history = run(unlucky_client_two)
+    assert [h["num_dropped"] for h in history] == [1.0, 1.0, 1.0]
+
+
+def test_the_trainer_preflight_changes_nothing_and_refuses_labels_outside_the_head(tmp_path):
+    from fedpac_hf import FedPACTrainer
+
+    data = image_data()
+    params = []
+    for flag in (True, False):
+        trainer = FedPACTrainer(
+            model=tiny_vit(), args=vit_args(tmp_path / str(flag), num_rounds=2, preflight=flag),
+            train_dataset=data["train"], eval_dataset=data["test"],
+        )  # fmt: skip
+        trainer.train()
+        assert (trainer.preflight_seconds is not None) == flag
+        params.append(torch.cat([p.detach().flatten() for p in trainer.model.parameters()]))
+    assert torch.equal(params[0], params[1])
+
+    num_labels = tiny_vit().config.num_labels
+    bad = data["train"].map(lambda row, i: {"label": num_labels if i == 3 else row["label"]},
+                            with_indices=True)  # fmt: skip
+    out = tmp_path / "bad"
+    trainer = FedPACTrainer(model=tiny_vit(), args=vit_args(out), train_dataset=bad)
+    with pytest.raises(PreflightError, match=f"holds {num_labels} \\(in 1 rows\\)"):
+        trainer.train()
+    assert not out.exists()  # nothing was written
+
+
+def test_the_cli_stops_a_batch_no_client_can_fill_before_writing(tmp_path, capsys):
+    from fedpac_hf.cli import main
+
+    from .test_cli_train import TINY_VIT, write_yaml
+
+    out = tmp_path / "run"
+    settings = {  # 100 rows per client, batches of 512, the last (only) one dropped
+        **TINY_VIT, "per_device_train_batch_size": 512, "dataloader_drop_last": True,
+        "output_dir": str(out),
+    }  # fmt: skip
+    config = write_yaml(tmp_path / "c.yaml", settings)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", config])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "preflight, one local step" in err
+    assert "yielded no batch" in err
+    assert not out.exists()
+
+    # an optimizer option the optimizer cannot take is refused with the settings
+    settings = {**TINY_VIT, "client_optimizer_kwargs": '{"betas": [0.9]}', "output_dir": str(out)}
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", write_yaml(tmp_path / "d.yaml", settings)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "refuses client_optimizer_kwargs" in err
+    assert not out.exists()
