@@ -290,6 +290,7 @@ def test_trainer_fp16_scales_each_client_afresh_and_counts_skipped_steps(tmp_pat
         disable_tqdm=True,
         save_strategy="no",
         seed=0,
+        preflight=False,  # its own scaler would be one more here
     )
     trainer = FedPACTrainer(model=tiny_vit(), args=args, train_dataset=image_data(n=160)["train"])
     scalers: list[torch.amp.GradScaler] = []

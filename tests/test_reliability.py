@@ -122,16 +122,20 @@ def test_simulate_drops_a_raising_and_a_nan_client_and_logs_why(caplog):
     clients = make_clients(4)
     nan = [(torch.full_like(x, float("nan")), y) for x, y in clients[2]]
     loaders = [clients[0], RaisingLoader(clients[1]), nan, clients[3]]
-    with caplog.at_level(logging.WARNING):
-        history = simulate(
-            make_model(), loaders, "fedpac_soap", 2, 4, 3, ce_loss, lr=0.05, max_grad_norm=10.0
-        )
-    assert [h["num_clients"] for h in history] == [2.0, 2.0]
-    assert [h["num_dropped"] for h in history] == [2.0, 2.0]
+    history = []
+    with caplog.at_level(logging.WARNING), pytest.raises(RoundError) as info:
+        simulate(
+            make_model(), loaders, "fedpac_soap", 2, 4, 3, ce_loss, lr=0.05, max_grad_norm=10.0,
+            callback=lambda state, metrics: history.append(metrics),
+        )  # fmt: skip
+    assert [h["num_clients"] for h in history] == [2.0]
+    assert [h["num_dropped"] for h in history] == [2.0]
     assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in history)
     assert "round 1: dropping client 1: KeyError: 'label column missing in shard 3'" in caplog.text
     assert "round 1: dropping client 2: ClientError: non-finite training loss nan" in caplog.text
-    assert "round 2: dropping client 1" in caplog.text
+    # round 2: the same KeyError again stops the run; the non-finite client is only dropped
+    assert "round 2: client 1: KeyError: 'label column missing in shard 3'" in str(info.value)
+    assert "client 2" not in str(info.value) and "not bad luck" in str(info.value)
 
     with pytest.raises(RoundError, match="only 2 of 4 client updates") as info:
         simulate(make_model(), loaders, "fedavg", 1, 4, 2, ce_loss, min_clients_per_round=3)

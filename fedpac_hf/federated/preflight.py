@@ -25,6 +25,7 @@ without. A failure raises :class:`PreflightError` naming the stage.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -41,6 +42,8 @@ from .server import RoundAggregator
 from .state import ServerState, get_trainable_state, load_trainable_state
 
 __all__ = ["PreflightError", "preflight", "restored"]
+
+logger = logging.getLogger(__name__)
 
 
 class PreflightError(ValueError):
@@ -76,8 +79,15 @@ def restored(model: torch.nn.Module) -> Iterator[None]:
 def _stage(name: str, run: Callable[[], Any], lr: float, first: bool = False) -> Any:
     try:
         return run()
-    except PROGRAMMING_ERRORS:
-        raise  # the training code is wrong (loss function, model, collator): its traceback
+    except PROGRAMMING_ERRORS as error:  # the training code is wrong: its own traceback
+        logger.error(
+            "preflight, %s: %s: %s; this is a bug in the training code (the loss function, "
+            "the model or the data collator): the run stops",
+            name,
+            type(error).__name__,
+            " ".join(str(error).split()),
+        )
+        raise
     except ClientError as error:
         message = " ".join(str(error).split())
         if "non-finite training loss" in message and first:
