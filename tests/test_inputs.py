@@ -199,3 +199,21 @@ def test_local_soap_with_one_local_step_trains():
         lr=0.05,
     )
     assert all(h["update_norm"] > 0 for h in history)
+
+
+def test_the_schedule_is_checked_for_every_round_when_the_settings_are_read(tmp_path):
+    from fedpac_hf import FedPACArguments
+    from fedpac_hf.federated import round_learning_rates
+    from fedpac_hf.federated.schedule import MAX_ROUNDS
+
+    def args(**settings):
+        return FedPACArguments(output_dir=str(tmp_path), report_to=[], **settings)
+
+    with pytest.raises(ValueError, match="gives round 6 of 30 the learning rate 0"):
+        args(num_rounds=30, lr_scheduler_kwargs={"num_cycles": 3.0})
+    with pytest.raises(ValueError, match="refuses lr_scheduler_kwargs=\\{'num_cyclez': 3\\}"):
+        args(num_rounds=30, lr_scheduler_kwargs={"num_cyclez": 3})
+    with pytest.raises(ValueError, match=f"num_rounds must be in \\[1, {MAX_ROUNDS}\\]"):
+        args(num_rounds=10**9)
+    rates = round_learning_rates(1e-3, MAX_ROUNDS, "cosine", warmup_rounds=10)
+    assert len(rates) == MAX_ROUNDS and min(rates) > 0 and rates[10] == 1e-3

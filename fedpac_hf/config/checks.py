@@ -64,6 +64,8 @@ class CheckedSettings(Protocol):
 
     def partitioner_kwargs(self) -> dict[str, Any]: ...
 
+    def round_learning_rates(self) -> list[float]: ...
+
 
 def check_arguments(args: CheckedSettings) -> None:
     """Refuse inconsistent or unsupported settings (after ``TrainingArguments``' own checks).
@@ -121,6 +123,7 @@ def check_arguments(args: CheckedSettings) -> None:
             f"rounds in a {args.num_rounds}-round run would never reach learning_rate; use "
             f"fewer than num_rounds={args.num_rounds} (or a fraction such as 0.1)"
         )
+    args.round_learning_rates()  # the schedule's options, a positive rate for every round
     if not (args.server_learning_rate > 0 and math.isfinite(args.server_learning_rate)):
         raise ValueError(f"server_learning_rate must be positive, got {args.server_learning_rate}")
     if args.curvature not in CURVATURE_FORMS:

@@ -11,7 +11,11 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["round_learning_rates"]
+__all__ = ["MAX_ROUNDS", "round_learning_rates"]
+
+#: The most rounds a run plans: each round trains clients, so a million rounds is
+#: already more than any run finishes; a larger num_rounds is a typo.
+MAX_ROUNDS = 1_000_000
 
 # Schedules driven by an evaluation metric, not by the round count.
 _UNSCHEDULABLE = ("reduce_lr_on_plateau", "greedy")
@@ -56,8 +60,10 @@ def round_learning_rates(
     Raises
     ------
     ValueError
-        For an unknown schedule, one that does not follow the step count, or
-        a non-positive rate or round count.
+        For an unknown schedule, one that does not follow the step count,
+        scheduler options it does not take, a round it would give a rate that
+        is not positive (naming the round), a non-positive rate, or a round
+        count below 1 or above :data:`MAX_ROUNDS`.
     """
     import torch
     from transformers import SchedulerType
@@ -65,8 +71,8 @@ def round_learning_rates(
 
     if not (learning_rate > 0 and math.isfinite(learning_rate)):
         raise ValueError(f"learning_rate must be a positive number, got {learning_rate}")
-    if num_rounds < 1:
-        raise ValueError(f"num_rounds must be at least 1, got {num_rounds}")
+    if not 1 <= num_rounds <= MAX_ROUNDS:
+        raise ValueError(f"num_rounds must be in [1, {MAX_ROUNDS}], got {num_rounds}")
     names = [s.value for s in SchedulerType if s.value not in _UNSCHEDULABLE]
     name = getattr(schedule, "value", schedule)
     if name not in names:
@@ -74,20 +80,38 @@ def round_learning_rates(
             f"lr_scheduler_type {name!r} cannot schedule the learning rate over rounds; "
             f"choose one of {names}"
         )
+    options = dict(scheduler_kwargs or {})
     dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=learning_rate)
-    scheduler = get_scheduler(
-        name,
-        dummy,
-        num_warmup_steps=int(warmup_rounds),
-        num_training_steps=num_rounds,
-        scheduler_specific_kwargs=dict(scheduler_kwargs or {}),
-    )
-    rates = []
-    for _ in range(num_rounds):
-        rates.append(float(dummy.param_groups[0]["lr"]))
-        dummy.step()
-        scheduler.step()
-    if rates[0] <= 0:
-        positive = [r for r in rates if r > 0]
-        rates[0] = positive[0] if positive else learning_rate
+    try:
+        scheduler = get_scheduler(
+            name,
+            dummy,
+            num_warmup_steps=int(warmup_rounds),
+            num_training_steps=num_rounds,
+            scheduler_specific_kwargs=options,
+        )
+        factors = getattr(scheduler, "lr_lambdas", None)
+        if factors is not None and len(factors) == 1:  # one closed form: no stepping
+            rates = [learning_rate * float(factors[0](r)) for r in range(num_rounds)]
+        else:
+            rates = []
+            for _ in range(num_rounds):
+                rates.append(float(dummy.param_groups[0]["lr"]))
+                dummy.step()
+                scheduler.step()
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError) as err:
+        raise ValueError(
+            f"lr_scheduler_type {name!r} refuses lr_scheduler_kwargs={options}: "
+            f"{' '.join(str(err).split())}"
+        ) from None
+    if rates[0] <= 0:  # a warm-up starting at 0: start at its first positive rate
+        positive = next((r for r in rates if r > 0), None)
+        rates[0] = positive if positive is not None else learning_rate
+    bad = next((r for r, rate in enumerate(rates) if not (rate > 0 and math.isfinite(rate))), None)
+    if bad is not None:
+        raise ValueError(
+            f"lr_scheduler_type {name!r} with lr_scheduler_kwargs={options} gives round "
+            f"{bad + 1} of {num_rounds} the learning rate {rates[bad]:g}: a round needs a positive "
+            "rate; change lr_scheduler_kwargs (e.g. num_cycles) or lr_scheduler_type"
+        )
     return rates
