@@ -134,3 +134,30 @@ def test_the_cli_stops_a_batch_no_client_can_fill_before_writing(tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "refuses client_optimizer_kwargs" in err
     assert not out.exists()
+
+
+def test_a_resume_that_changes_a_training_setting_is_refused_naming_it(tmp_path):
+    from fedpac_hf import FedPACTrainer
+    from fedpac_hf.rundir.output_dir import previous_run_files
+
+    data = image_data()
+    first = FedPACTrainer(
+        model=tiny_vit(),
+        args=vit_args(tmp_path, num_rounds=3, save_strategy="steps", save_steps=1),
+        train_dataset=data["train"],
+    )
+    first.train()
+    checkpoint = str(tmp_path / "run" / "checkpoint-round-2")
+    for setting, value in (("local_steps", 7), ("learning_rate", 1e-2), ("clients_per_round", 3)):
+        again = FedPACTrainer(
+            model=tiny_vit(), args=vit_args(tmp_path, num_rounds=3, **{setting: value}),
+            train_dataset=data["train"],
+        )  # fmt: skip
+        with pytest.raises(ValueError, match=f"training differs \\({setting}: checkpoint has"):
+            again.train(resume_from_checkpoint=checkpoint)
+
+    # a metrics file without a row is no run yet: its retry needs no overwrite_output_dir
+    empty = tmp_path / "died"
+    empty.mkdir()
+    (empty / "metrics.jsonl").write_text("")
+    assert previous_run_files(empty) == []

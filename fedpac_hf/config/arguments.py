@@ -277,6 +277,24 @@ class FedPACArguments(TrainingArguments):
             optimizer_kwargs=kwargs,
         )
 
+    def training_settings(self, algorithm: Algorithm) -> dict[str, Any]:
+        """The settings every round trains with: a resume must keep them (see ``run_identity``)."""
+        return {
+            "clients_per_round": self.clients_per_round,
+            "local_steps": self.local_steps,
+            "learning_rate": self.learning_rate,
+            "lr_scheduler_type": getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type),
+            "lr_scheduler_kwargs": self.lr_scheduler_kwargs or {},
+            "warmup_rounds": self.get_warmup_steps(self.num_rounds),
+            "per_device_train_batch_size": self.per_device_train_batch_size,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "max_grad_norm": self.max_grad_norm,
+            "server_learning_rate": self.server_learning_rate,
+            "aggregation_weighting": self.aggregation_weighting,
+            "transport_dtype": self.transport_dtype,
+            "client_optimizer_kwargs": dict(algorithm.optimizer_kwargs),
+        }
+
     def round_learning_rates(self) -> list[float]:
         """eta_l of every round: ``lr_scheduler_type`` stepped once per round, warm-up in rounds."""
         return round_learning_rates(

@@ -114,6 +114,7 @@ class FlowerServerRun:
             seed=self.args.seed,
             partition=partition,
             params=self.engine.state.params,
+            training=self.args.training_settings(self.engine.algorithm),
         )
 
     def resume(self, checkpoint: str | bool) -> Path:

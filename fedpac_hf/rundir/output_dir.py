@@ -45,12 +45,18 @@ _HELD_LOCK = threading.Lock()
 
 
 def previous_run_files(output_dir: str | os.PathLike[str]) -> list[str]:
-    """Names of another run's checkpoints and metrics files in ``output_dir``."""
+    """Names of another run's checkpoints and metrics files in ``output_dir``.
+
+    A ``metrics.jsonl`` without a row is no run yet (one that died before its
+    first round ended): its retry starts over it without ``overwrite_output_dir``.
+    """
     root = Path(output_dir)
     if not root.is_dir():
         return []
     found = sorted(p.name for g in _CHECKPOINT_GLOBS for p in root.glob(g) if p.is_dir())
-    found += [name for name in _RUN_FILES[:1] if (root / name).is_file()]
+    metrics = root / _RUN_FILES[0]
+    if metrics.is_file() and metrics.read_text(encoding="utf-8").strip():
+        found.append(metrics.name)
     return found
 
 

@@ -13,6 +13,7 @@ the state and history it returns.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -112,6 +113,7 @@ def run_identity(
     seed: int,
     partition: Mapping[str, Any] | None,
     params: Mapping[str, torch.Tensor],
+    training: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What must match for a checkpoint to be resumed by a run.
 
@@ -131,6 +133,12 @@ def run_identity(
         only their sizes are known, which then sit here too).
     params:
         The global trainable parameters (their names and shapes are recorded).
+    training:
+        The settings every round trains with (clients per round, local steps,
+        learning rate and its schedule, the client optimizer's options, ...):
+        a resume that changes one would leave a run directory whose first
+        rounds no longer match its record. Checkpoints written before this
+        was recorded resume without the check.
 
     Returns
     -------
@@ -147,6 +155,7 @@ def run_identity(
         "seed": int(seed),
         "partition": dict(partition) if partition is not None else None,
         "param_shapes": {n: list(t.shape) for n, t in params.items()},
+        "training": json.loads(json.dumps(dict(training or {}), default=str)),
     }
 
 
@@ -181,7 +190,7 @@ def check_resumable(
     """
     names = setting_names or {}
     for key, value in expected.items():
-        if saved.get(key) == value:
+        if saved.get(key) == value or (key == "training" and key not in saved):
             continue
         old = saved.get(key)
         if key == "param_shapes":
@@ -197,7 +206,7 @@ def check_resumable(
             detail = f"checkpoint has {_short(old)}, this run has {_short(value)}"
         raise ValueError(
             f"cannot resume from {checkpoint}: {key} differs ({detail}); resume with the same "
-            "model, algorithm, data and partition, or start a new output_dir"
+            "model, algorithm, data, partition and training settings, or start a new output_dir"
         )
     actual = {n: list(t.shape) for n, t in state.params.items()}
     if actual != expected["param_shapes"]:

@@ -66,6 +66,7 @@ class RoundCheckpointsMixin:
             seed=self.args.seed,
             partition=self.partition_record(),
             params=self.engine.state.params,
+            training=self.args.training_settings(self.algorithm),
         )
 
     def save_federated_checkpoint(self) -> Path | None:
