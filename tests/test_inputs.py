@@ -217,3 +217,28 @@ def test_the_schedule_is_checked_for_every_round_when_the_settings_are_read(tmp_
         args(num_rounds=10**9)
     rates = round_learning_rates(1e-3, MAX_ROUNDS, "cosine", warmup_rounds=10)
     assert len(rates) == MAX_ROUNDS and min(rates) > 0 and rates[10] == 1e-3
+
+
+def test_every_door_reads_yaml_words_and_python_values_alike(tmp_path):
+    from fedpac_hf import FedPACArguments
+    from fedpac_hf.federated import get_algorithm
+
+    def args(**settings):
+        return FedPACArguments(output_dir=str(tmp_path), report_to=[], **settings)
+
+    assert args(save_strategy=False).save_strategy.value == "no"  # YAML `save_strategy: no`
+    with pytest.raises(ValueError, match="eval_strategy must be one of \\['no', 'steps'"):
+        args(eval_strategy=True)
+    for word, read in (
+        ("yes", "true"),
+        (1, "true"),
+        ("off", None),
+        (0, None),
+        ("ckpt/x", "ckpt/x"),
+    ):
+        assert args(resume_from_checkpoint=word).resume_from_checkpoint == read
+    with pytest.raises(ValueError, match="algorithm must be a registered name or an Algorithm"):
+        get_algorithm({"name": "fedpac_soap"})
+    with pytest.raises(ValueError, match="seed must be a whole number, got 1.5"):
+        simulate(torch.nn.Linear(2, 2), [[(torch.ones(1, 2), torch.ones(1, 2))]], "fedavg",
+                 1, 1, 1, lambda m, b: m(b[0]).sum(), seed=1.5)  # fmt: skip

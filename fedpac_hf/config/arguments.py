@@ -25,7 +25,7 @@ import torch
 from transformers import TrainingArguments
 
 from fedpac_hf.config.checks import PARTITIONER_FIELDS, PARTITIONERS, check_arguments
-from fedpac_hf.config.validation import coerce_fields
+from fedpac_hf.config.validation import coerce_fields, parse_resume
 from fedpac_hf.federated import (
     Algorithm,
     RoundEngine,
@@ -218,16 +218,12 @@ class FedPACArguments(TrainingArguments):
             # torchrun / accelerate launch on a CPU-only machine: Accelerate only sets up
             # its gloo process group (and reports the real world size) with cpu=True.
             self.use_cpu = True
-        if isinstance(self.resume_from_checkpoint, bool):  # TOML/YAML `true` / `false`
-            self.resume_from_checkpoint = "true" if self.resume_from_checkpoint else None
+        # true/yes/1 (the latest checkpoint), false/no/0, or a path: whichever door it came by
+        self.resume_from_checkpoint = parse_resume(self.resume_from_checkpoint)
         # one reading of every setting, whichever door (YAML, CLI, Python, Flower) it came by
         coerce_fields(self)
         if self.beta is not None:
             self.beta = parse_beta(self.beta)
-        if isinstance(
-            self.resume_from_checkpoint, str
-        ) and self.resume_from_checkpoint.strip().lower() in ("", "false", "no", "none"):
-            self.resume_from_checkpoint = None
         if self.dataloader_pin_memory and not torch.cuda.is_available():
             self.dataloader_pin_memory = (
                 False  # pinning needs an accelerator; torch warns otherwise

@@ -13,23 +13,28 @@ one that names the setting:
 - ``bool`` settings take booleans and the words ``true/false``, ``yes/no``,
   ``on/off``, ``1/0``;
 - ``str`` settings take text (numbers are written as text), never a list or a
-  mapping.
+  mapping;
+- choice settings (an ``Enum`` such as ``save_strategy``) whose choices include
+  ``"no"`` read YAML's ``no``/``false`` (a boolean by then) as ``"no"``; ``yes``
+  names no choice and is refused with the choices;
+- ``resume_from_checkpoint`` reads the boolean words (:func:`parse_resume`).
 
-Settings of other types (unions, enums, lists, mappings) are left to the
-checks of their own class.
+Settings of other types (lists, mappings) are left to the checks of their own
+class.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import math
 import types
 import typing
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["closest_name", "coerce_fields", "coerce_value", "parse_bool"]
+__all__ = ["closest_name", "coerce_fields", "coerce_value", "parse_bool", "parse_resume"]
 
 _TRUE = {"true", "yes", "y", "on", "1", "t"}
 _FALSE = {"false", "no", "n", "off", "0", "f"}
@@ -44,6 +49,33 @@ def parse_bool(value: Any, name: str) -> bool:
     if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
         return value.strip().lower() in _TRUE
     raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+def parse_resume(value: Any) -> str | None:
+    """``resume_from_checkpoint`` read one way: the boolean words, or a checkpoint path.
+
+    ``true``/``yes``/``on``/``1`` (or ``True``) mean the latest checkpoint and give
+    ``"true"``; ``false``/``no``/``off``/``0``/``none``/empty (or ``False``, ``None``)
+    give ``None``; anything else is a path, as text.
+    """
+    if value is None or isinstance(value, bool):
+        return "true" if value else None
+    if isinstance(value, int | float) and value in (0, 1):
+        return "true" if value else None
+    text = str(value).strip()
+    if text.lower() in _TRUE:
+        return "true"
+    if text.lower() in _FALSE | {"", "none"}:
+        return None
+    return text
+
+
+def _choice(value: Any, choices: type[enum.Enum], name: str) -> Any:
+    """A choice setting given as YAML's ``no``/``yes`` (booleans by then)."""
+    values = [str(member.value) for member in choices]
+    if value is False and "no" in values:
+        return "no"
+    raise ValueError(f"{name} must be one of {values}, got {value!r}")
 
 
 def _whole(value: Any, name: str) -> int:
@@ -99,6 +131,11 @@ def coerce_value(value: Any, annotation: Any, name: str) -> Any:
 
     Values of other annotations are returned unchanged.
     """
+    if isinstance(value, bool):
+        choices = [a for a in typing.get_args(annotation) if isinstance(a, type)]
+        enums = [a for a in choices if issubclass(a, enum.Enum)]
+        if enums:
+            return _choice(value, enums[0], name)
     kind, optional = _simple_type(annotation)
     if kind is None:
         return value

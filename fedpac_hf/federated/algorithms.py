@@ -131,6 +131,11 @@ def get_algorithm(name: str | Algorithm, **overrides: Any) -> Algorithm:
     """
     if isinstance(name, Algorithm):
         algorithm = name
+    elif not isinstance(name, str):
+        raise ValueError(
+            f"algorithm must be a registered name or an Algorithm, got a "
+            f"{type(name).__name__}: {name!r}; valid names: {', '.join(list_algorithms())}"
+        )
     else:
         try:
             algorithm = _REGISTRY[name]

@@ -136,6 +136,8 @@ def simulate(
     for name, value in (("num_rounds", num_rounds), ("local_steps", local_steps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):  # 1.5 would be truncated
+        raise ValueError(f"seed must be a whole number, got {seed!r}")
     if not lr > 0 or not math.isfinite(lr):
         raise ValueError(f"lr must be a positive number, got {lr}")
     if not server_lr > 0 or not math.isfinite(server_lr):
