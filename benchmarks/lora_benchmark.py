@@ -71,6 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness.runs import (  # noqa: E402
     BENCH,
+    BYTE_KEYS,
     CACHE,
     KEPT_KEYS,
     best_of,
@@ -94,14 +95,7 @@ THETA_BUDGET = 0.25  # issue #12's goal for the default: Theta bytes / Delta byt
 DEFAULT_BUDGET = 1.0  # the default form sends at most as much curvature as adapter
 LORA_RANK = 8  # lora_r of both configs
 
-KEYS = (
-    *KEPT_KEYS,
-    "bytes_up_delta",
-    "bytes_up_theta",
-    "bytes_down_params",
-    "bytes_down_direction",
-    "bytes_down_theta",
-)
+KEYS = (*KEPT_KEYS, *BYTE_KEYS)
 
 
 def _lora_form(**kwargs: Any) -> list[str]:

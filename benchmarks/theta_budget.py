@@ -67,6 +67,7 @@ from _harness.reporting import (  # noqa: E402
 )
 from _harness.runs import (  # noqa: E402
     BENCH,
+    BYTE_KEYS,
     CACHE,
     KEPT_KEYS,
     Record,
@@ -85,14 +86,7 @@ RESULTS = BENCH / "theta_budget_results"
 REPORT = BENCH / "LORA.md"
 LORA_CONFIG = "configs/vit_lora_mnist5k.yaml"
 FULL_CONFIG = "configs/vit_mnist5k.yaml"
-KEYS = (
-    *KEPT_KEYS,
-    "bytes_up_delta",
-    "bytes_up_theta",
-    "bytes_down_params",
-    "bytes_down_direction",
-    "bytes_down_theta",
-)
+KEYS = (*KEPT_KEYS, *BYTE_KEYS)
 REGIME = [
     "--lora_target_modules", "q_proj,k_proj,v_proj,o_proj,fc1,fc2",
     "--num_clients", "40", "--clients_per_round", "4", "--local_steps", "30",

@@ -40,6 +40,14 @@ KEPT_KEYS = (
     "num_clients",
     "hessian_refreshes",
 )
+#: The per-round byte counts by part (delta and Theta up; params, direction, Theta down).
+BYTE_KEYS = (
+    "bytes_up_delta",
+    "bytes_up_theta",
+    "bytes_down_params",
+    "bytes_down_direction",
+    "bytes_down_theta",
+)
 #: A run record: the JSON of one run (settings, command, per-round ``history``).
 Record = dict[str, Any]
 
