@@ -242,3 +242,31 @@ def test_every_door_reads_yaml_words_and_python_values_alike(tmp_path):
     with pytest.raises(ValueError, match="seed must be a whole number, got 1.5"):
         simulate(torch.nn.Linear(2, 2), [[(torch.ones(1, 2), torch.ones(1, 2))]], "fedavg",
                  1, 1, 1, lambda m, b: m(b[0]).sum(), seed=1.5)  # fmt: skip
+
+
+def test_dirty_data_is_refused_with_a_count_naming_the_column():
+    import datasets
+
+    from fedpac_hf.run.data import encode_labels, tokenize
+
+    def data(labels, texts=None):
+        texts = texts or [f"row {i}" for i in range(len(labels))]
+        return datasets.Dataset.from_dict({"text": texts, "topic": labels})
+
+    clean = data(["a", "b", "a"])
+    with pytest.raises(ValueError, match="'topic' has 2 training row\\(s\\) without a label"):
+        encode_labels(data(["a", "", None]), clean, "topic")
+    with pytest.raises(ValueError, match="'topic' has 1 test row"):
+        encode_labels(clean, data(["a", "  "]), "topic")
+    with pytest.raises(ValueError, match="holds one class in the training data \\(\\['a'\\]\\)"):
+        encode_labels(data(["a", "a"]), clean, "topic")
+    train, _, names = encode_labels(clean, clean, "topic")
+    assert names == ["a", "b"] and train["label"] == [0, 1, 0]
+
+    class Tokenizer:
+        def __call__(self, texts, **kwargs):
+            return {"input_ids": [[len(t)] for t in texts]}
+
+    with pytest.raises(ValueError, match="text_column='text' has 1 row\\(s\\) without text"):
+        tokenize(data(["a", "b"], ["fine", ""]), Tokenizer(), "text", 8, [])
+    assert tokenize(clean, Tokenizer(), "text", 8, [])["input_ids"] == [[5], [5], [5]]

@@ -139,6 +139,13 @@ def encode_labels(train: Any, test: Any, column: str) -> tuple[Any, Any, list[st
                 "classification needs classes; round or bin the column, or choose another "
                 "label_column"
             )
+    for split, dataset in (("training", train), ("test", test)):
+        empty = sum(_is_missing(v) for v in dataset[column])
+        if empty:
+            raise ValueError(
+                f"label_column={column!r} has {empty} {split} row(s) without a label (an empty "
+                "cell would become a class of its own); fill or drop those rows"
+            )
     if isinstance(feature, ClassLabel):
         names = list(feature.names)
         to_id = None
@@ -155,7 +162,22 @@ def encode_labels(train: Any, test: Any, column: str) -> tuple[Any, Any, list[st
             dataset = dataset.remove_columns("label")
         return dataset.add_column("label", labels)
 
+    present = {str(v) for v in train[column]}
+    if len(present) < 2:
+        raise ValueError(
+            f"label_column={column!r} holds one class in the training data ({sorted(present)}): "
+            "classification needs at least two; check label_values or the dataset"
+        )
     return encode(train), encode(test), names
+
+
+def _is_missing(value: Any) -> bool:
+    """An empty cell: ``None``, blank text, or a float NaN."""
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return not value.strip()
+    return isinstance(value, float) and not np.isfinite(value)
 
 
 def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int) -> Any:
@@ -198,6 +220,13 @@ def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int) -> Any:
 
 def tokenize(dataset: Any, tokenizer: Any, column: str, max_length: int, keep: Sequence[str]):
     """Tokenize ``column`` (cut at ``max_length``), dropping every column but ``keep``."""
+
+    empty = sum(_is_missing(v) for v in dataset[column])
+    if empty:
+        raise ValueError(
+            f"text_column={column!r} has {empty} row(s) without text (the tokenizer cannot take "
+            "an empty cell); fill or drop those rows"
+        )
 
     def encode(batch: dict[str, list]) -> dict[str, Any]:
         return tokenizer(batch[column], truncation=True, max_length=max_length)
