@@ -161,3 +161,29 @@ def test_a_resume_that_changes_a_training_setting_is_refused_naming_it(tmp_path)
     empty.mkdir()
     (empty / "metrics.jsonl").write_text("")
     assert previous_run_files(empty) == []
+
+
+def test_a_loss_that_runs_away_is_divergence_and_a_nan_evaluation_stops_the_run():
+    from fedpac_hf.federated.client import DIVERGENCE_FACTOR
+
+    steps_seen = {}
+
+    def runaway_client_two(model, batch):  # finite, but 1000x its first step by the second
+        loss = ce_loss(model, batch)
+        if float(batch[2][0]) != 2.0:
+            return loss
+        key = id(model)
+        steps_seen[key] = steps_seen.get(key, 0) + 1
+        return loss * (1.0 if steps_seen[key] % 2 else 10 * DIVERGENCE_FACTOR)
+
+    _, history = run(runaway_client_two, preflight=False)
+    assert [h["num_dropped"] for h in history] == [1.0, 1.0, 1.0]  # dropped, not a stop
+
+    calls = []
+
+    def breaks_in_round_two(model):
+        calls.append(1)
+        return {"eval_loss": float("nan") if len(calls) == 3 else 1.0}  # preflight, 1, 2
+
+    with pytest.raises(RoundError, match="round 2: the evaluation of the global model gave "):
+        run(eval_fn=breaks_in_round_two)

@@ -15,7 +15,8 @@ from .algorithms import (
     round_beta,
     unregister_algorithm,
 )
-from .client import ClientHooks, LocalSteps, batch_size, client_update, cycle_batches
+from .batches import batch_size, cycle_batches
+from .client import ClientHooks, LocalSteps, client_update
 from .engine import (
     ROUND_METRICS,
     TRANSPORT_DTYPES,

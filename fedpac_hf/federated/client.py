@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,49 +27,23 @@ import torch
 from fedpac_hf.optim.base import all_finite
 
 from .algorithms import Algorithm, round_beta
+from .batches import batch_size
 from .failures import ClientError
 from .state import ClientUpdate, ServerState, load_trainable_state, trainable_parameters
 
 __all__ = [
+    "DIVERGENCE_FACTOR",
     "ClientHooks",
     "LocalSteps",
     "client_update",
-    "cycle_batches",
-    "batch_size",
 ]
 
 LossFn = Callable[[torch.nn.Module, Any], Any]
 
-
-def cycle_batches(loader: Iterable[Any]) -> Iterator[Any]:
-    """Yield batches from ``loader`` forever, starting a new pass when one ends.
-
-    Unlike ``itertools.cycle`` it keeps nothing in memory and re-shuffles
-    each pass (a new ``iter`` of a shuffling DataLoader).
-    """
-    while True:
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-        if empty:
-            raise ValueError("a client's data loader yielded no batch: the client has no data")
-
-
-def batch_size(batch: Any) -> int:
-    """Number of examples in a batch: the leading size of its first tensor."""
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0])
-    if isinstance(batch, Mapping):
-        values: Iterable[Any] = batch.values()
-    elif isinstance(batch, (list, tuple)):
-        values = batch
-    else:
-        raise TypeError(f"cannot count the examples in a batch of type {type(batch).__name__}")
-    for value in values:
-        if isinstance(value, torch.Tensor) and value.ndim > 0:
-            return int(value.shape[0])
-    raise TypeError("cannot count the examples in a batch without a tensor")
+#: A client whose last local step's loss is more than this many times its first
+#: step's diverged (a finite loss can run away too): it is dropped like a client
+#: whose loss is not finite.
+DIVERGENCE_FACTOR = 100.0
 
 
 def _scalar_loss(loss: Any) -> torch.Tensor:
@@ -186,6 +160,8 @@ class _Tally:
     """What a client counts during its local steps (the loss stays on the device)."""
 
     loss_sum: torch.Tensor
+    first_loss: torch.Tensor | None = None  # of the first and the latest local step
+    last_loss: torch.Tensor | None = None
     num_examples: int = 0
     steps_taken: int = 0  # on the host: GradScaler calls step() only for finite gradients
     hessian_refreshes: int = 0
@@ -237,7 +213,7 @@ def client_update(
         :func:`~fedpac_hf.federated.algorithms.round_beta`).
     batches:
         An iterator yielding at least ``num_steps * gradient_accumulation_steps``
-        batches (see :func:`cycle_batches`).
+        batches (see :func:`~fedpac_hf.federated.batches.cycle_batches`).
     steps:
         The round's numbers: learning rate, K, accumulation, clipping.
     hooks:
@@ -364,13 +340,18 @@ def _base_step(
     backward = hooks.backward or _default_backward
     scaler = hooks.grad_scaler
     optimizer.zero_grad(set_to_none=True)
+    step_loss = torch.zeros_like(tally.loss_sum)
     for batch in micro:
         loss = _scalar_loss(hooks.loss_fn(model, batch))
         if steps.gradient_accumulation_steps > 1:
             loss = loss / steps.gradient_accumulation_steps
         backward(loss if scaler is None else scaler.scale(loss))
-        tally.loss_sum += loss.detach().reshape(()).to(tally.loss_sum.device)
+        step_loss += loss.detach().reshape(()).to(step_loss.device)
         tally.num_examples += batch_size(batch)
+    tally.loss_sum += step_loss
+    if tally.first_loss is None:
+        tally.first_loss = step_loss
+    tally.last_loss = step_loss
     if scaler is not None:
         scaler.unscale_(optimizer)  # clip the true gradients
     if steps.max_grad_norm:
@@ -382,6 +363,17 @@ def _base_step(
         scaler.step(optimizer)  # one host sync: skips a step that overflowed
         scaler.update()
     return tally.steps_taken > taken
+
+
+def _calm(tally: _Tally) -> torch.Tensor:
+    """Whether the last local step's loss stayed within :data:`DIVERGENCE_FACTOR` of the first's.
+
+    A device tensor (no host sync); only a positive first loss is compared.
+    """
+    first, last = tally.first_loss, tally.last_loss
+    if first is None or last is None or first is last:
+        return torch.ones((), dtype=torch.bool, device=tally.loss_sum.device)
+    return (first <= 0) | (last <= DIVERGENCE_FACTOR * first)
 
 
 def _collect_update(
@@ -397,12 +389,20 @@ def _collect_update(
     delta = {name: p.detach().to(torch.float32) - state.params[name] for name, p in params.items()}
     curvature = _export_curvature(optimizer)
     usable = all_finite(delta.values()).to(device) & all_finite(curvature.values()).to(device)
-    # the one host sync of the client: its loss, or NaN when the update or Theta is not finite
-    total_loss = float(torch.where(usable, tally.loss_sum, float("nan")))
+    calm = _calm(tally)
+    # the one host sync of the client: its loss, or NaN when the update or Theta is not
+    # finite or the loss ran away
+    total_loss = float(torch.where(usable & calm, tally.loss_sum, float("nan")))
     if not math.isfinite(total_loss):
         loss_value = float(tally.loss_sum)
         if not math.isfinite(loss_value):
             raise ClientError(f"client {client_id}: non-finite training loss {loss_value}")
+        if not bool(calm):
+            raise ClientError(
+                f"client {client_id}: diverged (its loss rose from {float(tally.first_loss):.4g} "
+                f"to {float(tally.last_loss):.4g} in {steps.num_steps} local steps, more than "
+                f"{DIVERGENCE_FACTOR:g}x); lower learning_rate or clip with max_grad_norm"
+            )
         if not bool(all_finite(delta.values())):
             raise ClientError(f"client {client_id}: the parameter update is not finite")
         raise ClientError(f"client {client_id}: the curvature state is not finite")

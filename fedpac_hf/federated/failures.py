@@ -10,10 +10,11 @@ come back every time it is sampled.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -28,6 +29,7 @@ __all__ = [
     "TRANSIENT_ERRORS",
     "recurring_failures",
     "require_finite_aggregate",
+    "require_finite_evaluation",
     "run_client",
 ]
 
@@ -196,3 +198,23 @@ def require_finite_aggregate(
                 "neither updated nor saved. Lower learning_rate or server_learning_rate "
                 f"(now {server_lr:g}), or clip with max_grad_norm"
             )
+
+
+def require_finite_evaluation(metrics: Mapping[str, Any], round_number: int) -> None:
+    """Raise :class:`RoundError` when an evaluation of the global model is not finite.
+
+    A NaN loss or metric of the global model means it diverged: the run stops
+    naming it instead of logging the NaN and training on.
+    """
+    bad = {
+        k: v
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and not math.isfinite(v)
+    }
+    if bad:
+        shown = ", ".join(f"{k}={v}" for k, v in bad.items())
+        raise RoundError(
+            f"round {round_number}: the evaluation of the global model gave {shown}: it "
+            "diverged; lower learning_rate (or server_learning_rate) or clip with max_grad_norm, "
+            "and resume from the last checkpoint"
+        )

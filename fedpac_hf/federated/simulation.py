@@ -16,8 +16,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .algorithms import Algorithm, get_algorithm
-from .client import ClientHooks, LocalSteps, LossFn, client_update, cycle_batches
+from .batches import cycle_batches
+from .client import ClientHooks, LocalSteps, LossFn, client_update
 from .engine import RoundEngine, RoundPlan
+from .failures import require_finite_evaluation
 from .preflight import preflight as run_preflight
 from .schedule import round_learning_rates
 from .server import Weighting
@@ -201,6 +203,7 @@ def simulate(
             with torch.no_grad():
                 result = eval_fn(model)
             metrics.update(result if isinstance(result, dict) else {"eval": float(result)})
+            require_finite_evaluation(metrics, int(metrics["round"]))
         if callback is not None:
             callback(engine.state, metrics)
         bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("train_loss", "eval")})

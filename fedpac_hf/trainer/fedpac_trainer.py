@@ -50,6 +50,7 @@ from fedpac_hf.federated import (
     trainable_parameters,
 )
 from fedpac_hf.federated.distributed import all_reduce
+from fedpac_hf.federated.failures import require_finite_evaluation
 from fedpac_hf.rundir.output_dir import check_writable, claim_output_dir, no_new_folders
 from fedpac_hf.trainer.callbacks import RoundProgressCallback
 from fedpac_hf.trainer.client_steps import ClientStepsMixin
@@ -412,6 +413,7 @@ class FedPACTrainer(ClientStepsMixin, RoundCheckpointsMixin, PreflightMixin, Tra
             self.log(dict(metrics))
         if self.control.should_evaluate and self.eval_dataset is not None:
             evaluation = self._evaluate(trial, ignore_keys)
+            require_finite_evaluation(evaluation, self.state.global_step)
             metrics.update(evaluation)
             try:
                 is_best = self._determine_best_metric(metrics=evaluation, trial=trial)
