@@ -93,7 +93,8 @@ def train_once(
     overrides:
         ``fedpac-hf train`` overrides; ``--output_dir`` must name ``run_dir``.
     run_dir:
-        The run's output folder; read for ``metrics.jsonl``, then deleted.
+        The run's output folder (scratch: emptied first, read for
+        ``metrics.jsonl``, then deleted).
     keys:
         The per-round metrics to keep.
 
@@ -109,6 +110,8 @@ def train_once(
     from fedpac_hf.run import parse_run_config, run_training
 
     model_args, training_args = parse_run_config(ROOT / config, overrides)
+    # the folder is the harness's scratch: what a killed worker left there restarts
+    shutil.rmtree(run_dir, ignore_errors=True)
     start = time.perf_counter()
     run_training(model_args, training_args)
     wall = time.perf_counter() - start
