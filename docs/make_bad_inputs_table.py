@@ -296,6 +296,16 @@ CASES = [
         lambda o: _cli(o, _TINY_CLI + "task: image_clasification\n"),
     ),
     Case(
+        "model size a library cannot build (a division by zero inside it)",
+        "`fedpac-hf train`",
+        lambda o: _cli(o, _TINY_CLI, "--num_attention_heads", "0"),
+    ),
+    Case(
+        "logging integration that is not installed",
+        "`fedpac-hf train`",
+        lambda o: _cli(o, _TINY_CLI, "--report_to", "wandb"),
+    ),
+    Case(
         "config file that does not exist",
         "`fedpac-hf train`",
         lambda o: __import__("fedpac_hf.cli").cli.main(["train", str(o / "missing.yaml")]),

@@ -155,3 +155,27 @@ def test_the_cli_sends_the_theta_the_budget_allows(tmp_path, capsys, budget):
     floats = soap_theta_floats(shapes, options)
     assert row["bytes_up_theta"] == 4 * floats * row["num_clients"]  # float32, every client
     assert row["bytes_up_theta"] <= float(budget) * row["bytes_up_delta"]
+
+
+@pytest.mark.parametrize(
+    ("settings", "stage", "cause"),
+    [
+        ({"num_attention_heads": 0}, "building the model", "ZeroDivisionError"),
+        (
+            {"report_to": "wandb"},
+            "building the model, the data and the trainer",
+            "pip install wandb",
+        ),
+    ],
+)
+def test_any_setup_failure_is_one_line_with_status_2_and_writes_nothing(
+    tmp_path, capsys, settings, stage, cause
+):
+    out = tmp_path / "run"
+    config = write_yaml(tmp_path / "c.yaml", {**TINY_VIT, **settings, "output_dir": str(out)})
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", config])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and stage in err and cause in err, err
+    assert not out.exists()

@@ -10,10 +10,11 @@ values and naming the closest valid field for a misspelt key.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ __all__ = [
     "changed_training_arguments",
     "config_parser",
     "parse_run_config",
+    "settings_stage",
     "split_list",
 ]
 
@@ -342,3 +344,22 @@ def changed_training_arguments(args: FedPACArguments) -> dict[str, Any]:
     changed = {key: value for key, value in current.items() if default.get(key) != value}
     changed["output_dir"] = args.output_dir
     return changed
+
+
+@contextlib.contextmanager
+def settings_stage(stage: str) -> Iterator[None]:
+    """Turn any error of ``stage`` (reading the settings, building what they describe) into one.
+
+    Before the first round every failure is caused by the settings or the data
+    (a model config a library refuses with ``ZeroDivisionError``, a logging
+    integration that is not installed, ...): it becomes a ``ValueError`` naming
+    the stage, which ``fedpac-hf`` prints in one line with exit status 2. The
+    original stays chained (``__cause__``) for the Python API.
+    """
+    try:
+        yield
+    except (ValueError, OSError, ImportError, KeyboardInterrupt):
+        raise
+    except Exception as error:  # noqa: BLE001 - every setup failure is the settings'
+        message = " ".join(str(error).split()) or "(no message)"
+        raise ValueError(f"{stage}: {type(error).__name__}: {message}") from error

@@ -18,7 +18,7 @@ from fedpac_hf.config.arguments import FedPACArguments
 from fedpac_hf.rundir.output_dir import claim_output_dir
 from fedpac_hf.trainer.callbacks import EvaluateLastRoundCallback
 
-from .config import ModelDataArguments, config_parser, parse_run_config
+from .config import ModelDataArguments, config_parser, parse_run_config, settings_stage
 from .rundir import RunFilesCallback, print_final, render_config, write_partition_files
 from .tasks import DEFAULT_MODEL_NAMES, TaskBundle, build_task
 
@@ -69,7 +69,8 @@ def _train(
 ) -> dict[str, float]:
     run_dir = Path(args.output_dir)
     config_text = render_config(model_args, args)
-    bundle, trainer = _build(run_dir, model_args, args, config_text, callbacks)
+    with settings_stage("building the model, the data and the trainer from the settings"):
+        bundle, trainer = _build(run_dir, model_args, args, config_text, callbacks)
     if args.preflight:  # before the run directory is claimed: a failure writes nothing
         trainer.preflight()
     # one owner for the run directory, for the whole command (the trainer's claim nests)
