@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 import tempfile
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,6 +202,12 @@ def _flower_timeout(out: Path) -> None:
     flower_setting({"node-wait-timeout": 0}, "node-wait-timeout")
 
 
+def _algorithm(optimizer: str, **options) -> None:
+    from fedpac_hf.federated.algorithms import Algorithm
+
+    Algorithm("mine", optimizer, optimizer_kwargs=options)
+
+
 def _empty_client(out: Path) -> None:
     data = _tiny_data()
     _train(out, clients=[data.select(range(32)), data.select([])])
@@ -296,9 +303,41 @@ CASES = [
         lambda o: _cli(o, _TINY_CLI + "task: image_clasification\n"),
     ),
     Case(
-        "model size a library cannot build (a division by zero inside it)",
+        "model size out of range",
         "`fedpac-hf train`",
         lambda o: _cli(o, _TINY_CLI, "--num_attention_heads", "0"),
+    ),
+    Case(
+        "hidden size not a multiple of the heads",
+        "`fedpac-hf train`",
+        lambda o: _cli(o, _TINY_CLI, "--hidden_size", "18", "--num_attention_heads", "4"),
+    ),
+    Case(
+        "LoRA rank above the layers it adapts",
+        "`fedpac-hf train`",
+        lambda o: _cli(o, _TINY_CLI, "--lora_r", "5000"),
+    ),
+    Case(
+        "optimizer option out of its range",
+        "`fedpac-hf train`",
+        lambda o: _cli(
+            o,
+            _TINY_CLI,
+            "--algorithm",
+            "fedpac_muon",
+            "--client_optimizer_kwargs",
+            '{"momentum": 2.0}',
+        ),
+    ),
+    Case(
+        "optimizer option out of its range",
+        "`Algorithm` (`simulate`)",
+        lambda o: _algorithm("muon", momentum=2.0),
+    ),
+    Case(
+        "a number of rounds no schedule is built for",
+        "`fedpac-hf train`",
+        lambda o: _cli(o, _TINY_CLI, "--num_rounds", "1000000000"),
     ),
     Case(
         "logging integration that is not installed",
@@ -572,6 +611,161 @@ CASES = [
 ]
 
 
+# The classes of mistakes, in the order the document lists them: a title, the
+# mechanism that refuses every case of the class, and the mistakes that belong to it.
+CLASSES: list[tuple[str, str, tuple[str, ...]]] = [
+    (
+        "Reading a setting",
+        "One parser per setting type (`fedpac_hf.config.validation`) reads YAML, "
+        "command-line options, Python values and Flower's run config the same way; an "
+        "unknown key gets the closest field's name. `fedpac-hf train` prints these before "
+        "building anything.",
+        (
+            "YAML key that is not a field",
+            "option that is not a field",
+            "value of the wrong type",
+            "task that does not exist",
+            "config file that does not exist",
+            "an empty config file",
+            "a config that is not valid YAML",
+            "a binary file as config",
+            "a list for a number",
+            "a fraction for a count",
+            "a mapping for a name",
+            "text that is not a boolean",
+            "num_rounds 1.5",
+            "a misspelt run-config key",
+            "a replaced setting (eval_every_rounds)",
+            "optimizer options that are not JSON",
+        ),
+    ),
+    (
+        "The project's own settings",
+        "`FedPACArguments` checks every setting and every combination when it is made "
+        "(so `fedpac-hf train`, `FedPACTrainer` and the Flower apps refuse the same "
+        "values in the same words); `simulate` checks its keyword arguments on entry.",
+        (
+            "unknown algorithm",
+            "unknown optimizer",
+            "beta outside [0, 1]",
+            "beta = 1 (no local step left)",
+            "beta neither a number nor auto",
+            "zero local steps",
+            "learning rate 0",
+            "clients per round neither a fraction nor a count",
+            "more clients per round than clients",
+            "min_clients_per_round above clients per round",
+            "unknown partitioner",
+            "Dirichlet alpha <= 0",
+            "Dirichlet alpha nan",
+            "evaluation per epoch (a round is a step)",
+            "max_grad_norm < 0 (it used to mean 'no clipping')",
+            "max_grad_norm nan",
+            "server learning rate < 0",
+            "warm-up longer than the run (warm-up counts rounds)",
+            "unknown curvature form",
+            "LoRA-sized curvature for a model without adapters",
+            "unknown transport dtype",
+            "a timeout of 0 seconds",
+            "a negative number of table rows",
+        ),
+    ),
+    (
+        "Values handed to other libraries",
+        "What reaches the optimizers, transformers and PEFT is checked against one table "
+        "of rules before anything is built: every option of every client optimizer "
+        "(`fedpac_hf.optim.options.OPTIONS`, used by the optimizers' constructors, "
+        "`create_optimizer`, `Algorithm` and `FedPACArguments`), the model, LoRA and data "
+        "sizes of `fedpac-hf train` (`MODEL_SETTINGS`, `SIZE_COMBINATIONS`), the LoRA rank "
+        "against the layers it adapts, and the learning-rate schedule's options in its "
+        "closed form for every round.",
+        (
+            "optimizer option it does not take",
+            "mistyped optimizer option",
+            "optimizer option of the wrong type",
+            "optimizer option out of its range",
+            "model size out of range",
+            "hidden size not a multiple of the heads",
+            "LoRA rank above the layers it adapts",
+            "LoRA settings with lora_r 0 (full fine-tuning)",
+            "LoRA targets that match no layer",
+            "unknown pretrained base",
+            "model folder that does not exist",
+            "model folder that is empty",
+            "model folder that holds no model",
+        ),
+    ),
+    (
+        "Up-front work",
+        "Nothing is computed for every round before round 1 beyond a documented bound "
+        "(`MAX_ROUNDS`, one million rounds): a larger count is refused at once.",
+        ("a number of rounds no schedule is built for",),
+    ),
+    (
+        "Data",
+        "The data is checked when the task is built and again by the preflight: the columns, "
+        "at least two classes, no empty label or text cell, labels within the model's "
+        "outputs, no client without an example.",
+        (
+            "a client with no example",
+            "label column that is missing",
+            "continuous float labels in a classification CSV",
+            "label column that holds images",
+        ),
+    ),
+    (
+        "Preflight, divergence and errors that recur",
+        "Before round 1 and before anything is written, `fedpac-hf train`, "
+        "`FedPACTrainer.train`, `simulate` and each Flower ClientApp run a *preflight* "
+        "(`preflight: true`, the default): the labels against the model's head, then one "
+        "client step, one aggregation, one warm-started step and one evaluation on the real "
+        "model, all put back, so the run trains exactly as without it. What fails there "
+        "raises `PreflightError` (a `ValueError`) naming the stage. During the rounds, a "
+        "client that fails again exactly as the last time it was sampled (not a non-finite "
+        "loss, not a lost node) stops the run with `RoundError` instead of being dropped "
+        "round after round. A client whose loss ends more than 100x above its first local "
+        "step's diverged (dropped like a non-finite one), and an evaluation of the global "
+        "model that is not finite stops the run with `RoundError`.",
+        ("learning rate so large every client diverges", "loss function returning a tuple"),
+    ),
+    (
+        "The run directory and resuming",
+        "A run claims its output directory only after the settings, the build and the "
+        "preflight passed; a directory holding another run is refused unless resumed or "
+        "overwritten; a resume must match the recorded algorithm, partition, data and "
+        "training settings, and a checkpoint is verified before it is read.",
+        (
+            "resume with no checkpoint in output_dir",
+            "resume with another algorithm",
+            "resume with another partition",
+            "resume with other training data",
+            "resume from a truncated checkpoint",
+            "output_dir that is a file",
+            "output_dir inside a file",
+            "output_dir holding a finished run (no resume, no overwrite)",
+            "resume a round-2 checkpoint with num_rounds 1",
+            "a file where the run directory should be",
+        ),
+    ),
+    (
+        "Everything else before round 1",
+        "`fedpac-hf train` turns any other failure while reading the settings or building "
+        "the model, the data and the trainer into one line naming the stage and the original "
+        "error (exit status 2, nothing written); a programming error after that keeps its "
+        "traceback.",
+        ("logging integration that is not installed",),
+    ),
+]
+
+
+def class_of(case: Case) -> str:
+    """The title of the class ``case`` belongs to (every case has one)."""
+    for title, _, mistakes in CLASSES:
+        if case.mistake in mistakes:
+            return title
+    raise KeyError(f"{case.mistake!r} belongs to no class of CLASSES: add it to one")
+
+
 def run_case(case: Case) -> tuple[str, str]:
     """Run one mistake; return (what it raised or the exit status, its one-line message)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -600,35 +794,28 @@ def run_case(case: Case) -> tuple[str, str]:
 
 
 def render(rows: list[tuple[Case, str, str]]) -> str:
-    """The markdown document for ``rows`` of (case, outcome, message)."""
+    """The markdown document for ``rows`` of (case, outcome, message), class by class."""
     lines = [
         "# Bad inputs and what they get",
         "",
-        "Each row is a mistake tried against the public API or `fedpac-hf train`, with the",
-        "error it really raises (generated by `python docs/make_bad_inputs_table.py`; the",
-        "test suite fails when this file is stale). `fedpac-hf` prints the same message in",
-        "one line and exits with status 2 (a failed round: status 1).",
-        f"`{PLACEHOLDER}` stands for the run's directory.",
+        "Mistakes fall into the classes below; each class is refused by one mechanism, the",
+        "same from every entry point (`fedpac-hf train`, `FedPACArguments` and",
+        "`FedPACTrainer`, `simulate`, the Flower apps). Each row is a mistake tried against",
+        "the public API or the command line, with the error it really raises (generated by",
+        "`python docs/make_bad_inputs_table.py`; the test suite fails when this file is",
+        "stale). `fedpac-hf` prints the same message in one line and exits with status 2",
+        f"(a failed round: status 1). `{PLACEHOLDER}` stands for the run's directory.",
         "",
-        "Before round 1 and before anything is written, `fedpac-hf train`,",
-        "`FedPACTrainer.train`, `simulate` and each Flower ClientApp run a *preflight*",
-        "(`preflight: true`, the default): the labels against the model's head, then one",
-        "client step, one aggregation, one warm-started step and one evaluation on the real",
-        "model, all put back, so the run trains exactly as without it. What fails there",
-        "raises `PreflightError` (a `ValueError`) naming the stage. During the rounds, a",
-        "client that fails again exactly as the last time it was sampled (not a",
-        "non-finite loss, not a lost node) stops the run with `RoundError` instead of",
-        "being dropped round after round. A client whose loss ends more than 100x above its",
-        "first local step's diverged (dropped like a non-finite one), and an evaluation of",
-        "the global model that is not finite stops the run with `RoundError`.",
-        "",
-        "| mistake | where | raises | message |",
-        "| --- | --- | --- | --- |",
     ]
-    for case, outcome, message in rows:
-        cell = message.replace("|", "\\|")
-        lines.append(f"| {case.mistake} | {case.where} | {outcome} | {cell} |")
-    return "\n".join(lines) + "\n"
+    for title, mechanism, _ in CLASSES:
+        lines += [f"## {title}", "", *textwrap.wrap(mechanism, 88), ""]
+        lines += ["| mistake | where | raises | message |", "| --- | --- | --- | --- |"]
+        for case, outcome, message in rows:
+            if class_of(case) == title:
+                cell = message.replace("|", "\\|")
+                lines.append(f"| {case.mistake} | {case.where} | {outcome} | {cell} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def collect() -> list[tuple[Case, str, str]]:

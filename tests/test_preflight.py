@@ -132,7 +132,10 @@ def test_the_cli_stops_a_batch_no_client_can_fill_before_writing(tmp_path, capsy
         main(["train", write_yaml(tmp_path / "d.yaml", settings)])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "refuses client_optimizer_kwargs" in err
+    assert (
+        len(err.splitlines()) == 1
+        and "client_optimizer_kwargs['betas'] of optimizer 'soap' must be a list of 2" in err
+    )
     assert not out.exists()
 
 

@@ -15,6 +15,7 @@ import torch
 
 from fedpac_hf.federated import TRANSPORT_DTYPES, WEIGHTINGS, Algorithm
 from fedpac_hf.federated.theta_budget import CURVATURE_FORMS
+from fedpac_hf.optim.options import check_options
 
 __all__ = ["PARTITIONER_FIELDS", "PARTITIONERS", "CheckedSettings", "check_arguments"]
 
@@ -34,6 +35,8 @@ class CheckedSettings(Protocol):
     Declared here so that the checks need not import the class they check.
     """
 
+    algorithm: str
+    client_optimizer: str | None
     client_optimizer_kwargs: dict[str, Any] | str | None
     num_rounds: int
     local_steps: int
@@ -146,7 +149,9 @@ def check_arguments(args: CheckedSettings) -> None:
         )
     if args.partitioner.replace("-", "_") not in PARTITIONERS:
         raise ValueError(f"partitioner must be one of {PARTITIONERS}, got {args.partitioner!r}")
-    _check_client_optimizer(args, args.build_algorithm())  # fail early: name, beta, options
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {args.weight_decay}")
+    _check_client_optimizer(args)  # fail early: name, beta, options
     name = args.partitioner.replace("-", "_")
     if name != "natural_id" or args.partition_id_column:
         from fedpac_hf.partition import get_partitioner
@@ -178,19 +183,24 @@ def check_arguments(args: CheckedSettings) -> None:
         )
 
 
-def _check_client_optimizer(args: CheckedSettings, algorithm: Algorithm) -> None:
-    """Build the client optimizer once on a 2x2 weight: a bad name or option fails now.
+def _check_client_optimizer(args: CheckedSettings) -> None:
+    """The client optimizer's name and options, then one build on a 2x2 weight.
 
-    Otherwise it would fail inside every client's first step, and every
-    client would be dropped.
+    Each option is checked against the table every door uses
+    (:data:`~fedpac_hf.optim.options.OPTIONS`); the build catches what only
+    several options together get wrong. Otherwise a bad option would fail
+    inside every client's first step, and every client would be dropped.
     """
+    from fedpac_hf.federated import get_algorithm
     from fedpac_hf.optim import OPTIMIZERS, create_optimizer
 
-    if algorithm.optimizer.lower() not in OPTIMIZERS:
+    optimizer = args.client_optimizer or get_algorithm(args.algorithm).optimizer
+    if optimizer.lower() not in OPTIMIZERS:
         raise ValueError(
-            f"client_optimizer={algorithm.optimizer!r} is not an optimizer; valid names: "
-            f"{sorted(OPTIMIZERS)}"
+            f"client_optimizer={optimizer!r} is not an optimizer; valid names: {sorted(OPTIMIZERS)}"
         )
+    check_options(optimizer, args.client_optimizer_kwargs or {})
+    algorithm = args.build_algorithm()
     weight = torch.nn.Parameter(torch.zeros(2, 2))
     try:
         create_optimizer(

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedpac_hf.optim.options import check_options
+
 from .adaptive_beta import AUTO, AUTO_BETA_MAX, AUTO_BETA_START, parse_beta
 from .state import ServerState, tensor_bytes
 
@@ -77,6 +79,10 @@ class Algorithm:
             raise ValueError(
                 f"beta_max must lie in (0, 1), got {self.beta_max!r} (algorithm {self.name!r})"
             )
+        try:  # the optimizer's options, against the table every door uses
+            check_options(self.optimizer, self.optimizer_kwargs, setting="optimizer_kwargs")
+        except ValueError as err:
+            raise ValueError(f"{err} (algorithm {self.name!r})") from None
 
     @property
     def adaptive_beta(self) -> bool:

@@ -81,33 +81,28 @@ def preconditioner_layout(
 
 
 def check_theta_options(
-    theta_max_dim: int | None,
     theta_sketch_dim: int,
     theta_diagonal: bool,
     theta_compact: str,
     theta_steered: int | None,
 ) -> None:
-    """Refuse SOAP's Theta options (see :class:`~fedpac_hf.optim.soap.SOAP`) that cannot work."""
-    if theta_max_dim is not None and (int(theta_max_dim) != theta_max_dim or theta_max_dim < 1):
-        raise ValueError(
-            f"SOAP: theta_max_dim must be a positive integer or None, got {theta_max_dim}"
-        )
-    if int(theta_sketch_dim) != theta_sketch_dim or theta_sketch_dim < 0:
-        raise ValueError(f"SOAP: theta_sketch_dim must be an integer >= 0, got {theta_sketch_dim}")
+    """Refuse combinations of SOAP's Theta options that cannot work together.
+
+    Each option's own range is checked first, by the table of
+    :mod:`fedpac_hf.optim.options`.
+    """
     if not theta_diagonal and theta_sketch_dim < 1:
         raise ValueError(
             "SOAP: theta_diagonal=False sends a long side as its sketch alone and needs "
             f"theta_sketch_dim >= 1, got {theta_sketch_dim}"
         )
-    if theta_compact not in ("sketch", "basis"):
-        raise ValueError(f"SOAP: theta_compact must be 'sketch' or 'basis', got {theta_compact!r}")
     if theta_compact == "basis" and (theta_sketch_dim < 1 or not theta_diagonal):
         raise ValueError(
             "SOAP: theta_compact='basis' sends the diagonal and a steered sketch of every long "
             f"side: it needs theta_sketch_dim >= 1 and theta_diagonal, got {theta_sketch_dim} "
             f"and {theta_diagonal}"
         )
-    if theta_steered is not None and not 0 <= theta_steered <= theta_sketch_dim:
+    if theta_steered is not None and theta_steered > theta_sketch_dim:
         raise ValueError(
             f"SOAP: theta_steered must be None or in [0, theta_sketch_dim={theta_sketch_dim}], "
             f"got {theta_steered}"

@@ -31,6 +31,7 @@ from .base import (
     named_params,
     unhooked_step,
 )
+from .options import check_options
 
 __all__ = ["AdamW", "warm_start_step"]
 
@@ -52,6 +53,7 @@ class AdamW(torch.optim.AdamW, CurvatureOptimizer):
     """
 
     def __init__(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        check_options("adamw", kwargs, setting=None)  # the options table; torch checks the rest
         super().__init__(params, *args, **kwargs)
         check_params_supported(self)
 

@@ -10,7 +10,6 @@ or any other parameter with fewer than two dimensions.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterable
 from typing import Any
 
@@ -20,6 +19,7 @@ from torch import nn
 from .adamw import AdamW
 from .base import CurvatureOptimizer
 from .muon import Muon, is_muon_matrix, muon_matrix_names
+from .options import check_options
 from .sgd import SGD
 from .soap import SOAP
 from .sophia import Sophia
@@ -53,18 +53,6 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
             if is_norm or param_name == "bias" or p.ndim < 2:
                 names.add(full)
     return names
-
-
-def _constructor_keywords(cls: type[torch.optim.Optimizer]) -> set[str]:
-    """Keyword arguments ``cls`` accepts (its torch parent's when it forwards ``**kwargs``)."""
-    for klass in cls.__mro__:
-        if "__init__" not in vars(klass):
-            continue
-        sig = inspect.signature(klass.__init__)
-        if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
-            continue
-        return {n for n in sig.parameters if n not in ("self", "params")}
-    return set()
 
 
 def create_optimizer(
@@ -102,19 +90,14 @@ def create_optimizer(
     ------
     ValueError
         Unknown ``name`` (the message lists the valid ones) or no trainable parameter.
-    TypeError
-        Options the optimizer does not accept (the message names them and the valid ones).
+        Also an option the optimizer does not take, or a value out of its
+        range (:data:`~fedpac_hf.optim.options.OPTIONS`; the message names it).
     """
     key = name.lower()
     if key not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; valid names: {sorted(OPTIMIZERS)}")
     cls = OPTIMIZERS[key]
-    accepted = _constructor_keywords(cls)
-    unknown = sorted(set(kwargs) - accepted)
-    if unknown:
-        raise TypeError(
-            f"optimizer {key!r} does not accept {unknown}; valid options: {sorted(accepted)}"
-        )
+    check_options(key, kwargs, setting="optimizer_kwargs")  # torch's own optimizers too
 
     model = model_or_named_params if isinstance(model_or_named_params, nn.Module) else None
     named = list(model.named_parameters() if model is not None else model_or_named_params)

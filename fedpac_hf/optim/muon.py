@@ -47,10 +47,10 @@ from .base import (
     named_params,
     unhooked_step,
 )
+from .options import check_options, given_options
 
-__all__ = ["NS_DTYPES", "Muon", "is_muon_matrix", "muon_matrix_names", "muon_matrix_step_"]
+__all__ = ["Muon", "is_muon_matrix", "muon_matrix_names", "muon_matrix_step_"]
 
-NS_DTYPES: tuple[str, ...] = ("auto", "bfloat16", "float32")
 """Accepted ``ns_dtype`` values of :class:`Muon`."""
 
 _NOT_HIDDEN = ("embed", "lm_head", "classifier", "score", "wte", "wpe", "pooler")
@@ -198,8 +198,7 @@ class Muon(Optimizer, CurvatureOptimizer):
         adamw_eps: float = 1e-8,
         ns_dtype: str = "auto",
     ) -> None:
-        if ns_dtype not in NS_DTYPES:
-            raise ValueError(f"Muon: ns_dtype must be one of {NS_DTYPES}, got {ns_dtype!r}")
+        check_options("muon", given_options(locals()), setting=None)
         muon_defaults = {
             "momentum": momentum,
             "nesterov": nesterov,

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .base import CurvatureOptimizer, check_curvature_keys, check_grads, unhooked_step
+from .options import check_options
 
 __all__ = ["SGD"]
 
@@ -20,6 +21,10 @@ __all__ = ["SGD"]
 class SGD(torch.optim.SGD, CurvatureOptimizer):
     """``torch.optim.SGD`` whose ``step`` refuses sparse or non-finite gradients
     (``ValueError`` / ``FloatingPointError``, nothing changed); Theta is empty."""
+
+    def __init__(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        check_options("sgd", kwargs, setting=None)  # the options table; torch checks the rest
+        super().__init__(params, *args, **kwargs)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:

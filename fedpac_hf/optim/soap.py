@@ -81,6 +81,7 @@ from .base import (
     named_params,
     restore_saved_state_dtypes,
 )
+from .options import check_options, given_options
 
 __all__ = ["SOAP"]
 
@@ -188,32 +189,8 @@ class SOAP(Optimizer, SOAPState):
         first_step_updates: bool = True,
         rotation_precision: str | None = None,
     ) -> None:
-        if not lr >= 0.0:
-            raise ValueError(f"SOAP: lr must be >= 0, got {lr}")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"SOAP: betas must be in [0, 1), got {betas}")
-        if shampoo_beta is not None and not 0.0 <= shampoo_beta < 1.0:
-            raise ValueError(f"SOAP: shampoo_beta must be in [0, 1) or None, got {shampoo_beta}")
-        if not eps >= 0.0:
-            raise ValueError(f"SOAP: eps must be >= 0, got {eps}")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"SOAP: weight_decay must be >= 0, got {weight_decay}")
-        if int(precondition_frequency) != precondition_frequency or precondition_frequency < 1:
-            raise ValueError(
-                f"SOAP: precondition_frequency must be a positive integer, got {precondition_frequency}"
-            )
-        if int(max_precond_dim) != max_precond_dim or max_precond_dim < 1:
-            raise ValueError(
-                f"SOAP: max_precond_dim must be a positive integer, got {max_precond_dim}"
-            )
-        check_theta_options(
-            theta_max_dim, theta_sketch_dim, theta_diagonal, theta_compact, theta_steered
-        )
-        if rotation_precision not in (None, "highest", "high"):
-            raise ValueError(
-                "SOAP: rotation_precision must be 'highest', 'high' or None, got "
-                f"{rotation_precision!r}"
-            )
+        check_options("soap", given_options(locals()), setting=None)  # the table's ranges
+        check_theta_options(theta_sketch_dim, theta_diagonal, theta_compact, theta_steered)
         defaults = {
             "lr": lr,
             "betas": tuple(betas),

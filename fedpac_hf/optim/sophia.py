@@ -66,6 +66,7 @@ from .base import (
     restore_saved_state_dtypes,
     warn_once,
 )
+from .options import check_options, given_options
 
 __all__ = ["GNBLoss", "Sophia", "gnb_loss", "hessian_refresh_due", "sophia_refresh"]
 
@@ -185,21 +186,7 @@ class Sophia(Optimizer, CurvatureOptimizer):
         hessian_update_interval: int = 10,
         bias_correction: bool = True,
     ) -> None:
-        if not lr >= 0.0:
-            raise ValueError(f"Sophia: lr must be >= 0, got {lr}")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"Sophia: betas must be in [0, 1), got {betas}")
-        if not rho > 0.0:
-            raise ValueError(f"Sophia: rho must be > 0, got {rho}")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"Sophia: weight_decay must be >= 0, got {weight_decay}")
-        if not eps > 0.0:
-            raise ValueError(f"Sophia: eps must be > 0, got {eps}")
-        if int(hessian_update_interval) != hessian_update_interval or hessian_update_interval < 1:
-            raise ValueError(
-                "Sophia: hessian_update_interval must be a positive integer, "
-                f"got {hessian_update_interval}"
-            )
+        check_options("sophia", given_options(locals()), setting=None)
         defaults = {
             "lr": lr,
             "betas": tuple(betas),

@@ -14,13 +14,14 @@ import contextlib
 import dataclasses
 import difflib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fedpac_hf.config.arguments import REPLACED_SETTINGS, FedPACArguments
 from fedpac_hf.config.validation import coerce_fields
+from fedpac_hf.optim.options import Rule, number, optional, whole
 
 __all__ = [
     "TASKS",
@@ -33,6 +34,47 @@ __all__ = [
 ]
 
 TASKS = ("image_classification", "causal_lm", "sequence_classification")
+
+#: What each model, LoRA and data size setting accepts (the rules of the optimizer
+#: options' table, :mod:`fedpac_hf.optim.options`): checked before anything is built.
+MODEL_SETTINGS: dict[str, Rule] = {
+    "image_size": optional(whole(1)),
+    "patch_size": whole(1),
+    "hidden_size": whole(1),
+    "num_hidden_layers": whole(1),
+    "num_attention_heads": whole(1),
+    "intermediate_size": whole(1),
+    "tokenizer_vocab_size": whole(1),
+    "max_length": whole(1),
+    "lora_r": whole(0),
+    "lora_alpha": optional(number(0.0, low_open=True)),
+    "lora_dropout": number(0.0, 1.0, high_open=True),
+    "data_seed_split": whole(0),
+    "max_train_examples": optional(whole(1)),
+    "max_eval_examples": optional(whole(1)),
+    "min_lines_per_speaker": whole(1),
+    "max_clients": optional(whole(1)),
+    "num_threads": optional(whole(1)),
+}
+
+#: Sizes that only fail together, for a model built from a config (a message, a test).
+SIZE_COMBINATIONS: tuple[tuple[str, Callable[[Any], bool]], ...] = (
+    (
+        "hidden_size={hidden_size} must be a multiple of num_attention_heads="
+        "{num_attention_heads} (each head gets hidden_size / num_attention_heads features)",
+        lambda m: m.hidden_size % m.num_attention_heads == 0,
+    ),
+    (
+        "causal_lm: hidden_size / num_attention_heads = {hidden_size} / {num_attention_heads} "
+        "must be even (rotary position embeddings rotate feature pairs)",
+        lambda m: m.task != "causal_lm" or (m.hidden_size // m.num_attention_heads) % 2 == 0,
+    ),
+    (
+        "patch_size={patch_size} is larger than image_size={image_size}: the model would see "
+        "no patch; use a patch_size <= image_size",
+        lambda m: m.image_size is None or m.patch_size <= m.image_size,
+    ),
+)
 
 
 @dataclass
@@ -164,11 +206,13 @@ class ModelDataArguments:
             close = difflib.get_close_matches(self.task, TASKS, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}{hint}")
-        for name in ("patch_size", "hidden_size", "num_hidden_layers", "max_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.lora_r < 0:
-            raise ValueError(f"lora_r must be >= 0 (0: full fine-tuning), got {self.lora_r}")
+        for name, rule in MODEL_SETTINGS.items():  # what reaches transformers and PEFT
+            rule.check(name, getattr(self, name))
+        if self.model_name_or_path is None and self.task != "sequence_classification":
+            # a model built from these sizes (sequence classification loads MiniLM)
+            for message, fits in SIZE_COMBINATIONS:
+                if not fits(self):
+                    raise ValueError(message.format(**vars(self)))
         if self.lora_r == 0:
             lora_only = {
                 "lora_target_modules": self.lora_target_modules,
@@ -183,10 +227,6 @@ class ModelDataArguments:
                     "without adapters; set lora_r > 0 (e.g. 8) to train LoRA adapters, or "
                     f"remove {', '.join(given)}"
                 )
-        for name in ("max_train_examples", "max_eval_examples", "max_clients", "num_threads"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be at least 1 (or unset), got {value}")
 
     def lora_targets(self) -> list[str]:
         """Module names set to get LoRA adapters (``[]``: the model's attention projections)."""

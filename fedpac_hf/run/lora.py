@@ -14,7 +14,13 @@ from typing import Any
 
 from .config import ModelDataArguments
 
-__all__ = ["ATTENTION_PROJECTIONS", "apply_lora", "default_lora_targets", "linear_layer_names"]
+__all__ = [
+    "ATTENTION_PROJECTIONS",
+    "apply_lora",
+    "check_lora_rank",
+    "default_lora_targets",
+    "linear_layer_names",
+]
 
 
 # Attention projections under the names transformers gives them, most specific first:
@@ -62,11 +68,40 @@ def default_lora_targets(model: Any) -> list[str]:
     )
 
 
+def check_lora_rank(model: Any, targets: list[str], rank: int) -> None:
+    """Refuse a LoRA rank above the smaller side of a layer it adapts.
+
+    An adapter of rank ``r`` on a ``d_out x d_in`` layer has ``r (d_in + d_out)``
+    parameters; above ``min(d_in, d_out)`` it adds parameters (and upload
+    bytes) without adding anything the layer could express.
+
+    Raises
+    ------
+    ValueError
+        Naming ``lora_r``, the narrowest targeted layer and the largest rank it takes.
+    """
+    sides = [
+        (min(module.weight.shape), name)
+        for name, module in model.named_modules()
+        if name.rsplit(".", 1)[-1] in targets
+        and getattr(module, "weight", None) is not None
+        and module.weight.ndim == 2
+    ]
+    if sides and rank > min(sides)[0]:
+        width, name = min(sides)
+        raise ValueError(
+            f"lora_r={rank} is larger than the narrowest layer it adapts ({name}, "
+            f"{'x'.join(map(str, dict(model.named_modules())[name].weight.shape))}): a rank above "
+            f"min(in, out) adds parameters without adding capacity; use lora_r <= {width}"
+        )
+
+
 def apply_lora(model: Any, margs: ModelDataArguments, task_type: str | None) -> Any:
     """``model`` with LoRA adapters as ``margs`` says (``lora_r``, targets, ``modules_to_save``)."""
     from peft import LoraConfig, get_peft_model
 
     targets = margs.lora_targets() or default_lora_targets(model)
+    check_lora_rank(model, targets, margs.lora_r)
     config = LoraConfig(
         r=margs.lora_r,
         lora_alpha=margs.lora_alpha if margs.lora_alpha is not None else 2 * margs.lora_r,

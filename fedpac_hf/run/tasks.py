@@ -118,6 +118,11 @@ def _image_task(margs: ModelDataArguments, args: FedPACArguments) -> TaskBundle:
         channels = int(getattr(model.config, "num_channels", 3))
     else:
         size = margs.image_size or first.size[0]
+        if margs.patch_size > size:
+            raise ValueError(
+                f"patch_size={margs.patch_size} is larger than the {size}-pixel images of "
+                f"{margs.dataset!r}: the model would see no patch; use a patch_size <= {size}"
+            )
         channels = len(first.getbands())
         processor = vit_image_processor(
             do_resize=size != first.size[0],
