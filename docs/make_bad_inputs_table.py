@@ -472,6 +472,15 @@ CASES = [
         ),
     ),
     Case(
+        "output_dir holding a file no run wrote (a README.md of the user's)",
+        "`fedpac-hf train`",
+        lambda o: (
+            (o / "run").mkdir(),
+            (o / "run" / "README.md").write_text("# notes\n"),
+            _cli(o, _TINY_CLI, "--overwrite_output_dir", "true"),
+        ),
+    ),
+    Case(
         "output_dir that is a file",
         "`fedpac-hf train`",
         lambda o: (
@@ -732,7 +741,9 @@ CLASSES: list[tuple[str, str, tuple[str, ...]]] = [
         "The run directory and resuming",
         "A run claims its output directory only after the settings, the build and the "
         "preflight passed; a directory holding another run is refused unless resumed or "
-        "overwritten; a resume must match the recorded algorithm, partition, data and "
+        "overwritten; a directory no run has claimed that holds a file a run would write "
+        "(`RUN_OUTPUTS`: config.yaml, README.md, model files, ...) is refused whatever the "
+        "settings, so a run never replaces a file it did not write; a resume must match the recorded algorithm, partition, data and "
         "training settings, and a checkpoint is verified before it is read.",
         (
             "resume with no checkpoint in output_dir",
@@ -740,6 +751,7 @@ CLASSES: list[tuple[str, str, tuple[str, ...]]] = [
             "resume with another partition",
             "resume with other training data",
             "resume from a truncated checkpoint",
+            "output_dir holding a file no run wrote (a README.md of the user's)",
             "output_dir that is a file",
             "output_dir inside a file",
             "output_dir holding a finished run (no resume, no overwrite)",

@@ -210,3 +210,31 @@ def test_model_and_lora_settings_are_checked_against_their_table(tmp_path, capsy
                     if k in {f.name for f in dataclasses.fields(ModelDataArguments)}
                 }
             )
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_file_no_run_wrote_is_never_replaced(tmp_path, capsys, overwrite):
+    out = tmp_path / "run"
+    out.mkdir()
+    mine = {"config.yaml": "my own notes\n", "README.md": "# my project\n", "notes.txt": "x"}
+    for name, text in mine.items():
+        (out / name).write_text(text)
+    config = write_yaml(tmp_path / "c.yaml", {**TINY_VIT, "output_dir": str(out)})
+    argv = ["train", config] + (["--overwrite_output_dir", "true"] if overwrite else [])
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "README.md, config.yaml" in err, err
+    assert "notes.txt" not in err  # a name no run writes is no collision
+    assert {p.name: p.read_text() for p in out.iterdir()} == mine  # untouched, no lock left
+
+
+def test_a_previous_runs_own_files_are_still_replaced_on_request(tmp_path, capsys):
+    out = tmp_path / "run"
+    settings = {**TINY_VIT, "num_rounds": 1, "output_dir": str(out)}
+    main(["train", write_yaml(tmp_path / "c.yaml", settings)])
+    assert (out / "config.yaml").is_file() and (out / "metrics.jsonl").is_file()
+    # its own files: replaced on request, as before
+    main(["train", str(tmp_path / "c.yaml"), "--overwrite_output_dir", "true"])
+    assert "final accuracy after 1 round" in capsys.readouterr().out

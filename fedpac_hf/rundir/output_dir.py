@@ -9,7 +9,11 @@ A run claims its ``output_dir`` before it writes anything there:
   metrics (``metrics.jsonl``) is refused, unless the run resumes it
   (``resume_from_checkpoint``) or replaces it (``overwrite_output_dir``, which
   deletes those files first), so that a later resume never picks up an older
-  run's checkpoint and metrics of two runs never interleave.
+  run's checkpoint and metrics of two runs never interleave;
+- a directory no run has claimed before (it has no lock file and no run's
+  files) that holds a file a run would write (``config.yaml``, ``README.md``,
+  ``model.safetensors``, ... :data:`RUN_OUTPUTS`) is refused whatever the
+  settings, naming the files: a run never replaces a file it did not write.
 
 Claims are re-entrant within a process: ``fedpac-hf train`` claims the
 directory for the whole command and the trainer's own claim inside it is a
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import fnmatch
 import os
 import shutil
 import threading
@@ -28,9 +33,11 @@ from pathlib import Path
 
 __all__ = [
     "LOCK_NAME",
+    "RUN_OUTPUTS",
     "OutputDirClaim",
     "check_writable",
     "claim_output_dir",
+    "foreign_files",
     "no_new_folders",
     "previous_run_files",
 ]
@@ -39,6 +46,37 @@ LOCK_NAME = ".fedpac_hf.lock"
 _RUN_FILES = ("metrics.jsonl", "metrics.csv", "summary.md")
 # complete checkpoints, and the previous copy of one whose replacement was interrupted
 _CHECKPOINT_GLOBS = ("checkpoint-round-*", ".old-checkpoint-round-*")
+
+#: What a run writes at the top of its output_dir: its own files, then what
+#: ``save_model`` / ``save_pretrained`` write for a model, a PEFT adapter, a
+#: tokenizer or an image processor (glob patterns).
+RUN_OUTPUTS = (
+    "config.yaml",
+    "metrics.jsonl",
+    "metrics.csv",
+    "summary.md",
+    "partition.txt",
+    "*.png",
+    "checkpoint-round-*",
+    "base_model",
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "*.bin",
+    "*.bin.index.json",
+    "adapter_config.json",
+    "README.md",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "chat_template.*",
+    "*.model",
+)
 
 _HELD: dict[Path, list[int]] = {}  # directory -> [lock file descriptor, claims]
 _HELD_LOCK = threading.Lock()
@@ -119,6 +157,8 @@ def claim_output_dir(
         if path in _HELD:
             _HELD[path][1] += 1
             return OutputDirClaim(path)
+        # a run directory: claimed before (the lock stays), or holding a run's files
+        run_dir = (path / LOCK_NAME).exists() or bool(previous_run_files(path))
         try:
             path.mkdir(parents=True, exist_ok=True)
             fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
@@ -137,14 +177,41 @@ def claim_output_dir(
                 "wait for it to finish or choose another output_dir"
             ) from None
         try:
+            if not run_dir:
+                _check_foreign_files(path, output_dir)
             _check_previous_run(path, output_dir, resume=resume, overwrite=overwrite)
         except BaseException:
             os.close(fd)
+            if not run_dir:  # leave the folder as it was found
+                (path / LOCK_NAME).unlink(missing_ok=True)
             raise
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         _HELD[path] = [fd, 1]
     return OutputDirClaim(path)
+
+
+def foreign_files(output_dir: str | os.PathLike[str]) -> list[str]:
+    """Names at the top of ``output_dir`` that a run would write (:data:`RUN_OUTPUTS`)."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    return sorted(
+        entry.name
+        for entry in root.iterdir()
+        if any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in RUN_OUTPUTS)
+    )
+
+
+def _check_foreign_files(path: Path, output_dir: object) -> None:
+    found = foreign_files(path)
+    if found:
+        shown = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")
+        raise ValueError(
+            f"output_dir={str(output_dir)!r} holds {shown}, which no fedpac-hf run wrote and a "
+            "run would replace; move them away or choose another output_dir "
+            "(overwrite_output_dir replaces a previous run's files only)"
+        )
 
 
 def _check_previous_run(path: Path, output_dir: object, *, resume: bool, overwrite: bool) -> None:
