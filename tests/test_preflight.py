@@ -190,3 +190,44 @@ def test_a_loss_that_runs_away_is_divergence_and_a_nan_evaluation_stops_the_run(
 
     with pytest.raises(RoundError, match="round 2: the evaluation of the global model gave "):
         run(eval_fn=breaks_in_round_two)
+
+
+def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("algorithm", ["fedpac_soap", "fedpac_sophia", "fedpac_muon"])
+def test_the_server_preflight_changes_nothing_on_the_global_model(tmp_path, algorithm):
+    pytest.importorskip("flwr")
+    from fedpac_hf.flower import FlowerServerRun
+
+    from .trainer_fixtures import build_evaluator, flower_args
+
+    args = flower_args(tmp_path / "run", algorithm=algorithm)
+    model = tiny_vit()
+    before, rng = _trainable(model), torch.get_rng_state()
+    run = FlowerServerRun(args, model, build_evaluator(args))
+    assert run.preflight() >= 0.0
+    after = _trainable(model)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert torch.equal(rng, torch.get_rng_state())
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("evaluate", "words"),
+    [
+        (lambda m: {"eval_loss": float("nan")}, "central evaluation of the initial model"),
+        (lambda m: {}["eval_accuracy"], "KeyError"),
+    ],
+)
+def test_a_server_app_stops_before_writing_when_its_preflight_fails(tmp_path, evaluate, words):
+    pytest.importorskip("flwr")
+    from fedpac_hf.flower import FlowerServerRun
+
+    from .trainer_fixtures import flower_args
+
+    run = FlowerServerRun(flower_args(tmp_path / "run"), tiny_vit(), evaluate)
+    with pytest.raises(PreflightError, match=rf"^server preflight, one evaluation: .*{words}"):
+        run.run(grid=None)  # type: ignore[arg-type]  # stops before the grid is used
+    assert not (tmp_path / "run").exists()

@@ -29,6 +29,7 @@ __all__ = [
     "TRANSIENT_ERRORS",
     "recurring_failures",
     "require_finite_aggregate",
+    "non_finite_metrics",
     "require_finite_evaluation",
     "run_client",
 ]
@@ -200,17 +201,22 @@ def require_finite_aggregate(
             )
 
 
+def non_finite_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The entries of ``metrics`` that are numbers but not finite (NaN, inf)."""
+    return {
+        k: v
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and not math.isfinite(v)
+    }
+
+
 def require_finite_evaluation(metrics: Mapping[str, Any], round_number: int) -> None:
     """Raise :class:`RoundError` when an evaluation of the global model is not finite.
 
     A NaN loss or metric of the global model means it diverged: the run stops
     naming it instead of logging the NaN and training on.
     """
-    bad = {
-        k: v
-        for k, v in metrics.items()
-        if isinstance(v, int | float) and not isinstance(v, bool) and not math.isfinite(v)
-    }
+    bad = non_finite_metrics(metrics)
     if bad:
         shown = ", ".join(f"{k}={v}" for k, v in bad.items())
         raise RoundError(

@@ -41,7 +41,7 @@ from .failures import PROGRAMMING_ERRORS, ClientError
 from .server import RoundAggregator
 from .state import ServerState, get_trainable_state, load_trainable_state
 
-__all__ = ["PreflightError", "preflight", "restored"]
+__all__ = ["PreflightError", "preflight", "restored", "server_preflight"]
 
 logger = logging.getLogger(__name__)
 
@@ -174,3 +174,61 @@ def preflight(
             model.eval()
             _stage("one evaluation", lambda: eval_fn(model), one.lr)
     return time.perf_counter() - start
+
+
+def server_preflight(
+    model: torch.nn.Module,
+    algorithm: Algorithm,
+    steps: LocalSteps,
+    *,
+    weighting: str = "uniform",
+    eval_fn: Callable[[torch.nn.Module], Any] | None = None,
+) -> float:
+    """The preflight of a server that holds no training data (a Flower ServerApp).
+
+    The same four stages as :func:`preflight` on the global model, with a
+    synthetic loss in place of a client's batch: ``0.5 * mean((p - t)^2)`` over
+    every trainable tensor ``p``, ``t`` a fixed normal draw. Its gradients have
+    the shapes of the real ones, so the client optimizer's options, Theta's form,
+    the server's aggregation and the warm start are checked on the real model
+    before the server writes anything; ``eval_fn`` (the central evaluation) runs
+    once on the initial weights. The model and every random stream are put back.
+
+    Returns
+    -------
+    float
+        Its time in seconds.
+
+    Raises
+    ------
+    PreflightError
+        Naming the stage (``"server preflight, ..."``) and the cause.
+    """
+    generator = torch.Generator().manual_seed(0)
+    targets = {
+        name: torch.randn(p.shape, generator=generator).to(p.device, p.dtype)
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
+
+    def synthetic_loss(m: torch.nn.Module, _batch: Any) -> torch.Tensor:
+        terms = [
+            0.5 * (p - targets[name]).float().pow(2).mean()
+            for name, p in m.named_parameters()
+            if p.requires_grad
+        ]
+        return torch.stack(terms).sum()
+
+    one_example = torch.zeros(1)
+    try:
+        return preflight(
+            model,
+            algorithm,
+            lambda: iter(lambda: one_example, None),  # the same "batch", forever
+            steps,
+            ClientHooks(loss_fn=synthetic_loss, curvature_loss_fn=synthetic_loss),
+            weighting=weighting,
+            eval_fn=eval_fn,
+        )
+    except PreflightError as error:
+        raise PreflightError(f"server {error}") from error.__cause__

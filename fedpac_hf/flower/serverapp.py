@@ -37,6 +37,9 @@ from transformers.trainer_callback import TrainerState
 
 from fedpac_hf.config.arguments import FedPACArguments
 from fedpac_hf.federated import ServerState, load_trainable_state
+from fedpac_hf.federated.client import LocalSteps
+from fedpac_hf.federated.failures import non_finite_metrics, require_finite_evaluation
+from fedpac_hf.federated.preflight import server_preflight
 from fedpac_hf.rundir.checkpoint import (
     CHECKPOINT_PREFIX,
     latest_checkpoint,
@@ -44,7 +47,7 @@ from fedpac_hf.rundir.checkpoint import (
     save_federated_checkpoint,
 )
 from fedpac_hf.rundir.metrics_file import append_metrics, keep_metrics_through
-from fedpac_hf.rundir.output_dir import claim_output_dir
+from fedpac_hf.rundir.output_dir import claim_output_dir, no_new_folders
 from fedpac_hf.rundir.resume import load_resumable_checkpoint, run_identity
 from fedpac_hf.trainer.evaluation import Evaluator
 
@@ -168,6 +171,7 @@ class FlowerServerRun:
                 metrics = dict(self.evaluate(self.model))
             engine.history[-1].update(metrics)
             logger.info("round %d: evaluation %s", done, metrics)
+            require_finite_evaluation(metrics, done)  # a diverged global model stops the run
             result = MetricRecord({k: float(v) for k, v in metrics.items()})
         append_metrics(self.output_dir, engine.history[-1])
         save_due = self.args.save_strategy == "steps" and done % self.steps.save_steps == 0
@@ -186,6 +190,43 @@ class FlowerServerRun:
         rotate_checkpoints(self.output_dir, self.args.save_total_limit)
         return path
 
+    def preflight(self) -> float:
+        """The server's preflight (:func:`~fedpac_hf.federated.preflight.server_preflight`).
+
+        The client optimizer, Theta's form, the aggregation and the warm start
+        on the global model, with a synthetic loss (the server has no training
+        data), and one central evaluation of the initial weights, which must be
+        finite. Each ClientApp runs its own preflight on its data at its first
+        message. Returns its time in seconds.
+        """
+
+        def evaluate_once(model: torch.nn.Module) -> None:
+            assert self.evaluate is not None
+            metrics = dict(self.evaluate(model))
+            bad = non_finite_metrics(metrics)
+            if bad:
+                raise ValueError(
+                    f"the central evaluation of the initial model gave {bad}: check the "
+                    "evaluator and its data (the learning rate plays no part yet)"
+                )
+
+        steps = LocalSteps(
+            lr=self.args.round_learning_rates()[0],
+            num_steps=1,
+            gradient_accumulation_steps=self.args.gradient_accumulation_steps,
+            max_grad_norm=self.args.max_grad_norm,
+        )
+        with no_new_folders(self.output_dir):  # an evaluator's Trainer makes output_dir
+            seconds = server_preflight(
+                self.model,
+                self.engine.algorithm,
+                steps,
+                weighting=self.args.aggregation_weighting,
+                eval_fn=evaluate_once if self.evaluate is not None else None,
+            )
+        logger.info("server preflight passed in %.1f s (preflight=false skips it)", seconds)
+        return seconds
+
     def run(self, grid: Grid, round_timeout: float = 3600.0) -> None:
         """Run the remaining rounds with Flower's ``Strategy.start``.
 
@@ -193,6 +234,8 @@ class FlowerServerRun:
         with ``resume_from_checkpoint`` it first resumes (:meth:`resume`).
         """
         resume = self.args.resume_from_checkpoint
+        if self.args.preflight:  # before the server writes anything
+            self.preflight()
         with claim_output_dir(
             self.output_dir, resume=bool(resume), overwrite=self.args.overwrite_output_dir
         ):
