@@ -652,7 +652,8 @@ CLASSES: list[tuple[str, str, tuple[str, ...]]] = [
         "The project's own settings",
         "`FedPACArguments` checks every setting and every combination when it is made "
         "(so `fedpac-hf train`, `FedPACTrainer` and the Flower apps refuse the same "
-        "values in the same words); `simulate` checks its keyword arguments on entry.",
+        "values in the same words); `simulate` reads its settings on entry against its "
+        "table (`fedpac_hf.federated.simulation.SETTINGS`, the optimizer options' rules).",
         (
             "unknown algorithm",
             "unknown optimizer",

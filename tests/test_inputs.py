@@ -4,6 +4,7 @@ run directory has one owner. (Every refused input and its message: docs/bad_inpu
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import sys
 import time
@@ -239,7 +240,7 @@ def test_every_door_reads_yaml_words_and_python_values_alike(tmp_path):
         assert args(resume_from_checkpoint=word).resume_from_checkpoint == read
     with pytest.raises(ValueError, match="algorithm must be a registered name or an Algorithm"):
         get_algorithm({"name": "fedpac_soap"})
-    with pytest.raises(ValueError, match="seed must be a whole number, got 1.5"):
+    with pytest.raises(ValueError, match="seed must be a whole number >= 0, got 1.5"):
         simulate(torch.nn.Linear(2, 2), [[(torch.ones(1, 2), torch.ones(1, 2))]], "fedavg",
                  1, 1, 1, lambda m, b: m(b[0]).sum(), seed=1.5)  # fmt: skip
 
@@ -270,3 +271,33 @@ def test_dirty_data_is_refused_with_a_count_naming_the_column():
     with pytest.raises(ValueError, match="text_column='text' has 1 row\\(s\\) without text"):
         tokenize(data(["a", "b"], ["fine", ""]), Tokenizer(), "text", 8, [])
     assert tokenize(clean, Tokenizer(), "text", 8, [])["input_ids"] == [[5], [5], [5]]
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "words"),
+    [
+        ("num_rounds", 1.5, "num_rounds must be a whole number >= 1, got 1.5"),
+        ("local_steps", True, "local_steps must be a whole number >= 1, got True"),
+        ("min_clients_per_round", 0, "min_clients_per_round must be a whole number >= 1"),
+        ("lr", float("nan"), "lr must be a number > 0, got nan"),
+        ("weighting", "examples", "weighting must be one of ['uniform', 'num_examples']"),
+        ("transport_dtype", "float16", "transport_dtype must be one of"),
+        ("theta_budget", 0, "theta_budget must be a number > 0 or null, got 0"),
+        ("preflight", "no", "preflight must be true or false, got 'no'"),
+    ],
+)
+def test_simulate_reads_its_settings_with_the_table_every_door_uses(setting, value, words):
+    from fedpac_hf.federated.simulation import SETTINGS
+
+    assert setting in SETTINGS
+    arguments = {"num_rounds": 1, "clients_per_round": 1, "local_steps": 1, setting: value}
+    with pytest.raises(ValueError, match=re.escape(words)):
+        simulate(torch.nn.Linear(2, 2), [[(torch.ones(1, 2), torch.ones(1, 2))]], "fedavg",
+                 loss_fn=lambda m, b: m(b[0]).sum(), **arguments)  # fmt: skip
+
+
+def test_simulate_reads_whole_numbers_written_as_floats_as_whole():
+    model = torch.nn.Linear(2, 2)
+    rows = simulate(model, [[(torch.ones(1, 2), torch.ones(1, 2))]], "fedavg", 2.0, 1, 1.0,
+                    lambda m, b: m(b[0]).sum(), seed=3.0)  # fmt: skip
+    assert [row["round"] for row in rows] == [1, 2]

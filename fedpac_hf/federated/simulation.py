@@ -8,25 +8,46 @@ memory whatever the number of clients: clients are loaded into it in turn.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from fedpac_hf.optim.options import Rule, flag, number, one_of, optional, whole
+
 from .algorithms import Algorithm, get_algorithm
 from .batches import cycle_batches
 from .client import ClientHooks, LocalSteps, LossFn, client_update
-from .engine import RoundEngine, RoundPlan
+from .engine import TRANSPORT_DTYPES, RoundEngine, RoundPlan
 from .failures import require_finite_evaluation
 from .preflight import preflight as run_preflight
 from .schedule import round_learning_rates
-from .server import Weighting
+from .server import WEIGHTINGS, Weighting
 from .state import ServerState, load_trainable_state
-from .theta_budget import theta_options
+from .theta_budget import CURVATURE_FORMS, theta_options
 
-__all__ = ["simulate"]
+__all__ = ["SETTINGS", "simulate"]
+
+#: What each of :func:`simulate`'s settings accepts (the rules of the optimizer
+#: options' table): checked on entry, whole numbers written ``3.0`` read as ``3``,
+#: ``1.5`` or ``True`` refused rather than truncated.
+SETTINGS: dict[str, Rule] = {
+    "num_rounds": whole(1),
+    "local_steps": whole(1),
+    "seed": whole(0),
+    "lr": number(0.0, low_open=True),
+    "server_lr": number(0.0, low_open=True),
+    "max_grad_norm": optional(number(0.0)),
+    "min_clients_per_round": whole(1),
+    "lr_schedule": Rule("a scheduler name (text)", lambda v: isinstance(v, str)),
+    "weighting": one_of(*WEIGHTINGS),
+    "transport_dtype": one_of(*TRANSPORT_DTYPES),
+    "curvature": one_of(*CURVATURE_FORMS),
+    "theta_budget": optional(number(0.0, low_open=True)),
+    "preflight": flag(),
+    "progress": flag(),
+}
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +143,10 @@ def simulate(
         If a round ends with fewer than ``min_clients_per_round`` usable
         updates or a non-finite global model.
     """
+    arguments = locals()  # first: the arguments alone
+    read = {name: rule.read(name, arguments[name]) for name, rule in SETTINGS.items()}
+    num_rounds, local_steps, seed = read["num_rounds"], read["local_steps"], read["seed"]
+    min_clients_per_round = read["min_clients_per_round"]
     algorithm = get_algorithm(algorithm)
     form = theta_options(
         model,
@@ -134,20 +159,6 @@ def simulate(
     if form:
         algorithm = get_algorithm(
             algorithm, optimizer_kwargs={**form, **algorithm.optimizer_kwargs}
-        )
-    for name, value in (("num_rounds", num_rounds), ("local_steps", local_steps)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):  # 1.5 would be truncated
-        raise ValueError(f"seed must be a whole number, got {seed!r}")
-    if not lr > 0 or not math.isfinite(lr):
-        raise ValueError(f"lr must be a positive number, got {lr}")
-    if not server_lr > 0 or not math.isfinite(server_lr):
-        raise ValueError(f"server_lr must be a positive number, got {server_lr}")
-    if max_grad_norm is not None and not (math.isfinite(max_grad_norm) and max_grad_norm >= 0):
-        raise ValueError(
-            f"max_grad_norm must be a finite number >= 0 (0 or None: no clipping), got "
-            f"{max_grad_norm}"
         )
     if not client_loaders:
         raise ValueError("client_loaders is empty: a federation needs at least one client")

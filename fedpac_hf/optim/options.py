@@ -46,6 +46,7 @@ class Rule:
 
     accepts: str
     test: Callable[[Any], bool]
+    convert: Callable[[Any], Any] | None = None
 
     def check(self, setting: str, value: Any) -> None:
         """Raise ``ValueError`` naming ``setting`` unless ``value`` passes."""
@@ -55,6 +56,11 @@ class Rule:
             ok = False
         if not ok:
             raise ValueError(f"{setting} must be {self.accepts}, got {value!r}")
+
+    def read(self, setting: str, value: Any) -> Any:
+        """``value`` checked and in its type (a whole number written ``3.0`` becomes ``3``)."""
+        self.check(setting, value)
+        return value if self.convert is None or value is None else self.convert(value)
 
 
 def _is_number(value: Any) -> bool:
@@ -95,6 +101,7 @@ def whole(low: int = 1) -> Rule:
     return Rule(
         f"a whole number >= {low}",
         lambda v: _is_number(v) and math.isfinite(v) and float(v).is_integer() and v >= low,
+        int,
     )
 
 
@@ -123,7 +130,7 @@ def numbers(count: int, each: Rule) -> Rule:
 
 def optional(rule: Rule) -> Rule:
     """``None`` or what ``rule`` accepts."""
-    return Rule(f"{rule.accepts} or null", lambda v: v is None or rule.test(v))
+    return Rule(f"{rule.accepts} or null", lambda v: v is None or rule.test(v), rule.convert)
 
 
 _RATE = number(0.0)
