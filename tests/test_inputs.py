@@ -301,3 +301,14 @@ def test_simulate_reads_whole_numbers_written_as_floats_as_whole():
     rows = simulate(model, [[(torch.ones(1, 2), torch.ones(1, 2))]], "fedavg", 2.0, 1, 1.0,
                     lambda m, b: m(b[0]).sum(), seed=3.0)  # fmt: skip
     assert [row["round"] for row in rows] == [1, 2]
+
+
+def test_algorithms_are_checked_as_they_are_made_and_registered():
+    from fedpac_hf.federated.algorithms import Algorithm, register_algorithm
+
+    with pytest.raises(ValueError, match=r"align \(algorithm 'mine'\) must be true or false"):
+        Algorithm("mine", "soap", align="yes")
+    with pytest.raises(ValueError, match="name must be a non-empty text"):
+        Algorithm("", "soap")
+    with pytest.raises(ValueError, match="register_algorithm takes an Algorithm.*got dict"):
+        register_algorithm({"name": "mine", "optimizer": "soap"})

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedpac_hf.optim.options import check_options
+from fedpac_hf.optim.options import check_options, flag
 
 from .adaptive_beta import AUTO, AUTO_BETA_MAX, AUTO_BETA_START, parse_beta
 from .state import ServerState, tensor_bytes
@@ -70,6 +70,9 @@ class Algorithm:
     beta_max: float = AUTO_BETA_MAX
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ValueError(f"an Algorithm's name must be a non-empty text, got {self.name!r}")
+        flag().check(f"align (algorithm {self.name!r})", self.align)
         try:
             beta = parse_beta(self.beta)
         except ValueError as err:
@@ -107,6 +110,11 @@ def register_algorithm(algorithm: Algorithm, *, overwrite: bool = False) -> Algo
 
     Raises ``ValueError`` if the name is taken, unless ``overwrite=True``.
     """
+    if not isinstance(algorithm, Algorithm):
+        raise ValueError(
+            f"register_algorithm takes an Algorithm (e.g. Algorithm('mine', 'soap', align=True)), "
+            f"got {type(algorithm).__name__}"
+        )
     if algorithm.name in _REGISTRY and not overwrite:
         raise ValueError(
             f"an algorithm named {algorithm.name!r} is already registered; "
