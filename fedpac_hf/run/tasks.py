@@ -109,7 +109,8 @@ def _image_task(margs: ModelDataArguments, args: FedPACArguments) -> TaskBundle:
             AutoModelForImageClassification.from_pretrained,
             margs.model_name_or_path,
             "model",
-            num_labels=len(names),
+            # the head's size follows id2label (passing num_labels too makes transformers
+            # compare it with the pretrained config's own map, and warn)
             id2label=id2label,
             label2id=label2id,
             ignore_mismatched_sizes=True,
