@@ -312,3 +312,59 @@ def test_algorithms_are_checked_as_they_are_made_and_registered():
         Algorithm("", "soap")
     with pytest.raises(ValueError, match="register_algorithm takes an Algorithm.*got dict"):
         register_algorithm({"name": "mine", "optimizer": "soap"})
+
+
+# One mistake, one message, whatever the door: (run config / CLI settings, words)
+SAME_EVERYWHERE = [
+    ({"local_steps": 0}, "local_steps must be a whole number >= 1, got 0"),
+    (
+        {"algorithm": "fedpac_muon", "client_optimizer_kwargs": {"momentum": 2.0}},
+        "['momentum'] of optimizer 'muon' must be a number in [0, 1), got 2.0",
+    ),
+    (
+        {"clients_per_round": 0, "num_clients": 4},
+        "clients_per_round must be a fraction in (0, 1) or a whole number of clients >= 1, got 0",
+    ),
+]
+
+
+@pytest.mark.parametrize(("settings", "words"), SAME_EVERYWHERE)
+def test_one_mistake_gets_one_message_through_every_door(tmp_path, capsys, settings, words):
+    import json
+
+    from fedpac_hf.cli import main
+    from fedpac_hf.config.arguments import FedPACArguments
+    from fedpac_hf.federated.algorithms import Algorithm
+
+    def flower() -> None:
+        pytest.importorskip("flwr")
+        from fedpac_hf.flower.config import arguments_from_run_config
+
+        run_config = {
+            k.replace("_", "-"): json.dumps(v) if isinstance(v, dict) else v
+            for k, v in settings.items()
+        }
+        arguments_from_run_config({**run_config, "output-dir": str(tmp_path / "f")})
+
+    def python() -> None:
+        FedPACArguments(output_dir=str(tmp_path / "p"), report_to=[], **settings)
+
+    def direct() -> None:  # simulate / Algorithm, with their own names for the same settings
+        kwargs = settings.get("client_optimizer_kwargs")
+        if kwargs is not None:
+            Algorithm("mine", "muon", optimizer_kwargs=kwargs)
+        simulate(torch.nn.Linear(2, 2), [[(torch.ones(1, 2), torch.ones(1, 2))]] * 4, "fedavg",
+                 num_rounds=1, clients_per_round=settings.get("clients_per_round", 1),
+                 local_steps=settings.get("local_steps", 1),
+                 loss_fn=lambda m, b: m(b[0]).sum())  # fmt: skip
+
+    for door in (flower, python, direct):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            door()
+    options = [f"--{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in settings.items()]
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"dataset": "digits", "report_to": "none"}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", str(config), "--output_dir", str(tmp_path / "cli"), *options])
+    assert exit_info.value.code == 2 and words in capsys.readouterr().err
+    assert not any((tmp_path / name).exists() for name in ("f", "p", "cli"))

@@ -14,8 +14,9 @@ from typing import Any, Protocol
 import torch
 
 from fedpac_hf.federated import TRANSPORT_DTYPES, WEIGHTINGS, Algorithm
+from fedpac_hf.federated.sampling import CLIENTS_PER_ROUND
 from fedpac_hf.federated.theta_budget import CURVATURE_FORMS
-from fedpac_hf.optim.options import check_options
+from fedpac_hf.optim.options import check_options, whole
 
 __all__ = ["PARTITIONER_FIELDS", "PARTITIONERS", "CheckedSettings", "check_arguments"]
 
@@ -98,20 +99,13 @@ def check_arguments(args: CheckedSettings) -> None:
         "per_device_train_batch_size",
         "gradient_accumulation_steps",
     ):
-        if getattr(args, name) < 1:
-            raise ValueError(f"{name} must be at least 1, got {getattr(args, name)}")
+        whole(1).check(name, getattr(args, name))
     if not (args.learning_rate > 0 and math.isfinite(args.learning_rate)):
         raise ValueError(
             f"learning_rate (the clients' local rate) must be a positive number, got "
             f"{args.learning_rate}"
         )
-    if not 0 < args.clients_per_round < 1 and (
-        args.clients_per_round < 1 or not float(args.clients_per_round).is_integer()
-    ):
-        raise ValueError(
-            f"clients_per_round must be a fraction in (0, 1) or a whole count >= 1, got "
-            f"{args.clients_per_round}"
-        )
+    CLIENTS_PER_ROUND.check("clients_per_round", args.clients_per_round)
     if args.clients_per_round >= 1:
         args.clients_per_round = int(args.clients_per_round)  # a count, however it was written
     if not (math.isfinite(args.max_grad_norm) and args.max_grad_norm >= 0):

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from fedpac_hf.optim.base import all_finite
+from fedpac_hf.optim.options import whole
 
 from .algorithms import Algorithm, round_beta
 from .batches import batch_size
@@ -99,13 +100,8 @@ class LocalSteps:
     max_grad_norm: float | None = None
 
     def __post_init__(self) -> None:
-        if self.num_steps < 1:
-            raise ValueError(f"local_steps must be at least 1, got {self.num_steps}")
-        if self.gradient_accumulation_steps < 1:
-            raise ValueError(
-                "gradient_accumulation_steps must be at least 1, got "
-                f"{self.gradient_accumulation_steps}"
-            )
+        whole(1).check("local_steps", self.num_steps)
+        whole(1).check("gradient_accumulation_steps", self.gradient_accumulation_steps)
         if self.lr <= 0 or not math.isfinite(self.lr):
             raise ValueError(f"the local learning rate must be a positive number, got {self.lr}")
         norm = self.max_grad_norm

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fedpac_hf.optim.options import whole
+
 from .algorithms import Algorithm
 from .failures import ClientFailure, RoundError, recurring_failures, run_client
 from .sampling import resolve_clients_per_round, sample_clients
@@ -222,12 +224,8 @@ class RoundEngine:
         log: logging.Logger | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        if num_clients < 1:
-            raise ValueError(
-                f"num_clients must be at least 1, got {num_clients}: a federation needs a client"
-            )
-        if local_steps < 1:
-            raise ValueError(f"local_steps must be at least 1, got {local_steps}")
+        whole(1).check("num_clients", num_clients)
+        whole(1).check("local_steps", local_steps)
         rates = [float(lr) for lr in learning_rates]
         if not rates or not all(lr > 0 and math.isfinite(lr) for lr in rates):
             raise ValueError("learning_rates needs one positive, finite local rate per round")

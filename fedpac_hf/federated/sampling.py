@@ -9,7 +9,16 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["resolve_clients_per_round", "sample_clients"]
+from fedpac_hf.optim.options import Rule, number, whole
+
+__all__ = ["CLIENTS_PER_ROUND", "resolve_clients_per_round", "sample_clients"]
+
+_FRACTION = number(0.0, 1.0, low_open=True, high_open=True)
+#: What ``clients_per_round`` accepts, from every door: a fraction of the clients or a count.
+CLIENTS_PER_ROUND = Rule(
+    "a fraction in (0, 1) or a whole number of clients >= 1",
+    lambda v: _FRACTION.test(v) or whole(1).test(v),
+)
 
 
 def resolve_clients_per_round(num_clients: int, clients_per_round: int | float) -> int:
@@ -20,19 +29,10 @@ def resolve_clients_per_round(num_clients: int, clients_per_round: int | float) 
     and ``"1"`` all mean one client). Raises ``ValueError`` for impossible
     participation.
     """
-    if num_clients < 1:
-        raise ValueError(f"num_clients must be at least 1, got {num_clients}")
-    if isinstance(clients_per_round, bool) or not isinstance(clients_per_round, int | float):
-        raise ValueError(
-            f"clients_per_round must be a count or a fraction, got {clients_per_round!r}"
-        )
+    whole(1).check("num_clients", num_clients)
+    CLIENTS_PER_ROUND.check("clients_per_round", clients_per_round)
     if 0.0 < clients_per_round < 1.0:
         return max(1, int(round(clients_per_round * num_clients)))
-    if not clients_per_round >= 1 or not float(clients_per_round).is_integer():
-        raise ValueError(
-            f"clients_per_round={clients_per_round} is neither a fraction in (0, 1) nor a "
-            "whole number of clients >= 1"
-        )
     count = int(clients_per_round)
     if count > num_clients:
         raise ValueError(
