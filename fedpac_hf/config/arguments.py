@@ -34,6 +34,7 @@ from fedpac_hf.federated import (
     parse_beta,
     round_learning_rates,
 )
+from fedpac_hf.federated.client import LocalSteps
 from fedpac_hf.federated.theta_budget import theta_options
 
 __all__ = [
@@ -290,6 +291,18 @@ class FedPACArguments(TrainingArguments):
             "transport_dtype": self.transport_dtype,
             "client_optimizer_kwargs": dict(algorithm.optimizer_kwargs),
         }
+
+    def local_step_settings(self, lr: float, num_steps: int | None = None) -> LocalSteps:
+        """A client's round as these arguments set it, at local rate ``lr``.
+
+        ``num_steps`` defaults to ``local_steps`` (a preflight takes one).
+        """
+        return LocalSteps(
+            lr=lr,
+            num_steps=self.local_steps if num_steps is None else num_steps,
+            gradient_accumulation_steps=self.gradient_accumulation_steps,
+            max_grad_norm=self.max_grad_norm,
+        )
 
     def round_learning_rates(self) -> list[float]:
         """eta_l of every round: ``lr_scheduler_type`` stepped once per round, warm-up in rounds."""

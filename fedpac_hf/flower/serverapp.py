@@ -37,7 +37,6 @@ from transformers.trainer_callback import TrainerState
 
 from fedpac_hf.config.arguments import FedPACArguments
 from fedpac_hf.federated import ServerState, load_trainable_state
-from fedpac_hf.federated.client import LocalSteps
 from fedpac_hf.federated.failures import non_finite_metrics, require_finite_evaluation
 from fedpac_hf.federated.preflight import server_preflight
 from fedpac_hf.rundir.checkpoint import (
@@ -210,12 +209,7 @@ class FlowerServerRun:
                     "evaluator and its data (the learning rate plays no part yet)"
                 )
 
-        steps = LocalSteps(
-            lr=self.args.round_learning_rates()[0],
-            num_steps=1,
-            gradient_accumulation_steps=self.args.gradient_accumulation_steps,
-            max_grad_norm=self.args.max_grad_norm,
-        )
+        steps = self.args.local_step_settings(self.args.round_learning_rates()[0], 1)
         with no_new_folders(self.output_dir):  # an evaluator's Trainer makes output_dir
             seconds = server_preflight(
                 self.model,

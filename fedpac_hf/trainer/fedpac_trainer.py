@@ -40,7 +40,6 @@ from fedpac_hf.config.arguments import FedPACArguments
 from fedpac_hf.federated import (
     ClientHooks,
     ClientUpdate,
-    LocalSteps,
     RoundEngine,
     RoundPlan,
     ServerState,
@@ -284,12 +283,7 @@ class FedPACTrainer(ClientStepsMixin, RoundCheckpointsMixin, PreflightMixin, Tra
             state,
             self.algorithm,
             cycle_batches(self._client_dataloader(dataset, seed)),
-            LocalSteps(
-                lr=lr,
-                num_steps=self.args.local_steps,
-                gradient_accumulation_steps=self.args.gradient_accumulation_steps,
-                max_grad_norm=self.args.max_grad_norm,
-            ),
+            self.args.local_step_settings(lr),
             ClientHooks(
                 loss_fn=self.client_loss,
                 backward=self.client_backward,

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from fedpac_hf.federated import Algorithm, cycle_batches
-from fedpac_hf.federated.client import ClientHooks, LocalSteps
+from fedpac_hf.federated.client import ClientHooks
 from fedpac_hf.federated.preflight import PreflightError, preflight
 from fedpac_hf.rundir.resume import model_name
 
@@ -126,12 +126,7 @@ class PreflightMixin:
         seed = int(self.args.seed)
         dataset = self.client_dataset(client_id)
         self._gnb_seed = seed
-        steps = LocalSteps(
-            lr=self.args.round_learning_rates()[0],
-            num_steps=1,
-            gradient_accumulation_steps=self.args.gradient_accumulation_steps,
-            max_grad_norm=self.args.max_grad_norm,
-        )
+        steps = self.args.local_step_settings(self.args.round_learning_rates()[0], 1)
         hooks = ClientHooks(
             loss_fn=self.client_loss,
             backward=self.client_backward,
