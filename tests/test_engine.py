@@ -162,7 +162,7 @@ def test_a_stale_plan_is_refused():
         ({"learning_rates": []}, "one positive, finite local rate per round"),
         ({"learning_rates": [0.1, float("nan")]}, "one positive, finite local rate per round"),
         ({"local_steps": 0}, "local_steps must be a whole number >= 1"),
-        ({"server_learning_rate": -1.0}, "server_learning_rate must be positive"),
+        ({"server_learning_rate": -1.0}, "server_learning_rate must be a number > 0"),
         ({"weighting": "by_size"}, "weighting must be one of"),
         ({"num_clients": 0}, "num_clients must be a whole number >= 1"),
         ({"clients_per_round": 5}, "more than the 4 clients"),

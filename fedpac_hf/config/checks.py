@@ -8,7 +8,6 @@ setting to change. ``docs/bad_inputs.md`` lists what each mistake gets.
 from __future__ import annotations
 
 import json
-import math
 from typing import Any, Protocol
 
 import torch
@@ -16,9 +15,9 @@ import torch
 from fedpac_hf.federated import TRANSPORT_DTYPES, WEIGHTINGS, Algorithm
 from fedpac_hf.federated.sampling import CLIENTS_PER_ROUND
 from fedpac_hf.federated.theta_budget import CURVATURE_FORMS
-from fedpac_hf.optim.options import check_options, whole
+from fedpac_hf.optim.options import Rule, check_options, number, one_of, optional, whole
 
-__all__ = ["PARTITIONER_FIELDS", "PARTITIONERS", "CheckedSettings", "check_arguments"]
+__all__ = ["PARTITIONER_FIELDS", "PARTITIONERS", "RULES", "CheckedSettings", "check_arguments"]
 
 PARTITIONERS = ("iid", "dirichlet", "pathological", "quantity_skew", "natural_id")
 # partitioner constructor argument -> the FedPACArguments field that sets it
@@ -27,6 +26,28 @@ PARTITIONER_FIELDS = {
     "scheme": "dirichlet_scheme",
     "label_column": "partition_label_column",
     "column": "partition_id_column",
+}
+
+
+_POSITIVE = number(0.0, low_open=True)
+#: What each setting accepts on its own (the rules of :mod:`fedpac_hf.optim.options`,
+#: the same words as ``simulate``'s); combinations are checked after.
+RULES: dict[str, Rule] = {
+    "num_rounds": whole(1),
+    "local_steps": whole(1),
+    "num_clients": whole(1),
+    "min_clients_per_round": whole(1),
+    "per_device_train_batch_size": whole(1),
+    "gradient_accumulation_steps": whole(1),
+    "learning_rate": _POSITIVE,
+    "server_learning_rate": _POSITIVE,
+    "clients_per_round": CLIENTS_PER_ROUND,
+    "max_grad_norm": Rule("a number >= 0 (0 turns clipping off)", number(0.0).test),
+    "weight_decay": number(0.0),
+    "curvature": one_of(*CURVATURE_FORMS),
+    "theta_budget": optional(_POSITIVE),
+    "transport_dtype": one_of(*TRANSPORT_DTYPES),
+    "aggregation_weighting": one_of(*WEIGHTINGS),
 }
 
 
@@ -91,28 +112,10 @@ def check_arguments(args: CheckedSettings) -> None:
         args.client_optimizer_kwargs, dict
     ):
         raise ValueError("client_optimizer_kwargs must be a dict or a JSON object string")
-    for name in (
-        "num_rounds",
-        "local_steps",
-        "num_clients",
-        "min_clients_per_round",
-        "per_device_train_batch_size",
-        "gradient_accumulation_steps",
-    ):
-        whole(1).check(name, getattr(args, name))
-    if not (args.learning_rate > 0 and math.isfinite(args.learning_rate)):
-        raise ValueError(
-            f"learning_rate (the clients' local rate) must be a positive number, got "
-            f"{args.learning_rate}"
-        )
-    CLIENTS_PER_ROUND.check("clients_per_round", args.clients_per_round)
+    for name, rule in RULES.items():
+        rule.check(name, getattr(args, name))
     if args.clients_per_round >= 1:
         args.clients_per_round = int(args.clients_per_round)  # a count, however it was written
-    if not (math.isfinite(args.max_grad_norm) and args.max_grad_norm >= 0):
-        raise ValueError(
-            f"max_grad_norm must be a finite number >= 0 (0 turns clipping off), got "
-            f"{args.max_grad_norm}"
-        )
     warmup = args.get_warmup_steps(args.num_rounds)
     if warmup >= args.num_rounds:
         raise ValueError(
@@ -121,30 +124,8 @@ def check_arguments(args: CheckedSettings) -> None:
             f"fewer than num_rounds={args.num_rounds} (or a fraction such as 0.1)"
         )
     args.round_learning_rates()  # the schedule's options, a positive rate for every round
-    if not (args.server_learning_rate > 0 and math.isfinite(args.server_learning_rate)):
-        raise ValueError(f"server_learning_rate must be positive, got {args.server_learning_rate}")
-    if args.curvature not in CURVATURE_FORMS:
-        raise ValueError(f"curvature must be one of {CURVATURE_FORMS}, got {args.curvature!r}")
-    budget = args.theta_budget
-    if budget is not None and (
-        isinstance(budget, bool) or not (math.isfinite(budget) and budget > 0)
-    ):
-        raise ValueError(
-            "theta_budget (Theta's bytes up as a fraction of the trainable parameters') must be "
-            f"a positive number, got {args.theta_budget}"
-        )
-    if args.transport_dtype not in TRANSPORT_DTYPES:
-        raise ValueError(
-            f"transport_dtype must be one of {TRANSPORT_DTYPES}, got {args.transport_dtype!r}"
-        )
-    if args.aggregation_weighting not in WEIGHTINGS:
-        raise ValueError(
-            f"aggregation_weighting must be one of {WEIGHTINGS}, got {args.aggregation_weighting!r}"
-        )
     if args.partitioner.replace("-", "_") not in PARTITIONERS:
         raise ValueError(f"partitioner must be one of {PARTITIONERS}, got {args.partitioner!r}")
-    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
-        raise ValueError(f"weight_decay must be a finite number >= 0, got {args.weight_decay}")
     _check_client_optimizer(args)  # fail early: name, beta, options
     name = args.partitioner.replace("-", "_")
     if name != "natural_id" or args.partition_id_column:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedpac_hf.optim.options import whole
+from fedpac_hf.optim.options import number, one_of, whole
 
 from .algorithms import Algorithm
 from .failures import ClientFailure, RoundError, recurring_failures, run_client
@@ -229,14 +229,9 @@ class RoundEngine:
         rates = [float(lr) for lr in learning_rates]
         if not rates or not all(lr > 0 and math.isfinite(lr) for lr in rates):
             raise ValueError("learning_rates needs one positive, finite local rate per round")
-        if not (server_learning_rate > 0 and math.isfinite(server_learning_rate)):
-            raise ValueError(f"server_learning_rate must be positive, got {server_learning_rate}")
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-        if transport_dtype not in TRANSPORT_DTYPES:
-            raise ValueError(
-                f"transport_dtype must be one of {TRANSPORT_DTYPES}, got {transport_dtype!r}"
-            )
+        number(0.0, low_open=True).check("server_learning_rate", server_learning_rate)
+        one_of(*WEIGHTINGS).check("weighting", weighting)
+        one_of(*TRANSPORT_DTYPES).check("transport_dtype", transport_dtype)
         self.clients_per_round = resolve_clients_per_round(num_clients, clients_per_round)
         if not 1 <= min_clients_per_round <= self.clients_per_round:
             raise ValueError(
