@@ -650,10 +650,11 @@ CLASSES: list[tuple[str, str, tuple[str, ...]]] = [
     ),
     (
         "The project's own settings",
-        "`FedPACArguments` checks every setting and every combination when it is made "
-        "(so `fedpac-hf train`, `FedPACTrainer` and the Flower apps refuse the same "
-        "values in the same words); `simulate` reads its settings on entry against its "
-        "table (`fedpac_hf.federated.simulation.SETTINGS`, the optimizer options' rules).",
+        "`FedPACArguments` checks every setting against its table of rules "
+        "(`fedpac_hf.config.checks.RULES`), then every combination, when it is made (so "
+        "`fedpac-hf train`, `FedPACTrainer` and the Flower apps refuse the same values in "
+        "the same words); `simulate` reads its settings on entry against its own table "
+        "(`fedpac_hf.federated.simulation.SETTINGS`), written with the same rules.",
         (
             "unknown algorithm",
             "unknown optimizer",
