@@ -524,6 +524,14 @@ CASES = [
         ),
     ),
     Case(
+        "a dataset file without a row",
+        "`fedpac-hf train`",
+        lambda o: (
+            (o / "empty.csv").write_text("text,label\n"),
+            _cli(o, _TINY_CLI, "--dataset", str(o / "empty.csv")),
+        ),
+    ),
+    Case(
         "label column that holds images",
         "`fedpac-hf train`",
         lambda o: _cli(o, _TINY_CLI, "--label_column", "image"),
@@ -722,6 +730,7 @@ CLASSES: list[tuple[str, str, tuple[str, ...]]] = [
             "label column that is missing",
             "continuous float labels in a classification CSV",
             "label column that holds images",
+            "a dataset file without a row",
         ),
     ),
     (

@@ -246,3 +246,12 @@ def test_shakespeare_cache_location_and_no_second_download(tmp_path, monkeypatch
     placed.write_bytes(b"already here")
     assert download_shakespeare(tmp_path / "mine") == placed
     assert placed.read_bytes() == b"already here"
+
+
+def test_an_empty_dataset_is_named_by_its_path(tmp_path):
+    from fedpac_hf.data import load_dataset_by_name
+
+    empty_csv = tmp_path / "train.csv"
+    empty_csv.write_text("text,label\n")
+    with pytest.raises(ValueError, match=f"dataset '{empty_csv}' has no rows"):
+        load_dataset_by_name(str(empty_csv))

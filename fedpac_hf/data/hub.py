@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,17 @@ def _is_saved_dataset(path: Path) -> bool:
     )
 
 
+@contextlib.contextmanager
+def _rows_required(name: str) -> Iterator[None]:
+    """Name the dataset when ``datasets`` finds a split without a row."""
+    try:
+        yield
+    except ValueError as error:
+        if "corresponds to no data" not in str(error):
+            raise
+        raise ValueError(f"dataset {name!r} has no rows ({error})") from None
+
+
 def load_hub_dataset(
     name: str,
     config: str | None = None,
@@ -102,7 +115,7 @@ def load_hub_dataset(
     FileNotFoundError
         If ``name`` is neither a reachable Hub dataset nor a readable path.
     ValueError
-        If the source has no ``train`` split.
+        If the source has no ``train`` split, or a data file without a row.
     """
     path = Path(os.fspath(name)).expanduser()
     if _is_saved_dataset(path):
@@ -114,12 +127,14 @@ def load_hub_dataset(
                 f"dataset file {name!r} has an unknown type; use one of "
                 f"{sorted(_FILE_BUILDERS)} or a save_to_disk folder."
             )
-        loaded = datasets.load_dataset(builder, data_files={"train": str(path)}, **load_kwargs)
+        with _rows_required(name):
+            loaded = datasets.load_dataset(builder, data_files={"train": str(path)}, **load_kwargs)
     else:
         try:
-            loaded = datasets.load_dataset(
-                str(path) if path.exists() else name, config, **load_kwargs
-            )
+            with _rows_required(name):
+                loaded = datasets.load_dataset(
+                    str(path) if path.exists() else name, config, **load_kwargs
+                )
         except FileNotFoundError as error:
             raise FileNotFoundError(
                 f"dataset {name!r} was not found: not a local path or save_to_disk folder, and "
