@@ -238,3 +238,23 @@ def test_a_previous_runs_own_files_are_still_replaced_on_request(tmp_path, capsy
     # its own files: replaced on request, as before
     main(["train", str(tmp_path / "c.yaml"), "--overwrite_output_dir", "true"])
     assert "final accuracy after 1 round" in capsys.readouterr().out
+
+
+# Trainer settings the Trainer would take or read another way: (settings, words)
+TRAINER_MISTAKES = [
+    ({"per_device_eval_batch_size": 0}, "per_device_eval_batch_size must be a whole number >= 1"),
+    ({"eval_strategy": "steps", "eval_steps": 0}, "eval_steps must be a fraction in (0, 1)"),
+    ({"save_strategy": "steps", "save_steps": -1}, "save_steps must be a fraction in (0, 1)"),
+    ({"seed": -1}, "seed must be a whole number >= 0, got -1"),
+    ({"dataloader_num_workers": -1}, "dataloader_num_workers must be a whole number >= 0"),
+    ({"save_total_limit": -3}, "save_total_limit must be a whole number >= 1 or null"),
+    (
+        {"lr_scheduler_type": "cosine_with_restarts", "lr_scheduler_kwargs": {"num_cycles": -1}},
+        "lr_scheduler_kwargs['num_cycles'] of 'cosine_with_restarts' must be a whole number >= 1",
+    ),
+]
+
+
+@pytest.mark.parametrize(("settings", "words"), TRAINER_MISTAKES)
+def test_trainer_settings_are_checked_against_the_rules(tmp_path, capsys, settings, words):
+    assert words in refused(tmp_path, capsys, settings)

@@ -218,6 +218,21 @@ def test_the_schedule_is_checked_for_every_round_when_the_settings_are_read(tmp_
         args(num_rounds=10**9)
     rates = round_learning_rates(1e-3, MAX_ROUNDS, "cosine", warmup_rounds=10)
     assert len(rates) == MAX_ROUNDS and min(rates) > 0 and rates[10] == 1e-3
+    with pytest.raises(ValueError, match=r"lr_scheduler_kwargs\['num_cycles'\] of "
+                       r"'cosine_with_restarts' must be a whole number >= 1, got -1"):  # fmt: skip
+        args(lr_scheduler_type="cosine_with_restarts", lr_scheduler_kwargs={"num_cycles": -1})
+
+
+def test_the_scheduler_options_table_names_real_options():
+    import inspect
+
+    from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION
+
+    from fedpac_hf.federated.schedule import SCHEDULER_OPTIONS
+
+    functions = {getattr(k, "value", k): f for k, f in TYPE_TO_SCHEDULER_FUNCTION.items()}
+    for name, rules in SCHEDULER_OPTIONS.items():
+        assert set(rules) <= set(inspect.signature(functions[name]).parameters), name
 
 
 def test_every_door_reads_yaml_words_and_python_values_alike(tmp_path):

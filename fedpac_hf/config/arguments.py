@@ -223,6 +223,11 @@ class FedPACArguments(TrainingArguments):
         self.resume_from_checkpoint = parse_resume(self.resume_from_checkpoint)
         # one reading of every setting, whichever door (YAML, CLI, Python, Flower) it came by
         coerce_fields(self)
+        if self.eval_steps == 0:  # TrainingArguments would read 0 as unset (logging_steps)
+            raise ValueError(
+                "eval_steps must be a fraction in (0, 1) or a whole number of rounds >= 1, got "
+                "0; leave it unset to evaluate every logging_steps rounds"
+            )
         if self.beta is not None:
             self.beta = parse_beta(self.beta)
         if self.dataloader_pin_memory and not torch.cuda.is_available():

@@ -15,7 +15,15 @@ import torch
 from fedpac_hf.federated import TRANSPORT_DTYPES, WEIGHTINGS, Algorithm
 from fedpac_hf.federated.sampling import CLIENTS_PER_ROUND
 from fedpac_hf.federated.theta_budget import CURVATURE_FORMS
-from fedpac_hf.optim.options import Rule, check_options, number, one_of, optional, whole
+from fedpac_hf.optim.options import (
+    Rule,
+    check_options,
+    count_or_fraction,
+    number,
+    one_of,
+    optional,
+    whole,
+)
 
 __all__ = ["PARTITIONER_FIELDS", "PARTITIONERS", "RULES", "CheckedSettings", "check_arguments"]
 
@@ -38,6 +46,12 @@ RULES: dict[str, Rule] = {
     "num_clients": whole(1),
     "min_clients_per_round": whole(1),
     "per_device_train_batch_size": whole(1),
+    "per_device_eval_batch_size": whole(1),
+    "seed": whole(0),
+    "dataloader_num_workers": whole(0),
+    "eval_steps": optional(count_or_fraction("rounds")),
+    "save_steps": count_or_fraction("rounds"),
+    "save_total_limit": optional(whole(1)),
     "gradient_accumulation_steps": whole(1),
     "learning_rate": _POSITIVE,
     "server_learning_rate": _POSITIVE,
@@ -66,6 +80,12 @@ class CheckedSettings(Protocol):
     min_clients_per_round: int
     clients_per_round: float
     per_device_train_batch_size: int
+    per_device_eval_batch_size: int
+    seed: int
+    dataloader_num_workers: int
+    eval_steps: float | None
+    save_steps: float
+    save_total_limit: int | None
     gradient_accumulation_steps: int
     learning_rate: float
     server_learning_rate: float

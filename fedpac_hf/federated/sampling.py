@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedpac_hf.optim.options import Rule, number, whole
+from fedpac_hf.optim.options import count_or_fraction, whole
 
 __all__ = ["CLIENTS_PER_ROUND", "resolve_clients_per_round", "sample_clients"]
 
-_FRACTION = number(0.0, 1.0, low_open=True, high_open=True)
 #: What ``clients_per_round`` accepts, from every door: a fraction of the clients or a count.
-CLIENTS_PER_ROUND = Rule(
-    "a fraction in (0, 1) or a whole number of clients >= 1",
-    lambda v: _FRACTION.test(v) or whole(1).test(v),
-)
+CLIENTS_PER_ROUND = count_or_fraction("clients")
 
 
 def resolve_clients_per_round(num_clients: int, clients_per_round: int | float) -> int:

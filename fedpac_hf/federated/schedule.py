@@ -11,7 +11,9 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["MAX_ROUNDS", "round_learning_rates"]
+from fedpac_hf.optim.options import Rule, number, one_of, optional, whole
+
+__all__ = ["MAX_ROUNDS", "SCHEDULER_OPTIONS", "round_learning_rates"]
 
 #: The most rounds a run plans: each round trains clients, so a million rounds is
 #: already more than any run finishes; a larger num_rounds is a typo.
@@ -19,6 +21,37 @@ MAX_ROUNDS = 1_000_000
 
 # Schedules driven by an evaluation metric, not by the round count.
 _UNSCHEDULABLE = ("reduce_lr_on_plateau", "greedy")
+
+_CYCLES = number(0.0, low_open=True)
+_RATIO = number(0.0, 1.0)
+#: What the scheduler options (``lr_scheduler_kwargs``) accept, per schedule (the
+#: rules of :mod:`fedpac_hf.optim.options`); ``transformers`` checks none of these
+#: ranges, and an option not listed is left to it.
+SCHEDULER_OPTIONS: dict[str, dict[str, Rule]] = {
+    "cosine": {"num_cycles": _CYCLES},
+    "cosine_with_restarts": {"num_cycles": whole(1)},
+    "polynomial": {"power": number(0.0, low_open=True), "lr_end": number(0.0)},
+    "inverse_sqrt": {"timescale": optional(whole(1))},
+    "cosine_with_min_lr": {
+        "num_cycles": _CYCLES,
+        "min_lr": optional(number(0.0)),
+        "min_lr_rate": optional(_RATIO),
+    },
+    "cosine_warmup_with_min_lr": {
+        "num_cycles": _CYCLES,
+        "min_lr": optional(number(0.0)),
+        "min_lr_rate": optional(_RATIO),
+        "warmup_lr_rate": optional(_RATIO),
+    },
+    "warmup_stable_decay": {
+        "num_decay_steps": whole(0),
+        "num_stable_steps": optional(whole(0)),
+        "warmup_type": one_of("linear", "cosine", "1-sqrt"),
+        "decay_type": one_of("linear", "cosine", "1-sqrt"),
+        "min_lr_ratio": _RATIO,
+        "num_cycles": _CYCLES,
+    },
+}
 
 
 def round_learning_rates(
@@ -81,6 +114,10 @@ def round_learning_rates(
             f"choose one of {names}"
         )
     options = dict(scheduler_kwargs or {})
+    rules = SCHEDULER_OPTIONS.get(name, {})
+    for option, value in options.items():
+        if option in rules:
+            rules[option].check(f"lr_scheduler_kwargs[{option!r}] of {name!r}", value)
     dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=learning_rate)
     try:
         scheduler = get_scheduler(

@@ -30,6 +30,7 @@ __all__ = [
     "OPTIONS",
     "Rule",
     "check_options",
+    "count_or_fraction",
     "flag",
     "given_options",
     "number",
@@ -102,6 +103,15 @@ def whole(low: int = 1) -> Rule:
         f"a whole number >= {low}",
         lambda v: _is_number(v) and math.isfinite(v) and float(v).is_integer() and v >= low,
         int,
+    )
+
+
+def count_or_fraction(unit: str) -> Rule:
+    """A fraction in ``(0, 1)`` or a whole number ``>= 1`` of ``unit`` (clients, rounds)."""
+    fraction = number(0.0, 1.0, low_open=True, high_open=True)
+    return Rule(
+        f"a fraction in (0, 1) or a whole number of {unit} >= 1",
+        lambda v: fraction.test(v) or whole(1).test(v),
     )
 
 
