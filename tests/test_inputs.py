@@ -383,3 +383,20 @@ def test_one_mistake_gets_one_message_through_every_door(tmp_path, capsys, setti
         main(["train", str(config), "--output_dir", str(tmp_path / "cli"), *options])
     assert exit_info.value.code == 2 and words in capsys.readouterr().err
     assert not any((tmp_path / name).exists() for name in ("f", "p", "cli"))
+
+
+def test_simulate_names_eval_fn_and_client_loaders_when_they_are_of_the_wrong_kind():
+    data = [[(torch.ones(1, 2), torch.ones(1, 2))]] * 2
+    loss = lambda m, b: m(b[0]).sum()  # noqa: E731
+    model = torch.nn.Linear(2, 2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(
+        TypeError, match="eval_fn must return a number or a dict of metrics, got str"
+    ):
+        simulate(model, data, "fedavg", 1, 1, 1, loss, eval_fn=lambda m: "good")
+    # found by the preflight: nothing trained
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    with pytest.raises(ValueError, match="client_loaders must be a list .* got generator"):
+        simulate(model, (d for d in data), "fedavg", 1, 1, 1, loss)
+    rows = simulate(model, data, "fedavg", 1, 1, 1, loss, eval_fn=lambda m: torch.tensor(0.5))
+    assert rows[-1]["eval"] == 0.5

@@ -8,7 +8,7 @@ memory whatever the number of clients: clients are loaded into it in turn.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -27,7 +27,7 @@ from .server import WEIGHTINGS, Weighting
 from .state import ServerState, load_trainable_state
 from .theta_budget import CURVATURE_FORMS, theta_options
 
-__all__ = ["SETTINGS", "simulate"]
+__all__ = ["SETTINGS", "evaluation_metrics", "simulate"]
 
 #: What each of :func:`simulate`'s settings accepts (the rules of the optimizer
 #: options' table): checked on entry, whole numbers written ``3.0`` read as ``3``,
@@ -50,6 +50,24 @@ SETTINGS: dict[str, Rule] = {
 }
 
 logger = logging.getLogger(__name__)
+
+
+def evaluation_metrics(result: Any) -> dict[str, Any]:
+    """What ``eval_fn`` returned, as metrics: a dict as it is, a number as ``eval``.
+
+    Raises
+    ------
+    TypeError
+        For anything else, naming ``eval_fn``.
+    """
+    if isinstance(result, Mapping):
+        return dict(result)
+    if isinstance(result, bool) or not isinstance(result, (int, float, torch.Tensor)):
+        raise TypeError(
+            f"eval_fn must return a number or a dict of metrics, got {type(result).__name__} "
+            f"{result!r:.60}"
+        )
+    return {"eval": float(result)}
 
 
 def simulate(
@@ -160,6 +178,11 @@ def simulate(
         algorithm = get_algorithm(
             algorithm, optimizer_kwargs={**form, **algorithm.optimizer_kwargs}
         )
+    if not isinstance(client_loaders, Sequence) or isinstance(client_loaders, str):
+        raise ValueError(
+            "client_loaders must be a list with one iterable of batches per client (each read "
+            f"again every round), got {type(client_loaders).__name__}"
+        )
     if not client_loaders:
         raise ValueError("client_loaders is empty: a federation needs at least one client")
     for cid, loader in enumerate(client_loaders):
@@ -190,7 +213,7 @@ def simulate(
             LocalSteps(lr=engine.learning_rates[0], num_steps=1, max_grad_norm=max_grad_norm),
             hooks,
             weighting=weighting,
-            eval_fn=eval_fn,
+            eval_fn=None if eval_fn is None else lambda m: evaluation_metrics(eval_fn(m)),
         )
         logger.info("preflight passed in %.1f s", seconds)
 
@@ -212,8 +235,7 @@ def simulate(
         if eval_fn is not None:
             model.eval()
             with torch.no_grad():
-                result = eval_fn(model)
-            metrics.update(result if isinstance(result, dict) else {"eval": float(result)})
+                metrics.update(evaluation_metrics(eval_fn(model)))
             require_finite_evaluation(metrics, int(metrics["round"]))
         if callback is not None:
             callback(engine.state, metrics)
