@@ -258,3 +258,17 @@ TRAINER_MISTAKES = [
 @pytest.mark.parametrize(("settings", "words"), TRAINER_MISTAKES)
 def test_trainer_settings_are_checked_against_the_rules(tmp_path, capsys, settings, words):
     assert words in refused(tmp_path, capsys, settings)
+
+
+def test_lists_and_capitals_are_read_the_way_a_user_writes_them(tmp_path):
+    settings = {
+        **TINY_VIT,
+        "lora_r": 2,
+        "lora_target_modules": ["q_proj", "v_proj"],  # a YAML list, not comma text
+        "algorithm": "FEDPAC_SOAP",
+        "partitioner": "Dirichlet",
+        "output_dir": str(tmp_path / "r"),
+    }
+    model_args, args = parse_run_config(write_yaml(tmp_path / "c.yaml", settings), [])
+    assert model_args.lora_targets() == ["q_proj", "v_proj"]
+    assert args.build_algorithm().name == "fedpac_soap" and args.partitioner == "dirichlet"

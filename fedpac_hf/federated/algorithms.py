@@ -151,8 +151,11 @@ def get_algorithm(name: str | Algorithm, **overrides: Any) -> Algorithm:
             f"{type(name).__name__}: {name!r}; valid names: {', '.join(list_algorithms())}"
         )
     else:
+        key = name.strip()
+        if key not in _REGISTRY and key.lower() in _REGISTRY:  # FEDPAC_SOAP, fedpac_soap
+            key = key.lower()
         try:
-            algorithm = _REGISTRY[name]
+            algorithm = _REGISTRY[key]
         except KeyError:
             raise ValueError(
                 f"unknown algorithm {name!r}; valid names: {', '.join(list_algorithms())}"

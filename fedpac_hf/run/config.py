@@ -200,6 +200,12 @@ class ModelDataArguments:
     )
 
     def __post_init__(self) -> None:
+        for name in ("label_values", "lora_target_modules", "lora_modules_to_save"):
+            value = getattr(self, name)  # a YAML list is the comma-separated text
+            if isinstance(value, (list, tuple)) and all(
+                isinstance(v, (str, int, float)) for v in value
+            ):
+                setattr(self, name, ",".join(str(v) for v in value))
         coerce_fields(self)  # YAML, command line and Python values read one way
         self.task = self.task.strip().lower().replace("-", "_")
         if self.task not in TASKS:
