@@ -122,8 +122,8 @@ class ModelDataArguments:
     label_values: str | None = field(
         default=None,
         metadata={
-            "help": "Comma-separated classes to keep (rows of other classes are dropped), e.g. "
-            "'HAMLET,OTHELLO,MACBETH' with label_column=play."
+            "help": "Comma-separated (or a YAML list of) classes to keep (rows of other "
+            "classes are dropped), e.g. 'HAMLET,OTHELLO,MACBETH' with label_column=play."
         },
     )
     max_train_examples: int | None = field(
@@ -184,7 +184,7 @@ class ModelDataArguments:
     lora_target_modules: str | None = field(
         default=None,
         metadata={
-            "help": "Comma-separated module names that get adapters (default: the loaded "
+            "help": "Comma-separated (or a YAML list of) module names that get adapters (default: the loaded "
             "model's attention query and value projections, e.g. q_proj,v_proj for Llama and "
             "ViT, query,value for BERT)."
         },
@@ -192,7 +192,7 @@ class ModelDataArguments:
     lora_modules_to_save: str | None = field(
         default=None,
         metadata={
-            "help": "Comma-separated modules trained in full beside the adapters; '' for none. "
+            "help": "Comma-separated (or a YAML list of) modules trained in full beside the adapters; '' for none. "
             "Default: classifier for classification tasks; for causal_lm none with a "
             "pretrained model and embed_tokens,lm_head with a small model built from a config "
             "(its random embeddings cannot be learned through adapters)."
