@@ -184,16 +184,16 @@ class ModelDataArguments:
     lora_target_modules: str | None = field(
         default=None,
         metadata={
-            "help": "Comma-separated (or a YAML list of) module names that get adapters (default: the loaded "
-            "model's attention query and value projections, e.g. q_proj,v_proj for Llama and "
-            "ViT, query,value for BERT)."
+            "help": "Comma-separated (or a YAML list of) module names that get adapters "
+            "(default: the loaded model's attention query and value projections, e.g. "
+            "q_proj,v_proj for Llama and ViT, query,value for BERT)."
         },
     )
     lora_modules_to_save: str | None = field(
         default=None,
         metadata={
-            "help": "Comma-separated (or a YAML list of) modules trained in full beside the adapters; '' for none. "
-            "Default: classifier for classification tasks; for causal_lm none with a "
+            "help": "Comma-separated (or a YAML list of) modules trained in full beside the "
+            "adapters; '' for none. Default: classifier for classification tasks; for causal_lm none with a "
             "pretrained model and embed_tokens,lm_head with a small model built from a config "
             "(its random embeddings cannot be learned through adapters)."
         },
