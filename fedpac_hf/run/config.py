@@ -193,9 +193,9 @@ class ModelDataArguments:
         default=None,
         metadata={
             "help": "Comma-separated (or a YAML list of) modules trained in full beside the "
-            "adapters; '' for none. Default: classifier for classification tasks; for causal_lm none with a "
-            "pretrained model and embed_tokens,lm_head with a small model built from a config "
-            "(its random embeddings cannot be learned through adapters)."
+            "adapters; '' for none. Default: classifier for classification tasks; for "
+            "causal_lm none with a pretrained model and embed_tokens,lm_head with a small model "
+            "built from a config (its random embeddings cannot be learned through adapters)."
         },
     )
 
