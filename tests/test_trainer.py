@@ -102,19 +102,29 @@ def test_lora_llama_trains_only_adapters_and_saves_a_loadable_adapter(tmp_path):
         torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
-@pytest.mark.parametrize("beta", [None, "auto"])
-def test_resume_from_a_checkpoint_reproduces_an_uninterrupted_run(tmp_path, beta):
+@pytest.mark.parametrize(
+    ("beta", "budget"), [(None, None), ("auto", None), (None, 1.0)], ids=["full", "auto", "basis"]
+)
+def test_resume_from_a_checkpoint_reproduces_an_uninterrupted_run(tmp_path, beta, budget):
+    """Bit-identical, whatever the global state holds (theta_budget 1.0: the server's bases)."""
     data = image_data()
     full = FedPACTrainer(
         model=tiny_vit(),
-        args=vit_args(tmp_path / "a", num_rounds=4, beta=beta),
+        args=vit_args(tmp_path / "a", num_rounds=4, beta=beta, theta_budget=budget),
         train_dataset=data["train"],
     )
     full.train()
 
     first = FedPACTrainer(
         model=tiny_vit(),
-        args=vit_args(tmp_path / "b", num_rounds=4, save_strategy="steps", save_steps=2, beta=beta),
+        args=vit_args(
+            tmp_path / "b",
+            num_rounds=4,
+            save_strategy="steps",
+            save_steps=2,
+            beta=beta,
+            theta_budget=budget,
+        ),
         train_dataset=data["train"],
     )
     first.train()
@@ -124,13 +134,14 @@ def test_resume_from_a_checkpoint_reproduces_an_uninterrupted_run(tmp_path, beta
     state, meta = load_federated_checkpoint(ckpt)
     assert state.round == 2 and len(meta["history"]) == 2
     assert all(t.dtype == torch.float32 for t in state.curvature.values())
+    assert any(n.endswith(".basis") for n in state.curvature) == (budget is not None)
     if beta == "auto":  # the server's choice for round 3 is part of the saved state
         assert 0.0 <= state.beta <= 0.75
         assert [h["beta"] for h in full.round_history][2] == state.beta
 
     resumed = FedPACTrainer(
         model=tiny_vit(seed=123),  # other init: everything must come from the checkpoint
-        args=vit_args(tmp_path / "b", num_rounds=4, beta=beta),
+        args=vit_args(tmp_path / "b", num_rounds=4, beta=beta, theta_budget=budget),
         train_dataset=data["train"],
     )
     resumed.train(resume_from_checkpoint=str(ckpt))
