@@ -62,6 +62,7 @@ RULES: dict[str, Rule] = {
     "theta_budget": optional(_POSITIVE),
     "transport_dtype": one_of(*TRANSPORT_DTYPES),
     "aggregation_weighting": one_of(*WEIGHTINGS),
+    "partitioner": one_of(*PARTITIONERS),
 }
 
 
@@ -144,10 +145,8 @@ def check_arguments(args: CheckedSettings) -> None:
             f"fewer than num_rounds={args.num_rounds} (or a fraction such as 0.1)"
         )
     args.round_learning_rates()  # the schedule's options, a positive rate for every round
-    if args.partitioner.replace("-", "_") not in PARTITIONERS:
-        raise ValueError(f"partitioner must be one of {PARTITIONERS}, got {args.partitioner!r}")
     _check_client_optimizer(args)  # fail early: name, beta, options
-    name = args.partitioner.replace("-", "_")
+    name = args.partitioner  # read in lower case with _ by FedPACArguments
     if name != "natural_id" or args.partition_id_column:
         from fedpac_hf.partition import get_partitioner
 

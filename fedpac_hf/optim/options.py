@@ -76,8 +76,6 @@ def number(
     high_open: bool = False,
 ) -> Rule:
     """A finite number in ``[low, high]`` (an end is open when ``*_open``; ``None``: no end)."""
-    left = "any number" if low is None else ("(" if low_open else "[") + f"{low:g}"
-    right = "" if high is None else f"{high:g}" + (")" if high_open else "]")
     if low is None and high is None:
         words = "a finite number"
     elif high is None:
@@ -85,7 +83,9 @@ def number(
     elif low is None:
         words = f"a number {'<' if high_open else '<='} {high:g}"
     else:
-        words = f"a number in {left}, {right}"
+        words = (
+            f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        )
 
     def test(value: Any) -> bool:
         if not _is_number(value) or not math.isfinite(value):
@@ -143,8 +143,7 @@ def optional(rule: Rule) -> Rule:
     return Rule(f"{rule.accepts} or null", lambda v: v is None or rule.test(v), rule.convert)
 
 
-_RATE = number(0.0)
-_DECAY = number(0.0)
+_NON_NEGATIVE = number(0.0)  # a learning rate, a weight decay, an epsilon
 _BETA = number(0.0, 1.0, high_open=True)
 _BETAS = numbers(2, _BETA)
 _TORCH_FLAGS = {
@@ -157,28 +156,28 @@ _TORCH_FLAGS = {
 #: optimizer name -> option -> the rule its value must pass (every constructor keyword).
 OPTIONS: dict[str, dict[str, Rule]] = {
     "sgd": {
-        "lr": _RATE,
-        "weight_decay": _DECAY,
+        "lr": _NON_NEGATIVE,
+        "weight_decay": _NON_NEGATIVE,
         "momentum": _BETA,
         "dampening": number(0.0, 1.0),
         "nesterov": flag(),
         **_TORCH_FLAGS,
     },
     "adamw": {
-        "lr": _RATE,
-        "weight_decay": _DECAY,
+        "lr": _NON_NEGATIVE,
+        "weight_decay": _NON_NEGATIVE,
         "betas": _BETAS,
-        "eps": number(0.0),
+        "eps": _NON_NEGATIVE,
         "amsgrad": flag(),
         "capturable": flag(),
         **_TORCH_FLAGS,
     },
     "soap": {
-        "lr": _RATE,
-        "weight_decay": _DECAY,
+        "lr": _NON_NEGATIVE,
+        "weight_decay": _NON_NEGATIVE,
         "betas": _BETAS,
         "shampoo_beta": optional(_BETA),
-        "eps": number(0.0),
+        "eps": _NON_NEGATIVE,
         "precondition_frequency": whole(1),
         "max_precond_dim": whole(1),
         "merge_dims": flag(),
@@ -193,8 +192,8 @@ OPTIONS: dict[str, dict[str, Rule]] = {
         "rotation_precision": one_of(None, "highest", "high"),
     },
     "sophia": {
-        "lr": _RATE,
-        "weight_decay": _DECAY,
+        "lr": _NON_NEGATIVE,
+        "weight_decay": _NON_NEGATIVE,
         "betas": _BETAS,
         "rho": number(0.0, low_open=True),
         "eps": number(0.0, low_open=True),
@@ -202,17 +201,17 @@ OPTIONS: dict[str, dict[str, Rule]] = {
         "bias_correction": flag(),
     },
     "muon": {
-        "lr": _RATE,
-        "weight_decay": _DECAY,
+        "lr": _NON_NEGATIVE,
+        "weight_decay": _NON_NEGATIVE,
         "momentum": _BETA,
         "nesterov": flag(),
         "ns_coefficients": numbers(3, number()),
-        "eps": number(0.0),
+        "eps": _NON_NEGATIVE,
         "ns_steps": whole(1),
         "adjust_lr_fn": one_of(None, "original", "match_rms_adamw"),
-        "adamw_lr": optional(_RATE),
+        "adamw_lr": optional(_NON_NEGATIVE),
         "adamw_betas": _BETAS,
-        "adamw_eps": number(0.0),
+        "adamw_eps": _NON_NEGATIVE,
         "ns_dtype": one_of("auto", "bfloat16", "float32"),
     },
 }
