@@ -30,6 +30,7 @@ from fedpac_hf.optim.options import whole
 from .algorithms import Algorithm, round_beta
 from .batches import batch_size
 from .failures import ClientError
+from .privacy import ClientDP, clip_update
 from .state import ClientUpdate, ServerState, load_trainable_state, trainable_parameters
 
 __all__ = [
@@ -172,6 +173,7 @@ def client_update(
     hooks: ClientHooks,
     *,
     client_id: int = 0,
+    privacy: ClientDP | None = None,
 ) -> ClientUpdate:
     """Run one client's local training for one round and return its update.
 
@@ -181,7 +183,9 @@ def client_update(
     2. alignment: warm-start it from the global Theta (``algorithm.align``);
     3. K times: a base step on the client's gradient, then the correction
        ``theta <- theta - beta * lr * g_G`` (``algorithm.correction``);
-    4. the update: delta, Theta, examples seen, metrics.
+    4. the update: delta, Theta, examples seen, metrics; under client-level
+       DP (``privacy``) clipped before it leaves the client
+       (:func:`~fedpac_hf.federated.privacy.clip_update`).
 
     The local steps never wait for the device: the losses are summed where
     the model is, the optimizer's own per-step finiteness check is switched off
@@ -216,6 +220,9 @@ def client_update(
         How to compute the loss, back-propagate, clip, build the optimizer.
     client_id:
         The client's index, named in its metrics and errors.
+    privacy:
+        Client-level DP: clip the delta (and Theta when it is shared; drop it
+        when not) to the settings' norms.
 
     Returns
     -------
@@ -263,7 +270,8 @@ def client_update(
         hook.remove()
         optimizer.zero_grad(set_to_none=True)
         model.train(was_training)
-    return _collect_update(params, state, optimizer, steps, tally, client_id)
+    update = _collect_update(params, state, optimizer, steps, tally, client_id)
+    return update if privacy is None else clip_update(update, privacy)
 
 
 def _model_device(params: Mapping[str, torch.Tensor]) -> torch.device:

@@ -8,6 +8,7 @@ that ``finalize`` gives the same next state everywhere.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -15,8 +16,9 @@ import torch.distributed as dist
 
 from .failures import ClientFailure
 from .server import RoundAggregator
+from .state import ServerState
 
-__all__ = ["all_reduce"]
+__all__ = ["all_reduce", "share_noise_seed"]
 
 
 def all_reduce(aggregator: RoundAggregator) -> None:
@@ -53,6 +55,7 @@ def all_reduce(aggregator: RoundAggregator) -> None:
             aggregator.theta_bytes,
             aggregator.skipped_steps,
             aggregator.hessian_refreshes,
+            *aggregator.clipped,
         ],
         dtype=torch.float64,
     )
@@ -86,8 +89,23 @@ def all_reduce(aggregator: RoundAggregator) -> None:
         theta_bytes,
         aggregator.skipped_steps,
         aggregator.hessian_refreshes,
+        *aggregator.clipped,
     ) = scalars[2:].cpu().tolist()
     aggregator.num_clients, aggregator.num_examples = int(num_clients), int(num_examples)
     aggregator.delta_bytes, aggregator.theta_bytes = int(delta_bytes), int(theta_bytes)
     aggregator.client_ids = sorted(ids)
     aggregator.failures = sorted(failures, key=lambda f: f.client_id)
+
+
+def share_noise_seed(state: ServerState) -> ServerState:
+    """``state`` with process 0's DP noise seed, so every process adds the same noise.
+
+    Each process draws its own secret seed when it builds its engine; the
+    sums are all-reduced and every process finalizes the round, so they must
+    agree on the noise. A state without a seed (no DP) is returned as it is.
+    """
+    if state.noise_seed is None or not dist.is_available() or not dist.is_initialized():
+        return state
+    shared = [state.noise_seed]
+    dist.broadcast_object_list(shared, src=0)
+    return dataclasses.replace(state, noise_seed=int(shared[0]))

@@ -25,6 +25,7 @@ before sending, :meth:`RoundPlan.record` for each reply or failure, and
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -38,7 +39,8 @@ from fedpac_hf.optim.options import number, one_of, whole
 
 from .algorithms import Algorithm
 from .failures import ClientFailure, RoundError, recurring_failures, run_client
-from .sampling import resolve_clients_per_round, sample_clients
+from .privacy import ClientDP, new_noise_seed
+from .sampling import poisson_sample_clients, resolve_clients_per_round, sample_clients
 from .server import WEIGHTINGS, RoundAggregator
 from .state import ClientUpdate, ServerState
 
@@ -78,6 +80,10 @@ ROUND_METRICS: tuple[str, ...] = (
     "round_time",
 )
 """The metrics every round reports, whichever shell ran it.
+
+Under client-level differential privacy rounds add ``epsilon`` (at the run's
+delta, after this round) and ``dp_clipped_delta``/``dp_clipped_theta`` (the
+fraction of the round's clients whose part was clipped).
 
 ``drift``/``drift_relative`` appear only for optimizers with a curvature
 state, ``drift_from_start``/``drift_from_start_relative`` (each client's Theta
@@ -191,6 +197,14 @@ class RoundEngine:
         Metrics of the rounds already done (when resuming).
     log:
         Where dropped clients are logged (default: this module's logger).
+    privacy:
+        Client-level differential privacy (:class:`~fedpac_hf.federated.privacy.ClientDP`):
+        clients are Poisson-sampled at rate ``clients_per_round / num_clients``,
+        the sums are noised, epsilon is accounted. Needs uniform weighting,
+        float32 transport and a fixed beta.
+    noise_seed:
+        Under DP, the seed of the server's noise when the state has none yet
+        (default: drawn from the OS's entropy).
     device:
         Where in-process clients train (the model's device): each round's
         global state is copied there once for all its clients, and the
@@ -223,6 +237,8 @@ class RoundEngine:
         history: Sequence[Mapping[str, float]] = (),
         log: logging.Logger | None = None,
         device: torch.device | str | None = None,
+        privacy: ClientDP | None = None,
+        noise_seed: int | None = None,
     ) -> None:
         whole(1).check("num_clients", num_clients)
         whole(1).check("local_steps", local_steps)
@@ -257,6 +273,35 @@ class RoundEngine:
         self.history: list[dict[str, float]] = [dict(h) for h in history]
         self.log = log or logger
         self.device = torch.device("cpu") if device is None else torch.device(device)
+        self.privacy = None if privacy is None else self._private(privacy, noise_seed)
+
+    def _private(self, privacy: ClientDP, noise_seed: int | None) -> ClientDP:
+        """``privacy`` resolved for this federation; the state gets its noise seed."""
+        privacy.check_round(
+            str(self.weighting),
+            str(self.transport_dtype).removeprefix("torch."),
+            self.algorithm.adaptive_beta,
+        )
+        resolved = privacy.resolve(self.num_clients, self.sample_rate, self.num_rounds)
+        if self.state.noise_seed is None:
+            seed = new_noise_seed() if noise_seed is None else int(noise_seed)
+            self.state = dataclasses.replace(self.state, noise_seed=seed)
+        return resolved
+
+    @property
+    def sample_rate(self) -> float:
+        """q, a client's chance of taking part in a round (S / N)."""
+        return self.clients_per_round / self.num_clients
+
+    def epsilon(self, rounds: int | None = None) -> float | None:
+        """Epsilon at the run's delta after ``rounds`` (default: those done); ``None`` without DP."""
+        if self.privacy is None:
+            return None
+        from .accounting import epsilon_after
+
+        dp = self.privacy
+        done = self.state.round if rounds is None else rounds
+        return epsilon_after(done, dp.noise_multiplier, self.sample_rate, dp.delta)
 
     @property
     def num_rounds(self) -> int:
@@ -269,7 +314,14 @@ class RoundEngine:
         return self.state.round >= self.num_rounds
 
     def sample(self, round_index: int) -> list[int]:
-        """The clients of round ``round_index`` (0-based), the same in every shell."""
+        """The clients of round ``round_index`` (0-based), the same in every shell.
+
+        Under DP, Poisson sampling (the number of clients varies, may be 0).
+        """
+        if self.privacy is not None:
+            return poisson_sample_clients(
+                self.num_clients, self.sample_rate, self.seed, round_index
+            )
         return sample_clients(self.num_clients, self.clients_per_round, self.seed, round_index)
 
     def plan_round(self) -> RoundPlan:
@@ -284,6 +336,8 @@ class RoundEngine:
             self.weighting,  # type: ignore[arg-type]
             sent,
             device=self.device,
+            privacy=self.privacy,
+            expected_clients=self.clients_per_round,
         )
         return RoundPlan(
             round_index=r,
@@ -322,7 +376,8 @@ class RoundEngine:
         if reduce is not None:
             reduce(aggregator)
         self._stop_on_recurring(aggregator, plan.round_number)
-        aggregator.require(self.min_clients_per_round, plan.round_number)
+        # Poisson sampling under DP may sample fewer clients than the minimum: fine
+        aggregator.require(min(self.min_clients_per_round, len(plan.clients)), plan.round_number)
         state, server_metrics = aggregator.finalize(
             lr=plan.learning_rate,
             local_steps=self.local_steps,
@@ -336,6 +391,8 @@ class RoundEngine:
             "num_dropped": float(len(aggregator.failures)),
             "round_time": time.perf_counter() - plan.started,
         }
+        if self.privacy is not None:
+            metrics["epsilon"] = self.epsilon()
         self.history.append(metrics)
         return metrics
 

@@ -11,7 +11,12 @@ import numpy as np
 
 from fedpac_hf.optim.options import count_or_fraction, whole
 
-__all__ = ["CLIENTS_PER_ROUND", "resolve_clients_per_round", "sample_clients"]
+__all__ = [
+    "CLIENTS_PER_ROUND",
+    "poisson_sample_clients",
+    "resolve_clients_per_round",
+    "sample_clients",
+]
 
 #: What ``clients_per_round`` accepts, from every door: a fraction of the clients or a count.
 CLIENTS_PER_ROUND = count_or_fraction("clients")
@@ -49,3 +54,18 @@ def sample_clients(
         return list(range(num_clients))
     rng = np.random.default_rng([int(seed), int(round_index)])
     return sorted(int(i) for i in rng.choice(num_clients, size=clients_per_round, replace=False))
+
+
+def poisson_sample_clients(
+    num_clients: int, sample_rate: float, seed: int, round_index: int
+) -> list[int]:
+    """Client indices for one round by Poisson sampling, sorted, from ``(seed, round)``.
+
+    Each client takes part independently with probability ``sample_rate``, so
+    the number of clients varies from round to round (it may be 0): the
+    sampling that client-level differential privacy accounts for
+    (:mod:`~fedpac_hf.federated.privacy`). A stream apart from
+    :func:`sample_clients`'s.
+    """
+    rng = np.random.default_rng([int(seed), int(round_index), 1])
+    return [int(i) for i in np.flatnonzero(rng.random(int(num_clients)) < sample_rate)]

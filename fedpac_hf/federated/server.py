@@ -26,10 +26,12 @@ import torch
 
 from fedpac_hf.optim import next_global_curvature, sent_form
 from fedpac_hf.optim.base import all_finite
+from fedpac_hf.optim.repair import repair_curvature
 
 from .adaptive_beta import auto_beta
 from .algorithms import Algorithm, downlink_parts, round_beta
 from .failures import ClientFailure, RoundError, require_finite_aggregate
+from .privacy import ClientDP, noised_round
 from .round_metrics import curvature_scalars, drift_metrics, update_scalars
 from .state import ClientUpdate, ServerState, move_tensors, tensor_bytes
 
@@ -82,6 +84,12 @@ class RoundAggregator:
     device:
         Where the running sums live (default: the CPU). A device without
         float64 (Apple's ``mps``) sums on the CPU instead.
+    privacy:
+        Client-level DP (resolved, :mod:`~fedpac_hf.federated.privacy`): the
+        sums get Gaussian noise and are divided by ``expected_clients``, not by
+        the count of updates; Theta is repaired after.
+    expected_clients:
+        q N, the fixed denominator under DP.
     """
 
     def __init__(
@@ -91,6 +99,8 @@ class RoundAggregator:
         weighting: Weighting = "uniform",
         sent_state: ServerState | None = None,
         device: torch.device | str | None = None,
+        privacy: ClientDP | None = None,
+        expected_clients: float | None = None,
     ) -> None:
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
@@ -117,6 +127,9 @@ class RoundAggregator:
         self.theta_bytes = 0
         self.client_ids: list[int] = []
         self.failures: list[ClientFailure] = []
+        self.privacy = privacy
+        self.expected_clients = expected_clients
+        self.clipped = [0.0, 0.0]  # clients whose delta / Theta were clipped (DP)
 
     def drop(self, failure: ClientFailure) -> None:
         """Record a client that produced no update (it is left out of the sums)."""
@@ -181,6 +194,8 @@ class RoundAggregator:
         self.loss_sum += float(update.metrics.get("train_loss", 0.0)) * weight
         self.skipped_steps += float(update.metrics.get("skipped_steps", 0.0))
         self.hessian_refreshes += float(update.metrics.get("hessian_refreshes", 0.0))
+        self.clipped[0] += float(update.metrics.get("dp_clipped_delta", 0.0))
+        self.clipped[1] += float(update.metrics.get("dp_clipped_theta", 0.0))
         self.delta_bytes += tensor_bytes(update.delta)
         if self.algorithm.align:
             self.theta_bytes += tensor_bytes(update.curvature)
@@ -216,12 +231,21 @@ class RoundAggregator:
             If no update was added, or the new global parameters, direction
             or curvature are not finite (never handed on, so never saved).
         """
-        if self.num_clients == 0:
+        if self.num_clients == 0 and self.privacy is None:
             raise RoundError(
                 f"round {self.server_state.round + 1}: no client update to aggregate"
                 + (f" (dropped: {'; '.join(map(str, self.failures[:5]))})" if self.failures else "")
             )
         state = self.server_state
+        if self.privacy is not None:
+            self.delta_sum, self.curvature_weighted_sum = noised_round(
+                self.privacy,
+                self.delta_sum,
+                self.curvature_weighted_sum,
+                sent_form(state.curvature),
+                state.noise_seed,
+                state.round,
+            )
         delta, params, direction = self._server_step(lr, local_steps, server_lr)
         mean = self._mean_curvature()
         curvature = None if mean is None else self._next_curvature(mean)
@@ -239,8 +263,16 @@ class RoundAggregator:
             direction=direction,
             round=state.round + 1,
             beta=next_beta if self.algorithm.adaptive_beta else None,
+            noise_seed=state.noise_seed,
         )
         return new_state, metrics
+
+    @property
+    def denominator(self) -> float:
+        """W, what the sums are divided by: the weight of the updates, or q N under DP."""
+        if self.privacy is not None and self.expected_clients is not None:
+            return float(self.expected_clients)
+        return self.weight_sum
 
     def _server_step(
         self, lr: float, local_steps: int, server_lr: float
@@ -250,7 +282,7 @@ class RoundAggregator:
         ``Delta = sum_i w_i Delta_i / W``, ``theta^{r+1} = theta^r + eta_g Delta``,
         ``g_G^{r+1} = -Delta / (K eta_l)``.
         """
-        inv_w = 1.0 / self.weight_sum
+        inv_w = 1.0 / self.denominator
         master = move_tensors(self.server_state.params, self.device)
         delta = {n: (s * inv_w) for n, s in self.delta_sum.items()}
         params = {
@@ -264,8 +296,9 @@ class RoundAggregator:
         """Theta^{r+1} = sum_i w_i Theta_i / W in float64 (``None`` when no client sent Theta)."""
         if not self.curvature_weighted_sum:
             return None
-        inv_w = 1.0 / self.weight_sum
-        return {n: s * inv_w for n, s in self.curvature_weighted_sum.items()}
+        inv_w = 1.0 / self.denominator
+        mean = {n: s * inv_w for n, s in self.curvature_weighted_sum.items()}
+        return mean if self.privacy is None else repair_curvature(mean)
 
     def _next_curvature(self, mean: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Theta^{r+1} as the clients will import it (float32).
@@ -301,7 +334,7 @@ class RoundAggregator:
         :mod:`~fedpac_hf.federated.round_metrics`, and whether each of ``parts``
         is finite) and the round's metrics derived from them.
         """
-        inv_w = 1.0 / self.weight_sum
+        inv_w = 1.0 / self.weight_sum if self.weight_sum else 0.0  # 0: a DP round of no client
         state = self.server_state
         scalars = update_scalars(
             delta,
@@ -310,7 +343,7 @@ class RoundAggregator:
             state.direction,
             units=1.0 / (local_steps * lr) ** 2,
         )
-        if mean_curvature is not None:
+        if mean_curvature is not None and self.curvature_sum:
             scalars.update(
                 curvature_scalars(
                     self.curvature_sum,
@@ -337,6 +370,9 @@ class RoundAggregator:
             skipped_steps=self.skipped_steps,
             hessian_refreshes=self.hessian_refreshes,
         )
+        if self.privacy is not None:
+            metrics["dp_clipped_delta"] = self.clipped[0] * inv_w
+            metrics["dp_clipped_theta"] = self.clipped[1] * inv_w
         return read, metrics
 
     def _next_beta(self, metrics: dict[str, float]) -> float | None:

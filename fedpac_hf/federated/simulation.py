@@ -22,6 +22,7 @@ from .client import ClientHooks, LocalSteps, LossFn, client_update
 from .engine import TRANSPORT_DTYPES, RoundEngine, RoundPlan
 from .failures import require_finite_evaluation
 from .preflight import preflight as run_preflight
+from .privacy import ClientDP
 from .schedule import round_learning_rates
 from .server import WEIGHTINGS, Weighting
 from .state import ServerState, load_trainable_state
@@ -45,6 +46,7 @@ SETTINGS: dict[str, Rule] = {
     "transport_dtype": one_of(*TRANSPORT_DTYPES),
     "curvature": one_of(*CURVATURE_FORMS),
     "theta_budget": optional(number(0.0, low_open=True)),
+    "dp_noise_seed": optional(whole(0)),
     "preflight": flag(),
     "progress": flag(),
 }
@@ -91,6 +93,13 @@ def simulate(
     transport_dtype: str = "float32",
     curvature: str = "auto",
     theta_budget: float | None = None,
+    dp_mode: str = "none",
+    dp_clip_norm: float | None = None,
+    dp_theta_clip_norm: float | None = None,
+    dp_noise_multiplier: float | None = None,
+    dp_delta: float | None = None,
+    dp_target_epsilon: float | None = None,
+    dp_noise_seed: int | None = None,
     preflight: bool = True,
     progress: bool = False,
     callback: Callable[[ServerState, dict[str, float]], None] | None = None,
@@ -141,6 +150,16 @@ def simulate(
         :func:`~fedpac_hf.federated.theta_budget.theta_options`, which
         ``FedPACTrainer``, the CLI and the Flower apps use too). Options in
         the algorithm's ``optimizer_kwargs`` take precedence.
+    dp_mode, dp_clip_norm, dp_theta_clip_norm, dp_noise_multiplier, dp_delta, \
+    dp_target_epsilon, dp_noise_seed:
+        Client-level differential privacy (``dp_mode="client"``): each client's
+        delta clipped to ``dp_clip_norm`` and its Theta, when it travels, to
+        ``dp_theta_clip_norm``; clients Poisson-sampled; Gaussian noise on the
+        sums with multiplier ``dp_noise_multiplier`` (or the one
+        ``dp_target_epsilon`` needs after ``num_rounds``); ``epsilon`` at
+        ``dp_delta`` (default ``num_clients ** -1.1``) in every round's
+        metrics. ``dp_noise_seed`` fixes the noise (default: a secret seed).
+        See :mod:`~fedpac_hf.federated.privacy`.
     preflight:
         Before round 1, run one local step of client 0, one aggregation, one
         warm-started step and ``eval_fn`` once (:func:`~fedpac_hf.federated.preflight.preflight`),
@@ -188,6 +207,15 @@ def simulate(
     for cid, loader in enumerate(client_loaders):
         if hasattr(loader, "__len__") and len(loader) == 0:
             raise ValueError(f"client {cid}'s loader is empty: every client needs data")
+    privacy = ClientDP.from_settings(
+        dp_mode,
+        clip_norm=dp_clip_norm,
+        theta_clip_norm=dp_theta_clip_norm,
+        noise_multiplier=dp_noise_multiplier,
+        delta=dp_delta,
+        target_epsilon=dp_target_epsilon,
+        share_theta=algorithm.align,
+    )
     engine = RoundEngine(
         algorithm,
         ServerState.from_model(model),
@@ -202,6 +230,8 @@ def simulate(
         transport_dtype=transport_dtype,
         log=logger,
         device=next(p.device for p in model.parameters() if p.requires_grad),
+        privacy=privacy,
+        noise_seed=read["dp_noise_seed"],
     )
 
     hooks = ClientHooks(loss_fn=loss_fn, curvature_loss_fn=curvature_loss_fn)
@@ -226,6 +256,7 @@ def simulate(
             LocalSteps(lr=plan.learning_rate, num_steps=local_steps, max_grad_norm=max_grad_norm),
             hooks,
             client_id=client_id,
+            privacy=engine.privacy,
         )
 
     bar = tqdm(range(num_rounds), desc=f"{algorithm.name} rounds", disable=not progress)

@@ -149,6 +149,10 @@ class ServerState:
         The correction strength the server chose for the next round when the
         algorithm's beta is ``"auto"`` (None: not chosen yet, or a fixed beta);
         see :func:`~fedpac_hf.federated.round_beta`.
+    noise_seed:
+        Under client-level differential privacy, the server's secret seed of
+        the noise it adds (:mod:`~fedpac_hf.federated.privacy`); saved in
+        checkpoints, never sent to clients. ``None`` without DP.
     """
 
     params: dict[str, torch.Tensor]
@@ -156,6 +160,7 @@ class ServerState:
     direction: dict[str, torch.Tensor] | None = None
     round: int = 0
     beta: float | None = None
+    noise_seed: int | None = None
 
     def cast(self, dtype: torch.dtype) -> ServerState:
         """This state with every tensor in ``dtype`` (what travels with reduced-precision transport)."""
@@ -171,6 +176,7 @@ class ServerState:
             direction=convert(self.direction),
             round=self.round,
             beta=self.beta,
+            noise_seed=self.noise_seed,
         )
 
     def to(self, device: torch.device | str) -> ServerState:
@@ -193,6 +199,7 @@ class ServerState:
             direction=part_of("direction"),
             round=self.round,
             beta=self.beta,
+            noise_seed=self.noise_seed,
         )
 
     @classmethod

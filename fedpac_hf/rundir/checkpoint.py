@@ -147,6 +147,7 @@ def save_federated_checkpoint(
             "has_curvature": state.curvature is not None,
             "has_direction": state.direction is not None,
             "beta": state.beta,
+            **({} if state.noise_seed is None else {"dp_noise_seed": state.noise_seed}),
             **metadata,
         }
         (tmp / STATE_JSON).write_text(json.dumps(doc, indent=2, sort_keys=True))
@@ -215,10 +216,21 @@ def load_federated_checkpoint(directory: str | os.PathLike[str]) -> tuple[Server
         direction=parts["direction"] if metadata.get("has_direction") else None,
         round=round_number,
         beta=_beta_of(metadata, json_path),
+        noise_seed=_noise_seed_of(metadata, json_path),
     )
     if not state.params:
         raise ValueError(f"{tensor_path} holds no global parameters (no 'params::' entry)")
     return state, metadata
+
+
+def _noise_seed_of(metadata: dict[str, Any], json_path: Path) -> int | None:
+    """The server's DP noise seed (``None`` without DP and in older checkpoints)."""
+    seed = metadata.get("dp_noise_seed")
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"{json_path} is corrupt: 'dp_noise_seed' is {seed!r}, not a seed")
+    return seed
 
 
 def _beta_of(metadata: dict[str, Any], json_path: Path) -> float | None:

@@ -1,0 +1,318 @@
+"""Client-level differential privacy of a federated round: clip, sample, noise.
+
+The mechanism is DP-FedAvg's (McMahan et al., 2018) extended to the second
+channel FedPAC has, the curvature state Theta, which is a function of the
+client's data as much as its delta is:
+
+1. **clip** (on the client, before anything leaves it, :func:`clip_update`):
+   the delta to L2 norm ``C`` (``dp_clip_norm``) and, when Theta travels
+   (alignment on), Theta to ``C_Theta`` (``dp_theta_clip_norm``); without
+   alignment Theta does not leave the client at all;
+2. **sample** clients by Poisson sampling: each client takes part in a round
+   independently with probability ``q = clients_per_round / num_clients``
+   (:func:`~fedpac_hf.federated.sampling.poisson_sample_clients`), the
+   sampling the accountant assumes;
+3. **noise** (on the server, :func:`noised_sums`): Gaussian noise on the sums,
+   std ``z k C`` on the delta's and ``z k C_Theta`` on Theta's, with
+   ``z = dp_noise_multiplier`` and ``k = sqrt(2)`` when both parts travel
+   (``k = 1`` otherwise); the sums are divided by the *expected* number of
+   clients ``q N`` (a fixed denominator, so one client changes the mean by at
+   most its clipped contribution over ``q N``);
+4. **repair** Theta (:func:`~fedpac_hf.optim.repair.repair_curvature`):
+   non-negative where the optimizer needs it, PSD statistics; post-processing,
+   no privacy cost.
+
+Why ``k = sqrt(2)``: scale each client's contribution to ``(Delta / C,
+Theta / C_Theta)``; its norm is at most ``sqrt(2)``, the noise on it has std
+``z sqrt(2)``, so each round is one Gaussian mechanism with noise multiplier
+``z`` on a vector of sensitivity ``sqrt(2)`` (add or remove one client). The
+clip budget is split evenly between the two parts; sharing Theta costs the
+delta ``sqrt(2)`` more noise than DP-FedAvg without Theta.
+
+The accountant (:mod:`~fedpac_hf.federated.accounting`) composes one
+Poisson-sampled Gaussian event per round. The noise is drawn from a generator
+seeded by ``noise_seed`` and the round: the seed is the server's secret
+(drawn from the OS's entropy unless ``dp_noise_seed`` is set, kept in the
+server's checkpoints so a resumed run adds the noise the uninterrupted run
+would). Round metrics computed from single clients (``train_loss``,
+``drift``, ``client_dispersion``, ``dp_clipped_*``) are diagnostics outside
+the guarantee: only the model, the global direction and Theta are private.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+import torch
+
+from fedpac_hf.optim.options import number, one_of, optional, whole
+
+from .state import ClientUpdate
+
+__all__ = [
+    "DP_MODES",
+    "ClientDP",
+    "clip_update",
+    "noised_sums",
+]
+
+DP_MODES: tuple[str, ...] = ("none", "client")
+"""``dp_mode`` choices: no privacy, or client-level (user-level) DP."""
+
+_POSITIVE = number(0.0, low_open=True)
+_RULES = {
+    "dp_clip_norm": _POSITIVE,
+    "dp_theta_clip_norm": optional(_POSITIVE),
+    "dp_noise_multiplier": optional(number(0.0)),
+    "dp_delta": optional(number(0.0, 1.0, low_open=True, high_open=True)),
+    "dp_target_epsilon": optional(_POSITIVE),
+    "dp_noise_seed": optional(whole(0)),
+}
+
+
+@dataclass(frozen=True)
+class ClientDP:
+    """Client-level DP settings of a run, resolved against its federation.
+
+    Build it with :meth:`from_settings` (which checks every value and names
+    the setting to change); :meth:`resolve` fixes what depends on the
+    federation (``delta``'s default, the noise multiplier a target epsilon
+    needs).
+
+    Attributes
+    ----------
+    clip_norm:
+        C, the L2 bound of each client's delta.
+    theta_clip_norm:
+        C_Theta, the L2 bound of each client's Theta (needed when Theta travels).
+    noise_multiplier:
+        z; ``None`` until resolved from ``target_epsilon``. 0: clipping only
+        (epsilon is infinite).
+    delta:
+        The delta of (epsilon, delta)-DP; default ``num_clients ** -1.1``.
+    target_epsilon:
+        When set, z is the smallest noise that keeps epsilon at ``delta``
+        within it after all rounds.
+    share_theta:
+        Whether Theta leaves the clients (the algorithm aligns).
+    """
+
+    clip_norm: float
+    theta_clip_norm: float | None = None
+    noise_multiplier: float | None = None
+    delta: float | None = None
+    target_epsilon: float | None = None
+    share_theta: bool = False
+
+    @classmethod
+    def from_settings(
+        cls,
+        mode: str,
+        *,
+        clip_norm: float | None = None,
+        theta_clip_norm: float | None = None,
+        noise_multiplier: float | None = None,
+        delta: float | None = None,
+        target_epsilon: float | None = None,
+        share_theta: bool = False,
+    ) -> ClientDP | None:
+        """The settings of ``dp_mode`` checked, or ``None`` for ``dp_mode: none``.
+
+        Raises ``ValueError`` naming the setting for a bad value or combination:
+        noise or a target without ``dp_clip_norm``, both ``dp_noise_multiplier``
+        and ``dp_target_epsilon``, neither, or Theta shared without
+        ``dp_theta_clip_norm``.
+        """
+        one_of(*DP_MODES).check("dp_mode", mode)
+        given = {
+            "dp_clip_norm": clip_norm,
+            "dp_theta_clip_norm": theta_clip_norm,
+            "dp_noise_multiplier": noise_multiplier,
+            "dp_delta": delta,
+            "dp_target_epsilon": target_epsilon,
+        }
+        if mode == "none":
+            set_ = [k for k, v in given.items() if v is not None]
+            if set_:
+                raise ValueError(
+                    f"{', '.join(set_)} set with dp_mode: none; set dp_mode: client to train "
+                    "with differential privacy, or remove them"
+                )
+            return None
+        if clip_norm is None:
+            raise ValueError(
+                "dp_mode: client needs dp_clip_norm, the L2 bound of each client's delta "
+                "(noise without clipping bounds nothing)"
+            )
+        for setting, value in given.items():
+            _RULES[setting].check(setting, value)
+        if (noise_multiplier is None) == (target_epsilon is None):
+            raise ValueError(
+                "dp_mode: client needs exactly one of dp_noise_multiplier (the noise) and "
+                "dp_target_epsilon (the noise derived from the privacy budget and the rounds)"
+                + (", not both" if noise_multiplier is not None else "")
+            )
+        if share_theta and theta_clip_norm is None:
+            raise ValueError(
+                "the algorithm shares the curvature state Theta (alignment), which depends on "
+                "the client's data too: set dp_theta_clip_norm, the L2 bound of each client's "
+                "Theta (or align: false to keep Theta on the clients)"
+            )
+        return cls(
+            clip_norm=float(clip_norm),
+            theta_clip_norm=None if theta_clip_norm is None else float(theta_clip_norm),
+            noise_multiplier=None if noise_multiplier is None else float(noise_multiplier),
+            delta=None if delta is None else float(delta),
+            target_epsilon=None if target_epsilon is None else float(target_epsilon),
+            share_theta=bool(share_theta),
+        )
+
+    def resolve(self, num_clients: int, sample_rate: float, num_rounds: int) -> ClientDP:
+        """These settings with ``delta`` and ``noise_multiplier`` fixed for a federation.
+
+        Raises ``ValueError`` when ``dp_delta >= 1 / num_clients`` (it would
+        allow publishing one client's data outright) or when the target
+        epsilon is not reachable in ``num_rounds``.
+        """
+        from .accounting import noise_for_epsilon
+
+        delta = self.delta if self.delta is not None else float(num_clients) ** -1.1
+        if delta >= 1.0 / num_clients:
+            raise ValueError(
+                f"dp_delta={delta:g} is not below 1 / num_clients = {1.0 / num_clients:g}: "
+                "a delta that large allows revealing a client outright; use at most "
+                f"{num_clients**-1.1:.3g} (num_clients ** -1.1, the default)"
+            )
+        z = self.noise_multiplier
+        if z is None:
+            z = noise_for_epsilon(self.target_epsilon, delta, sample_rate, num_rounds)
+        return replace(self, delta=delta, noise_multiplier=z)
+
+    @staticmethod
+    def check_round(weighting: str, transport_dtype: str, adaptive_beta: bool) -> None:
+        """Refuse round settings the mechanism does not cover, naming the setting."""
+        for setting, value, needed in (
+            ("aggregation_weighting (simulate's weighting)", weighting, "uniform"),
+            ("transport_dtype", transport_dtype, "float32"),
+        ):
+            if value != needed:
+                raise ValueError(
+                    f"dp_mode: client needs {setting}: {needed} (the noise is sized for "
+                    f"clipped updates summed as they are), got {value!r}"
+                )
+        if adaptive_beta:
+            raise ValueError(
+                "beta: auto reads the spread of single clients' updates, which the noise does "
+                "not cover: set a fixed beta with dp_mode: client"
+            )
+
+    @property
+    def noise_scale(self) -> float:
+        """k: sqrt(2) when Delta and Theta share the mechanism, else 1."""
+        return math.sqrt(2.0) if self.share_theta else 1.0
+
+    def noise_stds(self) -> tuple[float, float]:
+        """Std of the noise on the delta sum and on the Theta sum (resolved settings)."""
+        if self.noise_multiplier is None:
+            raise ValueError("the DP settings are not resolved (call resolve first)")
+        z = self.noise_multiplier * self.noise_scale
+        return z * self.clip_norm, z * (self.theta_clip_norm or 0.0)
+
+
+def new_noise_seed() -> int:
+    """A 63-bit seed from the operating system's entropy (the server's secret)."""
+    return secrets.randbits(63)
+
+
+def _global_norm(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    values = [t.to(torch.float32) for t in tensors.values()]
+    if not values:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(values)))
+
+
+def _clipped(
+    tensors: Mapping[str, torch.Tensor], bound: float
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """``tensors`` scaled to global L2 norm at most ``bound``, and whether they were scaled."""
+    norm = _global_norm(tensors)
+    scale = torch.clamp(bound / torch.clamp(norm, min=torch.finfo(torch.float32).tiny), max=1.0)
+    clipped = {n: t * scale.to(t.device, t.dtype) for n, t in tensors.items()}
+    return clipped, norm > bound
+
+
+def clip_update(update: ClientUpdate, dp: ClientDP) -> ClientUpdate:
+    """What leaves a client under client-level DP: its delta clipped, Theta clipped or kept.
+
+    The delta is scaled to L2 norm at most ``dp.clip_norm``; Theta to
+    ``dp.theta_clip_norm`` when it is shared (``dp.share_theta``), else it is
+    dropped (the server never sees it). ``metrics`` gains ``dp_clipped_delta``
+    and ``dp_clipped_theta`` (1.0 when that part was scaled down).
+    """
+    delta, delta_clipped = _clipped(update.delta, dp.clip_norm)
+    curvature: dict[str, torch.Tensor] = {}
+    theta_clipped = torch.zeros((), dtype=torch.bool)
+    if dp.share_theta and update.curvature:
+        curvature, theta_clipped = _clipped(update.curvature, float(dp.theta_clip_norm or 0.0))
+    flags = torch.stack([delta_clipped.cpu(), theta_clipped.cpu()]).tolist()
+    metrics = dict(update.metrics)
+    metrics.update(dp_clipped_delta=float(flags[0]), dp_clipped_theta=float(flags[1]))
+    return replace(update, delta=delta, curvature=curvature, metrics=metrics)
+
+
+def noised_round(
+    dp: ClientDP,
+    delta_sum: dict[str, torch.Tensor],
+    theta_sum: dict[str, torch.Tensor],
+    theta_keys: Mapping[str, torch.Tensor] | None,
+    noise_seed: int | None,
+    round_index: int,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A round's delta and Theta sums with the mechanism's Gaussian noise.
+
+    ``theta_keys`` (the global Theta in its sent-up form) names Theta's
+    entries when no client sent any this round, so that the round still
+    releases noise on them. Theta is noised only when it is shared.
+    """
+    if noise_seed is None:
+        raise ValueError("a DP round needs the server's noise seed (ServerState.noise_seed)")
+    std_delta, std_theta = dp.noise_stds()
+    delta_sum = noised_sums(delta_sum, std_delta, noise_generator(noise_seed, round_index, "delta"))
+    if not dp.share_theta:
+        return delta_sum, theta_sum
+    if not theta_sum and theta_keys:  # no client this round
+        device = next(iter(delta_sum.values())).device
+        theta_sum = {
+            n: torch.zeros(t.shape, dtype=torch.float64, device=device)
+            for n, t in theta_keys.items()
+        }
+    theta_sum = noised_sums(theta_sum, std_theta, noise_generator(noise_seed, round_index, "theta"))
+    return delta_sum, theta_sum
+
+
+def noise_generator(noise_seed: int, round_index: int, part: str) -> torch.Generator:
+    """The CPU generator of one round's noise on one part (``"delta"`` or ``"theta"``)."""
+    mixed = int(noise_seed) * 1_000_003 + int(round_index) * 7919 + zlib.crc32(part.encode())
+    return torch.Generator().manual_seed(mixed % (2**63))
+
+
+def noised_sums(
+    sums: Mapping[str, torch.Tensor], std: float, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """``sums`` plus independent N(0, std^2) noise per entry, drawn in float64 on the CPU.
+
+    The noise is drawn on the CPU in the sorted order of the names (the same
+    noise whatever the dict's order, which differs between a fresh state and
+    one loaded from a checkpoint, and on any device) and added where the sums
+    live.
+    """
+    noised = {}
+    for name in sorted(sums):
+        total = sums[name]
+        noise = torch.randn(total.shape, dtype=torch.float64, generator=generator) * std
+        noised[name] = total + noise.to(total.device, total.dtype)
+    return {name: noised[name] for name in sums}

@@ -1,0 +1,374 @@
+"""Client-level differential privacy: clipping, noise, sampling, accounting, resume, bad settings."""
+
+from __future__ import annotations
+
+import math
+
+import dp_accounting
+import pytest
+import torch
+from opacus.accountants import PRVAccountant
+
+from fedpac_hf import FedPACArguments, FedPACTrainer
+from fedpac_hf.federated import ServerState, get_algorithm, simulate
+from fedpac_hf.federated.accounting import epsilon_after, noise_for_epsilon
+from fedpac_hf.federated.batches import cycle_batches
+from fedpac_hf.federated.client import ClientHooks, LocalSteps, client_update
+from fedpac_hf.federated.privacy import ClientDP, noise_generator, noised_round
+from fedpac_hf.federated.sampling import poisson_sample_clients
+from fedpac_hf.federated.server import RoundAggregator
+from fedpac_hf.federated.state import ClientUpdate
+from fedpac_hf.optim.repair import repair_curvature
+from fedpac_hf.rundir.checkpoint import load_federated_checkpoint
+
+from .trainer_fixtures import image_data, tiny_vit, vit_args
+
+
+def _clients(num: int = 20, per: int = 16, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(num * per, 6, generator=gen)
+    y = (x @ torch.randn(6, 3, generator=gen)).argmax(1)
+    return [[(x[i * per : (i + 1) * per], y[i * per : (i + 1) * per])] for i in range(num)]
+
+
+def _loss(model, batch):
+    return torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+
+
+def _norm(tensors) -> float:
+    return math.sqrt(sum(float(t.double().square().sum()) for t in tensors.values()))
+
+
+# ------------------------------------------------------------------ clipping
+
+
+@pytest.mark.parametrize("algorithm", ["fedpac_soap", "fedadamw", "fedavg_adamw"])
+def test_clipping_bounds_what_leaves_a_client_delta_and_theta(algorithm):
+    alg = get_algorithm(algorithm)
+    model = _model()
+    state = ServerState.from_model(model)
+    steps = LocalSteps(lr=0.5, num_steps=4)  # a large step: the delta is far above the bound
+    plain = client_update(
+        model, state, alg, cycle_batches(_clients()[0]), steps, ClientHooks(loss_fn=_loss)
+    )
+    dp = ClientDP.from_settings(
+        "client",
+        clip_norm=0.05,
+        theta_clip_norm=1e-4,
+        noise_multiplier=1.0,
+        share_theta=alg.align,
+    )
+    clipped = client_update(
+        model,
+        state,
+        alg,
+        cycle_batches(_clients()[0]),
+        steps,
+        ClientHooks(loss_fn=_loss),
+        privacy=dp,
+    )
+    assert _norm(plain.delta) > 0.05 and plain.curvature
+    assert _norm(clipped.delta) == pytest.approx(0.05, rel=1e-5)
+    # the same direction, only shorter
+    scale = _norm(clipped.delta) / _norm(plain.delta)
+    for name, d in plain.delta.items():
+        torch.testing.assert_close(clipped.delta[name], d * scale, rtol=1e-4, atol=1e-7)
+    assert clipped.metrics["dp_clipped_delta"] == 1.0
+    if alg.align:  # Theta travels: bounded too
+        assert _norm(plain.curvature) > 1e-4
+        assert _norm(clipped.curvature) == pytest.approx(1e-4, rel=1e-5)
+        assert clipped.metrics["dp_clipped_theta"] == 1.0
+    else:  # Theta never leaves the client
+        assert clipped.curvature == {}
+        assert clipped.metrics["dp_clipped_theta"] == 0.0
+
+
+def test_an_update_within_the_bounds_leaves_unchanged():
+    update = ClientUpdate(0, {"w": torch.tensor([0.3, 0.4])}, {"w.exp_avg_sq": torch.ones(2)}, 4, 1)
+    dp = ClientDP.from_settings(
+        "client", clip_norm=1.0, theta_clip_norm=2.0, noise_multiplier=0.0, share_theta=True
+    )
+    from fedpac_hf.federated.privacy import clip_update
+
+    out = clip_update(update, dp)
+    assert torch.equal(out.delta["w"], update.delta["w"])
+    assert torch.equal(out.curvature["w.exp_avg_sq"], update.curvature["w.exp_avg_sq"])
+    assert out.metrics == {"dp_clipped_delta": 0.0, "dp_clipped_theta": 0.0}
+
+
+# ------------------------------------------------------------------ noise
+
+
+def _resolved(share_theta: bool, z: float = 0.8) -> ClientDP:
+    dp = ClientDP.from_settings(
+        "client",
+        clip_norm=0.5,
+        theta_clip_norm=2.0 if share_theta else None,
+        noise_multiplier=z,
+        share_theta=share_theta,
+    )
+    return dp.resolve(num_clients=100, sample_rate=0.1, num_rounds=5)
+
+
+@pytest.mark.parametrize("share_theta", [False, True])
+def test_the_noise_measured_on_the_aggregate_matches_the_setting(share_theta):
+    """The mean delta of clients that sent zeros is the noise over q N: its std is z k C / (q N)."""
+    dp = _resolved(share_theta)
+    alg = get_algorithm("fedpac_soap" if share_theta else "fedavg_adamw")
+    params = {"w": torch.zeros(200, 100)}
+    state = ServerState(params=params, noise_seed=11)
+    aggregator = RoundAggregator(state, alg, privacy=dp, expected_clients=10)
+    for cid in range(7):  # fewer than expected: the denominator stays q N = 10
+        aggregator.add(ClientUpdate(cid, {"w": torch.zeros(200, 100)}, {}, 8, 1))
+    new, metrics = aggregator.finalize(lr=1.0, local_steps=1)
+    k = math.sqrt(2.0) if share_theta else 1.0
+    expected = 0.8 * k * 0.5 / 10
+    assert new.params["w"].std().item() == pytest.approx(expected, rel=0.03)
+    assert abs(new.params["w"].mean().item()) < 3 * expected / 100
+    assert new.noise_seed == 11  # the next round's noise comes from the same secret
+    # Theta's sum gets std z k C_Theta, drawn from its own stream
+    theta = {"w.L": torch.zeros(300, 300, dtype=torch.float64)}
+    _, noised = noised_round(dp, {"w": torch.zeros(3, dtype=torch.float64)}, theta, None, 11, 0)
+    if share_theta:
+        assert noised["w.L"].std().item() == pytest.approx(0.8 * k * 2.0, rel=0.02)
+    else:
+        assert torch.equal(noised["w.L"], theta["w.L"])  # not shared: nothing to noise
+
+
+def test_the_noise_is_a_function_of_the_secret_seed_and_the_round():
+    draw = lambda seed, r, part: torch.randn(5, generator=noise_generator(seed, r, part))  # noqa: E731
+    assert torch.equal(draw(3, 1, "delta"), draw(3, 1, "delta"))
+    assert not torch.equal(draw(3, 1, "delta"), draw(4, 1, "delta"))
+    assert not torch.equal(draw(3, 1, "delta"), draw(3, 2, "delta"))
+    assert not torch.equal(draw(3, 1, "delta"), draw(3, 1, "theta"))
+
+
+def test_repair_makes_a_noised_theta_importable():
+    gen = torch.Generator().manual_seed(0)
+    noisy = torch.randn(6, 6, generator=gen)
+    theta = {
+        "a.L": noisy,
+        "a.R": torch.tensor([1.0, -2.0]),
+        "b.exp_avg_sq": torch.tensor([-1.0, 3.0]),
+        "c.momentum": torch.tensor([-1.0, 3.0]),
+        "a.L.sketch": torch.tensor([[-1.0]]),
+    }
+    fixed = repair_curvature(theta)
+    assert torch.linalg.eigvalsh(fixed["a.L"].double()).min() > -1e-6
+    torch.testing.assert_close(fixed["a.L"], fixed["a.L"].T)
+    assert fixed["a.R"].tolist() == [1.0, 0.0]
+    assert fixed["b.exp_avg_sq"].tolist() == [0.0, 3.0]
+    assert fixed["c.momentum"].tolist() == [-1.0, 3.0]  # unconstrained entries stay
+    assert fixed["a.L.sketch"].tolist() == [[-1.0]]
+    psd = noisy @ noisy.T
+    torch.testing.assert_close(repair_curvature({"x.L": psd})["x.L"], psd, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ sampling
+
+
+def test_poisson_sampling_is_seeded_and_has_rate_q():
+    rounds = [poisson_sample_clients(200, 0.1, 5, r) for r in range(300)]
+    assert rounds[7] == poisson_sample_clients(200, 0.1, 5, 7)
+    assert rounds[7] != poisson_sample_clients(200, 0.1, 6, 7)
+    counts = [len(r) for r in rounds]
+    assert sum(counts) / len(counts) == pytest.approx(20, rel=0.05)
+    assert len(set(counts)) > 5  # the number of clients varies
+    assert all(r == sorted(set(r)) for r in rounds)
+
+
+# ------------------------------------------------------------------ accounting
+
+
+def test_simulate_reports_the_accountants_epsilon_for_its_events():
+    loaders = _clients(num=20)
+    history = simulate(
+        _model(),
+        loaders,
+        "fedpac_soap",
+        4,
+        5,
+        2,
+        _loss,
+        lr=0.05,
+        dp_mode="client",
+        dp_clip_norm=0.1,
+        dp_theta_clip_norm=1.0,
+        dp_noise_multiplier=1.1,
+        dp_noise_seed=0,
+        preflight=False,
+    )
+    q, delta = 5 / 20, 20**-1.1
+    for r, metrics in enumerate(history, start=1):
+        # the same events, composed by dp-accounting directly
+        event = dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(1.1)), r
+        )
+        accountant = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-3)
+        accountant.compose(event)
+        assert metrics["epsilon"] == pytest.approx(accountant.get_epsilon(delta), rel=1e-9)
+    assert history[1]["epsilon"] > history[0]["epsilon"]
+    assert {"dp_clipped_delta", "dp_clipped_theta"} <= set(history[0])
+
+
+@pytest.mark.parametrize(("z", "q", "rounds"), [(1.0, 0.2, 50), (0.8, 0.02, 300), (3.0, 0.02, 100)])
+def test_epsilon_is_within_ten_percent_of_opacus_prv_accountant(z, q, rounds):
+    delta = 1e-5
+    prv = PRVAccountant()
+    prv.history = [(z, q, rounds)]
+    independent = prv.get_epsilon(delta)
+    assert epsilon_after(rounds, z, q, delta) == pytest.approx(independent, rel=0.10)
+
+
+def test_a_target_epsilon_gives_the_smallest_noise_that_meets_it():
+    z = noise_for_epsilon(4.0, 1e-5, 0.05, 100)
+    assert epsilon_after(100, z, 0.05, 1e-5) <= 4.0
+    assert epsilon_after(100, z * 0.97, 0.05, 1e-5) > 4.0
+    assert epsilon_after(3, 0.0, 0.05, 1e-5) == math.inf
+    assert epsilon_after(0, 1.0, 0.05, 1e-5) == 0.0
+
+
+# ------------------------------------------------------------------ DP off, DP at its limit
+
+
+def test_dp_without_noise_and_with_bounds_never_reached_is_the_plain_run_bit_for_bit():
+    """q = 1, z = 0, C huge: clipping scales by exactly 1, the noise is 0, the mean the same."""
+    loaders = _clients(num=6)
+    common = dict(lr=0.05, preflight=False)
+    plain_model, private_model = _model(), _model()
+    simulate(plain_model, loaders, "fedavg_adamw", 3, 6, 2, _loss, **common)
+    simulate(
+        private_model,
+        loaders,
+        "fedavg_adamw",
+        3,
+        6,
+        2,
+        _loss,
+        **common,
+        dp_mode="client",
+        dp_clip_norm=1e9,
+        dp_noise_multiplier=0.0,
+        dp_delta=0.01,
+    )
+    for a, b in zip(plain_model.parameters(), private_model.parameters()):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------ resume
+
+
+def test_a_resumed_private_run_adds_the_same_noise_and_continues_epsilon(tmp_path):
+    data = image_data()
+    dp = dict(dp_mode="client", dp_clip_norm=0.05, dp_theta_clip_norm=5.0, dp_noise_multiplier=1.0)
+    first = FedPACTrainer(
+        model=tiny_vit(),
+        args=vit_args(tmp_path, num_rounds=3, save_strategy="steps", save_steps=1, **dp),
+        train_dataset=data["train"],
+    )
+    first.train()
+    ckpt = tmp_path / "run" / "checkpoint-round-1"
+    state, meta = load_federated_checkpoint(ckpt)
+    assert state.noise_seed is not None  # the secret seed drawn at the start, saved
+    assert meta["history"][0]["epsilon"] == first.round_history[0]["epsilon"] > 0
+
+    resumed = FedPACTrainer(
+        model=tiny_vit(seed=123),
+        args=vit_args(tmp_path, num_rounds=3, **dp),
+        train_dataset=data["train"],
+    )
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    assert [h["epsilon"] for h in resumed.round_history] == [
+        h["epsilon"] for h in first.round_history
+    ]
+    for a, b in zip(resumed.model.parameters(), first.model.parameters()):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------ bad settings
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"dp_mode": "client", "dp_noise_multiplier": 1.0}, "needs dp_clip_norm"),
+        ({"dp_mode": "client", "dp_clip_norm": -1.0, "dp_noise_multiplier": 1.0}, "dp_clip_norm"),
+        (
+            {"dp_mode": "client", "dp_clip_norm": 1.0, "dp_noise_multiplier": float("nan")},
+            "dp_noise_multiplier",
+        ),
+        ({"dp_mode": "client", "dp_clip_norm": 1.0}, "exactly one of dp_noise_multiplier"),
+        (
+            {
+                "dp_mode": "client",
+                "dp_clip_norm": 1.0,
+                "dp_noise_multiplier": 1.0,
+                "dp_target_epsilon": 2.0,
+            },
+            "not both",
+        ),
+        ({"dp_mode": "client", "dp_clip_norm": 1.0, "dp_noise_multiplier": 1.0}, "dp_theta_clip"),
+        ({"dp_mode": "secret"}, "dp_mode"),
+        ({"dp_noise_multiplier": 1.0}, "set dp_mode: client"),
+    ],
+)
+def test_bad_privacy_settings_fail_when_read_naming_the_setting(tmp_path, settings, named):
+    with pytest.raises(ValueError, match=named):
+        FedPACArguments(output_dir=str(tmp_path), algorithm="fedpac_soap", **settings)
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"dp_delta": 0.2}, "dp_delta=0.2 is not below 1 / num_clients"),
+        (
+            {"dp_noise_multiplier": None, "dp_target_epsilon": 1e-3, "dp_delta": 1e-5},
+            "dp_target_epsilon=0.001 is not reachable in 30 rounds",
+        ),
+        (
+            {"weighting": "num_examples"},
+            "aggregation_weighting \\(simulate's weighting\\): uniform",
+        ),
+        ({"transport_dtype": "bfloat16"}, "transport_dtype: float32"),
+    ],
+)
+def test_settings_the_mechanism_cannot_cover_fail_before_round_one(settings, named):
+    trained = []
+    kwargs = {"dp_mode": "client", "dp_clip_norm": 1.0, "dp_noise_multiplier": 1.0, **settings}
+    with pytest.raises(ValueError, match=named):
+        simulate(
+            _model(),
+            _clients(num=10),
+            "fedavg_adamw",
+            30,
+            5,
+            1,
+            _loss,
+            preflight=False,
+            callback=lambda *_: trained.append(1),
+            **kwargs,
+        )
+    assert trained == []
+
+
+def test_beta_auto_is_refused_under_dp():
+    with pytest.raises(ValueError, match="set a fixed beta"):
+        simulate(
+            _model(),
+            _clients(num=10),
+            get_algorithm("fedpac_soap", beta="auto"),
+            2,
+            5,
+            1,
+            _loss,
+            preflight=False,
+            dp_mode="client",
+            dp_clip_norm=1.0,
+            dp_theta_clip_norm=1.0,
+            dp_noise_multiplier=1.0,
+        )
