@@ -642,7 +642,55 @@ CASES = [
         "`fedpac-hf train`",
         lambda o: _cli(o, _TINY_CLI, "--model_name_or_path", "base:vit-huge"),
     ),
+    Case(
+        "DP noise without a clip norm",
+        "`FedPACArguments`",
+        lambda o: _args(o, dp_mode="client", dp_noise_multiplier=1.0),
+    ),
+    Case(
+        "DP clip norm nan",
+        "`fedpac-hf train`",
+        lambda o: _cli(
+            o, _TINY_CLI + "dp_mode: client\ndp_clip_norm: .nan\ndp_noise_multiplier: 1\n"
+        ),
+    ),
+    Case(
+        "DP with an aligning algorithm but no Theta clip norm",
+        "`FedPACArguments`",
+        lambda o: _args(o, dp_mode="client", dp_clip_norm=0.1, dp_noise_multiplier=1.0),
+    ),
+    Case(
+        "DP delta not below 1 / num_clients",
+        "`FedPACTrainer.train`",
+        lambda o: _train(o, **_DP, dp_delta=0.3),
+    ),
+    Case(
+        "DP target epsilon not reachable in the rounds",
+        "`FedPACTrainer.train`",
+        lambda o: _train(
+            o, **{**_DP, "dp_noise_multiplier": None}, dp_target_epsilon=1e-4, dp_delta=1e-6
+        ),
+    ),
+    Case(
+        "DP with num_examples weighting",
+        "`simulate`",
+        lambda o: _simulate(
+            o,
+            weighting="num_examples",
+            dp_mode="client",
+            dp_clip_norm=1.0,
+            dp_noise_multiplier=1.0,
+            dp_delta=0.1,
+        ),
+    ),
+    Case(
+        "DP setting without dp_mode",
+        "Flower run config",
+        lambda o: _run_config(**{"dp-clip-norm": 0.1}),
+    ),
 ]
+
+_DP = dict(dp_mode="client", dp_clip_norm=0.1, dp_theta_clip_norm=1.0, dp_noise_multiplier=1.0)
 
 
 # The classes of mistakes, in the order the document lists them: a title, the
@@ -731,6 +779,24 @@ CLASSES: list[tuple[str, str, tuple[str, ...]]] = [
             "model folder that does not exist",
             "model folder that is empty",
             "model folder that holds no model",
+        ),
+    ),
+    (
+        "Differential privacy",
+        "The `dp_*` settings are checked with the others when the arguments are made "
+        "(`fedpac_hf.federated.privacy.ClientDP.from_settings`: each value, then the "
+        "combinations); what depends on the federation (delta against the number of "
+        "clients, the noise a target epsilon needs in the planned rounds, the round "
+        "settings the mechanism covers) when the round engine is built, before round 1 "
+        "(docs/privacy.md).",
+        (
+            "DP noise without a clip norm",
+            "DP clip norm nan",
+            "DP with an aligning algorithm but no Theta clip norm",
+            "DP delta not below 1 / num_clients",
+            "DP target epsilon not reachable in the rounds",
+            "DP with num_examples weighting",
+            "DP setting without dp_mode",
         ),
     ),
     (

@@ -35,12 +35,23 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
-def test_simulation_matches_the_in_process_trainer(tmp_path):
+#: Client-level DP with a fixed noise seed: the same noise in both shells.
+PRIVATE = {
+    "dp_mode": "client",
+    "dp_clip_norm": 0.05,
+    "dp_theta_clip_norm": 5.0,
+    "dp_noise_multiplier": 0.7,
+    "dp_noise_seed": 3,
+}
+
+
+@pytest.mark.parametrize("privacy", [{}, PRIVATE], ids=["plain", "client_dp"])
+def test_simulation_matches_the_in_process_trainer(tmp_path, privacy):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         reference = build_trainer(
-            flower_args(tmp_path / "in_process", eval_strategy="steps", eval_steps=1)
+            flower_args(tmp_path / "in_process", eval_strategy="steps", eval_steps=1, **privacy)
         )
         reference.train()
     finally:
@@ -48,7 +59,7 @@ def test_simulation_matches_the_in_process_trainer(tmp_path):
 
     result = run_fedpac_simulation(
         build_trainer,
-        flower_args(tmp_path / "flower", eval_strategy="steps", eval_steps=1),
+        flower_args(tmp_path / "flower", eval_strategy="steps", eval_steps=1, **privacy),
         build_model=build_model,
         build_evaluator=build_evaluator,
         num_supernodes=3,
@@ -57,7 +68,14 @@ def test_simulation_matches_the_in_process_trainer(tmp_path):
 
     assert [h["round"] for h in result.history] == [1.0, 2.0]
     for flower_round, trainer_round in zip(result.history, reference.round_history):
-        assert flower_round["num_clients"] == trainer_round["num_clients"] == 2
+        # Poisson-sampled under DP: as many clients as the trainer's, whatever that is
+        assert (
+            flower_round["num_clients"]
+            == trainer_round["num_clients"]
+            == (trainer_round["num_clients"] if privacy else 2)
+        )
+        assert flower_round.get("epsilon") == trainer_round.get("epsilon")
+        assert ("epsilon" in flower_round) == bool(privacy)
         for key in ("train_loss", "drift", "drift_relative", "bytes_up", "bytes_down"):
             assert flower_round[key] == pytest.approx(trainer_round[key], rel=1e-5, abs=1e-8), key
         assert flower_round["wire_bytes_up"] >= flower_round["bytes_up"] > 0

@@ -25,6 +25,7 @@ import torch
 from transformers import TrainingArguments
 
 from fedpac_hf.config.checks import PARTITIONER_FIELDS, PARTITIONERS, check_arguments
+from fedpac_hf.config.privacy import PrivacyArguments
 from fedpac_hf.config.validation import coerce_fields, parse_resume
 from fedpac_hf.federated import (
     Algorithm,
@@ -50,7 +51,7 @@ REPLACED_SETTINGS = {
 
 
 @dataclass
-class FedPACArguments(TrainingArguments):
+class FedPACArguments(PrivacyArguments, TrainingArguments):
     """Training arguments of a federated (FedPAC or baseline) run."""
 
     # --- algorithm -----------------------------------------------------------
@@ -243,6 +244,7 @@ class FedPACArguments(TrainingArguments):
                 )
         super().__post_init__()
         check_arguments(self)
+        self.client_privacy(self.build_algorithm())
 
     def build_algorithm(self, model: torch.nn.Module | None = None) -> Algorithm:
         """The :class:`Algorithm` these arguments describe (registry entry + overrides).
@@ -296,6 +298,7 @@ class FedPACArguments(TrainingArguments):
             "aggregation_weighting": self.aggregation_weighting,
             "transport_dtype": self.transport_dtype,
             "client_optimizer_kwargs": dict(algorithm.optimizer_kwargs),
+            **self.privacy_settings(),
         }
 
     def local_step_settings(self, lr: float, num_steps: int | None = None) -> LocalSteps:
@@ -345,8 +348,9 @@ class FedPACArguments(TrainingArguments):
             round's state is copied there once and the server's sums live
             there); ``None``: the CPU.
         """
+        algorithm = algorithm or self.build_algorithm()
         return RoundEngine(
-            algorithm or self.build_algorithm(),
+            algorithm,
             state,
             num_clients=num_clients,
             clients_per_round=self.clients_per_round,
@@ -359,6 +363,8 @@ class FedPACArguments(TrainingArguments):
             transport_dtype=self.transport_dtype,
             history=history,
             device=device,
+            privacy=self.client_privacy(algorithm),
+            noise_seed=self.dp_noise_seed,
         )
 
     def build_partitioner(self) -> Any:

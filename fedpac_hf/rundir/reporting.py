@@ -53,6 +53,11 @@ _SUMMARY_SETTINGS = (
     "learning_rate",
     "lr_scheduler_type",
     "per_device_train_batch_size",
+    "dp_mode",
+    "dp_clip_norm",
+    "dp_theta_clip_norm",
+    "dp_noise_multiplier",
+    "dp_target_epsilon",
     "max_grad_norm",
     "lora_r",
     "seed",
@@ -71,6 +76,7 @@ _TABLE_COLUMNS = (
     ("drift_relative", "drift (rel.)", "{:.3g}"),
     ("drift_from_start_relative", "drift from start (rel.)", "{:.3g}"),
     ("beta", "beta", "{:.3g}"),
+    ("epsilon", "epsilon", "{:.3g}"),
     ("bytes_up_delta", "up: deltas", "{}"),
     ("bytes_up_theta", "up: Theta", "{}"),
     ("round_time", "time (s)", "{:.1f}"),
@@ -177,7 +183,10 @@ def write_summary(
     lines = [f"# Run summary: {path.name}", ""]
     if config:
         lines += ["## Settings", "", "| setting | value |", "| --- | --- |"]
+        private = config.get("dp_mode", "none") != "none"
         for key in _SUMMARY_SETTINGS:
+            if key.startswith("dp_") and (not private or config.get(key) is None):
+                continue
             if key in config:
                 value = config[key]
                 lines.append(
@@ -208,6 +217,14 @@ def write_summary(
     _, times = series(records, "round_time")
     if times:
         lines.append(f"- training time: {sum(times):.1f} s ({sum(times) / len(times):.2f} s/round)")
+    _, epsilons = series(records, "epsilon")
+    if epsilons:
+        delta = config.get("dp_delta") if config else None
+        at = f" at delta {delta:g}" if isinstance(delta, int | float) else ""
+        lines.append(
+            f"- privacy (client-level DP): epsilon {epsilons[-1]:.3g}{at} after "
+            f"{len(epsilons)} rounds"
+        )
     _, drift = series(records, "drift_relative")
     if drift:
         lines.append(f"- relative drift: first {drift[0]:.3g}, last {drift[-1]:.3g}")

@@ -89,6 +89,8 @@ def format_round_line(metrics: Mapping[str, Any], num_rounds: int | None = None)
         parts.append(
             f"up {_megabytes(metrics['bytes_up'])}, down {_megabytes(metrics.get('bytes_down', 0))}"
         )
+    if "epsilon" in metrics:
+        parts.append(f"epsilon {metrics['epsilon']:.3g}")
     dropped = int(metrics.get("num_dropped", 0))
     if dropped:
         parts.append(f"{dropped} dropped")

@@ -48,7 +48,7 @@ from fedpac_hf.federated import (
     load_trainable_state,
     trainable_parameters,
 )
-from fedpac_hf.federated.distributed import all_reduce
+from fedpac_hf.federated.distributed import all_reduce, share_noise_seed
 from fedpac_hf.federated.failures import require_finite_evaluation
 from fedpac_hf.rundir.output_dir import check_writable, claim_output_dir, no_new_folders
 from fedpac_hf.trainer.callbacks import RoundProgressCallback
@@ -291,6 +291,7 @@ class FedPACTrainer(ClientStepsMixin, RoundCheckpointsMixin, PreflightMixin, Tra
                 grad_scaler=self.client_grad_scaler(),
             ),
             client_id=client_id,
+            privacy=self.args.client_privacy(self.algorithm),
         )
 
     def train_client_by_id(
@@ -356,6 +357,8 @@ class FedPACTrainer(ClientStepsMixin, RoundCheckpointsMixin, PreflightMixin, Tra
         self.engine = args.round_engine(
             ServerState.from_model(model), num_clients, algorithm=self.algorithm, device=args.device
         )
+        if world > 1:  # under DP every process adds process 0's noise
+            self.engine.state = share_noise_seed(self.engine.state)
         if world > 1 and self.engine.clients_per_round < world:
             raise ValueError(
                 f"{world} processes but only {self.engine.clients_per_round} clients per round: "
