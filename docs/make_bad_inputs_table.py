@@ -684,11 +684,52 @@ CASES = [
         ),
     ),
     Case(
+        "record-level DP with Sophia",
+        "`FedPACArguments`",
+        lambda o: _args(
+            o,
+            algorithm="fedpac_sophia",
+            dp_mode="record",
+            dp_clip_norm=1.0,
+            dp_noise_multiplier=1.0,
+        ),
+    ),
+    Case(
+        "record-level DP on a layer Opacus cannot cover",
+        "`simulate`",
+        lambda o: _simulate(
+            o,
+            model=_batchnorm_model(),
+            client_loaders=_tensor_loaders(),
+            dp_mode="record",
+            dp_clip_norm=1.0,
+            dp_noise_multiplier=1.0,
+        ),
+    ),
+    Case(
         "DP setting without dp_mode",
         "Flower run config",
         lambda o: _run_config(**{"dp-clip-norm": 0.1}),
     ),
 ]
+
+
+def _batchnorm_model():
+    import torch
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2)
+    )
+
+
+def _tensor_loaders():
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    data = TensorDataset(torch.randn(8, 3), torch.tensor([0, 1] * 4))
+    return [DataLoader(data, batch_size=4), DataLoader(data, batch_size=4)]
+
 
 _DP = dict(dp_mode="client", dp_clip_norm=0.1, dp_theta_clip_norm=1.0, dp_noise_multiplier=1.0)
 
@@ -787,7 +828,9 @@ CLASSES: list[tuple[str, str, tuple[str, ...]]] = [
         "(`fedpac_hf.federated.privacy.ClientDP.from_settings`: each value, then the "
         "combinations); what depends on the federation (delta against the number of "
         "clients, the noise a target epsilon needs in the planned rounds, the round "
-        "settings the mechanism covers) when the round engine is built, before round 1 "
+        "settings the mechanism covers) when the round engine is built, before round 1; "
+        "with `dp_mode: record`, what DP-SGD cannot cover (Sophia, accumulation, fp16) when "
+        "the arguments are made and the model's layers against Opacus before round 1 "
         "(docs/privacy.md).",
         (
             "DP noise without a clip norm",
@@ -796,6 +839,8 @@ CLASSES: list[tuple[str, str, tuple[str, ...]]] = [
             "DP delta not below 1 / num_clients",
             "DP target epsilon not reachable in the rounds",
             "DP with num_examples weighting",
+            "record-level DP with Sophia",
+            "record-level DP on a layer Opacus cannot cover",
             "DP setting without dp_mode",
         ),
     ),

@@ -45,7 +45,11 @@ PRIVATE = {
 }
 
 
-@pytest.mark.parametrize("privacy", [{}, PRIVATE], ids=["plain", "client_dp"])
+#: Record-level DP (DP-SGD in the clients) with fixed noise seeds.
+RECORD = {"dp_mode": "record", "dp_clip_norm": 1.0, "dp_noise_multiplier": 1.0, "dp_noise_seed": 3}
+
+
+@pytest.mark.parametrize("privacy", [{}, PRIVATE, RECORD], ids=["plain", "client_dp", "record_dp"])
 def test_simulation_matches_the_in_process_trainer(tmp_path, privacy):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -68,11 +72,11 @@ def test_simulation_matches_the_in_process_trainer(tmp_path, privacy):
 
     assert [h["round"] for h in result.history] == [1.0, 2.0]
     for flower_round, trainer_round in zip(result.history, reference.round_history):
-        # Poisson-sampled under DP: as many clients as the trainer's, whatever that is
+        # Poisson-sampled under client DP: as many clients as the trainer's, whatever that is
         assert (
             flower_round["num_clients"]
             == trainer_round["num_clients"]
-            == (trainer_round["num_clients"] if privacy else 2)
+            == (trainer_round["num_clients"] if privacy is PRIVATE else 2)
         )
         assert flower_round.get("epsilon") == trainer_round.get("epsilon")
         assert ("epsilon" in flower_round) == bool(privacy)

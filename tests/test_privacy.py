@@ -8,6 +8,7 @@ import dp_accounting
 import pytest
 import torch
 from opacus.accountants import PRVAccountant
+from torch.utils.data import DataLoader, TensorDataset
 
 from fedpac_hf import FedPACArguments, FedPACTrainer
 from fedpac_hf.federated import ServerState, get_algorithm, simulate
@@ -15,6 +16,7 @@ from fedpac_hf.federated.accounting import epsilon_after, noise_for_epsilon
 from fedpac_hf.federated.batches import cycle_batches
 from fedpac_hf.federated.client import ClientHooks, LocalSteps, client_update
 from fedpac_hf.federated.privacy import ClientDP, noise_generator, noised_round
+from fedpac_hf.federated.record_privacy import RecordDP, record_loader
 from fedpac_hf.federated.sampling import poisson_sample_clients
 from fedpac_hf.federated.server import RoundAggregator
 from fedpac_hf.federated.state import ClientUpdate
@@ -185,6 +187,16 @@ def test_poisson_sampling_is_seeded_and_has_rate_q():
 # ------------------------------------------------------------------ accounting
 
 
+def _pld_epsilon(q: float, z: float, count: int, delta: float) -> float:
+    """Epsilon of ``count`` Poisson-sampled Gaussian events, composed by dp-accounting here."""
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), count
+    )
+    accountant = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-3)
+    accountant.compose(event)
+    return accountant.get_epsilon(delta)
+
+
 def test_simulate_reports_the_accountants_epsilon_for_its_events():
     loaders = _clients(num=20)
     history = simulate(
@@ -205,13 +217,7 @@ def test_simulate_reports_the_accountants_epsilon_for_its_events():
     )
     q, delta = 5 / 20, 20**-1.1
     for r, metrics in enumerate(history, start=1):
-        # the same events, composed by dp-accounting directly
-        event = dp_accounting.SelfComposedDpEvent(
-            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(1.1)), r
-        )
-        accountant = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-3)
-        accountant.compose(event)
-        assert metrics["epsilon"] == pytest.approx(accountant.get_epsilon(delta), rel=1e-9)
+        assert metrics["epsilon"] == pytest.approx(_pld_epsilon(q, 1.1, r, delta), rel=1e-9)
     assert history[1]["epsilon"] > history[0]["epsilon"]
     assert {"dp_clipped_delta", "dp_clipped_theta"} <= set(history[0])
 
@@ -372,3 +378,212 @@ def test_beta_auto_is_refused_under_dp():
             dp_theta_clip_norm=1.0,
             dp_noise_multiplier=1.0,
         )
+
+
+# ------------------------------------------------------------------ record-level DP
+
+
+def _examples(n: int = 12, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=gen)
+    return x, (x @ torch.randn(6, 3, generator=gen)).argmax(1)
+
+
+def _record_client(dp: RecordDP, n: int, batch: int, steps: int = 1):
+    return dp.for_client(
+        client_id=0,
+        round_index=0,
+        num_examples=n,
+        batch_size=batch,
+        local_steps=steps,
+        num_rounds=1,
+    )
+
+
+def test_record_dp_steps_on_the_mean_of_clipped_per_example_gradients():
+    """q = 1 (the batch is every example), z = 0: SGD's step is -lr * mean_i clip_C(g_i)."""
+    x, y = _examples()
+    model = _model()
+    state = ServerState.from_model(model)
+    dp = RecordDP.from_settings(clip_norm=0.01, noise_multiplier=0.0, noise_seed=0)
+    client = _record_client(dp, n=12, batch=12)
+    assert client.sample_rate == 1.0
+    loader = DataLoader(TensorDataset(x, y), batch_size=12)
+    _, poisson = record_loader(dp, loader, 0, 0, 1, 1)
+    update = client_update(
+        model,
+        state,
+        get_algorithm("fedavg"),
+        cycle_batches(poisson),
+        LocalSteps(lr=1.0, num_steps=1),
+        ClientHooks(loss_fn=_loss),
+        privacy=client,
+    )
+    expected = {n: torch.zeros_like(t) for n, t in state.params.items()}
+    for i in range(12):  # every example's gradient, clipped to 0.01, by hand
+        reference = _model()
+        loss = _loss(reference, (x[i : i + 1], y[i : i + 1]))
+        grads = dict(zip(state.params, torch.autograd.grad(loss, list(reference.parameters()))))
+        scale = min(1.0, 0.01 / _norm(grads))
+        for name, g in grads.items():
+            expected[name] -= g * scale / 12
+    for name, d in update.delta.items():
+        torch.testing.assert_close(d, expected[name], rtol=1e-4, atol=1e-7)
+    assert _norm(update.delta) <= 0.01 * (1 + 1e-5)
+    assert update.metrics["dp_record_epsilon"] == math.inf  # no noise: no privacy
+
+
+def test_record_dp_noise_has_std_z_c_over_the_batch_and_theta_sees_only_it():
+    """A huge model slice, examples with tiny gradients: the step is the noise, std z C / B."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(400, 50)
+    x, y = torch.zeros(8, 400), torch.zeros(8, dtype=torch.long)  # inputs 0: weight grads 0
+    state = ServerState.from_model(model)
+    dp = RecordDP.from_settings(clip_norm=0.5, noise_multiplier=2.0, noise_seed=3)
+    client = _record_client(dp, n=8, batch=8)
+    _, poisson = record_loader(dp, DataLoader(TensorDataset(x, y), batch_size=8), 0, 0, 1, 1)
+    update = client_update(
+        model,
+        state,
+        get_algorithm("fedadamw"),
+        cycle_batches(poisson),
+        LocalSteps(lr=1.0, num_steps=1),
+        ClientHooks(loss_fn=_loss),
+        privacy=client,
+    )
+    # after one step AdamW's (bias-corrected) second moment is g^2 of the gradient it
+    # stepped on: the privatized one, here the noise alone on the weight
+    seen = update.curvature["weight.exp_avg_sq"]
+    assert seen.mean().sqrt().item() == pytest.approx(2.0 * 0.5 / 8, rel=0.03)
+
+
+def test_empty_poisson_batches_still_add_the_noise():
+    x, y = _examples(n=40)
+    dp = RecordDP.from_settings(clip_norm=1.0, noise_multiplier=1.0, noise_seed=0)
+    loader = DataLoader(TensorDataset(x, y), batch_size=1)  # q = 1/40: most batches are empty
+    client, poisson = record_loader(dp, loader, 0, 0, 6, 1)
+    assert any(len(b) == 0 for b in poisson)
+    model = _model()
+    state = ServerState.from_model(model)
+    update = client_update(
+        model,
+        state,
+        get_algorithm("fedavg"),
+        cycle_batches(poisson),
+        LocalSteps(lr=0.1, num_steps=6),
+        ClientHooks(loss_fn=_loss),
+        privacy=client,
+    )
+    assert _norm(update.delta) > 0 and all(torch.isfinite(d).all() for d in update.delta.values())
+
+
+def test_record_epsilon_is_the_worst_clients_over_every_round():
+    sizes = [30, 12, 45]
+    x, y = _examples(n=sum(sizes))
+    bounds = [0, 30, 42, 87]
+    loaders = [
+        DataLoader(TensorDataset(x[a:b], y[a:b]), batch_size=4) for a, b in zip(bounds, bounds[1:])
+    ]
+    history = simulate(
+        _model(),
+        loaders,
+        "fedpac_soap",
+        3,
+        3,
+        2,
+        _loss,
+        lr=0.05,
+        preflight=False,
+        dp_mode="record",
+        dp_clip_norm=1.0,
+        dp_noise_multiplier=1.2,
+        dp_noise_seed=0,
+    )
+    q = 4 / 12  # the smallest client's rate
+    for r, metrics in enumerate(history, start=1):  # K = 2 steps a round, every round
+        assert metrics["epsilon"] == pytest.approx(_pld_epsilon(q, 1.2, 2 * r, 1e-5), rel=1e-9)
+
+
+def test_a_target_epsilon_gives_each_client_its_own_noise():
+    dp = RecordDP.from_settings(clip_norm=1.0, target_epsilon=3.0)
+    small = dp.for_client(
+        client_id=0, round_index=9, num_examples=20, batch_size=4, local_steps=5, num_rounds=10
+    )
+    large = dp.for_client(
+        client_id=1, round_index=9, num_examples=200, batch_size=4, local_steps=5, num_rounds=10
+    )
+    assert small.noise_multiplier > large.noise_multiplier
+    assert small.epsilon <= 3.0 and large.epsilon <= 3.0  # after the last round
+    assert small.epsilon == pytest.approx(3.0, rel=0.02)
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"algorithm": "fedpac_sophia"}, "cannot cover Sophia"),
+        ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps: 1"),
+        ({"dp_theta_clip_norm": 1.0}, "dp_theta_clip_norm is for dp_mode: client"),
+    ],
+)
+def test_record_dp_refuses_settings_it_cannot_cover(tmp_path, settings, named):
+    record = {"dp_mode": "record", "dp_clip_norm": 1.0, "dp_noise_multiplier": 1.0}
+    with pytest.raises(ValueError, match=named):
+        FedPACArguments(output_dir=str(tmp_path), **record, **settings)
+
+
+def test_record_dp_refuses_models_and_loaders_it_cannot_cover():
+    x, y = _examples()
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3)
+    )
+    with pytest.raises(ValueError, match="Opacus cannot compute per-example gradients"):
+        simulate(
+            model,
+            [DataLoader(TensorDataset(x, y), batch_size=4)],
+            "fedavg",
+            1,
+            1,
+            1,
+            _loss,
+            preflight=False,
+            dp_mode="record",
+            dp_clip_norm=1.0,
+            dp_noise_multiplier=1.0,
+        )
+    with pytest.raises(ValueError, match="needs each client's loader to be a torch DataLoader"):
+        simulate(
+            _model(),
+            [[(x, y)]],
+            "fedavg",
+            1,
+            1,
+            1,
+            _loss,
+            preflight=False,
+            dp_mode="record",
+            dp_clip_norm=1.0,
+            dp_noise_multiplier=1.0,
+        )
+
+
+def test_a_resumed_record_dp_run_continues_exactly(tmp_path):
+    data = image_data()
+    dp = dict(dp_mode="record", dp_clip_norm=1.0, dp_noise_multiplier=1.0, dp_noise_seed=5)
+    first = FedPACTrainer(
+        model=tiny_vit(),
+        args=vit_args(tmp_path, num_rounds=2, save_strategy="steps", save_steps=1, **dp),
+        train_dataset=data["train"],
+    )
+    first.train()
+    resumed = FedPACTrainer(
+        model=tiny_vit(seed=123),
+        args=vit_args(tmp_path, num_rounds=2, **dp),
+        train_dataset=data["train"],
+    )
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-round-1"))
+    assert [h["epsilon"] for h in resumed.round_history] == [
+        h["epsilon"] for h in first.round_history
+    ]
+    assert first.round_history[1]["epsilon"] > first.round_history[0]["epsilon"]
+    for a, b in zip(resumed.model.parameters(), first.model.parameters()):
+        assert torch.equal(a, b)

@@ -244,7 +244,9 @@ class FedPACArguments(PrivacyArguments, TrainingArguments):
                 )
         super().__post_init__()
         check_arguments(self)
-        self.client_privacy(self.build_algorithm())
+        algorithm = self.build_algorithm()
+        self.client_privacy(algorithm)
+        self.record_privacy(algorithm)
 
     def build_algorithm(self, model: torch.nn.Module | None = None) -> Algorithm:
         """The :class:`Algorithm` these arguments describe (registry entry + overrides).

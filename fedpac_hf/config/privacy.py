@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from fedpac_hf.federated import Algorithm
 from fedpac_hf.federated.privacy import DP_MODES, ClientDP
+from fedpac_hf.federated.record_privacy import RecordDP
 
 __all__ = ["DP_SETTINGS", "PrivacyArguments"]
 
@@ -36,12 +37,16 @@ class PrivacyArguments:
         metadata={
             "help": f"Differential privacy: one of {DP_MODES}. 'client': each client's delta "
             "and Theta are clipped, clients are Poisson-sampled and the server adds Gaussian "
-            "noise to the sums; epsilon is logged every round (docs/privacy.md)."
+            "noise to the sums; 'record': DP-SGD (Opacus) in every client, each example's "
+            "gradient clipped and noised; epsilon is logged every round (docs/privacy.md)."
         },
     )
     dp_clip_norm: float | None = field(
         default=None,
-        metadata={"help": "L2 bound of each client's delta per round (needed with dp_mode)."},
+        metadata={
+            "help": "L2 bound of each client's delta per round (dp_mode: client) or of each "
+            "example's gradient (dp_mode: record); needed with dp_mode."
+        },
     )
     dp_theta_clip_norm: float | None = field(
         default=None,
@@ -90,6 +95,30 @@ class PrivacyArguments:
             target_epsilon=self.dp_target_epsilon,
             share_theta=algorithm.align,
         )
+
+    def record_privacy(self, algorithm: Algorithm | None = None) -> RecordDP | None:
+        """The settings of ``dp_mode: record`` checked (``None`` in the other modes).
+
+        With ``algorithm``, also what DP-SGD cannot cover (Sophia, gradient
+        accumulation, fp16); ``ValueError`` names the setting.
+        """
+        if str(self.dp_mode).strip().lower() != "record":
+            return None
+        dp = RecordDP.from_settings(
+            clip_norm=self.dp_clip_norm,
+            theta_clip_norm=self.dp_theta_clip_norm,
+            noise_multiplier=self.dp_noise_multiplier,
+            delta=self.dp_delta,
+            target_epsilon=self.dp_target_epsilon,
+            noise_seed=self.dp_noise_seed,
+        )
+        if algorithm is not None:
+            dp.check_client(
+                algorithm.optimizer,
+                getattr(self, "gradient_accumulation_steps", 1),
+                bool(getattr(self, "fp16", False)),
+            )
+        return dp
 
     def privacy_settings(self) -> dict[str, object]:
         """The DP settings by name, what a resume must keep (none without DP, so that a

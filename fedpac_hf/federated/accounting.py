@@ -16,6 +16,7 @@ run continues it exactly.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -60,6 +61,7 @@ def round_event(noise_multiplier: float, sample_rate: float, rounds: int = 1) ->
     return dp.SelfComposedDpEvent(one, int(rounds))
 
 
+@functools.lru_cache(maxsize=4096)
 def epsilon_after(rounds: int, noise_multiplier: float, sample_rate: float, delta: float) -> float:
     """Epsilon at ``delta`` after ``rounds`` rounds (``inf`` without noise, 0 before round 1).
 
@@ -83,6 +85,7 @@ def epsilon_after(rounds: int, noise_multiplier: float, sample_rate: float, delt
     return float(accountant.get_epsilon(delta))
 
 
+@functools.lru_cache(maxsize=256)
 def noise_for_epsilon(
     target_epsilon: float | None, delta: float, sample_rate: float, rounds: int
 ) -> float:
@@ -90,7 +93,8 @@ def noise_for_epsilon(
 
     At least :data:`MIN_NOISE_MULTIPLIER`.
 
-    Raises ``ValueError`` naming ``dp_target_epsilon`` when even
+    Cached (a pure function of its arguments; each client of a record-level
+    run asks for its own). Raises ``ValueError`` naming ``dp_target_epsilon`` when even
     :data:`MAX_NOISE_MULTIPLIER` does not reach it.
     """
     if target_epsilon is None:

@@ -26,7 +26,10 @@ def cycle_batches(loader: Iterable[Any]) -> Iterator[Any]:
 
 
 def batch_size(batch: Any) -> int:
-    """Number of examples in a batch: the leading size of its first tensor."""
+    """Number of examples in a batch: the leading size of its first tensor (0 for an empty
+    mapping or sequence: a Poisson-sampled batch that drew no example)."""
+    if isinstance(batch, (Mapping, list, tuple)) and len(batch) == 0:
+        return 0
     if isinstance(batch, torch.Tensor):
         return int(batch.shape[0])
     if isinstance(batch, Mapping):

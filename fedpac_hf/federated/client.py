@@ -16,6 +16,7 @@ call it with their own loss function, backward (Accelerate's) and clipping.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from collections.abc import Callable, Iterator, Mapping
@@ -31,6 +32,7 @@ from .algorithms import Algorithm, round_beta
 from .batches import batch_size
 from .failures import ClientError
 from .privacy import ClientDP, clip_update
+from .record_privacy import RecordClient
 from .state import ClientUpdate, ServerState, load_trainable_state, trainable_parameters
 
 __all__ = [
@@ -173,7 +175,7 @@ def client_update(
     hooks: ClientHooks,
     *,
     client_id: int = 0,
-    privacy: ClientDP | None = None,
+    privacy: ClientDP | RecordClient | None = None,
 ) -> ClientUpdate:
     """Run one client's local training for one round and return its update.
 
@@ -221,8 +223,10 @@ def client_update(
     client_id:
         The client's index, named in its metrics and errors.
     privacy:
-        Client-level DP: clip the delta (and Theta when it is shared; drop it
-        when not) to the settings' norms.
+        Client-level DP (:class:`~fedpac_hf.federated.privacy.ClientDP`): clip
+        the delta (and Theta when it is shared; drop it when not). Record-level
+        DP (:class:`~fedpac_hf.federated.record_privacy.RecordClient`): every
+        local step is Opacus's DP-SGD step; ``batches`` must be Poisson-sampled.
 
     Returns
     -------
@@ -257,20 +261,27 @@ def client_update(
     )
     was_training = model.training
     model.train()
+    record = privacy if isinstance(privacy, RecordClient) else None
     try:
-        for _ in range(steps.num_steps):
-            micro = [next(batches) for _ in range(steps.gradient_accumulation_steps)]
-            _refresh_curvature_if_due(model, optimizer, micro[0], algorithm, hooks, tally)
-            taken = _base_step(model, optimizer, micro, param_list, steps, hooks, tally)
-            if correction is not None and taken:
-                with torch.no_grad():
-                    torch._foreach_add_(param_list, correction, alpha=-beta * steps.lr)
+        with record.steps(model, param_list) if record else contextlib.nullcontext() as private:
+            for _ in range(steps.num_steps):
+                micro = [next(batches) for _ in range(steps.gradient_accumulation_steps)]
+                _refresh_curvature_if_due(model, optimizer, micro[0], algorithm, hooks, tally)
+                taken = _base_step(
+                    model, optimizer, micro, param_list, steps, hooks, tally, private
+                )
+                if correction is not None and taken:
+                    with torch.no_grad():
+                        torch._foreach_add_(param_list, correction, alpha=-beta * steps.lr)
     finally:
         # a failed client leaves no gradients or train mode behind for the next one
         hook.remove()
         optimizer.zero_grad(set_to_none=True)
         model.train(was_training)
     update = _collect_update(params, state, optimizer, steps, tally, client_id)
+    if record is not None:
+        update.metrics.update(record.metrics())
+        return update
     return update if privacy is None else clip_update(update, privacy)
 
 
@@ -336,9 +347,12 @@ def _base_step(
     steps: LocalSteps,
     hooks: ClientHooks,
     tally: _Tally,
+    privatize: Callable[[], None] | None = None,
 ) -> bool:
     """Accumulate the micro-batches' gradients, clip, take one base step.
 
+    Under record-level DP ``privatize`` turns the per-example gradients into
+    DP-SGD's noised mean first (an empty Poisson batch: noise alone).
     Returns whether the step was taken (a ``GradScaler`` skips one that overflowed).
     """
     backward = hooks.backward or _default_backward
@@ -346,6 +360,8 @@ def _base_step(
     optimizer.zero_grad(set_to_none=True)
     step_loss = torch.zeros_like(tally.loss_sum)
     for batch in micro:
+        if privatize is not None and batch_size(batch) == 0:
+            continue  # a Poisson batch without an example: the step is noise alone
         loss = _scalar_loss(hooks.loss_fn(model, batch))
         if steps.gradient_accumulation_steps > 1:
             loss = loss / steps.gradient_accumulation_steps
@@ -356,6 +372,8 @@ def _base_step(
     if tally.first_loss is None:
         tally.first_loss = step_loss
     tally.last_loss = step_loss
+    if privatize is not None:
+        privatize()
     if scaler is not None:
         scaler.unscale_(optimizer)  # clip the true gradients
     if steps.max_grad_norm:

@@ -31,14 +31,20 @@ def all_reduce(aggregator: RoundAggregator) -> None:
     """
     key_lists: list[Any] = [None] * dist.get_world_size()
     mine = {k: tuple(t.shape) for k, t in aggregator.curvature_sum.items()}
-    dist.all_gather_object(key_lists, (mine, aggregator.client_ids, aggregator.failures))
+    dist.all_gather_object(
+        key_lists,
+        (mine, aggregator.client_ids, aggregator.failures, aggregator.record_epsilon),
+    )
     shapes: dict[str, tuple[int, ...]] = {}
     ids: list[int] = []
     failures: list[ClientFailure] = []
-    for keys, client_ids, client_failures in key_lists:
+    epsilons = []
+    for keys, client_ids, client_failures, epsilon in key_lists:
         shapes.update(keys)
         ids += client_ids
         failures += client_failures
+        epsilons += [] if epsilon is None else [epsilon]
+    aggregator.record_epsilon = max(epsilons) if epsilons else None
     for k, shape in shapes.items():
         if k not in aggregator.curvature_sum:
             zeros = torch.zeros(shape, dtype=torch.float64, device=aggregator.device)

@@ -393,6 +393,9 @@ class RoundEngine:
         }
         if self.privacy is not None:
             metrics["epsilon"] = self.epsilon()
+        elif aggregator.record_epsilon is not None:  # record DP: the worst client's so far
+            before = [h["epsilon"] for h in self.history if "epsilon" in h]
+            metrics["epsilon"] = max([aggregator.record_epsilon, *before])
         self.history.append(metrics)
         return metrics
 

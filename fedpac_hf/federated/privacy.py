@@ -60,8 +60,9 @@ __all__ = [
     "noised_sums",
 ]
 
-DP_MODES: tuple[str, ...] = ("none", "client")
-"""``dp_mode`` choices: no privacy, or client-level (user-level) DP."""
+DP_MODES: tuple[str, ...] = ("none", "client", "record")
+"""``dp_mode`` choices: no privacy, client-level (user-level) DP, or record-level DP
+(DP-SGD in each client, :mod:`~fedpac_hf.federated.record_privacy`)."""
 
 _POSITIVE = number(0.0, low_open=True)
 _RULES = {
@@ -120,7 +121,8 @@ class ClientDP:
         target_epsilon: float | None = None,
         share_theta: bool = False,
     ) -> ClientDP | None:
-        """The settings of ``dp_mode`` checked, or ``None`` for ``dp_mode: none``.
+        """The settings of ``dp_mode: client`` checked, or ``None`` for the other modes
+        (``record``'s are :class:`~fedpac_hf.federated.record_privacy.RecordDP`'s).
 
         Raises ``ValueError`` naming the setting for a bad value or combination:
         noise or a target without ``dp_clip_norm``, both ``dp_noise_multiplier``
@@ -142,6 +144,8 @@ class ClientDP:
                     f"{', '.join(set_)} set with dp_mode: none; set dp_mode: client to train "
                     "with differential privacy, or remove them"
                 )
+            return None
+        if mode == "record":
             return None
         if clip_norm is None:
             raise ValueError(

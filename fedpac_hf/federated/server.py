@@ -130,6 +130,7 @@ class RoundAggregator:
         self.privacy = privacy
         self.expected_clients = expected_clients
         self.clipped = [0.0, 0.0]  # clients whose delta / Theta were clipped (DP)
+        self.record_epsilon: float | None = None  # the largest a client reported (record DP)
 
     def drop(self, failure: ClientFailure) -> None:
         """Record a client that produced no update (it is left out of the sums)."""
@@ -196,6 +197,9 @@ class RoundAggregator:
         self.hessian_refreshes += float(update.metrics.get("hessian_refreshes", 0.0))
         self.clipped[0] += float(update.metrics.get("dp_clipped_delta", 0.0))
         self.clipped[1] += float(update.metrics.get("dp_clipped_theta", 0.0))
+        if "dp_record_epsilon" in update.metrics:
+            reported = float(update.metrics["dp_record_epsilon"])
+            self.record_epsilon = max(self.record_epsilon or 0.0, reported)
         self.delta_bytes += tensor_bytes(update.delta)
         if self.algorithm.align:
             self.theta_bytes += tensor_bytes(update.curvature)

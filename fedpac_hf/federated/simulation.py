@@ -23,6 +23,7 @@ from .engine import TRANSPORT_DTYPES, RoundEngine, RoundPlan
 from .failures import require_finite_evaluation
 from .preflight import preflight as run_preflight
 from .privacy import ClientDP
+from .record_privacy import RecordDP, check_loader, record_loader
 from .schedule import round_learning_rates
 from .server import WEIGHTINGS, Weighting
 from .state import ServerState, load_trainable_state
@@ -159,7 +160,10 @@ def simulate(
         ``dp_target_epsilon`` needs after ``num_rounds``); ``epsilon`` at
         ``dp_delta`` (default ``num_clients ** -1.1``) in every round's
         metrics. ``dp_noise_seed`` fixes the noise (default: a secret seed).
-        See :mod:`~fedpac_hf.federated.privacy`.
+        See :mod:`~fedpac_hf.federated.privacy`. ``dp_mode="record"``: DP-SGD in
+        every client (:mod:`~fedpac_hf.federated.record_privacy`; the loaders
+        must be ``DataLoader`` s, read with Poisson-sampled batches of their
+        ``batch_size`` on average).
     preflight:
         Before round 1, run one local step of client 0, one aggregation, one
         warm-started step and ``eval_fn`` once (:func:`~fedpac_hf.federated.preflight.preflight`),
@@ -247,16 +251,37 @@ def simulate(
         )
         logger.info("preflight passed in %.1f s", seconds)
 
+    record = None
+    if str(dp_mode).strip().lower() == "record":
+        record = RecordDP.from_settings(
+            clip_norm=dp_clip_norm,
+            theta_clip_norm=dp_theta_clip_norm,
+            noise_multiplier=dp_noise_multiplier,
+            delta=dp_delta,
+            target_epsilon=dp_target_epsilon,
+            noise_seed=read["dp_noise_seed"],
+        )
+        record.check_client(algorithm.optimizer, 1, False)
+        record.check_model(model)
+        for cid, loader in enumerate(client_loaders):
+            check_loader(loader, cid)
+
     def train_client(client_id: int, plan: RoundPlan):
+        loader = client_loaders[client_id]
+        privacy = engine.privacy
+        if record is not None:
+            privacy, loader = record_loader(
+                record, loader, client_id, plan.round_index, local_steps, num_rounds
+            )
         return client_update(
             model,
             plan.state,
             algorithm,
-            cycle_batches(client_loaders[client_id]),
+            cycle_batches(loader),
             LocalSteps(lr=plan.learning_rate, num_steps=local_steps, max_grad_norm=max_grad_norm),
             hooks,
             client_id=client_id,
-            privacy=engine.privacy,
+            privacy=privacy,
         )
 
     bar = tqdm(range(num_rounds), desc=f"{algorithm.name} rounds", disable=not progress)

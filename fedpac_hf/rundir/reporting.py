@@ -221,8 +221,9 @@ def write_summary(
     if epsilons:
         delta = config.get("dp_delta") if config else None
         at = f" at delta {delta:g}" if isinstance(delta, int | float) else ""
+        level = "record" if config and config.get("dp_mode") == "record" else "client"
         lines.append(
-            f"- privacy (client-level DP): epsilon {epsilons[-1]:.3g}{at} after "
+            f"- privacy ({level}-level DP): epsilon {epsilons[-1]:.3g}{at} after "
             f"{len(epsilons)} rounds"
         )
     _, drift = series(records, "drift_relative")

@@ -1,6 +1,7 @@
 """How :class:`~fedpac_hf.FedPACTrainer` runs one client's micro-batches on its device.
 
-Trainer's ``compute_loss`` under Accelerate's autocast, inputs copied to the
+The client's loader (shuffled, or Poisson-sampled under record-level DP) and
+its privacy settings for the round; Trainer's ``compute_loss`` under Accelerate's autocast, inputs copied to the
 device without blocking the host, Accelerate's backward, a fresh gradient
 scaler per client and round under ``fp16``, and Sophia's Gauss-Newton-Bartlett
 loss. :meth:`FedPACTrainer.train_client` hands these to the core's
@@ -13,11 +14,16 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.utils.data import DataLoader, RandomSampler
+
+from fedpac_hf.federated.privacy import ClientDP
+from fedpac_hf.federated.record_privacy import RecordClient, poisson_loader
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from fedpac_hf.config.arguments import FedPACArguments
+    from fedpac_hf.federated import Algorithm
 
 __all__ = ["ClientStepsMixin"]
 
@@ -32,9 +38,58 @@ class ClientStepsMixin:
 
     args: FedPACArguments
     accelerator: Accelerator
+    algorithm: Algorithm
+    data_collator: Callable[[list[Any]], Any]
     compute_loss: Callable[..., torch.Tensor]
     _prepare_inputs: Callable[[Any], Any]
+    _get_collator_with_removed_columns: Callable[..., Callable[[list[Any]], Any]]
     _gnb_seed: int
+
+    def client_privacy(
+        self, client_id: int, dataset: Any, round_index: int
+    ) -> ClientDP | RecordClient | None:
+        """The client's DP for this round: client-level clipping, record-level DP-SGD, or none."""
+        record = self.args.record_privacy()
+        if record is None:
+            return self.args.client_privacy(self.algorithm)
+        return record.for_client(
+            client_id=client_id,
+            round_index=round_index,
+            num_examples=len(dataset),
+            batch_size=self.args.per_device_train_batch_size,
+            local_steps=self.args.local_steps,
+            num_rounds=self.args.num_rounds,
+        )
+
+    def client_dataloader(
+        self, dataset: Any, seed: int, privacy: ClientDP | RecordClient | None = None
+    ) -> DataLoader:
+        """A shuffling loader over one client's data, its order fixed by ``seed``.
+
+        Under record-level DP, Poisson-sampled batches instead (each example in
+        a batch with probability ``privacy.sample_rate``; an empty batch is
+        ``{}``), drawn from the client's secret sampling generator.
+        """
+        generator = torch.Generator()
+        generator.manual_seed(seed)
+        collator = self.data_collator
+        if not hasattr(dataset, "column_names"):
+            collator = self._get_collator_with_removed_columns(collator, description="training")
+        loading: dict[str, Any] = dict(
+            collate_fn=collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory and torch.cuda.is_available(),
+        )
+        if isinstance(privacy, RecordClient):
+            collate = loading.pop("collate_fn")
+            return poisson_loader(dataset, privacy, self.args.local_steps, collate, **loading)
+        return DataLoader(
+            dataset,
+            batch_size=self.args.per_device_train_batch_size,
+            sampler=RandomSampler(dataset, generator=generator),
+            drop_last=self.args.dataloader_drop_last,
+            **loading,
+        )
 
     def _inputs_on_device(self, inputs: Any) -> Any:
         """Trainer's ``_prepare_inputs``, with pinned batches copied without blocking the host.

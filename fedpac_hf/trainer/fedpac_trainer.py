@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, RandomSampler
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerState
 from transformers.trainer_utils import SaveStrategy, TrainOutput
@@ -243,23 +242,6 @@ class FedPACTrainer(ClientStepsMixin, RoundCheckpointsMixin, PreflightMixin, Tra
             "client_sizes": [len(ix) for ix in self.client_indices],
         }
 
-    def _client_dataloader(self, dataset: Any, seed: int) -> DataLoader:
-        """A shuffling loader over one client's data, its order fixed by ``seed``."""
-        generator = torch.Generator()
-        generator.manual_seed(seed)
-        collator = self.data_collator
-        if not hasattr(dataset, "column_names"):
-            collator = self._get_collator_with_removed_columns(collator, description="training")
-        return DataLoader(
-            dataset,
-            batch_size=self.args.per_device_train_batch_size,
-            sampler=RandomSampler(dataset, generator=generator),
-            collate_fn=collator,
-            drop_last=self.args.dataloader_drop_last,
-            num_workers=self.args.dataloader_num_workers,
-            pin_memory=self.args.dataloader_pin_memory and torch.cuda.is_available(),
-        )
-
     # ----------------------------------------------------------- local steps
 
     def train_client(
@@ -278,11 +260,12 @@ class FedPACTrainer(ClientStepsMixin, RoundCheckpointsMixin, PreflightMixin, Tra
         seed = _client_seed(self.args.seed, round_index, client_id)
         torch.manual_seed(seed)  # dropout and other in-model randomness
         self._gnb_seed = seed
+        privacy = self.client_privacy(client_id, dataset, round_index)
         return client_update(
             self.model,
             state,
             self.algorithm,
-            cycle_batches(self._client_dataloader(dataset, seed)),
+            cycle_batches(self.client_dataloader(dataset, seed, privacy)),
             self.args.local_step_settings(lr),
             ClientHooks(
                 loss_fn=self.client_loss,
@@ -291,7 +274,7 @@ class FedPACTrainer(ClientStepsMixin, RoundCheckpointsMixin, PreflightMixin, Tra
                 grad_scaler=self.client_grad_scaler(),
             ),
             client_id=client_id,
-            privacy=self.args.client_privacy(self.algorithm),
+            privacy=privacy,
         )
 
     def train_client_by_id(
@@ -346,6 +329,8 @@ class FedPACTrainer(ClientStepsMixin, RoundCheckpointsMixin, PreflightMixin, Tra
         model = self.model
         model.to(args.device)
         trainable_parameters(model)  # fails early without trainable parameters
+        if (record := args.record_privacy()) is not None:
+            record.check_model(model)  # a layer Opacus cannot cover: refused before round 1
         self.state = TrainerState(
             is_local_process_zero=self.is_local_process_zero(),
             is_world_process_zero=self.is_world_process_zero(),

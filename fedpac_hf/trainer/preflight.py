@@ -53,7 +53,7 @@ class PreflightMixin:
     client_grad_scaler: Callable[[], torch.amp.GradScaler | None]
     client_dataset: Callable[[int], Any]
     prediction_step: Callable[..., Any]
-    _client_dataloader: Callable[[Any, int], DataLoader]
+    client_dataloader: Callable[..., DataLoader]
     _gnb_seed: int
     #: Seconds the preflight took once it passed (``train`` then skips it).
     preflight_seconds: float | None = None
@@ -136,7 +136,7 @@ class PreflightMixin:
         seconds = preflight(
             self.model,
             self.algorithm,
-            lambda: cycle_batches(self._client_dataloader(dataset, seed)),
+            lambda: cycle_batches(self.client_dataloader(dataset, seed)),
             steps,
             hooks,
             weighting=self.args.aggregation_weighting,
