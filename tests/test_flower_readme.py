@@ -40,7 +40,7 @@ from .flower_processes import (  # noqa: E402
 
 INSTALL = ['pip install -e ".[flower]"', 'pip install "flwr[simulation]>=1.42"']
 CONFIGURE = [
-    "mkdir -p flwr_home && cp flower_config.toml flwr_home/config.toml",
+    "mkdir -p flwr_home && cp -n flower_config.toml flwr_home/config.toml",
     "export FLWR_HOME=$PWD/flwr_home HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1",
     "export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1",
 ]
@@ -61,6 +61,25 @@ SUPERNODES = [
     f'--node-config "partition-id={i} num-partitions=3"'
     for i in range(3)
 ]
+CERTIFICATES = (
+    "python make_certificates.py --out certificates --supernodes 3 --flower-config "
+    "flwr_home/config.toml --connection fedpac-secure --address 127.0.0.1:9093"
+)
+SECURE_SUPERLINK = (
+    "flower-superlink --ssl-ca-certfile certificates/ca.crt --ssl-certfile certificates/server.pem "
+    "--ssl-keyfile certificates/server.key --enable-supernode-auth --port 9093 --database state.db "
+    "--disable-runtime-dependency-installation"
+)
+REGISTER = [
+    f"flwr supernode register certificates/supernode-{i}.pub fedpac-secure" for i in (1, 2, 3)
+]
+SECURE_SUPERNODES = [
+    f"flower-supernode --root-certificates certificates/ca.crt --superlink 127.0.0.1:9093 "
+    f"--port {9094 + i} --auth-supernode-private-key certificates/supernode-{i + 1} "
+    f'--node-config "partition-id={i} num-partitions=3"'
+    for i in range(3)
+]
+SECURE_RUN = "flwr run . fedpac-secure --stream"
 DEPLOYMENT = "flwr run . fedpac-deployment --stream"
 RESUME_LATEST = 'flwr run . fedpac-deployment --stream --run-config "resume-from-checkpoint=true"'
 README_COMMANDS = [
@@ -71,6 +90,11 @@ README_COMMANDS = [
     REPORT,
     OVERWRITE,
     RESUME_FROM_PATH,
+    CERTIFICATES,
+    SECURE_SUPERLINK,
+    *REGISTER,
+    *SECURE_SUPERNODES,
+    SECURE_RUN,
     SUPERLINK,
     *SUPERNODES,
     DEPLOYMENT,
@@ -271,3 +295,54 @@ def test_the_readme_deployment_survives_a_server_restart(tmp_path):
         assert_same_state(out / "checkpoint-round-3", reference)
     finally:
         processes.stop_all()
+
+
+@pytest.mark.slow
+def test_the_readme_secure_deployment_tls_auth_refuses_an_unregistered_supernode(tmp_path):
+    """TLS on every connection, 3 registered SuperNodes and one that is not: the run
+    completes bit for bit as in process, the stranger is refused."""
+    ports = {port: free_port() for port in (9093, 9094, 9095, 9096)}
+    app = app_copy(tmp_path, ports)
+    processes = Processes(tmp_path, flower_env(app / "flwr_home"), app)
+    out = app / "fedpac_flower_output"
+    reference = in_process_run(tmp_path)
+    made = processes.run(configured(on_ports(CERTIFICATES, ports)))
+    assert made.returncode == 0, made.stderr
+    connection = (app / "flwr_home" / "config.toml").read_text()
+    assert f'root-certificates = "{app / "certificates" / "ca.crt"}"' in connection
+    assert "insecure" not in connection.split("[superlink.fedpac-secure]")[1]
+    stranger = processes.run(
+        "python make_certificates.py --out strangers --supernodes 1"
+    )  # a key pair the SuperLink never hears of
+    assert stranger.returncode == 0, stranger.stderr
+    try:
+        processes.start("superlink", configured(on_ports(SECURE_SUPERLINK, ports)))
+        processes.wait_for_port(ports[9093], "superlink")
+        for command in REGISTER:
+            registered = processes.run(configured(command))
+            assert "registered successfully" in registered.stdout, registered.stdout[-2000:]
+        processes.start(
+            "stranger",
+            configured(
+                f"flower-supernode --root-certificates certificates/ca.crt --superlink "
+                f"127.0.0.1:{ports[9093]} --port {free_port()} "
+                "--auth-supernode-private-key strangers/supernode-1 "
+                '--node-config "partition-id=0 num-partitions=3"'
+            ),
+        )
+        for i, command in enumerate(SECURE_SUPERNODES):
+            processes.start(f"node{i}", configured(on_ports(command, ports)))
+        result = processes.run(configured(SECURE_RUN), timeout=900)
+        processes.wait_until(
+            lambda: processes.started["stranger"].poll() is not None,
+            "the unregistered SuperNode's exit",
+            timeout=300,
+        )
+    finally:
+        processes.stop_all()
+    logs = result.stdout + result.stderr
+    assert "FedPAC run finished: 3 of 3 rounds done" in logs, logs[-4000:]
+    assert "Failed to activate SuperNode" in processes.text("stranger")
+    assert processes.started["stranger"].returncode != 0
+    assert "https://" in processes.text("superlink")  # TLS, not plain HTTP
+    assert_same_state(out / "checkpoint-round-3", reference)
