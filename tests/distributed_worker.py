@@ -1,6 +1,10 @@
 """Run a small FedPACTrainer job; launched by tests with 1 or 2 processes (torchrun, gloo).
 
-Usage: ``torchrun --nproc_per_node N -m tests.distributed_worker OUT.safetensors``
+Usage: ``torchrun --nproc_per_node N -m tests.distributed_worker OUT.safetensors [dp]``
+
+With ``dp``: client-level DP with the secret noise seed each process draws
+(shared from process 0), and every process writes its own state
+(``OUT.rank<i>.safetensors``).
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ from fedpac_hf import FedPACArguments, FedPACTrainer
 from tests.trainer_fixtures import image_data, tiny_vit
 
 
-def main(out: str) -> None:
+def main(out: str, private: bool = False) -> None:
     data = image_data(n=160)
+    dp = {"dp_mode": "client", "dp_clip_norm": 0.05, "dp_theta_clip_norm": 5.0}
     args = FedPACArguments(
+        **({**dp, "dp_noise_multiplier": 1.0} if private else {}),
         output_dir=tempfile.mkdtemp(),
         algorithm="fedpac_soap",
         num_rounds=2,
@@ -35,7 +41,10 @@ def main(out: str) -> None:
     )
     trainer = FedPACTrainer(model=tiny_vit(), args=args, train_dataset=data["train"])
     trainer.train()
-    if trainer.is_world_process_zero():
+    if private:
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        out = str(Path(out).with_suffix(f".rank{rank}.safetensors"))
+    if trainer.is_world_process_zero() or private:
         state = trainer.server_state
         tensors = {f"params::{k}": v for k, v in state.params.items()}
         tensors.update({f"curvature::{k}": v for k, v in (state.curvature or {}).items()})
@@ -46,4 +55,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(str(Path(sys.argv[1])))
+    main(str(Path(sys.argv[1])), private=sys.argv[2:] == ["dp"])

@@ -326,6 +326,34 @@ def test_two_processes_give_the_same_result_as_one(tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+def test_two_processes_under_dp_add_the_same_secret_noise(tmp_path):
+    """Each process draws a secret noise seed; process 0's is shared, so they stay equal."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    out = tmp_path / "dp.safetensors"
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+        + ["--master_port", "29534", "-m", "tests.distributed_worker", str(out), "dp"],
+        cwd=root,
+        env=env,
+        timeout=300,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    a = load_file(str(tmp_path / "dp.rank0.safetensors"))
+    b = load_file(str(tmp_path / "dp.rank1.safetensors"))
+    assert set(a) == set(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 @pytest.mark.parametrize("algorithm", ["fedpac_sophia", "fedpac_muon"])
 def test_sophia_and_muon_clients_run_and_send_real_curvature(tmp_path, algorithm):
     """Sophia's Hessian estimate is really refreshed (the reference code left it at zero)."""
