@@ -13,7 +13,7 @@ Protocol
   the grid fits a 2-core CPU; MNIST-5k's 4,000 training rows split over
   **500 clients** with Dirichlet(0.3) label skew (8 rows per client on
   average), 20 clients per round (under DP: Poisson sampling at rate
-  q = 20 / 500, 20 clients expected), 10 local steps of batch 8, 30 rounds,
+  q = 20 / 500, 20 clients expected), 10 local steps of batch 8, 20 rounds,
   cosine learning-rate decay (the config's).
 * Methods: ``fedavg_adamw``, ``fedadamw`` (AdamW's second moments shared),
   ``fedpac_soap`` (SOAP's Kronecker statistics shared) and
@@ -23,7 +23,7 @@ Protocol
   (the package's default ``dp_delta``); epsilon = inf is
   ``dp_noise_multiplier: 0`` (clipping and Poisson sampling only), 8 and 2 are
   ``dp_target_epsilon`` (the noise multiplier is the package's calibration for
-  30 rounds). ``dp_noise_seed`` is the run's seed (reproducible noise; a
+  20 rounds). ``dp_noise_seed`` is the run's seed (reproducible noise; a
   deployment leaves it unset).
 * Learning rates: per method, on the validation split (the harness's
   :func:`~_harness.runs.validation_dataset`: 20 % of MNIST-5k's training rows,
@@ -111,7 +111,7 @@ KEYS = (*KEPT_KEYS, "epsilon", "dp_clipped_delta", "dp_clipped_theta")
 
 NUM_CLIENTS = 500
 CLIENTS_PER_ROUND = 20
-NUM_ROUNDS = 30
+NUM_ROUNDS = 20
 REGIME = [
     "--hidden_size", "32", "--num_hidden_layers", "2", "--num_attention_heads", "2",
     "--intermediate_size", "64",
