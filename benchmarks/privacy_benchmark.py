@@ -43,7 +43,8 @@ Protocol
 * Final runs: every method at every epsilon, 3 seeds (0, 1, 2), on the test
   split; plus ``fedpac_soap`` without DP (``dp_mode: none``, exactly 20
   clients per round), 3 seeds, for the cost of clipping (Theta's and the
-  delta's) at epsilon = inf.
+  delta's) at epsilon = inf; last in the queue, the other methods without DP
+  (3 seeds each), for context.
 * Reported: the final round's test accuracy, mean +- sample std over seeds;
   the noise multiplier of each epsilon; the epsilon the runs logged after the
   last round; the fraction of clients clipped (``dp_clipped_delta``,
@@ -215,6 +216,16 @@ def plan(done: dict[str, Record]) -> tuple[list[Run], int]:
                     runs.append(Run("final", method, level, seed, lr))
                 else:
                     runs.append(Run("final", method, level, seed, lr, clip, theta))
+    # last: the other methods without DP (context: what DP costs each of them)
+    for seed in range(SEEDS):
+        for method in METHODS:
+            if method == NODP_METHOD:
+                continue
+            picked = chosen(method, done)
+            if picked is None:
+                waiting += 1
+            else:
+                runs.append(Run("final", method, "nodp", seed, picked[0]))
     return [r for r in runs if r.key not in done], waiting
 
 
@@ -420,12 +431,26 @@ def tuning_section(lines: list[str], done: dict[str, Record]) -> None:
     lines.append("")
 
 
-def noise_section(lines: list[str], finals: Sequence[Record]) -> None:
-    """Noise multiplier, noise std on the mean delta, final logged epsilon, clipped fractions."""
+def num_parameters(done: dict[str, Record]) -> int:
+    """The model's trainable parameters, from a ``fedavg_adamw`` run's upload (0: none ran).
+
+    ``fedavg_adamw`` sends its float32 delta and nothing else, so a round's
+    ``bytes_up`` is ``4 d`` per client.
+    """
+    for r in done.values():
+        if r["method"] == "fedavg_adamw" and r["privacy"] == "nodp":
+            row = r["history"][0]
+            return round(row["bytes_up"] / row["num_clients"] / 4)
+    return 0
+
+
+def noise_section(lines: list[str], finals: Sequence[Record], d: int) -> None:
+    """Noise multiplier, noise on the mean delta, final logged epsilon, clipped fractions."""
     lines += [
-        "| method | level | z | k | noise std per entry of the mean delta (z k C / qN) "
+        "| method | level | z | k | C | noise std per entry of the mean delta (z k C / qN) "
+        "| its L2 norm over the d entries, in units of C (z k sqrt(d) / qN) "
         "| epsilon logged after the last round | delta | clients clipped: delta / Theta |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method in METHODS:
         for level in EPSILONS:
@@ -439,8 +464,10 @@ def noise_section(lines: list[str], finals: Sequence[Record]) -> None:
             eps_cell = ", ".join(sorted({f"{e:.3g}" for e in eps}))
             theta = pooled_mean(runs, "dp_clipped_theta")
             theta_cell = fmt(theta, digits=0) + " %" if r["theta_clip"] else "- (not sent)"
+            ratio = z * k * math.sqrt(d) / CLIENTS_PER_ROUND
             lines.append(
-                f"| {method} | {level_name(level)} | {z:.4g} | {k:.3g} | {std:.3g} "
+                f"| {method} | {level_name(level)} | {z:.4g} | {k:.3g} | {r['clip']} | {std:.3g} "
+                f"| {ratio:.3g} "
                 f"| {eps_cell} | {r['delta']:.3g} "
                 f"| {fmt(pooled_mean(runs, 'dp_clipped_delta'), digits=0)} % / {theta_cell} |"
             )
@@ -487,7 +514,8 @@ def report() -> None:
         "Written by `python benchmarks/privacy_benchmark.py report` from the run records in "
         "`benchmarks/privacy_results/` (one JSON per run, with the `fedpac-hf train` command "
         "that reproduces it). The protocol in full is the docstring of "
-        "`benchmarks/privacy_benchmark.py`; in short: a small ViT (19,658 parameters) trained "
+        "`benchmarks/privacy_benchmark.py`; in short: a small ViT "
+        f"(d = {num_parameters(done):,} parameters) trained "
         "from scratch on MNIST-5k's 4,000 training rows split over 500 clients (Dirichlet 0.3 "
         f"label skew), {CLIENTS_PER_ROUND} clients per round expected (Poisson sampling, "
         f"q = {CLIENTS_PER_ROUND / NUM_CLIENTS:g}), 10 local steps of batch 8, {NUM_ROUNDS} "
@@ -524,17 +552,17 @@ def report() -> None:
         "## Test accuracy (%, final round, mean +- std over seeds)",
         "",
         "| method | what the server receives besides the delta | lr | "
-        + " | ".join(level_name(level) for level in EPSILONS)
+        + " | ".join(level_name(level) for level in ("nodp", *EPSILONS))
         + " |",
-        "|---|---|---|" + "---|" * len(EPSILONS),
+        "|---|---|---|" + "---|" * (1 + len(EPSILONS)),
     ]
     for method in METHODS:
         lrs = {r["lr"] for r in finals if r["method"] == method}
         lr = ", ".join(f"{x:g}" for x in sorted(lrs)) or "-"
-        row = [cell(levels[level].get(method)) for level in EPSILONS]
+        row = [cell(levels[level].get(method)) for level in ("nodp", *EPSILONS)]
         lines.append(f"| {method} | {METHODS[method][1]} | {lr} | " + " | ".join(row) + " |")
     lines.append("")
-    leads = [(level, lead(levels[level])) for level in EPSILONS]
+    leads = [(level, lead(levels[level])) for level in ("nodp", *EPSILONS)]
     lines += [
         "fedpac_soap's lead over the best first-order method (points): "
         + "; ".join(
@@ -552,7 +580,7 @@ def report() -> None:
         "round's clients whose part was scaled down, mean over rounds and seeds.",
         "",
     ]
-    noise_section(lines, finals)
+    noise_section(lines, finals, num_parameters(done))
     lines += [
         "## What clipping costs fedpac_soap at eps = inf",
         "",
