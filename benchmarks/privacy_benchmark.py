@@ -449,8 +449,9 @@ def noise_section(lines: list[str], finals: Sequence[Record], d: int) -> None:
     lines += [
         "| method | level | z | k | C | noise std per entry of the mean delta (z k C / qN) "
         "| its L2 norm over the d entries, in units of C (z k sqrt(d) / qN) "
+        "| C_Theta, noise std per entry of the mean Theta (z k C_Theta / qN) "
         "| epsilon logged after the last round | delta | clients clipped: delta / Theta |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method in METHODS:
         for level in EPSILONS:
@@ -465,9 +466,13 @@ def noise_section(lines: list[str], finals: Sequence[Record], d: int) -> None:
             theta = pooled_mean(runs, "dp_clipped_theta")
             theta_cell = fmt(theta, digits=0) + " %" if r["theta_clip"] else "- (not sent)"
             ratio = z * k * math.sqrt(d) / CLIENTS_PER_ROUND
+            theta_noise = "-"
+            if r["theta_clip"]:
+                std_theta = z * k * float(r["theta_clip"]) / CLIENTS_PER_ROUND
+                theta_noise = f"{r['theta_clip']}, {std_theta:.3g}"
             lines.append(
                 f"| {method} | {level_name(level)} | {z:.4g} | {k:.3g} | {r['clip']} | {std:.3g} "
-                f"| {ratio:.3g} "
+                f"| {ratio:.3g} | {theta_noise} "
                 f"| {eps_cell} | {r['delta']:.3g} "
                 f"| {fmt(pooled_mean(runs, 'dp_clipped_delta'), digits=0)} % / {theta_cell} |"
             )
