@@ -546,7 +546,8 @@ def report() -> None:
         f"Machine: 2-core CPU, no GPU, shared with other work ({', '.join(machines)}). "
         f"Runs: {len(finals)} final, {len(done) - len(finals)} tuning; "
         f"{wall / 60:.0f} minutes of training in all (two workers). Library commit(s): "
-        f"{', '.join(sorted({r['library_commit'] for r in done.values()}))}.",
+        f"{', '.join(sorted({r['library_commit'] for r in done.values()}))} (the grid ran "
+        "while this script was being committed; the commits differ only in `benchmarks/`).",
         "",
         "## Goal",
         "",
