@@ -587,3 +587,77 @@ def test_a_resumed_record_dp_run_continues_exactly(tmp_path):
     assert first.round_history[1]["epsilon"] > first.round_history[0]["epsilon"]
     for a, b in zip(resumed.model.parameters(), first.model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_clients_clip_only_what_their_data_adds_to_the_public_correction_and_theta():
+    """A global direction far above the clip norm: the correction it brings is public, so the
+    client sends (and clips) its delta minus K beta lr g_G, and its Theta minus the global one."""
+    model = _model()
+    alg = get_algorithm("fedpac_soap")  # beta 0.5, aligns and corrects
+    first = client_update(
+        model,
+        ServerState.from_model(model),
+        alg,
+        cycle_batches(_clients()[0]),
+        LocalSteps(lr=0.01, num_steps=3),
+        ClientHooks(loss_fn=_loss),
+    )
+    state = ServerState(
+        params=ServerState.from_model(model).params,
+        curvature={n: t.clone() for n, t in first.curvature.items()},
+        direction={n: torch.full_like(t, 50.0) for n, t in first.delta.items()},
+        round=1,
+    )
+    dp = ClientDP.from_settings(
+        "client", clip_norm=1.0, theta_clip_norm=1e6, noise_multiplier=1.0, share_theta=True
+    )
+    steps = LocalSteps(lr=0.01, num_steps=3)
+    plain = client_update(
+        model, state, alg, cycle_batches(_clients()[0]), steps, ClientHooks(loss_fn=_loss)
+    )
+    sent = client_update(
+        model,
+        state,
+        alg,
+        cycle_batches(_clients()[0]),
+        steps,
+        ClientHooks(loss_fn=_loss),
+        privacy=dp,
+    )
+    correction = {n: -3 * 0.5 * 0.01 * d for n, d in state.direction.items()}
+    assert _norm(plain.delta) > 10 * _norm({n: plain.delta[n] - correction[n] for n in plain.delta})
+    own = {n: plain.delta[n] - correction[n] for n in plain.delta}
+    assert _norm(own) < 1.0 and sent.metrics["dp_clipped_delta"] == 0.0
+    for name, d in own.items():
+        torch.testing.assert_close(sent.delta[name], d, rtol=1e-5, atol=1e-6)
+    for name, t in plain.curvature.items():  # Theta minus the imported global Theta
+        torch.testing.assert_close(sent.curvature[name], t - state.curvature[name])
+
+
+def test_dp_at_its_limit_adds_the_public_reference_back_exactly():
+    """q = 1, z = 0, bounds never reached: an aligning and correcting method under DP is the
+    plain run, up to the rounding of the reference subtracted and added back. (fedadamw: its
+    Theta needs no PSD repair; SOAP's eigenbases turn the repair's rounding into visible
+    differences in later rounds.)"""
+    loaders = _clients(num=6)
+    common = {"lr": 0.05, "preflight": False}
+    plain_model, private_model = _model(), _model()
+    plain = simulate(plain_model, loaders, "fedadamw", 3, 6, 2, _loss, **common)
+    private = simulate(
+        private_model,
+        loaders,
+        "fedadamw",
+        3,
+        6,
+        2,
+        _loss,
+        **common,
+        dp_mode="client",
+        dp_clip_norm=1e9,
+        dp_theta_clip_norm=1e9,
+        dp_noise_multiplier=0.0,
+        dp_delta=0.01,
+    )
+    for a, b in zip(plain_model.parameters(), private_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert private[-1]["train_loss"] == pytest.approx(plain[-1]["train_loss"], rel=1e-4)

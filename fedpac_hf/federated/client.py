@@ -31,7 +31,7 @@ from fedpac_hf.optim.options import whole
 from .algorithms import Algorithm, round_beta
 from .batches import batch_size
 from .failures import ClientError
-from .privacy import ClientDP, clip_update
+from .privacy import ClientDP, clip_update, public_reference
 from .record_privacy import RecordClient
 from .state import ClientUpdate, ServerState, load_trainable_state, trainable_parameters
 
@@ -282,7 +282,11 @@ def client_update(
     if record is not None:
         update.metrics.update(record.metrics())
         return update
-    return update if privacy is None else clip_update(update, privacy)
+    if privacy is None:
+        return update
+    return clip_update(
+        update, privacy, public_reference(state, algorithm, steps.lr, steps.num_steps)
+    )
 
 
 def _model_device(params: Mapping[str, torch.Tensor]) -> torch.device:

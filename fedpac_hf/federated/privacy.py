@@ -49,15 +49,18 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from fedpac_hf.optim import sent_form
 from fedpac_hf.optim.options import number, one_of, optional, whole
 
-from .state import ClientUpdate
+from .algorithms import Algorithm, round_beta
+from .state import ClientUpdate, ServerState
 
 __all__ = [
     "DP_MODES",
     "ClientDP",
     "clip_update",
     "noised_sums",
+    "public_reference",
 ]
 
 DP_MODES: tuple[str, ...] = ("none", "client", "record")
@@ -249,19 +252,65 @@ def _clipped(
     return clipped, norm > bound
 
 
-def clip_update(update: ClientUpdate, dp: ClientDP) -> ClientUpdate:
+Reference = tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None]
+
+
+def public_reference(
+    state: ServerState, algorithm: Algorithm, lr: float, local_steps: int
+) -> Reference:
+    """What every client's delta and Theta contain that is public, so it is not clipped.
+
+    The delta holds the correction steps, ``-K beta eta_l g_G`` in all (from
+    the global direction every client received); Theta starts from the global
+    Theta it imported (alignment), in the form clients send it up. A client
+    clips and sends only what its data adds (its part minus the reference);
+    the server adds the reference back to the noised mean. Both are
+    functions of the released global state, so the sensitivity and the
+    accounting are unchanged and no client's own signal is clipped away with
+    the previous round's noise, which the correction and the imported Theta
+    carry. ``(None, None)`` in round 1.
+    """
+    delta_ref = theta_ref = None
+    beta = round_beta(algorithm, state)
+    if algorithm.correction and state.direction is not None and beta:
+        scale = -local_steps * beta * lr
+        delta_ref = {n: d.to(torch.float32) * scale for n, d in state.direction.items()}
+    if algorithm.align and state.curvature:
+        theta_ref = {n: t.to(torch.float32) for n, t in (sent_form(state.curvature) or {}).items()}
+    return delta_ref, theta_ref
+
+
+def _minus(
+    tensors: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor] | None
+) -> dict[str, torch.Tensor]:
+    """``tensors`` minus ``reference`` where the reference has the entry."""
+    if not reference:
+        return dict(tensors)
+    return {
+        n: t - reference[n].to(t.device, t.dtype) if n in reference else t
+        for n, t in tensors.items()
+    }
+
+
+def clip_update(
+    update: ClientUpdate, dp: ClientDP, reference: Reference = (None, None)
+) -> ClientUpdate:
     """What leaves a client under client-level DP: its delta clipped, Theta clipped or kept.
 
-    The delta is scaled to L2 norm at most ``dp.clip_norm``; Theta to
-    ``dp.theta_clip_norm`` when it is shared (``dp.share_theta``), else it is
-    dropped (the server never sees it). ``metrics`` gains ``dp_clipped_delta``
-    and ``dp_clipped_theta`` (1.0 when that part was scaled down).
+    The delta minus its public part (``reference``, see :func:`public_reference`)
+    is scaled to L2 norm at most ``dp.clip_norm``; Theta minus the imported
+    global Theta to ``dp.theta_clip_norm`` when it is shared
+    (``dp.share_theta``), else it is dropped (the server never sees it).
+    ``metrics`` gains ``dp_clipped_delta`` and ``dp_clipped_theta`` (1.0 when
+    that part was scaled down).
     """
-    delta, delta_clipped = _clipped(update.delta, dp.clip_norm)
+    delta, delta_clipped = _clipped(_minus(update.delta, reference[0]), dp.clip_norm)
     curvature: dict[str, torch.Tensor] = {}
     theta_clipped = torch.zeros((), dtype=torch.bool)
     if dp.share_theta and update.curvature:
-        curvature, theta_clipped = _clipped(update.curvature, float(dp.theta_clip_norm or 0.0))
+        curvature, theta_clipped = _clipped(
+            _minus(update.curvature, reference[1]), float(dp.theta_clip_norm or 0.0)
+        )
     flags = torch.stack([delta_clipped.cpu(), theta_clipped.cpu()]).tolist()
     metrics = dict(update.metrics)
     metrics.update(dp_clipped_delta=float(flags[0]), dp_clipped_theta=float(flags[1]))
@@ -275,17 +324,23 @@ def noised_round(
     theta_keys: Mapping[str, torch.Tensor] | None,
     noise_seed: int | None,
     round_index: int,
+    reference: Reference = (None, None),
+    denominator: float = 1.0,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """A round's delta and Theta sums with the mechanism's Gaussian noise.
 
     ``theta_keys`` (the global Theta in its sent-up form) names Theta's
     entries when no client sent any this round, so that the round still
-    releases noise on them. Theta is noised only when it is shared.
+    releases noise on them. Theta is noised only when it is shared. The
+    public ``reference`` the clients left out (:func:`public_reference`) is
+    added back, ``denominator`` times, so that the sums over the denominator
+    are the mean of what the clients added plus the reference.
     """
     if noise_seed is None:
         raise ValueError("a DP round needs the server's noise seed (ServerState.noise_seed)")
     std_delta, std_theta = dp.noise_stds()
     delta_sum = noised_sums(delta_sum, std_delta, noise_generator(noise_seed, round_index, "delta"))
+    delta_sum = _plus(delta_sum, reference[0], denominator)
     if not dp.share_theta:
         return delta_sum, theta_sum
     if not theta_sum and theta_keys:  # no client this round
@@ -295,7 +350,19 @@ def noised_round(
             for n, t in theta_keys.items()
         }
     theta_sum = noised_sums(theta_sum, std_theta, noise_generator(noise_seed, round_index, "theta"))
-    return delta_sum, theta_sum
+    return delta_sum, _plus(theta_sum, reference[1], denominator)
+
+
+def _plus(
+    sums: dict[str, torch.Tensor], reference: Mapping[str, torch.Tensor] | None, times: float
+) -> dict[str, torch.Tensor]:
+    """``sums`` plus ``times`` the reference where it has the entry."""
+    if not reference:
+        return sums
+    return {
+        n: s + reference[n].to(s.device, s.dtype) * times if n in reference else s
+        for n, s in sums.items()
+    }
 
 
 def noise_generator(noise_seed: int, round_index: int, part: str) -> torch.Generator:

@@ -31,7 +31,7 @@ from fedpac_hf.optim.repair import repair_curvature
 from .adaptive_beta import auto_beta
 from .algorithms import Algorithm, downlink_parts, round_beta
 from .failures import ClientFailure, RoundError, require_finite_aggregate
-from .privacy import ClientDP, noised_round
+from .privacy import ClientDP, noised_round, public_reference
 from .round_metrics import curvature_scalars, drift_metrics, update_scalars
 from .state import ClientUpdate, ServerState, move_tensors, tensor_bytes
 
@@ -249,6 +249,8 @@ class RoundAggregator:
                 sent_form(state.curvature),
                 state.noise_seed,
                 state.round,
+                public_reference(state, self.algorithm, lr, local_steps),
+                self.denominator,
             )
         delta, params, direction = self._server_step(lr, local_steps, server_lr)
         mean = self._mean_curvature()
