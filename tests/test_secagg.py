@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flwr.common.secure_aggregation.quantization import dequantize, quantize  # noqa: E402
 
+from fedpac_hf import FedPACTrainer  # noqa: E402
 from fedpac_hf.federated import ServerState, aggregate  # noqa: E402
 from fedpac_hf.federated.secure_aggregation import (  # noqa: E402
     CLIPPING_RANGE,
@@ -49,6 +50,8 @@ from .trainer_fixtures import (  # noqa: E402
     build_model,
     build_trainer,
     flower_args,
+    image_data,
+    tiny_vit,
 )
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -223,6 +226,67 @@ def test_secagg_survives_a_client_that_drops_out(tmp_path, caplog):
     logs = np.mean([log_magnitudes(u.delta, names) for u in updates], axis=0)
     bounds = {n: 1.01 * b for n, b in bounds_from_log_magnitudes(logs, names).items()}
     assert_within_quantization(result.server_state.params, plain.params, bounds, slack=1e-7)
+
+
+class SecondRoundFailure(FedPACTrainer):
+    """A trainer whose client 1 fails in round 2 only (after round 1's calibration)."""
+
+    def train_client(self, client_id, dataset, round_index, lr, state=None):
+        if client_id == 1 and round_index == 1:
+            raise OSError("client 1: the local disk filled up in round 2")
+        return super().train_client(client_id, dataset, round_index, lr, state)
+
+
+def build_second_round_failure(args, run_config=None):
+    """:func:`build_trainer`'s model and data in a :class:`SecondRoundFailure`."""
+    return SecondRoundFailure(model=tiny_vit(), args=args, train_dataset=image_data(n=120)["train"])
+
+
+def test_secagg_dropout_in_a_later_round_with_num_examples_weights(tmp_path, caplog):
+    """Round 2 (bounds from the state, one pass): client 1 drops out while SecAgg+ masks.
+
+    With ``num_examples`` weighting each client scales its vector by n_i / max_weight
+    before quantizing, so the error bound grows by S / sum_i (n_i / max_weight).
+    """
+    caplog.set_level(logging.WARNING, logger="flwr")
+    settings = dict(
+        clients_per_round=3,
+        algorithm="fedavg",
+        aggregation_weighting="num_examples",
+        secagg_max_weight=100,
+    )
+    states: dict[int, ServerState] = {}
+    result = run_fedpac_simulation(
+        build_second_round_failure,
+        flower_args(tmp_path / "secure", secure_aggregation=True, **settings),
+        build_model=build_model,
+        num_supernodes=3,
+        backend_config=BACKEND,
+        on_round_end=lambda r, state, metrics: states.__setitem__(r, copy.deepcopy(state)),
+    )
+    assert [(h["num_clients"], h["num_dropped"]) for h in result.history] == [(3, 0), (2, 1)]
+    dropped = [r.getMessage() for r in caplog.records if "dropping client 1" in r.getMessage()]
+    assert dropped and "local disk filled up in round 2" in dropped[0]
+
+    args = flower_args(tmp_path / "plain", **settings)
+    trainer = build_second_round_failure(args)
+    trainer.setup_clients()
+    lr = args.round_learning_rates()[1]
+    updates = [trainer.train_client_by_id(c, 1, lr, states[1]) for c in (0, 2)]
+    plain, _ = aggregate(
+        states[1],
+        updates,
+        trainer.algorithm,
+        lr=lr,
+        local_steps=args.local_steps,
+        weighting="num_examples",
+    )
+    assert result.history[1]["num_examples"] == sum(u.num_examples for u in updates)
+    delta_bounds, _ = secagg_bounds(states[1], lr, args.local_steps)
+    scale = len(updates) / sum(u.num_examples / 100 for u in updates)
+    assert_within_quantization(
+        result.server_state.params, plain.params, delta_bounds, scale=scale, slack=1e-7
+    )
 
 
 @pytest.mark.parametrize(
