@@ -30,10 +30,13 @@ pytest.importorskip("ray")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from flwr.app import ConfigRecord  # noqa: E402
+from flwr.common import parameters_to_ndarrays  # noqa: E402
 from flwr.common.secure_aggregation.quantization import dequantize, quantize  # noqa: E402
+from flwr.compat.common import recorddict_compat as compat  # noqa: E402
 
 from fedpac_hf import FedPACTrainer  # noqa: E402
-from fedpac_hf.federated import ServerState, aggregate  # noqa: E402
+from fedpac_hf.federated import ClientUpdate, ServerState, aggregate  # noqa: E402
 from fedpac_hf.federated.secure_aggregation import (  # noqa: E402
     CLIPPING_RANGE,
     bounds_from_log_magnitudes,
@@ -43,6 +46,7 @@ from fedpac_hf.federated.secure_aggregation import (  # noqa: E402
     unscale_tensors,
 )
 from fedpac_hf.flower import run_fedpac_simulation  # noqa: E402
+from fedpac_hf.flower.secagg import CLIPPED, secure_reply  # noqa: E402
 
 from .trainer_fixtures import (  # noqa: E402
     BACKEND,
@@ -137,6 +141,7 @@ def test_secagg_simulation_matches_the_plain_aggregate(tmp_path):
         assert row["num_clients"] == 2 and row["num_dropped"] == 0
         assert "drift" not in row and "client_dispersion" not in row  # need single clients
         assert row["wire_bytes_up"] > 0 and math.isfinite(row["train_loss"])
+        assert row["secagg_clipped"] == 0  # the bounds held every client's values
     assert result.server_state.round == 2
 
     threads = torch.get_num_threads()
@@ -287,6 +292,37 @@ def test_secagg_dropout_in_a_later_round_with_num_examples_weights(tmp_path, cap
     assert_within_quantization(
         result.server_state.params, plain.params, delta_bounds, scale=scale, slack=1e-7
     )
+
+
+def test_secagg_reply_scales_by_the_bounds_and_counts_what_they_clip():
+    """A client's FitRes: each tensor times 8 / b, and how many values exceeded their bound."""
+    update = ClientUpdate(
+        client_id=2,
+        delta={"w": torch.tensor([0.5, -3.0]), "b": torch.tensor([1e-3])},
+        curvature={"w.v": torch.tensor([2e-8, 4e-8])},
+        num_examples=24,
+        num_steps=3,
+        metrics={"train_loss": 0.7},
+    )
+    secagg = ConfigRecord(
+        {
+            "stage": "aggregate",
+            "weighting": "uniform",
+            "max-weight": 1.0,
+            "delta-names": ["w", "b"],
+            "delta-bounds": [1.0, 1e-2],  # -3.0 is over its bound: clipped
+            "theta-names": ["w.v"],
+            "theta-bounds": [8e-8],
+        }
+    )
+    fitres = compat.recorddict_to_fitres(secure_reply(update, secagg), False)
+    arrays = parameters_to_ndarrays(fitres.parameters)
+    np.testing.assert_allclose(arrays[0], [4.0, -24.0])
+    np.testing.assert_allclose(arrays[1], [0.8], rtol=1e-6)
+    np.testing.assert_allclose(arrays[2], [2.0, 4.0], rtol=1e-6)
+    assert fitres.num_examples == 1  # uniform weighting: SecAgg+ weighs every client 1
+    assert fitres.metrics[CLIPPED] == 1 and fitres.metrics["num-examples"] == 24
+    assert fitres.metrics["train_loss"] == pytest.approx(0.7)
 
 
 @pytest.mark.parametrize(

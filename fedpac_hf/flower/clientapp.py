@@ -180,7 +180,8 @@ class FedPACClient:
         secagg = message.content.config_records.get(SECAGG_KEY)
         if secagg is not None and PARAMS_KEY not in message.content.array_records:
             # SecAgg+'s pass after the calibration: this round's update, kept from it
-            return secure_reply(_take_pending(context, partition, round_index), secagg, message)
+            update = _take_pending(context, partition, round_index)
+            return Message(content=secure_reply(update, secagg), reply_to=message)
         state = server_state_from_content(message.content)
         update = run_client(
             functools.partial(
@@ -195,7 +196,7 @@ class FedPACClient:
         if secagg is not None:
             if secagg["stage"] == "calibrate":
                 _keep_pending(context, update, round_index)
-            return secure_reply(update, secagg, message)
+            return Message(content=secure_reply(update, secagg), reply_to=message)
         if config.get("transport-dtype") == "bfloat16":  # send as the server sent: half the bytes
             update = update.cast(torch.bfloat16)
         logger.info(

@@ -20,7 +20,8 @@ messages into them:
 
 What travels in the clear: the weight SecAgg+ sums with (1, or the client's
 examples under ``num_examples`` weighting), the client's metrics
-(``train_loss`` and the like), the names of its Theta entries.
+(``train_loss`` and the like), the names of its Theta entries and how many
+of its values its bounds clipped.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ from fedpac_hf.federated.secure_aggregation import (
 )
 
 __all__ = [
+    "CLIPPED",
     "SECAGG_KEY",
     "SecAggOutcome",
     "as_tensors",
@@ -78,6 +80,9 @@ SECAGG_KEY = "secagg"
 ``theta-names``/``theta-bounds`` (aggregate)."""
 
 _THETA_NAMES = "secagg-theta-names"  # FitRes metric: the client's Theta entries (JSON)
+
+CLIPPED = "secagg-clipped"
+"""FitRes metric: how many of the client's values lay outside their bound (clipped)."""
 
 
 # ------------------------------------------------------------------ server
@@ -246,8 +251,8 @@ def theta_names_of(metrics: Mapping[str, Any]) -> list[str]:
     return list(json.loads(str(metrics.get(_THETA_NAMES, "[]"))))
 
 
-def secure_reply(update: ClientUpdate, secagg: ConfigRecord, message: Message) -> Message:
-    """``update`` as the FitRes-style reply that ``secaggplus_mod`` masks.
+def secure_reply(update: ClientUpdate, secagg: ConfigRecord) -> RecordDict:
+    """``update`` as the FitRes-style reply content that ``secaggplus_mod`` masks.
 
     The vector is the delta (in the server's parameter order) then Theta, each
     tensor scaled by its bound; in a calibration pass, one log-magnitude per
@@ -261,6 +266,7 @@ def secure_reply(update: ClientUpdate, secagg: ConfigRecord, message: Message) -
     """
     delta_names = list(secagg["delta-names"])
     theta_names = sorted(update.curvature)
+    clipped = 0
     if secagg["stage"] == "calibrate":
         arrays = [
             np.asarray(log_magnitudes(update.delta, delta_names), dtype=np.float64),
@@ -273,6 +279,7 @@ def secure_reply(update: ClientUpdate, secagg: ConfigRecord, message: Message) -
             scale_tensors(update.curvature, dict(zip(theta_names, secagg["theta-bounds"]))),
         ]
         arrays = [t.numpy() for part in parts for t in part.values()]
+        clipped = sum(int((np.abs(a) > CLIPPING_RANGE).sum()) for a in arrays)
     weight = 1
     if secagg["weighting"] == "num_examples":
         weight = int(update.num_examples)
@@ -288,10 +295,11 @@ def secure_reply(update: ClientUpdate, secagg: ConfigRecord, message: Message) -
             "num-examples": int(update.num_examples),
             "num-steps": int(update.num_steps),
             _THETA_NAMES: json.dumps(theta_names),
+            CLIPPED: clipped,
         }
     )
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), weight, metrics)
-    return Message(content=compat.fitres_to_recorddict(fitres, False), reply_to=message)
+    return compat.fitres_to_recorddict(fitres, False)
 
 
 def as_tensors(arrays: Iterable[np.ndarray]) -> list[torch.Tensor]:

@@ -37,7 +37,7 @@ from fedpac_hf.federated.secure_aggregation import (
 )
 
 from ..records import CONFIG_KEY
-from ..secagg import SECAGG_KEY, SecAggOutcome, as_tensors, secure_mean, theta_names_of
+from ..secagg import CLIPPED, SECAGG_KEY, SecAggOutcome, as_tensors, secure_mean, theta_names_of
 from .fedpac import FedPACStrategy
 
 __all__ = ["SecureFedPACStrategy"]
@@ -45,7 +45,7 @@ __all__ = ["SecureFedPACStrategy"]
 logger = logging.getLogger("flwr").getChild(__name__)
 
 Bounds = tuple[dict[str, float], dict[str, float]]
-_CLEAR = ("partition-id", "num-examples", "num-steps", "secagg-theta-names")
+_CLEAR = ("partition-id", "num-examples", "num-steps", "secagg-theta-names", CLIPPED)
 
 
 class SecureFedPACStrategy(FedPACStrategy):
@@ -104,7 +104,7 @@ class SecureFedPACStrategy(FedPACStrategy):
         clients = {m.metadata.dst_node_id: c for c, m in self._round_messages.items()}
         contents = {m.metadata.dst_node_id: m.content for m in self._messages}
         self._round_messages, self._messages = {}, []
-        traffic = [0, 0]
+        traffic, clipped = [0, 0], 0.0
         bounds = secagg_bounds(
             plan.state, plan.learning_rate, self.engine.local_steps, self.headroom
         )
@@ -137,7 +137,15 @@ class SecureFedPACStrategy(FedPACStrategy):
                     for n, (_, m) in sorted(outcome.completed.items(), key=lambda i: clients[i[0]])
                 ]
                 add_secure_mean(plan.aggregator, delta, theta or None, completed)
-        return self.finish(plan, traffic[0], traffic[1])
+                clipped = sum(float(m.get(CLIPPED, 0)) for _, m in outcome.completed.values())
+                if clipped:
+                    logger.warning(
+                        "round %d: the bounds clipped %d values of the clients' updates "
+                        "(biased; a larger headroom avoids it)",
+                        plan.round_number,
+                        clipped,
+                    )
+        return self.finish(plan, traffic[0], traffic[1], secagg_clipped=clipped)
 
     def _pass(
         self,
