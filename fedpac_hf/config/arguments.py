@@ -247,6 +247,7 @@ class FedPACArguments(PrivacyArguments, TrainingArguments):
         algorithm = self.build_algorithm()
         self.client_privacy(algorithm)
         self.record_privacy(algorithm)
+        self.secure_aggregation_settings(algorithm)
 
     def build_algorithm(self, model: torch.nn.Module | None = None) -> Algorithm:
         """The :class:`Algorithm` these arguments describe (registry entry + overrides).

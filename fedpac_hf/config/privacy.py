@@ -1,10 +1,11 @@
-"""`PrivacyArguments`: the client-level differential-privacy settings of a run.
+"""`PrivacyArguments`: the differential-privacy and secure-aggregation settings of a run.
 
 A dataclass mixed into :class:`~fedpac_hf.config.arguments.FedPACArguments`,
 so the settings read the same from YAML, the command line and a Flower run
 config (``dp-mode = "client"``). The mechanism and its accounting are in
 :mod:`fedpac_hf.federated.privacy` and :mod:`fedpac_hf.federated.accounting`;
-``docs/privacy.md`` is the user's guide.
+``docs/privacy.md`` is the user's guide. Secure aggregation (Flower's
+SecAgg+, Flower runs only) is described in ``docs/secure_aggregation.md``.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from dataclasses import dataclass, field
 from fedpac_hf.federated import Algorithm
 from fedpac_hf.federated.privacy import DP_MODES, ClientDP
 from fedpac_hf.federated.record_privacy import RecordDP
+from fedpac_hf.federated.sampling import resolve_clients_per_round
 
-__all__ = ["DP_SETTINGS", "PrivacyArguments"]
+__all__ = ["DP_SETTINGS", "PrivacyArguments", "secagg_shares"]
 
 #: The settings of this mixin (a resume must keep them).
 DP_SETTINGS = (
@@ -81,6 +83,88 @@ class PrivacyArguments:
         },
     )
 
+    secure_aggregation: bool = field(
+        default=False,
+        metadata={
+            "help": "Aggregate the clients' deltas and Theta with Flower's SecAgg+ (Flower "
+            "runs only): the server learns their weighted means, not any client's update "
+            "(docs/secure_aggregation.md)."
+        },
+    )
+    secagg_num_shares: float = field(
+        default=1.0,
+        metadata={
+            "help": "SecAgg+: shares of each client's secret, a fraction in (0, 1] of the "
+            "round's clients or a whole count >= 3."
+        },
+    )
+    secagg_reconstruction_threshold: float = field(
+        default=0.67,
+        metadata={
+            "help": "SecAgg+: shares needed to reconstruct a secret, a fraction in (0, 1] of "
+            "the shares or a whole count; more tolerates fewer dropouts, protects more."
+        },
+    )
+    secagg_max_weight: float | None = field(
+        default=None,
+        metadata={
+            "help": "SecAgg+ with aggregation_weighting=num_examples: a public bound on a "
+            "client's examples per round (needed then; a client above it is dropped)."
+        },
+    )
+
+    def secure_aggregation_settings(self, algorithm: Algorithm) -> dict[str, float] | None:
+        """SecAgg+'s settings checked (``None`` without ``secure_aggregation``).
+
+        Returns ``num_shares``, ``reconstruction_threshold`` (as Flower reads
+        them: a float is a fraction, an int a count) and ``max_weight``.
+        Raises ``ValueError`` naming the setting to change.
+        """
+        if not self.secure_aggregation:
+            return None
+        why = {
+            "beta='auto'": algorithm.adaptive_beta,
+            "transport_dtype='bfloat16'": str(getattr(self, "transport_dtype", "")) == "bfloat16",
+            "dp_mode='client'": str(self.dp_mode).strip().lower() == "client",
+        }
+        for setting, bad in why.items():
+            if bad:
+                raise ValueError(
+                    f"secure_aggregation=true does not work with {setting}: "
+                    + _SECAGG_CONFLICTS[setting.split("=")[0]]
+                )
+        weighting = getattr(self, "aggregation_weighting", "uniform")
+        if weighting == "num_examples" and not (self.secagg_max_weight or 0) > 0:
+            raise ValueError(
+                "secure_aggregation=true with aggregation_weighting='num_examples' needs "
+                "secagg_max_weight, a public bound on a client's examples per round"
+            )
+        sampled = resolve_clients_per_round(
+            int(getattr(self, "num_clients", 2)), getattr(self, "clients_per_round", 1.0)
+        )
+        shares = _flower_number("secagg_num_shares", self.secagg_num_shares, 3)
+        threshold = _flower_number(
+            "secagg_reconstruction_threshold", self.secagg_reconstruction_threshold, 1
+        )
+        if sampled < 2:
+            raise ValueError(
+                f"secure_aggregation=true needs at least 2 clients per round, got "
+                f"clients_per_round={self.clients_per_round} ({sampled} client): "
+                "SecAgg+ cannot hide a single client's update"
+            )
+        num_shares, needed = secagg_shares(sampled, shares, threshold)
+        if needed > num_shares:
+            raise ValueError(
+                f"secagg_reconstruction_threshold={self.secagg_reconstruction_threshold} "
+                f"needs {needed} shares but each secret has only {num_shares} "
+                f"(secagg_num_shares={self.secagg_num_shares}, {sampled} clients per round)"
+            )
+        return {
+            "num_shares": shares,
+            "reconstruction_threshold": threshold,
+            "max_weight": float(self.secagg_max_weight or 1.0),
+        }
+
     def client_privacy(self, algorithm: Algorithm) -> ClientDP | None:
         """The DP settings checked for ``algorithm`` (``None`` with ``dp_mode: none``).
 
@@ -126,3 +210,38 @@ class PrivacyArguments:
         if str(self.dp_mode).strip().lower() == "none":
             return {}
         return {name: getattr(self, name) for name in DP_SETTINGS}
+
+
+_SECAGG_CONFLICTS = {
+    "beta": "the server chooses beta from the spread of single clients' updates, which "
+    "secure aggregation hides; set a fixed beta",
+    "transport_dtype": "SecAgg+ quantizes float32 values; use transport_dtype='float32'",
+    "dp_mode": "client-level DP samples clients by Poisson draws, and a round of fewer than "
+    "2 clients cannot be aggregated securely; use dp_mode='record' or 'none'",
+}
+
+
+def _flower_number(name: str, value: float, least_count: int) -> int | float:
+    """A SecAgg+ setting as Flower reads it: a fraction in (0, 1] (float), else a count (int)."""
+    value = float(value)
+    if 0 < value <= 1:
+        return value
+    if value < least_count or value != int(value):
+        raise ValueError(
+            f"{name} must be a fraction in (0, 1] or a whole count >= {least_count}, got {value}"
+        )
+    return int(value)
+
+
+def secagg_shares(sampled: int, shares: int | float, threshold: int | float) -> tuple[int, int]:
+    """``(num_shares, threshold)`` that Flower's SecAgg+ derives for ``sampled`` clients."""
+    if isinstance(shares, float):
+        count = round(shares * sampled)
+        if count < sampled and count % 2 == 0:
+            count += 1
+        if count <= 2:
+            count = sampled
+    else:
+        count = shares
+    needed = max(round(threshold * count), 2) if isinstance(threshold, float) else threshold
+    return count, needed

@@ -131,6 +131,7 @@ class RoundAggregator:
         self.expected_clients = expected_clients
         self.clipped = [0.0, 0.0]  # clients whose delta / Theta were clipped (DP)
         self.record_epsilon: float | None = None  # the largest a client reported (record DP)
+        self.secure = False  # sums of a secure mean: Theta repaired, no per-client diagnostics
 
     def drop(self, failure: ClientFailure) -> None:
         """Record a client that produced no update (it is left out of the sums)."""
@@ -304,7 +305,7 @@ class RoundAggregator:
             return None
         inv_w = 1.0 / self.denominator
         mean = {n: s * inv_w for n, s in self.curvature_weighted_sum.items()}
-        return mean if self.privacy is None else repair_curvature(mean)
+        return mean if self.privacy is None and not self.secure else repair_curvature(mean)
 
     def _next_curvature(self, mean: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Theta^{r+1} as the clients will import it (float32).
@@ -365,7 +366,8 @@ class RoundAggregator:
         read = dict(zip(scalars, values.cpu().tolist()))  # one host sync for every metric
         metrics = drift_metrics(read)
         metrics["beta"] = round_beta(self.algorithm, state)
-        metrics["client_dispersion"] = max(0.0, read["client_dispersion"])
+        if not self.secure:  # it needs each client's ||Delta_i||^2
+            metrics["client_dispersion"] = max(0.0, read["client_dispersion"])
         if "direction_change" in read:
             metrics["direction_change"] = read["direction_change"]
         metrics.update(

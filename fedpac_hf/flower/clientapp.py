@@ -28,7 +28,14 @@ from fedpac_hf.federated import ClientError, ClientUpdate, run_client
 from fedpac_hf.trainer.fedpac_trainer import FedPACTrainer
 
 from .config import TrainerFactory, arguments_from_run_config
-from .records import CONFIG_KEY, client_update_to_content, server_state_from_content
+from .records import (
+    CONFIG_KEY,
+    PARAMS_KEY,
+    client_update_from_content,
+    client_update_to_content,
+    server_state_from_content,
+)
+from .secagg import SECAGG_KEY, secagg_mod, secure_reply
 from .strategy.base import NODE_RECORD_KEY
 
 __all__ = ["FedPACClient", "make_client_app"]
@@ -169,8 +176,13 @@ class FedPACClient:
                 f"partition-id {partition} is not among the trainer's {num_clients} clients; "
                 "num_clients (run config) must equal the number of partitions"
             )
-        state = server_state_from_content(message.content)
         round_index = int(config["round-index"])
+        secagg = message.content.config_records.get(SECAGG_KEY)
+        if secagg is not None and PARAMS_KEY not in message.content.array_records:
+            # SecAgg+'s pass after the calibration: this round's update, kept from it
+            update = _take_pending(context, partition, round_index)
+            return Message(content=secure_reply(update, secagg), reply_to=message)
+        state = server_state_from_content(message.content)
         update = run_client(
             functools.partial(
                 trainer.train_client_by_id, partition, round_index, float(config["lr"]), state
@@ -181,6 +193,10 @@ class FedPACClient:
         )
         if not isinstance(update, ClientUpdate):
             raise ClientError(str(update))
+        if secagg is not None:
+            if secagg["stage"] == "calibrate":
+                _keep_pending(context, update, round_index)
+            return Message(content=secure_reply(update, secagg), reply_to=message)
         if config.get("transport-dtype") == "bfloat16":  # send as the server sent: half the bytes
             update = update.cast(torch.bfloat16)
         logger.info(
@@ -192,6 +208,32 @@ class FedPACClient:
             update.metrics.get("train_loss", float("nan")),
         )
         return Message(content=client_update_to_content(update), reply_to=message)
+
+
+_PENDING = "fedpac-secagg-pending"  # this node's update between SecAgg+'s two passes
+
+
+def _keep_pending(context: Context, update: ClientUpdate, round_index: int) -> None:
+    """Keep the round's update in the node's state (Flower keeps it between messages)."""
+    for key, record in client_update_to_content(update).items():
+        context.state[f"{_PENDING}.{key}"] = record
+    context.state[_PENDING] = ConfigRecord({"round-index": round_index})
+
+
+def _take_pending(context: Context, partition: int, round_index: int) -> ClientUpdate:
+    """The update :func:`_keep_pending` kept for ``round_index`` (removed from the state)."""
+    kept = context.state.config_records.get(_PENDING)
+    if kept is None or int(kept["round-index"]) != round_index:
+        raise ValueError(
+            f"round {round_index + 1}: SecAgg+ asked for this node's update, but it kept none "
+            "from the round's calibration pass"
+        )
+    prefix = f"{_PENDING}."
+    content = RecordDict()
+    for key in [k for k in context.state if k.startswith(prefix)]:
+        content[key[len(prefix) :]] = context.state.pop(key)
+    del context.state[_PENDING]
+    return client_update_from_content(content, partition)
 
 
 def make_client_app(
@@ -219,7 +261,7 @@ def make_client_app(
         node holds) messages.
     """
     client = FedPACClient(build_trainer, arguments, app_settings)
-    app = ClientApp()
+    app = ClientApp(mods=[secagg_mod])  # Flower's SecAgg+ for secure rounds' messages only
     app.train()(client.train)
     app.query()(client.query)
     return app

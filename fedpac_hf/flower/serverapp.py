@@ -53,6 +53,7 @@ from fedpac_hf.trainer.evaluation import Evaluator
 from .config import EvaluatorFactory, ModelFactory, arguments_from_run_config, flower_setting
 from .records import tensors_to_array_record
 from .strategy import FedPACStrategy
+from .strategy.secure import SecureFedPACStrategy
 
 __all__ = ["FlowerServerRun", "make_server_app"]
 
@@ -91,7 +92,11 @@ class FlowerServerRun:
         engine = args.round_engine(
             ServerState.from_model(model), args.num_clients, algorithm=args.build_algorithm(model)
         )
-        self.strategy = FedPACStrategy(engine, **strategy_kwargs)
+        secagg = args.secure_aggregation_settings(engine.algorithm)
+        if secagg is not None:  # Flower's SecAgg+ sums the updates (docs/secure_aggregation.md)
+            self.strategy = SecureFedPACStrategy(engine, secagg=secagg, **strategy_kwargs)
+        else:
+            self.strategy = FedPACStrategy(engine, **strategy_kwargs)
         self.steps = TrainerState()
         # eval_steps / save_steps as Trainer reads them
         self.steps.compute_steps(args, args.num_rounds)
@@ -236,6 +241,8 @@ class FlowerServerRun:
             if resume:
                 self.resume(resume)
             engine = self.engine
+            if isinstance(self.strategy, SecureFedPACStrategy):
+                self.strategy.secagg_timeout = round_timeout  # each of SecAgg+'s exchanges
             self.strategy.start(
                 grid,
                 tensors_to_array_record(engine.state.params),

@@ -303,6 +303,12 @@ class FedPACTrainer(ClientStepsMixin, RoundCheckpointsMixin, PreflightMixin, Tra
         """
         if trial is not None:
             raise ValueError("hyperparameter search is not supported by FedPACTrainer")
+        if self.args.secure_aggregation:
+            raise ValueError(
+                "secure_aggregation=true needs Flower's SecAgg+, but FedPACTrainer.train "
+                "aggregates in process (the server would see every update anyway): run on "
+                "Flower (fedpac_hf.flower, flwr run) or set secure_aggregation=false"
+            )
         if self.args.preflight and self.preflight_seconds is None:  # before anything is written
             self.preflight()
         claim = None

@@ -164,10 +164,20 @@ class FedPACStrategy(PartitionStrategy):
                 plan.fail(client, "ValueError", str(err))
                 continue
             bytes_up += _wire_bytes(content)
+        return self.finish(plan, bytes_up, self._bytes_down)
+
+    def finish(
+        self, plan: RoundPlan, bytes_up: int, bytes_down: int, **extra: float
+    ) -> tuple[ArrayRecord, MetricRecord]:
+        """Let the engine finish the recorded round; log it, call back, return Flower's results.
+
+        ``extra`` metrics join the round's (e.g. ``secagg_clipped``).
+        """
         self._plan = None
         metrics = self.engine.finish_round(plan)
         metrics["wire_bytes_up"] = float(bytes_up)
-        metrics["wire_bytes_down"] = float(self._bytes_down)
+        metrics["wire_bytes_down"] = float(bytes_down)
+        metrics.update({k: float(v) for k, v in extra.items()})
         logger.info(
             "round %d: %d/%d clients %s, train_loss %.4f, drift %s, bytes up %d down %d",
             plan.round_number,

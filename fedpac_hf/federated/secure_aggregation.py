@@ -1,0 +1,190 @@
+"""Secure aggregation's arithmetic: the public scaling of each tensor, and the server's sums.
+
+Flower's SecAgg+ sums clients' vectors after clipping every value to
+``[-C, C]`` (``C = CLIPPING_RANGE`` = 8, Flower's default) and quantizing it to
+``2**22`` levels, and hands the server only the weighted *mean* of those
+vectors. FedPAC's tensors do not fit one fixed range (a delta is ~1e-3, a
+SOAP statistic can be >> 8, an AdamW second moment ~1e-8), so every tensor n
+is scaled by a public bound b_n first: a client sends ``x_n * C / b_n`` and
+the server multiplies the unmasked mean by ``b_n / C``. The bounds come from
+what every client of the round received:
+
+- the delta: ``HEADROOM * max(K * eta_l, max|g_G^r| * K * eta_l)``, i.e. the
+  previous round's mean delta in this round's units, at least K steps of size
+  eta_l (adaptive optimizers move about eta_l per coordinate and step);
+- Theta: ``HEADROOM * max|Theta^r_n|``, the global Theta in the form clients
+  send it up (:func:`~fedpac_hf.optim.sent_form`).
+
+In the first round (no global direction nor Theta yet) a *calibration* pass
+of SecAgg+ comes first: each client sends, per tensor, log2 of its largest
+entry (:func:`log_magnitudes`), and the bound is ``HEADROOM * 2**mean``
+(:func:`bounds_from_log_magnitudes`); the server learns only the clients'
+mean log-magnitude of each tensor.
+
+Quantization adds an unbiased error of at most ``b_n * 2**-21 / S`` per entry
+of the mean of S clients; an entry above its bound is clipped (biased). The
+mean goes into the round's :class:`~fedpac_hf.federated.RoundAggregator` as
+sums (:func:`add_secure_mean`); the diagnostics that need single clients'
+tensors (drift, client dispersion) are then left out of the round's metrics.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from fedpac_hf.optim import sent_form
+
+from .server import RoundAggregator
+from .state import ServerState
+
+__all__ = [
+    "CLIPPING_RANGE",
+    "HEADROOM",
+    "add_secure_mean",
+    "bounds_from_log_magnitudes",
+    "log_magnitudes",
+    "scale_tensors",
+    "secagg_bounds",
+    "unscale_tensors",
+]
+
+CLIPPING_RANGE = 8.0
+"""C: SecAgg+ clips every value it sums to [-C, C] (Flower's default)."""
+
+HEADROOM = 8.0
+"""How far above its expected largest entry a tensor's bound lies."""
+
+_LOG_LIMIT = 60.0  # log2 magnitudes are clamped to [-60, 60] ...
+_LOG_SCALE = 8.0  # ... and sent divided by 8, inside [-C, C]
+_TINY = 2.0**-60  # the smallest bound (a tensor of zeros)
+
+
+def secagg_bounds(
+    state: ServerState, lr: float, local_steps: int, headroom: float = HEADROOM
+) -> tuple[dict[str, float], dict[str, float]] | None:
+    """Per-tensor bounds ``(delta, theta)`` from the global state (see the module docstring).
+
+    Returns ``None`` when the state has no global direction yet (the first
+    round): the bounds then come from a calibration pass.
+    """
+    if state.direction is None:
+        return None
+    unit = local_steps * lr
+    delta = {}
+    for name in state.params:
+        d = state.direction.get(name)
+        largest = float(d.abs().max()) * unit if d is not None and d.numel() else 0.0
+        delta[name] = headroom * max(unit, largest)
+    theta = {}
+    for name, t in (sent_form(state.curvature) or {}).items():
+        theta[name] = headroom * max(float(t.abs().max()) if t.numel() else 0.0, _TINY)
+    return delta, theta
+
+
+def log_magnitudes(tensors: Mapping[str, torch.Tensor], names: Sequence[str]) -> list[float]:
+    """Per tensor of ``names``: log2 of its largest |entry|, clamped to [-60, 60], divided by 8.
+
+    What a client sends in the calibration pass (inside SecAgg+'s range).
+    """
+    values = []
+    for name in names:
+        t = tensors[name]
+        largest = float(t.detach().abs().max()) if t.numel() else 0.0
+        log2 = math.log2(largest) if largest > 0 and math.isfinite(largest) else -_LOG_LIMIT
+        values.append(min(max(log2, -_LOG_LIMIT), _LOG_LIMIT) / _LOG_SCALE)
+    return values
+
+
+def bounds_from_log_magnitudes(
+    mean: Sequence[float], names: Sequence[str], headroom: float = HEADROOM
+) -> dict[str, float]:
+    """Bounds ``headroom * 2**m`` from the clients' mean of :func:`log_magnitudes`."""
+    return {n: max(headroom * 2.0 ** (float(m) * _LOG_SCALE), _TINY) for n, m in zip(names, mean)}
+
+
+def scale_tensors(
+    tensors: Mapping[str, torch.Tensor], bounds: Mapping[str, float]
+) -> dict[str, torch.Tensor]:
+    """``x_n * C / b_n`` (float32) for every tensor of ``bounds``, in their order.
+
+    Raises
+    ------
+    ValueError
+        If a tensor of ``bounds`` is missing or one is not in ``bounds``.
+    """
+    if set(tensors) != set(bounds):
+        extra, missing = sorted(set(tensors) - set(bounds)), sorted(set(bounds) - set(tensors))
+        raise ValueError(
+            f"the update's tensors differ from the secure aggregation's: extra {extra[:3]}, "
+            f"missing {missing[:3]}"
+        )
+    return {
+        n: (tensors[n].detach().to(torch.float64) * (CLIPPING_RANGE / b)).to(torch.float32)
+        for n, b in bounds.items()
+    }
+
+
+def unscale_tensors(
+    means: Sequence[torch.Tensor], bounds: Mapping[str, float]
+) -> dict[str, torch.Tensor]:
+    """The unmasked means ``m_n * b_n / C`` (float64), named in ``bounds``' order."""
+    if len(means) != len(bounds):
+        raise ValueError(f"{len(means)} aggregated tensors for {len(bounds)} bounds")
+    return {
+        n: m.to(torch.float64) * (b / CLIPPING_RANGE) for (n, b), m in zip(bounds.items(), means)
+    }
+
+
+def add_secure_mean(
+    aggregator: RoundAggregator,
+    delta: Mapping[str, torch.Tensor],
+    curvature: Mapping[str, torch.Tensor] | None,
+    clients: Sequence[tuple[int, int, Mapping[str, float]]],
+) -> None:
+    """Put a round's securely aggregated means into ``aggregator`` as its sums.
+
+    Parameters
+    ----------
+    aggregator:
+        The round's aggregator (no update added yet).
+    delta, curvature:
+        The weighted means over the clients that completed the protocol.
+    clients:
+        ``(client_id, num_examples, metrics)`` of each of them (what travels
+        in the clear: the weight, and metrics such as ``train_loss``).
+
+    The sums are ``mean * W`` with W the clients' total weight; Theta is
+    repaired after unmasking, and the drift and client dispersion (they need
+    single clients' tensors) are left out of the round's metrics.
+    """
+    if aggregator.num_clients or not clients:
+        raise ValueError("add_secure_mean needs an empty aggregator and at least one client")
+    if set(delta) != set(aggregator.delta_sum):
+        raise ValueError("the secure mean covers other parameters than the global model's")
+    by_examples = aggregator.weighting == "num_examples"
+    weights = [float(n) if by_examples else 1.0 for _, n, _ in clients]
+    total = sum(weights)
+    device = aggregator.device
+    for name, mean in delta.items():
+        aggregator.delta_sum[name] = mean.to(device, torch.float64) * total
+    for name, mean in (curvature or {}).items():
+        aggregator.curvature_weighted_sum[name] = mean.to(device, torch.float64) * total
+    aggregator.secure = True
+    aggregator.weight_sum = total
+    for (client_id, num_examples, metrics), weight in zip(clients, weights):
+        aggregator.num_clients += 1
+        aggregator.num_examples += int(num_examples)
+        aggregator.loss_sum += float(metrics.get("train_loss", 0.0)) * weight
+        aggregator.skipped_steps += float(metrics.get("skipped_steps", 0.0))
+        aggregator.hessian_refreshes += float(metrics.get("hessian_refreshes", 0.0))
+        if "dp_record_epsilon" in metrics:
+            reported = float(metrics["dp_record_epsilon"])
+            aggregator.record_epsilon = max(aggregator.record_epsilon or 0.0, reported)
+        aggregator.client_ids.append(int(client_id))
+    sizes = [sum(t.numel() * 4 for t in part.values()) for part in (delta, curvature or {})]
+    aggregator.delta_bytes += sizes[0] * len(clients)  # as float32, like the plain round
+    if aggregator.algorithm.align:
+        aggregator.theta_bytes += sizes[1] * len(clients)

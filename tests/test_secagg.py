@@ -1,0 +1,368 @@
+"""Secure aggregation (Flower's SecAgg+): FedPAC's round with only the clients' mean revealed.
+
+The secure mean differs from the plain one by SecAgg+'s quantization: per
+entry of tensor n at most one quantization step, ``b_n * 2**-21`` (values are
+scaled into [-8, 8] by the public bound b_n and quantized to 2**22 levels with
+stochastic rounding; the mean of S clients errs by less than one step), so a
+tensor's error has Frobenius norm at most ``sqrt(numel) * b_n * 2**-21``. That
+is the tolerance here. Theta is repaired (projected onto PSD / non-negative
+values) after unmasking; the plain mean is valid, so the projection does not
+move the result further from it.
+
+A round-2 state is compared with the plain aggregate of the same round-2
+updates from the secure run's round-1 state, not with an independent plain
+run: SOAP's round-2 update of this tiny model moves by ~100% when its
+round-1 state is perturbed by 1e-5 (near-degenerate eigenbases), so two runs
+that differ by any rounding part ways after one round.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+
+import pytest
+
+pytest.importorskip("flwr")
+pytest.importorskip("ray")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from flwr.app import ConfigRecord  # noqa: E402
+from flwr.common import parameters_to_ndarrays  # noqa: E402
+from flwr.common.secure_aggregation.quantization import dequantize, quantize  # noqa: E402
+from flwr.compat.common import recorddict_compat as compat  # noqa: E402
+
+from fedpac_hf import FedPACTrainer  # noqa: E402
+from fedpac_hf.federated import ClientUpdate, ServerState, aggregate  # noqa: E402
+from fedpac_hf.federated.secure_aggregation import (  # noqa: E402
+    CLIPPING_RANGE,
+    bounds_from_log_magnitudes,
+    log_magnitudes,
+    scale_tensors,
+    secagg_bounds,
+    unscale_tensors,
+)
+from fedpac_hf.flower import run_fedpac_simulation  # noqa: E402
+from fedpac_hf.flower.secagg import CLIPPED, secure_reply  # noqa: E402
+
+from .trainer_fixtures import (  # noqa: E402
+    BACKEND,
+    build_failing_trainer,
+    build_model,
+    build_trainer,
+    flower_args,
+    image_data,
+    tiny_vit,
+)
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+STEP = 2.0**-21  # one quantization step over the bound: 2 C / 2**22 / C
+
+
+def assert_within_quantization(secure, plain, bounds, scale=1.0, slack=0.0, what=""):
+    """Each tensor's error is within ``scale * sqrt(numel) * b_n * 2**-21`` (+ float32 rounding)."""
+    assert set(secure) == set(plain), what
+    for name, reference in plain.items():
+        error = float((secure[name].double() - reference.double()).norm())
+        limit = scale * math.sqrt(reference.numel()) * bounds[name] * STEP
+        limit += slack * float(reference.double().abs().max()) * math.sqrt(reference.numel())
+        assert error <= limit, f"{what} {name}: error {error:.3g} over {limit:.3g}"
+
+
+class Captured(list):
+    """A round's client updates, and the engine that ran it."""
+
+    engine = None
+
+
+def plain_round(args, trainer, state, captured):
+    """One plain round in process from ``state`` (the same clients as Flower's round)."""
+    engine = args.round_engine(state, args.num_clients, algorithm=trainer.algorithm)
+    captured.engine = engine
+
+    def train(client, plan):
+        update = trainer.train_client_by_id(
+            client, plan.round_index, plan.learning_rate, plan.state
+        )
+        captured.append(update)
+        return update
+
+    engine.run_round(train)
+    return engine.state
+
+
+def test_secagg_scaling_and_flower_quantization_stay_within_one_step():
+    """The bounds' arithmetic with Flower's own quantize/dequantize, on tensors of any scale."""
+    gen = torch.Generator().manual_seed(0)
+    clients = [
+        {
+            "stat": 1e3 * torch.rand(6, 6, generator=gen),  # a SOAP statistic >> 8
+            "second_moment": 1e-8 * torch.rand(40, generator=gen),  # an AdamW v
+            "delta": 1e-3 * torch.randn(5, 4, generator=gen),
+        }
+        for _ in range(3)
+    ]
+    names = list(clients[0])
+    logs = np.mean([log_magnitudes(c, names) for c in clients], axis=0)
+    bounds = bounds_from_log_magnitudes(logs, names)
+    quantized = [
+        quantize([t.numpy() for t in scale_tensors(c, bounds).values()], CLIPPING_RANGE, 2**22)
+        for c in clients
+    ]
+    total = [sum(q[i].astype(np.int64) for q in quantized) for i in range(len(names))]
+    offset = (len(clients) - 1) * CLIPPING_RANGE  # as SecAggPlusWorkflow's unmask stage
+    means = [(d - offset) / len(clients) for d in dequantize(total, CLIPPING_RANGE, 2**22)]
+    secure = unscale_tensors([torch.from_numpy(m) for m in means], bounds)
+    plain = {n: sum(c[n].double() for c in clients) / len(clients) for n in names}
+    assert_within_quantization(secure, plain, bounds, what="scaled")
+    for name in names:  # relative to the tensor: about 8 * 2**-21 = 4e-6 at most
+        rel = float((secure[name] - plain[name]).norm() / plain[name].norm())
+        assert rel < 1e-4, (name, rel)
+
+
+def test_secagg_simulation_matches_the_plain_aggregate(tmp_path):
+    """SecAgg+ on Flower (3 clients, 2 per round, 2 rounds, SOAP's Theta) against plain rounds."""
+    states: dict[int, ServerState] = {}
+    result = run_fedpac_simulation(
+        build_trainer,
+        flower_args(tmp_path / "secure", secure_aggregation=True),
+        build_model=build_model,
+        num_supernodes=3,
+        backend_config=BACKEND,
+        on_round_end=lambda r, state, metrics: states.__setitem__(r, copy.deepcopy(state)),
+    )
+    assert [h["round"] for h in result.history] == [1.0, 2.0]
+    for row in result.history:
+        assert row["num_clients"] == 2 and row["num_dropped"] == 0
+        assert "drift" not in row and "client_dispersion" not in row  # need single clients
+        assert row["wire_bytes_up"] > 0 and math.isfinite(row["train_loss"])
+        assert row["secagg_clipped"] == 0  # the bounds held every client's values
+    assert result.server_state.round == 2
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the simulation's worker: the same eigendecompositions
+    try:
+        args = flower_args(tmp_path / "plain")
+        trainer = build_trainer(args)
+        trainer.setup_clients()
+        initial = ServerState.from_model(build_model(args))
+        lrs = args.round_learning_rates()
+        for round_index, start in enumerate([initial, states[1]]):
+            updates = Captured()
+            plain = plain_round(args, trainer, start, updates)
+            secure = states[round_index + 1]
+            # what travels in the clear: the same clients, examples and losses
+            (expected,) = updates.engine.history
+            for key in ("num_clients", "num_examples", "train_loss"):
+                assert result.history[round_index][key] == pytest.approx(expected[key]), key
+            bounds = secagg_bounds(start, lrs[round_index], args.local_steps)
+            if bounds is None:  # round 1: the calibration's bounds (its mean is quantized too)
+                names = (list(start.params), sorted(updates[0].curvature))
+                parts = ("delta", "curvature")
+                bounds = tuple(
+                    bounds_from_log_magnitudes(
+                        np.mean([log_magnitudes(getattr(u, p), n) for u in updates], axis=0), n
+                    )
+                    for p, n in zip(parts, names)
+                )
+                bounds = tuple({k: 1.01 * b for k, b in part.items()} for part in bounds)
+            delta_bounds, theta_bounds = bounds
+            what = f"round {round_index + 1}"
+            unit = args.local_steps * lrs[round_index]
+            assert_within_quantization(
+                secure.params, plain.params, delta_bounds, slack=1e-7, what=what + " params"
+            )
+            assert_within_quantization(
+                secure.direction,
+                plain.direction,
+                {n: b / unit for n, b in delta_bounds.items()},
+                slack=1e-7,
+                what=what + " direction",
+            )
+            assert_within_quantization(
+                secure.curvature, plain.curvature, theta_bounds, slack=1e-7, what=what + " Theta"
+            )
+            # and the plain aggregate of the same updates is what the engine computed
+            same, _ = aggregate(
+                start, updates, trainer.algorithm, lr=lrs[round_index], local_steps=args.local_steps
+            )
+            for name, tensor in plain.params.items():
+                assert torch.equal(same.params[name], tensor), name
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_secagg_survives_a_client_that_drops_out(tmp_path, caplog):
+    """Client 1 fails while SecAgg+ collects the masked vectors: the others' mean is recovered."""
+    caplog.set_level(logging.WARNING, logger="flwr")
+    settings = dict(num_rounds=1, clients_per_round=3, algorithm="fedavg")
+    result = run_fedpac_simulation(
+        build_failing_trainer,
+        flower_args(tmp_path / "secure", secure_aggregation=True, **settings),
+        build_model=build_model,
+        num_supernodes=3,
+        backend_config=BACKEND,
+    )
+    (row,) = result.history
+    assert row["num_clients"] == 2 and row["num_dropped"] == 1
+    dropped = [r.getMessage() for r in caplog.records if "dropping client 1" in r.getMessage()]
+    assert dropped and "local data volume is not mounted" in dropped[0]
+
+    args = flower_args(tmp_path / "plain", **settings)
+    trainer = build_failing_trainer(args)
+    trainer.setup_clients()
+    initial = ServerState.from_model(build_model(args))
+    updates = [
+        trainer.train_client_by_id(c, 0, args.round_learning_rates()[0], initial) for c in (0, 2)
+    ]
+    plain, _ = aggregate(
+        initial,
+        updates,
+        trainer.algorithm,
+        lr=args.round_learning_rates()[0],
+        local_steps=args.local_steps,
+    )
+    names = list(initial.params)
+    logs = np.mean([log_magnitudes(u.delta, names) for u in updates], axis=0)
+    bounds = {n: 1.01 * b for n, b in bounds_from_log_magnitudes(logs, names).items()}
+    assert_within_quantization(result.server_state.params, plain.params, bounds, slack=1e-7)
+
+
+class SecondRoundFailure(FedPACTrainer):
+    """A trainer whose client 1 fails in round 2 only (after round 1's calibration)."""
+
+    def train_client(self, client_id, dataset, round_index, lr, state=None):
+        if client_id == 1 and round_index == 1:
+            raise OSError("client 1: the local disk filled up in round 2")
+        return super().train_client(client_id, dataset, round_index, lr, state)
+
+
+def build_second_round_failure(args, run_config=None):
+    """:func:`build_trainer`'s model and data in a :class:`SecondRoundFailure`."""
+    return SecondRoundFailure(model=tiny_vit(), args=args, train_dataset=image_data(n=120)["train"])
+
+
+def test_secagg_dropout_in_a_later_round_with_num_examples_weights(tmp_path, caplog):
+    """Round 2 (bounds from the state, one pass): client 1 drops out while SecAgg+ masks.
+
+    With ``num_examples`` weighting each client scales its vector by n_i / max_weight
+    before quantizing, so the error bound grows by S / sum_i (n_i / max_weight).
+    """
+    caplog.set_level(logging.WARNING, logger="flwr")
+    settings = dict(
+        clients_per_round=3,
+        algorithm="fedavg",
+        aggregation_weighting="num_examples",
+        secagg_max_weight=100,
+    )
+    states: dict[int, ServerState] = {}
+    result = run_fedpac_simulation(
+        build_second_round_failure,
+        flower_args(tmp_path / "secure", secure_aggregation=True, **settings),
+        build_model=build_model,
+        num_supernodes=3,
+        backend_config=BACKEND,
+        on_round_end=lambda r, state, metrics: states.__setitem__(r, copy.deepcopy(state)),
+    )
+    assert [(h["num_clients"], h["num_dropped"]) for h in result.history] == [(3, 0), (2, 1)]
+    dropped = [r.getMessage() for r in caplog.records if "dropping client 1" in r.getMessage()]
+    assert dropped and "local disk filled up in round 2" in dropped[0]
+
+    args = flower_args(tmp_path / "plain", **settings)
+    trainer = build_second_round_failure(args)
+    trainer.setup_clients()
+    lr = args.round_learning_rates()[1]
+    updates = [trainer.train_client_by_id(c, 1, lr, states[1]) for c in (0, 2)]
+    plain, _ = aggregate(
+        states[1],
+        updates,
+        trainer.algorithm,
+        lr=lr,
+        local_steps=args.local_steps,
+        weighting="num_examples",
+    )
+    assert result.history[1]["num_examples"] == sum(u.num_examples for u in updates)
+    delta_bounds, _ = secagg_bounds(states[1], lr, args.local_steps)
+    scale = len(updates) / sum(u.num_examples / 100 for u in updates)
+    assert_within_quantization(
+        result.server_state.params, plain.params, delta_bounds, scale=scale, slack=1e-7
+    )
+
+
+def test_secagg_reply_scales_by_the_bounds_and_counts_what_they_clip():
+    """A client's FitRes: each tensor times 8 / b, and how many values exceeded their bound."""
+    update = ClientUpdate(
+        client_id=2,
+        delta={"w": torch.tensor([0.5, -3.0]), "b": torch.tensor([1e-3])},
+        curvature={"w.v": torch.tensor([2e-8, 4e-8])},
+        num_examples=24,
+        num_steps=3,
+        metrics={"train_loss": 0.7},
+    )
+    secagg = ConfigRecord(
+        {
+            "stage": "aggregate",
+            "weighting": "uniform",
+            "max-weight": 1.0,
+            "delta-names": ["w", "b"],
+            "delta-bounds": [1.0, 1e-2],  # -3.0 is over its bound: clipped
+            "theta-names": ["w.v"],
+            "theta-bounds": [8e-8],
+        }
+    )
+    fitres = compat.recorddict_to_fitres(secure_reply(update, secagg), False)
+    arrays = parameters_to_ndarrays(fitres.parameters)
+    np.testing.assert_allclose(arrays[0], [4.0, -24.0])
+    np.testing.assert_allclose(arrays[1], [0.8], rtol=1e-6)
+    np.testing.assert_allclose(arrays[2], [2.0, 4.0], rtol=1e-6)
+    assert fitres.num_examples == 1  # uniform weighting: SecAgg+ weighs every client 1
+    assert fitres.metrics[CLIPPED] == 1 and fitres.metrics["num-examples"] == 24
+    assert fitres.metrics["train_loss"] == pytest.approx(0.7)
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"beta": "auto"}, "beta='auto'"),
+        ({"transport_dtype": "bfloat16"}, "transport_dtype='bfloat16'"),
+        (
+            {
+                "dp_mode": "client",
+                "dp_clip_norm": 0.1,
+                "dp_theta_clip_norm": 1.0,
+                "dp_noise_multiplier": 1.0,
+            },
+            "dp_mode='client'",
+        ),  # fmt: skip
+        ({"clients_per_round": 1}, "clients_per_round=1"),
+        ({"secagg_num_shares": 3, "secagg_reconstruction_threshold": 4}, "threshold=4"),
+        ({"secagg_num_shares": 2.5}, "secagg_num_shares"),
+        ({"aggregation_weighting": "num_examples"}, "secagg_max_weight"),
+    ],
+    ids=["beta-auto", "bfloat16", "client-dp", "one-client", "threshold", "shares", "weight"],
+)
+def test_secagg_bad_settings_are_refused_naming_the_setting(tmp_path, settings, named):
+    with pytest.raises(ValueError, match="secure_aggregation|secagg") as info:
+        flower_args(tmp_path, secure_aggregation=True, **settings)
+    assert named in str(info.value)
+
+
+def test_secagg_is_refused_outside_flower(tmp_path):
+    trainer = build_trainer(flower_args(tmp_path, secure_aggregation=True))
+    with pytest.raises(ValueError, match="secure_aggregation=true needs Flower's SecAgg"):
+        trainer.train()
+    assert not (tmp_path / "checkpoint-round-1").exists()
+
+
+def test_secagg_allows_record_level_dp(tmp_path):
+    args = flower_args(
+        tmp_path, secure_aggregation=True, dp_mode="record", dp_clip_norm=1.0,
+        dp_noise_multiplier=1.0,
+    )  # fmt: skip
+    settings = args.secure_aggregation_settings(args.build_algorithm())
+    assert settings == {"num_shares": 1.0, "reconstruction_threshold": 0.67, "max_weight": 1.0}
