@@ -707,6 +707,26 @@ CASES = [
         ),
     ),
     Case(
+        "secure aggregation with beta auto",
+        "`FedPACArguments`",
+        lambda o: _args(o, secure_aggregation=True, beta="auto"),
+    ),
+    Case(
+        "secure aggregation with one client per round",
+        "`FedPACArguments`",
+        lambda o: _args(o, secure_aggregation=True, clients_per_round=1),
+    ),
+    Case(
+        "secure aggregation with a threshold above the shares",
+        "`FedPACArguments`",
+        lambda o: _args(o, secure_aggregation=True, secagg_reconstruction_threshold=5),
+    ),
+    Case(
+        "secure aggregation outside Flower",
+        "`FedPACTrainer.train`",
+        lambda o: _train(o, secure_aggregation=True),
+    ),
+    Case(
         "DP setting without dp_mode",
         "Flower run config",
         lambda o: _run_config(**{"dp-clip-norm": 0.1}),
@@ -823,7 +843,7 @@ CLASSES: list[tuple[str, str, tuple[str, ...]]] = [
         ),
     ),
     (
-        "Differential privacy",
+        "Differential privacy and secure aggregation",
         "The `dp_*` settings are checked with the others when the arguments are made "
         "(`fedpac_hf.federated.privacy.ClientDP.from_settings`: each value, then the "
         "combinations); what depends on the federation (delta against the number of "
@@ -831,7 +851,9 @@ CLASSES: list[tuple[str, str, tuple[str, ...]]] = [
         "settings the mechanism covers) when the round engine is built, before round 1; "
         "with `dp_mode: record`, what DP-SGD cannot cover (Sophia, accumulation, fp16) when "
         "the arguments are made and the model's layers against Opacus before round 1 "
-        "(docs/privacy.md).",
+        "(docs/privacy.md). `secure_aggregation` is checked against the round settings "
+        "SecAgg+ cannot cover when the arguments are made, and refused outside Flower "
+        "(docs/secure_aggregation.md).",
         (
             "DP noise without a clip norm",
             "DP clip norm nan",
@@ -842,6 +864,10 @@ CLASSES: list[tuple[str, str, tuple[str, ...]]] = [
             "record-level DP with Sophia",
             "record-level DP on a layer Opacus cannot cover",
             "DP setting without dp_mode",
+            "secure aggregation with beta auto",
+            "secure aggregation with one client per round",
+            "secure aggregation with a threshold above the shares",
+            "secure aggregation outside Flower",
         ),
     ),
     (
