@@ -45,8 +45,18 @@ _FINISHED = re.compile(
 )
 
 
-def run_once(num_clients: int, per_round: int, rounds: int, workdir: Path) -> dict[str, float]:
-    """``flwr run`` the example on ``num_clients`` virtual SuperNodes; its ServerApp's numbers."""
+def run_once(
+    num_clients: int,
+    per_round: int,
+    rounds: int,
+    workdir: Path,
+    dataset: str = "mnist5k",
+    extra: str = "",
+) -> dict[str, float]:
+    """``flwr run`` the example on ``num_clients`` virtual SuperNodes; its ServerApp's numbers.
+
+    ``extra`` is added to the run config (e.g. ``secure-aggregation=true``).
+    """
     home = workdir / f"flwr_home_{num_clients}"
     home.mkdir(parents=True)
     (home / "config.toml").write_text(
@@ -65,9 +75,9 @@ def run_once(num_clients: int, per_round: int, rounds: int, workdir: Path) -> di
         "HF_DATASETS_OFFLINE": "1",
     }
     run_config = (
-        f"dataset='mnist5k' num-clients={num_clients} clients-per-round={per_round} "
-        f"num-rounds={rounds} output-dir='{out}'"
-    )
+        f"dataset='{dataset}' num-clients={num_clients} clients-per-round={per_round} "
+        f"num-rounds={rounds} output-dir='{out}' {extra}"
+    ).strip()
     federation = (
         f"num-supernodes={num_clients} client-resources-num-cpus=1 client-resources-num-gpus=0"
     )
