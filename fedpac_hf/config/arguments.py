@@ -225,6 +225,7 @@ class FedPACArguments(PrivacyArguments, TrainingArguments):
         # one reading of every setting, whichever door (YAML, CLI, Python, Flower) it came by
         coerce_fields(self)
         self.partitioner = self.partitioner.strip().lower().replace("-", "_")
+        self.dp_mode = str(self.dp_mode).strip().lower()
         if self.eval_steps == 0:  # TrainingArguments would read 0 as unset (logging_steps)
             raise ValueError(
                 "eval_steps must be a fraction in (0, 1) or a whole number of rounds >= 1, got "

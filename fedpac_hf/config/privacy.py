@@ -125,7 +125,7 @@ class PrivacyArguments:
         why = {
             "beta='auto'": algorithm.adaptive_beta,
             "transport_dtype='bfloat16'": str(getattr(self, "transport_dtype", "")) == "bfloat16",
-            "dp_mode='client'": str(self.dp_mode).strip().lower() == "client",
+            "dp_mode='client'": self.dp_mode == "client",
         }
         for setting, bad in why.items():
             if bad:
@@ -171,7 +171,7 @@ class PrivacyArguments:
         Raises ``ValueError`` naming the setting to change.
         """
         return ClientDP.from_settings(
-            str(self.dp_mode).strip().lower(),
+            self.dp_mode,
             clip_norm=self.dp_clip_norm,
             theta_clip_norm=self.dp_theta_clip_norm,
             noise_multiplier=self.dp_noise_multiplier,
@@ -186,7 +186,7 @@ class PrivacyArguments:
         With ``algorithm``, also what DP-SGD cannot cover (Sophia, gradient
         accumulation, fp16); ``ValueError`` names the setting.
         """
-        if str(self.dp_mode).strip().lower() != "record":
+        if self.dp_mode != "record":
             return None
         dp = RecordDP.from_settings(
             clip_norm=self.dp_clip_norm,
@@ -207,7 +207,7 @@ class PrivacyArguments:
     def privacy_settings(self) -> dict[str, object]:
         """The DP settings by name, what a resume must keep (none without DP, so that a
         run without DP keeps the identity it had before these settings existed)."""
-        if str(self.dp_mode).strip().lower() == "none":
+        if self.dp_mode == "none":
             return {}
         return {name: getattr(self, name) for name in DP_SETTINGS}
 

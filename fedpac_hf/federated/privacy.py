@@ -50,17 +50,19 @@ from dataclasses import dataclass, replace
 import torch
 
 from fedpac_hf.optim import sent_form
-from fedpac_hf.optim.options import number, one_of, optional, whole
+from fedpac_hf.optim.options import number, one_of, optional
 
 from .algorithms import Algorithm, round_beta
 from .state import ClientUpdate, ServerState
 
 __all__ = [
     "DP_MODES",
+    "DP_RULES",
     "ClientDP",
     "clip_update",
     "noised_sums",
     "public_reference",
+    "seeded_generator",
 ]
 
 DP_MODES: tuple[str, ...] = ("none", "client", "record")
@@ -68,13 +70,13 @@ DP_MODES: tuple[str, ...] = ("none", "client", "record")
 (DP-SGD in each client, :mod:`~fedpac_hf.federated.record_privacy`)."""
 
 _POSITIVE = number(0.0, low_open=True)
-_RULES = {
+#: What each ``dp_*`` number accepts, in both modes (``client`` and ``record``).
+DP_RULES = {
     "dp_clip_norm": _POSITIVE,
     "dp_theta_clip_norm": optional(_POSITIVE),
     "dp_noise_multiplier": optional(number(0.0)),
     "dp_delta": optional(number(0.0, 1.0, low_open=True, high_open=True)),
     "dp_target_epsilon": optional(_POSITIVE),
-    "dp_noise_seed": optional(whole(0)),
 }
 
 
@@ -156,7 +158,7 @@ class ClientDP:
                 "(noise without clipping bounds nothing)"
             )
         for setting, value in given.items():
-            _RULES[setting].check(setting, value)
+            DP_RULES[setting].check(setting, value)
         if (noise_multiplier is None) == (target_epsilon is None):
             raise ValueError(
                 "dp_mode: client needs exactly one of dp_noise_multiplier (the noise) and "
@@ -365,10 +367,15 @@ def _plus(
     }
 
 
+def seeded_generator(seed: int, round_index: int, salt: int) -> torch.Generator:
+    """A CPU generator for one stream of one round, mixed from a secret ``seed``."""
+    mixed = int(seed) * 1_000_003 + int(round_index) * 7919 + int(salt)
+    return torch.Generator().manual_seed(mixed % (2**63))
+
+
 def noise_generator(noise_seed: int, round_index: int, part: str) -> torch.Generator:
     """The CPU generator of one round's noise on one part (``"delta"`` or ``"theta"``)."""
-    mixed = int(noise_seed) * 1_000_003 + int(round_index) * 7919 + zlib.crc32(part.encode())
-    return torch.Generator().manual_seed(mixed % (2**63))
+    return seeded_generator(noise_seed, round_index, zlib.crc32(part.encode()))
 
 
 def noised_sums(

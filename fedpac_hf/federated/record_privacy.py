@@ -28,14 +28,13 @@ own z, the least that keeps its examples within the target after all rounds
 from __future__ import annotations
 
 import contextlib
-import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from fedpac_hf.optim.options import number, optional
+from .privacy import DP_RULES, new_noise_seed, seeded_generator
 
 __all__ = [
     "RecordClient",
@@ -46,13 +45,6 @@ __all__ = [
     "record_loader",
     "record_steps",
 ]
-
-_RULES = {
-    "dp_clip_norm": number(0.0, low_open=True),
-    "dp_noise_multiplier": optional(number(0.0)),
-    "dp_delta": optional(number(0.0, 1.0, low_open=True, high_open=True)),
-    "dp_target_epsilon": optional(number(0.0, low_open=True)),
-}
 
 
 @dataclass(frozen=True)
@@ -108,7 +100,7 @@ class RecordDP:
             "dp_target_epsilon": target_epsilon,
         }
         for setting, value in given.items():
-            _RULES[setting].check(setting, value)
+            DP_RULES[setting].check(setting, value)
         if (noise_multiplier is None) == (target_epsilon is None):
             raise ValueError(
                 "dp_mode: record needs exactly one of dp_noise_multiplier and "
@@ -179,9 +171,8 @@ class RecordDP:
     def generator(self, round_index: int, client_id: int) -> torch.Generator:
         """The client's noise generator: from ``noise_seed`` when set, else a secret seed."""
         if self.noise_seed is None:
-            return torch.Generator().manual_seed(secrets.randbits(63))
-        mixed = int(self.noise_seed) * 1_000_003 + round_index * 7919 + client_id * 104_729
-        return torch.Generator().manual_seed(mixed % (2**63))
+            return torch.Generator().manual_seed(new_noise_seed())
+        return seeded_generator(self.noise_seed, round_index, client_id * 104_729)
 
     def for_client(
         self,
@@ -291,13 +282,8 @@ def record_steps(
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
-    try:
-        wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
-    except NotImplementedError as err:
-        raise ValueError(
-            f"dp_mode: record: Opacus cannot compute per-example gradients for this model "
-            f"({err}); train adapters only (LoRA) or use dp_mode: client"
-        ) from None
+    RecordDP.check_model(model)  # a Flower client checks here, before its first step
+    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
     optimizer = DPOptimizer(
         torch.optim.SGD(params, lr=0.0),
         noise_multiplier=noise_multiplier,

@@ -173,17 +173,8 @@ def add_secure_mean(
     for name, mean in (curvature or {}).items():
         aggregator.curvature_weighted_sum[name] = mean.to(device, torch.float64) * total
     aggregator.secure = True
-    aggregator.weight_sum = total
     for (client_id, num_examples, metrics), weight in zip(clients, weights):
-        aggregator.num_clients += 1
-        aggregator.num_examples += int(num_examples)
-        aggregator.loss_sum += float(metrics.get("train_loss", 0.0)) * weight
-        aggregator.skipped_steps += float(metrics.get("skipped_steps", 0.0))
-        aggregator.hessian_refreshes += float(metrics.get("hessian_refreshes", 0.0))
-        if "dp_record_epsilon" in metrics:
-            reported = float(metrics["dp_record_epsilon"])
-            aggregator.record_epsilon = max(aggregator.record_epsilon or 0.0, reported)
-        aggregator.client_ids.append(int(client_id))
+        aggregator.count_client(client_id, num_examples, metrics, weight)
     sizes = [sum(t.numel() * 4 for t in part.values()) for part in (delta, curvature or {})]
     aggregator.delta_bytes += sizes[0] * len(clients)  # as float32, like the plain round
     if aggregator.algorithm.align:

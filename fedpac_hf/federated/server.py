@@ -19,7 +19,7 @@ sums computed in several processes can simply be added together.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Literal
 
 import torch
@@ -190,21 +190,26 @@ class RoundAggregator:
                 self.curvature_sum[name].add_(t64)
                 self.curvature_weighted_sum[name].add_(t64, alpha=weight)
                 self.curvature_square_sum += t64.square().sum()
-        self.weight_sum += weight
-        self.num_clients += 1
-        self.num_examples += int(update.num_examples)
-        self.loss_sum += float(update.metrics.get("train_loss", 0.0)) * weight
-        self.skipped_steps += float(update.metrics.get("skipped_steps", 0.0))
-        self.hessian_refreshes += float(update.metrics.get("hessian_refreshes", 0.0))
-        self.clipped[0] += float(update.metrics.get("dp_clipped_delta", 0.0))
-        self.clipped[1] += float(update.metrics.get("dp_clipped_theta", 0.0))
-        if "dp_record_epsilon" in update.metrics:
-            reported = float(update.metrics["dp_record_epsilon"])
-            self.record_epsilon = max(self.record_epsilon or 0.0, reported)
         self.delta_bytes += tensor_bytes(update.delta)
         if self.algorithm.align:
             self.theta_bytes += tensor_bytes(update.curvature)
-        self.client_ids.append(int(update.client_id))
+        self.count_client(update.client_id, update.num_examples, update.metrics, weight)
+
+    def count_client(
+        self, client_id: int, num_examples: int, metrics: Mapping[str, float], weight: float
+    ) -> None:
+        """Count one client's weight, examples and reported metrics (its tensors apart)."""
+        self.weight_sum += weight
+        self.num_clients += 1
+        self.num_examples += int(num_examples)
+        self.loss_sum += float(metrics.get("train_loss", 0.0)) * weight
+        self.skipped_steps += float(metrics.get("skipped_steps", 0.0))
+        self.hessian_refreshes += float(metrics.get("hessian_refreshes", 0.0))
+        self.clipped[0] += float(metrics.get("dp_clipped_delta", 0.0))
+        self.clipped[1] += float(metrics.get("dp_clipped_theta", 0.0))
+        if "dp_record_epsilon" in metrics:
+            self.record_epsilon = max(self.record_epsilon or 0.0, metrics["dp_record_epsilon"])
+        self.client_ids.append(int(client_id))
 
     def finalize(
         self,
@@ -277,9 +282,8 @@ class RoundAggregator:
     @property
     def denominator(self) -> float:
         """W, what the sums are divided by: the weight of the updates, or q N under DP."""
-        if self.privacy is not None and self.expected_clients is not None:
-            return float(self.expected_clients)
-        return self.weight_sum
+        fixed = self.privacy is not None and self.expected_clients is not None
+        return float(self.expected_clients) if fixed else self.weight_sum
 
     def _server_step(
         self, lr: float, local_steps: int, server_lr: float

@@ -22,7 +22,7 @@ from .client import ClientHooks, LocalSteps, LossFn, client_update
 from .engine import TRANSPORT_DTYPES, RoundEngine, RoundPlan
 from .failures import require_finite_evaluation
 from .preflight import preflight as run_preflight
-from .privacy import ClientDP
+from .privacy import DP_MODES, ClientDP
 from .record_privacy import RecordDP, check_loader, record_loader
 from .schedule import round_learning_rates
 from .server import WEIGHTINGS, Weighting
@@ -47,6 +47,7 @@ SETTINGS: dict[str, Rule] = {
     "transport_dtype": one_of(*TRANSPORT_DTYPES),
     "curvature": one_of(*CURVATURE_FORMS),
     "theta_budget": optional(number(0.0, low_open=True)),
+    "dp_mode": one_of(*DP_MODES),
     "dp_noise_seed": optional(whole(0)),
     "preflight": flag(),
     "progress": flag(),
@@ -212,7 +213,7 @@ def simulate(
         if hasattr(loader, "__len__") and len(loader) == 0:
             raise ValueError(f"client {cid}'s loader is empty: every client needs data")
     privacy = ClientDP.from_settings(
-        dp_mode,
+        read["dp_mode"],
         clip_norm=dp_clip_norm,
         theta_clip_norm=dp_theta_clip_norm,
         noise_multiplier=dp_noise_multiplier,
@@ -252,7 +253,7 @@ def simulate(
         logger.info("preflight passed in %.1f s", seconds)
 
     record = None
-    if str(dp_mode).strip().lower() == "record":
+    if read["dp_mode"] == "record":
         record = RecordDP.from_settings(
             clip_norm=dp_clip_norm,
             theta_clip_norm=dp_theta_clip_norm,

@@ -1,11 +1,11 @@
 """How :class:`~fedpac_hf.FedPACTrainer` runs one client's micro-batches on its device.
 
 The client's loader (shuffled, or Poisson-sampled under record-level DP) and
-its privacy settings for the round; Trainer's ``compute_loss`` under Accelerate's autocast, inputs copied to the
-device without blocking the host, Accelerate's backward, a fresh gradient
-scaler per client and round under ``fp16``, and Sophia's Gauss-Newton-Bartlett
-loss. :meth:`FedPACTrainer.train_client` hands these to the core's
-:func:`~fedpac_hf.federated.client_update`.
+its privacy settings for the round; Trainer's ``compute_loss`` under
+Accelerate's autocast, inputs copied to the device without blocking the host,
+Accelerate's backward, a fresh gradient scaler per client and round under
+``fp16``, and Sophia's Gauss-Newton-Bartlett loss. :meth:`FedPACTrainer.train_client`
+hands these to the core's :func:`~fedpac_hf.federated.client_update`.
 """
 
 from __future__ import annotations
@@ -70,25 +70,22 @@ class ClientStepsMixin:
         a batch with probability ``privacy.sample_rate``; an empty batch is
         ``{}``), drawn from the client's secret sampling generator.
         """
-        generator = torch.Generator()
-        generator.manual_seed(seed)
         collator = self.data_collator
         if not hasattr(dataset, "column_names"):
             collator = self._get_collator_with_removed_columns(collator, description="training")
-        loading: dict[str, Any] = dict(
-            collate_fn=collator,
+        workers: dict[str, Any] = dict(
             num_workers=self.args.dataloader_num_workers,
             pin_memory=self.args.dataloader_pin_memory and torch.cuda.is_available(),
         )
         if isinstance(privacy, RecordClient):
-            collate = loading.pop("collate_fn")
-            return poisson_loader(dataset, privacy, self.args.local_steps, collate, **loading)
+            return poisson_loader(dataset, privacy, self.args.local_steps, collator, **workers)
         return DataLoader(
             dataset,
             batch_size=self.args.per_device_train_batch_size,
-            sampler=RandomSampler(dataset, generator=generator),
+            sampler=RandomSampler(dataset, generator=torch.Generator().manual_seed(seed)),
+            collate_fn=collator,
             drop_last=self.args.dataloader_drop_last,
-            **loading,
+            **workers,
         )
 
     def _inputs_on_device(self, inputs: Any) -> Any:
