@@ -210,3 +210,38 @@ def run_status(listing: str, run: int) -> dict:
     runs = json.loads(listing[listing.index("{") :])["runs"]
     (entry,) = [r for r in runs if int(r["run-id"]) == run]
     return entry
+
+
+def local_superlink(tmp_path: Path) -> tuple[Processes, int]:
+    """A plain-HTTP SuperLink on a free port of 127.0.0.1, started and listening.
+
+    Its ``flwr`` connection is ``test`` (in ``tmp_path / "flwr_home"``); every
+    process logs to ``tmp_path``. Returns the processes and the SuperLink's port.
+    """
+    home, link = tmp_path / "flwr_home", free_port()
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "test"\n\n[superlink.test]\n'
+        f'address = "127.0.0.1:{link}"\ninsecure = true\n'
+    )
+    processes = Processes(tmp_path, flower_env(home), tmp_path)
+    try:
+        processes.start(
+            "superlink",
+            f"flower-superlink --insecure --port {link} --database {tmp_path / 'state.db'} "
+            "--disable-runtime-dependency-installation",
+        )
+        processes.wait_for_port(link, "superlink")
+    except BaseException:
+        processes.stop_all()
+        raise
+    return processes, link
+
+
+def start_supernode(processes: Processes, name: str, link: int, partition: int, num: int) -> None:
+    """A plain-HTTP SuperNode ``name`` holding ``partition`` of ``num``, on a free port."""
+    processes.start(
+        name,
+        f"flower-supernode --insecure --superlink 127.0.0.1:{link} --port {free_port()} "
+        f"--node-config 'partition-id={partition} num-partitions={num}'",
+    )

@@ -26,11 +26,10 @@ from fedpac_hf.rundir.checkpoint import latest_checkpoint, load_federated_checkp
 
 from .flower_processes import (  # noqa: E402
     APP,
-    Processes,
-    flower_env,
-    free_port,
+    local_superlink,
     run_id,
     run_status,
+    start_supernode,
 )
 
 
@@ -49,31 +48,16 @@ def test_a_deployment_loses_supernodes_mid_round_and_between_rounds(tmp_path):
         [1, 2],
         [0, 2],
     ]
-    home, out, link = tmp_path / "flwr_home", tmp_path / "out", free_port()
-    home.mkdir()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "test"\n\n[superlink.test]\n'
-        f'address = "127.0.0.1:{link}"\ninsecure = true\n'
-    )
-    processes = Processes(tmp_path, flower_env(home), tmp_path)
+    out = tmp_path / "out"
+    processes, link = local_superlink(tmp_path)
 
     def supernode(name: str, partition: int) -> None:
-        processes.start(
-            name,
-            f"flower-supernode --insecure --superlink 127.0.0.1:{link} --port {free_port()} "
-            f"--node-config 'partition-id={partition} num-partitions=3'",
-        )
+        start_supernode(processes, name, link, partition, 3)
 
     def logged(text: str):
         return lambda: text in processes.text("run")
 
     try:
-        processes.start(
-            "superlink",
-            f"flower-superlink --insecure --port {link} --database {tmp_path / 'state.db'} "
-            "--disable-runtime-dependency-installation",
-        )
-        processes.wait_for_port(link, "superlink")
         for partition in range(3):
             supernode(f"node{partition}", partition)
         processes.start(

@@ -14,31 +14,16 @@ pytest.importorskip("flwr")
 
 from fedpac_hf.rundir.checkpoint import latest_checkpoint  # noqa: E402
 
-from .flower_processes import APP, Processes, flower_env, free_port  # noqa: E402
+from .flower_processes import APP, local_superlink, start_supernode  # noqa: E402
 
 
 @pytest.mark.slow
 def test_secagg_runs_on_a_local_deployment(tmp_path):
-    home, out, link = tmp_path / "flwr_home", tmp_path / "out", free_port()
-    home.mkdir()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "test"\n\n[superlink.test]\n'
-        f'address = "127.0.0.1:{link}"\ninsecure = true\n'
-    )
-    processes = Processes(tmp_path, flower_env(home), tmp_path)
+    out = tmp_path / "out"
+    processes, link = local_superlink(tmp_path)
     try:
-        processes.start(
-            "superlink",
-            f"flower-superlink --insecure --port {link} --database {tmp_path / 'state.db'} "
-            "--disable-runtime-dependency-installation",
-        )
-        processes.wait_for_port(link, "superlink")
         for partition in range(3):
-            processes.start(
-                f"node{partition}",
-                f"flower-supernode --insecure --superlink 127.0.0.1:{link} --port {free_port()} "
-                f"--node-config 'partition-id={partition} num-partitions=3'",
-            )
+            start_supernode(processes, f"node{partition}", link, partition, 3)
         processes.start(
             "run",
             f"flwr run {APP} test --stream --run-config "

@@ -280,38 +280,20 @@ def test_trainer_refuses_fixed_optimizers_and_impossible_participation(tmp_path)
         trainer.train()
 
 
-def test_two_processes_give_the_same_result_as_one(tmp_path):
-    """Clients spread over 2 gloo processes (torchrun) equal a 1-process run."""
+def _distributed_worker(*args: str, processes: int = 1, port: int = 29533) -> None:
+    """Run ``tests.distributed_worker`` with ``args`` in 1 process, or under torchrun."""
     import os
     import subprocess
     import sys
 
-    from safetensors.torch import load_file
-
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
-    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
-    subprocess.run(
-        [sys.executable, "-m", "tests.distributed_worker", str(one)],
-        cwd=root,
-        env=env,
-        check=True,
-        timeout=300,
-        capture_output=True,
-    )
+    launch = [sys.executable, "-m"]
+    if processes > 1:
+        launch += ["torch.distributed.run", "--nproc_per_node", str(processes)]
+        launch += ["--master_port", str(port), "-m"]
     run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29533",
-            "-m",
-            "tests.distributed_worker",
-            str(two),
-        ],
+        [*launch, "tests.distributed_worker", *args],
         cwd=root,
         env=env,
         timeout=300,
@@ -319,6 +301,15 @@ def test_two_processes_give_the_same_result_as_one(tmp_path):
         text=True,
     )
     assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_two_processes_give_the_same_result_as_one(tmp_path):
+    """Clients spread over 2 gloo processes (torchrun) equal a 1-process run."""
+    from safetensors.torch import load_file
+
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    _distributed_worker(str(one))
+    _distributed_worker(str(two), processes=2)
     a, b = load_file(str(one)), load_file(str(two))
     assert set(a) == set(b) and any(k.startswith("curvature::") for k in a)
     assert a["clients"] == b["clients"] == 4
@@ -328,25 +319,9 @@ def test_two_processes_give_the_same_result_as_one(tmp_path):
 
 def test_two_processes_under_dp_add_the_same_secret_noise(tmp_path):
     """Each process draws a secret noise seed; process 0's is shared, so they stay equal."""
-    import os
-    import subprocess
-    import sys
-
     from safetensors.torch import load_file
 
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
-    out = tmp_path / "dp.safetensors"
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-        + ["--master_port", "29534", "-m", "tests.distributed_worker", str(out), "dp"],
-        cwd=root,
-        env=env,
-        timeout=300,
-        capture_output=True,
-        text=True,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    _distributed_worker(str(tmp_path / "dp.safetensors"), "dp", processes=2, port=29534)
     a = load_file(str(tmp_path / "dp.rank0.safetensors"))
     b = load_file(str(tmp_path / "dp.rank1.safetensors"))
     assert set(a) == set(b)
