@@ -1,20 +1,31 @@
 """Client-level differential privacy at 500 clients (issue #25, item 4), at CPU scale.
 
-One grid of runs through :func:`fedpac_hf.run.run_training` (the code path of
-``fedpac-hf train``), cached one JSON per run under
-``benchmarks/privacy_results/`` with the command that reproduces it; the
-report, ``benchmarks/PRIVACY.md``, is written from those JSONs by the
-``report`` subcommand.
+One grid of runs per federation (``--suite``) through
+:func:`fedpac_hf.run.run_training` (the code path of ``fedpac-hf train``),
+cached one JSON per run under ``benchmarks/privacy_results_lora/`` (suite
+``lora``) or ``benchmarks/privacy_results/`` (suite ``vit``) with the command
+that reproduces it; the reports, ``benchmarks/PRIVACY.md`` (``lora``) and
+``benchmarks/PRIVACY_full_vit.md`` (``vit``), are written from those JSONs by
+the ``report`` subcommand.
 
 Protocol
 --------
-* Task: ``configs/vit_mnist5k.yaml`` with a smaller ViT (hidden size 32, 2
-  layers, 2 heads, MLP 64: 19,658 parameters, trained from scratch) so that
-  the grid fits a 2-core CPU; MNIST-5k's 4,000 training rows split over
-  **500 clients** with Dirichlet(0.3) label skew (8 rows per client on
-  average), 20 clients per round (under DP: Poisson sampling at rate
-  q = 20 / 500, 20 clients expected), 10 local steps of batch 8, 20 rounds,
-  cosine learning-rate decay (the config's).
+* Federations (both: 500 clients, Dirichlet(0.3) label skew, batch 8,
+  20 rounds, the config's cosine learning-rate decay; under DP, Poisson
+  sampling at rate q = clients per round / 500):
+
+  - ``lora`` (the default, the headline case): ``configs/vit_lora_mnist5k.yaml``,
+    the pretrained small ViT ``base:vit-mnist5k-0to4`` learning digits 5-9
+    with **rank-2** LoRA adapters (query/value) and a new head; MNIST-5k's
+    training rows of digits 5-9 over the 500 clients (about 4 per client),
+    **50 clients per round** (q = 0.1), 5 local steps. Rank 2 and q = 0.1
+    because the noise on the mean delta has L2 norm z k sqrt(d) / (q N) times
+    the clip norm: few trainable parameters and many clients per round keep
+    it below the clip norm (0.7 C at eps = 8 here);
+  - ``vit``: ``configs/vit_mnist5k.yaml`` with a smaller ViT (hidden size
+    32, 2 layers, 2 heads, MLP 64: 19,658 parameters) trained in full from
+    scratch on all 4,000 training rows, 20 clients per round (q = 0.04),
+    10 local steps (noise 3-7 C on the mean delta: nothing learns under DP).
 * Methods: ``fedavg_adamw``, ``fedadamw`` (AdamW's second moments shared),
   ``fedpac_soap`` (SOAP's Kronecker statistics shared) and
   ``fedpac_correct_soap``, the registered ablation "correction only, no
@@ -28,23 +39,25 @@ Protocol
 * Learning rates: per method, on the validation split (the harness's
   :func:`~_harness.runs.validation_dataset`: 20 % of MNIST-5k's training rows,
   stratified; the test split is never read while tuning), **non-private**
-  (``dp_mode: none``), seed 0, a 3-point grid (``1e-3, 3e-3, 1e-2`` for AdamW
-  clients, ``3e-3, 1e-2, 3e-2`` for SOAP), scored by the mean validation
-  accuracy of the last 3 rounds; the chosen rate is reused at every epsilon
-  and seed. No grid point is added when an edge wins (time): the report marks
-  such a rate with ``*``.
-* Clip norms: from the same non-private tuning runs. This script records the
-  L2 norm of every client's delta and Theta (what :func:`clip_update` would
-  clip) by wrapping ``client_update`` in the worker process; ``dp_clip_norm``
-  and ``dp_theta_clip_norm`` are the **median** over all clients and rounds of
+  (``dp_mode: none``), seed 0, a grid per suite (:attr:`Suite.grids`: AdamW
+  clients prefer smaller rates), scored by the mean validation accuracy of
+  the last 3 rounds (a run whose clients diverge scores -inf); the chosen
+  rate is reused at every epsilon and seed. No grid point is added when an
+  edge wins (time): the report marks such a rate with ``*``.
+* Clip norms: from the same non-private tuning runs. This script records, for
+  every client, the L2 norm of what :func:`clip_update` would clip (the delta
+  and Theta minus their public parts, :func:`own_part`) by wrapping
+  ``client_update`` in the worker process; ``dp_clip_norm`` and
+  ``dp_theta_clip_norm`` are the **median** over all clients and rounds of
   the tuning run at the chosen rate (4 significant digits), so about half of
-  the clients are clipped at the start of a private run. Methods that do not
-  align send no Theta under DP and get no Theta clip norm.
+  the clients are clipped. Methods that do not align send no Theta under DP
+  and get no Theta clip norm. (The ``vit`` grid ran before clients clipped
+  only their own part, and its clip norms are of the whole delta and Theta.)
 * Final runs: every method at every epsilon, 3 seeds (0, 1, 2), on the test
-  split; plus ``fedpac_soap`` without DP (``dp_mode: none``, exactly 20
-  clients per round), 3 seeds, for the cost of clipping (Theta's and the
-  delta's) at epsilon = inf; last in the queue, the other methods without DP
-  (3 seeds each), for context.
+  split; plus ``fedpac_soap`` without DP (``dp_mode: none``, exactly the
+  suite's clients per round), 3 seeds, for the cost of clipping (Theta's and
+  the delta's) at epsilon = inf; last in the queue, the other methods without
+  DP (3 seeds each), for context.
 * Reported: the final round's test accuracy, mean +- sample std over seeds;
   the noise multiplier of each epsilon; the epsilon the runs logged after the
   last round; the fraction of clients clipped (``dp_clipped_delta``,
@@ -59,6 +72,7 @@ Usage (from the repository root)::
     python benchmarks/privacy_benchmark.py run &
     wait
     python benchmarks/privacy_benchmark.py report   # writes benchmarks/PRIVACY.md
+    # the same with --suite vit for benchmarks/PRIVACY_full_vit.md
 """
 
 from __future__ import annotations
@@ -105,22 +119,94 @@ from _harness.runs import (  # noqa: E402
     validation_dataset,
 )
 
-RESULTS = BENCH / "privacy_results"
-REPORT = BENCH / "PRIVACY.md"
-CONFIG = "configs/vit_mnist5k.yaml"
 KEYS = (*KEPT_KEYS, "epsilon", "dp_clipped_delta", "dp_clipped_theta")
-
 NUM_CLIENTS = 500
-CLIENTS_PER_ROUND = 20
-NUM_ROUNDS = 20
-REGIME = [
-    "--hidden_size", "32", "--num_hidden_layers", "2", "--num_attention_heads", "2",
-    "--intermediate_size", "64",
-    "--num_clients", str(NUM_CLIENTS), "--clients_per_round", str(CLIENTS_PER_ROUND),
-    "--partitioner", "dirichlet", "--dirichlet_alpha", "0.3",
-    "--num_rounds", str(NUM_ROUNDS), "--local_steps", "10",
-    "--per_device_train_batch_size", "8",
-]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Suite:
+    """One federation the grid runs in: config, regime, learning-rate grids, where it writes.
+
+    ``grids`` holds the learning-rate grid of AdamW clients, then SOAP clients';
+    ``setting`` is the report's one-paragraph summary of the regime.
+    """
+
+    name: str
+    config: str
+    clients_per_round: int
+    num_rounds: int
+    regime: tuple[str, ...]
+    grids: tuple[tuple[float, ...], tuple[float, ...]]
+    report: Path
+    results: Path
+    title: str
+    setting: str
+
+    @property
+    def sample_rate(self) -> float:
+        """q: the Poisson sampling rate of the clients under DP."""
+        return self.clients_per_round / NUM_CLIENTS
+
+    def overrides(self) -> list[str]:
+        """The regime as ``fedpac-hf train`` overrides."""
+        return [
+            *self.regime,
+            "--num_clients", str(NUM_CLIENTS),
+            "--clients_per_round", str(self.clients_per_round),
+            "--num_rounds", str(self.num_rounds),
+            "--partitioner", "dirichlet", "--dirichlet_alpha", "0.3",
+            "--per_device_train_batch_size", "8",
+        ]  # fmt: skip
+
+
+SUITES: dict[str, Suite] = {
+    "lora": Suite(
+        name="lora",
+        config="configs/vit_lora_mnist5k.yaml",
+        clients_per_round=50,
+        num_rounds=20,
+        regime=("--lora_r", "2", "--local_steps", "5"),
+        grids=((1e-3, 3e-3, 1e-2, 3e-2), (3e-3, 1e-2, 3e-2, 1e-1)),
+        report=BENCH / "PRIVACY.md",
+        results=BENCH / "privacy_results_lora",
+        title="Client-level differential privacy at 500 clients: LoRA on a pretrained ViT",
+        setting=(
+            "the pretrained small ViT of `configs/vit_lora_mnist5k.yaml` (trained on digits "
+            "0-4) learns digits 5-9 with rank-2 LoRA adapters on the attention query/value "
+            "projections and a new head (d = {d:,} trainable parameters); MNIST-5k's training "
+            "rows of those digits split over 500 clients (Dirichlet 0.3 label skew), 50 "
+            "clients per round expected (Poisson sampling, q = 0.1), 5 local steps of batch 8, "
+            "20 rounds"
+        ),
+    ),
+    "vit": Suite(
+        name="vit",
+        config="configs/vit_mnist5k.yaml",
+        clients_per_round=20,
+        num_rounds=20,
+        regime=(
+            "--hidden_size",
+            "32",
+            "--num_hidden_layers",
+            "2",
+            "--num_attention_heads",
+            "2",
+            "--intermediate_size",
+            "64",
+            "--local_steps",
+            "10",
+        ),  # fmt: skip
+        grids=((1e-3, 3e-3, 1e-2), (3e-3, 1e-2, 3e-2)),
+        report=BENCH / "PRIVACY_full_vit.md",
+        results=BENCH / "privacy_results",
+        title="Client-level differential privacy at 500 clients: a small ViT trained in full",
+        setting=(
+            "a small ViT (d = {d:,} parameters) trained from scratch on MNIST-5k's 4,000 "
+            "training rows split over 500 clients (Dirichlet 0.3 label skew), 20 clients per "
+            "round expected (Poisson sampling, q = 0.04), 10 local steps of batch 8, 20 rounds"
+        ),
+    ),
+}
 
 #: method -> (algorithm, what the server receives besides the delta)
 METHODS: dict[str, tuple[str, str]] = {
@@ -136,9 +222,9 @@ NODP_METHOD = "fedpac_soap"
 SEEDS = 3
 
 
-def lr_grid(method: str) -> tuple[float, ...]:
-    """The 3-point learning-rate grid of ``method`` (AdamW clients prefer smaller rates)."""
-    return (1e-3, 3e-3, 1e-2) if "adamw" in method else (3e-3, 1e-2, 3e-2)
+def lr_grid(suite: Suite, method: str) -> tuple[float, ...]:
+    """The learning-rate grid of ``method`` (AdamW clients prefer smaller rates)."""
+    return suite.grids[0] if "adamw" in method else suite.grids[1]
 
 
 def aligns(method: str) -> bool:
@@ -177,7 +263,7 @@ def tune_key(method: str, lr: float) -> str:
     return Run("tune", method, "nodp", 0, lr).key
 
 
-def chosen(method: str, done: dict[str, Record]) -> tuple[float, str, str] | None:
+def chosen(suite: Suite, method: str, done: dict[str, Record]) -> tuple[float, str, str] | None:
     """``method``'s tuned rate and clip norms (None while a tuning run is missing).
 
     Returns
@@ -187,7 +273,7 @@ def chosen(method: str, done: dict[str, Record]) -> tuple[float, str, str] | Non
         of the clients' delta and Theta norms in the tuning run at ``lr``,
         written with 4 significant digits (``""``: Theta does not travel).
     """
-    scores = scores_at(lr_grid(method), lambda lr: tune_key(method, lr), done)
+    scores = scores_at(lr_grid(suite, method), lambda lr: tune_key(method, lr), done)
     if scores is None:
         return None
     lr = best_of(scores)
@@ -197,15 +283,15 @@ def chosen(method: str, done: dict[str, Record]) -> tuple[float, str, str] | Non
     return lr, clip, theta
 
 
-def plan(done: dict[str, Record]) -> tuple[list[Run], int]:
+def plan(suite: Suite, done: dict[str, Record]) -> tuple[list[Run], int]:
     """The runs in priority order (tuning, then finals seed-major), and how many wait."""
     runs: list[Run] = []
     waiting = 0
-    for lr_index in range(3):
-        runs += [Run("tune", m, "nodp", 0, lr_grid(m)[lr_index]) for m in METHODS]
+    for lr_index in range(len(suite.grids[0])):
+        runs += [Run("tune", m, "nodp", 0, lr_grid(suite, m)[lr_index]) for m in METHODS]
     for seed in range(SEEDS):
         for method in METHODS:
-            picked = chosen(method, done)
+            picked = chosen(suite, method, done)
             levels = ("nodp", *EPSILONS) if method == NODP_METHOD else EPSILONS
             if picked is None:
                 waiting += len(levels)
@@ -221,7 +307,7 @@ def plan(done: dict[str, Record]) -> tuple[list[Run], int]:
         for method in METHODS:
             if method == NODP_METHOD:
                 continue
-            picked = chosen(method, done)
+            picked = chosen(suite, method, done)
             if picked is None:
                 waiting += 1
             else:
@@ -229,9 +315,9 @@ def plan(done: dict[str, Record]) -> tuple[list[Run], int]:
     return [r for r in runs if r.key not in done], waiting
 
 
-def overrides(run: Run, run_dir: Path) -> list[str]:
+def overrides(suite: Suite, run: Run, run_dir: Path) -> list[str]:
     """The ``fedpac-hf train`` overrides of one run (after its config file)."""
-    over = [*REGIME, "--algorithm", METHODS[run.method][0]]
+    over = [*suite.overrides(), "--algorithm", METHODS[run.method][0]]
     over += ["--learning_rate", f"{run.lr:g}", "--seed", str(run.seed)]
     if run.privacy != "nodp":
         over += ["--dp_mode", "client", "--dp_clip_norm", run.clip]
@@ -247,7 +333,7 @@ def overrides(run: Run, run_dir: Path) -> list[str]:
     return [*over, "--num_threads", "1", "--output_dir", str(run_dir)]
 
 
-def resolved_privacy(run: Run) -> dict[str, float]:
+def resolved_privacy(suite: Suite, run: Run) -> dict[str, float]:
     """The noise multiplier z and delta a DP run trains with (the package's own resolution).
 
     ``ClientDP.resolve`` is what the run engine calls: the default delta
@@ -263,7 +349,7 @@ def resolved_privacy(run: Run) -> dict[str, float]:
         noise_multiplier=0.0 if target is None else None,
         target_epsilon=target,
         share_theta=aligns(run.method),
-    ).resolve(NUM_CLIENTS, CLIENTS_PER_ROUND / NUM_CLIENTS, NUM_ROUNDS)
+    ).resolve(NUM_CLIENTS, suite.sample_rate, suite.num_rounds)
     return {
         "noise_multiplier": float(dp.noise_multiplier or 0.0),
         "noise_scale": dp.noise_scale,
@@ -272,11 +358,14 @@ def resolved_privacy(run: Run) -> dict[str, float]:
 
 
 class NormRecorder:
-    """Records the L2 norms of every client's delta and Theta while installed.
+    """Records the L2 norms of what client-level DP would clip, for every client, while installed.
 
     Wraps ``client_update`` where the trainer calls it
-    (``fedpac_hf.trainer.fedpac_trainer``); in a run without DP the update it
-    returns is the unclipped one, whose norms :func:`clip_update` would bound.
+    (``fedpac_hf.trainer.fedpac_trainer``). In a run without DP the update it
+    returns is the unclipped one; what :func:`clip_update` bounds is that
+    update minus its public part (:func:`public_reference`: the correction
+    steps in the delta, the imported global Theta), so that is what is
+    recorded.
     """
 
     def __init__(self) -> None:
@@ -286,6 +375,7 @@ class NormRecorder:
     def __enter__(self) -> NormRecorder:
         import torch
 
+        from fedpac_hf.federated.privacy import own_part, public_reference
         from fedpac_hf.trainer import fedpac_trainer
 
         self._module = fedpac_trainer
@@ -295,10 +385,15 @@ class NormRecorder:
             values = [t.detach().double().norm() for t in tensors.values()]
             return float(torch.stack(values).norm()) if values else 0.0
 
-        def wrapped(*args: Any, **kwargs: Any) -> Any:
-            update = original(*args, **kwargs)
-            self.delta.append(norm(update.delta))
-            self.theta.append(norm(update.curvature))
+        def wrapped(
+            model: Any, state: Any, algorithm: Any, batches: Any, steps: Any, *rest: Any, **kw: Any
+        ) -> Any:
+            update = original(model, state, algorithm, batches, steps, *rest, **kw)
+            delta, theta = own_part(
+                update, public_reference(state, algorithm, steps.lr, steps.num_steps)
+            )
+            self.delta.append(norm(delta))
+            self.theta.append(norm(theta))
             return update
 
         fedpac_trainer.client_update = wrapped
@@ -308,20 +403,23 @@ class NormRecorder:
         self._module.client_update = self._original
 
 
-def run_one(run: Run) -> Record:
+def run_one(suite: Suite, run: Run) -> Record:
     """Train one run and return its JSON record."""
-    run_dir = CACHE / "runs" / run.key
+    run_dir = CACHE / "runs" / f"privacy_{suite.name}_{run.key}"
     extra: dict[str, Any] = {}
+    over = overrides(suite, run, run_dir)
     if run.stage == "tune":
         with NormRecorder() as norms:
-            record = train_once(CONFIG, overrides(run, run_dir), run_dir, KEYS)
+            record = train_once(suite.config, over, run_dir, KEYS, allow_divergence=True)
         extra["client_norms"] = {"delta": norms.delta, "theta": norms.theta}
     else:
-        record = train_once(CONFIG, overrides(run, run_dir), run_dir, KEYS)
+        record = train_once(suite.config, over, run_dir, KEYS)
         if run.privacy != "nodp":
-            extra.update(resolved_privacy(run))
-    show_output_dir(record, f"runs/privacy/{run.key}")
-    return {**asdict(run), "suite": "vit", **record, **extra, "machine": machine()}
+            extra.update(resolved_privacy(suite, run))
+    show_output_dir(record, f"runs/privacy_{suite.name}/{run.key}")
+    # "suite" is the harness's task family (ViT: scored by accuracy); "federation" the Suite
+    record = {**asdict(run), "suite": "vit", "federation": suite.name, **record, **extra}
+    return {**record, "machine": machine()}
 
 
 # ------------------------------------------------------------------- report
@@ -388,16 +486,16 @@ def goal_rows(levels: dict[str, dict[str, Summary]]) -> list[tuple[str, str, boo
     ]
 
 
-def tuning_section(lines: list[str], done: dict[str, Record]) -> None:
+def tuning_section(lines: list[str], suite: Suite, done: dict[str, Record]) -> None:
     """The learning-rate table and the clip norms each method's tuning run gave."""
     rows = []
     for method in METHODS:
         cells = []
-        for lr in lr_grid(method):
+        for lr in lr_grid(suite, method):
             record = done.get(tune_key(method, lr))
             cells.append(f"{lr:g}: {fmt(tune_score(record))}" if record else f"{lr:g}: -")
-        picked = chosen(method, done)
-        rows.append((method, cells, chosen_cell(picked and picked[0], lr_grid(method))))
+        picked = chosen(suite, method, done)
+        rows.append((method, cells, chosen_cell(picked and picked[0], lr_grid(suite, method))))
     tuning_table(
         lines,
         "Validation accuracy (%, mean of the last 3 rounds), non-private, seed 0 "
@@ -413,7 +511,7 @@ def tuning_section(lines: list[str], done: dict[str, Record]) -> None:
         "|---|---|---|---|---|",
     ]
     for method in METHODS:
-        picked = chosen(method, done)
+        picked = chosen(suite, method, done)
         if picked is None:
             continue
         lr, clip, theta = picked
@@ -444,7 +542,7 @@ def num_parameters(done: dict[str, Record]) -> int:
     return 0
 
 
-def noise_section(lines: list[str], finals: Sequence[Record], d: int) -> None:
+def noise_section(lines: list[str], suite: Suite, finals: Sequence[Record], d: int) -> None:
     """Noise multiplier, noise on the mean delta, final logged epsilon, clipped fractions."""
     lines += [
         "| method | level | z | k | C | noise std per entry of the mean delta (z k C / qN) "
@@ -460,15 +558,15 @@ def noise_section(lines: list[str], finals: Sequence[Record], d: int) -> None:
                 continue
             r = runs[0]
             z, k = r["noise_multiplier"], r["noise_scale"]
-            std = z * k * float(r["clip"]) / CLIENTS_PER_ROUND
+            std = z * k * float(r["clip"]) / suite.clients_per_round
             eps = [series(x, "epsilon")[-1] for x in runs]
             eps_cell = ", ".join(sorted({f"{e:.3g}" for e in eps}))
             theta = pooled_mean(runs, "dp_clipped_theta")
             theta_cell = fmt(theta, digits=0) + " %" if r["theta_clip"] else "- (not sent)"
-            ratio = z * k * math.sqrt(d) / CLIENTS_PER_ROUND
+            ratio = z * k * math.sqrt(d) / suite.clients_per_round
             theta_noise = "-"
             if r["theta_clip"]:
-                std_theta = z * k * float(r["theta_clip"]) / CLIENTS_PER_ROUND
+                std_theta = z * k * float(r["theta_clip"]) / suite.clients_per_round
                 theta_noise = f"{r['theta_clip']}, {std_theta:.3g}"
             lines.append(
                 f"| {method} | {level_name(level)} | {z:.4g} | {k:.3g} | {r['clip']} | {std:.3g} "
@@ -508,23 +606,20 @@ def theta_cost(lines: list[str], finals: Sequence[Record]) -> None:
 ANALYSIS = ("<!-- privacy analysis -->", "<!-- /privacy analysis -->")
 
 
-def report() -> None:
-    """Write ``benchmarks/PRIVACY.md`` from the cached records."""
-    done = load_results(RESULTS)
+def report(suite: Suite) -> None:
+    """Write the suite's report (``benchmarks/PRIVACY.md`` for ``lora``) from its records."""
+    done = load_results(suite.results)
     finals = [r for r in done.values() if r["stage"] == "final"]
     levels = by_level(finals)
     lines = [
-        "# Client-level differential privacy at 500 clients (issue #25)",
+        f"# {suite.title} (issue #25)",
         "",
-        "Written by `python benchmarks/privacy_benchmark.py report` from the run records in "
-        "`benchmarks/privacy_results/` (one JSON per run, with the `fedpac-hf train` command "
-        "that reproduces it). The protocol in full is the docstring of "
-        "`benchmarks/privacy_benchmark.py`; in short: a small ViT "
-        f"(d = {num_parameters(done):,} parameters) trained "
-        "from scratch on MNIST-5k's 4,000 training rows split over 500 clients (Dirichlet 0.3 "
-        f"label skew), {CLIENTS_PER_ROUND} clients per round expected (Poisson sampling, "
-        f"q = {CLIENTS_PER_ROUND / NUM_CLIENTS:g}), 10 local steps of batch 8, {NUM_ROUNDS} "
-        "rounds; client-level DP at delta = 500^-1.1; learning rates tuned per method on the "
+        f"Written by `python benchmarks/privacy_benchmark.py report --suite {suite.name}` from "
+        f"the run records in `benchmarks/{suite.results.name}/` (one JSON per run, with the "
+        "`fedpac-hf train` command that reproduces it). The protocol in full is the docstring "
+        "of `benchmarks/privacy_benchmark.py`; in short: "
+        + suite.setting.format(d=num_parameters(done))
+        + "; client-level DP at delta = 500^-1.1; learning rates tuned per method on the "
         "validation split without DP (seed 0) and reused; clip norms = the median client "
         "update norm of that tuning run; 3 seeds per cell, final-round test accuracy.",
         "",
@@ -534,10 +629,11 @@ def report() -> None:
     command_block(
         lines,
         [
-            "python benchmarks/privacy_benchmark.py run &   # two workers share the queue",
-            "python benchmarks/privacy_benchmark.py run &",
+            f"python benchmarks/privacy_benchmark.py run --suite {suite.name} &"
+            "   # two workers share the queue",
+            f"python benchmarks/privacy_benchmark.py run --suite {suite.name} &",
             "wait",
-            "python benchmarks/privacy_benchmark.py report",
+            f"python benchmarks/privacy_benchmark.py report --suite {suite.name}",
         ],
     )
     machines = sorted({r.get("machine", "?") for r in done.values()})
@@ -546,14 +642,13 @@ def report() -> None:
         f"Machine: 2-core CPU, no GPU, shared with other work ({', '.join(machines)}). "
         f"Runs: {len(finals)} final, {len(done) - len(finals)} tuning; "
         f"{wall / 60:.0f} minutes of training in all (two workers). Library commit(s): "
-        f"{', '.join(sorted({r['library_commit'] for r in done.values()}))} (the grid ran "
-        "while this script was being committed; the commits differ only in `benchmarks/`).",
+        f"{', '.join(sorted({r['library_commit'] for r in done.values()}))}.",
         "",
         "## Goal",
         "",
     ]
     goals_table(lines, goal_rows(levels))
-    lines += [ANALYSIS[0], kept_block(REPORT, *ANALYSIS), ANALYSIS[1], ""]
+    lines += [ANALYSIS[0], kept_block(suite.report, *ANALYSIS), ANALYSIS[1], ""]
     lines += [
         "## Test accuracy (%, final round, mean +- std over seeds)",
         "",
@@ -581,56 +676,62 @@ def report() -> None:
         "## Noise and clipping",
         "",
         "z: the noise multiplier (0 at eps = inf; for eps = 8 and 2 the package's "
-        f"calibration for {NUM_ROUNDS} rounds); k = sqrt(2) when Theta travels with the delta, "
+        f"calibration for {suite.num_rounds} rounds); k = sqrt(2) when Theta travels with the delta, "
         "1 otherwise; C: the method's `dp_clip_norm`. Clipped fractions: the share of a "
         "round's clients whose part was scaled down, mean over rounds and seeds.",
         "",
     ]
-    noise_section(lines, finals, num_parameters(done))
+    noise_section(lines, suite, finals, num_parameters(done))
     lines += [
         "## What clipping costs fedpac_soap at eps = inf",
         "",
-        "`fedpac_soap` without DP (`dp_mode: none`: no clipping, exactly 20 clients per round) "
+        "`fedpac_soap` without DP (`dp_mode: none`: no clipping, exactly "
+        f"{suite.clients_per_round} clients per round) "
         "against `dp_mode: client` with `dp_noise_multiplier: 0` (delta and Theta clipped at "
         "their medians, Poisson sampling), same rate, test accuracy after the last round:",
         "",
     ]
     theta_cost(lines, finals)
     lines += ["## Learning rates and clip norms (validation split, no DP)", ""]
-    tuning_section(lines, done)
+    tuning_section(lines, suite, done)
     for level in EPSILONS:
         summ = levels[level]
         if not summ:
             continue
-        path = RESULTS / f"accuracy_eps-{level}.png"
+        path = suite.results / f"accuracy_eps-{level}.png"
         plot_curves(
             summ,
             list(METHODS),
-            f"500 clients, Dirichlet 0.3, {level_name(level)}: test accuracy (seed mean)",
+            f"{suite.name}: 500 clients, Dirichlet 0.3, {level_name(level)}: "
+            "test accuracy (seed mean)",
             path,
         )
-        lines.append(f"![{level_name(level)}](privacy_results/{path.name})")
+        lines.append(f"![{level_name(level)}]({suite.results.name}/{path.name})")
     lines.append("")
-    REPORT.write_text("\n".join(lines), encoding="utf-8")
+    suite.report.write_text("\n".join(lines), encoding="utf-8")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["run", "report", "list"])
     parser.add_argument("--hours", type=float, default=12.0, help="start no run after this")
+    parser.add_argument(
+        "--suite", choices=sorted(SUITES), default="lora", help="which federation (see Protocol)"
+    )
     ns = parser.parse_args(argv)
+    suite = SUITES[ns.suite]
     if ns.command == "list":
-        runs, waiting = plan(load_results(RESULTS))
+        runs, waiting = plan(suite, load_results(suite.results))
         print(json.dumps([r.key for r in runs], indent=1), f"\n{waiting} waiting")
     elif ns.command == "run":
         run_queue(
-            lambda done: (lambda p: ([(r.key, r) for r in p[0]], p[1]))(plan(done)),
-            lambda key, run: run_one(run),
-            RESULTS,
+            lambda done: (lambda p: ([(r.key, r) for r in p[0]], p[1]))(plan(suite, done)),
+            lambda key, run: run_one(suite, run),
+            suite.results,
             time.time() + 3600 * ns.hours,
         )
     else:
-        report()
+        report(suite)
 
 
 if __name__ == "__main__":

@@ -82,7 +82,11 @@ def machine() -> str:
 
 
 def train_once(
-    config: str, overrides: list[str], run_dir: Path, keys: Sequence[str] = KEPT_KEYS
+    config: str,
+    overrides: list[str],
+    run_dir: Path,
+    keys: Sequence[str] = KEPT_KEYS,
+    allow_divergence: bool = False,
 ) -> Record:
     """Train ``config`` with ``overrides`` through ``run_training`` (the CLI's code path).
 
@@ -97,6 +101,11 @@ def train_once(
         ``metrics.jsonl``, then deleted).
     keys:
         The per-round metrics to keep.
+    allow_divergence:
+        A run that stops because its clients diverged (``ClientError`` /
+        ``RoundError``) returns a record with the rounds it logged and the
+        error under ``"error"`` instead of raising (a tuning grid's edge may
+        diverge; :func:`tune_score` then scores it ``-inf``).
 
     Returns
     -------
@@ -107,19 +116,26 @@ def train_once(
         ``command``, ``wall_time_s``, ``library_commit`` and ``history`` (one
         dict of ``keys`` per round).
     """
+    from fedpac_hf.federated.failures import ClientError, RoundError
     from fedpac_hf.run import parse_run_config, run_training
 
     model_args, training_args = parse_run_config(ROOT / config, overrides)
     # the folder is the harness's scratch: what a killed worker left there restarts
     shutil.rmtree(run_dir, ignore_errors=True)
     start = time.perf_counter()
-    run_training(model_args, training_args)
+    error = None
+    try:
+        run_training(model_args, training_args)
+    except (ClientError, RoundError) as exc:
+        if not allow_divergence:
+            raise
+        error = f"{type(exc).__name__}: {exc}"[:1000]
     wall = time.perf_counter() - start
     history = []
-    with open(run_dir / "metrics.jsonl", encoding="utf-8") as handle:
-        for line in handle:
-            row = json.loads(line)
-            history.append({k: row[k] for k in keys if k in row})
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        with open(metrics, encoding="utf-8") as handle:
+            history = [{k: row[k] for k in keys if k in row} for row in map(json.loads, handle)]
     shutil.rmtree(run_dir, ignore_errors=True)
     shown = [o if not o.startswith(str(CACHE)) else "<validation folder>" for o in overrides]
     return {
@@ -129,6 +145,7 @@ def train_once(
         "wall_time_s": wall,
         "library_commit": git_commit(),
         "history": history,
+        **({"error": error} if error else {}),
     }
 
 
@@ -297,6 +314,8 @@ def tune_score(record: Record) -> float:
     diverged scores ``-inf``.
     """
     hist = record["history"]
+    if record.get("error"):
+        return -math.inf
     if record["suite"] == "vit":
         values = [r.get("eval_accuracy", float("nan")) for r in hist[-3:]]
     else:

@@ -61,6 +61,7 @@ __all__ = [
     "ClientDP",
     "clip_update",
     "noised_sums",
+    "own_part",
     "public_reference",
     "seeded_generator",
 ]
@@ -294,6 +295,27 @@ def _minus(
     }
 
 
+def own_part(
+    update: ClientUpdate, reference: Reference = (None, None)
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The client's delta and Theta minus their public parts: what :func:`clip_update` bounds.
+
+    Parameters
+    ----------
+    update:
+        The client's unclipped update.
+    reference:
+        The round's public parts, from :func:`public_reference`.
+
+    Returns
+    -------
+    tuple
+        ``(delta, curvature)``, each ``update``'s part minus its reference
+        where the reference has the entry.
+    """
+    return _minus(update.delta, reference[0]), _minus(update.curvature, reference[1])
+
+
 def clip_update(
     update: ClientUpdate, dp: ClientDP, reference: Reference = (None, None)
 ) -> ClientUpdate:
@@ -306,13 +328,12 @@ def clip_update(
     ``metrics`` gains ``dp_clipped_delta`` and ``dp_clipped_theta`` (1.0 when
     that part was scaled down).
     """
-    delta, delta_clipped = _clipped(_minus(update.delta, reference[0]), dp.clip_norm)
+    own_delta, own_theta = own_part(update, reference)
+    delta, delta_clipped = _clipped(own_delta, dp.clip_norm)
     curvature: dict[str, torch.Tensor] = {}
     theta_clipped = torch.zeros((), dtype=torch.bool)
     if dp.share_theta and update.curvature:
-        curvature, theta_clipped = _clipped(
-            _minus(update.curvature, reference[1]), float(dp.theta_clip_norm or 0.0)
-        )
+        curvature, theta_clipped = _clipped(own_theta, float(dp.theta_clip_norm or 0.0))
     flags = torch.stack([delta_clipped.cpu(), theta_clipped.cpu()]).tolist()
     metrics = dict(update.metrics)
     metrics.update(dp_clipped_delta=float(flags[0]), dp_clipped_theta=float(flags[1]))
