@@ -15,7 +15,13 @@ from fedpac_hf.federated import ServerState, get_algorithm, simulate
 from fedpac_hf.federated.accounting import epsilon_after, noise_for_epsilon
 from fedpac_hf.federated.batches import cycle_batches
 from fedpac_hf.federated.client import ClientHooks, LocalSteps, client_update
-from fedpac_hf.federated.privacy import ClientDP, noise_generator, noised_round
+from fedpac_hf.federated.privacy import (
+    ClientDP,
+    noise_generator,
+    noised_round,
+    own_part,
+    public_reference,
+)
 from fedpac_hf.federated.record_privacy import RecordDP, record_loader
 from fedpac_hf.federated.sampling import poisson_sample_clients
 from fedpac_hf.federated.server import RoundAggregator
@@ -632,6 +638,12 @@ def test_clients_clip_only_what_their_data_adds_to_the_public_correction_and_the
         torch.testing.assert_close(sent.delta[name], d, rtol=1e-5, atol=1e-6)
     for name, t in plain.curvature.items():  # Theta minus the imported global Theta
         torch.testing.assert_close(sent.curvature[name], t - state.curvature[name])
+    # own_part (what a benchmark measures to pick clip norms) is exactly what was sent
+    own_delta, own_theta = own_part(plain, public_reference(state, alg, 0.01, 3))
+    for name, d in own_delta.items():
+        torch.testing.assert_close(sent.delta[name], d)
+    for name, t in own_theta.items():
+        torch.testing.assert_close(sent.curvature[name], t)
 
 
 def test_dp_at_its_limit_adds_the_public_reference_back_exactly():
