@@ -79,7 +79,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from collections.abc import Sequence
@@ -91,17 +90,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness.reporting import (  # noqa: E402
-    Summary,
-    chosen_cell,
-    command_block,
-    fmt,
-    goals_table,
-    kept_block,
-    plot_curves,
-    summarise,
-    tuning_table,
-)
 from _harness.runs import (  # noqa: E402
     BENCH,
     CACHE,
@@ -112,10 +100,8 @@ from _harness.runs import (  # noqa: E402
     machine,
     run_queue,
     scores_at,
-    series,
     show_output_dir,
     train_once,
-    tune_score,
     validation_dataset,
 )
 
@@ -422,295 +408,6 @@ def run_one(suite: Suite, run: Run) -> Record:
     return {**record, "machine": machine()}
 
 
-# ------------------------------------------------------------------- report
-
-
-def pooled_mean(records: Sequence[Record], key: str) -> float:
-    """Mean of ``key`` over every round of every record (NaN when no round has it)."""
-    values = np.concatenate([series(r, key) for r in records]) if records else np.array([])
-    values = values[np.isfinite(values)]
-    return float(values.mean()) if values.size else float("nan")
-
-
-def cell(s: Summary | None) -> str:
-    """``mean +- std (n)`` of a summary's final accuracy, in %."""
-    if s is None:
-        return "-"
-    return f"{fmt(s.mean)} +- {fmt(s.std)} (n={s.seeds})"
-
-
-def level_name(level: str) -> str:
-    """A privacy level as the report's column heads show it."""
-    return {"nodp": "no DP", "inf": "eps = inf (clip only)"}.get(level, f"eps = {level}")
-
-
-def by_level(finals: Sequence[Record]) -> dict[str, dict[str, Summary]]:
-    """The final runs' summaries (test accuracy), per privacy level and method."""
-    return {
-        level: summarise([r for r in finals if r["privacy"] == level], "eval_accuracy")
-        for level in ("nodp", *EPSILONS)
-    }
-
-
-def lead(summ: dict[str, Summary]) -> tuple[float, str, float] | None:
-    """``fedpac_soap``'s lead over the best first-order method at one level (None: missing)."""
-    if "fedpac_soap" not in summ or not all(m in summ for m in FIRST_ORDER):
-        return None
-    best = max(FIRST_ORDER, key=lambda m: summ[m].mean)
-    return summ["fedpac_soap"].mean - summ[best].mean, best, summ[best].mean
-
-
-def goal_rows(levels: dict[str, dict[str, Summary]]) -> list[tuple[str, str, bool]]:
-    """The issue's goal from the seed means of the final accuracy."""
-    inf, eight = lead(levels["inf"]), lead(levels["8"])
-    if inf is None or eight is None:
-        return []
-    lead_inf, best_inf, acc_inf = inf
-    lead_8, best_8, acc_8 = eight
-    ratio = lead_8 / lead_inf if lead_inf > 0 else float("nan")
-    measured = (
-        f"lead at eps = inf: {100 * lead_inf:+.1f} points "
-        f"({fmt(levels['inf']['fedpac_soap'].mean)} vs {best_inf} {fmt(acc_inf)}); "
-        f"at eps = 8: {100 * lead_8:+.1f} points "
-        f"({fmt(levels['8']['fedpac_soap'].mean)} vs {best_8} {fmt(acc_8)}); "
-        + (f"ratio {ratio:.2f}" if math.isfinite(ratio) else "no lead at eps = inf")
-    )
-    met = lead_inf > 0 and lead_8 >= 0.5 * lead_inf
-    return [
-        (
-            "at eps = 8, fedpac_soap's lead over the best first-order method is at least "
-            "half its lead at eps = inf",
-            measured,
-            met,
-        )
-    ]
-
-
-def tuning_section(lines: list[str], suite: Suite, done: dict[str, Record]) -> None:
-    """The learning-rate table and the clip norms each method's tuning run gave."""
-    rows = []
-    for method in METHODS:
-        cells = []
-        for lr in lr_grid(suite, method):
-            record = done.get(tune_key(method, lr))
-            cells.append(f"{lr:g}: {fmt(tune_score(record))}" if record else f"{lr:g}: -")
-        picked = chosen(suite, method, done)
-        rows.append((method, cells, chosen_cell(picked and picked[0], lr_grid(suite, method))))
-    tuning_table(
-        lines,
-        "Validation accuracy (%, mean of the last 3 rounds), non-private, seed 0 "
-        "(`*`: the chosen rate is at an edge of the grid)",
-        rows,
-    )
-    lines += [
-        "Clip norms: the median L2 norm of the clients' updates (every client of every "
-        "round) in the tuning run at the chosen rate; quartiles for scale:",
-        "",
-        "| method | delta norm: 25% / median / 75% | `dp_clip_norm` "
-        "| Theta norm: 25% / median / 75% | `dp_theta_clip_norm` |",
-        "|---|---|---|---|---|",
-    ]
-    for method in METHODS:
-        picked = chosen(suite, method, done)
-        if picked is None:
-            continue
-        lr, clip, theta = picked
-        norms = done[tune_key(method, lr)]["client_norms"]
-
-        def quart(values: list[float]) -> str:
-            q = np.percentile(values, [25, 50, 75])
-            return " / ".join(f"{v:.3g}" for v in q)
-
-        theta_cell = theta or "- (Theta stays on the client)"
-        lines.append(
-            f"| {method} | {quart(norms['delta'])} | {clip} | {quart(norms['theta'])} "
-            f"| {theta_cell} |"
-        )
-    lines.append("")
-
-
-def num_parameters(done: dict[str, Record]) -> int:
-    """The model's trainable parameters, from a ``fedavg_adamw`` run's upload (0: none ran).
-
-    ``fedavg_adamw`` sends its float32 delta and nothing else, so a round's
-    ``bytes_up`` is ``4 d`` per client.
-    """
-    for r in done.values():
-        if r["method"] == "fedavg_adamw" and r["privacy"] == "nodp":
-            row = r["history"][0]
-            return round(row["bytes_up"] / row["num_clients"] / 4)
-    return 0
-
-
-def noise_section(lines: list[str], suite: Suite, finals: Sequence[Record], d: int) -> None:
-    """Noise multiplier, noise on the mean delta, final logged epsilon, clipped fractions."""
-    lines += [
-        "| method | level | z | k | C | noise std per entry of the mean delta (z k C / qN) "
-        "| its L2 norm over the d entries, in units of C (z k sqrt(d) / qN) "
-        "| C_Theta, noise std per entry of the mean Theta (z k C_Theta / qN) "
-        "| epsilon logged after the last round | delta | clients clipped: delta / Theta |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for method in METHODS:
-        for level in EPSILONS:
-            runs = [r for r in finals if r["method"] == method and r["privacy"] == level]
-            if not runs:
-                continue
-            r = runs[0]
-            z, k = r["noise_multiplier"], r["noise_scale"]
-            std = z * k * float(r["clip"]) / suite.clients_per_round
-            eps = [series(x, "epsilon")[-1] for x in runs]
-            eps_cell = ", ".join(sorted({f"{e:.3g}" for e in eps}))
-            theta = pooled_mean(runs, "dp_clipped_theta")
-            theta_cell = fmt(theta, digits=0) + " %" if r["theta_clip"] else "- (not sent)"
-            ratio = z * k * math.sqrt(d) / suite.clients_per_round
-            theta_noise = "-"
-            if r["theta_clip"]:
-                std_theta = z * k * float(r["theta_clip"]) / suite.clients_per_round
-                theta_noise = f"{r['theta_clip']}, {std_theta:.3g}"
-            lines.append(
-                f"| {method} | {level_name(level)} | {z:.4g} | {k:.3g} | {r['clip']} | {std:.3g} "
-                f"| {ratio:.3g} | {theta_noise} "
-                f"| {eps_cell} | {r['delta']:.3g} "
-                f"| {fmt(pooled_mean(runs, 'dp_clipped_delta'), digits=0)} % / {theta_cell} |"
-            )
-    lines.append("")
-
-
-def theta_cost(lines: list[str], finals: Sequence[Record]) -> None:
-    """fedpac_soap without DP versus clipping only (eps = inf), per seed and on average."""
-    pairs = {}
-    for level in ("nodp", "inf"):
-        for r in finals:
-            if r["method"] == NODP_METHOD and r["privacy"] == level:
-                pairs.setdefault(r["seed"], {})[level] = series(r, "eval_accuracy")[-1]
-    both = {s: p for s, p in sorted(pairs.items()) if len(p) == 2}
-    if not both:
-        lines += ["(runs missing)", ""]
-        return
-    lines += ["| seed | no DP | eps = inf (clip only) | cost |", "|---|---|---|---|"]
-    for seed, p in both.items():
-        lines.append(
-            f"| {seed} | {fmt(p['nodp'])} | {fmt(p['inf'])} | {100 * (p['nodp'] - p['inf']):+.1f} |"
-        )
-    costs = np.array([p["nodp"] - p["inf"] for p in both.values()])
-    spread = f" +- {100 * costs.std(ddof=1):.1f}" if len(costs) > 1 else ""
-    lines += [
-        f"| mean | {fmt(np.mean([p['nodp'] for p in both.values()]))} "
-        f"| {fmt(np.mean([p['inf'] for p in both.values()]))} "
-        f"| {100 * costs.mean():+.1f}{spread} |",
-        "",
-    ]
-
-
-ANALYSIS = ("<!-- privacy analysis -->", "<!-- /privacy analysis -->")
-
-
-def report(suite: Suite) -> None:
-    """Write the suite's report (``benchmarks/PRIVACY.md`` for ``lora``) from its records."""
-    done = load_results(suite.results)
-    finals = [r for r in done.values() if r["stage"] == "final"]
-    levels = by_level(finals)
-    lines = [
-        f"# {suite.title} (issue #25)",
-        "",
-        f"Written by `python benchmarks/privacy_benchmark.py report --suite {suite.name}` from "
-        f"the run records in `benchmarks/{suite.results.name}/` (one JSON per run, with the "
-        "`fedpac-hf train` command that reproduces it). The protocol in full is the docstring "
-        "of `benchmarks/privacy_benchmark.py`; in short: "
-        + suite.setting.format(d=num_parameters(done))
-        + "; client-level DP at delta = 500^-1.1; learning rates tuned per method on the "
-        "validation split without DP (seed 0) and reused; clip norms = the median client "
-        "update norm of that tuning run; 3 seeds per cell, final-round test accuracy.",
-        "",
-        "Made by:",
-        "",
-    ]
-    command_block(
-        lines,
-        [
-            f"python benchmarks/privacy_benchmark.py run --suite {suite.name} &"
-            "   # two workers share the queue",
-            f"python benchmarks/privacy_benchmark.py run --suite {suite.name} &",
-            "wait",
-            f"python benchmarks/privacy_benchmark.py report --suite {suite.name}",
-        ],
-    )
-    machines = sorted({r.get("machine", "?") for r in done.values()})
-    wall = sum(r["wall_time_s"] for r in done.values())
-    lines += [
-        f"Machine: 2-core CPU, no GPU, shared with other work ({', '.join(machines)}). "
-        f"Runs: {len(finals)} final, {len(done) - len(finals)} tuning; "
-        f"{wall / 60:.0f} minutes of training in all (two workers). Library commit(s): "
-        f"{', '.join(sorted({r['library_commit'] for r in done.values()}))}.",
-        "",
-        "## Goal",
-        "",
-    ]
-    goals_table(lines, goal_rows(levels))
-    lines += [ANALYSIS[0], kept_block(suite.report, *ANALYSIS), ANALYSIS[1], ""]
-    lines += [
-        "## Test accuracy (%, final round, mean +- std over seeds)",
-        "",
-        "| method | what the server receives besides the delta | lr | "
-        + " | ".join(level_name(level) for level in ("nodp", *EPSILONS))
-        + " |",
-        "|---|---|---|" + "---|" * (1 + len(EPSILONS)),
-    ]
-    for method in METHODS:
-        lrs = {r["lr"] for r in finals if r["method"] == method}
-        lr = ", ".join(f"{x:g}" for x in sorted(lrs)) or "-"
-        row = [cell(levels[level].get(method)) for level in ("nodp", *EPSILONS)]
-        lines.append(f"| {method} | {METHODS[method][1]} | {lr} | " + " | ".join(row) + " |")
-    lines.append("")
-    leads = [(level, lead(levels[level])) for level in ("nodp", *EPSILONS)]
-    lines += [
-        "fedpac_soap's lead over the best first-order method (points): "
-        + "; ".join(
-            f"{level_name(level)}: {100 * x[0]:+.1f} (vs {x[1]})"
-            for level, x in leads
-            if x is not None
-        )
-        + ".",
-        "",
-        "## Noise and clipping",
-        "",
-        "z: the noise multiplier (0 at eps = inf; for eps = 8 and 2 the package's "
-        f"calibration for {suite.num_rounds} rounds); k = sqrt(2) when Theta travels with the delta, "
-        "1 otherwise; C: the method's `dp_clip_norm`. Clipped fractions: the share of a "
-        "round's clients whose part was scaled down, mean over rounds and seeds.",
-        "",
-    ]
-    noise_section(lines, suite, finals, num_parameters(done))
-    lines += [
-        "## What clipping costs fedpac_soap at eps = inf",
-        "",
-        "`fedpac_soap` without DP (`dp_mode: none`: no clipping, exactly "
-        f"{suite.clients_per_round} clients per round) "
-        "against `dp_mode: client` with `dp_noise_multiplier: 0` (delta and Theta clipped at "
-        "their medians, Poisson sampling), same rate, test accuracy after the last round:",
-        "",
-    ]
-    theta_cost(lines, finals)
-    lines += ["## Learning rates and clip norms (validation split, no DP)", ""]
-    tuning_section(lines, suite, done)
-    for level in EPSILONS:
-        summ = levels[level]
-        if not summ:
-            continue
-        path = suite.results / f"accuracy_eps-{level}.png"
-        plot_curves(
-            summ,
-            list(METHODS),
-            f"{suite.name}: 500 clients, Dirichlet 0.3, {level_name(level)}: "
-            "test accuracy (seed mean)",
-            path,
-        )
-        lines.append(f"![{level_name(level)}]({suite.results.name}/{path.name})")
-    lines.append("")
-    suite.report.write_text("\n".join(lines), encoding="utf-8")
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["run", "report", "list"])
@@ -731,6 +428,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             time.time() + 3600 * ns.hours,
         )
     else:
+        from _privacy_report import report
+
         report(suite)
 
 
