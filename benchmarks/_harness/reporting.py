@@ -173,12 +173,14 @@ def chosen_cell(chosen: float | None, points: Sequence[float]) -> str:
 
 
 def tuning_table(lines: list[str], title: str, rows: Iterable[tuple[str, list[str], str]]) -> None:
-    """A learning-rate table: per method up to four ``lr: score`` cells and the chosen rate."""
+    """A learning-rate table: per method its ``lr: score`` cells (at least four) and the chosen rate."""
+    rows = list(rows)
+    width = max([4, *(len(cells) for _, cells, _ in rows)])
     lines.append(f"{title}:\n")
-    lines.append("| method | " + " | ".join(["lr: score"] * 4) + " | chosen lr |")
-    lines.append("|---|---|---|---|---|---|")
+    lines.append("| method | " + " | ".join(["lr: score"] * width) + " | chosen lr |")
+    lines.append("|---|" + "---|" * (width + 1))
     for name, cells, chosen in rows:
-        cells = cells + [""] * (4 - len(cells))
+        cells = cells + [""] * (width - len(cells))
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {chosen} |")
     lines.append("")
 
