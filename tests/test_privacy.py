@@ -48,6 +48,13 @@ def _model(seed: int = 0) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
 
 
+def _first_client_update(model, state, alg, steps, privacy=None):
+    """One round of the first client of :func:`_clients` (with ``privacy``: what it sends)."""
+    batches = cycle_batches(_clients()[0])
+    hooks = ClientHooks(loss_fn=_loss)
+    return client_update(model, state, alg, batches, steps, hooks, privacy=privacy)
+
+
 def _norm(tensors) -> float:
     return math.sqrt(sum(float(t.double().square().sum()) for t in tensors.values()))
 
@@ -61,9 +68,7 @@ def test_clipping_bounds_what_leaves_a_client_delta_and_theta(algorithm):
     model = _model()
     state = ServerState.from_model(model)
     steps = LocalSteps(lr=0.5, num_steps=4)  # a large step: the delta is far above the bound
-    plain = client_update(
-        model, state, alg, cycle_batches(_clients()[0]), steps, ClientHooks(loss_fn=_loss)
-    )
+    plain = _first_client_update(model, state, alg, steps)
     dp = ClientDP.from_settings(
         "client",
         clip_norm=0.05,
@@ -71,15 +76,7 @@ def test_clipping_bounds_what_leaves_a_client_delta_and_theta(algorithm):
         noise_multiplier=1.0,
         share_theta=alg.align,
     )
-    clipped = client_update(
-        model,
-        state,
-        alg,
-        cycle_batches(_clients()[0]),
-        steps,
-        ClientHooks(loss_fn=_loss),
-        privacy=dp,
-    )
+    clipped = _first_client_update(model, state, alg, steps, privacy=dp)
     assert _norm(plain.delta) > 0.05 and plain.curvature
     assert _norm(clipped.delta) == pytest.approx(0.05, rel=1e-5)
     # the same direction, only shorter
@@ -600,13 +597,8 @@ def test_clients_clip_only_what_their_data_adds_to_the_public_correction_and_the
     client sends (and clips) its delta minus K beta lr g_G, and its Theta minus the global one."""
     model = _model()
     alg = get_algorithm("fedpac_soap")  # beta 0.5, aligns and corrects
-    first = client_update(
-        model,
-        ServerState.from_model(model),
-        alg,
-        cycle_batches(_clients()[0]),
-        LocalSteps(lr=0.01, num_steps=3),
-        ClientHooks(loss_fn=_loss),
+    first = _first_client_update(
+        model, ServerState.from_model(model), alg, LocalSteps(lr=0.01, num_steps=3)
     )
     state = ServerState(
         params=ServerState.from_model(model).params,
@@ -618,18 +610,8 @@ def test_clients_clip_only_what_their_data_adds_to_the_public_correction_and_the
         "client", clip_norm=1.0, theta_clip_norm=1e6, noise_multiplier=1.0, share_theta=True
     )
     steps = LocalSteps(lr=0.01, num_steps=3)
-    plain = client_update(
-        model, state, alg, cycle_batches(_clients()[0]), steps, ClientHooks(loss_fn=_loss)
-    )
-    sent = client_update(
-        model,
-        state,
-        alg,
-        cycle_batches(_clients()[0]),
-        steps,
-        ClientHooks(loss_fn=_loss),
-        privacy=dp,
-    )
+    plain = _first_client_update(model, state, alg, steps)
+    sent = _first_client_update(model, state, alg, steps, privacy=dp)
     correction = {n: -3 * 0.5 * 0.01 * d for n, d in state.direction.items()}
     assert _norm(plain.delta) > 10 * _norm({n: plain.delta[n] - correction[n] for n in plain.delta})
     own = {n: plain.delta[n] - correction[n] for n in plain.delta}

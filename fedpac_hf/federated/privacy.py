@@ -283,18 +283,6 @@ def public_reference(
     return delta_ref, theta_ref
 
 
-def _minus(
-    tensors: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor] | None
-) -> dict[str, torch.Tensor]:
-    """``tensors`` minus ``reference`` where the reference has the entry."""
-    if not reference:
-        return dict(tensors)
-    return {
-        n: t - reference[n].to(t.device, t.dtype) if n in reference else t
-        for n, t in tensors.items()
-    }
-
-
 def own_part(
     update: ClientUpdate, reference: Reference = (None, None)
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -313,7 +301,10 @@ def own_part(
         ``(delta, curvature)``, each ``update``'s part minus its reference
         where the reference has the entry.
     """
-    return _minus(update.delta, reference[0]), _minus(update.curvature, reference[1])
+    return (
+        _plus(dict(update.delta), reference[0], -1.0),
+        _plus(dict(update.curvature), reference[1], -1.0),
+    )
 
 
 def clip_update(
@@ -379,7 +370,7 @@ def noised_round(
 def _plus(
     sums: dict[str, torch.Tensor], reference: Mapping[str, torch.Tensor] | None, times: float
 ) -> dict[str, torch.Tensor]:
-    """``sums`` plus ``times`` the reference where it has the entry."""
+    """``sums`` plus ``times`` the reference where it has the entry (``sums`` itself without one)."""
     if not reference:
         return sums
     return {
