@@ -7,7 +7,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedpac_hf.optim import OPTIMIZERS, CurvatureOptimizer, create_optimizer, sophia_refresh
+from fedpac_hf.optim import (
+    OPTIMIZERS,
+    CurvatureOptimizer,
+    create_optimizer,
+    curvature_retention,
+    next_global_curvature,
+    sent_form,
+    sophia_refresh,
+)
 
 
 class _Block(nn.Module):
@@ -122,3 +130,53 @@ def test_federated_flow_average_and_warm_start(name: str) -> None:
     exported = opt.export_curvature()
     assert set(exported) == set(average)
     assert all(v.dtype == torch.float32 and v.device.type == "cpu" for v in exported.values())
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("adamw", {}),
+        ("adamw", {"betas": (0.9, 0.99)}),
+        ("soap", {}),
+        ("soap", {"shampoo_beta": 0.8}),
+        ("soap", {"theta_max_dim": 4, "theta_compact": "basis", "theta_sketch_dim": 2}),
+        ("soap", {"theta_max_dim": 4}),  # long sides as their diagonal
+        ("sophia", {"betas": (0.9, 0.9), "hessian_update_interval": 5}),
+        ("muon", {"momentum": 0.8}),
+    ],
+)
+def test_curvature_retention_is_what_a_warm_start_keeps_of_the_global_theta(
+    name: str, options: dict
+) -> None:
+    """Warm start from a global Theta, 12 steps whose gradients add nothing: the export
+    (in the form clients send) is ``curvature_retention`` times the global Theta's sent form,
+    with the decay rates the options set."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 12, (16, 5), generator=gen)
+    labels = torch.randint(0, 3, (16,), generator=gen)
+    torch.manual_seed(0)
+    model = _Block()
+    opt = create_optimizer(name, model, lr=1e-2, **options)
+    for k in range(4):
+        if hasattr(opt, "update_hessian") and opt.hessian_update_due():
+            sophia_refresh(opt, lambda b=slice(k, k + 4): model(ids[b]), generator=gen)
+        F.cross_entropy(model(ids[k : k + 4]), labels[k : k + 4]).backward()
+        opt.step()
+        opt.zero_grad()
+    global_theta = next_global_curvature(None, opt.export_curvature())
+    opt = create_optimizer(name, model, lr=1e-2, **options)
+    opt.import_curvature(global_theta)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for _ in range(12):
+        for p in trainable:
+            p.grad = torch.zeros_like(p)
+        if hasattr(opt, "update_hessian") and opt.hessian_update_due():
+            opt.update_hessian(batch_size=4)
+        opt.step()
+    kept = curvature_retention(name, options, 12)
+    assert 0.0 < kept < 0.999
+    exported = opt.export_curvature()
+    expected = sent_form(global_theta)
+    assert set(exported) == set(expected) and any(t.abs().sum() > 0 for t in expected.values())
+    for key, value in expected.items():
+        torch.testing.assert_close(exported[key], kept * value, rtol=1e-5, atol=1e-7)

@@ -26,6 +26,7 @@ from fedpac_hf.federated.record_privacy import RecordDP, record_loader
 from fedpac_hf.federated.sampling import poisson_sample_clients
 from fedpac_hf.federated.server import RoundAggregator
 from fedpac_hf.federated.state import ClientUpdate
+from fedpac_hf.optim import curvature_retention, gnb_loss
 from fedpac_hf.optim.repair import repair_curvature
 from fedpac_hf.rundir.checkpoint import load_federated_checkpoint
 
@@ -48,10 +49,14 @@ def _model(seed: int = 0) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
 
 
+def _gnb(model, batch):
+    return gnb_loss(model(batch[0]), generator=torch.Generator().manual_seed(0))
+
+
 def _first_client_update(model, state, alg, steps, privacy=None):
     """One round of the first client of :func:`_clients` (with ``privacy``: what it sends)."""
     batches = cycle_batches(_clients()[0])
-    hooks = ClientHooks(loss_fn=_loss)
+    hooks = ClientHooks(loss_fn=_loss, curvature_loss_fn=_gnb)  # Sophia's refreshes, seeded
     return client_update(model, state, alg, batches, steps, hooks, privacy=privacy)
 
 
@@ -618,14 +623,43 @@ def test_clients_clip_only_what_their_data_adds_to_the_public_correction_and_the
     assert _norm(own) < 1.0 and sent.metrics["dp_clipped_delta"] == 0.0
     for name, d in own.items():
         torch.testing.assert_close(sent.delta[name], d, rtol=1e-5, atol=1e-6)
-    for name, t in plain.curvature.items():  # Theta minus the imported global Theta
-        torch.testing.assert_close(sent.curvature[name], t - state.curvature[name])
+    kept = curvature_retention("soap", {}, 3)  # shampoo_beta**3: what 3 steps leave of it
+    for name, t in plain.curvature.items():  # Theta minus what is left of the imported Theta
+        torch.testing.assert_close(sent.curvature[name], t - kept * state.curvature[name])
     # own_part (what a benchmark measures to pick clip norms) is exactly what was sent
     own_delta, own_theta = own_part(plain, public_reference(state, alg, 0.01, 3))
     for name, d in own_delta.items():
         torch.testing.assert_close(sent.delta[name], d)
     for name, t in own_theta.items():
         torch.testing.assert_close(sent.curvature[name], t)
+
+
+@pytest.mark.parametrize("algorithm", ["fedpac_soap", "fedadamw", "fedpac_sophia", "fedpac_muon"])
+def test_the_theta_a_client_sends_holds_nothing_of_the_global_theta(algorithm):
+    """Steps too small to move the model (so the gradients are the same): clients that
+    imported the global Theta or five times it send the same Theta, whatever share of it
+    the optimizer's moving averages keep after K steps."""
+    model = _model()
+    alg = get_algorithm(algorithm)
+    first = _first_client_update(
+        model, ServerState.from_model(model), alg, LocalSteps(lr=0.01, num_steps=3)
+    )
+    dp = ClientDP.from_settings(
+        "client", clip_norm=1e6, theta_clip_norm=1e6, noise_multiplier=1.0, share_theta=True
+    )
+    sent = []
+    for scale in (1.0, 5.0):
+        state = ServerState(
+            params=ServerState.from_model(model).params,
+            curvature={n: t * scale for n, t in first.curvature.items()},
+            round=1,
+        )
+        update = _first_client_update(model, state, alg, LocalSteps(lr=1e-12, num_steps=4), dp)
+        assert update.metrics["dp_clipped_theta"] == 0.0
+        sent.append(update.curvature)
+    assert set(sent[0]) == set(first.curvature) and _norm(sent[0]) > 0
+    difference = {n: sent[1][n] - sent[0][n] for n in sent[0]}
+    assert _norm(difference) < 1e-5 * _norm(first.curvature)
 
 
 def test_dp_at_its_limit_adds_the_public_reference_back_exactly():

@@ -49,7 +49,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from fedpac_hf.optim import sent_form
+from fedpac_hf.optim import curvature_retention, sent_form
 from fedpac_hf.optim.options import number, one_of, optional
 
 from .algorithms import Algorithm, round_beta
@@ -264,8 +264,12 @@ def public_reference(
     """What every client's delta and Theta contain that is public, so it is not clipped.
 
     The delta holds the correction steps, ``-K beta eta_l g_G`` in all (from
-    the global direction every client received); Theta starts from the global
-    Theta it imported (alignment), in the form clients send it up. A client
+    the global direction every client received). Theta starts from the global
+    Theta it imported (alignment), and after ``K`` local steps still holds
+    ``r`` times it, in the form clients send it up: ``r`` is the optimizer's
+    :func:`~fedpac_hf.optim.curvature_retention` (``beta2**K`` for AdamW's
+    second moments, ``shampoo_beta**K`` for SOAP's statistics, ...), from the
+    algorithm's optimizer options, which server and clients share. A client
     clips and sends only what its data adds (its part minus the reference);
     the server adds the reference back to the noised mean. Both are
     functions of the released global state, so the sensitivity and the
@@ -279,7 +283,10 @@ def public_reference(
         scale = -local_steps * beta * lr
         delta_ref = {n: d.to(torch.float32) * scale for n, d in state.direction.items()}
     if algorithm.align and state.curvature:
-        theta_ref = {n: t.to(torch.float32) for n, t in (sent_form(state.curvature) or {}).items()}
+        kept = curvature_retention(algorithm.optimizer, algorithm.optimizer_kwargs, local_steps)
+        theta_ref = {
+            n: t.to(torch.float32) * kept for n, t in (sent_form(state.curvature) or {}).items()
+        }
     return delta_ref, theta_ref
 
 
@@ -313,8 +320,8 @@ def clip_update(
     """What leaves a client under client-level DP: its delta clipped, Theta clipped or kept.
 
     The delta minus its public part (``reference``, see :func:`public_reference`)
-    is scaled to L2 norm at most ``dp.clip_norm``; Theta minus the imported
-    global Theta to ``dp.theta_clip_norm`` when it is shared
+    is scaled to L2 norm at most ``dp.clip_norm``; Theta minus what is left of the
+    imported global Theta to ``dp.theta_clip_norm`` when it is shared
     (``dp.share_theta``), else it is dropped (the server never sees it).
     ``metrics`` gains ``dp_clipped_delta`` and ``dp_clipped_theta`` (1.0 when
     that part was scaled down).

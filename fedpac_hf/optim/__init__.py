@@ -11,7 +11,7 @@ from ._soap_state import preconditioner_layout
 from ._theta_forms import next_global_curvature, sent_form
 from .adamw import AdamW
 from .base import CurvatureOptimizer, check_curvature_keys, named_params
-from .factory import OPTIMIZERS, create_optimizer, no_weight_decay_names
+from .factory import OPTIMIZERS, create_optimizer, curvature_retention, no_weight_decay_names
 from .muon import Muon, is_muon_matrix, muon_matrix_names
 from .sgd import SGD
 from .soap import SOAP
@@ -28,6 +28,7 @@ __all__ = [
     "Sophia",
     "check_curvature_keys",
     "create_optimizer",
+    "curvature_retention",
     "eigenbasis",
     "gnb_loss",
     "hessian_refresh_due",

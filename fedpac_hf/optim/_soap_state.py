@@ -34,6 +34,7 @@ from .base import (
     CurvatureOptimizer,
     check_curvature_keys,
     check_finite_curvature,
+    constructor_option,
     curvature_dtype,
     export_device,
     named_params,
@@ -305,6 +306,15 @@ class SOAPState(CurvatureOptimizer):
                         sides.append((fresh, i))
             self.state[p] = fresh
         self._set_bases(sides)
+
+    @classmethod
+    def curvature_retention(cls, options: Mapping[str, Any], num_steps: int) -> float:
+        """``shampoo_beta**K``: every step decays the statistics once (``betas[1]`` when
+        ``shampoo_beta`` is ``None``); the compact forms are linear in them, so they decay alike."""
+        beta = constructor_option(cls.__init__, options, "shampoo_beta")
+        if beta is None:
+            beta = constructor_option(cls.__init__, options, "betas")[1]
+        return float(beta) ** max(int(num_steps), 0)
 
     def reset_basis_moments(self) -> None:
         """Zero Adam's moments (they live in the client's rotated basis) and its step count."""

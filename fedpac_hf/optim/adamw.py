@@ -27,6 +27,7 @@ from .base import (
     check_finite_curvature,
     check_grads,
     check_params_supported,
+    constructor_option,
     export_device,
     named_params,
     unhooked_step,
@@ -120,6 +121,18 @@ class AdamW(torch.optim.AdamW, CurvatureOptimizer):
             if group["amsgrad"]:
                 new["max_exp_avg_sq"] = v.clone()
             self.state[p] = new
+
+    @classmethod
+    def curvature_retention(cls, options: Mapping[str, Any], num_steps: int) -> float:
+        """``beta2**K / (1 - beta2**(s + K))``: after ``K`` steps from the warm start's step
+        count ``s`` (:func:`warm_start_step`) the second moment holds ``beta2**K`` times the
+        imported one, and the export divides it by its bias correction."""
+        beta2 = float(constructor_option(torch.optim.AdamW.__init__, options, "betas")[1])
+        if num_steps <= 0:
+            return 1.0 / (1.0 - beta2 ** warm_start_step(beta2)) if beta2 > 0.0 else 1.0
+        if beta2 <= 0.0:
+            return 0.0
+        return beta2**num_steps / (1.0 - beta2 ** (warm_start_step(beta2) + num_steps))
 
     def reset_basis_moments(self) -> None:
         """Zero the first moment (the client-specific direction); keep the second."""

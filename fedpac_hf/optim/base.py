@@ -24,6 +24,7 @@ parameters are called ``"group{g}.param{i}"``.
 from __future__ import annotations
 
 import abc
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -41,6 +42,7 @@ __all__ = [
     "check_finite_curvature",
     "check_grads",
     "check_params_supported",
+    "constructor_option",
     "curvature_dtype",
     "restore_saved_state_dtypes",
     "unhooked_step",
@@ -124,6 +126,42 @@ class CurvatureOptimizer(abc.ABC):
     def reset_basis_moments(self) -> None:
         """Zero the state that lives in a client-specific basis (default: none)."""
         return None
+
+    @classmethod
+    def curvature_retention(cls, options: Mapping[str, Any], num_steps: int) -> float:
+        """How much of an imported Theta is left in the exported Theta after ``num_steps`` steps.
+
+        A warm start from ``T`` (:meth:`import_curvature`) followed by
+        ``num_steps`` steps exports ``r * T`` plus what the steps' gradients
+        added; this returns ``r``, a function of the constructor ``options``
+        alone (the defaults for those not given), so that a server can compute
+        it too. Client-level differential privacy subtracts ``r`` times the
+        global Theta as public before clipping
+        (:func:`fedpac_hf.federated.privacy.public_reference`). The default,
+        1.0, is right for a state that is not a moving average; optimizers
+        whose statistics decay override it.
+
+        Parameters
+        ----------
+        options:
+            The keyword arguments the optimizer is built with (``lr`` and the
+            parameters aside).
+        num_steps:
+            Optimizer steps taken since the warm start.
+
+        Returns
+        -------
+        float
+            ``r`` in [0, 1] (up to a bias correction just above 1).
+        """
+        return 1.0
+
+
+def constructor_option(init: Callable[..., Any], options: Mapping[str, Any], name: str) -> Any:
+    """``options[name]``, or the default of ``init``'s parameter ``name`` when it is not given."""
+    if name in options:
+        return options[name]
+    return inspect.signature(init).parameters[name].default
 
 
 def export_device(param: torch.Tensor, device: torch.device | str | None) -> torch.device:

@@ -10,7 +10,7 @@ or any other parameter with fewer than two dimensions.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -24,7 +24,7 @@ from .sgd import SGD
 from .soap import SOAP
 from .sophia import Sophia
 
-__all__ = ["OPTIMIZERS", "create_optimizer", "no_weight_decay_names"]
+__all__ = ["OPTIMIZERS", "create_optimizer", "curvature_retention", "no_weight_decay_names"]
 
 #: Registry of the client optimizers ``create_optimizer`` can build, by name.
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
@@ -137,3 +137,24 @@ def create_optimizer(
     optimizer = cls(groups, lr=lr, weight_decay=weight_decay, **kwargs)
     assert isinstance(optimizer, CurvatureOptimizer)
     return optimizer
+
+
+def curvature_retention(name: str, options: Mapping[str, Any], num_steps: int) -> float:
+    """The share of an imported Theta that optimizer ``name`` still exports after ``num_steps``.
+
+    :meth:`CurvatureOptimizer.curvature_retention` of the registered class
+    (:data:`OPTIMIZERS`), with ``options`` as :func:`create_optimizer` gets them;
+    1.0 for an optimizer without curvature (its Theta is empty).
+
+    Raises
+    ------
+    ValueError
+        Unknown ``name``.
+    """
+    key = name.lower()
+    if key not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; valid names: {sorted(OPTIMIZERS)}")
+    cls = OPTIMIZERS[key]
+    if not issubclass(cls, CurvatureOptimizer):
+        return 1.0
+    return cls.curvature_retention(options, num_steps)

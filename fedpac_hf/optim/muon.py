@@ -43,6 +43,7 @@ from .base import (
     check_finite_curvature,
     check_grads,
     check_params_supported,
+    constructor_option,
     export_device,
     named_params,
     unhooked_step,
@@ -307,6 +308,13 @@ class Muon(Optimizer, CurvatureOptimizer):
                 else buf.detach().to(device=target, dtype=torch.float32, copy=True)
             )
         return theta
+
+    @classmethod
+    def curvature_retention(cls, options: Mapping[str, Any], num_steps: int) -> float:
+        """``momentum**K``: every step moves the buffer ``1 - momentum`` of the way to the
+        gradient."""
+        momentum = float(constructor_option(cls.__init__, options, "momentum"))
+        return momentum ** max(int(num_steps), 0)
 
     def import_curvature(self, state: Mapping[str, torch.Tensor]) -> None:
         """Warm-start: Muon's momentum buffers from Theta; the AdamW part starts fresh."""

@@ -60,6 +60,7 @@ from .base import (
     check_finite_curvature,
     check_grads,
     check_params_supported,
+    constructor_option,
     curvature_dtype,
     export_device,
     named_params,
@@ -333,6 +334,15 @@ class Sophia(Optimizer, CurvatureOptimizer):
             group["step"] = 0
             group["hessian_updated_at"] = -1
             group["hessian_weight"] = 1.0  # a complete estimate: nothing to correct
+
+    @classmethod
+    def curvature_retention(cls, options: Mapping[str, Any], num_steps: int) -> float:
+        """``beta2**n``, ``n = ceil(K / hessian_update_interval)``: a warm start's step count is
+        0, so the refreshes fall before steps 0, k, 2k, ..., and each decays ``h`` once (its
+        EMA weight stays 1, so the export does not rescale it)."""
+        beta2 = float(constructor_option(cls.__init__, options, "betas")[1])
+        interval = int(constructor_option(cls.__init__, options, "hessian_update_interval"))
+        return beta2 ** ((max(int(num_steps), 0) + interval - 1) // interval)
 
     def reset_basis_moments(self) -> None:
         """Zero the first moment (the client's own direction) and its step count."""
