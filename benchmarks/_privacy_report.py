@@ -24,12 +24,12 @@ from _harness.reporting import (
     tuning_table,
 )
 from _harness.runs import Record, load_results, series, tune_score
+from _privacy_suites import Suite
 from privacy_benchmark import (
     EPSILONS,
     FIRST_ORDER,
     METHODS,
     NODP_METHOD,
-    Suite,
     chosen,
     lr_grid,
     tune_key,

@@ -44,7 +44,18 @@ Protocol
   the last 3 rounds (a run whose clients diverge scores -inf); the chosen
   rate is reused at every epsilon and seed. No grid point is added when an
   edge wins (time): the report marks such a rate with ``*``.
-* Clip norms: from the same non-private tuning runs. This script records, for
+* Rates tuned under DP (a second protocol, reported beside the first): at
+  epsilon 8 and 2, each method's rate is tuned again on the validation split
+  **with DP at that epsilon** (seed 0), over the non-private choice and the
+  grid's next two rates below it (the noise on a round's mean delta is a
+  fixed multiple of the clip norm, which grows with the rate, so noise
+  favours smaller steps); the clip norms at each rate are that rate's
+  non-private medians (below). Final runs at the DP-tuned rate where it
+  differs from the non-private one (3 seeds); where it is the same, the
+  first protocol's runs are reused. epsilon = inf keeps the non-private rate
+  (no noise to tune for). The privacy cost of tuning itself is not accounted,
+  as usual in DP benchmarks.
+* Clip norms: from the same non-private tuning runs (at the rate used). This script records, for
   every client, the L2 norm of what :func:`clip_update` would clip (the delta
   and Theta minus their public parts, :func:`own_part`) by wrapping
   ``client_update`` in the worker process; ``dp_clip_norm`` and
@@ -91,7 +102,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness.runs import (  # noqa: E402
-    BENCH,
     CACHE,
     KEPT_KEYS,
     Record,
@@ -104,95 +114,9 @@ from _harness.runs import (  # noqa: E402
     train_once,
     validation_dataset,
 )
+from _privacy_suites import NUM_CLIENTS, SUITES, Suite  # noqa: E402
 
 KEYS = (*KEPT_KEYS, "epsilon", "dp_clipped_delta", "dp_clipped_theta")
-NUM_CLIENTS = 500
-
-
-@dataclass(frozen=True)
-class Suite:
-    """One federation the grid runs in: config, regime, learning-rate grids, where it writes.
-
-    ``grids`` holds the learning-rate grid of AdamW clients, then SOAP clients';
-    ``setting`` is the report's one-paragraph summary of the regime.
-    """
-
-    name: str
-    config: str
-    clients_per_round: int
-    num_rounds: int
-    regime: tuple[str, ...]
-    grids: tuple[tuple[float, ...], tuple[float, ...]]
-    report: Path
-    results: Path
-    title: str
-    setting: str
-
-    @property
-    def sample_rate(self) -> float:
-        """q: the Poisson sampling rate of the clients under DP."""
-        return self.clients_per_round / NUM_CLIENTS
-
-    def overrides(self) -> list[str]:
-        """The regime as ``fedpac-hf train`` overrides."""
-        return [
-            *self.regime,
-            "--num_clients", str(NUM_CLIENTS),
-            "--clients_per_round", str(self.clients_per_round),
-            "--num_rounds", str(self.num_rounds),
-            "--partitioner", "dirichlet", "--dirichlet_alpha", "0.3",
-            "--per_device_train_batch_size", "8",
-        ]  # fmt: skip
-
-
-SUITES: dict[str, Suite] = {
-    "lora": Suite(
-        name="lora",
-        config="configs/vit_lora_mnist5k.yaml",
-        clients_per_round=50,
-        num_rounds=20,
-        regime=("--lora_r", "2", "--local_steps", "5"),
-        grids=((1e-3, 3e-3, 1e-2, 3e-2, 1e-1), (3e-3, 1e-2, 3e-2, 1e-1, 3e-1)),
-        report=BENCH / "PRIVACY.md",
-        results=BENCH / "privacy_results_lora",
-        title="Client-level differential privacy at 500 clients: LoRA on a pretrained ViT",
-        setting=(
-            "the pretrained small ViT of `configs/vit_lora_mnist5k.yaml` (trained on digits "
-            "0-4) learns digits 5-9 with rank-2 LoRA adapters on the attention query/value "
-            "projections and a new head (d = {d:,} trainable parameters); MNIST-5k's training "
-            "rows of those digits split over 500 clients (Dirichlet 0.3 label skew), 50 "
-            "clients per round expected (Poisson sampling, q = 0.1), 5 local steps of batch 8, "
-            "20 rounds"
-        ),
-    ),
-    "vit": Suite(
-        name="vit",
-        config="configs/vit_mnist5k.yaml",
-        clients_per_round=20,
-        num_rounds=20,
-        regime=(
-            "--hidden_size",
-            "32",
-            "--num_hidden_layers",
-            "2",
-            "--num_attention_heads",
-            "2",
-            "--intermediate_size",
-            "64",
-            "--local_steps",
-            "10",
-        ),  # fmt: skip
-        grids=((1e-3, 3e-3, 1e-2), (3e-3, 1e-2, 3e-2)),
-        report=BENCH / "PRIVACY_full_vit.md",
-        results=BENCH / "privacy_results",
-        title="Client-level differential privacy at 500 clients: a small ViT trained in full",
-        setting=(
-            "a small ViT (d = {d:,} parameters) trained from scratch on MNIST-5k's 4,000 "
-            "training rows split over 500 clients (Dirichlet 0.3 label skew), 20 clients per "
-            "round expected (Poisson sampling, q = 0.04), 10 local steps of batch 8, 20 rounds"
-        ),
-    ),
-}
 
 #: method -> (algorithm, what the server receives besides the delta)
 METHODS: dict[str, tuple[str, str]] = {
@@ -206,6 +130,10 @@ FIRST_ORDER = ("fedavg_adamw", "fedadamw")
 EPSILONS = ("inf", "8", "2")
 NODP_METHOD = "fedpac_soap"
 SEEDS = 3
+#: levels whose rate is tuned again under DP (validation split, seed 0), on the
+#: non-private choice and the grid's next rates below it (noise favours smaller steps)
+DP_TUNED = ("8", "2")
+DP_GRID_POINTS = 3
 
 
 def lr_grid(suite: Suite, method: str) -> tuple[float, ...]:
@@ -226,7 +154,9 @@ class Run:
 
     ``privacy`` is ``"nodp"`` (``dp_mode: none``), ``"inf"`` (clipping only)
     or a target epsilon; ``clip`` and ``theta_clip`` are the clip norms as
-    passed on the command line (``""`` when unused).
+    passed on the command line (``""`` when unused). Stage ``"dptune"`` is a
+    tuning run under DP (validation split); ``tuned`` says where a final run's
+    rate was tuned (``"nodp"`` or ``"dp"``).
     """
 
     stage: str
@@ -236,12 +166,16 @@ class Run:
     lr: float
     clip: str = ""
     theta_clip: str = ""
+    tuned: str = "nodp"
 
     @property
     def key(self) -> str:
         if self.stage == "tune":
             return f"tune_{self.method}_lr{self.lr:g}_s{self.seed}"
-        return f"final_{self.method}_eps-{self.privacy}_s{self.seed}"
+        if self.stage == "dptune":
+            return f"dptune_{self.method}_eps-{self.privacy}_lr{self.lr:g}_s{self.seed}"
+        suffix = "_dptuned" if self.tuned == "dp" else ""
+        return f"final_{self.method}_eps-{self.privacy}_s{self.seed}{suffix}"
 
 
 def tune_key(method: str, lr: float) -> str:
@@ -263,10 +197,39 @@ def chosen(suite: Suite, method: str, done: dict[str, Record]) -> tuple[float, s
     if scores is None:
         return None
     lr = best_of(scores)
+    return (lr, *clip_norms(method, lr, done))
+
+
+def clip_norms(method: str, lr: float, done: dict[str, Record]) -> tuple[str, str]:
+    """``(dp_clip_norm, dp_theta_clip_norm)`` at ``lr``: medians of that tuning run's clients."""
     norms = done[tune_key(method, lr)]["client_norms"]
     clip = f"{float(np.median(norms['delta'])):.4g}"
     theta = f"{float(np.median(norms['theta'])):.4g}" if aligns(method) else ""
-    return lr, clip, theta
+    return clip, theta
+
+
+def dp_grid(suite: Suite, method: str, done: dict[str, Record]) -> tuple[float, ...] | None:
+    """The rates tried under DP: the non-private choice and up to two grid rates below it."""
+    picked = chosen(suite, method, done)
+    if picked is None:
+        return None
+    grid = lr_grid(suite, method)
+    at = grid.index(picked[0])
+    return grid[max(0, at - DP_GRID_POINTS + 1) : at + 1]
+
+
+def dp_chosen(
+    suite: Suite, method: str, level: str, done: dict[str, Record]
+) -> tuple[float, str, str] | None:
+    """``method``'s rate tuned under DP at ``level``, with its clip norms (None: runs missing)."""
+    grid = dp_grid(suite, method, done)
+    if grid is None:
+        return None
+    scores = scores_at(grid, lambda lr: Run("dptune", method, level, 0, lr).key, done)
+    if scores is None:
+        return None
+    lr = best_of(scores)
+    return (lr, *clip_norms(method, lr, done))
 
 
 def plan(suite: Suite, done: dict[str, Record]) -> tuple[list[Run], int]:
@@ -288,6 +251,23 @@ def plan(suite: Suite, done: dict[str, Record]) -> tuple[list[Run], int]:
                     runs.append(Run("final", method, level, seed, lr))
                 else:
                     runs.append(Run("final", method, level, seed, lr, clip, theta))
+    # rates tuned under DP, then the final runs at those that differ from the non-private one
+    for level in DP_TUNED:
+        for method in METHODS:
+            grid = dp_grid(suite, method, done) or ()
+            ready = [lr for lr in grid if tune_key(method, lr) in done]
+            waiting += (DP_GRID_POINTS if not grid else len(grid)) - len(ready)
+            runs += [
+                Run("dptune", method, level, 0, lr, *clip_norms(method, lr, done)) for lr in ready
+            ]
+    for seed in range(SEEDS):
+        for level in DP_TUNED:
+            for method in METHODS:
+                picked, plain = dp_chosen(suite, method, level, done), chosen(suite, method, done)
+                if picked is None or plain is None:
+                    waiting += 1
+                elif picked[0] != plain[0]:
+                    runs.append(Run("final", method, level, seed, *picked, tuned="dp"))
     # last: the other methods without DP (context: what DP costs each of them)
     for seed in range(SEEDS):
         for method in METHODS:
@@ -314,7 +294,7 @@ def overrides(suite: Suite, run: Run, run_dir: Path) -> list[str]:
         else:
             over += ["--dp_target_epsilon", run.privacy]
         over += ["--dp_noise_seed", str(run.seed)]
-    if run.stage == "tune":
+    if run.stage != "final":
         over += ["--dataset", str(validation_dataset("vit"))]
     return [*over, "--num_threads", "1", "--output_dir", str(run_dir)]
 

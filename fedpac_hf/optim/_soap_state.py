@@ -310,7 +310,13 @@ class SOAPState(CurvatureOptimizer):
     @classmethod
     def curvature_retention(cls, options: Mapping[str, Any], num_steps: int) -> float:
         """``shampoo_beta**K``: every step decays the statistics once (``betas[1]`` when
-        ``shampoo_beta`` is ``None``); the compact forms are linear in them, so they decay alike."""
+        ``shampoo_beta`` is ``None``); the compact forms are linear in them, so they decay alike.
+
+        Exact for full statistics, the diagonal and the basis form, whose warm start exports
+        what was imported. The fixed-test-matrix sketch (``theta_compact="sketch"`` with
+        ``theta_sketch_dim >= 1``) warm-starts from a rebuilt statistic whose diagonal and
+        sketch differ from the imported ones, so there ``r`` times the import is close to, not
+        exactly, what is left of it."""
         beta = constructor_option(cls.__init__, options, "shampoo_beta")
         if beta is None:
             beta = constructor_option(cls.__init__, options, "betas")[1]
