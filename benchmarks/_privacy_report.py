@@ -99,6 +99,18 @@ def lead(summ: dict[str, Summary]) -> tuple[float, str, float] | None:
     return summ["fedpac_soap"].mean - summ[best].mean, best, summ[best].mean
 
 
+def lead_line(levels: dict[str, dict[str, Summary]], names: Sequence[str]) -> str:
+    """fedpac_soap's lead at each of the levels ``names``, as one sentence."""
+    leads = [(level, lead(levels[level])) for level in names]
+    return (
+        "fedpac_soap's lead over the best first-order method (points): "
+        + "; ".join(
+            f"{level_name(level)}: {100 * x[0]:+.1f} (vs {x[1]})" for level, x in leads if x
+        )
+        + "."
+    )
+
+
 def goal_rows(
     levels: dict[str, dict[str, Summary]], protocol: str = ""
 ) -> list[tuple[str, str, bool]]:
@@ -146,7 +158,8 @@ def tuning_section(lines: list[str], suite: Suite, done: dict[str, Record]) -> N
     )
     lines += [
         "Clip norms: the median L2 norm of the clients' updates (every client of every "
-        "round) in the tuning run at the chosen rate; quartiles for scale:",
+        "round) in the tuning run at the chosen rate (at another rate, that rate's run); "
+        "quartiles for scale:",
         "",
         "| method | delta norm: 25% / median / 75% | `dp_clip_norm` "
         "| Theta norm: 25% / median / 75% | `dp_theta_clip_norm` |",
@@ -210,18 +223,9 @@ def dp_tuning_section(
             lrs = sorted({r["lr"] for r in summary.runs}) if summary else []
             row += [", ".join(f"{x:g}" for x in lrs) or "-", cell(summary)]
         lines.append(f"| {method} | " + " | ".join(row) + " |")
-    leads = [(level, lead(levels[level])) for level in EPSILONS]
-    lines += [
-        "",
-        "fedpac_soap's lead over the best first-order method (points): "
-        + "; ".join(
-            f"{level_name(level)}: {100 * x[0]:+.1f} (vs {x[1]})"
-            for level, x in leads
-            if x is not None
-        )
-        + ".",
-        "",
-    ]
+    lines += ["", lead_line(levels, EPSILONS), "", "Noise and clipping at these rates:", ""]
+    tuned = [r for level in DP_TUNED for summary in levels[level].values() for r in summary.runs]
+    noise_section(lines, suite, tuned, num_parameters(done))
 
 
 def num_parameters(done: dict[str, Record]) -> int:
@@ -365,15 +369,8 @@ def report(suite: Suite) -> None:
         row = [cell(levels[level].get(method)) for level in ("nodp", *EPSILONS)]
         lines.append(f"| {method} | {METHODS[method][1]} | {lr} | " + " | ".join(row) + " |")
     lines.append("")
-    leads = [(level, lead(levels[level])) for level in ("nodp", *EPSILONS)]
     lines += [
-        "fedpac_soap's lead over the best first-order method (points): "
-        + "; ".join(
-            f"{level_name(level)}: {100 * x[0]:+.1f} (vs {x[1]})"
-            for level, x in leads
-            if x is not None
-        )
-        + ".",
+        lead_line(levels, ("nodp", *EPSILONS)),
         "",
         "## Noise and clipping",
         "",
