@@ -31,10 +31,13 @@ from privacy_benchmark import (
     FIRST_ORDER,
     METHODS,
     NODP_METHOD,
+    THETA_SHARES,
     Run,
+    aligns,
     chosen,
     dp_chosen,
     dp_grid,
+    dp_rate,
     lr_grid,
     tune_key,
 )
@@ -72,20 +75,21 @@ def by_level(finals: Sequence[Record]) -> dict[str, dict[str, Summary]]:
 def dp_tuned_levels(
     suite: Suite, finals: Sequence[Record], done: dict[str, Record]
 ) -> dict[str, dict[str, Summary]]:
-    """As :func:`by_level`, with every method at its rate tuned under DP at each level of
-    ``DP_TUNED`` (the first protocol's runs where that rate is the non-private one)."""
+    """As :func:`by_level`, with every method at its rate (and Theta's share) tuned under DP
+    at each level of ``DP_TUNED`` (the first protocol's runs where those are its own)."""
     levels = by_level(finals)
     for level in DP_TUNED:
         runs: list[Record] = []
         for method in METHODS:
-            picked, plain = dp_chosen(suite, method, level, done), chosen(suite, method, done)
-            if picked is None or plain is None:
+            picked = dp_chosen(suite, method, level, done)
+            if picked is None:
                 continue
-            tuned = "dp" if picked[0] != plain[0] else "nodp"
+            wanted = (method, level, picked.tuned, picked.theta_share)
             runs += [
                 r
                 for r in finals
-                if (r["method"], r["privacy"], r.get("tuned", "nodp")) == (method, level, tuned)
+                if (r["method"], r["privacy"], r.get("tuned", "nodp"), r.get("theta_share", ""))
+                == wanted
             ]
         levels[level] = summarise(runs, "eval_accuracy")
     return levels
@@ -196,20 +200,28 @@ def dp_tuning_section(
             for lr in grid:
                 record = done.get(Run("dptune", method, level, 0, lr).key)
                 cells.append(f"{lr:g}: {fmt(tune_score(record))}" if record else f"{lr:g}: -")
+            rate = dp_rate(suite, method, level, done)
+            for share in THETA_SHARES if aligns(method) and rate is not None else ():
+                run = Run("dptune", method, level, 0, rate, theta_share=share)
+                score = fmt(tune_score(done[run.key])) if run.key in done else "-"
+                cells.append(f"{rate:g}, s = {share}: {score}")
             picked = dp_chosen(suite, method, level, done)
-            rows.append(
-                (f"{method}, {level_name(level)}", cells, chosen_cell(picked and picked[0], grid))
-            )
+            choice = chosen_cell(picked and picked.lr, grid)
+            if picked and picked.theta_share:
+                choice += f", s = {picked.theta_share}"
+            rows.append((f"{method}, {level_name(level)}", cells, choice))
     tuning_table(
         lines,
-        "Validation accuracy (%, mean of the last 3 rounds) under DP, seed 0 (`*`: the "
-        "chosen rate is at an edge of the grid; the grid's top is the non-private choice)",
+        "Validation accuracy (%, mean of the last 3 rounds) under DP, seed 0: the rates at "
+        "Theta's default share s = 0.5, then, for methods that send Theta, other shares "
+        "(`dp_theta_share`) at the best of those rates (`*`: the chosen rate is at an edge of "
+        "the grid; the grid's top is the non-private choice)",
         rows,
     )
     levels = dp_tuned_levels(suite, finals, done)
     lines += [
-        "Test accuracy (%, final round, mean +- std over seeds) at the rates tuned under DP "
-        "(eps = inf: the non-private rate):",
+        "Test accuracy (%, final round, mean +- std over seeds) at the rates (and Theta's "
+        "shares s, where not 0.5) tuned under DP (eps = inf: the non-private rate):",
         "",
         "| method | "
         + " | ".join(f"{level_name(level)}: lr | accuracy" for level in EPSILONS)
@@ -220,8 +232,11 @@ def dp_tuning_section(
         row = []
         for level in EPSILONS:
             summary = levels[level].get(method)
-            lrs = sorted({r["lr"] for r in summary.runs}) if summary else []
-            row += [", ".join(f"{x:g}" for x in lrs) or "-", cell(summary)]
+            used = sorted(
+                {(r["lr"], r.get("theta_share", "")) for r in summary.runs} if summary else []
+            )
+            rates = ", ".join(f"{lr:g}" + (f" (s = {s})" if s else "") for lr, s in used)
+            row += [rates or "-", cell(summary)]
         lines.append(f"| {method} | " + " | ".join(row) + " |")
     lines += ["", lead_line(levels, EPSILONS), "", "Noise and clipping at these rates:", ""]
     tuned = [r for level in DP_TUNED for summary in levels[level].values() for r in summary.runs]
@@ -257,6 +272,7 @@ def noise_section(lines: list[str], suite: Suite, finals: Sequence[Record], d: i
                 continue
             r = runs[0]
             z, k = r["noise_multiplier"], r["noise_scale"]
+            k_theta = r.get("theta_noise_scale", k)  # runs before dp_theta_share: the same k
             std = z * k * float(r["clip"]) / suite.clients_per_round
             eps = [series(x, "epsilon")[-1] for x in runs]
             eps_cell = ", ".join(sorted({f"{e:.3g}" for e in eps}))
@@ -265,7 +281,7 @@ def noise_section(lines: list[str], suite: Suite, finals: Sequence[Record], d: i
             ratio = z * k * math.sqrt(d) / suite.clients_per_round
             theta_noise = "-"
             if r["theta_clip"]:
-                std_theta = z * k * float(r["theta_clip"]) / suite.clients_per_round
+                std_theta = z * k_theta * float(r["theta_clip"]) / suite.clients_per_round
                 theta_noise = f"{r['theta_clip']}, {std_theta:.3g}"
             lines.append(
                 f"| {method} | {level_name(level)} | {z:.4g} | {k:.3g} | {r['clip']} | {std:.3g} "

@@ -93,7 +93,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +112,7 @@ from _harness.runs import (  # noqa: E402
     scores_at,
     show_output_dir,
     train_once,
+    tune_score,
     validation_dataset,
 )
 from _privacy_suites import NUM_CLIENTS, SUITES, Suite  # noqa: E402
@@ -134,6 +135,9 @@ SEEDS = 3
 #: non-private choice and the grid's next rates below it (noise favours smaller steps)
 DP_TUNED = ("8", "2")
 DP_GRID_POINTS = 3
+#: Theta's shares of the mechanism (``dp_theta_share``) tried under DP besides the
+#: default 0.5, for the methods that send Theta, at their DP-tuned rate
+THETA_SHARES = ("0.2",)
 
 
 def lr_grid(suite: Suite, method: str) -> tuple[float, ...]:
@@ -156,7 +160,8 @@ class Run:
     or a target epsilon; ``clip`` and ``theta_clip`` are the clip norms as
     passed on the command line (``""`` when unused). Stage ``"dptune"`` is a
     tuning run under DP (validation split); ``tuned`` says where a final run's
-    rate was tuned (``"nodp"`` or ``"dp"``).
+    rate was tuned (``"nodp"`` or ``"dp"``); ``theta_share`` is
+    ``dp_theta_share`` as passed (``""``: the default 0.5).
     """
 
     stage: str
@@ -167,15 +172,17 @@ class Run:
     clip: str = ""
     theta_clip: str = ""
     tuned: str = "nodp"
+    theta_share: str = ""
 
     @property
     def key(self) -> str:
+        share = f"_share{self.theta_share}" if self.theta_share else ""
         if self.stage == "tune":
             return f"tune_{self.method}_lr{self.lr:g}_s{self.seed}"
         if self.stage == "dptune":
-            return f"dptune_{self.method}_eps-{self.privacy}_lr{self.lr:g}_s{self.seed}"
+            return f"dptune_{self.method}_eps-{self.privacy}_lr{self.lr:g}{share}_s{self.seed}"
         suffix = "_dptuned" if self.tuned == "dp" else ""
-        return f"final_{self.method}_eps-{self.privacy}_s{self.seed}{suffix}"
+        return f"final_{self.method}_eps-{self.privacy}_s{self.seed}{suffix}{share}"
 
 
 def tune_key(method: str, lr: float) -> str:
@@ -218,18 +225,36 @@ def dp_grid(suite: Suite, method: str, done: dict[str, Record]) -> tuple[float, 
     return grid[max(0, at - DP_GRID_POINTS + 1) : at + 1]
 
 
-def dp_chosen(
-    suite: Suite, method: str, level: str, done: dict[str, Record]
-) -> tuple[float, str, str] | None:
-    """``method``'s rate tuned under DP at ``level``, with its clip norms (None: runs missing)."""
+def dp_rate(suite: Suite, method: str, level: str, done: dict[str, Record]) -> float | None:
+    """``method``'s rate tuned under DP at ``level`` (default share; None: runs missing)."""
     grid = dp_grid(suite, method, done)
     if grid is None:
         return None
     scores = scores_at(grid, lambda lr: Run("dptune", method, level, 0, lr).key, done)
-    if scores is None:
+    return None if scores is None else best_of(scores)
+
+
+def dp_chosen(suite: Suite, method: str, level: str, done: dict[str, Record]) -> Run | None:
+    """The final run (seed 0) of ``method`` at ``level`` with what was tuned under DP: the
+    rate, then, for a method that sends Theta, Theta's share at that rate (the default on a
+    tie). None while a tuning run is missing."""
+    lr = dp_rate(suite, method, level, done)
+    if lr is None:
         return None
-    lr = best_of(scores)
-    return (lr, *clip_norms(method, lr, done))
+    pick = Run("final", method, level, 0, lr, *clip_norms(method, lr, done), tuned="dp")
+    if aligns(method):
+        shares = {"": done[Run("dptune", method, level, 0, lr).key]}
+        for share in THETA_SHARES:
+            record = done.get(replace(pick, stage="dptune", tuned="nodp", theta_share=share).key)
+            if record is None:
+                return None
+            shares[share] = record
+        best = max(shares, key=lambda share: (tune_score(shares[share]), share == ""))
+        pick = replace(pick, theta_share=best)
+    plain = chosen(suite, method, done)
+    if plain is not None and (lr, pick.theta_share) == (plain[0], ""):
+        pick = replace(pick, tuned="nodp")  # the first protocol's runs
+    return pick
 
 
 def plan(suite: Suite, done: dict[str, Record]) -> tuple[list[Run], int]:
@@ -260,14 +285,21 @@ def plan(suite: Suite, done: dict[str, Record]) -> tuple[list[Run], int]:
             runs += [
                 Run("dptune", method, level, 0, lr, *clip_norms(method, lr, done)) for lr in ready
             ]
+            lr = dp_rate(suite, method, level, done)
+            if aligns(method) and lr is not None:
+                norms = clip_norms(method, lr, done)
+                runs += [
+                    Run("dptune", method, level, 0, lr, *norms, theta_share=share)
+                    for share in THETA_SHARES
+                ]
     for seed in range(SEEDS):
         for level in DP_TUNED:
             for method in METHODS:
-                picked, plain = dp_chosen(suite, method, level, done), chosen(suite, method, done)
-                if picked is None or plain is None:
+                picked = dp_chosen(suite, method, level, done)
+                if picked is None:
                     waiting += 1
-                elif picked[0] != plain[0]:
-                    runs.append(Run("final", method, level, seed, *picked, tuned="dp"))
+                elif picked.tuned == "dp":
+                    runs.append(replace(picked, seed=seed))
     # last: the other methods without DP (context: what DP costs each of them)
     for seed in range(SEEDS):
         for method in METHODS:
@@ -289,6 +321,8 @@ def overrides(suite: Suite, run: Run, run_dir: Path) -> list[str]:
         over += ["--dp_mode", "client", "--dp_clip_norm", run.clip]
         if run.theta_clip:
             over += ["--dp_theta_clip_norm", run.theta_clip]
+        if run.theta_share:
+            over += ["--dp_theta_share", run.theta_share]
         if run.privacy == "inf":
             over += ["--dp_noise_multiplier", "0"]
         else:
@@ -315,10 +349,12 @@ def resolved_privacy(suite: Suite, run: Run) -> dict[str, float]:
         noise_multiplier=0.0 if target is None else None,
         target_epsilon=target,
         share_theta=aligns(run.method),
+        theta_share=float(run.theta_share) if run.theta_share else None,
     ).resolve(NUM_CLIENTS, suite.sample_rate, suite.num_rounds)
     return {
         "noise_multiplier": float(dp.noise_multiplier or 0.0),
         "noise_scale": dp.noise_scale,
+        "theta_noise_scale": dp.theta_noise_scale,
         "delta": float(dp.delta or 0.0),
     }
 

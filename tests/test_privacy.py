@@ -114,21 +114,30 @@ def test_an_update_within_the_bounds_leaves_unchanged():
 # ------------------------------------------------------------------ noise
 
 
-def _resolved(share_theta: bool, z: float = 0.8) -> ClientDP:
+def _resolved(share_theta: bool, z: float = 0.8, theta_share: float | None = None) -> ClientDP:
     dp = ClientDP.from_settings(
         "client",
         clip_norm=0.5,
         theta_clip_norm=2.0 if share_theta else None,
         noise_multiplier=z,
         share_theta=share_theta,
+        theta_share=theta_share,
     )
     return dp.resolve(num_clients=100, sample_rate=0.1, num_rounds=5)
 
 
-@pytest.mark.parametrize("share_theta", [False, True])
-def test_the_noise_measured_on_the_aggregate_matches_the_setting(share_theta):
-    """The mean delta of clients that sent zeros is the noise over q N: its std is z k C / (q N)."""
-    dp = _resolved(share_theta)
+@pytest.mark.parametrize(
+    ("share_theta", "theta_share", "k", "k_theta"),
+    [(False, None, 1.0, 0.0), (True, None, 2**0.5, 2**0.5), (True, 0.2, 0.8**-0.5, 0.2**-0.5)],
+)
+def test_the_noise_measured_on_the_aggregate_matches_the_setting(
+    share_theta, theta_share, k, k_theta
+):
+    """The mean delta of clients that sent zeros is the noise over q N: its std is z k C / (q N),
+    with k = 1 / sqrt(1 - s) when Theta takes the share s of the mechanism (Theta's: z C_Theta
+    / sqrt(s)); the accountant's epsilon is the same whatever s."""
+    dp = _resolved(share_theta, theta_share=theta_share)
+    assert dp.noise_multiplier == _resolved(share_theta).noise_multiplier
     alg = get_algorithm("fedpac_soap" if share_theta else "fedavg_adamw")
     params = {"w": torch.zeros(200, 100)}
     state = ServerState(params=params, noise_seed=11)
@@ -136,7 +145,6 @@ def test_the_noise_measured_on_the_aggregate_matches_the_setting(share_theta):
     for cid in range(7):  # fewer than expected: the denominator stays q N = 10
         aggregator.add(ClientUpdate(cid, {"w": torch.zeros(200, 100)}, {}, 8, 1))
     new, metrics = aggregator.finalize(lr=1.0, local_steps=1)
-    k = math.sqrt(2.0) if share_theta else 1.0
     expected = 0.8 * k * 0.5 / 10
     assert new.params["w"].std().item() == pytest.approx(expected, rel=0.03)
     assert abs(new.params["w"].mean().item()) < 3 * expected / 100
@@ -145,9 +153,29 @@ def test_the_noise_measured_on_the_aggregate_matches_the_setting(share_theta):
     theta = {"w.L": torch.zeros(300, 300, dtype=torch.float64)}
     _, noised = noised_round(dp, {"w": torch.zeros(3, dtype=torch.float64)}, theta, None, 11, 0)
     if share_theta:
-        assert noised["w.L"].std().item() == pytest.approx(0.8 * k * 2.0, rel=0.02)
+        assert noised["w.L"].std().item() == pytest.approx(0.8 * k_theta * 2.0, rel=0.02)
     else:
         assert torch.equal(noised["w.L"], theta["w.L"])  # not shared: nothing to noise
+
+
+def test_theta_share_reaches_the_mechanism_and_the_run_identity_only_when_set(tmp_path):
+    """dp_theta_share from the arguments (CLI, YAML, Flower run config) sizes the noise; unset,
+    a run's identity is what it was before the setting existed (older runs still resume)."""
+    common = dict(
+        output_dir=str(tmp_path),
+        algorithm="fedpac_soap",
+        dp_mode="client",
+        dp_clip_norm=1.0,
+        dp_theta_clip_norm=1.0,
+        dp_noise_multiplier=1.0,
+    )
+    plain, split = FedPACArguments(**common), FedPACArguments(**common, dp_theta_share=0.2)
+    alg = get_algorithm("fedpac_soap")
+    assert plain.client_privacy(alg).noise_scale == math.sqrt(2.0)
+    assert split.client_privacy(alg).noise_scale == pytest.approx(0.8**-0.5)
+    assert split.client_privacy(alg).theta_noise_scale == pytest.approx(0.2**-0.5)
+    assert "dp_theta_share" not in plain.privacy_settings()
+    assert split.privacy_settings()["dp_theta_share"] == 0.2
 
 
 def test_the_noise_is_a_function_of_the_secret_seed_and_the_round():
@@ -327,8 +355,19 @@ def test_a_resumed_private_run_adds_the_same_noise_and_continues_epsilon(tmp_pat
             "not both",
         ),
         ({"dp_mode": "client", "dp_clip_norm": 1.0, "dp_noise_multiplier": 1.0}, "dp_theta_clip"),
+        (
+            {
+                "dp_mode": "client",
+                "dp_clip_norm": 1.0,
+                "dp_theta_clip_norm": 1.0,
+                "dp_noise_multiplier": 1.0,
+                "dp_theta_share": 1.0,
+            },
+            "dp_theta_share",
+        ),
         ({"dp_mode": "secret"}, "dp_mode"),
         ({"dp_noise_multiplier": 1.0}, "set dp_mode: client"),
+        ({"dp_theta_share": 0.3}, "set dp_mode: client"),
     ],
 )
 def test_bad_privacy_settings_fail_when_read_naming_the_setting(tmp_path, settings, named):
@@ -531,6 +570,7 @@ def test_a_target_epsilon_gives_each_client_its_own_noise():
         ({"algorithm": "fedpac_sophia"}, "cannot cover Sophia"),
         ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps: 1"),
         ({"dp_theta_clip_norm": 1.0}, "dp_theta_clip_norm is for dp_mode: client"),
+        ({"dp_theta_share": 0.3}, "dp_theta_share is for dp_mode: client"),
     ],
 )
 def test_record_dp_refuses_settings_it_cannot_cover(tmp_path, settings, named):

@@ -27,7 +27,11 @@ DP_SETTINGS = (
     "dp_noise_multiplier",
     "dp_delta",
     "dp_target_epsilon",
+    "dp_theta_share",
 )
+#: Settings added after runs were saved: kept in a run's identity only when set,
+#: so that those runs still resume.
+_LATER_DP_SETTINGS = ("dp_theta_share",)
 
 
 @dataclass
@@ -55,6 +59,14 @@ class PrivacyArguments:
         metadata={
             "help": "L2 bound of each client's curvature state Theta per round (needed when the "
             "algorithm shares Theta, i.e. aligns)."
+        },
+    )
+    dp_theta_share: float | None = field(
+        default=None,
+        metadata={
+            "help": "Theta's share s of each round's Gaussian mechanism, in (0, 1), when Theta "
+            "travels: noise std z C / sqrt(1 - s) on the delta, z C_Theta / sqrt(s) on Theta; "
+            "the same epsilon whatever s. Default 0.5 (sqrt(2) on both)."
         },
     )
     dp_noise_multiplier: float | None = field(
@@ -178,6 +190,7 @@ class PrivacyArguments:
             delta=self.dp_delta,
             target_epsilon=self.dp_target_epsilon,
             share_theta=algorithm.align,
+            theta_share=self.dp_theta_share,
         )
 
     def record_privacy(self, algorithm: Algorithm | None = None) -> RecordDP | None:
@@ -191,6 +204,7 @@ class PrivacyArguments:
         dp = RecordDP.from_settings(
             clip_norm=self.dp_clip_norm,
             theta_clip_norm=self.dp_theta_clip_norm,
+            theta_share=self.dp_theta_share,
             noise_multiplier=self.dp_noise_multiplier,
             delta=self.dp_delta,
             target_epsilon=self.dp_target_epsilon,
@@ -209,7 +223,11 @@ class PrivacyArguments:
         run without DP keeps the identity it had before these settings existed)."""
         if self.dp_mode == "none":
             return {}
-        return {name: getattr(self, name) for name in DP_SETTINGS}
+        return {
+            name: getattr(self, name)
+            for name in DP_SETTINGS
+            if name not in _LATER_DP_SETTINGS or getattr(self, name) is not None
+        }
 
 
 _SECAGG_CONFLICTS = {

@@ -13,21 +13,26 @@ client's data as much as its delta is:
    (:func:`~fedpac_hf.federated.sampling.poisson_sample_clients`), the
    sampling the accountant assumes;
 3. **noise** (on the server, :func:`noised_sums`): Gaussian noise on the sums,
-   std ``z k C`` on the delta's and ``z k C_Theta`` on Theta's, with
-   ``z = dp_noise_multiplier`` and ``k = sqrt(2)`` when both parts travel
-   (``k = 1`` otherwise); the sums are divided by the *expected* number of
+   std ``z k C`` on the delta's and ``z k_Theta C_Theta`` on Theta's, with
+   ``z = dp_noise_multiplier``, ``k = 1 / sqrt(1 - s)`` and
+   ``k_Theta = 1 / sqrt(s)`` when both parts travel (``s = dp_theta_share``,
+   default 1/2: ``k = k_Theta = sqrt(2)``; ``k = 1`` otherwise); the sums are divided by the *expected* number of
    clients ``q N`` (a fixed denominator, so one client changes the mean by at
    most its clipped contribution over ``q N``);
 4. **repair** Theta (:func:`~fedpac_hf.optim.repair.repair_curvature`):
    non-negative where the optimizer needs it, PSD statistics; post-processing,
    no privacy cost.
 
-Why ``k = sqrt(2)``: scale each client's contribution to ``(Delta / C,
-Theta / C_Theta)``; its norm is at most ``sqrt(2)``, the noise on it has std
-``z sqrt(2)``, so each round is one Gaussian mechanism with noise multiplier
-``z`` on a vector of sensitivity ``sqrt(2)`` (add or remove one client). The
-clip budget is split evenly between the two parts; sharing Theta costs the
-delta ``sqrt(2)`` more noise than DP-FedAvg without Theta.
+Why these ``k``: scale each client's contribution to ``(sqrt(1 - s) Delta / C,
+sqrt(s) Theta / C_Theta)``; its norm is at most ``sqrt((1 - s) + s) = 1``, and
+noise of std ``z`` on every entry of the scaled sum is std ``z C / sqrt(1 - s)``
+on the delta's and ``z C_Theta / sqrt(s)`` on Theta's, so each round is one
+Gaussian mechanism with noise multiplier ``z`` on a vector of sensitivity 1
+(add or remove one client), whatever ``s``. ``s`` is Theta's share of that
+budget: at the even split (1/2) sharing Theta costs the delta ``sqrt(2)`` more
+noise than DP-FedAvg without Theta; a smaller share gives the delta less noise
+and Theta more (Theta is a moving average that keeps part of every earlier
+round's global Theta, so its noise is partly averaged away; the delta's is not).
 
 The accountant (:mod:`~fedpac_hf.federated.accounting`) composes one
 Poisson-sampled Gaussian event per round. The noise is drawn from a generator
@@ -78,6 +83,7 @@ DP_RULES = {
     "dp_noise_multiplier": optional(number(0.0)),
     "dp_delta": optional(number(0.0, 1.0, low_open=True, high_open=True)),
     "dp_target_epsilon": optional(_POSITIVE),
+    "dp_theta_share": optional(number(0.0, 1.0, low_open=True, high_open=True)),
 }
 
 
@@ -106,6 +112,10 @@ class ClientDP:
         within it after all rounds.
     share_theta:
         Whether Theta leaves the clients (the algorithm aligns).
+    theta_share:
+        s, Theta's share of the mechanism's budget when it travels, in (0, 1):
+        the noise stds are ``z C / sqrt(1 - s)`` on the delta and
+        ``z C_Theta / sqrt(s)`` on Theta.
     """
 
     clip_norm: float
@@ -114,6 +124,7 @@ class ClientDP:
     delta: float | None = None
     target_epsilon: float | None = None
     share_theta: bool = False
+    theta_share: float = 0.5
 
     @classmethod
     def from_settings(
@@ -126,6 +137,7 @@ class ClientDP:
         delta: float | None = None,
         target_epsilon: float | None = None,
         share_theta: bool = False,
+        theta_share: float | None = None,
     ) -> ClientDP | None:
         """The settings of ``dp_mode: client`` checked, or ``None`` for the other modes
         (``record``'s are :class:`~fedpac_hf.federated.record_privacy.RecordDP`'s).
@@ -142,6 +154,7 @@ class ClientDP:
             "dp_noise_multiplier": noise_multiplier,
             "dp_delta": delta,
             "dp_target_epsilon": target_epsilon,
+            "dp_theta_share": theta_share,
         }
         if mode == "none":
             set_ = [k for k, v in given.items() if v is not None]
@@ -179,6 +192,7 @@ class ClientDP:
             delta=None if delta is None else float(delta),
             target_epsilon=None if target_epsilon is None else float(target_epsilon),
             share_theta=bool(share_theta),
+            theta_share=0.5 if theta_share is None else float(theta_share),
         )
 
     def resolve(self, num_clients: int, sample_rate: float, num_rounds: int) -> ClientDP:
@@ -222,15 +236,25 @@ class ClientDP:
 
     @property
     def noise_scale(self) -> float:
-        """k: sqrt(2) when Delta and Theta share the mechanism, else 1."""
-        return math.sqrt(2.0) if self.share_theta else 1.0
+        """k, the delta's noise std over ``z C``: ``1 / sqrt(1 - s)`` when Delta and Theta
+        share the mechanism (sqrt(2) at the even split), else 1."""
+        return math.sqrt(1.0 / (1.0 - self.theta_share)) if self.share_theta else 1.0
+
+    @property
+    def theta_noise_scale(self) -> float:
+        """k_Theta, Theta's noise std over ``z C_Theta``: ``1 / sqrt(s)`` (0 when Theta
+        stays on the clients)."""
+        return math.sqrt(1.0 / self.theta_share) if self.share_theta else 0.0
 
     def noise_stds(self) -> tuple[float, float]:
         """Std of the noise on the delta sum and on the Theta sum (resolved settings)."""
         if self.noise_multiplier is None:
             raise ValueError("the DP settings are not resolved (call resolve first)")
-        z = self.noise_multiplier * self.noise_scale
-        return z * self.clip_norm, z * (self.theta_clip_norm or 0.0)
+        z = self.noise_multiplier
+        return (
+            z * self.noise_scale * self.clip_norm,
+            z * self.theta_noise_scale * (self.theta_clip_norm or 0.0),
+        )
 
 
 def new_noise_seed() -> int:

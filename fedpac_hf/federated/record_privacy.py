@@ -78,6 +78,7 @@ class RecordDP:
         *,
         clip_norm: float | None,
         theta_clip_norm: float | None = None,
+        theta_share: float | None = None,
         noise_multiplier: float | None = None,
         delta: float | None = None,
         target_epsilon: float | None = None,
@@ -88,11 +89,15 @@ class RecordDP:
             raise ValueError(
                 "dp_mode: record needs dp_clip_norm, the L2 bound of each example's gradient"
             )
-        if theta_clip_norm is not None:
-            raise ValueError(
-                "dp_theta_clip_norm is for dp_mode: client; with dp_mode: record Theta is "
-                "computed from privatized gradients only and needs no clip of its own"
-            )
+        for setting, value in (
+            ("dp_theta_clip_norm", theta_clip_norm),
+            ("dp_theta_share", theta_share),
+        ):
+            if value is not None:
+                raise ValueError(
+                    f"{setting} is for dp_mode: client; with dp_mode: record Theta is computed "
+                    "from privatized gradients only and needs no clip or noise of its own"
+                )
         given = {
             "dp_clip_norm": clip_norm,
             "dp_noise_multiplier": noise_multiplier,

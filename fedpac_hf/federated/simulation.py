@@ -98,6 +98,7 @@ def simulate(
     dp_mode: str = "none",
     dp_clip_norm: float | None = None,
     dp_theta_clip_norm: float | None = None,
+    dp_theta_share: float | None = None,
     dp_noise_multiplier: float | None = None,
     dp_delta: float | None = None,
     dp_target_epsilon: float | None = None,
@@ -152,13 +153,14 @@ def simulate(
         :func:`~fedpac_hf.federated.theta_budget.theta_options`, which
         ``FedPACTrainer``, the CLI and the Flower apps use too). Options in
         the algorithm's ``optimizer_kwargs`` take precedence.
-    dp_mode, dp_clip_norm, dp_theta_clip_norm, dp_noise_multiplier, dp_delta, \
-    dp_target_epsilon, dp_noise_seed:
+    dp_mode, dp_clip_norm, dp_theta_clip_norm, dp_theta_share, dp_noise_multiplier, \
+    dp_delta, dp_target_epsilon, dp_noise_seed:
         Client-level differential privacy (``dp_mode="client"``): each client's
         delta clipped to ``dp_clip_norm`` and its Theta, when it travels, to
         ``dp_theta_clip_norm``; clients Poisson-sampled; Gaussian noise on the
         sums with multiplier ``dp_noise_multiplier`` (or the one
-        ``dp_target_epsilon`` needs after ``num_rounds``); ``epsilon`` at
+        ``dp_target_epsilon`` needs after ``num_rounds``), Theta's share of the
+        mechanism ``dp_theta_share`` (default 0.5); ``epsilon`` at
         ``dp_delta`` (default ``num_clients ** -1.1``) in every round's
         metrics. ``dp_noise_seed`` fixes the noise (default: a secret seed).
         See :mod:`~fedpac_hf.federated.privacy`. ``dp_mode="record"``: DP-SGD in
@@ -220,6 +222,7 @@ def simulate(
         delta=dp_delta,
         target_epsilon=dp_target_epsilon,
         share_theta=algorithm.align,
+        theta_share=dp_theta_share,
     )
     engine = RoundEngine(
         algorithm,
@@ -257,6 +260,7 @@ def simulate(
         record = RecordDP.from_settings(
             clip_norm=dp_clip_norm,
             theta_clip_norm=dp_theta_clip_norm,
+            theta_share=dp_theta_share,
             noise_multiplier=dp_noise_multiplier,
             delta=dp_delta,
             target_epsilon=dp_target_epsilon,

@@ -56,6 +56,7 @@ _SUMMARY_SETTINGS = (
     "dp_mode",
     "dp_clip_norm",
     "dp_theta_clip_norm",
+    "dp_theta_share",
     "dp_noise_multiplier",
     "dp_target_epsilon",
     "max_grad_norm",
