@@ -261,7 +261,7 @@ def noise_section(lines: list[str], suite: Suite, finals: Sequence[Record], d: i
     lines += [
         "| method | level | z | k | C | noise std per entry of the mean delta (z k C / qN) "
         "| its L2 norm over the d entries, in units of C (z k sqrt(d) / qN) "
-        "| C_Theta, noise std per entry of the mean Theta (z k C_Theta / qN) "
+        "| C_Theta, noise std per entry of the mean Theta (z k_Theta C_Theta / qN) "
         "| epsilon logged after the last round | delta | clients clipped: delta / Theta |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -391,8 +391,10 @@ def report(suite: Suite) -> None:
         "## Noise and clipping",
         "",
         "z: the noise multiplier (0 at eps = inf; for eps = 8 and 2 the package's "
-        f"calibration for {suite.num_rounds} rounds); k = sqrt(2) when Theta travels with the delta, "
-        "1 otherwise; C: the method's `dp_clip_norm`. Clipped fractions: the share of a "
+        f"calibration for {suite.num_rounds} rounds); k = 1 / sqrt(1 - s) and k_Theta = "
+        "1 / sqrt(s) when Theta travels with the delta (s = `dp_theta_share`, 0.5 unless "
+        "stated: both sqrt(2)), k = 1 otherwise; C: the method's `dp_clip_norm`. Clipped "
+        "fractions: the share of a "
         "round's clients whose part was scaled down, mean over rounds and seeds.",
         "",
     ]

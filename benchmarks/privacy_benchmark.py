@@ -50,9 +50,11 @@ Protocol
   grid's next two rates below it (the noise on a round's mean delta is a
   fixed multiple of the clip norm, which grows with the rate, so noise
   favours smaller steps); the clip norms at each rate are that rate's
-  non-private medians (below). Final runs at the DP-tuned rate where it
-  differs from the non-private one (3 seeds); where it is the same, the
-  first protocol's runs are reused. epsilon = inf keeps the non-private rate
+  non-private medians (below). Then, for the methods that send Theta, Theta's
+  share of the mechanism (``dp_theta_share``, :data:`THETA_SHARES` besides
+  the default 0.5) at that rate, the default kept on a tie. Final runs at
+  the DP-tuned rate and share where either differs from the first protocol's
+  (3 seeds); where both are the same, the first protocol's runs are reused. epsilon = inf keeps the non-private rate
   (no noise to tune for). The privacy cost of tuning itself is not accounted,
   as usual in DP benchmarks.
 * Clip norms: from the same non-private tuning runs (at the rate used). This script records, for
