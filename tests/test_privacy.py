@@ -15,13 +15,8 @@ from fedpac_hf.federated import ServerState, get_algorithm, simulate
 from fedpac_hf.federated.accounting import epsilon_after, noise_for_epsilon
 from fedpac_hf.federated.batches import cycle_batches
 from fedpac_hf.federated.client import ClientHooks, LocalSteps, client_update
-from fedpac_hf.federated.privacy import (
-    ClientDP,
-    noise_generator,
-    noised_round,
-    own_part,
-    public_reference,
-)
+from fedpac_hf.federated.privacy import ClientDP, own_part, public_reference
+from fedpac_hf.federated.privacy_noise import noise_generator, noised_round
 from fedpac_hf.federated.record_privacy import RecordDP, record_loader
 from fedpac_hf.federated.sampling import poisson_sample_clients
 from fedpac_hf.federated.server import RoundAggregator

@@ -39,7 +39,8 @@ from fedpac_hf.optim.options import number, one_of, whole
 
 from .algorithms import Algorithm
 from .failures import ClientFailure, RoundError, recurring_failures, run_client
-from .privacy import ClientDP, new_noise_seed
+from .privacy import ClientDP
+from .privacy_noise import new_noise_seed
 from .sampling import poisson_sample_clients, resolve_clients_per_round, sample_clients
 from .server import WEIGHTINGS, RoundAggregator
 from .state import ClientUpdate, ServerState

@@ -12,7 +12,7 @@ client's data as much as its delta is:
    independently with probability ``q = clients_per_round / num_clients``
    (:func:`~fedpac_hf.federated.sampling.poisson_sample_clients`), the
    sampling the accountant assumes;
-3. **noise** (on the server, :func:`noised_sums`): Gaussian noise on the sums,
+3. **noise** (on the server, :mod:`~fedpac_hf.federated.privacy_noise`): Gaussian noise on the sums,
    std ``z k C`` on the delta's and ``z k_Theta C_Theta`` on Theta's, with
    ``z = dp_noise_multiplier``, ``k = 1 / sqrt(1 - s)`` and
    ``k_Theta = 1 / sqrt(s)`` when both parts travel (``s = dp_theta_share``,
@@ -47,8 +47,6 @@ the guarantee: only the model, the global direction and Theta are private.
 from __future__ import annotations
 
 import math
-import secrets
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
@@ -64,11 +62,11 @@ __all__ = [
     "DP_MODES",
     "DP_RULES",
     "ClientDP",
+    "Reference",
     "clip_update",
-    "noised_sums",
     "own_part",
     "public_reference",
-    "seeded_generator",
+    "with_reference",
 ]
 
 DP_MODES: tuple[str, ...] = ("none", "client", "record")
@@ -257,11 +255,6 @@ class ClientDP:
         )
 
 
-def new_noise_seed() -> int:
-    """A 63-bit seed from the operating system's entropy (the server's secret)."""
-    return secrets.randbits(63)
-
-
 def _global_norm(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
     values = [t.to(torch.float32) for t in tensors.values()]
     if not values:
@@ -333,8 +326,8 @@ def own_part(
         where the reference has the entry.
     """
     return (
-        _plus(dict(update.delta), reference[0], -1.0),
-        _plus(dict(update.curvature), reference[1], -1.0),
+        with_reference(dict(update.delta), reference[0], -1.0),
+        with_reference(dict(update.curvature), reference[1], -1.0),
     )
 
 
@@ -362,78 +355,18 @@ def clip_update(
     return replace(update, delta=delta, curvature=curvature, metrics=metrics)
 
 
-def noised_round(
-    dp: ClientDP,
-    delta_sum: dict[str, torch.Tensor],
-    theta_sum: dict[str, torch.Tensor],
-    theta_keys: Mapping[str, torch.Tensor] | None,
-    noise_seed: int | None,
-    round_index: int,
-    reference: Reference = (None, None),
-    denominator: float = 1.0,
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """A round's delta and Theta sums with the mechanism's Gaussian noise.
-
-    ``theta_keys`` (the global Theta in its sent-up form) names Theta's
-    entries when no client sent any this round, so that the round still
-    releases noise on them. Theta is noised only when it is shared. The
-    public ``reference`` the clients left out (:func:`public_reference`) is
-    added back, ``denominator`` times, so that the sums over the denominator
-    are the mean of what the clients added plus the reference.
-    """
-    if noise_seed is None:
-        raise ValueError("a DP round needs the server's noise seed (ServerState.noise_seed)")
-    std_delta, std_theta = dp.noise_stds()
-    delta_sum = noised_sums(delta_sum, std_delta, noise_generator(noise_seed, round_index, "delta"))
-    delta_sum = _plus(delta_sum, reference[0], denominator)
-    if not dp.share_theta:
-        return delta_sum, theta_sum
-    if not theta_sum and theta_keys:  # no client this round
-        device = next(iter(delta_sum.values())).device
-        theta_sum = {
-            n: torch.zeros(t.shape, dtype=torch.float64, device=device)
-            for n, t in theta_keys.items()
-        }
-    theta_sum = noised_sums(theta_sum, std_theta, noise_generator(noise_seed, round_index, "theta"))
-    return delta_sum, _plus(theta_sum, reference[1], denominator)
-
-
-def _plus(
+def with_reference(
     sums: dict[str, torch.Tensor], reference: Mapping[str, torch.Tensor] | None, times: float
 ) -> dict[str, torch.Tensor]:
-    """``sums`` plus ``times`` the reference where it has the entry (``sums`` itself without one)."""
+    """``sums`` plus ``times`` the reference where it has the entry (``sums`` itself without one).
+
+    Clients subtract the public reference (``times = -1``, :func:`own_part`); the
+    server adds it back to the noised sums (``times`` = the denominator,
+    :func:`~fedpac_hf.federated.privacy_noise.noised_round`).
+    """
     if not reference:
         return sums
     return {
         n: s + reference[n].to(s.device, s.dtype) * times if n in reference else s
         for n, s in sums.items()
     }
-
-
-def seeded_generator(seed: int, round_index: int, salt: int) -> torch.Generator:
-    """A CPU generator for one stream of one round, mixed from a secret ``seed``."""
-    mixed = int(seed) * 1_000_003 + int(round_index) * 7919 + int(salt)
-    return torch.Generator().manual_seed(mixed % (2**63))
-
-
-def noise_generator(noise_seed: int, round_index: int, part: str) -> torch.Generator:
-    """The CPU generator of one round's noise on one part (``"delta"`` or ``"theta"``)."""
-    return seeded_generator(noise_seed, round_index, zlib.crc32(part.encode()))
-
-
-def noised_sums(
-    sums: Mapping[str, torch.Tensor], std: float, generator: torch.Generator
-) -> dict[str, torch.Tensor]:
-    """``sums`` plus independent N(0, std^2) noise per entry, drawn in float64 on the CPU.
-
-    The noise is drawn on the CPU in the sorted order of the names (the same
-    noise whatever the dict's order, which differs between a fresh state and
-    one loaded from a checkpoint, and on any device) and added where the sums
-    live.
-    """
-    noised = {}
-    for name in sorted(sums):
-        total = sums[name]
-        noise = torch.randn(total.shape, dtype=torch.float64, generator=generator) * std
-        noised[name] = total + noise.to(total.device, total.dtype)
-    return {name: noised[name] for name in sums}

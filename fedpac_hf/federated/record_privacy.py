@@ -34,7 +34,8 @@ from typing import Any
 
 import torch
 
-from .privacy import DP_RULES, new_noise_seed, seeded_generator
+from .privacy import DP_RULES
+from .privacy_noise import new_noise_seed, seeded_generator
 
 __all__ = [
     "RecordClient",

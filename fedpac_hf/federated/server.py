@@ -31,16 +31,12 @@ from fedpac_hf.optim.repair import repair_curvature
 from .adaptive_beta import auto_beta
 from .algorithms import Algorithm, downlink_parts, round_beta
 from .failures import ClientFailure, RoundError, require_finite_aggregate
-from .privacy import ClientDP, noised_round, public_reference
+from .privacy import ClientDP, public_reference
+from .privacy_noise import noised_round
 from .round_metrics import curvature_scalars, drift_metrics, update_scalars
 from .state import ClientUpdate, ServerState, move_tensors, tensor_bytes
 
-__all__ = [
-    "RoundAggregator",
-    "aggregate",
-    "sum_device",
-    "WEIGHTINGS",
-]
+__all__ = ["RoundAggregator", "aggregate", "sum_device", "WEIGHTINGS"]
 
 
 Weighting = Literal["uniform", "num_examples"]

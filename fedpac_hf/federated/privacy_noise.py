@@ -1,0 +1,91 @@
+"""The server's half of client-level DP: Gaussian noise on a round's sums.
+
+Split out of :mod:`fedpac_hf.federated.privacy`, which holds the settings
+(:class:`~fedpac_hf.federated.privacy.ClientDP`) and the clients' half (the
+clip and the public reference). The noise is drawn from generators seeded by
+the server's secret ``noise_seed`` and the round, on the CPU in a fixed order,
+so that a resumed run adds the noise the uninterrupted run would on any device.
+"""
+
+from __future__ import annotations
+
+import secrets
+import zlib
+from collections.abc import Mapping
+
+import torch
+
+from .privacy import ClientDP, Reference, with_reference
+
+__all__ = ["new_noise_seed", "noise_generator", "noised_round", "noised_sums", "seeded_generator"]
+
+
+def new_noise_seed() -> int:
+    """A 63-bit seed from the operating system's entropy (the server's secret)."""
+    return secrets.randbits(63)
+
+
+def noised_round(
+    dp: ClientDP,
+    delta_sum: dict[str, torch.Tensor],
+    theta_sum: dict[str, torch.Tensor],
+    theta_keys: Mapping[str, torch.Tensor] | None,
+    noise_seed: int | None,
+    round_index: int,
+    reference: Reference = (None, None),
+    denominator: float = 1.0,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A round's delta and Theta sums with the mechanism's Gaussian noise.
+
+    ``theta_keys`` (the global Theta in its sent-up form) names Theta's
+    entries when no client sent any this round, so that the round still
+    releases noise on them. Theta is noised only when it is shared. The
+    public ``reference`` the clients left out
+    (:func:`~fedpac_hf.federated.privacy.public_reference`) is
+    added back, ``denominator`` times, so that the sums over the denominator
+    are the mean of what the clients added plus the reference.
+    """
+    if noise_seed is None:
+        raise ValueError("a DP round needs the server's noise seed (ServerState.noise_seed)")
+    std_delta, std_theta = dp.noise_stds()
+    delta_sum = noised_sums(delta_sum, std_delta, noise_generator(noise_seed, round_index, "delta"))
+    delta_sum = with_reference(delta_sum, reference[0], denominator)
+    if not dp.share_theta:
+        return delta_sum, theta_sum
+    if not theta_sum and theta_keys:  # no client this round
+        device = next(iter(delta_sum.values())).device
+        theta_sum = {
+            n: torch.zeros(t.shape, dtype=torch.float64, device=device)
+            for n, t in theta_keys.items()
+        }
+    theta_sum = noised_sums(theta_sum, std_theta, noise_generator(noise_seed, round_index, "theta"))
+    return delta_sum, with_reference(theta_sum, reference[1], denominator)
+
+
+def seeded_generator(seed: int, round_index: int, salt: int) -> torch.Generator:
+    """A CPU generator for one stream of one round, mixed from a secret ``seed``."""
+    mixed = int(seed) * 1_000_003 + int(round_index) * 7919 + int(salt)
+    return torch.Generator().manual_seed(mixed % (2**63))
+
+
+def noise_generator(noise_seed: int, round_index: int, part: str) -> torch.Generator:
+    """The CPU generator of one round's noise on one part (``"delta"`` or ``"theta"``)."""
+    return seeded_generator(noise_seed, round_index, zlib.crc32(part.encode()))
+
+
+def noised_sums(
+    sums: Mapping[str, torch.Tensor], std: float, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """``sums`` plus independent N(0, std^2) noise per entry, drawn in float64 on the CPU.
+
+    The noise is drawn on the CPU in the sorted order of the names (the same
+    noise whatever the dict's order, which differs between a fresh state and
+    one loaded from a checkpoint, and on any device) and added where the sums
+    live.
+    """
+    noised = {}
+    for name in sorted(sums):
+        total = sums[name]
+        noise = torch.randn(total.shape, dtype=torch.float64, generator=generator) * std
+        noised[name] = total + noise.to(total.device, total.dtype)
+    return {name: noised[name] for name in sums}
