@@ -139,7 +139,7 @@ DP_TUNED = ("8", "2")
 DP_GRID_POINTS = 3
 #: Theta's shares of the mechanism (``dp_theta_share``) tried under DP besides the
 #: default 0.5, for the methods that send Theta, at their DP-tuned rate
-THETA_SHARES = ("0.2",)
+THETA_SHARES = ("0.2", "0.1")
 
 
 def lr_grid(suite: Suite, method: str) -> tuple[float, ...]:
