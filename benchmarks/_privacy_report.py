@@ -65,11 +65,17 @@ def level_name(level: str) -> str:
 def by_level(finals: Sequence[Record]) -> dict[str, dict[str, Summary]]:
     """The final runs' summaries (test accuracy), per privacy level and method, at the
     non-private rates (the first protocol)."""
-    plain = [r for r in finals if r.get("tuned", "nodp") == "nodp"]
+    plain = first_protocol(finals)
     return {
         level: summarise([r for r in plain if r["privacy"] == level], "eval_accuracy")
         for level in ("nodp", *EPSILONS)
     }
+
+
+def first_protocol(finals: Sequence[Record]) -> list[Record]:
+    """The final runs at the non-private rates (records from before the second protocol
+    have no ``tuned``)."""
+    return [r for r in finals if r.get("tuned", "nodp") == "nodp"]
 
 
 def dp_tuned_levels(
@@ -325,7 +331,7 @@ def report(suite: Suite) -> None:
     """Write the suite's report (``benchmarks/PRIVACY.md`` for ``lora``) from its records."""
     done = load_results(suite.results)
     finals = [r for r in done.values() if r["stage"] == "final"]
-    plain = [r for r in finals if r.get("tuned", "nodp") == "nodp"]  # the first protocol
+    plain = first_protocol(finals)
     levels = by_level(finals)
     lines = [
         f"# {suite.title} (issue #25)",

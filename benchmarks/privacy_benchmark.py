@@ -53,14 +53,15 @@ Protocol
   non-private medians (below). Then, for the methods that send Theta, Theta's
   share of the mechanism (``dp_theta_share``, :data:`THETA_SHARES` besides
   the default 0.5) at that rate, the default kept on a tie. Final runs at
-  the DP-tuned rate and share where either differs from the first protocol's
-  (3 seeds); where both are the same, the first protocol's runs are reused. epsilon = inf keeps the non-private rate
-  (no noise to tune for). The privacy cost of tuning itself is not accounted,
-  as usual in DP benchmarks.
-* Clip norms: from the same non-private tuning runs (at the rate used). This script records, for
-  every client, the L2 norm of what :func:`clip_update` would clip (the delta
-  and Theta minus their public parts, :func:`own_part`) by wrapping
-  ``client_update`` in the worker process; ``dp_clip_norm`` and
+  the DP-tuned rate and share where either differs from the first
+  protocol's (3 seeds); where both are the same, the first protocol's runs
+  are reused. epsilon = inf keeps the non-private rate (no noise to tune
+  for). The privacy cost of tuning itself is not accounted, as usual in DP
+  benchmarks.
+* Clip norms: from the same non-private tuning runs (at the rate used). This
+  script records, for every client, the L2 norm of what :func:`clip_update`
+  would clip (the delta and Theta minus their public parts, :func:`own_part`)
+  by wrapping ``client_update`` in the worker process; ``dp_clip_norm`` and
   ``dp_theta_clip_norm`` are the **median** over all clients and rounds of
   the tuning run at the chosen rate (4 significant digits), so about half of
   the clients are clipped. Methods that do not align send no Theta under DP
@@ -247,7 +248,7 @@ def dp_chosen(suite: Suite, method: str, level: str, done: dict[str, Record]) ->
     if aligns(method):
         shares = {"": done[Run("dptune", method, level, 0, lr).key]}
         for share in THETA_SHARES:
-            record = done.get(replace(pick, stage="dptune", tuned="nodp", theta_share=share).key)
+            record = done.get(Run("dptune", method, level, 0, lr, theta_share=share).key)
             if record is None:
                 return None
             shares[share] = record
@@ -278,7 +279,7 @@ def plan(suite: Suite, done: dict[str, Record]) -> tuple[list[Run], int]:
                     runs.append(Run("final", method, level, seed, lr))
                 else:
                     runs.append(Run("final", method, level, seed, lr, clip, theta))
-    # rates tuned under DP, then the final runs at those that differ from the non-private one
+    # rates, then Theta's shares, tuned under DP; then the final runs where either differs
     for level in DP_TUNED:
         for method in METHODS:
             grid = dp_grid(suite, method, done) or ()

@@ -12,11 +12,12 @@ client's data as much as its delta is:
    independently with probability ``q = clients_per_round / num_clients``
    (:func:`~fedpac_hf.federated.sampling.poisson_sample_clients`), the
    sampling the accountant assumes;
-3. **noise** (on the server, :mod:`~fedpac_hf.federated.privacy_noise`): Gaussian noise on the sums,
-   std ``z k C`` on the delta's and ``z k_Theta C_Theta`` on Theta's, with
-   ``z = dp_noise_multiplier``, ``k = 1 / sqrt(1 - s)`` and
-   ``k_Theta = 1 / sqrt(s)`` when both parts travel (``s = dp_theta_share``,
-   default 1/2: ``k = k_Theta = sqrt(2)``; ``k = 1`` otherwise); the sums are divided by the *expected* number of
+3. **noise** (on the server, :mod:`~fedpac_hf.federated.privacy_noise`):
+   Gaussian noise on the sums, std ``z k C`` on the delta's and
+   ``z k_Theta C_Theta`` on Theta's, with ``z = dp_noise_multiplier``,
+   ``k = 1 / sqrt(1 - s)`` and ``k_Theta = 1 / sqrt(s)`` when both parts
+   travel (``s = dp_theta_share``, default 1/2: ``k = k_Theta = sqrt(2)``;
+   ``k = 1`` otherwise); the sums are divided by the *expected* number of
    clients ``q N`` (a fixed denominator, so one client changes the mean by at
    most its clipped contribution over ``q N``);
 4. **repair** Theta (:func:`~fedpac_hf.optim.repair.repair_curvature`):
@@ -31,8 +32,7 @@ Gaussian mechanism with noise multiplier ``z`` on a vector of sensitivity 1
 (add or remove one client), whatever ``s``. ``s`` is Theta's share of that
 budget: at the even split (1/2) sharing Theta costs the delta ``sqrt(2)`` more
 noise than DP-FedAvg without Theta; a smaller share gives the delta less noise
-and Theta more (Theta is a moving average that keeps part of every earlier
-round's global Theta, so its noise is partly averaged away; the delta's is not).
+and Theta more (benchmarks/PRIVACY.md measures both).
 
 The accountant (:mod:`~fedpac_hf.federated.accounting`) composes one
 Poisson-sampled Gaussian event per round. The noise is drawn from a generator

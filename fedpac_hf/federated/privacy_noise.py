@@ -5,6 +5,8 @@ Split out of :mod:`fedpac_hf.federated.privacy`, which holds the settings
 clip and the public reference). The noise is drawn from generators seeded by
 the server's secret ``noise_seed`` and the round, on the CPU in a fixed order,
 so that a resumed run adds the noise the uninterrupted run would on any device.
+Record-level DP (:mod:`~fedpac_hf.federated.record_privacy`) draws its
+per-client noise from the same seeded generators.
 """
 
 from __future__ import annotations

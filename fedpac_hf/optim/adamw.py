@@ -128,11 +128,10 @@ class AdamW(torch.optim.AdamW, CurvatureOptimizer):
         count ``s`` (:func:`warm_start_step`) the second moment holds ``beta2**K`` times the
         imported one, and the export divides it by its bias correction."""
         beta2 = float(constructor_option(torch.optim.AdamW.__init__, options, "betas")[1])
-        if num_steps <= 0:
-            return 1.0 / (1.0 - beta2 ** warm_start_step(beta2)) if beta2 > 0.0 else 1.0
-        if beta2 <= 0.0:
-            return 0.0
-        return beta2**num_steps / (1.0 - beta2 ** (warm_start_step(beta2) + num_steps))
+        steps = max(int(num_steps), 0)
+        if beta2 <= 0.0:  # no memory: the import survives only an export before any step
+            return 1.0 if steps == 0 else 0.0
+        return beta2**steps / (1.0 - beta2 ** (warm_start_step(beta2) + steps))
 
     def reset_basis_moments(self) -> None:
         """Zero the first moment (the client-specific direction); keep the second."""

@@ -93,10 +93,7 @@ def create_optimizer(
         Also an option the optimizer does not take, or a value out of its
         range (:data:`~fedpac_hf.optim.options.OPTIONS`; the message names it).
     """
-    key = name.lower()
-    if key not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; valid names: {sorted(OPTIMIZERS)}")
-    cls = OPTIMIZERS[key]
+    key, cls = _registered(name)
     check_options(key, kwargs, setting="optimizer_kwargs")  # torch's own optimizers too
 
     model = model_or_named_params if isinstance(model_or_named_params, nn.Module) else None
@@ -151,10 +148,16 @@ def curvature_retention(name: str, options: Mapping[str, Any], num_steps: int) -
     ValueError
         Unknown ``name``.
     """
+    _, cls = _registered(name)
+    if not issubclass(cls, CurvatureOptimizer):  # narrows the type: all registered ones are
+        return 1.0
+    return cls.curvature_retention(options, num_steps)
+
+
+def _registered(name: str) -> tuple[str, type[torch.optim.Optimizer]]:
+    """``name``'s registry key (case-insensitive) and class; ``ValueError`` listing the valid
+    names when it is unknown."""
     key = name.lower()
     if key not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; valid names: {sorted(OPTIMIZERS)}")
-    cls = OPTIMIZERS[key]
-    if not issubclass(cls, CurvatureOptimizer):
-        return 1.0
-    return cls.curvature_retention(options, num_steps)
+    return key, OPTIMIZERS[key]
