@@ -660,6 +660,27 @@ CASES = [
         lambda o: _args(o, dp_mode="client", dp_clip_norm=0.1, dp_noise_multiplier=1.0),
     ),
     Case(
+        "DP Theta share outside (0, 1)",
+        "`fedpac-hf train`",
+        lambda o: _cli(o, _TINY_CLI, *_DP_CLI, "--dp_theta_share", "1"),
+    ),
+    Case(
+        "DP clip schedule that is not a choice",
+        "`fedpac-hf train`",
+        lambda o: _cli(o, _TINY_CLI, *_DP_CLI, "--dp_clip_schedule", "cosine"),
+    ),
+    Case(
+        "DP clip schedule with record-level DP",
+        "`FedPACArguments`",
+        lambda o: _args(
+            o,
+            dp_mode="record",
+            dp_clip_norm=1.0,
+            dp_noise_multiplier=1.0,
+            dp_clip_schedule="learning_rate",
+        ),
+    ),
+    Case(
         "DP delta not below 1 / num_clients",
         "`FedPACTrainer.train`",
         lambda o: _train(o, **_DP, dp_delta=0.3),
@@ -752,6 +773,7 @@ def _tensor_loaders():
 
 
 _DP = dict(dp_mode="client", dp_clip_norm=0.1, dp_theta_clip_norm=1.0, dp_noise_multiplier=1.0)
+_DP_CLI = [arg for name, value in _DP.items() for arg in (f"--{name}", str(value))]
 
 
 # The classes of mistakes, in the order the document lists them: a title, the
@@ -858,6 +880,9 @@ CLASSES: list[tuple[str, str, tuple[str, ...]]] = [
             "DP noise without a clip norm",
             "DP clip norm nan",
             "DP with an aligning algorithm but no Theta clip norm",
+            "DP Theta share outside (0, 1)",
+            "DP clip schedule that is not a choice",
+            "DP clip schedule with record-level DP",
             "DP delta not below 1 / num_clients",
             "DP target epsilon not reachable in the rounds",
             "DP with num_examples weighting",

@@ -363,6 +363,17 @@ def test_a_resumed_private_run_adds_the_same_noise_and_continues_epsilon(tmp_pat
         ({"dp_mode": "secret"}, "dp_mode"),
         ({"dp_noise_multiplier": 1.0}, "set dp_mode: client"),
         ({"dp_theta_share": 0.3}, "set dp_mode: client"),
+        (
+            {
+                "dp_mode": "client",
+                "dp_clip_norm": 1.0,
+                "dp_theta_clip_norm": 1.0,
+                "dp_noise_multiplier": 1.0,
+                "dp_clip_schedule": "cosine",
+            },
+            "dp_clip_schedule",
+        ),
+        ({"dp_clip_schedule": "learning_rate"}, "set dp_mode: client"),
     ],
 )
 def test_bad_privacy_settings_fail_when_read_naming_the_setting(tmp_path, settings, named):
@@ -566,6 +577,7 @@ def test_a_target_epsilon_gives_each_client_its_own_noise():
         ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps: 1"),
         ({"dp_theta_clip_norm": 1.0}, "dp_theta_clip_norm is for dp_mode: client"),
         ({"dp_theta_share": 0.3}, "dp_theta_share is for dp_mode: client"),
+        ({"dp_clip_schedule": "learning_rate"}, "dp_clip_schedule is for dp_mode: client"),
     ],
 )
 def test_record_dp_refuses_settings_it_cannot_cover(tmp_path, settings, named):

@@ -28,10 +28,11 @@ DP_SETTINGS = (
     "dp_delta",
     "dp_target_epsilon",
     "dp_theta_share",
+    "dp_clip_schedule",
 )
 #: Settings added after runs were saved: kept in a run's identity only when set,
 #: so that those runs still resume.
-_LATER_DP_SETTINGS = ("dp_theta_share",)
+_LATER_DP_SETTINGS = ("dp_theta_share", "dp_clip_schedule")
 
 
 @dataclass
@@ -67,6 +68,15 @@ class PrivacyArguments:
             "help": "Theta's share s of each round's Gaussian mechanism, in (0, 1), when Theta "
             "travels: noise std z C / sqrt(1 - s) on the delta, z C_Theta / sqrt(s) on Theta; "
             "the same epsilon whatever s. Default 0.5 (sqrt(2) on both)."
+        },
+    )
+    dp_clip_schedule: str | None = field(
+        default=None,
+        metadata={
+            "help": "How the delta's clip norm moves over rounds (dp_mode: client): 'constant' "
+            "(the default) or 'learning_rate': dp_clip_norm at the peak learning_rate, scaled "
+            "by each round's rate over it, so the noise shrinks with the steps; the same "
+            "epsilon."
         },
     )
     dp_noise_multiplier: float | None = field(
@@ -191,6 +201,8 @@ class PrivacyArguments:
             target_epsilon=self.dp_target_epsilon,
             share_theta=algorithm.align,
             theta_share=self.dp_theta_share,
+            clip_schedule=self.dp_clip_schedule,
+            learning_rate=getattr(self, "learning_rate", None),
         )
 
     def record_privacy(self, algorithm: Algorithm | None = None) -> RecordDP | None:
@@ -209,6 +221,7 @@ class PrivacyArguments:
             delta=self.dp_delta,
             target_epsilon=self.dp_target_epsilon,
             noise_seed=self.dp_noise_seed,
+            clip_schedule=self.dp_clip_schedule,
         )
         if algorithm is not None:
             dp.check_client(

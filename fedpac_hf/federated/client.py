@@ -284,9 +284,8 @@ def client_update(
         return update
     if privacy is None:
         return update
-    return clip_update(
-        update, privacy, public_reference(state, algorithm, steps.lr, steps.num_steps)
-    )
+    reference = public_reference(state, algorithm, steps.lr, steps.num_steps)
+    return clip_update(update, privacy.at_rate(steps.lr), reference)
 
 
 def _model_device(params: Mapping[str, torch.Tensor]) -> torch.device:

@@ -61,6 +61,7 @@ from .state import ClientUpdate, ServerState
 __all__ = [
     "DP_MODES",
     "DP_RULES",
+    "CLIP_SCHEDULES",
     "ClientDP",
     "Reference",
     "clip_update",
@@ -73,6 +74,10 @@ DP_MODES: tuple[str, ...] = ("none", "client", "record")
 """``dp_mode`` choices: no privacy, client-level (user-level) DP, or record-level DP
 (DP-SGD in each client, :mod:`~fedpac_hf.federated.record_privacy`)."""
 
+CLIP_SCHEDULES: tuple[str, ...] = ("constant", "learning_rate")
+"""``dp_clip_schedule`` choices: the delta's clip norm the same every round, or
+following the round's learning rate (``dp_clip_norm`` at the peak rate)."""
+
 _POSITIVE = number(0.0, low_open=True)
 #: What each ``dp_*`` number accepts, in both modes (``client`` and ``record``).
 DP_RULES = {
@@ -82,6 +87,7 @@ DP_RULES = {
     "dp_delta": optional(number(0.0, 1.0, low_open=True, high_open=True)),
     "dp_target_epsilon": optional(_POSITIVE),
     "dp_theta_share": optional(number(0.0, 1.0, low_open=True, high_open=True)),
+    "dp_clip_schedule": optional(one_of(*CLIP_SCHEDULES)),
 }
 
 
@@ -114,6 +120,11 @@ class ClientDP:
         s, Theta's share of the mechanism's budget when it travels, in (0, 1):
         the noise stds are ``z C / sqrt(1 - s)`` on the delta and
         ``z C_Theta / sqrt(s)`` on Theta.
+    clip_lr:
+        With ``dp_clip_schedule: learning_rate``, the rate at which ``clip_norm``
+        holds (the schedule's peak, ``learning_rate``): a round at rate ``lr``
+        bounds the delta by ``clip_norm * lr / clip_lr`` (:meth:`at_rate`).
+        ``None``: the same bound every round.
     """
 
     clip_norm: float
@@ -123,6 +134,7 @@ class ClientDP:
     target_epsilon: float | None = None
     share_theta: bool = False
     theta_share: float = 0.5
+    clip_lr: float | None = None
 
     @classmethod
     def from_settings(
@@ -136,6 +148,8 @@ class ClientDP:
         target_epsilon: float | None = None,
         share_theta: bool = False,
         theta_share: float | None = None,
+        clip_schedule: str | None = None,
+        learning_rate: float | None = None,
     ) -> ClientDP | None:
         """The settings of ``dp_mode: client`` checked, or ``None`` for the other modes
         (``record``'s are :class:`~fedpac_hf.federated.record_privacy.RecordDP`'s).
@@ -143,7 +157,8 @@ class ClientDP:
         Raises ``ValueError`` naming the setting for a bad value or combination:
         noise or a target without ``dp_clip_norm``, both ``dp_noise_multiplier``
         and ``dp_target_epsilon``, neither, or Theta shared without
-        ``dp_theta_clip_norm``.
+        ``dp_theta_clip_norm``. ``learning_rate`` (the schedule's peak) is
+        needed with ``clip_schedule="learning_rate"``.
         """
         one_of(*DP_MODES).check("dp_mode", mode)
         given = {
@@ -153,6 +168,7 @@ class ClientDP:
             "dp_delta": delta,
             "dp_target_epsilon": target_epsilon,
             "dp_theta_share": theta_share,
+            "dp_clip_schedule": clip_schedule,
         }
         if mode == "none":
             set_ = [k for k, v in given.items() if v is not None]
@@ -191,6 +207,7 @@ class ClientDP:
             target_epsilon=None if target_epsilon is None else float(target_epsilon),
             share_theta=bool(share_theta),
             theta_share=0.5 if theta_share is None else float(theta_share),
+            clip_lr=_clip_lr(clip_schedule, learning_rate),
         )
 
     def resolve(self, num_clients: int, sample_rate: float, num_rounds: int) -> ClientDP:
@@ -213,6 +230,20 @@ class ClientDP:
         if z is None:
             z = noise_for_epsilon(self.target_epsilon, delta, sample_rate, num_rounds)
         return replace(self, delta=delta, noise_multiplier=z)
+
+    def at_rate(self, lr: float) -> ClientDP:
+        """The settings of a round at learning rate ``lr``: with ``dp_clip_schedule:
+        learning_rate`` the delta's bound is ``clip_norm * lr / clip_lr`` (and its noise
+        follows it), else these settings as they are.
+
+        Every round stays one Gaussian mechanism with multiplier ``z`` on a
+        contribution of sensitivity 1 (the bound and the noise scale
+        together), so the accounting is the same; the bound is public (the
+        schedule is), so clients and server agree on it.
+        """
+        if self.clip_lr is None:
+            return self
+        return replace(self, clip_norm=self.clip_norm * float(lr) / self.clip_lr, clip_lr=None)
 
     @staticmethod
     def check_round(weighting: str, transport_dtype: str, adaptive_beta: bool) -> None:
@@ -253,6 +284,18 @@ class ClientDP:
             z * self.noise_scale * self.clip_norm,
             z * self.theta_noise_scale * (self.theta_clip_norm or 0.0),
         )
+
+
+def _clip_lr(schedule: str | None, learning_rate: float | None) -> float | None:
+    """The rate at which ``dp_clip_norm`` holds (``None``: a constant bound)."""
+    if schedule in (None, "constant"):
+        return None
+    if learning_rate is None or not float(learning_rate) > 0.0:
+        raise ValueError(
+            "dp_clip_schedule: learning_rate scales the clip norm by the round's rate over "
+            f"the peak learning_rate, which must be positive (got {learning_rate!r})"
+        )
+    return float(learning_rate)
 
 
 def _global_norm(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:

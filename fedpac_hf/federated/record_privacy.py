@@ -84,6 +84,7 @@ class RecordDP:
         delta: float | None = None,
         target_epsilon: float | None = None,
         noise_seed: int | None = None,
+        clip_schedule: str | None = None,
     ) -> RecordDP:
         """The settings of ``dp_mode: record`` checked (``ValueError`` names the setting)."""
         if clip_norm is None:
@@ -99,6 +100,11 @@ class RecordDP:
                     f"{setting} is for dp_mode: client; with dp_mode: record Theta is computed "
                     "from privatized gradients only and needs no clip or noise of its own"
                 )
+        if clip_schedule is not None:
+            raise ValueError(
+                "dp_clip_schedule is for dp_mode: client; with dp_mode: record dp_clip_norm "
+                "bounds each example's gradient, which does not scale with the learning rate"
+            )
         given = {
             "dp_clip_norm": clip_norm,
             "dp_noise_multiplier": noise_multiplier,

@@ -245,7 +245,7 @@ class RoundAggregator:
         state = self.server_state
         if self.privacy is not None:
             self.delta_sum, self.curvature_weighted_sum = noised_round(
-                self.privacy,
+                self.privacy.at_rate(lr),
                 self.delta_sum,
                 self.curvature_weighted_sum,
                 sent_form(state.curvature),

@@ -99,6 +99,7 @@ def simulate(
     dp_clip_norm: float | None = None,
     dp_theta_clip_norm: float | None = None,
     dp_theta_share: float | None = None,
+    dp_clip_schedule: str | None = None,
     dp_noise_multiplier: float | None = None,
     dp_delta: float | None = None,
     dp_target_epsilon: float | None = None,
@@ -153,14 +154,15 @@ def simulate(
         :func:`~fedpac_hf.federated.theta_budget.theta_options`, which
         ``FedPACTrainer``, the CLI and the Flower apps use too). Options in
         the algorithm's ``optimizer_kwargs`` take precedence.
-    dp_mode, dp_clip_norm, dp_theta_clip_norm, dp_theta_share, dp_noise_multiplier, \
-    dp_delta, dp_target_epsilon, dp_noise_seed:
+    dp_mode, dp_clip_norm, dp_theta_clip_norm, dp_theta_share, dp_clip_schedule, \
+    dp_noise_multiplier, dp_delta, dp_target_epsilon, dp_noise_seed:
         Client-level differential privacy (``dp_mode="client"``): each client's
         delta clipped to ``dp_clip_norm`` and its Theta, when it travels, to
         ``dp_theta_clip_norm``; clients Poisson-sampled; Gaussian noise on the
         sums with multiplier ``dp_noise_multiplier`` (or the one
         ``dp_target_epsilon`` needs after ``num_rounds``), Theta's share of the
-        mechanism ``dp_theta_share`` (default 0.5); ``epsilon`` at
+        mechanism ``dp_theta_share`` (default 0.5); ``dp_clip_schedule="learning_rate"``
+        scales the delta's bound (and noise) by each round's rate over ``lr``; ``epsilon`` at
         ``dp_delta`` (default ``num_clients ** -1.1``) in every round's
         metrics. ``dp_noise_seed`` fixes the noise (default: a secret seed).
         See :mod:`~fedpac_hf.federated.privacy`. ``dp_mode="record"``: DP-SGD in
@@ -223,6 +225,8 @@ def simulate(
         target_epsilon=dp_target_epsilon,
         share_theta=algorithm.align,
         theta_share=dp_theta_share,
+        clip_schedule=dp_clip_schedule,
+        learning_rate=lr,
     )
     engine = RoundEngine(
         algorithm,
@@ -261,6 +265,7 @@ def simulate(
             clip_norm=dp_clip_norm,
             theta_clip_norm=dp_theta_clip_norm,
             theta_share=dp_theta_share,
+            clip_schedule=dp_clip_schedule,
             noise_multiplier=dp_noise_multiplier,
             delta=dp_delta,
             target_epsilon=dp_target_epsilon,

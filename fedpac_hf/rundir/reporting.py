@@ -57,6 +57,7 @@ _SUMMARY_SETTINGS = (
     "dp_clip_norm",
     "dp_theta_clip_norm",
     "dp_theta_share",
+    "dp_clip_schedule",
     "dp_noise_multiplier",
     "dp_target_epsilon",
     "max_grad_norm",
