@@ -141,6 +141,8 @@ DP_GRID_POINTS = 3
 #: Theta's shares of the mechanism (``dp_theta_share``) tried under DP besides the
 #: default 0.5, for the methods that send Theta, at their DP-tuned rate
 THETA_SHARES = ("0.2", "0.1")
+#: ``dp_clip_schedule`` tried under DP at every rate of the DP grid, with the chosen share
+CLIP_SCHEDULE = "learning_rate"
 
 
 def lr_grid(suite: Suite, method: str) -> tuple[float, ...]:
@@ -164,7 +166,8 @@ class Run:
     passed on the command line (``""`` when unused). Stage ``"dptune"`` is a
     tuning run under DP (validation split); ``tuned`` says where a final run's
     rate was tuned (``"nodp"`` or ``"dp"``); ``theta_share`` is
-    ``dp_theta_share`` as passed (``""``: the default 0.5).
+    ``dp_theta_share`` as passed (``""``: the default 0.5); ``clip_schedule`` is
+    ``dp_clip_schedule`` as passed (``""``: constant).
     """
 
     stage: str
@@ -176,10 +179,12 @@ class Run:
     theta_clip: str = ""
     tuned: str = "nodp"
     theta_share: str = ""
+    clip_schedule: str = ""
 
     @property
     def key(self) -> str:
         share = f"_share{self.theta_share}" if self.theta_share else ""
+        share += "_lrclip" if self.clip_schedule else ""
         if self.stage == "tune":
             return f"tune_{self.method}_lr{self.lr:g}_s{self.seed}"
         if self.stage == "dptune":
@@ -218,6 +223,18 @@ def clip_norms(method: str, lr: float, done: dict[str, Record]) -> tuple[str, st
     return clip, theta
 
 
+def scheduled_clip_norm(suite: Suite, method: str, lr: float, done: dict[str, Record]) -> str:
+    """``dp_clip_norm`` for ``dp_clip_schedule: learning_rate`` at peak rate ``lr``: the median
+    of that tuning run's delta norms, each divided by its round's rate over ``lr``."""
+    from fedpac_hf.federated import round_learning_rates
+
+    record = done[tune_key(method, lr)]
+    rates = round_learning_rates(lr, suite.num_rounds, "cosine")
+    counts = [int(h["num_clients"]) for h in record["history"]]  # a diverged client: no norm
+    ratios = np.repeat([lr / rate for rate in rates], counts)
+    return f"{float(np.median(np.asarray(record['client_norms']['delta']) * ratios)):.4g}"
+
+
 def dp_grid(suite: Suite, method: str, done: dict[str, Record]) -> tuple[float, ...] | None:
     """The rates tried under DP: the non-private choice and up to two grid rates below it."""
     picked = chosen(suite, method, done)
@@ -239,8 +256,46 @@ def dp_rate(suite: Suite, method: str, level: str, done: dict[str, Record]) -> f
 
 def dp_chosen(suite: Suite, method: str, level: str, done: dict[str, Record]) -> Run | None:
     """The final run (seed 0) of ``method`` at ``level`` with what was tuned under DP: the
-    rate, then, for a method that sends Theta, Theta's share at that rate (the default on a
-    tie). None while a tuning run is missing."""
+    rate and Theta's share (:func:`dp_constant`), then the clip norm following the rate at
+    each rate of the DP grid with that share (the constant clip norm on a tie). None while
+    a tuning run is missing."""
+    pick = dp_constant(suite, method, level, done)
+    if pick is None:
+        return None
+    tried = {pick: done[dp_tune_run(pick).key]}
+    for run in schedule_runs(suite, pick, done):
+        if run.key not in done:
+            return None
+        tried[replace(run, stage="final")] = done[run.key]
+    best = max(tried, key=lambda r: (tune_score(tried[r]), r is pick))
+    return best if best is pick else replace(best, tuned="dp")
+
+
+def dp_tune_run(pick: Run) -> Run:
+    """The DP tuning run (validation, seed 0) behind the final run ``pick``."""
+    return replace(pick, stage="dptune", seed=0, tuned="nodp")
+
+
+def schedule_runs(suite: Suite, pick: Run, done: dict[str, Record]) -> list[Run]:
+    """The DP tuning runs with the clip norm following the rate: at every rate of the DP
+    grid, with ``pick``'s share (each rate's clip norm from its non-private run)."""
+    grid = dp_grid(suite, pick.method, done) or ()
+    return [
+        replace(
+            dp_tune_run(pick),
+            lr=lr,
+            clip=scheduled_clip_norm(suite, pick.method, lr, done),
+            theta_clip=clip_norms(pick.method, lr, done)[1],
+            clip_schedule=CLIP_SCHEDULE,
+        )
+        for lr in grid
+    ]
+
+
+def dp_constant(suite: Suite, method: str, level: str, done: dict[str, Record]) -> Run | None:
+    """The final run (seed 0) of ``method`` at ``level`` with the rate tuned under DP, then,
+    for a method that sends Theta, Theta's share at that rate (the default on a tie); a
+    constant clip norm. None while a tuning run is missing."""
     lr = dp_rate(suite, method, level, done)
     if lr is None:
         return None
@@ -303,6 +358,12 @@ def plan(suite: Suite, done: dict[str, Record]) -> tuple[list[Run], int]:
                     waiting += 1
                 elif picked.tuned == "dp":
                     runs.append(replace(picked, seed=seed))
+    # the clip norm following the rate, at the rates and shares tuned above
+    for level in DP_TUNED:
+        for method in METHODS:
+            pick = dp_constant(suite, method, level, done)
+            runs += schedule_runs(suite, pick, done) if pick else []
+            waiting += pick is None
     # last: the other methods without DP (context: what DP costs each of them)
     for seed in range(SEEDS):
         for method in METHODS:
@@ -326,6 +387,8 @@ def overrides(suite: Suite, run: Run, run_dir: Path) -> list[str]:
             over += ["--dp_theta_clip_norm", run.theta_clip]
         if run.theta_share:
             over += ["--dp_theta_share", run.theta_share]
+        if run.clip_schedule:
+            over += ["--dp_clip_schedule", run.clip_schedule]
         if run.privacy == "inf":
             over += ["--dp_noise_multiplier", "0"]
         else:
