@@ -25,7 +25,7 @@ from _harness.reporting import (
 )
 from _harness.runs import Record, load_results, series, tune_score
 from _privacy_suites import Suite
-from privacy_benchmark import (
+from _privacy_tuning import (
     DP_TUNED,
     EPSILONS,
     FIRST_ORDER,
@@ -36,9 +36,11 @@ from privacy_benchmark import (
     aligns,
     chosen,
     dp_chosen,
+    dp_constant,
     dp_grid,
     dp_rate,
     lr_grid,
+    schedule_runs,
     tune_key,
 )
 
@@ -90,15 +92,28 @@ def dp_tuned_levels(
             picked = dp_chosen(suite, method, level, done)
             if picked is None:
                 continue
-            wanted = (method, level, picked.tuned, picked.theta_share)
-            runs += [
-                r
-                for r in finals
-                if (r["method"], r["privacy"], r.get("tuned", "nodp"), r.get("theta_share", ""))
-                == wanted
-            ]
+            wanted = (method, level, picked.tuned, picked.theta_share, picked.clip_schedule)
+            runs += [r for r in finals if tuned_as(r) == wanted]
         levels[level] = summarise(runs, "eval_accuracy")
     return levels
+
+
+def tuned_as(r: Record) -> tuple[str, str, str, str, str]:
+    """What identifies a final run's protocol: method, level, where its rate was tuned,
+    Theta's share and the clip schedule (records from before a field have its default)."""
+    return (
+        r["method"],
+        r["privacy"],
+        r.get("tuned", "nodp"),
+        r.get("theta_share", ""),
+        r.get("clip_schedule", ""),
+    )
+
+
+def setting_label(lr: float | str, share: str, schedule: str) -> str:
+    """A rate (a number or a cell) with its share and clip schedule where not the defaults."""
+    rate = lr if isinstance(lr, str) else f"{lr:g}"
+    return rate + (f", s = {share}" if share else "") + (", C ~ lr" if schedule else "")
 
 
 def lead(summ: dict[str, Summary]) -> tuple[float, str, float] | None:
@@ -207,27 +222,37 @@ def dp_tuning_section(
                 record = done.get(Run("dptune", method, level, 0, lr).key)
                 cells.append(f"{lr:g}: {fmt(tune_score(record))}" if record else f"{lr:g}: -")
             rate = dp_rate(suite, method, level, done)
-            for share in THETA_SHARES if aligns(method) and rate is not None else ():
-                run = Run("dptune", method, level, 0, rate, theta_share=share)
+            tried = [
+                Run("dptune", method, level, 0, rate, theta_share=share)
+                for share in (THETA_SHARES if aligns(method) and rate is not None else ())
+            ]
+            constant = dp_constant(suite, method, level, done)
+            tried += schedule_runs(suite, constant, done) if constant else []
+            for run in tried:
                 score = fmt(tune_score(done[run.key])) if run.key in done else "-"
-                cells.append(f"{rate:g}, s = {share}: {score}")
+                cells.append(
+                    f"{setting_label(run.lr, run.theta_share, run.clip_schedule)}: {score}"
+                )
             picked = dp_chosen(suite, method, level, done)
             choice = chosen_cell(picked and picked.lr, grid)
-            if picked and picked.theta_share:
-                choice += f", s = {picked.theta_share}"
+            if picked:
+                choice = setting_label(choice, picked.theta_share, picked.clip_schedule)
             rows.append((f"{method}, {level_name(level)}", cells, choice))
     tuning_table(
         lines,
         "Validation accuracy (%, mean of the last 3 rounds) under DP, seed 0: the rates at "
         "Theta's default share s = 0.5, then, for methods that send Theta, other shares "
-        "(`dp_theta_share`) at the best of those rates (`*`: the chosen rate is at an edge of "
+        "(`dp_theta_share`) at the best of those rates, then the clip norm following the "
+        'rate (`dp_clip_schedule: learning_rate`, "C ~ lr") at each rate with the chosen '
+        "share (`*`: the chosen rate is at an edge of "
         "the grid; the grid's top is the non-private choice)",
         rows,
     )
     levels = dp_tuned_levels(suite, finals, done)
     lines += [
         "Test accuracy (%, final round, mean +- std over seeds) at the rates (and Theta's "
-        "shares s, where not 0.5) tuned under DP (eps = inf: the non-private rate):",
+        'shares s, where not 0.5; "C ~ lr": the clip norm follows the rate) tuned under '
+        "DP (eps = inf: the non-private rate):",
         "",
         "| method | "
         + " | ".join(f"{level_name(level)}: lr | accuracy" for level in EPSILONS)
@@ -238,10 +263,8 @@ def dp_tuning_section(
         row = []
         for level in EPSILONS:
             summary = levels[level].get(method)
-            used = sorted(
-                {(r["lr"], r.get("theta_share", "")) for r in summary.runs} if summary else []
-            )
-            rates = ", ".join(f"{lr:g}" + (f" (s = {s})" if s else "") for lr, s in used)
+            used = sorted({(r["lr"], *tuned_as(r)[3:]) for r in summary.runs} if summary else [])
+            rates = "; ".join(setting_label(*u) for u in used)
             row += [rates or "-", cell(summary)]
         lines.append(f"| {method} | " + " | ".join(row) + " |")
     lines += ["", lead_line(levels, EPSILONS), "", "Noise and clipping at these rates:", ""]
@@ -280,6 +303,7 @@ def noise_section(lines: list[str], suite: Suite, finals: Sequence[Record], d: i
             z, k = r["noise_multiplier"], r["noise_scale"]
             k_theta = r.get("theta_noise_scale", k)  # runs before dp_theta_share: the same k
             std = z * k * float(r["clip"]) / suite.clients_per_round
+            clip = r["clip"] + (" (peak, C ~ lr)" if r.get("clip_schedule") else "")
             eps = [series(x, "epsilon")[-1] for x in runs]
             eps_cell = ", ".join(sorted({f"{e:.3g}" for e in eps}))
             theta = pooled_mean(runs, "dp_clipped_theta")
@@ -290,7 +314,7 @@ def noise_section(lines: list[str], suite: Suite, finals: Sequence[Record], d: i
                 std_theta = z * k_theta * float(r["theta_clip"]) / suite.clients_per_round
                 theta_noise = f"{r['theta_clip']}, {std_theta:.3g}"
             lines.append(
-                f"| {method} | {level_name(level)} | {z:.4g} | {k:.3g} | {r['clip']} | {std:.3g} "
+                f"| {method} | {level_name(level)} | {z:.4g} | {k:.3g} | {clip} | {std:.3g} "
                 f"| {ratio:.3g} | {theta_noise} "
                 f"| {eps_cell} | {r['delta']:.3g} "
                 f"| {fmt(pooled_mean(runs, 'dp_clipped_delta'), digits=0)} % / {theta_cell} |"

@@ -96,11 +96,9 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -108,211 +106,36 @@ from _harness.runs import (  # noqa: E402
     CACHE,
     KEPT_KEYS,
     Record,
-    best_of,
     load_results,
     machine,
     run_queue,
-    scores_at,
     show_output_dir,
     train_once,
-    tune_score,
     validation_dataset,
 )
 from _privacy_suites import NUM_CLIENTS, SUITES, Suite  # noqa: E402
+from _privacy_tuning import (  # noqa: E402
+    DP_GRID_POINTS,
+    DP_TUNED,
+    EPSILONS,
+    METHODS,
+    NODP_METHOD,
+    SEEDS,
+    THETA_SHARES,
+    Run,
+    aligns,
+    chosen,
+    clip_norms,
+    dp_chosen,
+    dp_constant,
+    dp_grid,
+    dp_rate,
+    lr_grid,
+    schedule_runs,
+    tune_key,
+)
 
 KEYS = (*KEPT_KEYS, "epsilon", "dp_clipped_delta", "dp_clipped_theta")
-
-#: method -> (algorithm, what the server receives besides the delta)
-METHODS: dict[str, tuple[str, str]] = {
-    "fedavg_adamw": ("fedavg_adamw", "nothing"),
-    "fedadamw": ("fedadamw", "AdamW's second moments"),
-    "fedpac_soap": ("fedpac_soap", "SOAP's Kronecker statistics"),
-    "fedpac_correct_soap": ("fedpac_correct_soap", "nothing (Theta never shared)"),
-}
-FIRST_ORDER = ("fedavg_adamw", "fedadamw")
-#: privacy levels of the final runs: "nodp" is dp_mode none, "inf" clipping only
-EPSILONS = ("inf", "8", "2")
-NODP_METHOD = "fedpac_soap"
-SEEDS = 3
-#: levels whose rate is tuned again under DP (validation split, seed 0), on the
-#: non-private choice and the grid's next rates below it (noise favours smaller steps)
-DP_TUNED = ("8", "2")
-DP_GRID_POINTS = 3
-#: Theta's shares of the mechanism (``dp_theta_share``) tried under DP besides the
-#: default 0.5, for the methods that send Theta, at their DP-tuned rate
-THETA_SHARES = ("0.2", "0.1")
-#: ``dp_clip_schedule`` tried under DP at every rate of the DP grid, with the chosen share
-CLIP_SCHEDULE = "learning_rate"
-
-
-def lr_grid(suite: Suite, method: str) -> tuple[float, ...]:
-    """The learning-rate grid of ``method`` (AdamW clients prefer smaller rates)."""
-    return suite.grids[0] if "adamw" in method else suite.grids[1]
-
-
-def aligns(method: str) -> bool:
-    """Whether ``method``'s algorithm shares Theta (and so needs ``dp_theta_clip_norm``)."""
-    from fedpac_hf.federated import get_algorithm
-
-    return bool(get_algorithm(METHODS[method][0]).align)
-
-
-@dataclass(frozen=True)
-class Run:
-    """One training run: a non-private tuning run (validation) or a final run (test).
-
-    ``privacy`` is ``"nodp"`` (``dp_mode: none``), ``"inf"`` (clipping only)
-    or a target epsilon; ``clip`` and ``theta_clip`` are the clip norms as
-    passed on the command line (``""`` when unused). Stage ``"dptune"`` is a
-    tuning run under DP (validation split); ``tuned`` says where a final run's
-    rate was tuned (``"nodp"`` or ``"dp"``); ``theta_share`` is
-    ``dp_theta_share`` as passed (``""``: the default 0.5); ``clip_schedule`` is
-    ``dp_clip_schedule`` as passed (``""``: constant).
-    """
-
-    stage: str
-    method: str
-    privacy: str
-    seed: int
-    lr: float
-    clip: str = ""
-    theta_clip: str = ""
-    tuned: str = "nodp"
-    theta_share: str = ""
-    clip_schedule: str = ""
-
-    @property
-    def key(self) -> str:
-        share = f"_share{self.theta_share}" if self.theta_share else ""
-        share += "_lrclip" if self.clip_schedule else ""
-        if self.stage == "tune":
-            return f"tune_{self.method}_lr{self.lr:g}_s{self.seed}"
-        if self.stage == "dptune":
-            return f"dptune_{self.method}_eps-{self.privacy}_lr{self.lr:g}{share}_s{self.seed}"
-        suffix = "_dptuned" if self.tuned == "dp" else ""
-        return f"final_{self.method}_eps-{self.privacy}_s{self.seed}{suffix}{share}"
-
-
-def tune_key(method: str, lr: float) -> str:
-    """The cache key of ``method``'s tuning run at ``lr``."""
-    return Run("tune", method, "nodp", 0, lr).key
-
-
-def chosen(suite: Suite, method: str, done: dict[str, Record]) -> tuple[float, str, str] | None:
-    """``method``'s tuned rate and clip norms (None while a tuning run is missing).
-
-    Returns
-    -------
-    tuple
-        ``(lr, dp_clip_norm, dp_theta_clip_norm)``; the norms are the medians
-        of the clients' delta and Theta norms in the tuning run at ``lr``,
-        written with 4 significant digits (``""``: Theta does not travel).
-    """
-    scores = scores_at(lr_grid(suite, method), lambda lr: tune_key(method, lr), done)
-    if scores is None:
-        return None
-    lr = best_of(scores)
-    return (lr, *clip_norms(method, lr, done))
-
-
-def clip_norms(method: str, lr: float, done: dict[str, Record]) -> tuple[str, str]:
-    """``(dp_clip_norm, dp_theta_clip_norm)`` at ``lr``: medians of that tuning run's clients."""
-    norms = done[tune_key(method, lr)]["client_norms"]
-    clip = f"{float(np.median(norms['delta'])):.4g}"
-    theta = f"{float(np.median(norms['theta'])):.4g}" if aligns(method) else ""
-    return clip, theta
-
-
-def scheduled_clip_norm(suite: Suite, method: str, lr: float, done: dict[str, Record]) -> str:
-    """``dp_clip_norm`` for ``dp_clip_schedule: learning_rate`` at peak rate ``lr``: the median
-    of that tuning run's delta norms, each divided by its round's rate over ``lr``."""
-    from fedpac_hf.federated import round_learning_rates
-
-    record = done[tune_key(method, lr)]
-    rates = round_learning_rates(lr, suite.num_rounds, "cosine")
-    counts = [int(h["num_clients"]) for h in record["history"]]  # a diverged client: no norm
-    ratios = np.repeat([lr / rate for rate in rates], counts)
-    return f"{float(np.median(np.asarray(record['client_norms']['delta']) * ratios)):.4g}"
-
-
-def dp_grid(suite: Suite, method: str, done: dict[str, Record]) -> tuple[float, ...] | None:
-    """The rates tried under DP: the non-private choice and up to two grid rates below it."""
-    picked = chosen(suite, method, done)
-    if picked is None:
-        return None
-    grid = lr_grid(suite, method)
-    at = grid.index(picked[0])
-    return grid[max(0, at - DP_GRID_POINTS + 1) : at + 1]
-
-
-def dp_rate(suite: Suite, method: str, level: str, done: dict[str, Record]) -> float | None:
-    """``method``'s rate tuned under DP at ``level`` (default share; None: runs missing)."""
-    grid = dp_grid(suite, method, done)
-    if grid is None:
-        return None
-    scores = scores_at(grid, lambda lr: Run("dptune", method, level, 0, lr).key, done)
-    return None if scores is None else best_of(scores)
-
-
-def dp_chosen(suite: Suite, method: str, level: str, done: dict[str, Record]) -> Run | None:
-    """The final run (seed 0) of ``method`` at ``level`` with what was tuned under DP: the
-    rate and Theta's share (:func:`dp_constant`), then the clip norm following the rate at
-    each rate of the DP grid with that share (the constant clip norm on a tie). None while
-    a tuning run is missing."""
-    pick = dp_constant(suite, method, level, done)
-    if pick is None:
-        return None
-    tried = {pick: done[dp_tune_run(pick).key]}
-    for run in schedule_runs(suite, pick, done):
-        if run.key not in done:
-            return None
-        tried[replace(run, stage="final")] = done[run.key]
-    best = max(tried, key=lambda r: (tune_score(tried[r]), r is pick))
-    return best if best is pick else replace(best, tuned="dp")
-
-
-def dp_tune_run(pick: Run) -> Run:
-    """The DP tuning run (validation, seed 0) behind the final run ``pick``."""
-    return replace(pick, stage="dptune", seed=0, tuned="nodp")
-
-
-def schedule_runs(suite: Suite, pick: Run, done: dict[str, Record]) -> list[Run]:
-    """The DP tuning runs with the clip norm following the rate: at every rate of the DP
-    grid, with ``pick``'s share (each rate's clip norm from its non-private run)."""
-    grid = dp_grid(suite, pick.method, done) or ()
-    return [
-        replace(
-            dp_tune_run(pick),
-            lr=lr,
-            clip=scheduled_clip_norm(suite, pick.method, lr, done),
-            theta_clip=clip_norms(pick.method, lr, done)[1],
-            clip_schedule=CLIP_SCHEDULE,
-        )
-        for lr in grid
-    ]
-
-
-def dp_constant(suite: Suite, method: str, level: str, done: dict[str, Record]) -> Run | None:
-    """The final run (seed 0) of ``method`` at ``level`` with the rate tuned under DP, then,
-    for a method that sends Theta, Theta's share at that rate (the default on a tie); a
-    constant clip norm. None while a tuning run is missing."""
-    lr = dp_rate(suite, method, level, done)
-    if lr is None:
-        return None
-    pick = Run("final", method, level, 0, lr, *clip_norms(method, lr, done), tuned="dp")
-    if aligns(method):
-        shares = {"": done[Run("dptune", method, level, 0, lr).key]}
-        for share in THETA_SHARES:
-            record = done.get(Run("dptune", method, level, 0, lr, theta_share=share).key)
-            if record is None:
-                return None
-            shares[share] = record
-        best = max(shares, key=lambda share: (tune_score(shares[share]), share == ""))
-        pick = replace(pick, theta_share=best)
-    plain = chosen(suite, method, done)
-    if plain is not None and (lr, pick.theta_share) == (plain[0], ""):
-        pick = replace(pick, tuned="nodp")  # the first protocol's runs
-    return pick
 
 
 def plan(suite: Suite, done: dict[str, Record]) -> tuple[list[Run], int]:
