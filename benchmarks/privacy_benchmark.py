@@ -52,9 +52,13 @@ Protocol
   favours smaller steps); the clip norms at each rate are that rate's
   non-private medians (below). Then, for the methods that send Theta, Theta's
   share of the mechanism (``dp_theta_share``, :data:`THETA_SHARES` besides
-  the default 0.5) at that rate, the default kept on a tie. Final runs at
-  the DP-tuned rate and share where either differs from the first
-  protocol's (3 seeds); where both are the same, the first protocol's runs
+  the default 0.5) at that rate, the default kept on a tie. Then, with that
+  share, the clip norm following the rate (``dp_clip_schedule:
+  learning_rate``) at every rate of the DP grid, its peak clip norm the
+  median of the non-private run's delta norms each divided by its round's
+  rate over the peak (the constant clip norm kept on a tie). Final runs at
+  the DP-tuned rate, share and schedule where any differs from the first
+  protocol's (3 seeds); where all are the same, the first protocol's runs
   are reused. epsilon = inf keeps the non-private rate (no noise to tune
   for). The privacy cost of tuning itself is not accounted, as usual in DP
   benchmarks.
