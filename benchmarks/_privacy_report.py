@@ -13,22 +13,31 @@ from collections.abc import Sequence
 
 import numpy as np
 from _harness.reporting import (
-    Summary,
     chosen_cell,
     command_block,
     fmt,
     goals_table,
     kept_block,
     plot_curves,
-    summarise,
     tuning_table,
 )
 from _harness.runs import Record, load_results, series, tune_score
+from _privacy_results import (
+    by_level,
+    cell,
+    dp_tuned_levels,
+    first_protocol,
+    goal_rows,
+    lead_line,
+    level_name,
+    pooled_mean,
+    setting_label,
+    tuned_as,
+)
 from _privacy_suites import Suite
 from _privacy_tuning import (
     DP_TUNED,
     EPSILONS,
-    FIRST_ORDER,
     METHODS,
     NODP_METHOD,
     THETA_SHARES,
@@ -43,126 +52,6 @@ from _privacy_tuning import (
     schedule_runs,
     tune_key,
 )
-
-
-def pooled_mean(records: Sequence[Record], key: str) -> float:
-    """Mean of ``key`` over every round of every record (NaN when no round has it)."""
-    values = np.concatenate([series(r, key) for r in records]) if records else np.array([])
-    values = values[np.isfinite(values)]
-    return float(values.mean()) if values.size else float("nan")
-
-
-def cell(s: Summary | None) -> str:
-    """``mean +- std (n)`` of a summary's final accuracy, in %."""
-    if s is None:
-        return "-"
-    return f"{fmt(s.mean)} +- {fmt(s.std)} (n={s.seeds})"
-
-
-def level_name(level: str) -> str:
-    """A privacy level as the report's column heads show it."""
-    return {"nodp": "no DP", "inf": "eps = inf (clip only)"}.get(level, f"eps = {level}")
-
-
-def by_level(finals: Sequence[Record]) -> dict[str, dict[str, Summary]]:
-    """The final runs' summaries (test accuracy), per privacy level and method, at the
-    non-private rates (the first protocol)."""
-    plain = first_protocol(finals)
-    return {
-        level: summarise([r for r in plain if r["privacy"] == level], "eval_accuracy")
-        for level in ("nodp", *EPSILONS)
-    }
-
-
-def first_protocol(finals: Sequence[Record]) -> list[Record]:
-    """The final runs at the non-private rates (records from before the second protocol
-    have no ``tuned``)."""
-    return [r for r in finals if r.get("tuned", "nodp") == "nodp"]
-
-
-def dp_tuned_levels(
-    suite: Suite, finals: Sequence[Record], done: dict[str, Record]
-) -> dict[str, dict[str, Summary]]:
-    """As :func:`by_level`, with every method at its rate (and Theta's share) tuned under DP
-    at each level of ``DP_TUNED`` (the first protocol's runs where those are its own)."""
-    levels = by_level(finals)
-    for level in DP_TUNED:
-        runs: list[Record] = []
-        for method in METHODS:
-            picked = dp_chosen(suite, method, level, done)
-            if picked is None:
-                continue
-            wanted = (method, level, picked.tuned, picked.theta_share, picked.clip_schedule)
-            runs += [r for r in finals if tuned_as(r) == wanted]
-        levels[level] = summarise(runs, "eval_accuracy")
-    return levels
-
-
-def tuned_as(r: Record) -> tuple[str, str, str, str, str]:
-    """What identifies a final run's protocol: method, level, where its rate was tuned,
-    Theta's share and the clip schedule (records from before a field have its default)."""
-    return (
-        r["method"],
-        r["privacy"],
-        r.get("tuned", "nodp"),
-        r.get("theta_share", ""),
-        r.get("clip_schedule", ""),
-    )
-
-
-def setting_label(lr: float | str, share: str, schedule: str) -> str:
-    """A rate (a number or a cell) with its share and clip schedule where not the defaults."""
-    rate = lr if isinstance(lr, str) else f"{lr:g}"
-    return rate + (f", s = {share}" if share else "") + (", C ~ lr" if schedule else "")
-
-
-def lead(summ: dict[str, Summary]) -> tuple[float, str, float] | None:
-    """``fedpac_soap``'s lead over the best first-order method at one level (None: missing)."""
-    if "fedpac_soap" not in summ or not all(m in summ for m in FIRST_ORDER):
-        return None
-    best = max(FIRST_ORDER, key=lambda m: summ[m].mean)
-    return summ["fedpac_soap"].mean - summ[best].mean, best, summ[best].mean
-
-
-def lead_line(levels: dict[str, dict[str, Summary]], names: Sequence[str]) -> str:
-    """fedpac_soap's lead at each of the levels ``names``, as one sentence."""
-    leads = [(level, lead(levels[level])) for level in names]
-    return (
-        "fedpac_soap's lead over the best first-order method (points): "
-        + "; ".join(
-            f"{level_name(level)}: {100 * x[0]:+.1f} (vs {x[1]})" for level, x in leads if x
-        )
-        + "."
-    )
-
-
-def goal_rows(
-    levels: dict[str, dict[str, Summary]], protocol: str = ""
-) -> list[tuple[str, str, bool]]:
-    """The issue's goal from the seed means of the final accuracy (``protocol``: how the
-    rates were tuned, appended to the goal's text)."""
-    inf, eight = lead(levels["inf"]), lead(levels["8"])
-    if inf is None or eight is None:
-        return []
-    lead_inf, best_inf, acc_inf = inf
-    lead_8, best_8, acc_8 = eight
-    ratio = lead_8 / lead_inf if lead_inf > 0 else float("nan")
-    measured = (
-        f"lead at eps = inf: {100 * lead_inf:+.1f} points "
-        f"({fmt(levels['inf']['fedpac_soap'].mean)} vs {best_inf} {fmt(acc_inf)}); "
-        f"at eps = 8: {100 * lead_8:+.1f} points "
-        f"({fmt(levels['8']['fedpac_soap'].mean)} vs {best_8} {fmt(acc_8)}); "
-        + (f"ratio {ratio:.2f}" if math.isfinite(ratio) else "no lead at eps = inf")
-    )
-    met = lead_inf > 0 and lead_8 >= 0.5 * lead_inf
-    return [
-        (
-            "at eps = 8, fedpac_soap's lead over the best first-order method is at least "
-            "half its lead at eps = inf" + protocol,
-            measured,
-            met,
-        )
-    ]
 
 
 def tuning_section(lines: list[str], suite: Suite, done: dict[str, Record]) -> None:
