@@ -257,7 +257,7 @@ def report(suite: Suite) -> None:
         + "; client-level DP at delta = 500^-1.1; learning rates tuned per method on the "
         "validation split without DP (seed 0) and reused (first protocol) or tuned again "
         "under DP at eps = 8 and 2 (second protocol); clip norms = the median client "
-        "update norm of the non-private tuning run at the rate; 3 seeds per cell, "
+        "update norm of the non-private tuning run at the rate; 3 seeds per cell (5 where the goal compares), "
         "final-round test accuracy.",
         "",
         "Made by:",
