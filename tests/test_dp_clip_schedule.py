@@ -13,6 +13,7 @@ from fedpac_hf.federated.client import LocalSteps
 from fedpac_hf.federated.privacy import ClientDP
 from fedpac_hf.federated.server import RoundAggregator
 from fedpac_hf.federated.state import ClientUpdate
+from fedpac_hf.flower.config import arguments_from_run_config
 
 from .test_privacy import _clients, _first_client_update, _loss, _model, _norm
 
@@ -111,6 +112,10 @@ def test_the_setting_reaches_the_clients_settings_and_the_run_identity_only_when
     assert dp.at_rate(0.15).at_rate(0.15).clip_norm == pytest.approx(0.5)  # one scaling only
     assert "dp_clip_schedule" not in plain.privacy_settings()
     assert scheduled.privacy_settings()["dp_clip_schedule"] == "learning_rate"
+    # a Flower run config names it with dashes
+    flower = {k.replace("_", "-"): v for k, v in common.items() if k != "output_dir"}
+    from_flower = arguments_from_run_config({**flower, "dp-clip-schedule": "learning_rate"})
+    assert from_flower.client_privacy(alg).clip_lr == 0.3
 
 
 def test_a_learning_rate_schedule_without_a_positive_peak_is_refused():
