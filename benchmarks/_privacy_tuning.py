@@ -32,7 +32,8 @@ GOAL_SEEDS = 5
 #: levels whose rate is tuned again under DP (validation split, seed 0), on the
 #: non-private choice and the grid's next rates below it (noise favours smaller steps)
 DP_TUNED = ("8", "2")
-DP_GRID_POINTS = 3
+#: (3 at first; 4 once every method picked the lowest of 3 somewhere with the clip schedule)
+DP_GRID_POINTS = 4
 #: Theta's shares of the mechanism (``dp_theta_share``) tried under DP besides the
 #: default 0.5, for the methods that send Theta, at their DP-tuned rate
 THETA_SHARES = ("0.2", "0.1")
@@ -131,7 +132,7 @@ def scheduled_clip_norm(suite: Suite, method: str, lr: float, done: dict[str, Re
 
 
 def dp_grid(suite: Suite, method: str, done: dict[str, Record]) -> tuple[float, ...] | None:
-    """The rates tried under DP: the non-private choice and up to two grid rates below it."""
+    """The rates tried under DP: the non-private choice and up to three grid rates below it."""
     picked = chosen(suite, method, done)
     if picked is None:
         return None

@@ -47,7 +47,7 @@ Protocol
 * Rates tuned under DP (a second protocol, reported beside the first): at
   epsilon 8 and 2, each method's rate is tuned again on the validation split
   **with DP at that epsilon** (seed 0), over the non-private choice and the
-  grid's next two rates below it (the noise on a round's mean delta is a
+  grid's next three rates below it (the noise on a round's mean delta is a
   fixed multiple of the clip norm, which grows with the rate, so noise
   favours smaller steps); the clip norms at each rate are that rate's
   non-private medians (below). Then, for the methods that send Theta, Theta's
