@@ -152,9 +152,9 @@ def dp_rate(suite: Suite, method: str, level: str, done: dict[str, Record]) -> f
 
 def dp_chosen(suite: Suite, method: str, level: str, done: dict[str, Record]) -> Run | None:
     """The final run (seed 0) of ``method`` at ``level`` with what was tuned under DP: the
-    rate and Theta's share (:func:`dp_constant`), then the clip norm following the rate at
-    each rate of the DP grid with that share (the constant clip norm on a tie). None while
-    a tuning run is missing."""
+    rate and Theta's share (:func:`dp_constant`), then the clip norm following the rate
+    (:func:`schedule_runs`; the constant clip norm on a tie). None while a tuning run is
+    missing."""
     pick = dp_constant(suite, method, level, done)
     if pick is None:
         return None
@@ -174,9 +174,10 @@ def dp_tune_run(pick: Run) -> Run:
 
 def schedule_runs(suite: Suite, pick: Run, done: dict[str, Record]) -> list[Run]:
     """The DP tuning runs with the clip norm following the rate: at every rate of the DP
-    grid, with ``pick``'s share (each rate's clip norm from its non-private run)."""
+    grid with ``pick``'s share (each rate's clip norm from its non-private run); once those
+    are done, for a method that sends Theta, the other shares at the best of them."""
     grid = dp_grid(suite, pick.method, done) or ()
-    return [
+    runs = [
         replace(
             dp_tune_run(pick),
             lr=lr,
@@ -186,6 +187,11 @@ def schedule_runs(suite: Suite, pick: Run, done: dict[str, Record]) -> list[Run]
         )
         for lr in grid
     ]
+    if not aligns(pick.method) or not all(run.key in done for run in runs):
+        return runs
+    best = max(runs, key=lambda run: tune_score(done[run.key]))
+    others = [share for share in ("", *THETA_SHARES) if share != pick.theta_share]
+    return runs + [replace(best, theta_share=share) for share in others]
 
 
 def dp_constant(suite: Suite, method: str, level: str, done: dict[str, Record]) -> Run | None:

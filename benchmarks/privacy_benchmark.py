@@ -56,7 +56,9 @@ Protocol
   share, the clip norm following the rate (``dp_clip_schedule:
   learning_rate``) at every rate of the DP grid, its peak clip norm the
   median of the non-private run's delta norms each divided by its round's
-  rate over the peak (the constant clip norm kept on a tie). Final runs at
+  rate over the peak, and for the methods that send Theta the other two
+  shares at the best of those rates (the constant clip norm kept on a tie).
+  Final runs at
   the DP-tuned rate, share and schedule where any differs from the first
   protocol's (3 seeds); where all are the same, the first protocol's runs
   are reused. epsilon = inf keeps the non-private rate (no noise to tune
