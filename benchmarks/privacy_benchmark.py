@@ -58,10 +58,9 @@ Protocol
   median of the non-private run's delta norms each divided by its round's
   rate over the peak, and for the methods that send Theta the other two
   shares at the best of those rates (the constant clip norm kept on a tie).
-  Final runs at
-  the DP-tuned rate, share and schedule where any differs from the first
-  protocol's (3 seeds); where all are the same, the first protocol's runs
-  are reused. epsilon = inf keeps the non-private rate (no noise to tune
+  Final runs at the DP-tuned rate, share and schedule where any differs
+  from the first protocol's (3 seeds); where all are the same, the first
+  protocol's runs are reused. epsilon = inf keeps the non-private rate (no noise to tune
   for). The privacy cost of tuning itself is not accounted, as usual in DP
   benchmarks.
 * Clip norms: from the same non-private tuning runs (at the rate used). This
