@@ -119,15 +119,14 @@ def clip_norms(method: str, lr: float, done: dict[str, Record]) -> tuple[str, st
     return clip, theta
 
 
-def scheduled_clip_norm(suite: Suite, method: str, lr: float, done: dict[str, Record]) -> str:
+def scheduled_clip_norm(method: str, lr: float, done: dict[str, Record]) -> str:
     """``dp_clip_norm`` for ``dp_clip_schedule: learning_rate`` at peak rate ``lr``: the median
     of that tuning run's delta norms, each divided by its round's rate over ``lr``."""
-    from fedpac_hf.federated import round_learning_rates
-
     record = done[tune_key(method, lr)]
-    rates = round_learning_rates(lr, suite.num_rounds, "cosine")
-    counts = [int(h["num_clients"]) for h in record["history"]]  # a diverged client: no norm
-    ratios = np.repeat([lr / rate for rate in rates], counts)
+    ratios = np.repeat(  # the round's rate, once per recorded client (a diverged one: no norm)
+        [lr / h["learning_rate"] for h in record["history"]],
+        [int(h["num_clients"]) for h in record["history"]],
+    )
     return f"{float(np.median(np.asarray(record['client_norms']['delta']) * ratios)):.4g}"
 
 
@@ -181,7 +180,7 @@ def schedule_runs(suite: Suite, pick: Run, done: dict[str, Record]) -> list[Run]
         replace(
             dp_tune_run(pick),
             lr=lr,
-            clip=scheduled_clip_norm(suite, pick.method, lr, done),
+            clip=scheduled_clip_norm(pick.method, lr, done),
             theta_clip=clip_norms(pick.method, lr, done)[1],
             clip_schedule=CLIP_SCHEDULE,
         )
