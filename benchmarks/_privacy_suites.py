@@ -15,7 +15,8 @@ class Suite:
     """One federation the grid runs in: config, regime, learning-rate grids, where it writes.
 
     ``grids`` holds the learning-rate grid of AdamW clients, then SOAP clients';
-    ``setting`` is the report's one-paragraph summary of the regime.
+    ``setting`` is the report's one-paragraph summary of the regime;
+    ``partition`` how the clients' rows are split (``fedpac-hf train`` overrides).
     """
 
     name: str
@@ -28,6 +29,7 @@ class Suite:
     results: Path
     title: str
     setting: str
+    partition: tuple[str, ...] = ("--partitioner", "dirichlet", "--dirichlet_alpha", "0.3")
 
     @property
     def sample_rate(self) -> float:
@@ -41,7 +43,7 @@ class Suite:
             "--num_clients", str(NUM_CLIENTS),
             "--clients_per_round", str(self.clients_per_round),
             "--num_rounds", str(self.num_rounds),
-            "--partitioner", "dirichlet", "--dirichlet_alpha", "0.3",
+            *self.partition,
             "--per_device_train_batch_size", "8",
         ]  # fmt: skip
 
