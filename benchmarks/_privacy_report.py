@@ -298,7 +298,15 @@ def report(suite: Suite) -> None:
             f"seeds {FIRST_GOAL_SEEDS}-{GOAL_SEEDS - 1} were added)",
         ),
     )
-    lines += [ANALYSIS[0], kept_block(suite.report, *ANALYSIS), ANALYSIS[1], ""]
+    lines += [
+        "A lead's +- is its standard error over seeds (the two methods' seeds independent: "
+        "sqrt(s_a^2 / n_a + s_b^2 / n_b)).",
+        "",
+        ANALYSIS[0],
+        kept_block(suite.report, *ANALYSIS),
+        ANALYSIS[1],
+        "",
+    ]
     lines += [
         "## Test accuracy (%, final round, mean +- std over seeds; rates tuned without DP)",
         "",

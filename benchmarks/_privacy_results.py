@@ -95,6 +95,13 @@ def lead(summ: dict[str, Summary]) -> tuple[float, str, float] | None:
     return summ["fedpac_soap"].mean - summ[best].mean, best, summ[best].mean
 
 
+def lead_error(summ: dict[str, Summary], rival: str) -> str:
+    """The standard error of fedpac_soap's lead over ``rival`` (independent seeds), in
+    points: ``sqrt(s_a^2 / n_a + s_b^2 / n_b)``."""
+    a, b = summ["fedpac_soap"], summ[rival]
+    return fmt(math.sqrt(a.std**2 / a.seeds + b.std**2 / b.seeds))
+
+
 def lead_line(levels: dict[str, dict[str, Summary]], names: Sequence[str]) -> str:
     """fedpac_soap's lead at each of the levels ``names``, as one sentence."""
     leads = [(level, lead(levels[level])) for level in names]
@@ -119,9 +126,9 @@ def goal_rows(
     lead_8, best_8, acc_8 = eight
     ratio = lead_8 / lead_inf if lead_inf > 0 else float("nan")
     measured = (
-        f"lead at eps = inf: {100 * lead_inf:+.1f} points "
-        f"({fmt(levels['inf']['fedpac_soap'].mean)} vs {best_inf} {fmt(acc_inf)}); "
-        f"at eps = 8: {100 * lead_8:+.1f} points "
+        f"lead at eps = inf: {100 * lead_inf:+.1f} +- {lead_error(levels['inf'], best_inf)} "
+        f"points ({fmt(levels['inf']['fedpac_soap'].mean)} vs {best_inf} {fmt(acc_inf)}); "
+        f"at eps = 8: {100 * lead_8:+.1f} +- {lead_error(levels['8'], best_8)} points "
         f"({fmt(levels['8']['fedpac_soap'].mean)} vs {best_8} {fmt(acc_8)}); "
         + (f"ratio {ratio:.2f}" if math.isfinite(ratio) else "no lead at eps = inf")
     )
