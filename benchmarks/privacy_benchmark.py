@@ -288,7 +288,7 @@ class NormRecorder:
     def __enter__(self) -> NormRecorder:
         import torch
 
-        from fedpac_hf.federated.privacy import own_part, public_reference
+        from fedpac_hf.federated.privacy_clip import own_part, public_reference
         from fedpac_hf.trainer import fedpac_trainer
 
         self._module = fedpac_trainer

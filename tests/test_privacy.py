@@ -15,7 +15,8 @@ from fedpac_hf.federated import ServerState, get_algorithm, simulate
 from fedpac_hf.federated.accounting import epsilon_after, noise_for_epsilon
 from fedpac_hf.federated.batches import cycle_batches
 from fedpac_hf.federated.client import ClientHooks, LocalSteps, client_update
-from fedpac_hf.federated.privacy import ClientDP, own_part, public_reference
+from fedpac_hf.federated.privacy import ClientDP
+from fedpac_hf.federated.privacy_clip import own_part, public_reference
 from fedpac_hf.federated.privacy_noise import noise_generator, noised_round
 from fedpac_hf.federated.record_privacy import RecordDP, record_loader
 from fedpac_hf.federated.sampling import poisson_sample_clients
@@ -98,7 +99,7 @@ def test_an_update_within_the_bounds_leaves_unchanged():
     dp = ClientDP.from_settings(
         "client", clip_norm=1.0, theta_clip_norm=2.0, noise_multiplier=0.0, share_theta=True
     )
-    from fedpac_hf.federated.privacy import clip_update
+    from fedpac_hf.federated.privacy_clip import clip_update
 
     out = clip_update(update, dp)
     assert torch.equal(out.delta["w"], update.delta["w"])

@@ -31,7 +31,8 @@ from fedpac_hf.optim.options import whole
 from .algorithms import Algorithm, round_beta
 from .batches import batch_size
 from .failures import ClientError
-from .privacy import ClientDP, clip_update, public_reference
+from .privacy import ClientDP
+from .privacy_clip import clip_update, public_reference
 from .record_privacy import RecordClient
 from .state import ClientUpdate, ServerState, load_trainable_state, trainable_parameters
 
@@ -187,7 +188,7 @@ def client_update(
        ``theta <- theta - beta * lr * g_G`` (``algorithm.correction``);
     4. the update: delta, Theta, examples seen, metrics; under client-level
        DP (``privacy``) clipped before it leaves the client
-       (:func:`~fedpac_hf.federated.privacy.clip_update`).
+       (:func:`~fedpac_hf.federated.privacy_clip.clip_update`).
 
     The local steps never wait for the device: the losses are summed where
     the model is, the optimizer's own per-step finiteness check is switched off

@@ -1,8 +1,9 @@
 """The server's half of client-level DP: Gaussian noise on a round's sums.
 
-Split out of :mod:`fedpac_hf.federated.privacy`, which holds the settings
-(:class:`~fedpac_hf.federated.privacy.ClientDP`) and the clients' half (the
-clip and the public reference). The noise is drawn from generators seeded by
+:mod:`fedpac_hf.federated.privacy` holds the settings
+(:class:`~fedpac_hf.federated.privacy.ClientDP`),
+:mod:`fedpac_hf.federated.privacy_clip` the clients' half (the clip and the
+public reference). The noise is drawn from generators seeded by
 the server's secret ``noise_seed`` and the round, on the CPU in a fixed order,
 so that a resumed run adds the noise the uninterrupted run would on any device.
 Record-level DP (:mod:`~fedpac_hf.federated.record_privacy`) draws its
@@ -17,7 +18,8 @@ from collections.abc import Mapping
 
 import torch
 
-from .privacy import ClientDP, Reference, with_reference
+from .privacy import ClientDP
+from .privacy_clip import Reference, with_reference
 
 __all__ = ["new_noise_seed", "noise_generator", "noised_round", "noised_sums", "seeded_generator"]
 
@@ -43,7 +45,7 @@ def noised_round(
     entries when no client sent any this round, so that the round still
     releases noise on them. Theta is noised only when it is shared. The
     public ``reference`` the clients left out
-    (:func:`~fedpac_hf.federated.privacy.public_reference`) is
+    (:func:`~fedpac_hf.federated.privacy_clip.public_reference`) is
     added back, ``denominator`` times, so that the sums over the denominator
     are the mean of what the clients added plus the reference.
     """

@@ -31,7 +31,8 @@ from fedpac_hf.optim.repair import repair_curvature
 from .adaptive_beta import auto_beta
 from .algorithms import Algorithm, downlink_parts, round_beta
 from .failures import ClientFailure, RoundError, require_finite_aggregate
-from .privacy import ClientDP, public_reference
+from .privacy import ClientDP
+from .privacy_clip import public_reference
 from .privacy_noise import noised_round
 from .round_metrics import curvature_scalars, drift_metrics, update_scalars
 from .state import ClientUpdate, ServerState, move_tensors, tensor_bytes

@@ -137,7 +137,7 @@ class CurvatureOptimizer(abc.ABC):
         alone (the defaults for those not given), so that a server can compute
         it too. Client-level differential privacy subtracts ``r`` times the
         global Theta as public before clipping
-        (:func:`fedpac_hf.federated.privacy.public_reference`). The default,
+        (:func:`fedpac_hf.federated.privacy_clip.public_reference`). The default,
         1.0, is right for a state that is not a moving average; optimizers
         whose statistics decay override it.
 
