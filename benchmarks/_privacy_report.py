@@ -49,9 +49,11 @@ from _privacy_tuning import (
     chosen,
     dp_chosen,
     dp_constant,
+    dp_final,
     dp_grid,
     dp_rate,
     lr_grid,
+    quantile_runs,
     schedule_runs,
     tune_key,
 )
@@ -120,15 +122,18 @@ def dp_tuning_section(
             ]
             constant = dp_constant(suite, method, level, done)
             tried += schedule_runs(suite, constant, done) if constant else []
+            chosen_run = dp_chosen(suite, method, level, done)
+            tried += quantile_runs(chosen_run, done) if chosen_run else []
             for run in tried:
                 score = fmt(tune_score(done[run.key])) if run.key in done else "-"
-                cells.append(
-                    f"{setting_label(run.lr, run.theta_share, run.clip_schedule)}: {score}"
-                )
-            picked = dp_chosen(suite, method, level, done)
+                label = setting_label(run.lr, run.theta_share, run.clip_schedule, run.clip_quantile)
+                cells.append(f"{label}: {score}")
+            picked = dp_final(suite, method, level, done)
             choice = chosen_cell(picked and picked.lr, grid)
             if picked:
-                choice = setting_label(choice, picked.theta_share, picked.clip_schedule)
+                choice = setting_label(
+                    choice, picked.theta_share, picked.clip_schedule, picked.clip_quantile
+                )
             rows.append((f"{method}, {level_name(level)}", cells, choice))
     tuning_table(
         lines,
@@ -136,15 +141,17 @@ def dp_tuning_section(
         "Theta's default share s = 0.5, then, for methods that send Theta, other shares "
         "(`dp_theta_share`) at the best of those rates, then the clip norm following the "
         'rate (`dp_clip_schedule: learning_rate`, "C ~ lr") at each rate with the chosen '
-        "share (`*`: the chosen rate is at an edge of "
+        "share, then the clip norms at other quantiles q of the non-private norms (no q: "
+        "the median) with what was chosen (`*`: the chosen rate is at an edge of "
         "the grid; the grid's top is the non-private choice)",
         rows,
     )
     levels = dp_tuned_levels(suite, finals, done)
     lines += [
         "Test accuracy (%, final round, mean +- std over seeds) at the rates (and Theta's "
-        'shares s, where not 0.5; "C ~ lr": the clip norm follows the rate) tuned under '
-        "DP (eps = inf: the non-private rate):",
+        'shares s, where not 0.5; "C ~ lr": the clip norm follows the rate; q: the clip '
+        "norms' quantile, where not the median) tuned under DP (eps = inf: the non-private "
+        "rate):",
         "",
         "| method | "
         + " | ".join(f"{level_name(level)}: lr | accuracy" for level in EPSILONS)
@@ -291,11 +298,20 @@ def report(suite: Suite) -> None:
     goals_table(
         lines,
         goal_rows(levels, " (rates tuned without DP)")
-        + goal_rows(dp_tuned_levels(suite, finals, done), " (rates tuned under DP)")
         + goal_rows(
-            dp_tuned_levels(suite, [r for r in finals if r["seed"] < FIRST_GOAL_SEEDS], done),
-            f" (rates tuned under DP; seeds 0-{FIRST_GOAL_SEEDS - 1} only, as measured before "
+            dp_tuned_levels(suite, finals, done, dp_chosen),
+            " (rate, Theta's share and clip schedule tuned under DP)",
+        )
+        + goal_rows(
+            dp_tuned_levels(
+                suite, [r for r in finals if r["seed"] < FIRST_GOAL_SEEDS], done, dp_chosen
+            ),
+            f" (the same, seeds 0-{FIRST_GOAL_SEEDS - 1} only, as measured before "
             f"seeds {FIRST_GOAL_SEEDS}-{GOAL_SEEDS - 1} were added)",
+        )
+        + goal_rows(
+            dp_tuned_levels(suite, finals, done),
+            " (the same and the clip norms' quantile tuned under DP)",
         ),
     )
     lines += [

@@ -7,13 +7,13 @@ are defined in ``_privacy_tuning.py``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from _harness.reporting import Summary, fmt, summarise
 from _harness.runs import Record, series
 from _privacy_suites import Suite
-from _privacy_tuning import DP_TUNED, EPSILONS, FIRST_ORDER, METHODS, dp_chosen
+from _privacy_tuning import DP_TUNED, EPSILONS, FIRST_ORDER, METHODS, Run, dp_final
 
 
 def pooled_mean(records: Sequence[Record], key: str) -> float:
@@ -52,39 +52,59 @@ def first_protocol(finals: Sequence[Record]) -> list[Record]:
 
 
 def dp_tuned_levels(
-    suite: Suite, finals: Sequence[Record], done: dict[str, Record]
+    suite: Suite,
+    finals: Sequence[Record],
+    done: dict[str, Record],
+    choose: Callable[[Suite, str, str, dict[str, Record]], Run | None] = dp_final,
 ) -> dict[str, dict[str, Summary]]:
-    """As :func:`by_level`, with every method at its rate (and Theta's share) tuned under DP
-    at each level of ``DP_TUNED`` (the first protocol's runs where those are its own)."""
+    """As :func:`by_level`, with every method at the settings ``choose`` tuned under DP at
+    each level of ``DP_TUNED`` (the first protocol's runs where those are its own):
+    :func:`~_privacy_tuning.dp_final` (rate, Theta's share, clip schedule and quantile) or
+    :func:`~_privacy_tuning.dp_chosen` (the clip norms at the median)."""
     levels = by_level(finals)
     for level in DP_TUNED:
         runs: list[Record] = []
         for method in METHODS:
-            picked = dp_chosen(suite, method, level, done)
+            picked = choose(suite, method, level, done)
             if picked is None:
                 continue
-            wanted = (method, level, picked.tuned, picked.theta_share, picked.clip_schedule)
+            wanted = (
+                method,
+                level,
+                picked.tuned,
+                picked.theta_share,
+                picked.clip_schedule,
+                picked.clip_quantile,
+            )
             runs += [r for r in finals if tuned_as(r) == wanted]
         levels[level] = summarise(runs, "eval_accuracy")
     return levels
 
 
-def tuned_as(r: Record) -> tuple[str, str, str, str, str]:
+def tuned_as(r: Record) -> tuple[str, str, str, str, str, str]:
     """What identifies a final run's protocol: method, level, where its rate was tuned,
-    Theta's share and the clip schedule (records from before a field have its default)."""
+    Theta's share, the clip schedule and the clip norms' quantile (records from before a
+    field have its default)."""
     return (
         r["method"],
         r["privacy"],
         r.get("tuned", "nodp"),
         r.get("theta_share", ""),
         r.get("clip_schedule", ""),
+        r.get("clip_quantile", ""),
     )
 
 
-def setting_label(lr: float | str, share: str, schedule: str) -> str:
-    """A rate (a number or a cell) with its share and clip schedule where not the defaults."""
+def setting_label(lr: float | str, share: str, schedule: str, quantile: str = "") -> str:
+    """A rate (a number or a cell) with its share, clip schedule and clip quantile where not
+    the defaults."""
     rate = lr if isinstance(lr, str) else f"{lr:g}"
-    return rate + (f", s = {share}" if share else "") + (", C ~ lr" if schedule else "")
+    return (
+        rate
+        + (f", s = {share}" if share else "")
+        + (", C ~ lr" if schedule else "")
+        + (f", q = {quantile}" if quantile else "")
+    )
 
 
 def lead(summ: dict[str, Summary]) -> tuple[float, str, float] | None:

@@ -42,6 +42,9 @@ DP_GRID_POINTS = 4
 THETA_SHARES = ("0.2", "0.1")
 #: ``dp_clip_schedule`` tried under DP at every rate of the DP grid, with the chosen share
 CLIP_SCHEDULE = "learning_rate"
+#: quantiles of the clients' non-private norms tried as clip norms under DP besides the
+#: median, at the rate, share and schedule chosen (delta and Theta at the same quantile)
+CLIP_QUANTILES = ("0.25", "0.75", "0.9")
 
 
 def lr_grid(suite: Suite, method: str) -> tuple[float, ...]:
@@ -66,7 +69,8 @@ class Run:
     tuning run under DP (validation split); ``tuned`` says where a final run's
     rate was tuned (``"nodp"`` or ``"dp"``); ``theta_share`` is
     ``dp_theta_share`` as passed (``""``: the default 0.5); ``clip_schedule`` is
-    ``dp_clip_schedule`` as passed (``""``: constant).
+    ``dp_clip_schedule`` as passed (``""``: constant); ``clip_quantile`` the
+    quantile of the non-private norms the clip norms are (``""``: the median).
     """
 
     stage: str
@@ -79,11 +83,13 @@ class Run:
     tuned: str = "nodp"
     theta_share: str = ""
     clip_schedule: str = ""
+    clip_quantile: str = ""
 
     @property
     def key(self) -> str:
         share = f"_share{self.theta_share}" if self.theta_share else ""
         share += "_lrclip" if self.clip_schedule else ""
+        share += f"_q{self.clip_quantile}" if self.clip_quantile else ""
         if self.stage == "tune":
             return f"tune_{self.method}_lr{self.lr:g}_s{self.seed}"
         if self.stage == "dptune":
@@ -114,23 +120,32 @@ def chosen(suite: Suite, method: str, done: dict[str, Record]) -> tuple[float, s
     return (lr, *clip_norms(method, lr, done))
 
 
-def clip_norms(method: str, lr: float, done: dict[str, Record]) -> tuple[str, str]:
-    """``(dp_clip_norm, dp_theta_clip_norm)`` at ``lr``: medians of that tuning run's clients."""
+def clip_norms(
+    method: str, lr: float, done: dict[str, Record], quantile: str = ""
+) -> tuple[str, str]:
+    """``(dp_clip_norm, dp_theta_clip_norm)`` at ``lr``: medians (or the ``quantile``) of that
+    tuning run's clients."""
     norms = done[tune_key(method, lr)]["client_norms"]
-    clip = f"{float(np.median(norms['delta'])):.4g}"
-    theta = f"{float(np.median(norms['theta'])):.4g}" if aligns(method) else ""
+    clip = f"{_quantile(norms['delta'], quantile):.4g}"
+    theta = f"{_quantile(norms['theta'], quantile):.4g}" if aligns(method) else ""
     return clip, theta
 
 
-def scheduled_clip_norm(method: str, lr: float, done: dict[str, Record]) -> str:
+def _quantile(values: object, quantile: str) -> float:
+    """The median of ``values`` (``quantile`` ``""``) or that quantile."""
+    return float(np.quantile(values, float(quantile)) if quantile else np.median(values))
+
+
+def scheduled_clip_norm(method: str, lr: float, done: dict[str, Record], quantile: str = "") -> str:
     """``dp_clip_norm`` for ``dp_clip_schedule: learning_rate`` at peak rate ``lr``: the median
-    of that tuning run's delta norms, each divided by its round's rate over ``lr``."""
+    (or the ``quantile``) of that tuning run's delta norms, each divided by its round's rate
+    over ``lr``."""
     record = done[tune_key(method, lr)]
     ratios = np.repeat(  # the round's rate, once per recorded client (a diverged one: no norm)
         [lr / h["learning_rate"] for h in record["history"]],
         [int(h["num_clients"]) for h in record["history"]],
     )
-    return f"{float(np.median(np.asarray(record['client_norms']['delta']) * ratios)):.4g}"
+    return f"{_quantile(np.asarray(record['client_norms']['delta']) * ratios, quantile):.4g}"
 
 
 def dp_grid(suite: Suite, method: str, done: dict[str, Record]) -> tuple[float, ...] | None:
@@ -217,3 +232,29 @@ def dp_constant(suite: Suite, method: str, level: str, done: dict[str, Record]) 
     if plain is not None and (lr, pick.theta_share) == (plain[0], ""):
         pick = replace(pick, tuned="nodp")  # the first protocol's runs
     return pick
+
+
+def quantile_runs(pick: Run, done: dict[str, Record]) -> list[Run]:
+    """The DP tuning runs with the clip norms at the other quantiles (:data:`CLIP_QUANTILES`) of
+    the non-private norms, at ``pick``'s rate, share and clip schedule."""
+    runs = []
+    for quantile in CLIP_QUANTILES:
+        clip, theta = clip_norms(pick.method, pick.lr, done, quantile)
+        if pick.clip_schedule:
+            clip = scheduled_clip_norm(pick.method, pick.lr, done, quantile)
+        runs.append(replace(dp_tune_run(pick), clip=clip, theta_clip=theta, clip_quantile=quantile))
+    return runs
+
+
+def dp_final(suite: Suite, method: str, level: str, done: dict[str, Record]) -> Run | None:
+    """As :func:`dp_chosen`, then the clip norms' quantile (:func:`quantile_runs`; the median
+    on a tie). None while a tuning run is missing."""
+    pick = dp_chosen(suite, method, level, done)
+    if pick is None:
+        return None
+    tried = {pick: done[dp_tune_run(pick).key]}
+    for run in quantile_runs(pick, done):
+        if run.key not in done:
+            return None
+        tried[replace(run, stage="final", tuned="dp")] = done[run.key]
+    return max(tried, key=lambda r: (tune_score(tried[r]), r is pick))
