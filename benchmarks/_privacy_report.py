@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from _harness.reporting import (
+    Summary,
     chosen_cell,
     command_block,
     fmt,
@@ -221,6 +222,22 @@ def noise_section(lines: list[str], suite: Suite, finals: Sequence[Record], d: i
     lines.append("")
 
 
+def drift_line(nodp: dict[str, Summary]) -> str:
+    """The preconditioner drift of the runs without DP, one sentence."""
+    cells = [
+        f"{method} {pooled_mean(summary.runs, 'drift_relative'):.3g}"
+        for method, summary in nodp.items()
+    ]
+    return (
+        "Preconditioner drift without DP (`drift_relative`: the clients' Theta around "
+        "their mean, relative to it; mean over rounds and seeds): "
+        + ", ".join(cells)
+        + ". Under DP the server sees only the clipped part of Theta each client adds, and "
+        "none from methods that do not align, so the drift is not comparable there and is "
+        "not reported."
+    )
+
+
 def theta_cost(lines: list[str], finals: Sequence[Record]) -> None:
     """fedpac_soap without DP versus clipping only (eps = inf), per seed and on average."""
     pairs = {}
@@ -337,9 +354,8 @@ def report(suite: Suite) -> None:
         row = [cell(levels[level].get(method)) for level in ("nodp", *EPSILONS)]
         lines.append(f"| {method} | {METHODS[method][1]} | {lr} | " + " | ".join(row) + " |")
     lines.append("")
+    lines += [lead_line(levels, ("nodp", *EPSILONS)), "", drift_line(levels["nodp"]), ""]
     lines += [
-        lead_line(levels, ("nodp", *EPSILONS)),
-        "",
         "## Noise and clipping",
         "",
         "z: the noise multiplier (0 at eps = inf; for eps = 8 and 2 the package's "
