@@ -37,6 +37,7 @@ from _privacy_results import (
 )
 from _privacy_suites import Suite
 from _privacy_tuning import (
+    DECAY_LEVEL,
     DP_TUNED,
     EPSILONS,
     FIRST_GOAL_SEEDS,
@@ -48,8 +49,10 @@ from _privacy_tuning import (
     Run,
     aligns,
     chosen,
+    decay_runs,
     dp_chosen,
     dp_constant,
+    dp_decayed,
     dp_final,
     dp_grid,
     dp_rate,
@@ -125,15 +128,24 @@ def dp_tuning_section(
             tried += schedule_runs(suite, constant, done) if constant else []
             chosen_run = dp_chosen(suite, method, level, done)
             tried += quantile_runs(chosen_run, done) if chosen_run else []
+            final_run = dp_final(suite, method, level, done)
+            if level == DECAY_LEVEL and final_run:
+                tried += [r for r in decay_runs(final_run, done) if r.stage == "dptune"]
             for run in tried:
                 score = fmt(tune_score(done[run.key])) if run.key in done else "-"
-                label = setting_label(run.lr, run.theta_share, run.clip_schedule, run.clip_quantile)
+                label = setting_label(
+                    run.lr, run.theta_share, run.clip_schedule, run.clip_quantile, run.decay
+                )
                 cells.append(f"{label}: {score}")
-            picked = dp_final(suite, method, level, done)
+            picked = dp_decayed(suite, method, level, done)
             choice = chosen_cell(picked and picked.lr, grid)
             if picked:
                 choice = setting_label(
-                    choice, picked.theta_share, picked.clip_schedule, picked.clip_quantile
+                    choice,
+                    picked.theta_share,
+                    picked.clip_schedule,
+                    picked.clip_quantile,
+                    picked.decay,
                 )
             rows.append((f"{method}, {level_name(level)}", cells, choice))
     tuning_table(
@@ -143,7 +155,9 @@ def dp_tuning_section(
         "(`dp_theta_share`) at the best of those rates, then the clip norm following the "
         'rate (`dp_clip_schedule: learning_rate`, "C ~ lr") at each rate with the chosen '
         "share, then the clip norms at other quantiles q of the non-private norms (no q: "
-        "the median) with what was chosen (`*`: the chosen rate is at an edge of "
+        "the median) with what was chosen, then at eps = 8 for the methods that send Theta "
+        "the curvature's decay per step (SOAP's `shampoo_beta`, AdamW's second-moment rate) "
+        "with what was chosen (`*`: the chosen rate is at an edge of "
         "the grid; the grid's top is the non-private choice)",
         rows,
     )
@@ -151,7 +165,8 @@ def dp_tuning_section(
     lines += [
         "Test accuracy (%, final round, mean +- std over seeds) at the rates (and Theta's "
         'shares s, where not 0.5; "C ~ lr": the clip norm follows the rate; q: the clip '
-        "norms' quantile, where not the median) tuned under DP (eps = inf: the non-private "
+        "norms' quantile, where not the median; decay: the curvature's, where not the "
+        "optimizer's default) tuned under DP (eps = inf: the non-private "
         "rate):",
         "",
         "| method | "
@@ -327,8 +342,12 @@ def report(suite: Suite) -> None:
             f"seeds {FIRST_GOAL_SEEDS}-{GOAL_SEEDS - 1} were added)",
         )
         + goal_rows(
-            dp_tuned_levels(suite, finals, done),
+            dp_tuned_levels(suite, finals, done, dp_final),
             " (the same and the clip norms' quantile tuned under DP)",
+        )
+        + goal_rows(
+            dp_tuned_levels(suite, finals, done),
+            " (the same and the curvature's decay tuned under DP)",
         ),
     )
     lines += [

@@ -13,7 +13,7 @@ import numpy as np
 from _harness.reporting import Summary, fmt, summarise
 from _harness.runs import Record, series
 from _privacy_suites import Suite
-from _privacy_tuning import DP_TUNED, EPSILONS, FIRST_ORDER, METHODS, Run, dp_final
+from _privacy_tuning import DP_TUNED, EPSILONS, FIRST_ORDER, METHODS, Run, dp_decayed
 
 
 def pooled_mean(records: Sequence[Record], key: str) -> float:
@@ -55,12 +55,13 @@ def dp_tuned_levels(
     suite: Suite,
     finals: Sequence[Record],
     done: dict[str, Record],
-    choose: Callable[[Suite, str, str, dict[str, Record]], Run | None] = dp_final,
+    choose: Callable[[Suite, str, str, dict[str, Record]], Run | None] = dp_decayed,
 ) -> dict[str, dict[str, Summary]]:
     """As :func:`by_level`, with every method at the settings ``choose`` tuned under DP at
     each level of ``DP_TUNED`` (the first protocol's runs where those are its own):
-    :func:`~_privacy_tuning.dp_final` (rate, Theta's share, clip schedule and quantile) or
-    :func:`~_privacy_tuning.dp_chosen` (the clip norms at the median)."""
+    :func:`~_privacy_tuning.dp_decayed` (rate, Theta's share, clip schedule, quantile and
+    the curvature's decay), :func:`~_privacy_tuning.dp_final` (the decay at its default)
+    or :func:`~_privacy_tuning.dp_chosen` (the clip norms at the median too)."""
     levels = by_level(finals)
     for level in DP_TUNED:
         runs: list[Record] = []
@@ -75,16 +76,17 @@ def dp_tuned_levels(
                 picked.theta_share,
                 picked.clip_schedule,
                 picked.clip_quantile,
+                picked.decay,
             )
             runs += [r for r in finals if tuned_as(r) == wanted]
         levels[level] = summarise(runs, "eval_accuracy")
     return levels
 
 
-def tuned_as(r: Record) -> tuple[str, str, str, str, str, str]:
+def tuned_as(r: Record) -> tuple[str, ...]:
     """What identifies a final run's protocol: method, level, where its rate was tuned,
-    Theta's share, the clip schedule and the clip norms' quantile (records from before a
-    field have its default)."""
+    Theta's share, the clip schedule, the clip norms' quantile and the curvature's decay
+    (records from before a field have its default)."""
     return (
         r["method"],
         r["privacy"],
@@ -92,18 +94,22 @@ def tuned_as(r: Record) -> tuple[str, str, str, str, str, str]:
         r.get("theta_share", ""),
         r.get("clip_schedule", ""),
         r.get("clip_quantile", ""),
+        r.get("decay", ""),
     )
 
 
-def setting_label(lr: float | str, share: str, schedule: str, quantile: str = "") -> str:
-    """A rate (a number or a cell) with its share, clip schedule and clip quantile where not
-    the defaults."""
+def setting_label(
+    lr: float | str, share: str, schedule: str, quantile: str = "", decay: str = ""
+) -> str:
+    """A rate (a number or a cell) with its share, clip schedule, clip quantile and curvature
+    decay where not the defaults."""
     rate = lr if isinstance(lr, str) else f"{lr:g}"
     return (
         rate
         + (f", s = {share}" if share else "")
         + (", C ~ lr" if schedule else "")
         + (f", q = {quantile}" if quantile else "")
+        + (f", decay {decay}" if decay else "")
     )
 
 

@@ -45,6 +45,14 @@ CLIP_SCHEDULE = "learning_rate"
 #: quantiles of the clients' non-private norms tried as clip norms under DP besides the
 #: median, at the rate, share and schedule chosen (delta and Theta at the same quantile)
 CLIP_QUANTILES = ("0.25", "0.75", "0.9")
+#: the curvature's decay per local step (its memory, over which the noise on the shared
+#: Theta averages) tried under DP at :data:`DECAY_LEVEL` for the methods that send Theta:
+#: SOAP's ``shampoo_beta`` (default 0.95), AdamW's second-moment rate (default 0.999)
+CURVATURE_DECAYS: dict[str, tuple[str, ...]] = {
+    "fedpac_soap": ("0.99", "0.999"),
+    "fedadamw": ("0.99", "0.9999"),
+}
+DECAY_LEVEL = "8"
 
 
 def lr_grid(suite: Suite, method: str) -> tuple[float, ...]:
@@ -70,7 +78,9 @@ class Run:
     rate was tuned (``"nodp"`` or ``"dp"``); ``theta_share`` is
     ``dp_theta_share`` as passed (``""``: the default 0.5); ``clip_schedule`` is
     ``dp_clip_schedule`` as passed (``""``: constant); ``clip_quantile`` the
-    quantile of the non-private norms the clip norms are (``""``: the median).
+    quantile of the non-private norms the clip norms are (``""``: the median);
+    ``decay`` the curvature's decay (:data:`CURVATURE_DECAYS`; ``""``: the
+    optimizer's default).
     """
 
     stage: str
@@ -84,23 +94,35 @@ class Run:
     theta_share: str = ""
     clip_schedule: str = ""
     clip_quantile: str = ""
+    decay: str = ""
 
     @property
     def key(self) -> str:
         share = f"_share{self.theta_share}" if self.theta_share else ""
         share += "_lrclip" if self.clip_schedule else ""
         share += f"_q{self.clip_quantile}" if self.clip_quantile else ""
+        decay = f"_decay{self.decay}" if self.decay else ""
+        share += decay
         if self.stage == "tune":
-            return f"tune_{self.method}_lr{self.lr:g}_s{self.seed}"
+            return f"tune_{self.method}_lr{self.lr:g}{decay}_s{self.seed}"
         if self.stage == "dptune":
             return f"dptune_{self.method}_eps-{self.privacy}_lr{self.lr:g}{share}_s{self.seed}"
         suffix = "_dptuned" if self.tuned == "dp" else ""
         return f"final_{self.method}_eps-{self.privacy}_s{self.seed}{suffix}{share}"
 
 
-def tune_key(method: str, lr: float) -> str:
-    """The cache key of ``method``'s tuning run at ``lr``."""
-    return Run("tune", method, "nodp", 0, lr).key
+def tune_key(method: str, lr: float, decay: str = "") -> str:
+    """The cache key of ``method``'s tuning run at ``lr`` (and the curvature's ``decay``)."""
+    return Run("tune", method, "nodp", 0, lr, decay=decay).key
+
+
+def optimizer_kwargs(run: Run) -> dict[str, object]:
+    """``client_optimizer_kwargs`` of ``run``: its curvature decay, if any."""
+    if not run.decay:
+        return {}
+    if "soap" in run.method:
+        return {"shampoo_beta": float(run.decay)}
+    return {"betas": [0.9, float(run.decay)]}  # AdamW's defaults but the second rate
 
 
 def chosen(suite: Suite, method: str, done: dict[str, Record]) -> tuple[float, str, str] | None:
@@ -121,11 +143,11 @@ def chosen(suite: Suite, method: str, done: dict[str, Record]) -> tuple[float, s
 
 
 def clip_norms(
-    method: str, lr: float, done: dict[str, Record], quantile: str = ""
+    method: str, lr: float, done: dict[str, Record], quantile: str = "", decay: str = ""
 ) -> tuple[str, str]:
     """``(dp_clip_norm, dp_theta_clip_norm)`` at ``lr``: medians (or the ``quantile``) of that
-    tuning run's clients."""
-    norms = done[tune_key(method, lr)]["client_norms"]
+    tuning run's clients (the run at the curvature's ``decay``)."""
+    norms = done[tune_key(method, lr, decay)]["client_norms"]
     clip = f"{_quantile(norms['delta'], quantile):.4g}"
     theta = f"{_quantile(norms['theta'], quantile):.4g}" if aligns(method) else ""
     return clip, theta
@@ -136,11 +158,13 @@ def _quantile(values: object, quantile: str) -> float:
     return float(np.quantile(values, float(quantile)) if quantile else np.median(values))
 
 
-def scheduled_clip_norm(method: str, lr: float, done: dict[str, Record], quantile: str = "") -> str:
+def scheduled_clip_norm(
+    method: str, lr: float, done: dict[str, Record], quantile: str = "", decay: str = ""
+) -> str:
     """``dp_clip_norm`` for ``dp_clip_schedule: learning_rate`` at peak rate ``lr``: the median
     (or the ``quantile``) of that tuning run's delta norms, each divided by its round's rate
     over ``lr``."""
-    record = done[tune_key(method, lr)]
+    record = done[tune_key(method, lr, decay)]
     ratios = np.repeat(  # the round's rate, once per recorded client (a diverged one: no norm)
         [lr / h["learning_rate"] for h in record["history"]],
         [int(h["num_clients"]) for h in record["history"]],
@@ -255,6 +279,37 @@ def dp_final(suite: Suite, method: str, level: str, done: dict[str, Record]) -> 
     tried = {pick: done[dp_tune_run(pick).key]}
     for run in quantile_runs(pick, done):
         if run.key not in done:
+            return None
+        tried[replace(run, stage="final", tuned="dp")] = done[run.key]
+    return max(tried, key=lambda r: (tune_score(tried[r]), r is pick))
+
+
+def decay_runs(pick: Run, done: dict[str, Record]) -> list[Run]:
+    """At ``pick``'s settings, for each curvature decay of its method: the non-private tuning
+    run at its rate (its clip norms), then the DP tuning run with them."""
+    runs = []
+    for decay in CURVATURE_DECAYS.get(pick.method, ()):
+        plain = Run("tune", pick.method, "nodp", 0, pick.lr, decay=decay)
+        if plain.key not in done:
+            runs.append(plain)
+            continue
+        clip, theta = clip_norms(pick.method, pick.lr, done, pick.clip_quantile, decay)
+        if pick.clip_schedule:
+            clip = scheduled_clip_norm(pick.method, pick.lr, done, pick.clip_quantile, decay)
+        runs.append(replace(dp_tune_run(pick), clip=clip, theta_clip=theta, decay=decay))
+    return runs
+
+
+def dp_decayed(suite: Suite, method: str, level: str, done: dict[str, Record]) -> Run | None:
+    """As :func:`dp_final`, then, at :data:`DECAY_LEVEL` for the methods of
+    :data:`CURVATURE_DECAYS`, the curvature's decay (the default on a tie). None while a
+    tuning run is missing."""
+    pick = dp_final(suite, method, level, done)
+    if pick is None or level != DECAY_LEVEL or method not in CURVATURE_DECAYS:
+        return pick
+    tried = {pick: done[dp_tune_run(pick).key]}
+    for run in decay_runs(pick, done):
+        if run.stage == "tune" or run.key not in done:
             return None
         tried[replace(run, stage="final", tuned="dp")] = done[run.key]
     return max(tried, key=lambda r: (tune_score(tried[r]), r is pick))

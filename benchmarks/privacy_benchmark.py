@@ -64,6 +64,15 @@ Protocol
   median, delta and Theta at the same quantile (the median kept on a tie);
   where a quantile wins, final runs at it (3 seeds; 10 at epsilon 8 for the
   methods the goal compares), reported as a third variant of the protocol.
+  Then (a fourth variant), at epsilon 8 only and for the methods that send
+  Theta, the curvature's decay per local step at those settings
+  (:data:`CURVATURE_DECAYS`: SOAP's ``shampoo_beta``, default 0.95, and
+  AdamW's second-moment rate, default 0.999, through
+  ``client_optimizer_kwargs``): the shared Theta is a moving average, and a
+  longer memory averages the noise added to it over more rounds; each decay
+  gets a non-private tuning run at the rate for its clip norms, then a DP
+  tuning run (the default kept on a tie); where a decay wins, final runs at
+  it (10 seeds).
   Final runs at the DP-tuned rate, share and schedule where any differs
   from the first protocol's (3 seeds); where all are the same, the first
   protocol's runs are reused. epsilon = inf keeps the non-private rate (no noise to tune
@@ -133,6 +142,8 @@ from _harness.runs import (  # noqa: E402
 )
 from _privacy_suites import NUM_CLIENTS, SUITES, Suite  # noqa: E402
 from _privacy_tuning import (  # noqa: E402
+    CURVATURE_DECAYS,
+    DECAY_LEVEL,
     DP_GRID_POINTS,
     DP_TUNED,
     EPSILONS,
@@ -146,12 +157,15 @@ from _privacy_tuning import (  # noqa: E402
     aligns,
     chosen,
     clip_norms,
+    decay_runs,
     dp_chosen,
     dp_constant,
+    dp_decayed,
     dp_final,
     dp_grid,
     dp_rate,
     lr_grid,
+    optimizer_kwargs,
     quantile_runs,
     schedule_runs,
     tune_key,
@@ -231,6 +245,15 @@ def plan(suite: Suite, done: dict[str, Record]) -> tuple[list[Run], int]:
                 waiting += 1
             elif final.clip_quantile:
                 runs += [replace(final, seed=seed) for seed in range(seeds)]
+    # the curvature's decay at eps = 8 (methods that send Theta); final runs where it changes
+    for method in CURVATURE_DECAYS:
+        pick = dp_final(suite, method, DECAY_LEVEL, done)
+        runs += decay_runs(pick, done) if pick else []
+        final = dp_decayed(suite, method, DECAY_LEVEL, done)
+        if final is None:
+            waiting += 1
+        elif final.decay:
+            runs += [replace(final, seed=seed) for seed in range(GOAL_SEEDS)]
     # last: the other methods without DP (context: what DP costs each of them)
     for seed in range(SEEDS):
         for method in METHODS:
@@ -262,6 +285,8 @@ def overrides(suite: Suite, run: Run, run_dir: Path) -> list[str]:
         else:
             over += ["--dp_target_epsilon", run.privacy]
         over += ["--dp_noise_seed", str(run.seed)]
+    if run.decay:
+        over += ["--client_optimizer_kwargs", json.dumps(optimizer_kwargs(run))]
     if run.stage != "final":
         over += ["--dataset", str(validation_dataset("vit"))]
     return [*over, "--num_threads", "1", "--output_dir", str(run_dir)]
