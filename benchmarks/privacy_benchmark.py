@@ -79,9 +79,10 @@ Protocol
   for). The privacy cost of tuning itself is not accounted, as usual in DP
   benchmarks.
 * Clip norms: from the same non-private tuning runs (at the rate used). This
-  script records, for every client, the L2 norm of what :func:`clip_update`
-  would clip (the delta and Theta minus their public parts, :func:`own_part`)
-  by wrapping ``client_update`` in the worker process; ``dp_clip_norm`` and
+  script (``_privacy_runs.py``) records, for every client, the L2 norm of
+  what :func:`clip_update` would clip (the delta and Theta minus their public
+  parts, :func:`own_part`) by wrapping ``client_update`` in the worker
+  process; ``dp_clip_norm`` and
   ``dp_theta_clip_norm`` are the **median** over all clients and rounds of
   the tuning run at the chosen rate (4 significant digits), so about half of
   the clients are clipped. Methods that do not align send no Theta under DP
@@ -123,24 +124,18 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness.runs import (  # noqa: E402
-    CACHE,
-    KEPT_KEYS,
     Record,
     load_results,
-    machine,
     run_queue,
-    show_output_dir,
-    train_once,
-    validation_dataset,
 )
-from _privacy_suites import NUM_CLIENTS, SUITES, Suite  # noqa: E402
+from _privacy_runs import run_one  # noqa: E402
+from _privacy_suites import SUITES, Suite  # noqa: E402
 from _privacy_tuning import (  # noqa: E402
     CURVATURE_DECAYS,
     DECAY_LEVEL,
@@ -165,13 +160,10 @@ from _privacy_tuning import (  # noqa: E402
     dp_grid,
     dp_rate,
     lr_grid,
-    optimizer_kwargs,
     quantile_runs,
     schedule_runs,
     tune_key,
 )
-
-KEYS = (*KEPT_KEYS, "epsilon", "dp_clipped_delta", "dp_clipped_theta")
 
 
 def plan(suite: Suite, done: dict[str, Record]) -> tuple[list[Run], int]:
@@ -240,7 +232,8 @@ def plan(suite: Suite, done: dict[str, Record]) -> tuple[list[Run], int]:
     for level in DP_TUNED:
         for method in METHODS:
             final = dp_final(suite, method, level, done)
-            seeds = GOAL_SEEDS if level == "8" and method != "fedpac_correct_soap" else SEEDS
+            goal = level == "8" and method in (*FIRST_ORDER, NODP_METHOD)
+            seeds = GOAL_SEEDS if goal else SEEDS
             if final is None:
                 waiting += 1
             elif final.clip_quantile:
@@ -265,122 +258,6 @@ def plan(suite: Suite, done: dict[str, Record]) -> tuple[list[Run], int]:
             else:
                 runs.append(Run("final", method, "nodp", seed, picked[0]))
     return [r for r in runs if r.key not in done], waiting
-
-
-def overrides(suite: Suite, run: Run, run_dir: Path) -> list[str]:
-    """The ``fedpac-hf train`` overrides of one run (after its config file)."""
-    over = [*suite.overrides(), "--algorithm", METHODS[run.method][0]]
-    over += ["--learning_rate", f"{run.lr:g}", "--seed", str(run.seed)]
-    if run.privacy != "nodp":
-        over += ["--dp_mode", "client", "--dp_clip_norm", run.clip]
-        if run.theta_clip:
-            over += ["--dp_theta_clip_norm", run.theta_clip]
-        if run.theta_share:
-            over += ["--dp_theta_share", run.theta_share]
-        if run.clip_schedule:
-            over += ["--dp_clip_schedule", run.clip_schedule]
-        # run.clip_quantile only says where run.clip and run.theta_clip came from
-        if run.privacy == "inf":
-            over += ["--dp_noise_multiplier", "0"]
-        else:
-            over += ["--dp_target_epsilon", run.privacy]
-        over += ["--dp_noise_seed", str(run.seed)]
-    if run.decay:
-        over += ["--client_optimizer_kwargs", json.dumps(optimizer_kwargs(run))]
-    if run.stage != "final":
-        over += ["--dataset", str(validation_dataset("vit"))]
-    return [*over, "--num_threads", "1", "--output_dir", str(run_dir)]
-
-
-def resolved_privacy(suite: Suite, run: Run) -> dict[str, float]:
-    """The noise multiplier z and delta a DP run trains with (the package's own resolution).
-
-    ``ClientDP.resolve`` is what the run engine calls: the default delta
-    ``num_clients ** -1.1`` and, for a target epsilon, the calibrated z.
-    """
-    from fedpac_hf.federated.privacy import ClientDP
-
-    target = None if run.privacy == "inf" else float(run.privacy)
-    dp = ClientDP.from_settings(
-        "client",
-        clip_norm=float(run.clip),
-        theta_clip_norm=float(run.theta_clip) if run.theta_clip else None,
-        noise_multiplier=0.0 if target is None else None,
-        target_epsilon=target,
-        share_theta=aligns(run.method),
-        theta_share=float(run.theta_share) if run.theta_share else None,
-    ).resolve(NUM_CLIENTS, suite.sample_rate, suite.num_rounds)
-    return {
-        "noise_multiplier": float(dp.noise_multiplier or 0.0),
-        "noise_scale": dp.noise_scale,
-        "theta_noise_scale": dp.theta_noise_scale,
-        "delta": float(dp.delta or 0.0),
-    }
-
-
-class NormRecorder:
-    """Records the L2 norms of what client-level DP would clip, for every client, while installed.
-
-    Wraps ``client_update`` where the trainer calls it
-    (``fedpac_hf.trainer.fedpac_trainer``). In a run without DP the update it
-    returns is the unclipped one; what :func:`clip_update` bounds is that
-    update minus its public part (:func:`public_reference`: the correction
-    steps in the delta, the imported global Theta), so that is what is
-    recorded.
-    """
-
-    def __init__(self) -> None:
-        self.delta: list[float] = []
-        self.theta: list[float] = []
-
-    def __enter__(self) -> NormRecorder:
-        import torch
-
-        from fedpac_hf.federated.privacy_clip import own_part, public_reference
-        from fedpac_hf.trainer import fedpac_trainer
-
-        self._module = fedpac_trainer
-        self._original = original = fedpac_trainer.client_update
-
-        def norm(tensors: dict[str, Any]) -> float:
-            values = [t.detach().double().norm() for t in tensors.values()]
-            return float(torch.stack(values).norm()) if values else 0.0
-
-        def wrapped(
-            model: Any, state: Any, algorithm: Any, batches: Any, steps: Any, *rest: Any, **kw: Any
-        ) -> Any:
-            update = original(model, state, algorithm, batches, steps, *rest, **kw)
-            delta, theta = own_part(
-                update, public_reference(state, algorithm, steps.lr, steps.num_steps)
-            )
-            self.delta.append(norm(delta))
-            self.theta.append(norm(theta))
-            return update
-
-        fedpac_trainer.client_update = wrapped
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._module.client_update = self._original
-
-
-def run_one(suite: Suite, run: Run) -> Record:
-    """Train one run and return its JSON record."""
-    run_dir = CACHE / "runs" / f"privacy_{suite.name}_{run.key}"
-    extra: dict[str, Any] = {}
-    over = overrides(suite, run, run_dir)
-    if run.stage == "tune":
-        with NormRecorder() as norms:
-            record = train_once(suite.config, over, run_dir, KEYS, allow_divergence=True)
-        extra["client_norms"] = {"delta": norms.delta, "theta": norms.theta}
-    else:
-        record = train_once(suite.config, over, run_dir, KEYS)
-        if run.privacy != "nodp":
-            extra.update(resolved_privacy(suite, run))
-    show_output_dir(record, f"runs/privacy_{suite.name}/{run.key}")
-    # "suite" is the harness's task family (ViT: scored by accuracy); "federation" the Suite
-    record = {**asdict(run), "suite": "vit", "federation": suite.name, **record, **extra}
-    return {**record, "machine": machine()}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

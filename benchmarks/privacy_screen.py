@@ -38,9 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness.reporting import chosen_cell, fmt, tuning_table  # noqa: E402
 from _harness.runs import BENCH, Record, load_results, run_queue, tune_score  # noqa: E402
+from _privacy_runs import run_one  # noqa: E402
 from _privacy_suites import SUITES, Suite  # noqa: E402
 from _privacy_tuning import Run  # noqa: E402
-from privacy_benchmark import run_one  # noqa: E402
 
 RESULTS = BENCH / "privacy_screen_results"
 REPORT = BENCH / "PRIVACY_screen.md"
