@@ -98,17 +98,17 @@ class Run:
 
     @property
     def key(self) -> str:
-        share = f"_share{self.theta_share}" if self.theta_share else ""
-        share += "_lrclip" if self.clip_schedule else ""
-        share += f"_q{self.clip_quantile}" if self.clip_quantile else ""
         decay = f"_decay{self.decay}" if self.decay else ""
-        share += decay
+        settings = f"_share{self.theta_share}" if self.theta_share else ""
+        settings += "_lrclip" if self.clip_schedule else ""
+        settings += f"_q{self.clip_quantile}" if self.clip_quantile else ""
+        settings += decay
         if self.stage == "tune":
             return f"tune_{self.method}_lr{self.lr:g}{decay}_s{self.seed}"
         if self.stage == "dptune":
-            return f"dptune_{self.method}_eps-{self.privacy}_lr{self.lr:g}{share}_s{self.seed}"
+            return f"dptune_{self.method}_eps-{self.privacy}_lr{self.lr:g}{settings}_s{self.seed}"
         suffix = "_dptuned" if self.tuned == "dp" else ""
-        return f"final_{self.method}_eps-{self.privacy}_s{self.seed}{suffix}{share}"
+        return f"final_{self.method}_eps-{self.privacy}_s{self.seed}{suffix}{settings}"
 
 
 def tune_key(method: str, lr: float, decay: str = "") -> str:
@@ -197,15 +197,19 @@ def dp_chosen(suite: Suite, method: str, level: str, done: dict[str, Record]) ->
     (:func:`schedule_runs`; the constant clip norm on a tie). None while a tuning run is
     missing."""
     pick = dp_constant(suite, method, level, done)
-    if pick is None:
-        return None
+    return None if pick is None else best_tried(pick, schedule_runs(suite, pick, done), done)
+
+
+def best_tried(pick: Run, runs: list[Run], done: dict[str, Record]) -> Run | None:
+    """``pick``, or the DP tuning run of ``runs`` that scored best on the validation split
+    as a final run tuned under DP (``pick`` on a tie); None while one of ``runs`` is not
+    done (or is still a non-private tuning run)."""
     tried = {pick: done[dp_tune_run(pick).key]}
-    for run in schedule_runs(suite, pick, done):
-        if run.key not in done:
+    for run in runs:
+        if run.stage != "dptune" or run.key not in done:
             return None
-        tried[replace(run, stage="final")] = done[run.key]
-    best = max(tried, key=lambda r: (tune_score(tried[r]), r is pick))
-    return best if best is pick else replace(best, tuned="dp")
+        tried[replace(run, stage="final", tuned="dp")] = done[run.key]
+    return max(tried, key=lambda r: (tune_score(tried[r]), r is pick))
 
 
 def dp_tune_run(pick: Run) -> Run:
@@ -261,27 +265,28 @@ def dp_constant(suite: Suite, method: str, level: str, done: dict[str, Record]) 
 def quantile_runs(pick: Run, done: dict[str, Record]) -> list[Run]:
     """The DP tuning runs with the clip norms at the other quantiles (:data:`CLIP_QUANTILES`) of
     the non-private norms, at ``pick``'s rate, share and clip schedule."""
-    runs = []
-    for quantile in CLIP_QUANTILES:
-        clip, theta = clip_norms(pick.method, pick.lr, done, quantile)
-        if pick.clip_schedule:
-            clip = scheduled_clip_norm(pick.method, pick.lr, done, quantile)
-        runs.append(replace(dp_tune_run(pick), clip=clip, theta_clip=theta, clip_quantile=quantile))
-    return runs
+    return [
+        replace(dp_tune_run(pick), **pick_clip_norms(pick, done, quantile), clip_quantile=quantile)
+        for quantile in CLIP_QUANTILES
+    ]
+
+
+def pick_clip_norms(
+    pick: Run, done: dict[str, Record], quantile: str, decay: str = ""
+) -> dict[str, str]:
+    """``clip`` and ``theta_clip`` for ``pick``'s method, rate and clip schedule at
+    ``quantile`` of the non-private run (at the curvature's ``decay``)."""
+    clip, theta = clip_norms(pick.method, pick.lr, done, quantile, decay)
+    if pick.clip_schedule:
+        clip = scheduled_clip_norm(pick.method, pick.lr, done, quantile, decay)
+    return {"clip": clip, "theta_clip": theta}
 
 
 def dp_final(suite: Suite, method: str, level: str, done: dict[str, Record]) -> Run | None:
     """As :func:`dp_chosen`, then the clip norms' quantile (:func:`quantile_runs`; the median
     on a tie). None while a tuning run is missing."""
     pick = dp_chosen(suite, method, level, done)
-    if pick is None:
-        return None
-    tried = {pick: done[dp_tune_run(pick).key]}
-    for run in quantile_runs(pick, done):
-        if run.key not in done:
-            return None
-        tried[replace(run, stage="final", tuned="dp")] = done[run.key]
-    return max(tried, key=lambda r: (tune_score(tried[r]), r is pick))
+    return None if pick is None else best_tried(pick, quantile_runs(pick, done), done)
 
 
 def decay_runs(pick: Run, done: dict[str, Record]) -> list[Run]:
@@ -293,10 +298,8 @@ def decay_runs(pick: Run, done: dict[str, Record]) -> list[Run]:
         if plain.key not in done:
             runs.append(plain)
             continue
-        clip, theta = clip_norms(pick.method, pick.lr, done, pick.clip_quantile, decay)
-        if pick.clip_schedule:
-            clip = scheduled_clip_norm(pick.method, pick.lr, done, pick.clip_quantile, decay)
-        runs.append(replace(dp_tune_run(pick), clip=clip, theta_clip=theta, decay=decay))
+        norms = pick_clip_norms(pick, done, pick.clip_quantile, decay)
+        runs.append(replace(dp_tune_run(pick), **norms, decay=decay))
     return runs
 
 
@@ -307,9 +310,4 @@ def dp_decayed(suite: Suite, method: str, level: str, done: dict[str, Record]) -
     pick = dp_final(suite, method, level, done)
     if pick is None or level != DECAY_LEVEL or method not in CURVATURE_DECAYS:
         return pick
-    tried = {pick: done[dp_tune_run(pick).key]}
-    for run in decay_runs(pick, done):
-        if run.stage == "tune" or run.key not in done:
-            return None
-        tried[replace(run, stage="final", tuned="dp")] = done[run.key]
-    return max(tried, key=lambda r: (tune_score(tried[r]), r is pick))
+    return best_tried(pick, decay_runs(pick, done), done)
