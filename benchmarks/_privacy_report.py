@@ -37,7 +37,7 @@ from _privacy_results import (
 )
 from _privacy_suites import Suite
 from _privacy_tuning import (
-    DECAY_LEVEL,
+    CURVATURE_LEVEL,
     DP_TUNED,
     EPSILONS,
     FIRST_GOAL_SEEDS,
@@ -48,8 +48,10 @@ from _privacy_tuning import (
     THETA_SHARES,
     Run,
     aligns,
+    budget_runs,
     chosen,
     decay_runs,
+    dp_budgeted,
     dp_chosen,
     dp_constant,
     dp_decayed,
@@ -129,15 +131,22 @@ def dp_tuning_section(
             chosen_run = dp_chosen(suite, method, level, done)
             tried += quantile_runs(chosen_run, done) if chosen_run else []
             final_run = dp_final(suite, method, level, done)
-            if level == DECAY_LEVEL and final_run:
+            decayed = dp_decayed(suite, method, level, done)
+            if level == CURVATURE_LEVEL and final_run and decayed:
                 tried += [r for r in decay_runs(final_run, done) if r.stage == "dptune"]
+                tried += [r for r in budget_runs(decayed, done) if r.stage == "dptune"]
             for run in tried:
                 score = fmt(tune_score(done[run.key])) if run.key in done else "-"
                 label = setting_label(
-                    run.lr, run.theta_share, run.clip_schedule, run.clip_quantile, run.decay
+                    run.lr,
+                    run.theta_share,
+                    run.clip_schedule,
+                    run.clip_quantile,
+                    run.decay,
+                    run.budget,
                 )
                 cells.append(f"{label}: {score}")
-            picked = dp_decayed(suite, method, level, done)
+            picked = dp_budgeted(suite, method, level, done)
             choice = chosen_cell(picked and picked.lr, grid)
             if picked:
                 choice = setting_label(
@@ -146,6 +155,7 @@ def dp_tuning_section(
                     picked.clip_schedule,
                     picked.clip_quantile,
                     picked.decay,
+                    picked.budget,
                 )
             rows.append((f"{method}, {level_name(level)}", cells, choice))
     tuning_table(
@@ -157,7 +167,8 @@ def dp_tuning_section(
         "share, then the clip norms at other quantiles q of the non-private norms (no q: "
         "the median) with what was chosen, then at eps = 8 for the methods that send Theta "
         "the curvature's decay per step (SOAP's `shampoo_beta`, AdamW's second-moment rate) "
-        "with what was chosen (`*`: the chosen rate is at an edge of "
+        "with what was chosen, then for fedpac_soap Theta's size (`theta_budget`, 1.0 by "
+        "default) with what was chosen (`*`: the chosen rate is at an edge of "
         "the grid; the grid's top is the non-private choice)",
         rows,
     )
@@ -166,7 +177,7 @@ def dp_tuning_section(
         "Test accuracy (%, final round, mean +- std over seeds) at the rates (and Theta's "
         'shares s, where not 0.5; "C ~ lr": the clip norm follows the rate; q: the clip '
         "norms' quantile, where not the median; decay: the curvature's, where not the "
-        "optimizer's default) tuned under DP (eps = inf: the non-private "
+        "optimizer's default; budget: `theta_budget`, where not 1.0) tuned under DP (eps = inf: the non-private "
         "rate):",
         "",
         "| method | "
@@ -346,8 +357,12 @@ def report(suite: Suite) -> None:
             " (the same and the clip norms' quantile tuned under DP)",
         )
         + goal_rows(
-            dp_tuned_levels(suite, finals, done),
+            dp_tuned_levels(suite, finals, done, dp_decayed),
             " (the same and the curvature's decay tuned under DP)",
+        )
+        + goal_rows(
+            dp_tuned_levels(suite, finals, done),
+            " (the same and Theta's size tuned under DP)",
         ),
     )
     lines += [

@@ -13,7 +13,7 @@ import numpy as np
 from _harness.reporting import Summary, fmt, summarise
 from _harness.runs import Record, series
 from _privacy_suites import Suite
-from _privacy_tuning import DP_TUNED, EPSILONS, FIRST_ORDER, METHODS, Run, dp_decayed
+from _privacy_tuning import DP_TUNED, EPSILONS, FIRST_ORDER, METHODS, Run, dp_budgeted
 
 
 def pooled_mean(records: Sequence[Record], key: str) -> float:
@@ -55,12 +55,13 @@ def dp_tuned_levels(
     suite: Suite,
     finals: Sequence[Record],
     done: dict[str, Record],
-    choose: Callable[[Suite, str, str, dict[str, Record]], Run | None] = dp_decayed,
+    choose: Callable[[Suite, str, str, dict[str, Record]], Run | None] = dp_budgeted,
 ) -> dict[str, dict[str, Summary]]:
     """As :func:`by_level`, with every method at the settings ``choose`` tuned under DP at
     each level of ``DP_TUNED`` (the first protocol's runs where those are its own):
-    :func:`~_privacy_tuning.dp_decayed` (rate, Theta's share, clip schedule, quantile and
-    the curvature's decay), :func:`~_privacy_tuning.dp_final` (the decay at its default)
+    :func:`~_privacy_tuning.dp_budgeted` (rate, Theta's share, clip schedule, quantile,
+    the curvature's decay and Theta's size), :func:`~_privacy_tuning.dp_decayed` (Theta's
+    size at its default), :func:`~_privacy_tuning.dp_final` (the decay at its default too)
     or :func:`~_privacy_tuning.dp_chosen` (the clip norms at the median too)."""
     levels = by_level(finals)
     for level in DP_TUNED:
@@ -77,6 +78,7 @@ def dp_tuned_levels(
                 picked.clip_schedule,
                 picked.clip_quantile,
                 picked.decay,
+                picked.budget,
             )
             runs += [r for r in finals if tuned_as(r) == wanted]
         levels[level] = summarise(runs, "eval_accuracy")
@@ -85,8 +87,8 @@ def dp_tuned_levels(
 
 def tuned_as(r: Record) -> tuple[str, ...]:
     """What identifies a final run's protocol: method, level, where its rate was tuned,
-    Theta's share, the clip schedule, the clip norms' quantile and the curvature's decay
-    (records from before a field have its default)."""
+    Theta's share, the clip schedule, the clip norms' quantile, the curvature's decay and
+    Theta's size (records from before a field have its default)."""
     return (
         r["method"],
         r["privacy"],
@@ -95,14 +97,20 @@ def tuned_as(r: Record) -> tuple[str, ...]:
         r.get("clip_schedule", ""),
         r.get("clip_quantile", ""),
         r.get("decay", ""),
+        r.get("budget", ""),
     )
 
 
 def setting_label(
-    lr: float | str, share: str, schedule: str, quantile: str = "", decay: str = ""
+    lr: float | str,
+    share: str,
+    schedule: str,
+    quantile: str = "",
+    decay: str = "",
+    budget: str = "",
 ) -> str:
-    """A rate (a number or a cell) with its share, clip schedule, clip quantile and curvature
-    decay where not the defaults."""
+    """A rate (a number or a cell) with its share, clip schedule, clip quantile, curvature
+    decay and Theta's size where not the defaults."""
     rate = lr if isinstance(lr, str) else f"{lr:g}"
     return (
         rate
@@ -110,6 +118,7 @@ def setting_label(
         + (", C ~ lr" if schedule else "")
         + (f", q = {quantile}" if quantile else "")
         + (f", decay {decay}" if decay else "")
+        + (f", budget {budget}" if budget else "")
     )
 
 

@@ -50,6 +50,8 @@ def overrides(suite: Suite, run: Run, run_dir: Path) -> list[str]:
         over += ["--dp_noise_seed", str(run.seed)]
     if run.decay:
         over += ["--client_optimizer_kwargs", json.dumps(optimizer_kwargs(run))]
+    if run.budget:
+        over += ["--theta_budget", run.budget]
     if run.stage != "final":
         over += ["--dataset", str(validation_dataset("vit"))]
     return [*over, "--num_threads", "1", "--output_dir", str(run_dir)]

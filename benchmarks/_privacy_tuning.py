@@ -46,13 +46,20 @@ CLIP_SCHEDULE = "learning_rate"
 #: median, at the rate, share and schedule chosen (delta and Theta at the same quantile)
 CLIP_QUANTILES = ("0.25", "0.75", "0.9")
 #: the curvature's decay per local step (its memory, over which the noise on the shared
-#: Theta averages) tried under DP at :data:`DECAY_LEVEL` for the methods that send Theta:
+#: Theta averages) tried under DP at :data:`CURVATURE_LEVEL` for the methods that send Theta:
 #: SOAP's ``shampoo_beta`` (default 0.95), AdamW's second-moment rate (default 0.999)
 CURVATURE_DECAYS: dict[str, tuple[str, ...]] = {
     "fedpac_soap": ("0.99", "0.999"),
     "fedadamw": ("0.99", "0.9999"),
 }
-DECAY_LEVEL = "8"
+#: Theta's size (``theta_budget``, 1.0 with adapters: the basis form) tried under DP at
+#: :data:`CURVATURE_LEVEL` after the decay, for the methods with a compact Theta (added after
+#: the decay's 10-seed results): 0.5 sends each long side's diagonal alone (about half the
+#: floats), 0.25 only the short sides (LoRA's rank side, the head's classes; 4 % of the
+#: floats); the same clipped norm spread over fewer floats stands further above the noise
+THETA_BUDGETS: dict[str, tuple[str, ...]] = {"fedpac_soap": ("0.5", "0.25")}
+#: the privacy level at which the curvature's decay and size are tuned
+CURVATURE_LEVEL = "8"
 
 
 def lr_grid(suite: Suite, method: str) -> tuple[float, ...]:
@@ -80,7 +87,8 @@ class Run:
     ``dp_clip_schedule`` as passed (``""``: constant); ``clip_quantile`` the
     quantile of the non-private norms the clip norms are (``""``: the median);
     ``decay`` the curvature's decay (:data:`CURVATURE_DECAYS`; ``""``: the
-    optimizer's default).
+    optimizer's default); ``budget`` Theta's size (:data:`THETA_BUDGETS`; ``""``:
+    the default ``theta_budget``).
     """
 
     stage: str
@@ -95,25 +103,28 @@ class Run:
     clip_schedule: str = ""
     clip_quantile: str = ""
     decay: str = ""
+    budget: str = ""
 
     @property
     def key(self) -> str:
-        decay = f"_decay{self.decay}" if self.decay else ""
+        curvature = f"_decay{self.decay}" if self.decay else ""
+        curvature += f"_budget{self.budget}" if self.budget else ""
         settings = f"_share{self.theta_share}" if self.theta_share else ""
         settings += "_lrclip" if self.clip_schedule else ""
         settings += f"_q{self.clip_quantile}" if self.clip_quantile else ""
-        settings += decay
+        settings += curvature
         if self.stage == "tune":
-            return f"tune_{self.method}_lr{self.lr:g}{decay}_s{self.seed}"
+            return f"tune_{self.method}_lr{self.lr:g}{curvature}_s{self.seed}"
         if self.stage == "dptune":
             return f"dptune_{self.method}_eps-{self.privacy}_lr{self.lr:g}{settings}_s{self.seed}"
         suffix = "_dptuned" if self.tuned == "dp" else ""
         return f"final_{self.method}_eps-{self.privacy}_s{self.seed}{suffix}{settings}"
 
 
-def tune_key(method: str, lr: float, decay: str = "") -> str:
-    """The cache key of ``method``'s tuning run at ``lr`` (and the curvature's ``decay``)."""
-    return Run("tune", method, "nodp", 0, lr, decay=decay).key
+def tune_key(method: str, lr: float, **curvature: str) -> str:
+    """The cache key of ``method``'s tuning run at ``lr`` (and the curvature's ``decay`` and
+    ``budget``, where given)."""
+    return Run("tune", method, "nodp", 0, lr, **curvature).key
 
 
 def optimizer_kwargs(run: Run) -> dict[str, object]:
@@ -143,11 +154,11 @@ def chosen(suite: Suite, method: str, done: dict[str, Record]) -> tuple[float, s
 
 
 def clip_norms(
-    method: str, lr: float, done: dict[str, Record], quantile: str = "", decay: str = ""
+    method: str, lr: float, done: dict[str, Record], quantile: str = "", **curvature: str
 ) -> tuple[str, str]:
     """``(dp_clip_norm, dp_theta_clip_norm)`` at ``lr``: medians (or the ``quantile``) of that
-    tuning run's clients (the run at the curvature's ``decay``)."""
-    norms = done[tune_key(method, lr, decay)]["client_norms"]
+    tuning run's clients (the run at the curvature's ``decay`` and ``budget``)."""
+    norms = done[tune_key(method, lr, **curvature)]["client_norms"]
     clip = f"{_quantile(norms['delta'], quantile):.4g}"
     theta = f"{_quantile(norms['theta'], quantile):.4g}" if aligns(method) else ""
     return clip, theta
@@ -159,12 +170,12 @@ def _quantile(values: object, quantile: str) -> float:
 
 
 def scheduled_clip_norm(
-    method: str, lr: float, done: dict[str, Record], quantile: str = "", decay: str = ""
+    method: str, lr: float, done: dict[str, Record], quantile: str = "", **curvature: str
 ) -> str:
     """``dp_clip_norm`` for ``dp_clip_schedule: learning_rate`` at peak rate ``lr``: the median
     (or the ``quantile``) of that tuning run's delta norms, each divided by its round's rate
     over ``lr``."""
-    record = done[tune_key(method, lr, decay)]
+    record = done[tune_key(method, lr, **curvature)]
     ratios = np.repeat(  # the round's rate, once per recorded client (a diverged one: no norm)
         [lr / h["learning_rate"] for h in record["history"]],
         [int(h["num_clients"]) for h in record["history"]],
@@ -272,13 +283,13 @@ def quantile_runs(pick: Run, done: dict[str, Record]) -> list[Run]:
 
 
 def pick_clip_norms(
-    pick: Run, done: dict[str, Record], quantile: str, decay: str = ""
+    pick: Run, done: dict[str, Record], quantile: str, **curvature: str
 ) -> dict[str, str]:
     """``clip`` and ``theta_clip`` for ``pick``'s method, rate and clip schedule at
-    ``quantile`` of the non-private run (at the curvature's ``decay``)."""
-    clip, theta = clip_norms(pick.method, pick.lr, done, quantile, decay)
+    ``quantile`` of the non-private run (at the curvature's ``decay`` and ``budget``)."""
+    clip, theta = clip_norms(pick.method, pick.lr, done, quantile, **curvature)
     if pick.clip_schedule:
-        clip = scheduled_clip_norm(pick.method, pick.lr, done, quantile, decay)
+        clip = scheduled_clip_norm(pick.method, pick.lr, done, quantile, **curvature)
     return {"clip": clip, "theta_clip": theta}
 
 
@@ -289,25 +300,49 @@ def dp_final(suite: Suite, method: str, level: str, done: dict[str, Record]) -> 
     return None if pick is None else best_tried(pick, quantile_runs(pick, done), done)
 
 
-def decay_runs(pick: Run, done: dict[str, Record]) -> list[Run]:
-    """At ``pick``'s settings, for each curvature decay of its method: the non-private tuning
-    run at its rate (its clip norms), then the DP tuning run with them."""
+def curvature_runs(
+    pick: Run, done: dict[str, Record], field: str, values: tuple[str, ...]
+) -> list[Run]:
+    """At ``pick``'s settings with its curvature ``field`` (``"decay"`` or ``"budget"``) at each
+    of ``values``: the non-private tuning run at its rate (its clip norms), then the DP tuning
+    run with them."""
     runs = []
-    for decay in CURVATURE_DECAYS.get(pick.method, ()):
-        plain = Run("tune", pick.method, "nodp", 0, pick.lr, decay=decay)
+    for value in values:
+        curvature = {"decay": pick.decay, "budget": pick.budget, field: value}
+        plain = Run("tune", pick.method, "nodp", 0, pick.lr, **curvature)
         if plain.key not in done:
             runs.append(plain)
             continue
-        norms = pick_clip_norms(pick, done, pick.clip_quantile, decay)
-        runs.append(replace(dp_tune_run(pick), **norms, decay=decay))
+        norms = pick_clip_norms(pick, done, pick.clip_quantile, **curvature)
+        runs.append(replace(dp_tune_run(pick), **norms, **curvature))
     return runs
 
 
+def decay_runs(pick: Run, done: dict[str, Record]) -> list[Run]:
+    """:func:`curvature_runs` for the decays of ``pick``'s method (:data:`CURVATURE_DECAYS`)."""
+    return curvature_runs(pick, done, "decay", CURVATURE_DECAYS.get(pick.method, ()))
+
+
+def budget_runs(pick: Run, done: dict[str, Record]) -> list[Run]:
+    """:func:`curvature_runs` for Theta's sizes of ``pick``'s method (:data:`THETA_BUDGETS`)."""
+    return curvature_runs(pick, done, "budget", THETA_BUDGETS.get(pick.method, ()))
+
+
 def dp_decayed(suite: Suite, method: str, level: str, done: dict[str, Record]) -> Run | None:
-    """As :func:`dp_final`, then, at :data:`DECAY_LEVEL` for the methods of
+    """As :func:`dp_final`, then, at :data:`CURVATURE_LEVEL` for the methods of
     :data:`CURVATURE_DECAYS`, the curvature's decay (the default on a tie). None while a
     tuning run is missing."""
     pick = dp_final(suite, method, level, done)
-    if pick is None or level != DECAY_LEVEL or method not in CURVATURE_DECAYS:
+    if pick is None or level != CURVATURE_LEVEL or method not in CURVATURE_DECAYS:
         return pick
     return best_tried(pick, decay_runs(pick, done), done)
+
+
+def dp_budgeted(suite: Suite, method: str, level: str, done: dict[str, Record]) -> Run | None:
+    """As :func:`dp_decayed`, then, at :data:`CURVATURE_LEVEL` for the methods of
+    :data:`THETA_BUDGETS`, Theta's size (the default on a tie). None while a tuning run is
+    missing."""
+    pick = dp_decayed(suite, method, level, done)
+    if pick is None or level != CURVATURE_LEVEL or method not in THETA_BUDGETS:
+        return pick
+    return best_tried(pick, budget_runs(pick, done), done)

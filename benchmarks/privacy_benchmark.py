@@ -72,7 +72,13 @@ Protocol
   longer memory averages the noise added to it over more rounds; each decay
   gets a non-private tuning run at the rate for its clip norms, then a DP
   tuning run (the default kept on a tie); where a decay wins, final runs at
-  it (10 seeds).
+  it (10 seeds). Then (a fifth variant, added after the decay's 10-seed
+  results), at epsilon 8 and for ``fedpac_soap`` (the one method whose Theta
+  has compact forms), Theta's size (:data:`THETA_BUDGETS`: ``theta_budget``
+  0.5, each long side's diagonal alone, and 0.25, only the short sides)
+  at the settings chosen so far, in the same way: a non-private tuning run
+  at the rate for the clip norms, a DP tuning run, the default kept on a
+  tie, final runs (10 seeds) where a size wins.
   Final runs at the DP-tuned rate, share and schedule where any differs
   from the first protocol's (3 seeds); where all are the same, the first
   protocol's runs are reused. epsilon = inf keeps the non-private rate (no noise to tune
@@ -138,7 +144,7 @@ from _privacy_runs import run_one  # noqa: E402
 from _privacy_suites import SUITES, Suite  # noqa: E402
 from _privacy_tuning import (  # noqa: E402
     CURVATURE_DECAYS,
-    DECAY_LEVEL,
+    CURVATURE_LEVEL,
     DP_GRID_POINTS,
     DP_TUNED,
     EPSILONS,
@@ -147,12 +153,15 @@ from _privacy_tuning import (  # noqa: E402
     METHODS,
     NODP_METHOD,
     SEEDS,
+    THETA_BUDGETS,
     THETA_SHARES,
     Run,
     aligns,
+    budget_runs,
     chosen,
     clip_norms,
     decay_runs,
+    dp_budgeted,
     dp_chosen,
     dp_constant,
     dp_decayed,
@@ -240,12 +249,21 @@ def plan(suite: Suite, done: dict[str, Record]) -> tuple[list[Run], int]:
                 runs += [replace(final, seed=seed) for seed in range(seeds)]
     # the curvature's decay at eps = 8 (methods that send Theta); final runs where it changes
     for method in CURVATURE_DECAYS:
-        pick = dp_final(suite, method, DECAY_LEVEL, done)
+        pick = dp_final(suite, method, CURVATURE_LEVEL, done)
         runs += decay_runs(pick, done) if pick else []
-        final = dp_decayed(suite, method, DECAY_LEVEL, done)
+        final = dp_decayed(suite, method, CURVATURE_LEVEL, done)
         if final is None:
             waiting += 1
         elif final.decay:
+            runs += [replace(final, seed=seed) for seed in range(GOAL_SEEDS)]
+    # then Theta's size, where it has a compact form; final runs where it changes
+    for method in THETA_BUDGETS:
+        pick = dp_decayed(suite, method, CURVATURE_LEVEL, done)
+        runs += budget_runs(pick, done) if pick else []
+        final = dp_budgeted(suite, method, CURVATURE_LEVEL, done)
+        if final is None:
+            waiting += 1
+        elif final.budget:
             runs += [replace(final, seed=seed) for seed in range(GOAL_SEEDS)]
     # last: the other methods without DP (context: what DP costs each of them)
     for seed in range(SEEDS):
