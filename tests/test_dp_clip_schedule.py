@@ -9,7 +9,7 @@ import torch
 
 from fedpac_hf import FedPACArguments
 from fedpac_hf.federated import ServerState, get_algorithm, round_learning_rates, simulate
-from fedpac_hf.federated.client import LocalSteps
+from fedpac_hf.federated.local_step import LocalSteps
 from fedpac_hf.federated.privacy import ClientDP
 from fedpac_hf.federated.server import RoundAggregator
 from fedpac_hf.federated.state import ClientUpdate

@@ -14,7 +14,8 @@ from fedpac_hf import FedPACArguments, FedPACTrainer
 from fedpac_hf.federated import ServerState, get_algorithm, simulate
 from fedpac_hf.federated.accounting import epsilon_after, noise_for_epsilon
 from fedpac_hf.federated.batches import cycle_batches
-from fedpac_hf.federated.client import ClientHooks, LocalSteps, client_update
+from fedpac_hf.federated.client import client_update
+from fedpac_hf.federated.local_step import ClientHooks, LocalSteps
 from fedpac_hf.federated.privacy import ClientDP
 from fedpac_hf.federated.privacy_clip import own_part, public_reference
 from fedpac_hf.federated.privacy_noise import noise_generator, noised_round

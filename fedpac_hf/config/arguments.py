@@ -35,7 +35,7 @@ from fedpac_hf.federated import (
     parse_beta,
     round_learning_rates,
 )
-from fedpac_hf.federated.client import LocalSteps
+from fedpac_hf.federated.local_step import LocalSteps
 from fedpac_hf.federated.theta_budget import theta_options
 
 __all__ = [

@@ -16,7 +16,7 @@ from .algorithms import (
     unregister_algorithm,
 )
 from .batches import batch_size, cycle_batches
-from .client import ClientHooks, LocalSteps, client_update
+from .client import client_update
 from .engine import (
     ROUND_METRICS,
     TRANSPORT_DTYPES,
@@ -24,6 +24,7 @@ from .engine import (
     RoundPlan,
 )
 from .failures import ClientError, ClientFailure, RoundError, run_client
+from .local_step import ClientHooks, LocalSteps
 from .sampling import resolve_clients_per_round, sample_clients
 from .schedule import round_learning_rates
 from .server import (

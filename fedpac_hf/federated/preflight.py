@@ -36,8 +36,9 @@ import numpy as np
 import torch
 
 from .algorithms import Algorithm
-from .client import ClientHooks, LocalSteps, client_update
+from .client import client_update
 from .failures import PROGRAMMING_ERRORS, ClientError
+from .local_step import ClientHooks, LocalSteps
 from .server import RoundAggregator
 from .state import ServerState, get_trainable_state, load_trainable_state
 

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from fedpac_hf.federated import Algorithm, cycle_batches
-from fedpac_hf.federated.client import ClientHooks
+from fedpac_hf.federated.local_step import ClientHooks
 from fedpac_hf.federated.preflight import PreflightError, preflight
 from fedpac_hf.rundir.resume import model_name
 
