@@ -18,13 +18,13 @@ from .algorithms import (
 from .batches import batch_size, cycle_batches
 from .client import client_update
 from .engine import (
-    ROUND_METRICS,
     TRANSPORT_DTYPES,
     RoundEngine,
     RoundPlan,
 )
 from .failures import ClientError, ClientFailure, RoundError, run_client
 from .local_step import ClientHooks, LocalSteps
+from .round_metrics import ROUND_METRICS
 from .sampling import resolve_clients_per_round, sample_clients
 from .schedule import round_learning_rates
 from .server import (

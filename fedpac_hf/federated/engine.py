@@ -13,7 +13,7 @@ through :class:`RoundEngine`. The engine owns what a round *is*:
    non-finite aggregate, raise :class:`~fedpac_hf.federated.RoundError` naming
    every dropped client's reason, before any state changes;
 5. the server rule and the round's metrics, under one set of names
-   (:data:`ROUND_METRICS`).
+   (:data:`~fedpac_hf.federated.round_metrics.ROUND_METRICS`).
 
 What differs between the shells is *where clients run* and *how results
 travel*; they plug that in. In-process shells call :meth:`RoundEngine.run_round`
@@ -46,61 +46,12 @@ from .server import WEIGHTINGS, RoundAggregator
 from .state import ClientUpdate, ServerState
 
 __all__ = [
-    "ROUND_METRICS",
     "TRANSPORT_DTYPES",
     "RoundEngine",
     "RoundPlan",
 ]
 
 logger = logging.getLogger(__name__)
-
-ROUND_METRICS: tuple[str, ...] = (
-    "round",
-    "learning_rate",
-    "train_loss",
-    "num_clients",
-    "num_dropped",
-    "num_examples",
-    "update_norm",
-    "skipped_steps",
-    "hessian_refreshes",
-    "drift",
-    "drift_relative",
-    "drift_from_start",
-    "drift_from_start_relative",
-    "beta",
-    "client_dispersion",
-    "direction_change",
-    "bytes_up",
-    "bytes_down",
-    "bytes_up_delta",
-    "bytes_up_theta",
-    "bytes_down_params",
-    "bytes_down_direction",
-    "bytes_down_theta",
-    "round_time",
-)
-"""The metrics every round reports, whichever shell ran it.
-
-Under client-level differential privacy rounds add ``epsilon`` (at the run's
-delta, after this round) and ``dp_clipped_delta``/``dp_clipped_theta`` (the
-fraction of the round's clients whose part was clipped).
-
-``drift``/``drift_relative`` appear only for optimizers with a curvature
-state, ``drift_from_start``/``drift_from_start_relative`` (each client's Theta
-against the global Theta the round started from) from round 2 on, and
-``direction_change`` (how far the global direction moved) from round 2 on.
-``beta`` is the correction strength the round's clients used (chosen by the
-server with ``beta="auto"``), ``client_dispersion`` the spread of their
-updates (:mod:`~fedpac_hf.federated.adaptive_beta`). Evaluation adds
-``eval_*`` entries and Flower adds ``wire_bytes_*``.
-``bytes_up``/``bytes_down`` are the totals of the parts: the clients' deltas
-and Theta up; the parameters, the global direction and Theta down.
-``skipped_steps`` sums, over the round's clients, the local steps that an fp16
-gradient scaler skipped because their gradients overflowed (0 without fp16);
-``hessian_refreshes`` the extra curvature passes (Sophia's Gauss-Newton-Bartlett
-refreshes, each one more forward and backward) of the round's clients.
-"""
 
 TRANSPORT_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
 """What updates and global state can travel as (the server always sums in float64)."""
@@ -218,7 +169,8 @@ class RoundEngine:
     state:
         The global state after the last completed round.
     history:
-        One metrics dict per completed round (see :data:`ROUND_METRICS`).
+        One metrics dict per completed round (see
+        :data:`~fedpac_hf.federated.round_metrics.ROUND_METRICS`).
     """
 
     def __init__(

@@ -15,6 +15,7 @@ none needs the clients' tensors after they were added:
   / (K eta_l)^2, the spread of the updates in the global direction's units;
 - direction change tau^2 = ||g_G^{r+1} - g_G^r||^2.
 
+:data:`ROUND_METRICS` names every metric a round reports, whichever shell ran it.
 The functions return device scalars (float64 0-d tensors) so that the caller
 reads every metric of the round in one host transfer, then turn those values
 into the metrics dict.
@@ -26,7 +27,55 @@ from collections.abc import Mapping
 
 import torch
 
-__all__ = ["curvature_scalars", "drift_metrics", "update_scalars"]
+__all__ = ["ROUND_METRICS", "curvature_scalars", "drift_metrics", "update_scalars"]
+
+ROUND_METRICS: tuple[str, ...] = (
+    "round",
+    "learning_rate",
+    "train_loss",
+    "num_clients",
+    "num_dropped",
+    "num_examples",
+    "update_norm",
+    "skipped_steps",
+    "hessian_refreshes",
+    "drift",
+    "drift_relative",
+    "drift_from_start",
+    "drift_from_start_relative",
+    "beta",
+    "client_dispersion",
+    "direction_change",
+    "bytes_up",
+    "bytes_down",
+    "bytes_up_delta",
+    "bytes_up_theta",
+    "bytes_down_params",
+    "bytes_down_direction",
+    "bytes_down_theta",
+    "round_time",
+)
+"""The metrics every round reports, whichever shell ran it.
+
+Under client-level differential privacy rounds add ``epsilon`` (at the run's
+delta, after this round) and ``dp_clipped_delta``/``dp_clipped_theta`` (the
+fraction of the round's clients whose part was clipped).
+
+``drift``/``drift_relative`` appear only for optimizers with a curvature
+state, ``drift_from_start``/``drift_from_start_relative`` (each client's Theta
+against the global Theta the round started from) from round 2 on, and
+``direction_change`` (how far the global direction moved) from round 2 on.
+``beta`` is the correction strength the round's clients used (chosen by the
+server with ``beta="auto"``), ``client_dispersion`` the spread of their
+updates (:mod:`~fedpac_hf.federated.adaptive_beta`). Evaluation adds
+``eval_*`` entries and Flower adds ``wire_bytes_*``.
+``bytes_up``/``bytes_down`` are the totals of the parts: the clients' deltas
+and Theta up; the parameters, the global direction and Theta down.
+``skipped_steps`` sums, over the round's clients, the local steps that an fp16
+gradient scaler skipped because their gradients overflowed (0 without fp16);
+``hessian_refreshes`` the extra curvature passes (Sophia's Gauss-Newton-Bartlett
+refreshes, each one more forward and backward) of the round's clients.
+"""
 
 
 def update_scalars(
