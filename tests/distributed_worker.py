@@ -49,6 +49,9 @@ def main(out: str, private: bool = False) -> None:
         tensors = {f"params::{k}": v for k, v in state.params.items()}
         tensors.update({f"curvature::{k}": v for k, v in (state.curvature or {}).items()})
         tensors["clients"] = torch.tensor(trainer.round_history[-1]["num_clients"])
+        for key in ("delta_norm_median", "theta_norm_median"):  # without DP only
+            if key in trainer.round_history[-1]:
+                tensors[key] = torch.tensor(trainer.round_history[-1][key], dtype=torch.float64)
         save_file(tensors, out)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

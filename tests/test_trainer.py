@@ -312,6 +312,7 @@ def test_two_processes_give_the_same_result_as_one(tmp_path):
     _distributed_worker(str(two), processes=2)
     a, b = load_file(str(one)), load_file(str(two))
     assert set(a) == set(b) and any(k.startswith("curvature::") for k in a)
+    assert {"delta_norm_median", "theta_norm_median"} <= set(a)  # gathered over processes
     assert a["clients"] == b["clients"] == 4
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)

@@ -31,20 +31,26 @@ def all_reduce(aggregator: RoundAggregator) -> None:
     """
     key_lists: list[Any] = [None] * dist.get_world_size()
     mine = {k: tuple(t.shape) for k, t in aggregator.curvature_sum.items()}
+    norms = torch.stack(aggregator.own_norms).cpu().tolist() if aggregator.own_norms else []
     dist.all_gather_object(
         key_lists,
-        (mine, aggregator.client_ids, aggregator.failures, aggregator.record_epsilon),
+        (mine, aggregator.client_ids, aggregator.failures, aggregator.record_epsilon, norms),
     )
     shapes: dict[str, tuple[int, ...]] = {}
     ids: list[int] = []
     failures: list[ClientFailure] = []
     epsilons = []
-    for keys, client_ids, client_failures, epsilon in key_lists:
+    all_norms: list[list[float]] = []
+    for keys, client_ids, client_failures, epsilon, client_norms in key_lists:
+        all_norms += client_norms
         shapes.update(keys)
         ids += client_ids
         failures += client_failures
         epsilons += [] if epsilon is None else [epsilon]
     aggregator.record_epsilon = max(epsilons) if epsilons else None
+    aggregator.own_norms = [
+        torch.tensor(pair, dtype=torch.float64, device=aggregator.device) for pair in all_norms
+    ]
     for k, shape in shapes.items():
         if k not in aggregator.curvature_sum:
             zeros = torch.zeros(shape, dtype=torch.float64, device=aggregator.device)

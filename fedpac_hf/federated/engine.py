@@ -291,6 +291,7 @@ class RoundEngine:
             device=self.device,
             privacy=self.privacy,
             expected_clients=self.clients_per_round,
+            lr=self.learning_rates[r],
         )
         return RoundPlan(
             round_index=r,

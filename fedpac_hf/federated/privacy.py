@@ -172,7 +172,8 @@ class ClientDP:
         if clip_norm is None:
             raise ValueError(
                 "dp_mode: client needs dp_clip_norm, the L2 bound of each client's delta "
-                "(noise without clipping bounds nothing)"
+                "(noise without clipping bounds nothing; a run without DP reports the "
+                "clients' delta_norm_median)"
             )
         for setting, value in given.items():
             DP_RULES[setting].check(setting, value)
@@ -186,7 +187,8 @@ class ClientDP:
             raise ValueError(
                 "the algorithm shares the curvature state Theta (alignment), which depends on "
                 "the client's data too: set dp_theta_clip_norm, the L2 bound of each client's "
-                "Theta (or align: false to keep Theta on the clients)"
+                "Theta (a run without DP reports the clients' theta_norm_median), or align: "
+                "false to keep Theta on the clients"
             )
         return cls(
             clip_norm=float(clip_norm),

@@ -4,8 +4,8 @@
 (:class:`~fedpac_hf.federated.privacy.ClientDP`) and the mechanism in full;
 :mod:`fedpac_hf.federated.privacy_noise` the server's half. Here: what every
 client's delta and Theta contain that is public (:func:`public_reference`),
-what is the client's own (:func:`own_part`), and the clip that bounds it
-before anything leaves the client (:func:`clip_update`).
+what is the client's own (:func:`own_part`, its norms :func:`own_norms`), and
+the clip that bounds it before anything leaves the client (:func:`clip_update`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,14 @@ from .algorithms import Algorithm, round_beta
 from .privacy import ClientDP
 from .state import ClientUpdate, ServerState
 
-__all__ = ["Reference", "clip_update", "own_part", "public_reference", "with_reference"]
+__all__ = [
+    "Reference",
+    "clip_update",
+    "own_norms",
+    "own_part",
+    "public_reference",
+    "with_reference",
+]
 
 
 def _global_norm(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -97,6 +104,37 @@ def own_part(
     return (
         with_reference(dict(update.delta), reference[0], -1.0),
         with_reference(dict(update.curvature), reference[1], -1.0),
+    )
+
+
+def own_norms(
+    delta: Mapping[str, torch.Tensor],
+    curvature: Mapping[str, torch.Tensor],
+    reference: Reference = (None, None),
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """The L2 norms of a client's own delta and Theta (:func:`own_part`), as ``[delta, Theta]``.
+
+    What :func:`clip_update` would compare with ``dp_clip_norm`` and
+    ``dp_theta_clip_norm``, computed one entry at a time (no copy of the whole
+    update) in ``dtype``, on the device of ``delta``, without a host sync.
+    Theta's norm is 0 when ``curvature`` is empty.
+    """
+
+    def norm(tensors: Mapping[str, torch.Tensor], ref: Mapping[str, torch.Tensor] | None):
+        squares = [
+            torch.linalg.vector_norm(
+                t - ref[n].to(t.device, t.dtype) if ref and n in ref else t, dtype=dtype
+            )
+            .square()
+            .to(device)
+            for n, t in tensors.items()
+        ]
+        return torch.stack(squares).sum().sqrt() if squares else torch.zeros((), dtype=dtype)
+
+    device = next(iter(delta.values())).device if delta else torch.device("cpu")
+    return torch.stack(
+        [norm(delta, reference[0]).to(device), norm(curvature, reference[1]).to(device)]
     )
 
 

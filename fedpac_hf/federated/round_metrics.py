@@ -23,11 +23,19 @@ into the metrics dict.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import statistics
+from collections.abc import Mapping, Sequence
 
 import torch
 
-__all__ = ["ROUND_METRICS", "curvature_scalars", "drift_metrics", "update_scalars"]
+__all__ = [
+    "ROUND_METRICS",
+    "byte_metrics",
+    "curvature_scalars",
+    "drift_metrics",
+    "norm_medians",
+    "update_scalars",
+]
 
 ROUND_METRICS: tuple[str, ...] = (
     "round",
@@ -46,6 +54,8 @@ ROUND_METRICS: tuple[str, ...] = (
     "beta",
     "client_dispersion",
     "direction_change",
+    "delta_norm_median",
+    "theta_norm_median",
     "bytes_up",
     "bytes_down",
     "bytes_up_delta",
@@ -71,6 +81,12 @@ updates (:mod:`~fedpac_hf.federated.adaptive_beta`). Evaluation adds
 ``eval_*`` entries and Flower adds ``wire_bytes_*``.
 ``bytes_up``/``bytes_down`` are the totals of the parts: the clients' deltas
 and Theta up; the parameters, the global direction and Theta down.
+``delta_norm_median``/``theta_norm_median`` (rounds without client-level DP
+or secure aggregation; Theta's when it travels) are the median over the
+round's clients of the L2 norm of what client-level DP would clip, each
+client's delta and Theta minus their public parts
+(:func:`~fedpac_hf.federated.privacy_clip.own_norms`): the numbers to choose
+``dp_clip_norm`` and ``dp_theta_clip_norm`` from.
 ``skipped_steps`` sums, over the round's clients, the local steps that an fp16
 gradient scaler skipped because their gradients overflowed (0 without fp16);
 ``hessian_refreshes`` the extra curvature passes (Sophia's Gauss-Newton-Bartlett
@@ -180,3 +196,29 @@ def drift_metrics(read: Mapping[str, float]) -> dict[str, float]:
             metrics[name] = value
             metrics[f"{name}_relative"] = value / read[norm] if read[norm] > 0 else 0.0
     return metrics
+
+
+def norm_medians(norms: Sequence[float], theta: bool) -> dict[str, float]:
+    """``delta_norm_median`` (and, with ``theta``, ``theta_norm_median``) from the clients'
+    norms, read back flat as ``[delta_1, Theta_1, delta_2, Theta_2, ...]``."""
+    medians = {"delta_norm_median": statistics.median(norms[0::2])}
+    if theta:
+        medians["theta_norm_median"] = statistics.median(norms[1::2])
+    return medians
+
+
+def byte_metrics(
+    delta_bytes: int, theta_bytes: int, down: Mapping[str, int], num_clients: int
+) -> dict[str, float]:
+    """Bytes up (the clients' deltas and Theta) and down (``down``: the parameters, g_G and
+    Theta one client receives, times ``num_clients``) in one round."""
+    down = {part: size * num_clients for part, size in down.items()}
+    return {
+        "bytes_up": float(delta_bytes + theta_bytes),
+        "bytes_down": float(sum(down.values())),
+        "bytes_up_delta": float(delta_bytes),
+        "bytes_up_theta": float(theta_bytes),
+        "bytes_down_params": float(down["params"]),
+        "bytes_down_direction": float(down["direction"]),
+        "bytes_down_theta": float(down["theta"]),
+    }

@@ -32,10 +32,16 @@ from .adaptive_beta import auto_beta
 from .algorithms import Algorithm, downlink_parts, round_beta
 from .failures import ClientFailure, RoundError, require_finite_aggregate
 from .privacy import ClientDP
-from .privacy_clip import public_reference
+from .privacy_clip import Reference, own_norms, public_reference
 from .privacy_noise import noised_round
-from .round_metrics import curvature_scalars, drift_metrics, update_scalars
-from .state import ClientUpdate, ServerState, move_tensors, tensor_bytes
+from .round_metrics import (
+    byte_metrics,
+    curvature_scalars,
+    drift_metrics,
+    norm_medians,
+    update_scalars,
+)
+from .state import ClientUpdate, ServerState, move_parts, move_tensors, tensor_bytes
 
 __all__ = ["RoundAggregator", "aggregate", "sum_device", "WEIGHTINGS"]
 
@@ -87,6 +93,12 @@ class RoundAggregator:
         the count of updates; Theta is repaired after.
     expected_clients:
         q N, the fixed denominator under DP.
+    lr:
+        The round's local rate eta_l when known as the round starts (the round
+        engine passes it): in a round without client-level DP the server then
+        measures each client's own delta and Theta norms, what DP would clip
+        (:func:`~fedpac_hf.federated.privacy_clip.own_norms`), and reports their
+        medians (``delta_norm_median``, ``theta_norm_median``).
     """
 
     def __init__(
@@ -98,6 +110,7 @@ class RoundAggregator:
         device: torch.device | str | None = None,
         privacy: ClientDP | None = None,
         expected_clients: float | None = None,
+        lr: float | None = None,
     ) -> None:
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
@@ -129,6 +142,9 @@ class RoundAggregator:
         self.clipped = [0.0, 0.0]  # clients whose delta / Theta were clipped (DP)
         self.record_epsilon: float | None = None  # the largest a client reported (record DP)
         self.secure = False  # sums of a secure mean: Theta repaired, no per-client diagnostics
+        self.lr = lr
+        self.own_norms: list[torch.Tensor] = []  # [delta, Theta] per client, without DP
+        self._reference: Reference | None = None  # the public parts own_norms leaves out
 
     def drop(self, failure: ClientFailure) -> None:
         """Record a client that produced no update (it is left out of the sums)."""
@@ -187,6 +203,13 @@ class RoundAggregator:
                 self.curvature_sum[name].add_(t64)
                 self.curvature_weighted_sum[name].add_(t64, alpha=weight)
                 self.curvature_square_sum += t64.square().sum()
+        if self.lr is not None and self.privacy is None:
+            theta = update.curvature if self.algorithm.align else {}
+            if self._reference is None:  # the same for every client of the round (same K)
+                self._reference = public_reference(
+                    self.sent_state, self.algorithm, self.lr, update.num_steps
+                )
+            self.own_norms.append(own_norms(update.delta, theta, self._reference).to(self.device))
         self.delta_bytes += tensor_bytes(update.delta)
         if self.algorithm.align:
             self.theta_bytes += tensor_bytes(update.curvature)
@@ -220,7 +243,7 @@ class RoundAggregator:
         In named steps: the server rule (:meth:`_server_step`, :meth:`_mean_curvature`),
         every diagnostic read back in one transfer (:meth:`_read_metrics`), the
         next round's beta (:meth:`_next_beta`), the bytes that travelled
-        (:meth:`_byte_metrics`), and the finiteness check before the new state
+        (:func:`~fedpac_hf.federated.round_metrics.byte_metrics`), and the finiteness check before the new state
         moves to the CPU.
 
         Parameters
@@ -261,11 +284,12 @@ class RoundAggregator:
         parts = {"model": params, "direction": direction, "curvature": curvature or {}}
         read, metrics = self._read_metrics(delta, direction, mean, parts, lr, local_steps)
         next_beta = self._next_beta(metrics)
-        metrics.update(self._byte_metrics())
+        down = downlink_parts(self.sent_state, self.algorithm)  # bytes to one client
+        metrics.update(byte_metrics(self.delta_bytes, self.theta_bytes, down, self.num_clients))
         for part, tensors in parts.items():
             if not read[part]:
                 require_finite_aggregate(tensors, part, state.round + 1, server_lr)
-        params, direction, curvature = _to_cpu(params, direction, curvature)
+        params, direction, curvature = move_parts([params, direction, curvature], "cpu")
         new_state = ServerState(
             params=params,
             curvature=curvature,
@@ -364,8 +388,14 @@ class RoundAggregator:
         for part, tensors in parts.items():
             scalars[part] = all_finite(tensors.values()).to(self.device, torch.float64)
         values = torch.stack([v.reshape(()) for v in scalars.values()])
-        read = dict(zip(scalars, values.cpu().tolist()))  # one host sync for every metric
+        if self.own_norms:  # the clients' [delta, Theta] norms after the scalars
+            values = torch.cat([values, torch.stack(self.own_norms).reshape(-1).to(values)])
+        flat = values.cpu().tolist()  # one host sync for every metric
+        read = dict(zip(scalars, flat))
         metrics = drift_metrics(read)
+        if self.own_norms:
+            theta = self.algorithm.align and bool(self.curvature_sum)
+            metrics.update(norm_medians(flat[len(scalars) :], theta))
         metrics["beta"] = round_beta(self.algorithm, state)
         if not self.secure:  # it needs each client's ||Delta_i||^2
             metrics["client_dispersion"] = max(0.0, read["client_dispersion"])
@@ -392,43 +422,6 @@ class RoundAggregator:
             metrics["client_dispersion"], metrics["direction_change"], self.algorithm.beta_max
         )
 
-    def _byte_metrics(self) -> dict[str, float]:
-        """Bytes up (delta, Theta) and down (params, g_G, Theta) in this round, all clients."""
-        down = {
-            part: size * self.num_clients
-            for part, size in downlink_parts(self.sent_state, self.algorithm).items()
-        }
-        return {
-            "bytes_up": float(self.delta_bytes + self.theta_bytes),
-            "bytes_down": float(sum(down.values())),
-            "bytes_up_delta": float(self.delta_bytes),
-            "bytes_up_theta": float(self.theta_bytes),
-            "bytes_down_params": float(down["params"]),
-            "bytes_down_direction": float(down["direction"]),
-            "bytes_down_theta": float(down["theta"]),
-        }
-
-
-def _to_cpu(
-    params: dict[str, torch.Tensor],
-    direction: dict[str, torch.Tensor],
-    curvature: dict[str, torch.Tensor] | None,
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-    """The new global state on the CPU, in one copy per dtype (:func:`move_tensors`)."""
-    new = move_tensors(
-        {
-            **{("params", n): t for n, t in params.items()},
-            **{("direction", n): t for n, t in direction.items()},
-            **{("curvature", n): t for n, t in (curvature or {}).items()},
-        },
-        "cpu",
-    )
-    return (
-        {n: new[("params", n)] for n in params},
-        {n: new[("direction", n)] for n in direction},
-        None if curvature is None else {n: new[("curvature", n)] for n in curvature},
-    )
-
 
 def aggregate(
     server_state: ServerState,
@@ -441,7 +434,7 @@ def aggregate(
     weighting: Weighting = "uniform",
 ) -> tuple[ServerState, dict[str, float]]:
     """Apply the server rule to a round's updates (see the module docstring)."""
-    aggregator = RoundAggregator(server_state, algorithm, weighting)
+    aggregator = RoundAggregator(server_state, algorithm, weighting, lr=lr)
     for update in updates:
         aggregator.add(update)
     return aggregator.finalize(lr=lr, local_steps=local_steps, server_lr=server_lr)

@@ -9,7 +9,7 @@ their low bits.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -21,6 +21,7 @@ __all__ = [
     "trainable_parameters",
     "get_trainable_state",
     "load_trainable_state",
+    "move_parts",
     "move_tensors",
     "tensor_bytes",
 ]
@@ -72,6 +73,18 @@ def move_tensors(
             chunk = chunk.view(t.shape)
             out[key] = chunk.clone() if own else chunk
     return {key: out[key] for key in tensors}
+
+
+def move_parts(
+    parts: Sequence[Mapping[str, torch.Tensor] | None], device: torch.device | str
+) -> list[dict[str, torch.Tensor] | None]:
+    """Several dicts of tensors moved together, one copy per dtype over all of them
+    (:func:`move_tensors`); ``None`` stays ``None``."""
+    flat = {(i, n): t for i, part in enumerate(parts) for n, t in (part or {}).items()}
+    moved = move_tensors(flat, device)
+    return [
+        None if part is None else {n: moved[(i, n)] for n in part} for i, part in enumerate(parts)
+    ]
 
 
 def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

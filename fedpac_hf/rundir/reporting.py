@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -227,6 +228,15 @@ def write_summary(
         lines.append(
             f"- privacy ({level}-level DP): epsilon {epsilons[-1]:.3g}{at} after "
             f"{len(epsilons)} rounds"
+        )
+    _, deltas = series(records, "delta_norm_median")
+    if deltas:  # a run without DP: what client-level DP would clip, to choose its clip norms
+        _, thetas = series(records, "theta_norm_median")
+        theta = f", Theta {statistics.median(thetas):.4g} (`dp_theta_clip_norm`)" if thetas else ""
+        lines.append(
+            "- clients' own update norms, what client-level DP would clip (median over rounds "
+            f"of each round's median): delta {statistics.median(deltas):.4g} (`dp_clip_norm`)"
+            + theta
         )
     _, drift = series(records, "drift_relative")
     if drift:
