@@ -247,24 +247,20 @@ def plan(suite: Suite, done: dict[str, Record]) -> tuple[list[Run], int]:
                 waiting += 1
             elif final.clip_quantile:
                 runs += [replace(final, seed=seed) for seed in range(seeds)]
-    # the curvature's decay at eps = 8 (methods that send Theta); final runs where it changes
-    for method in CURVATURE_DECAYS:
-        pick = dp_final(suite, method, CURVATURE_LEVEL, done)
-        runs += decay_runs(pick, done) if pick else []
-        final = dp_decayed(suite, method, CURVATURE_LEVEL, done)
-        if final is None:
-            waiting += 1
-        elif final.decay:
-            runs += [replace(final, seed=seed) for seed in range(GOAL_SEEDS)]
-    # then Theta's size, where it has a compact form; final runs where it changes
-    for method in THETA_BUDGETS:
-        pick = dp_decayed(suite, method, CURVATURE_LEVEL, done)
-        runs += budget_runs(pick, done) if pick else []
-        final = dp_budgeted(suite, method, CURVATURE_LEVEL, done)
-        if final is None:
-            waiting += 1
-        elif final.budget:
-            runs += [replace(final, seed=seed) for seed in range(GOAL_SEEDS)]
+    # at eps = 8, the curvature's decay (methods that send Theta), then Theta's size (those
+    # with a compact form): the tuning runs, then final runs where the setting changes
+    for field, methods, before, tried, after in (
+        ("decay", CURVATURE_DECAYS, dp_final, decay_runs, dp_decayed),
+        ("budget", THETA_BUDGETS, dp_decayed, budget_runs, dp_budgeted),
+    ):
+        for method in methods:
+            pick = before(suite, method, CURVATURE_LEVEL, done)
+            runs += tried(pick, done) if pick else []
+            final = after(suite, method, CURVATURE_LEVEL, done)
+            if final is None:
+                waiting += 1
+            elif getattr(final, field):
+                runs += [replace(final, seed=seed) for seed in range(GOAL_SEEDS)]
     # last: the other methods without DP (context: what DP costs each of them)
     for seed in range(SEEDS):
         for method in METHODS:
