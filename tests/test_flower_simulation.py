@@ -83,6 +83,11 @@ def test_simulation_matches_the_in_process_trainer(tmp_path, privacy):
         for key in ("train_loss", "drift", "drift_relative", "bytes_up", "bytes_down"):
             assert flower_round[key] == pytest.approx(trainer_round[key], rel=1e-5, abs=1e-8), key
         assert flower_round["wire_bytes_up"] >= flower_round["bytes_up"] > 0
+        # what client-level DP would clip: measured by the server wherever it is not on
+        for key in ("delta_norm_median", "theta_norm_median"):
+            assert (key in flower_round) == (key in trainer_round) == (privacy is not PRIVATE)
+            if key in trainer_round:
+                assert flower_round[key] == pytest.approx(trainer_round[key], rel=1e-5), key
         assert flower_round["eval_loss"] == pytest.approx(trainer_round["eval_loss"], rel=1e-5)
     state, ref = result.server_state, reference.server_state
     assert state.round == ref.round == 2
