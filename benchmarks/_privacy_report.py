@@ -55,7 +55,7 @@ def drift_line(nodp: dict[str, Summary]) -> str:
         "Preconditioner drift without DP (`drift_relative`: the clients' Theta around "
         "their mean, relative to it; mean over rounds and seeds): "
         + ", ".join(cells)
-        + ". Under DP the server sees only the clipped part of Theta each client adds, and "
+        + ". Under DP the server sees only clipped Theta, and "
         "none from methods that do not align, so the drift is not comparable there and is "
         "not reported."
     )
@@ -105,11 +105,20 @@ def report(suite: Suite) -> None:
         "of `benchmarks/privacy_benchmark.py`; in short: "
         + suite.setting.format(d=num_parameters(done))
         + "; client-level DP at delta = 500^-1.1; learning rates tuned per method on the "
-        "validation split without DP (seed 0) and reused (first protocol) or tuned again "
-        "under DP at eps = 8 and 2 (second protocol); clip norms = the median client "
-        "update norm of the non-private tuning run at the rate; "
-        f"{SEEDS} seeds per cell ({GOAL_SEEDS} where the goal compares), "
-        "final-round test accuracy.",
+        "validation split without DP (seed 0) and reused"
+        + (
+            " (first protocol) or tuned again under DP at eps = 8 and 2 (second protocol)"
+            if any(r.get("tuned") == "dp" for r in finals)
+            else ""
+        )
+        + "; clip norms = the median client update norm of the non-private tuning run at "
+        f"the rate; {SEEDS} seeds per cell"
+        + (
+            f" ({GOAL_SEEDS} where the goal compares)"
+            if any(r["seed"] >= SEEDS for r in finals)
+            else ""
+        )
+        + ", final-round test accuracy.",
         "",
         "Made by:",
         "",
@@ -210,8 +219,9 @@ def report(suite: Suite) -> None:
     theta_cost(lines, finals)
     lines += ["## Learning rates and clip norms (validation split, no DP)", ""]
     tuning_section(lines, suite, done)
-    lines += ["## Rates tuned under DP (the second protocol)", ""]
-    dp_tuning_section(lines, suite, finals, done)
+    if any(r["stage"] == "dptune" for r in done.values()):  # the second protocol ran
+        lines += ["## Rates tuned under DP (the second protocol)", ""]
+        dp_tuning_section(lines, suite, finals, done)
     for level in EPSILONS:
         summ = levels[level]
         if not summ:
