@@ -60,9 +60,10 @@ def test_a_round_reports_the_median_norm_of_what_dp_would_clip(algorithm):
     for update in updates:
         aggregator.add(update)
     _, metrics = aggregator.finalize(lr=steps.lr, local_steps=steps.num_steps)
-    assert metrics["delta_norm_median"] == pytest.approx(statistics.median(deltas), rel=1e-9)
+    # the server subtracts the public part in float64, own_part in float32: rounding apart
+    assert metrics["delta_norm_median"] == pytest.approx(statistics.median(deltas), rel=1e-7)
     if alg.align:  # Theta travels: its norm is what dp_theta_clip_norm bounds
-        assert metrics["theta_norm_median"] == pytest.approx(statistics.median(thetas), rel=1e-9)
+        assert metrics["theta_norm_median"] == pytest.approx(statistics.median(thetas), rel=1e-7)
         assert thetas[0] != pytest.approx(_norm(updates[0].curvature), rel=1e-3)
     else:
         assert "theta_norm_median" not in metrics

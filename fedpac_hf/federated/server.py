@@ -189,27 +189,31 @@ class RoundAggregator:
             self.delta_square_sum += (
                 weight * torch.stack(torch._foreach_norm(deltas)).square().sum()
             )
-        if update.curvature:
-            if self.num_clients and set(update.curvature) != set(self.curvature_sum):
+        curvature = {n: t.to(self.device, torch.float64) for n, t in update.curvature.items()}
+        if curvature:
+            if self.num_clients and set(curvature) != set(self.curvature_sum):
                 raise ValueError(
                     f"client {update.client_id} sent curvature entries that differ from the "
                     "other clients' (another optimizer or model?)"
                 )
-            for name, t in update.curvature.items():
-                t64 = t.to(self.device, torch.float64)
+            for name, t64 in curvature.items():
                 if name not in self.curvature_sum:
                     self.curvature_sum[name] = torch.zeros_like(t64)
                     self.curvature_weighted_sum[name] = torch.zeros_like(t64)
                 self.curvature_sum[name].add_(t64)
                 self.curvature_weighted_sum[name].add_(t64, alpha=weight)
                 self.curvature_square_sum += t64.square().sum()
-        if self.lr is not None and self.privacy is None:
-            theta = update.curvature if self.algorithm.align else {}
+        if self.lr is not None and self.privacy is None:  # on the float64 copies made above
             if self._reference is None:  # the same for every client of the round (same K)
-                self._reference = public_reference(
-                    self.sent_state, self.algorithm, self.lr, update.num_steps
+                parts = public_reference(self.sent_state, self.algorithm, self.lr, update.num_steps)
+                self._reference = tuple(  # type: ignore[assignment]
+                    None
+                    if part is None
+                    else {n: t.to(self.device, torch.float64) for n, t in part.items()}
+                    for part in parts
                 )
-            self.own_norms.append(own_norms(update.delta, theta, self._reference).to(self.device))
+            theta = curvature if self.algorithm.align else {}
+            self.own_norms.append(own_norms(dict(zip(names, deltas)), theta, self._reference))
         self.delta_bytes += tensor_bytes(update.delta)
         if self.algorithm.align:
             self.theta_bytes += tensor_bytes(update.curvature)
@@ -243,7 +247,8 @@ class RoundAggregator:
         In named steps: the server rule (:meth:`_server_step`, :meth:`_mean_curvature`),
         every diagnostic read back in one transfer (:meth:`_read_metrics`), the
         next round's beta (:meth:`_next_beta`), the bytes that travelled
-        (:func:`~fedpac_hf.federated.round_metrics.byte_metrics`), and the finiteness check before the new state
+        (:func:`~fedpac_hf.federated.round_metrics.byte_metrics`), and the finiteness
+        check before the new state
         moves to the CPU.
 
         Parameters
