@@ -16,6 +16,7 @@ from transformers import default_data_collator  # noqa: E402
 
 from fedpac_hf.federated import RoundError, simulate  # noqa: E402
 from fedpac_hf.flower import run_fedpac_simulation  # noqa: E402
+from fedpac_hf.trainer.fedpac_trainer import FedPACTrainer  # noqa: E402
 
 from .trainer_fixtures import (
     BACKEND,
@@ -25,6 +26,7 @@ from .trainer_fixtures import (
     build_model,
     build_trainer,
     flower_args,
+    image_data,
     one_example_per_client,
     one_lora_example_per_client,
     tiny_lora_vit,  # noqa: E402
@@ -202,3 +204,53 @@ def test_simulate_the_trainer_and_flower_give_identical_global_parameters(
     for name, reference in trainer.server_state.params.items():
         assert torch.equal(simulated[name], reference), name
         assert torch.equal(result.server_state.params[name], reference), name
+
+
+def _public_rows():
+    """The server's public data: banded images drawn apart from the clients'."""
+    return image_data(n=48, seed=3)["train"]
+
+
+def build_public_trainer(args, run_config=None):
+    """The clients' trainer with the public rows: the server's ``train_public``."""
+    data = image_data(n=120)
+    return FedPACTrainer(
+        model=tiny_vit(), args=args, train_dataset=data["train"], curvature_dataset=_public_rows()
+    )
+
+
+@pytest.mark.slow  # a Flower simulation (~25 s); the in-process shells are tested by default
+def test_public_curvature_on_flower_matches_the_in_process_trainer(tmp_path):
+    """The server's Theta from its public data, the same in both shells; clients send none."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the Flower worker: SOAP's eigenbases depend on the threads
+    try:
+        reference = build_public_trainer(
+            flower_args(tmp_path / "in_process", public_curvature=True)
+        )
+        reference.train()
+    finally:
+        torch.set_num_threads(threads)
+    result = run_fedpac_simulation(
+        build_trainer,  # the nodes hold no public data
+        flower_args(tmp_path / "flower", public_curvature=True),
+        build_model=build_model,
+        build_public_curvature=lambda args, config: build_public_trainer(args).train_public,
+        num_supernodes=3,
+        backend_config=BACKEND,
+    )
+    for flower_round, trainer_round in zip(result.history, reference.round_history, strict=True):
+        assert flower_round["bytes_up_theta"] == trainer_round["bytes_up_theta"] == 0
+        for key in ("train_loss", "public_train_loss"):
+            assert flower_round[key] == pytest.approx(trainer_round[key], rel=1e-5), key
+    state, ref = result.server_state, reference.server_state
+    for name in ref.curvature:
+        torch.testing.assert_close(state.curvature[name], ref.curvature[name], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="make_server_app's build_public_curvature"):
+        run_fedpac_simulation(
+            build_trainer,
+            flower_args(tmp_path / "none", public_curvature=True),
+            build_model=build_model,
+            num_supernodes=3,
+            backend_config=BACKEND,
+        )

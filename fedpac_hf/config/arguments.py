@@ -97,6 +97,16 @@ class FedPACArguments(PrivacyArguments, TrainingArguments):
             "Default: 1.0 for a model with LoRA adapters, full Theta without."
         },
     )
+    public_curvature: bool = field(
+        default=False,
+        metadata={
+            "help": "Take the global Theta from public data at the server instead of from the "
+            "clients: each round the server runs the client rule on the public data "
+            "(FedPACTrainer's curvature_dataset; the CLI's public_curvature_dataset) from the "
+            "round's state, and clients send no Theta (no uplink for it, and under dp_mode "
+            "'client' the delta gets the whole mechanism). Needs an algorithm that aligns."
+        },
+    )
     preflight: bool = field(
         default=True,
         metadata={
@@ -284,6 +294,7 @@ class FedPACArguments(PrivacyArguments, TrainingArguments):
             beta=self.beta,
             align=self.align,
             optimizer_kwargs=kwargs,
+            public_curvature=True if self.public_curvature else None,
         )
 
     def training_settings(self, algorithm: Algorithm) -> dict[str, Any]:
@@ -303,6 +314,8 @@ class FedPACArguments(PrivacyArguments, TrainingArguments):
             "transport_dtype": self.transport_dtype,
             "client_optimizer_kwargs": dict(algorithm.optimizer_kwargs),
             **self.privacy_settings(),
+            # only when set: checkpoints from before the setting resume as they did
+            **({"public_curvature": True} if algorithm.public_curvature else {}),
         }
 
     def local_step_settings(self, lr: float, num_steps: int | None = None) -> LocalSteps:

@@ -59,6 +59,12 @@ class Algorithm:
     beta_max:
         Upper bound of the correction strength chosen by ``beta="auto"``,
         in (0, 1).
+    public_curvature:
+        Theta comes from the server, not from the clients: each round the
+        server runs the client rule on public data from the round's state and
+        its Theta is the next global Theta (``docs/privacy.md``). Clients
+        send no curvature, so it costs no uplink and, under DP, no share of
+        the privacy mechanism. Needs ``align``.
     """
 
     name: str
@@ -68,11 +74,18 @@ class Algorithm:
     optimizer_kwargs: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
     beta_max: float = AUTO_BETA_MAX
+    public_curvature: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
             raise ValueError(f"an Algorithm's name must be a non-empty text, got {self.name!r}")
         flag().check(f"align (algorithm {self.name!r})", self.align)
+        flag().check(f"public_curvature (algorithm {self.name!r})", self.public_curvature)
+        if self.public_curvature and not self.align:
+            raise ValueError(
+                f"public_curvature needs an algorithm that aligns (warm-starts from the global "
+                f"Theta); {self.name!r} does not (align=False)"
+            )
         try:
             beta = parse_beta(self.beta)
         except ValueError as err:

@@ -172,7 +172,9 @@ def client_update(
         hook.remove()
         optimizer.zero_grad(set_to_none=True)
         model.train(was_training)
-    update = _collect_update(params, state, optimizer, steps, tally, client_id)
+    # with public curvature the server has its own Theta: the client's stays here
+    export = None if algorithm.public_curvature else optimizer
+    update = _collect_update(params, state, export, steps, tally, client_id)
     if record is not None:
         update.metrics.update(record.metrics())
         return update
@@ -208,15 +210,15 @@ def _calm(tally: Tally) -> torch.Tensor:
 def _collect_update(
     params: Mapping[str, torch.Tensor],
     state: ServerState,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     steps: LocalSteps,
     tally: Tally,
     client_id: int,
 ) -> ClientUpdate:
-    """Delta, Theta and metrics, checked for finiteness in the client's one host sync."""
+    """Delta, Theta (none without ``optimizer``) and metrics, checked in one host sync."""
     device = tally.loss_sum.device
     delta = {name: p.detach().to(torch.float32) - state.params[name] for name, p in params.items()}
-    curvature = _export_curvature(optimizer)
+    curvature = {} if optimizer is None else _export_curvature(optimizer)
     usable = all_finite(delta.values()).to(device) & all_finite(curvature.values()).to(device)
     calm = _calm(tally)
     # the one host sync of the client: its loss, or NaN when the update or Theta is not

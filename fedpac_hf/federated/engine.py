@@ -104,6 +104,21 @@ class RoundPlan:
         else:
             self.aggregator.add(result.cast(self.transport_dtype))
 
+    def use_public_curvature(self, update: ClientUpdate) -> None:
+        """Make the server's own update on public data the source of the next global Theta.
+
+        For algorithms with ``public_curvature``: ``update`` is the client rule
+        run by the server on public data from :attr:`state`; only its Theta is
+        used (its delta is not: the parameters come from the clients alone).
+        """
+        if not update.curvature:
+            raise ValueError(
+                "the server's update on the public data has no curvature: the optimizer "
+                f"{self.aggregator.algorithm.optimizer!r} exports no Theta"
+            )
+        self.aggregator.public_curvature = update.curvature
+        self.aggregator.public_loss = update.metrics.get("train_loss")
+
     def fail(self, client_id: int, error_type: str, message: str) -> None:
         """Record that ``client_id`` produced no update, and why (logged as a warning)."""
         failure = ClientFailure(int(client_id), self.round_number, error_type, message)
@@ -327,6 +342,11 @@ class RoundEngine:
                 f"round {plan.round_number} is not the next round ({self.state.round + 1})"
             )
         aggregator = plan.aggregator
+        if self.algorithm.public_curvature and aggregator.public_curvature is None:
+            raise ValueError(
+                f"round {plan.round_number}: {self.algorithm.name} takes Theta from public data "
+                "but the server trained none this round (RoundPlan.use_public_curvature)"
+            )
         if reduce is not None:
             reduce(aggregator)
         self._stop_on_recurring(aggregator, plan.round_number)
@@ -345,6 +365,8 @@ class RoundEngine:
             "num_dropped": float(len(aggregator.failures)),
             "round_time": time.perf_counter() - plan.started,
         }
+        if aggregator.public_loss is not None:
+            metrics["public_train_loss"] = aggregator.public_loss
         if self.privacy is not None:
             metrics["epsilon"] = self.epsilon()
         elif aggregator.record_epsilon is not None:  # record DP: the worst client's so far
@@ -374,6 +396,7 @@ class RoundEngine:
         *,
         share: Callable[[list[int]], Sequence[int]] | None = None,
         reduce: Callable[[RoundAggregator], None] | None = None,
+        train_public: Callable[[RoundPlan], ClientUpdate] | None = None,
     ) -> dict[str, float]:
         """Run the next round in this process; return its metrics.
 
@@ -390,8 +413,20 @@ class RoundEngine:
             e.g. ``lambda ids: ids[rank::world]``.
         reduce:
             See :meth:`finish_round`.
+        train_public:
+            ``train_public(plan) -> ClientUpdate``: the client rule on the
+            server's public data, for algorithms with ``public_curvature``
+            (:meth:`RoundPlan.use_public_curvature`). It runs in every process
+            (the same update everywhere); an error in it stops the round.
         """
         plan = self.plan_round()
+        if self.algorithm.public_curvature:
+            if train_public is None:
+                raise ValueError(
+                    f"{self.algorithm.name} takes Theta from public data: give the server "
+                    "public data (curvature_dataset)"
+                )
+            plan.use_public_curvature(train_public(plan))
         clients = plan.clients if share is None else share(plan.clients)
         for client_id in clients:
             train = functools.partial(train_client, client_id, plan)

@@ -8,7 +8,9 @@ cannot take, a curvature state that does not warm-start) otherwise surfaces as
 
 1. one local step of one client from the initial weights (the configured
    client optimizer, its curvature collection, clipping, scaler);
-2. one server aggregation of that update (the server rule, Theta's form);
+2. one server aggregation of that update (the server rule, Theta's form;
+   with ``public_curvature``, Theta from one step of the client rule on the
+   server's public data first);
 3. one local step from the aggregated state (alignment: the warm start from
    the global Theta, and the correction);
 4. one evaluation (``eval_fn``), when given.
@@ -115,6 +117,7 @@ def preflight(
     *,
     weighting: str = "uniform",
     eval_fn: Callable[[torch.nn.Module], Any] | None = None,
+    public_batches: Callable[[], Iterator[Any]] | None = None,
 ) -> float:
     """Run the preflight (see the module docstring); return its time in seconds.
 
@@ -136,6 +139,10 @@ def preflight(
         The run's aggregation weighting.
     eval_fn:
         Evaluates the model (e.g. on one batch), or ``None``.
+    public_batches:
+        Returns a fresh iterator over the server's public curvature data, for
+        algorithms with ``public_curvature`` (without it, a client's preflight:
+        the aggregation has no Theta).
 
     Raises
     ------
@@ -159,9 +166,20 @@ def preflight(
             first=True,
         )
 
+        public = None
+        if algorithm.public_curvature and public_batches is not None:
+            server_rule = algorithm.replace(public_curvature=False)  # it keeps its Theta
+            public = _stage(
+                "one step of the server on the public curvature data",
+                lambda: client_update(model, state, server_rule, public_batches(), one, hooks),
+                one.lr,
+            )
+
         def aggregate() -> ServerState:
             aggregator = RoundAggregator(state, algorithm, weighting)  # type: ignore[arg-type]
             aggregator.add(first)
+            if public is not None:
+                aggregator.public_curvature = public.curvature
             return aggregator.finalize(lr=one.lr, local_steps=1)[0]
 
         following = _stage("the server's aggregation of that update", aggregate, one.lr)

@@ -56,6 +56,7 @@ ROUND_METRICS: tuple[str, ...] = (
     "direction_change",
     "delta_norm_median",
     "theta_norm_median",
+    "public_train_loss",
     "bytes_up",
     "bytes_down",
     "bytes_up_delta",
@@ -87,6 +88,9 @@ round's clients of the L2 norm of what client-level DP would clip, each
 client's delta and Theta minus their public parts
 (:func:`~fedpac_hf.federated.privacy_clip.own_norms`): the numbers to choose
 ``dp_clip_norm`` and ``dp_theta_clip_norm`` from.
+``public_train_loss`` (algorithms with ``public_curvature`` only) is the mean
+loss of the server's local steps on the public data that gave the next Theta;
+the clients then send no Theta, so the drift metrics are absent.
 ``skipped_steps`` sums, over the round's clients, the local steps that an fp16
 gradient scaler skipped because their gradients overflowed (0 without fp16);
 ``hessian_refreshes`` the extra curvature passes (Sophia's Gauss-Newton-Bartlett

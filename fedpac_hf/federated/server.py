@@ -41,23 +41,20 @@ from .round_metrics import (
     norm_medians,
     update_scalars,
 )
-from .state import ClientUpdate, ServerState, move_parts, move_tensors, tensor_bytes
+from .state import (
+    ClientUpdate,
+    ServerState,
+    move_parts,
+    move_tensors,
+    sum_device,
+    tensor_bytes,
+)
 
-__all__ = ["RoundAggregator", "aggregate", "sum_device", "WEIGHTINGS"]
+__all__ = ["RoundAggregator", "aggregate", "WEIGHTINGS"]
 
 
 Weighting = Literal["uniform", "num_examples"]
 WEIGHTINGS: tuple[str, ...] = ("uniform", "num_examples")
-
-
-def sum_device(device: torch.device | str | None) -> torch.device:
-    """Where a :class:`RoundAggregator` keeps its float64 sums for updates made on
-    ``device``: that device, or the CPU for ``None`` and for devices without
-    float64 (Apple's ``mps``)."""
-    if device is None:
-        return torch.device("cpu")
-    device = torch.device(device)
-    return torch.device("cpu") if device.type == "mps" else device
 
 
 class RoundAggregator:
@@ -145,6 +142,8 @@ class RoundAggregator:
         self.lr = lr
         self.own_norms: list[torch.Tensor] = []  # [delta, Theta] per client, without DP
         self._reference: Reference | None = None  # the public parts own_norms leaves out
+        self.public_curvature: dict[str, torch.Tensor] | None = None  # the server's own Theta
+        self.public_loss: float | None = None  # and its loss on the public data
 
     def drop(self, failure: ClientFailure) -> None:
         """Record a client that produced no update (it is left out of the sums)."""
@@ -330,7 +329,12 @@ class RoundAggregator:
         return delta, params, direction
 
     def _mean_curvature(self) -> dict[str, torch.Tensor] | None:
-        """Theta^{r+1} = sum_i w_i Theta_i / W in float64 (``None`` when no client sent Theta)."""
+        """Theta^{r+1} = sum_i w_i Theta_i / W in float64 (``None`` when no client sent Theta).
+
+        With ``public_curvature`` set (the server's Theta from public data) that Theta instead.
+        """
+        if self.public_curvature is not None:
+            return {n: t.to(self.device, torch.float64) for n, t in self.public_curvature.items()}
         if not self.curvature_weighted_sum:
             return None
         inv_w = 1.0 / self.denominator

@@ -96,6 +96,7 @@ def simulate(
     transport_dtype: str = "float32",
     curvature: str = "auto",
     theta_budget: float | None = None,
+    curvature_loader: Any = None,
     dp_mode: str = "none",
     dp_clip_norm: float | None = None,
     dp_theta_clip_norm: float | None = None,
@@ -155,6 +156,11 @@ def simulate(
         :func:`~fedpac_hf.federated.theta_budget.theta_options`, which
         ``FedPACTrainer``, the CLI and the Flower apps use too). Options in
         the algorithm's ``optimizer_kwargs`` take precedence.
+    curvature_loader:
+        Batches of public data (an iterable read again every round): the
+        server takes the global Theta from the client rule run on them from
+        each round's state, and the clients send none (``public_curvature``,
+        see ``docs/privacy.md``). Needs an algorithm that aligns.
     dp_mode, dp_clip_norm, dp_theta_clip_norm, dp_theta_share, dp_clip_schedule, \
     dp_noise_multiplier, dp_delta, dp_target_epsilon, dp_noise_seed:
         Client-level differential privacy (``dp_mode="client"``): each client's
@@ -195,6 +201,10 @@ def simulate(
     num_rounds, local_steps, seed = read["num_rounds"], read["local_steps"], read["seed"]
     min_clients_per_round = read["min_clients_per_round"]
     algorithm = get_algorithm(algorithm)
+    if curvature_loader is not None:
+        algorithm = algorithm.replace(public_curvature=True)
+    elif algorithm.public_curvature:
+        raise ValueError(f"{algorithm.name} takes Theta from public data: pass curvature_loader")
     form = theta_options(
         model,
         algorithm.optimizer,
@@ -224,7 +234,7 @@ def simulate(
         noise_multiplier=dp_noise_multiplier,
         delta=dp_delta,
         target_epsilon=dp_target_epsilon,
-        share_theta=algorithm.align,
+        share_theta=algorithm.align and not algorithm.public_curvature,
         theta_share=dp_theta_share,
         clip_schedule=dp_clip_schedule,
         learning_rate=lr,
@@ -257,6 +267,9 @@ def simulate(
             hooks,
             weighting=weighting,
             eval_fn=None if eval_fn is None else lambda m: evaluation_metrics(eval_fn(m)),
+            public_batches=None
+            if curvature_loader is None
+            else (lambda: cycle_batches(curvature_loader)),
         )
         logger.info("preflight passed in %.1f s", seconds)
 
@@ -295,9 +308,20 @@ def simulate(
             privacy=privacy,
         )
 
+    def train_public(plan: RoundPlan):  # the server's Theta, from public data
+        return client_update(
+            model,
+            plan.state,
+            algorithm.replace(public_curvature=False),
+            cycle_batches(curvature_loader),
+            LocalSteps(lr=plan.learning_rate, num_steps=local_steps, max_grad_norm=max_grad_norm),
+            hooks,
+            client_id=-1,
+        )
+
     bar = tqdm(range(num_rounds), desc=f"{algorithm.name} rounds", disable=not progress)
     for _ in bar:
-        metrics = engine.run_round(train_client)
+        metrics = engine.run_round(train_client, train_public=train_public)
         load_trainable_state(model, engine.state.params)
         if eval_fn is not None:
             model.eval()

@@ -23,10 +23,21 @@ __all__ = [
     "load_trainable_state",
     "move_parts",
     "move_tensors",
+    "sum_device",
     "tensor_bytes",
 ]
 
 K = TypeVar("K", bound=Hashable)
+
+
+def sum_device(device: torch.device | str | None) -> torch.device:
+    """Where a :class:`~fedpac_hf.federated.server.RoundAggregator` keeps its float64 sums for updates made on
+    ``device``: that device, or the CPU for ``None`` and for devices without
+    float64 (Apple's ``mps``)."""
+    if device is None:
+        return torch.device("cpu")
+    device = torch.device(device)
+    return torch.device("cpu") if device.type == "mps" else device
 
 
 def move_tensors(

@@ -32,12 +32,14 @@ from fedpac_hf.config.validation import closest_name
 from fedpac_hf.trainer.evaluation import Evaluator
 
 if TYPE_CHECKING:  # the server side never imports the trainer
+    from fedpac_hf.federated import ClientUpdate, RoundPlan
     from fedpac_hf.trainer.fedpac_trainer import FedPACTrainer
 
 __all__ = [
     "FLOWER_SETTINGS",
     "EvaluatorFactory",
     "ModelFactory",
+    "PublicCurvatureFactory",
     "TrainerFactory",
     "argument_names",
     "arguments_from_run_config",
@@ -61,6 +63,17 @@ ModelFactory = Callable[[FedPACArguments, RunConfig], torch.nn.Module]
 EvaluatorFactory = Callable[[FedPACArguments, RunConfig], Evaluator]
 """``build_evaluator(args, run_config)``: ``evaluate(model) -> metrics`` on the server
 (e.g. :func:`fedpac_hf.trainer.evaluation.make_evaluator` over a held-out set)."""
+
+PublicCurvatureFactory = Callable[
+    [FedPACArguments, RunConfig], Callable[["RoundPlan"], "ClientUpdate"]
+]
+"""``build_public_curvature(args, run_config)``: the server's Theta for ``public_curvature``.
+
+Returns ``train_public(plan) -> ClientUpdate``, the client rule on the
+server's public data from the round's state (its Theta becomes the next
+global Theta), e.g. ``build_trainer(args, run_config, public_rows).train_public``
+with a :class:`FedPACTrainer` given ``curvature_dataset=public_rows``.
+"""
 
 FLOWER_SETTINGS: dict[str, float] = {"round-timeout": 3600.0, "node-wait-timeout": 120.0}
 """Run-config keys of the apps themselves, with their defaults (seconds).

@@ -50,7 +50,13 @@ from fedpac_hf.rundir.output_dir import claim_output_dir, no_new_folders
 from fedpac_hf.rundir.resume import load_resumable_checkpoint, run_identity
 from fedpac_hf.trainer.evaluation import Evaluator
 
-from .config import EvaluatorFactory, ModelFactory, arguments_from_run_config, flower_setting
+from .config import (
+    EvaluatorFactory,
+    ModelFactory,
+    PublicCurvatureFactory,
+    arguments_from_run_config,
+    flower_setting,
+)
 from .records import tensors_to_array_record
 from .strategy import FedPACStrategy
 from .strategy.secure import SecureFedPACStrategy
@@ -308,6 +314,7 @@ def make_server_app(
     app_settings: Iterable[str] = (),
     round_timeout: float = 3600.0,
     on_finish: FinishCallback | None = None,
+    build_public_curvature: PublicCurvatureFactory | None = None,
     **strategy_kwargs: Any,
 ) -> ServerApp:
     """A Flower ``ServerApp`` running FedPAC on the global model ``build_model`` makes.
@@ -334,6 +341,10 @@ def make_server_app(
     on_finish:
         Called with ``(model, strategy)`` after the last round (the model then
         holds the final global parameters).
+    build_public_curvature:
+        The server's public data for ``public_curvature`` runs (see
+        :data:`~fedpac_hf.flower.config.PublicCurvatureFactory`); called only
+        when the run sets ``public-curvature``.
     **strategy_kwargs:
         Passed to :class:`FedPACStrategy` (e.g. ``node_wait_timeout``).
 
@@ -355,6 +366,8 @@ def make_server_app(
             run_config, "node-wait-timeout", kwargs.get("node_wait_timeout")
         )
         timeout = flower_setting(run_config, "round-timeout", round_timeout)
+        if args.public_curvature and build_public_curvature is not None:
+            kwargs["train_public"] = build_public_curvature(args, run_config)
         run = FlowerServerRun(args, model, evaluate, **kwargs)
         try:
             run.run(grid, timeout)

@@ -107,6 +107,15 @@ class ModelDataArguments:
     dataset_config: str | None = field(
         default=None, metadata={"help": "Configuration name of a Hub dataset."}
     )
+    public_curvature_dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "Public data for the server's Theta (sets public_curvature): a dataset "
+            "named as for dataset, whose training split, filtered by label_values and "
+            "labelled with the run's classes, the server trains on each round (image "
+            "classification; images resized to the training images' size)."
+        },
+    )
     data_seed_split: int = field(
         default=0, metadata={"help": "Seed of the dataset's train/test split when one is made."}
     )
@@ -369,6 +378,8 @@ def parse_run_config(
     if remaining:
         first = next((item for item in remaining if item.startswith("-")), remaining[0])
         raise _unknown_key_error(first.lstrip("-").split("=")[0], "the command-line options")
+    if model_args.public_curvature_dataset:  # the public data is the switch on the CLI
+        training_args.public_curvature = True
     return model_args, training_args
 
 

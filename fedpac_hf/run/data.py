@@ -6,6 +6,7 @@ the setting to change when a column or a class is missing.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from collections.abc import Sequence
 from typing import Any
@@ -106,6 +107,44 @@ def load_splits(margs: ModelDataArguments, args: FedPACArguments) -> tuple[Any, 
             "left after filtering; relax label_values / max_clients / min_lines_per_speaker"
         )
     return train, test
+
+
+def load_public_rows(
+    margs: ModelDataArguments, args: FedPACArguments, names: Sequence[str], size: Any = None
+) -> Any:
+    """The server's public data: the training split of ``margs.public_curvature_dataset``.
+
+    Filtered by ``label_values`` as the clients' data is, its ``label`` column
+    set to the run's class ids (``names``, the classes of the training data),
+    and its images resized to ``size`` (the training images' ``(width,
+    height)``) where they differ. Its test split is not read.
+    """
+    from datasets import ClassLabel
+
+    public = dataclasses.replace(
+        margs, dataset=margs.public_curvature_dataset, dataset_config=None, max_clients=None
+    )
+    rows, _ = load_splits(public, args)
+    column = margs.label_column
+    feature = rows.features.get(column)
+    as_name = feature.int2str if isinstance(feature, ClassLabel) else str
+    labels = [str(as_name(v)) for v in rows[column]]
+    ids = {str(name): i for i, name in enumerate(names)}
+    unknown = sorted(set(labels) - set(ids))
+    if unknown:
+        raise ValueError(
+            f"public_curvature_dataset {public.dataset!r} has classes the training data has not "
+            f"({unknown[:5]}): keep the shared ones with label_values"
+        )
+    if "label" in rows.column_names:
+        rows = rows.remove_columns("label")
+    rows = rows.add_column("label", [ids[label] for label in labels])
+    image = margs.image_column
+    if size is not None and image in rows.column_names and rows[0][image].size != tuple(size):
+        rows = rows.map(
+            lambda row: {image: row[image].resize(tuple(size))}, desc="resizing the public images"
+        )
+    return rows
 
 
 def require_columns(train: Any, test: Any, **columns: str) -> None:

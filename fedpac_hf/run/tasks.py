@@ -23,6 +23,7 @@ from .config import ModelDataArguments
 from .data import (
     encode_labels,
     image_processor_backend,
+    load_public_rows,
     load_splits,
     require_columns,
     tokenize,
@@ -65,6 +66,7 @@ class TaskBundle:
     class_names: list[str] | None = None
     base_model_to_save: Any = None
     remove_unused_columns: bool = True
+    curvature_dataset: Any = None
 
 
 def _accuracy_metrics() -> Callable:
@@ -98,6 +100,9 @@ def _image_task(margs: ModelDataArguments, args: FedPACArguments) -> TaskBundle:
     id2label = dict(enumerate(names))
     label2id = {name: i for i, name in id2label.items()}
     first = train[0][margs.image_column]
+    public = None
+    if margs.public_curvature_dataset:
+        public = load_public_rows(margs, args, names, first.size)
     if margs.model_name_or_path:
         processor = _pretrained(
             AutoImageProcessor.from_pretrained,
@@ -172,6 +177,7 @@ def _image_task(margs: ModelDataArguments, args: FedPACArguments) -> TaskBundle:
         class_names=names,
         base_model_to_save=base,
         remove_unused_columns=False,
+        curvature_dataset=public,
     )
 
 
@@ -333,4 +339,11 @@ def build_task(margs: ModelDataArguments, args: FedPACArguments) -> TaskBundle:
         "causal_lm": _causal_lm_task,
         "sequence_classification": _sequence_classification_task,
     }
+    if args.public_curvature and not margs.public_curvature_dataset:
+        raise ValueError("public_curvature needs public data: set public_curvature_dataset")
+    if margs.public_curvature_dataset and margs.task != "image_classification":
+        raise ValueError(
+            f"public_curvature_dataset is read for task image_classification only, not "
+            f"{margs.task!r}; with FedPACTrainer pass the public data as curvature_dataset"
+        )
     return builders[margs.task](margs, args)

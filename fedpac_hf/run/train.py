@@ -120,6 +120,7 @@ def _build(
         compute_metrics=bundle.compute_metrics,
         callbacks=[files, EvaluateLastRoundCallback(), *callbacks],
         client_transform=bundle.client_transform,
+        curvature_dataset=bundle.curvature_dataset,
     )
     return bundle, trainer
 

@@ -1,11 +1,13 @@
-"""How :class:`~fedpac_hf.FedPACTrainer` runs one client's micro-batches on its device.
+"""How :class:`~fedpac_hf.FedPACTrainer` runs one client: its round, loader and micro-batches.
 
-The client's loader (shuffled, or Poisson-sampled under record-level DP) and
+:meth:`~ClientStepsMixin.train_client` runs the core's client rule for one
+client from a global state (and :meth:`~ClientStepsMixin.train_public` for the
+server's public curvature data); below it, the client's loader (shuffled, or Poisson-sampled under record-level DP) and
 its privacy settings for the round; Trainer's ``compute_loss`` under
 Accelerate's autocast, inputs copied to the device without blocking the host,
 Accelerate's backward, a fresh gradient scaler per client and round under
-``fp16``, and Sophia's Gauss-Newton-Bartlett loss. :meth:`FedPACTrainer.train_client`
-hands these to the core's :func:`~fedpac_hf.federated.client_update`.
+``fp16``, and Sophia's Gauss-Newton-Bartlett loss, which :meth:`train_client`
+hands to the core's :func:`~fedpac_hf.federated.client_update`.
 """
 
 from __future__ import annotations
@@ -13,9 +15,18 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
+from fedpac_hf.federated import (
+    ClientHooks,
+    ClientUpdate,
+    RoundPlan,
+    ServerState,
+    client_update,
+    cycle_batches,
+)
 from fedpac_hf.federated.privacy import ClientDP
 from fedpac_hf.federated.record_privacy import RecordClient, poisson_loader
 
@@ -25,15 +36,30 @@ if TYPE_CHECKING:
     from fedpac_hf.config.arguments import FedPACArguments
     from fedpac_hf.federated import Algorithm
 
-__all__ = ["ClientStepsMixin"]
+__all__ = ["ClientStepsMixin", "NO_PUBLIC_DATA", "PUBLIC_CLIENT"]
+
+NO_PUBLIC_DATA = (
+    "public_curvature is set but the trainer has no curvature_dataset: pass "
+    "FedPACTrainer(curvature_dataset=...) (the CLI: public_curvature_dataset)"
+)
+
+#: The client id the server's steps on the public curvature data run under
+#: (seeds, logs and errors): no client of the federation has it.
+PUBLIC_CLIENT = -1
+
+
+def _client_seed(seed: int, round_index: int, client_id: int) -> int:
+    """A seed for one client in one round, independent of which process trains it."""
+    return int(np.random.SeedSequence([seed, round_index, client_id % 2**32]).generate_state(1)[0])
 
 
 class ClientStepsMixin:
-    """The per-micro-batch methods of ``FedPACTrainer`` (loss, backward, scaler).
+    """The client methods of ``FedPACTrainer``: a client's round, loader, loss, backward, scaler.
 
     What it uses of the trainer it is mixed into is declared below: Trainer's
-    ``args``, ``accelerator``, ``compute_loss`` and ``_prepare_inputs``, and
-    ``_gnb_seed``, which ``FedPACTrainer.train_client`` seeds per client and round.
+    ``args``, ``model``, ``accelerator``, ``compute_loss`` and ``_prepare_inputs``,
+    and the trainer's ``server_state``, ``client_dataset``, ``curvature_dataset``
+    and ``ensure_accelerator``.
     """
 
     args: FedPACArguments
@@ -43,7 +69,84 @@ class ClientStepsMixin:
     compute_loss: Callable[..., torch.Tensor]
     _prepare_inputs: Callable[[Any], Any]
     _get_collator_with_removed_columns: Callable[..., Callable[[list[Any]], Any]]
-    _gnb_seed: int
+    _gnb_seed: int  # seeded per client and round by train_client
+    model: torch.nn.Module
+    curvature_dataset: Any
+    server_state: ServerState | None
+    client_dataset: Callable[[int], Any]
+    client_transform: Callable[[Any], Any] | None
+    _remove_unused_columns: Callable[..., Any]
+    ensure_accelerator: Callable[[], None]
+
+    def train_client(
+        self,
+        client_id: int,
+        dataset: Any,
+        round_index: int,
+        lr: float,
+        state: ServerState | None = None,
+        *,
+        public: bool = False,
+    ) -> ClientUpdate:
+        """Run the client rule for one client from ``state`` (default: the current global state).
+
+        ``public=True``: the server's run on public data (:meth:`train_public`),
+        without the run's DP and returning its Theta.
+        """
+        state = state if state is not None else self.server_state
+        if state is None:
+            raise ValueError("no global state to train from: call train() or pass state")
+        self.ensure_accelerator()
+        seed = _client_seed(self.args.seed, round_index, client_id)
+        torch.manual_seed(seed)  # dropout and other in-model randomness
+        self._gnb_seed = seed
+        privacy = None if public else self.client_privacy(client_id, dataset, round_index)
+        algorithm = self.algorithm.replace(public_curvature=False) if public else self.algorithm
+        return client_update(
+            self.model,
+            state,
+            algorithm,
+            cycle_batches(self.client_dataloader(dataset, seed, privacy)),
+            self.args.local_step_settings(lr),
+            ClientHooks(
+                loss_fn=self.client_loss,
+                backward=self.client_backward,
+                curvature_loss_fn=self.curvature_loss,
+                grad_scaler=self.client_grad_scaler(),
+            ),
+            client_id=client_id,
+            privacy=privacy,
+        )
+
+    def train_client_by_id(
+        self, client_id: int, round_index: int, lr: float, state: ServerState | None = None
+    ) -> ClientUpdate:
+        """Build a sampled client's data and run its local steps (any failure is the client's)."""
+        return self.train_client(client_id, self.client_dataset(client_id), round_index, lr, state)
+
+    def train_public(self, plan: RoundPlan) -> ClientUpdate:
+        """The client rule on ``curvature_dataset`` from the round's state, without DP.
+
+        The server's own update for algorithms with ``public_curvature``
+        (:meth:`~fedpac_hf.federated.RoundPlan.use_public_curvature`): its
+        Theta becomes the next global Theta.
+        """
+        rows = self.public_rows()
+        if rows is None:
+            raise ValueError(NO_PUBLIC_DATA)
+        lr = plan.learning_rate
+        return self.train_client(PUBLIC_CLIENT, rows, plan.round_index, lr, plan.state, public=True)
+
+    def public_rows(self) -> Any:
+        """``curvature_dataset`` prepared as a client's split is (``None`` without one)."""
+        rows = self.curvature_dataset
+        if rows is None:
+            return None
+        if self.client_transform is not None:
+            return self.client_transform(rows)
+        if hasattr(rows, "column_names"):
+            return self._remove_unused_columns(rows, description="public curvature")
+        return rows
 
     def client_privacy(
         self, client_id: int, dataset: Any, round_index: int

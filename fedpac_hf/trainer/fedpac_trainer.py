@@ -37,13 +37,10 @@ from transformers.trainer_utils import SaveStrategy, TrainOutput
 
 from fedpac_hf.config.arguments import FedPACArguments
 from fedpac_hf.federated import (
-    ClientHooks,
     ClientUpdate,
     RoundEngine,
     RoundPlan,
     ServerState,
-    client_update,
-    cycle_batches,
     load_trainable_state,
     trainable_parameters,
 )
@@ -51,18 +48,13 @@ from fedpac_hf.federated.distributed import all_reduce, share_noise_seed
 from fedpac_hf.federated.failures import require_finite_evaluation
 from fedpac_hf.rundir.output_dir import check_writable, claim_output_dir, no_new_folders
 from fedpac_hf.trainer.callbacks import RoundProgressCallback
-from fedpac_hf.trainer.client_steps import ClientStepsMixin
+from fedpac_hf.trainer.client_steps import NO_PUBLIC_DATA, ClientStepsMixin
 from fedpac_hf.trainer.preflight import PreflightMixin
 from fedpac_hf.trainer.round_checkpoints import RoundCheckpointsMixin
 
 __all__ = ["FedPACTrainer"]
 
 logger = logging.getLogger(__name__)
-
-
-def _client_seed(seed: int, round_index: int, client_id: int) -> int:
-    """A seed for one client in one round, independent of which process trains it."""
-    return int(np.random.SeedSequence([seed, round_index, client_id]).generate_state(1)[0])
 
 
 class FedPACTrainer(ClientStepsMixin, RoundCheckpointsMixin, PreflightMixin, Trainer):
@@ -85,6 +77,12 @@ class FedPACTrainer(ClientStepsMixin, RoundCheckpointsMixin, PreflightMixin, Tra
         One training dataset per client, instead of ``train_dataset``. The
         checkpoint then records only the clients' sizes: prefer giving
         ``train_dataset`` and a partitioner.
+    curvature_dataset:
+        Public data the server computes the global Theta from, with
+        ``args.public_curvature`` (``docs/privacy.md``): each round the
+        client rule runs on it from the round's state, without DP, and its
+        Theta replaces the clients' (who then send none). Prepared like a
+        client's split (``client_transform``, column removal).
 
     ``optimizers`` / ``optimizer_cls_and_kwargs`` are refused: each client
     builds its optimizer from ``args.algorithm`` every round.
@@ -116,6 +114,7 @@ class FedPACTrainer(ClientStepsMixin, RoundCheckpointsMixin, PreflightMixin, Tra
         partitioner: Any = None,
         client_transform: Callable[[Any], Any] | None = None,
         client_datasets: Sequence[Any] | None = None,
+        curvature_dataset: Any = None,
     ) -> None:
         if args is None:
             args = FedPACArguments(output_dir="trainer_output")
@@ -138,6 +137,11 @@ class FedPACTrainer(ClientStepsMixin, RoundCheckpointsMixin, PreflightMixin, Tra
             raise ValueError(
                 "client_datasets are already split: pass train_dataset with partitioner / "
                 "client_transform instead"
+            )
+        if curvature_dataset is not None and not args.public_curvature:
+            raise ValueError(
+                "curvature_dataset is the public data of public_curvature: set "
+                "public_curvature=True with it"
             )
         if args is not None and args.should_save:
             check_writable(args.output_dir)
@@ -162,6 +166,7 @@ class FedPACTrainer(ClientStepsMixin, RoundCheckpointsMixin, PreflightMixin, Tra
         self.client_datasets = list(client_datasets) if client_datasets is not None else None
         self.partitioner = partitioner
         self.client_transform = client_transform
+        self.curvature_dataset = curvature_dataset
         self.algorithm = args.build_algorithm(self.model)
         self.engine: RoundEngine | None = None
         self.client_indices: list[np.ndarray] | None = None
@@ -244,45 +249,6 @@ class FedPACTrainer(ClientStepsMixin, RoundCheckpointsMixin, PreflightMixin, Tra
 
     # ----------------------------------------------------------- local steps
 
-    def train_client(
-        self,
-        client_id: int,
-        dataset: Any,
-        round_index: int,
-        lr: float,
-        state: ServerState | None = None,
-    ) -> ClientUpdate:
-        """Run the client rule for one client from ``state`` (default: the current global state)."""
-        state = state if state is not None else self.server_state
-        if state is None:
-            raise ValueError("no global state to train from: call train() or pass state")
-        self.ensure_accelerator()
-        seed = _client_seed(self.args.seed, round_index, client_id)
-        torch.manual_seed(seed)  # dropout and other in-model randomness
-        self._gnb_seed = seed
-        privacy = self.client_privacy(client_id, dataset, round_index)
-        return client_update(
-            self.model,
-            state,
-            self.algorithm,
-            cycle_batches(self.client_dataloader(dataset, seed, privacy)),
-            self.args.local_step_settings(lr),
-            ClientHooks(
-                loss_fn=self.client_loss,
-                backward=self.client_backward,
-                curvature_loss_fn=self.curvature_loss,
-                grad_scaler=self.client_grad_scaler(),
-            ),
-            client_id=client_id,
-            privacy=privacy,
-        )
-
-    def train_client_by_id(
-        self, client_id: int, round_index: int, lr: float, state: ServerState | None = None
-    ) -> ClientUpdate:
-        """Build a sampled client's data and run its local steps (any failure is the client's)."""
-        return self.train_client(client_id, self.client_dataset(client_id), round_index, lr, state)
-
     def round_learning_rates(self) -> list[float]:
         """eta_l for every round (see :meth:`FedPACArguments.round_learning_rates`)."""
         return self.args.round_learning_rates()
@@ -335,6 +301,8 @@ class FedPACTrainer(ClientStepsMixin, RoundCheckpointsMixin, PreflightMixin, Tra
         model = self.model
         model.to(args.device)
         trainable_parameters(model)  # fails early without trainable parameters
+        if self.algorithm.public_curvature and self.curvature_dataset is None:
+            raise ValueError(NO_PUBLIC_DATA)
         if (record := args.record_privacy()) is not None:
             record.check_model(model)  # a layer Opacus cannot cover: refused before round 1
         self.state = TrainerState(
@@ -375,6 +343,7 @@ class FedPACTrainer(ClientStepsMixin, RoundCheckpointsMixin, PreflightMixin, Tra
                 train_one,
                 share=(lambda ids: ids[rank::world]) if world > 1 else None,
                 reduce=all_reduce if world > 1 else None,
+                train_public=self.train_public,
             )
             load_trainable_state(model, self.engine.state.params)
             self.state.global_step = round_number

@@ -108,6 +108,13 @@ class PreflightMixin:
 
         return evaluate
 
+    def _public_batches(self, seed: int) -> Callable[[], Any] | None:
+        """Fresh batches of the server's public curvature data (None without it)."""
+        rows = self.public_rows()  # type: ignore[attr-defined]
+        if rows is None:
+            return None
+        return lambda: cycle_batches(self.client_dataloader(rows, seed))
+
     def preflight(self, client_id: int = 0) -> float:
         """Check the labels, then one client step, one aggregation, one warm-started step and one
         evaluation batch on the real model, all put back; returns the seconds it took.
@@ -141,6 +148,7 @@ class PreflightMixin:
             hooks,
             weighting=self.args.aggregation_weighting,
             eval_fn=self._eval_one_batch(),
+            public_batches=self._public_batches(seed),
         )
         logger.info("preflight passed in %.1f s (preflight=False skips it)", seconds)
         self.preflight_seconds = seconds

@@ -20,7 +20,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fedpac_hf.federated import RoundEngine, RoundPlan, ServerState
+from fedpac_hf.federated import ClientUpdate, RoundEngine, RoundPlan, ServerState
 
 from ..records import (
     client_update_from_content,
@@ -54,6 +54,10 @@ class FedPACStrategy(PartitionStrategy):
         checkpoint's state resumes.
     on_round_end:
         Called after each round with ``(round, state, metrics)``.
+    train_public:
+        ``train_public(plan) -> ClientUpdate``: the client rule on the server's
+        public data, for algorithms with ``public_curvature`` (its Theta is the
+        next global Theta; see :data:`~fedpac_hf.flower.config.PublicCurvatureFactory`).
     **partition_kwargs:
         ``node_wait_timeout`` / ``query_timeout`` of :class:`PartitionStrategy`.
 
@@ -69,11 +73,18 @@ class FedPACStrategy(PartitionStrategy):
         engine: RoundEngine,
         *,
         on_round_end: RoundCallback | None = None,
+        train_public: Callable[[RoundPlan], ClientUpdate] | None = None,
         **partition_kwargs: Any,
     ) -> None:
         super().__init__(engine.num_clients, **partition_kwargs)
+        if engine.algorithm.public_curvature and train_public is None:
+            raise ValueError(
+                f"{engine.algorithm.name} takes Theta from public data (public_curvature): give "
+                "the server its public data (make_server_app's build_public_curvature)"
+            )
         self.engine = engine
         self.on_round_end = on_round_end
+        self.train_public = train_public
         self._plan: RoundPlan | None = None
         self._bytes_down = 0
 
@@ -174,6 +185,8 @@ class FedPACStrategy(PartitionStrategy):
         ``extra`` metrics join the round's (e.g. ``secagg_clipped``).
         """
         self._plan = None
+        if self.engine.algorithm.public_curvature and self.train_public is not None:
+            plan.use_public_curvature(self.train_public(plan))  # the server's Theta
         metrics = self.engine.finish_round(plan)
         metrics["wire_bytes_up"] = float(bytes_up)
         metrics["wire_bytes_down"] = float(bytes_down)
