@@ -25,14 +25,25 @@ from _harness.runs import (
     validation_dataset,
 )
 from _privacy_suites import NUM_CLIENTS, Suite
-from _privacy_tuning import METHODS, Run, aligns, optimizer_kwargs
+from _privacy_tuning import (
+    PUBLIC_CURVATURE,
+    PUBLIC_DATA,
+    PUBLIC_RUNS,
+    Run,
+    algorithm_of,
+    aligns,
+    optimizer_kwargs,
+)
 
 KEYS = (*KEPT_KEYS, "epsilon", "dp_clipped_delta", "dp_clipped_theta")
 
 
 def overrides(suite: Suite, run: Run, run_dir: Path) -> list[str]:
     """The ``fedpac-hf train`` overrides of one run (after its config file)."""
-    over = [*suite.overrides(), "--algorithm", METHODS[run.method][0]]
+    over = [*suite.overrides(), "--algorithm", algorithm_of(run.method)]
+    if run.method in PUBLIC_CURVATURE:
+        over += ["--public_curvature_dataset", PUBLIC_DATA]
+        over += ["--public_curvature_clients", str(PUBLIC_RUNS)]
     over += ["--learning_rate", f"{run.lr:g}", "--seed", str(run.seed)]
     if run.privacy != "nodp":
         over += ["--dp_mode", "client", "--dp_clip_norm", run.clip]
@@ -87,7 +98,8 @@ class NormRecorder:
     """Records the L2 norms of what client-level DP would clip, for every client, while installed.
 
     Wraps ``client_update`` where the trainer calls it
-    (``fedpac_hf.trainer.fedpac_trainer``). In a run without DP the update it
+    (``fedpac_hf.trainer.client_steps``); the server's own run on public data
+    (client id -1, ``public_curvature``) is not a client and is not recorded. In a run without DP the update it
     returns is the unclipped one; what :func:`clip_update` bounds is that
     update minus its public part (:func:`public_reference`: the correction
     steps in the delta, the imported global Theta), so that is what is
@@ -102,10 +114,10 @@ class NormRecorder:
         import torch
 
         from fedpac_hf.federated.privacy_clip import own_part, public_reference
-        from fedpac_hf.trainer import fedpac_trainer
+        from fedpac_hf.trainer import client_steps
 
-        self._module = fedpac_trainer
-        self._original = original = fedpac_trainer.client_update
+        self._module = client_steps
+        self._original = original = client_steps.client_update
 
         def norm(tensors: dict[str, Any]) -> float:
             values = [t.detach().double().norm() for t in tensors.values()]
@@ -115,6 +127,8 @@ class NormRecorder:
             model: Any, state: Any, algorithm: Any, batches: Any, steps: Any, *rest: Any, **kw: Any
         ) -> Any:
             update = original(model, state, algorithm, batches, steps, *rest, **kw)
+            if update.client_id < 0:  # the server's public curvature run
+                return update
             delta, theta = own_part(
                 update, public_reference(state, algorithm, steps.lr, steps.num_steps)
             )
@@ -122,7 +136,7 @@ class NormRecorder:
             self.theta.append(norm(theta))
             return update
 
-        fedpac_trainer.client_update = wrapped
+        client_steps.client_update = wrapped
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -60,6 +60,23 @@ CURVATURE_DECAYS: dict[str, tuple[str, ...]] = {
 THETA_BUDGETS: dict[str, tuple[str, ...]] = {"fedpac_soap": ("0.5", "0.25")}
 #: the privacy level at which the curvature's decay and size are tuned
 CURVATURE_LEVEL = "8"
+#: the methods that align again, with Theta from public data at the server
+#: (``public_curvature``; a sixth variant, added after the fifth's 10-seed results): clients
+#: send no Theta, so the delta gets the whole mechanism. Each is tuned like a method of its
+#: own, at eps = inf and :data:`CURVATURE_LEVEL` only (rate without DP; rate and clip
+#: schedule under DP)
+PUBLIC_CURVATURE: dict[str, str] = {
+    "fedpac_soap_public": "fedpac_soap",
+    "fedadamw_public": "fedadamw",
+}
+#: the server's public data: scikit-learn's 8x8 digits (``digits``, its training split's
+#: digits 5-9, 717 images resized to 28 x 28), a dataset apart from MNIST-5k
+PUBLIC_DATA = "digits"
+#: runs of the client rule on it that the server's Theta averages per round
+#: (``public_curvature_clients``): 400 of the 717 images at 5 steps of batch 8, where the
+#: clients' Theta averages over the round's about 50 clients (50 runs would repeat images
+#: and double the run time on this machine)
+PUBLIC_RUNS = 10
 
 
 def lr_grid(suite: Suite, method: str) -> tuple[float, ...]:
@@ -67,11 +84,17 @@ def lr_grid(suite: Suite, method: str) -> tuple[float, ...]:
     return suite.grids[0] if "adamw" in method else suite.grids[1]
 
 
+def algorithm_of(method: str) -> str:
+    """The registered algorithm ``method`` runs (a public-curvature variant: its base's)."""
+    return METHODS[PUBLIC_CURVATURE.get(method, method)][0]
+
+
 def aligns(method: str) -> bool:
-    """Whether ``method``'s algorithm shares Theta (and so needs ``dp_theta_clip_norm``)."""
+    """Whether ``method``'s clients send Theta (so it needs ``dp_theta_clip_norm``): its
+    algorithm aligns and Theta does not come from public data."""
     from fedpac_hf.federated import get_algorithm
 
-    return bool(get_algorithm(METHODS[method][0]).align)
+    return method not in PUBLIC_CURVATURE and bool(get_algorithm(algorithm_of(method)).align)
 
 
 @dataclass(frozen=True)

@@ -131,6 +131,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from itertools import zip_longest
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -152,6 +153,7 @@ from _privacy_tuning import (  # noqa: E402
     GOAL_SEEDS,
     METHODS,
     NODP_METHOD,
+    PUBLIC_CURVATURE,
     SEEDS,
     THETA_BUDGETS,
     THETA_SHARES,
@@ -261,6 +263,29 @@ def plan(suite: Suite, done: dict[str, Record]) -> tuple[list[Run], int]:
                 waiting += 1
             elif getattr(final, field):
                 runs += [replace(final, seed=seed) for seed in range(GOAL_SEEDS)]
+    # Theta from public data (the aligning methods again): their rate tuned without DP, then
+    # under DP at eps = 8 (constant clip norm, then following the rate); final runs at eps =
+    # inf and at eps = 8, seed-major, as many seeds as the goal compares
+    finals: list[list[Run]] = []
+    for method in PUBLIC_CURVATURE:
+        runs += [Run("tune", method, "nodp", 0, lr) for lr in lr_grid(suite, method)]
+        picked = chosen(suite, method, done)
+        pick = dp_constant(suite, method, CURVATURE_LEVEL, done)
+        final = dp_chosen(suite, method, CURVATURE_LEVEL, done)
+        grid = dp_grid(suite, method, done) or ()
+        runs += [
+            Run("dptune", method, CURVATURE_LEVEL, 0, lr, *clip_norms(method, lr, done))
+            for lr in grid
+        ]
+        runs += schedule_runs(suite, pick, done) if pick else []
+        waiting += (picked is None) + (final is None)
+        finals += [
+            [Run("final", method, "inf", seed, *picked) for seed in range(GOAL_SEEDS)]
+            if picked
+            else [],
+            [replace(final, seed=seed) for seed in range(GOAL_SEEDS)] if final else [],
+        ]
+    runs += [run for seed_runs in zip_longest(*finals) for run in seed_runs if run is not None]
     # last: the other methods without DP (context: what DP costs each of them)
     for seed in range(SEEDS):
         for method in METHODS:

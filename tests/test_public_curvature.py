@@ -14,7 +14,6 @@ from fedpac_hf.federated.batches import cycle_batches
 from fedpac_hf.federated.client import client_update
 from fedpac_hf.federated.local_step import ClientHooks, LocalSteps
 from fedpac_hf.federated.theta_budget import theta_options
-from fedpac_hf.trainer.client_steps import PUBLIC_CLIENT
 from fedpac_hf.trainer.fedpac_trainer import FedPACTrainer
 
 from .test_cli_train import TINY_VIT, refused, write_yaml
@@ -44,15 +43,15 @@ def _run(**settings):
     return states, history
 
 
-def _public_theta(state: ServerState, lr: float) -> dict[str, torch.Tensor]:
-    """The client rule on PUBLIC from ``state``, run the plain way: its Theta."""
+def _public_theta(state: ServerState, lr: float, public=PUBLIC) -> dict[str, torch.Tensor]:
+    """The client rule on ``public`` from ``state``, run the plain way: its Theta."""
     model = _model()
     form = theta_options(model, "soap", "full", None, {}, align=True)
     update = client_update(
         model,
         state,
         get_algorithm("fedpac_soap", optimizer_kwargs=form),
-        cycle_batches(PUBLIC),
+        cycle_batches(public),
         LocalSteps(lr=lr, num_steps=3),
         ClientHooks(loss_fn=_loss),
     )
@@ -83,7 +82,7 @@ def test_the_global_theta_is_the_servers_own_on_the_public_data():
     assert set(states[0].curvature) == set(expected)
     for name, value in expected.items():
         torch.testing.assert_close(states[0].curvature[name], value)
-        assert not torch.allclose(plain_states[0].curvature[name], value, rtol=1e-3)
+        assert not torch.allclose(plain_states[0].curvature[name], value, rtol=1e-3, atol=0)
     # round 2 warm-starts from it: the parameters leave the plain run's
     moved = [
         not torch.allclose(states[1].params[n], p, rtol=1e-4)
@@ -93,6 +92,21 @@ def test_the_global_theta_is_the_servers_own_on_the_public_data():
     expected = _public_theta(states[0], history[1]["learning_rate"])
     for name, value in expected.items():
         torch.testing.assert_close(states[1].curvature[name], value)
+
+
+def test_the_server_averages_its_runs_on_the_public_data():
+    batches = [b for client in _clients(num=6, per=8, seed=5) for b in client]
+    states, history = _run(curvature_loader=batches, public_curvature_clients=2)
+    initial = ServerState.from_model(_model())
+    lr = history[0]["learning_rate"]
+    # 3 local steps each: the first run reads batches 0-2, the second 3-5
+    runs = [_public_theta(initial, lr, batches[:3]), _public_theta(initial, lr, batches[3:])]
+    for name, value in states[0].curvature.items():
+        mean = (runs[0][name].double() + runs[1][name].double()) / 2
+        torch.testing.assert_close(value, mean.float())
+        assert not torch.allclose(value, runs[0][name], rtol=1e-3, atol=0)
+    with pytest.raises(ValueError, match="public_curvature_clients must be a whole number >= 1"):
+        _run(curvature_loader=batches, public_curvature_clients=0)
 
 
 def test_under_client_dp_the_delta_gets_the_whole_mechanism():
@@ -124,20 +138,28 @@ def _trainer(tmp_path, **settings):
 
 
 def test_the_trainer_takes_theta_from_its_curvature_dataset(tmp_path):
-    trainer = _trainer(tmp_path, public_curvature=True, num_rounds=1)
+    trainer = _trainer(tmp_path, public_curvature=True, public_curvature_clients=2, num_rounds=1)
     initial = ServerState.from_model(trainer.model)
     initial = ServerState({n: t.detach().clone() for n, t in initial.params.items()})
     trainer.train()
     (metrics,) = trainer.round_history
     assert metrics["bytes_up_theta"] == 0 and metrics["public_train_loss"] > 0
-    # the next Theta: the client rule on the prepared public rows from the start, no DP
+    # the next Theta: the mean of two runs of the client rule on the public rows, no DP,
+    # each in its own order (client ids -1, -2)
     rows = trainer.public_rows()
     lr = metrics["learning_rate"]
-    server = trainer.train_client(PUBLIC_CLIENT, rows, 0, lr, initial, public=True)
+    runs = [trainer.train_client(i, rows, 0, lr, initial, public=True) for i in (-1, -2)]
     state = trainer.server_state
-    assert state is not None and server.curvature and set(state.curvature) == set(server.curvature)
-    for name, value in server.curvature.items():
-        torch.testing.assert_close(state.curvature[name], value.cpu())
+    assert state is not None and runs[0].curvature
+    assert set(state.curvature) == set(runs[0].curvature)
+    for name, value in state.curvature.items():
+        mean = (runs[0].curvature[name].double() + runs[1].curvature[name].double()) / 2
+        torch.testing.assert_close(value, mean.float().cpu())
+    apart = [
+        not torch.allclose(runs[0].curvature[n], t, rtol=1e-3, atol=0)
+        for n, t in runs[1].curvature.items()
+    ]
+    assert any(apart)  # the two runs read the public rows in different orders
 
 
 def test_the_trainer_refuses_public_curvature_without_public_data(tmp_path):

@@ -107,6 +107,14 @@ class FedPACArguments(PrivacyArguments, TrainingArguments):
             "'client' the delta gets the whole mechanism). Needs an algorithm that aligns."
         },
     )
+    public_curvature_clients: int = field(
+        default=1,
+        metadata={
+            "help": "With public_curvature: how many runs of the client rule on the public data "
+            "(each from the round's state, on its own batches) the server's Theta averages "
+            "per round; the clients' Theta averages over a round's clients."
+        },
+    )
     preflight: bool = field(
         default=True,
         metadata={

@@ -60,6 +60,7 @@ RULES: dict[str, Rule] = {
     "weight_decay": number(0.0),
     "curvature": one_of(*CURVATURE_FORMS),
     "theta_budget": optional(_POSITIVE),
+    "public_curvature_clients": whole(1),
     "transport_dtype": one_of(*TRANSPORT_DTYPES),
     "aggregation_weighting": one_of(*WEIGHTINGS),
     "partitioner": one_of(*PARTITIONERS),

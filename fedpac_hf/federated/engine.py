@@ -43,7 +43,7 @@ from .privacy import ClientDP
 from .privacy_noise import new_noise_seed
 from .sampling import poisson_sample_clients, resolve_clients_per_round, sample_clients
 from .server import WEIGHTINGS, RoundAggregator
-from .state import ClientUpdate, ServerState
+from .state import ClientUpdate, ServerState, mean_curvature
 
 __all__ = [
     "TRANSPORT_DTYPES",
@@ -104,20 +104,23 @@ class RoundPlan:
         else:
             self.aggregator.add(result.cast(self.transport_dtype))
 
-    def use_public_curvature(self, update: ClientUpdate) -> None:
-        """Make the server's own update on public data the source of the next global Theta.
+    def use_public_curvature(self, updates: ClientUpdate | Sequence[ClientUpdate]) -> None:
+        """Make the server's own updates on public data the source of the next global Theta.
 
-        For algorithms with ``public_curvature``: ``update`` is the client rule
-        run by the server on public data from :attr:`state`; only its Theta is
-        used (its delta is not: the parameters come from the clients alone).
+        For algorithms with ``public_curvature``: ``updates`` are runs of the
+        client rule by the server on public data from :attr:`state`; the mean
+        of their Theta is used, their deltas are not (the parameters come from
+        the clients alone).
         """
-        if not update.curvature:
+        updates = [updates] if isinstance(updates, ClientUpdate) else list(updates)
+        if not updates or not all(update.curvature for update in updates):
             raise ValueError(
                 "the server's update on the public data has no curvature: the optimizer "
                 f"{self.aggregator.algorithm.optimizer!r} exports no Theta"
             )
-        self.aggregator.public_curvature = update.curvature
-        self.aggregator.public_loss = update.metrics.get("train_loss")
+        self.aggregator.public_curvature = mean_curvature(updates)
+        losses = [update.metrics.get("train_loss", math.nan) for update in updates]
+        self.aggregator.public_loss = math.fsum(losses) / len(losses)
 
     def fail(self, client_id: int, error_type: str, message: str) -> None:
         """Record that ``client_id`` produced no update, and why (logged as a warning)."""
@@ -396,7 +399,7 @@ class RoundEngine:
         *,
         share: Callable[[list[int]], Sequence[int]] | None = None,
         reduce: Callable[[RoundAggregator], None] | None = None,
-        train_public: Callable[[RoundPlan], ClientUpdate] | None = None,
+        train_public: Callable[[RoundPlan], ClientUpdate | Sequence[ClientUpdate]] | None = None,
     ) -> dict[str, float]:
         """Run the next round in this process; return its metrics.
 
@@ -414,10 +417,10 @@ class RoundEngine:
         reduce:
             See :meth:`finish_round`.
         train_public:
-            ``train_public(plan) -> ClientUpdate``: the client rule on the
-            server's public data, for algorithms with ``public_curvature``
+            ``train_public(plan)``: the client rule on the server's public data
+            (one update or several), for algorithms with ``public_curvature``
             (:meth:`RoundPlan.use_public_curvature`). It runs in every process
-            (the same update everywhere); an error in it stops the round.
+            (the same updates everywhere); an error in it stops the round.
         """
         plan = self.plan_round()
         if self.algorithm.public_curvature:

@@ -48,6 +48,7 @@ SETTINGS: dict[str, Rule] = {
     "transport_dtype": one_of(*TRANSPORT_DTYPES),
     "curvature": one_of(*CURVATURE_FORMS),
     "theta_budget": optional(number(0.0, low_open=True)),
+    "public_curvature_clients": whole(1),
     "dp_mode": one_of(*DP_MODES),
     "dp_noise_seed": optional(whole(0)),
     "preflight": flag(),
@@ -97,6 +98,7 @@ def simulate(
     curvature: str = "auto",
     theta_budget: float | None = None,
     curvature_loader: Any = None,
+    public_curvature_clients: int = 1,
     dp_mode: str = "none",
     dp_clip_norm: float | None = None,
     dp_theta_clip_norm: float | None = None,
@@ -161,6 +163,9 @@ def simulate(
         server takes the global Theta from the client rule run on them from
         each round's state, and the clients send none (``public_curvature``,
         see ``docs/privacy.md``). Needs an algorithm that aligns.
+    public_curvature_clients:
+        How many runs of the client rule on ``curvature_loader`` (each on the
+        next batches) the server's Theta averages per round.
     dp_mode, dp_clip_norm, dp_theta_clip_norm, dp_theta_share, dp_clip_schedule, \
     dp_noise_multiplier, dp_delta, dp_target_epsilon, dp_noise_seed:
         Client-level differential privacy (``dp_mode="client"``): each client's
@@ -309,15 +314,15 @@ def simulate(
         )
 
     def train_public(plan: RoundPlan):  # the server's Theta, from public data
-        return client_update(
-            model,
-            plan.state,
-            algorithm.replace(public_curvature=False),
-            cycle_batches(curvature_loader),
-            LocalSteps(lr=plan.learning_rate, num_steps=local_steps, max_grad_norm=max_grad_norm),
-            hooks,
-            client_id=-1,
+        batches = cycle_batches(curvature_loader)
+        steps = LocalSteps(
+            lr=plan.learning_rate, num_steps=local_steps, max_grad_norm=max_grad_norm
         )
+        server_rule = algorithm.replace(public_curvature=False)
+        return [
+            client_update(model, plan.state, server_rule, batches, steps, hooks, client_id=-1 - i)
+            for i in range(read["public_curvature_clients"])
+        ]
 
     bar = tqdm(range(num_rounds), desc=f"{algorithm.name} rounds", disable=not progress)
     for _ in bar:

@@ -21,6 +21,7 @@ __all__ = [
     "trainable_parameters",
     "get_trainable_state",
     "load_trainable_state",
+    "mean_curvature",
     "move_parts",
     "move_tensors",
     "sum_device",
@@ -275,3 +276,14 @@ class ClientUpdate:
             num_steps=self.num_steps,
             metrics=dict(self.metrics),
         )
+
+
+def mean_curvature(updates: Sequence[ClientUpdate]) -> dict[str, torch.Tensor]:
+    """The plain mean of the updates' Theta, summed in float64 (float32 out)."""
+    names = updates[0].curvature
+    if any(set(update.curvature) != set(names) for update in updates):
+        raise ValueError("the updates' curvature states have different entries")
+    return {
+        name: (sum(u.curvature[name].double() for u in updates) / len(updates)).float()
+        for name in names
+    }

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -65,13 +65,14 @@ EvaluatorFactory = Callable[[FedPACArguments, RunConfig], Evaluator]
 (e.g. :func:`fedpac_hf.trainer.evaluation.make_evaluator` over a held-out set)."""
 
 PublicCurvatureFactory = Callable[
-    [FedPACArguments, RunConfig], Callable[["RoundPlan"], "ClientUpdate"]
+    [FedPACArguments, RunConfig],
+    Callable[["RoundPlan"], "ClientUpdate | Sequence[ClientUpdate]"],
 ]
 """``build_public_curvature(args, run_config)``: the server's Theta for ``public_curvature``.
 
-Returns ``train_public(plan) -> ClientUpdate``, the client rule on the
-server's public data from the round's state (its Theta becomes the next
-global Theta), e.g. ``build_trainer(args, run_config, public_rows).train_public``
+Returns ``train_public(plan)``, the client rule on the server's public data
+from the round's state (one update or several; the mean of their Theta becomes
+the next global Theta), e.g. ``build_trainer(args, run_config, public_rows).train_public``
 with a :class:`FedPACTrainer` given ``curvature_dataset=public_rows``.
 """
 

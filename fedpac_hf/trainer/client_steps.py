@@ -43,8 +43,8 @@ NO_PUBLIC_DATA = (
     "FedPACTrainer(curvature_dataset=...) (the CLI: public_curvature_dataset)"
 )
 
-#: The client id the server's steps on the public curvature data run under
-#: (seeds, logs and errors): no client of the federation has it.
+#: The client id the server's (first) run on the public curvature data has (its
+#: seeds, logs and errors; the next runs count down from it): no client has it.
 PUBLIC_CLIENT = -1
 
 
@@ -124,18 +124,22 @@ class ClientStepsMixin:
         """Build a sampled client's data and run its local steps (any failure is the client's)."""
         return self.train_client(client_id, self.client_dataset(client_id), round_index, lr, state)
 
-    def train_public(self, plan: RoundPlan) -> ClientUpdate:
+    def train_public(self, plan: RoundPlan) -> list[ClientUpdate]:
         """The client rule on ``curvature_dataset`` from the round's state, without DP.
 
-        The server's own update for algorithms with ``public_curvature``
-        (:meth:`~fedpac_hf.federated.RoundPlan.use_public_curvature`): its
-        Theta becomes the next global Theta.
+        The server's own updates for algorithms with ``public_curvature``
+        (:meth:`~fedpac_hf.federated.RoundPlan.use_public_curvature`), one per
+        ``args.public_curvature_clients``, each on its own batches (client ids
+        -1, -2, ...): their mean Theta becomes the next global Theta.
         """
         rows = self.public_rows()
         if rows is None:
             raise ValueError(NO_PUBLIC_DATA)
-        lr = plan.learning_rate
-        return self.train_client(PUBLIC_CLIENT, rows, plan.round_index, lr, plan.state, public=True)
+        lr, index = plan.learning_rate, plan.round_index
+        return [
+            self.train_client(PUBLIC_CLIENT - i, rows, index, lr, plan.state, public=True)
+            for i in range(self.args.public_curvature_clients)
+        ]
 
     def public_rows(self) -> Any:
         """``curvature_dataset`` prepared as a client's split is (``None`` without one)."""

@@ -14,7 +14,7 @@ algorithm (FedPAC, its ablations, the baselines) runs through it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -55,8 +55,8 @@ class FedPACStrategy(PartitionStrategy):
     on_round_end:
         Called after each round with ``(round, state, metrics)``.
     train_public:
-        ``train_public(plan) -> ClientUpdate``: the client rule on the server's
-        public data, for algorithms with ``public_curvature`` (its Theta is the
+        ``train_public(plan)``: the client rule on the server's public data
+        (one update or several), for algorithms with ``public_curvature`` (its Theta is the
         next global Theta; see :data:`~fedpac_hf.flower.config.PublicCurvatureFactory`).
     **partition_kwargs:
         ``node_wait_timeout`` / ``query_timeout`` of :class:`PartitionStrategy`.
@@ -73,7 +73,7 @@ class FedPACStrategy(PartitionStrategy):
         engine: RoundEngine,
         *,
         on_round_end: RoundCallback | None = None,
-        train_public: Callable[[RoundPlan], ClientUpdate] | None = None,
+        train_public: Callable[[RoundPlan], ClientUpdate | Sequence[ClientUpdate]] | None = None,
         **partition_kwargs: Any,
     ) -> None:
         super().__init__(engine.num_clients, **partition_kwargs)
