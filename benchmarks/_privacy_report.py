@@ -20,6 +20,7 @@ from _harness.reporting import (
     plot_curves,
 )
 from _harness.runs import Record, load_results, series
+from _privacy_public import public_goal, public_section
 from _privacy_results import (
     by_level,
     cell,
@@ -169,7 +170,8 @@ def report(suite: Suite) -> None:
         + goal_rows(
             dp_tuned_levels(suite, finals, done),
             " (the same and Theta's size tuned under DP)",
-        ),
+        )
+        + public_goal(suite, finals, done),
     )
     lines += [
         "A lead's +- is its standard error over seeds (the two methods' seeds independent: "
@@ -222,6 +224,7 @@ def report(suite: Suite) -> None:
     if any(r["stage"] == "dptune" for r in done.values()):  # the second protocol ran
         lines += ["## Rates tuned under DP (the second protocol)", ""]
         dp_tuning_section(lines, suite, finals, done)
+    public_section(lines, suite, finals, done)
     for level in EPSILONS:
         summ = levels[level]
         if not summ:

@@ -122,18 +122,21 @@ def setting_label(
     )
 
 
-def lead(summ: dict[str, Summary]) -> tuple[float, str, float] | None:
-    """``fedpac_soap``'s lead over the best first-order method at one level (None: missing)."""
-    if "fedpac_soap" not in summ or not all(m in summ for m in FIRST_ORDER):
+def lead(
+    summ: dict[str, Summary], method: str = "fedpac_soap", rivals: Sequence[str] = FIRST_ORDER
+) -> tuple[float, str, float] | None:
+    """``method``'s lead over the best of ``rivals`` (the first-order methods) at one level
+    (None: missing)."""
+    if method not in summ or not all(m in summ for m in rivals):
         return None
-    best = max(FIRST_ORDER, key=lambda m: summ[m].mean)
-    return summ["fedpac_soap"].mean - summ[best].mean, best, summ[best].mean
+    best = max(rivals, key=lambda m: summ[m].mean)
+    return summ[method].mean - summ[best].mean, best, summ[best].mean
 
 
-def lead_error(summ: dict[str, Summary], rival: str) -> str:
-    """The standard error of fedpac_soap's lead over ``rival`` (independent seeds), in
+def lead_error(summ: dict[str, Summary], rival: str, method: str = "fedpac_soap") -> str:
+    """The standard error of ``method``'s lead over ``rival`` (independent seeds), in
     points: ``sqrt(s_a^2 / n_a + s_b^2 / n_b)``."""
-    a, b = summ["fedpac_soap"], summ[rival]
+    a, b = summ[method], summ[rival]
     return fmt(math.sqrt(a.std**2 / a.seeds + b.std**2 / b.seeds))
 
 
@@ -150,27 +153,32 @@ def lead_line(levels: dict[str, dict[str, Summary]], names: Sequence[str]) -> st
 
 
 def goal_rows(
-    levels: dict[str, dict[str, Summary]], protocol: str = ""
+    levels: dict[str, dict[str, Summary]],
+    protocol: str = "",
+    method: str = "fedpac_soap",
+    rivals: Sequence[str] = FIRST_ORDER,
 ) -> list[tuple[str, str, bool]]:
     """The issue's goal from the seed means of the final accuracy (``protocol``: how the
-    rates were tuned, appended to the goal's text)."""
-    inf, eight = lead(levels["inf"]), lead(levels["8"])
+    rates were tuned, appended to the goal's text; ``method`` in fedpac_soap's place, against
+    the best of ``rivals``)."""
+    inf, eight = lead(levels["inf"], method, rivals), lead(levels["8"], method, rivals)
     if inf is None or eight is None:
         return []
     lead_inf, best_inf, acc_inf = inf
     lead_8, best_8, acc_8 = eight
     ratio = lead_8 / lead_inf if lead_inf > 0 else float("nan")
     measured = (
-        f"lead at eps = inf: {100 * lead_inf:+.1f} +- {lead_error(levels['inf'], best_inf)} "
-        f"points ({fmt(levels['inf']['fedpac_soap'].mean)} vs {best_inf} {fmt(acc_inf)}); "
-        f"at eps = 8: {100 * lead_8:+.1f} +- {lead_error(levels['8'], best_8)} points "
-        f"({fmt(levels['8']['fedpac_soap'].mean)} vs {best_8} {fmt(acc_8)}); "
+        f"lead at eps = inf: {100 * lead_inf:+.1f} +- "
+        f"{lead_error(levels['inf'], best_inf, method)} points "
+        f"({fmt(levels['inf'][method].mean)} vs {best_inf} {fmt(acc_inf)}); "
+        f"at eps = 8: {100 * lead_8:+.1f} +- {lead_error(levels['8'], best_8, method)} points "
+        f"({fmt(levels['8'][method].mean)} vs {best_8} {fmt(acc_8)}); "
         + (f"ratio {ratio:.2f}" if math.isfinite(ratio) else "no lead at eps = inf")
     )
     met = lead_inf > 0 and lead_8 >= 0.5 * lead_inf
     return [
         (
-            "at eps = 8, fedpac_soap's lead over the best first-order method is at least "
+            f"at eps = 8, {method}'s lead over the best first-order method is at least "
             "half its lead at eps = inf" + protocol,
             measured,
             met,
