@@ -99,6 +99,20 @@ def _train(out: Path, clients=None, resume=None, **overrides) -> None:
     trainer.train(resume_from_checkpoint=resume)
 
 
+def torch_batch():
+    """One batch of :func:`_simulate`'s clients: 3 features, 2 classes."""
+    import torch
+
+    return torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+
+
+def _trainer_with_public_data(out: Path) -> None:
+    from fedpac_hf import FedPACTrainer
+
+    data = _tiny_data()
+    FedPACTrainer(model=_tiny_model(), args=_args(out), train_dataset=data, curvature_dataset=data)
+
+
 def _checkpointed(out: Path) -> Path:
     _train(out, save_strategy="steps", save_steps=1)
     return out / "run" / "checkpoint-round-1"
@@ -134,7 +148,7 @@ def _simulate(out: Path, **overrides) -> None:
 
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
-    batch = (torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))
+    batch = torch_batch()
     kwargs = dict(
         model=model,
         client_loaders=[[batch], [batch]],
@@ -633,6 +647,33 @@ CASES = [
         lambda o: _cli(o, _TINY_CLI, "--curvature", "lora"),
     ),
     Case(
+        "public curvature with an algorithm that does not align",
+        "`simulate`",
+        lambda o: _simulate(o, curvature_loader=[torch_batch()]),
+    ),
+    Case(
+        "public_curvature_clients 0",
+        "`FedPACArguments`",
+        lambda o: _args(o, public_curvature=True, public_curvature_clients=0),
+    ),
+    Case(
+        "public curvature without public data",
+        "`fedpac-hf train`",
+        lambda o: _cli(o, _TINY_CLI, "--public_curvature", "true"),
+    ),
+    Case(
+        "public data without public_curvature",
+        "`FedPACTrainer`",
+        lambda o: _trainer_with_public_data(o),
+    ),
+    Case(
+        "public curvature data for a text task",
+        "`fedpac-hf train`",
+        lambda o: _cli(
+            o, "task: causal_lm\ndataset: shakespeare\n", "--public_curvature_dataset", "digits"
+        ),
+    ),
+    Case(
         "unknown transport dtype",
         "`FedPACArguments`",
         lambda o: _args(o, transport_dtype="float8"),
@@ -832,6 +873,8 @@ CLASSES: list[tuple[str, str, tuple[str, ...]]] = [
             "warm-up longer than the run (warm-up counts rounds)",
             "unknown curvature form",
             "LoRA-sized curvature for a model without adapters",
+            "public curvature with an algorithm that does not align",
+            "public_curvature_clients 0",
             "unknown transport dtype",
             "a timeout of 0 seconds",
             "eval_steps 0 (Trainer would read it as unset)",
@@ -908,6 +951,9 @@ CLASSES: list[tuple[str, str, tuple[str, ...]]] = [
         "outputs, no client without an example.",
         (
             "a client with no example",
+            "public curvature without public data",
+            "public data without public_curvature",
+            "public curvature data for a text task",
             "label column that is missing",
             "continuous float labels in a classification CSV",
             "label column that holds images",
