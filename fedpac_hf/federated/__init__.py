@@ -17,14 +17,11 @@ from .algorithms import (
 )
 from .batches import batch_size, cycle_batches
 from .client import client_update
-from .engine import (
-    TRANSPORT_DTYPES,
-    RoundEngine,
-    RoundPlan,
-)
+from .engine import TRANSPORT_DTYPES, RoundEngine
 from .failures import ClientError, ClientFailure, RoundError, run_client
 from .local_step import ClientHooks, LocalSteps
 from .round_metrics import ROUND_METRICS
+from .round_plan import RoundPlan
 from .sampling import resolve_clients_per_round, sample_clients
 from .schedule import round_learning_rates
 from .server import (

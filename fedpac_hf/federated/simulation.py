@@ -19,12 +19,13 @@ from fedpac_hf.optim.options import Rule, flag, number, one_of, optional, whole
 from .algorithms import Algorithm, get_algorithm
 from .batches import cycle_batches
 from .client import client_update
-from .engine import TRANSPORT_DTYPES, RoundEngine, RoundPlan
+from .engine import TRANSPORT_DTYPES, RoundEngine
 from .failures import require_finite_evaluation
 from .local_step import ClientHooks, LocalSteps, LossFn
 from .preflight import preflight as run_preflight
 from .privacy import DP_MODES, ClientDP
 from .record_privacy import RecordDP, check_loader, record_loader
+from .round_plan import RoundPlan
 from .schedule import round_learning_rates
 from .server import WEIGHTINGS, Weighting
 from .state import ServerState, load_trainable_state
