@@ -188,6 +188,7 @@ def test_the_cli_trains_on_public_digits(tmp_path, capsys):
     assert [row["bytes_up_theta"] for row in rows] == [0.0, 0.0]
     assert all(row["public_train_loss"] > 0 for row in rows) and rows[1]["bytes_down_theta"] > 0
     assert "public_curvature: true" in (run_dir / "config.yaml").read_text()
+    assert "| public_curvature_dataset | digits |" in (run_dir / "summary.md").read_text()
     capsys.readouterr()
     (tmp_path / "refused").mkdir()
     err = refused(tmp_path / "refused", capsys, {"public_curvature": True})

@@ -54,6 +54,8 @@ _SUMMARY_SETTINGS = (
     "learning_rate",
     "lr_scheduler_type",
     "per_device_train_batch_size",
+    "public_curvature_dataset",
+    "public_curvature_clients",
     "dp_mode",
     "dp_clip_norm",
     "dp_theta_clip_norm",
@@ -189,6 +191,8 @@ def write_summary(
         private = config.get("dp_mode", "none") != "none"
         for key in _SUMMARY_SETTINGS:
             if key.startswith("dp_") and (not private or config.get(key) is None):
+                continue
+            if key.startswith("public_") and not config.get("public_curvature_dataset"):
                 continue
             if key in config:
                 value = config[key]
