@@ -79,6 +79,20 @@ Protocol
   at the settings chosen so far, in the same way: a non-private tuning run
   at the rate for the clip norms, a DP tuning run, the default kept on a
   tie, final runs (10 seeds) where a size wins.
+  Then (a sixth variant, added after the fifth's 10-seed results; a
+  mechanism, not a knob) ``fedpac_soap`` and ``fedadamw`` again with Theta
+  from public data at the server (:data:`PUBLIC_CURVATURE`:
+  ``public_curvature_dataset: digits``, scikit-learn's 8x8 digits 5-9, a
+  dataset apart from MNIST-5k; ``public_curvature_clients: 10``): clients
+  send no Theta, so under DP the delta gets the whole mechanism and no noise
+  is added to Theta. Each is tuned as a method of its own: the rate without
+  DP (its grid, seed 0), then at epsilon 8 the rate (the DP grid below the
+  non-private choice) and the clip schedule under DP as above (shares,
+  quantiles, decays and sizes do not apply or were not tried); final runs at
+  epsilon = inf (the non-private rate) and 8, 10 seeds each. The goal row
+  of this variant compares it with the best of ``fedavg_adamw``,
+  ``fedadamw`` (each at its fifth-variant settings) and ``fedadamw`` with
+  public curvature.
   Final runs at the DP-tuned rate, share and schedule where any differs
   from the first protocol's (3 seeds); where all are the same, the first
   protocol's runs are reused. epsilon = inf keeps the non-private rate (no noise to tune
