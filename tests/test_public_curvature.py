@@ -183,9 +183,12 @@ def test_the_cli_trains_on_public_digits(tmp_path, capsys):
     run_dir = tmp_path / "run"
     config = write_yaml(tmp_path / "c.yaml", {**TINY_VIT, "label_values": "5,6,7,8,9"})
     command = ["train", config, "--num_rounds", "2", "--public_curvature_dataset", "digits"]
+    # client-level DP without dp_theta_clip_norm: no Theta leaves a client
+    command += ["--dp_mode", "client", "--dp_clip_norm", "1", "--dp_noise_multiplier", "0.5"]
     assert main([*command, "--output_dir", str(run_dir)]) == 0
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["bytes_up_theta"] for row in rows] == [0.0, 0.0]
+    assert all(row["epsilon"] > 0 and row["dp_clipped_theta"] == 0 for row in rows)
     assert all(row["public_train_loss"] > 0 for row in rows) and rows[1]["bytes_down_theta"] > 0
     assert "public_curvature: true" in (run_dir / "config.yaml").read_text()
     assert "| public_curvature_dataset | digits |" in (run_dir / "summary.md").read_text()

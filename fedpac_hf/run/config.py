@@ -10,6 +10,7 @@ values and naming the closest valid field for a misspelt key.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import difflib
@@ -372,15 +373,25 @@ def parse_run_config(
     parser = config_parser()
     # argparse types string defaults like command-line values and keeps the rest as they are.
     parser.set_defaults(**values)
+    if "public_curvature" not in values and _public_data(values, overrides):
+        # the public data is the switch on the CLI, set before the arguments check
+        # themselves (client-level DP then needs no Theta clip norm)
+        parser.set_defaults(public_curvature=True)
     model_args, training_args, remaining = parser.parse_args_into_dataclasses(
         args=list(overrides), return_remaining_strings=True
     )
     if remaining:
         first = next((item for item in remaining if item.startswith("-")), remaining[0])
         raise _unknown_key_error(first.lstrip("-").split("=")[0], "the command-line options")
-    if model_args.public_curvature_dataset:  # the public data is the switch on the CLI
-        training_args.public_curvature = True
     return model_args, training_args
+
+
+def _public_data(values: dict[str, Any], overrides: Sequence[str]) -> bool:
+    """Whether the YAML values or the overrides name a ``public_curvature_dataset``."""
+    probe = argparse.ArgumentParser(add_help=False)
+    probe.add_argument("--public_curvature_dataset")
+    given = probe.parse_known_args(list(overrides))[0].public_curvature_dataset
+    return bool(values.get("public_curvature_dataset") if given is None else given)
 
 
 def changed_training_arguments(args: FedPACArguments) -> dict[str, Any]:
