@@ -46,9 +46,10 @@ def by_level(finals: Sequence[Record]) -> dict[str, dict[str, Summary]]:
 
 
 def first_protocol(finals: Sequence[Record]) -> list[Record]:
-    """The final runs at the non-private rates (records from before the second protocol
-    have no ``tuned``)."""
-    return [r for r in finals if r.get("tuned", "nodp") == "nodp"]
+    """The final runs of :data:`~_privacy_tuning.METHODS` at the non-private rates (records
+    from before the second protocol have no ``tuned``; the public-curvature variants are
+    reported apart)."""
+    return [r for r in finals if r.get("tuned", "nodp") == "nodp" and r["method"] in METHODS]
 
 
 def dp_tuned_levels(
