@@ -1,10 +1,11 @@
 """Run a small FedPACTrainer job; launched by tests with 1 or 2 processes (torchrun, gloo).
 
-Usage: ``torchrun --nproc_per_node N -m tests.distributed_worker OUT.safetensors [dp]``
+Usage: ``torchrun --nproc_per_node N -m tests.distributed_worker OUT.safetensors [dp|public]``
 
 With ``dp``: client-level DP with the secret noise seed each process draws
-(shared from process 0), and every process writes its own state
-(``OUT.rank<i>.safetensors``).
+(shared from process 0). With ``public``: Theta from public data at the server
+(``public_curvature``, two runs per round), which every process computes. With
+either, every process writes its own state (``OUT.rank<i>.safetensors``).
 """
 
 from __future__ import annotations
@@ -20,11 +21,15 @@ from fedpac_hf import FedPACArguments, FedPACTrainer
 from tests.trainer_fixtures import image_data, tiny_vit
 
 
-def main(out: str, private: bool = False) -> None:
+def main(out: str, mode: str = "") -> None:
     data = image_data(n=160)
     dp = {"dp_mode": "client", "dp_clip_norm": 0.05, "dp_theta_clip_norm": 5.0}
+    settings = {
+        "dp": {**dp, "dp_noise_multiplier": 1.0},
+        "public": {"public_curvature": True, "public_curvature_clients": 2},
+    }.get(mode, {})
     args = FedPACArguments(
-        **({**dp, "dp_noise_multiplier": 1.0} if private else {}),
+        **settings,
         output_dir=tempfile.mkdtemp(),
         algorithm="fedpac_soap",
         num_rounds=2,
@@ -39,12 +44,15 @@ def main(out: str, private: bool = False) -> None:
         disable_tqdm=True,
         seed=0,
     )
-    trainer = FedPACTrainer(model=tiny_vit(), args=args, train_dataset=data["train"])
+    public = image_data(n=48, seed=3)["train"] if mode == "public" else None
+    trainer = FedPACTrainer(
+        model=tiny_vit(), args=args, train_dataset=data["train"], curvature_dataset=public
+    )
     trainer.train()
-    if private:
+    if mode:
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         out = str(Path(out).with_suffix(f".rank{rank}.safetensors"))
-    if trainer.is_world_process_zero() or private:
+    if trainer.is_world_process_zero() or mode:
         state = trainer.server_state
         tensors = {f"params::{k}": v for k, v in state.params.items()}
         tensors.update({f"curvature::{k}": v for k, v in (state.curvature or {}).items()})
@@ -58,4 +66,4 @@ def main(out: str, private: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    main(str(Path(sys.argv[1])), private=sys.argv[2:] == ["dp"])
+    main(str(Path(sys.argv[1])), *sys.argv[2:3])

@@ -330,6 +330,21 @@ def test_two_processes_under_dp_add_the_same_secret_noise(tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
+def test_two_processes_compute_the_same_public_curvature_as_one(tmp_path):
+    """With public_curvature every process runs the server's steps: the same Theta as 1 process."""
+    from safetensors.torch import load_file
+
+    _distributed_worker(str(tmp_path / "one.safetensors"), "public", port=29535)
+    _distributed_worker(str(tmp_path / "two.safetensors"), "public", processes=2, port=29535)
+    one = load_file(str(tmp_path / "one.rank0.safetensors"))
+    ranks = [load_file(str(tmp_path / f"two.rank{i}.safetensors")) for i in (0, 1)]
+    assert set(one) == set(ranks[0]) == set(ranks[1])
+    assert any(k.startswith("curvature::") for k in one)
+    for key in one:
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+        torch.testing.assert_close(one[key], ranks[0][key], rtol=1e-5, atol=1e-6, msg=key)
+
+
 @pytest.mark.parametrize("algorithm", ["fedpac_sophia", "fedpac_muon"])
 def test_sophia_and_muon_clients_run_and_send_real_curvature(tmp_path, algorithm):
     """Sophia's Hessian estimate is really refreshed (the reference code left it at zero)."""
