@@ -366,3 +366,50 @@ def test_secagg_allows_record_level_dp(tmp_path):
     )  # fmt: skip
     settings = args.secure_aggregation_settings(args.build_algorithm())
     assert settings == {"num_shares": 1.0, "reconstruction_threshold": 0.67, "max_weight": 1.0}
+
+
+@pytest.mark.slow  # a SecAgg+ simulation (~30 s)
+def test_secagg_with_public_curvature_sums_only_the_deltas(tmp_path):
+    """With Theta from the server's public data, SecAgg+ clients send no Theta and the global
+    Theta is the server's own, exactly."""
+    public = image_data(n=48, seed=3)["train"]
+    settings = dict(secure_aggregation=True, public_curvature=True, public_curvature_clients=2)
+
+    def server_runs(args, run_config):
+        data = image_data(n=120)
+        trainer = FedPACTrainer(
+            model=tiny_vit(), args=args, train_dataset=data["train"], curvature_dataset=public
+        )
+        return trainer.train_public
+
+    states: dict[int, ServerState] = {}
+    result = run_fedpac_simulation(
+        build_trainer,
+        flower_args(tmp_path / "secure", **settings),
+        build_model=build_model,
+        build_public_curvature=server_runs,
+        num_supernodes=3,
+        backend_config=BACKEND,
+        on_round_end=lambda r, state, metrics: states.__setitem__(r, copy.deepcopy(state)),
+    )
+    assert [row["bytes_up_theta"] for row in result.history] == [0.0, 0.0]
+    assert all(row["secagg_clipped"] == 0 for row in result.history)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the simulation's worker: the same eigendecompositions
+    try:
+        args = flower_args(tmp_path / "plain", public_curvature=True, public_curvature_clients=2)
+        trainer = FedPACTrainer(
+            model=tiny_vit(),
+            args=args,
+            train_dataset=image_data(n=120)["train"],
+            curvature_dataset=public,
+        )
+        initial = ServerState.from_model(build_model(args))
+        lr = args.round_learning_rates()[0]
+        rows = trainer.public_rows()
+        runs = [trainer.train_client(i, rows, 0, lr, initial, public=True) for i in (-1, -2)]
+    finally:
+        torch.set_num_threads(threads)
+    for name, value in states[1].curvature.items():
+        mean = (runs[0].curvature[name].double() + runs[1].curvature[name].double()) / 2
+        torch.testing.assert_close(value, mean.float())

@@ -108,6 +108,8 @@ class SecureFedPACStrategy(FedPACStrategy):
         bounds = secagg_bounds(
             plan.state, plan.learning_rate, self.engine.local_steps, self.headroom
         )
+        if bounds is not None and self.engine.algorithm.public_curvature:
+            bounds = (bounds[0], {})  # no client sends Theta: the server computes its own
         light = False
         if bounds is None and contents:  # the first round: calibrate the bounds first
             calibration = self._pass(plan, clients, contents, {"stage": "calibrate"}, traffic)
