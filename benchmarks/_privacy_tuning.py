@@ -94,7 +94,8 @@ def aligns(method: str) -> bool:
     algorithm aligns and Theta does not come from public data."""
     from fedpac_hf.federated import get_algorithm
 
-    return method not in PUBLIC_CURVATURE and bool(get_algorithm(algorithm_of(method)).align)
+    public = True if method in PUBLIC_CURVATURE else None
+    return get_algorithm(algorithm_of(method), public_curvature=public).shares_curvature
 
 
 @dataclass(frozen=True)

@@ -199,7 +199,7 @@ class PrivacyArguments:
             noise_multiplier=self.dp_noise_multiplier,
             delta=self.dp_delta,
             target_epsilon=self.dp_target_epsilon,
-            share_theta=algorithm.align and not algorithm.public_curvature,
+            share_theta=algorithm.shares_curvature,
             theta_share=self.dp_theta_share,
             clip_schedule=self.dp_clip_schedule,
             learning_rate=getattr(self, "learning_rate", None),

@@ -110,6 +110,18 @@ class Algorithm:
         """Whether the global direction is blended into local steps."""
         return self.adaptive_beta or float(self.beta) > 0.0
 
+    @property
+    def shares_curvature(self) -> bool:
+        """Whether the global Theta is made of the clients' (they align, and it does not come
+        from public data): under client-level DP then Theta is clipped and noised too."""
+        return self.align and not self.public_curvature
+
+    @property
+    def public_rule(self) -> Algorithm:
+        """The client rule as the server runs it on public data (``public_curvature``): the
+        same steps, but it returns its Theta."""
+        return self.replace(public_curvature=False) if self.public_curvature else self
+
     def replace(self, **changes: Any) -> Algorithm:
         """Return a copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)

@@ -168,7 +168,7 @@ def preflight(
 
         public = None
         if algorithm.public_curvature and public_batches is not None:
-            server_rule = algorithm.replace(public_curvature=False)  # it keeps its Theta
+            server_rule = algorithm.public_rule  # it returns its Theta
             public = _stage(
                 "one step of the server on the public curvature data",
                 lambda: client_update(model, state, server_rule, public_batches(), one, hooks),

@@ -63,12 +63,18 @@ _TINY = 2.0**-60  # the smallest bound (a tensor of zeros)
 
 
 def secagg_bounds(
-    state: ServerState, lr: float, local_steps: int, headroom: float = HEADROOM
+    state: ServerState,
+    lr: float,
+    local_steps: int,
+    headroom: float = HEADROOM,
+    *,
+    theta: bool = True,
 ) -> tuple[dict[str, float], dict[str, float]] | None:
     """Per-tensor bounds ``(delta, theta)`` from the global state (see the module docstring).
 
     Returns ``None`` when the state has no global direction yet (the first
-    round): the bounds then come from a calibration pass.
+    round): the bounds then come from a calibration pass. ``theta=False``: the
+    clients send no Theta (``public_curvature``), so there are no Theta bounds.
     """
     if state.direction is None:
         return None
@@ -78,10 +84,12 @@ def secagg_bounds(
         d = state.direction.get(name)
         largest = float(d.abs().max()) * unit if d is not None and d.numel() else 0.0
         delta[name] = headroom * max(unit, largest)
-    theta = {}
-    for name, t in (sent_form(state.curvature) or {}).items():
-        theta[name] = headroom * max(float(t.abs().max()) if t.numel() else 0.0, _TINY)
-    return delta, theta
+    sent = (sent_form(state.curvature) if theta else None) or {}
+    bounds = {
+        name: headroom * max(float(t.abs().max()) if t.numel() else 0.0, _TINY)
+        for name, t in sent.items()
+    }
+    return delta, bounds
 
 
 def log_magnitudes(tensors: Mapping[str, torch.Tensor], names: Sequence[str]) -> list[float]:

@@ -240,7 +240,7 @@ def simulate(
         noise_multiplier=dp_noise_multiplier,
         delta=dp_delta,
         target_epsilon=dp_target_epsilon,
-        share_theta=algorithm.align and not algorithm.public_curvature,
+        share_theta=algorithm.shares_curvature,
         theta_share=dp_theta_share,
         clip_schedule=dp_clip_schedule,
         learning_rate=lr,
@@ -319,9 +319,10 @@ def simulate(
         steps = LocalSteps(
             lr=plan.learning_rate, num_steps=local_steps, max_grad_norm=max_grad_norm
         )
-        server_rule = algorithm.replace(public_curvature=False)
         return [
-            client_update(model, plan.state, server_rule, batches, steps, hooks, client_id=-1 - i)
+            client_update(
+                model, plan.state, algorithm.public_rule, batches, steps, hooks, client_id=-1 - i
+            )
             for i in range(read["public_curvature_clients"])
         ]
 

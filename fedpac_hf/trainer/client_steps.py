@@ -101,7 +101,7 @@ class ClientStepsMixin:
         torch.manual_seed(seed)  # dropout and other in-model randomness
         self._gnb_seed = seed
         privacy = None if public else self.client_privacy(client_id, dataset, round_index)
-        algorithm = self.algorithm.replace(public_curvature=False) if public else self.algorithm
+        algorithm = self.algorithm.public_rule if public else self.algorithm
         return client_update(
             self.model,
             state,

@@ -106,10 +106,12 @@ class SecureFedPACStrategy(FedPACStrategy):
         self._round_messages, self._messages = {}, []
         traffic, clipped = [0, 0], 0.0
         bounds = secagg_bounds(
-            plan.state, plan.learning_rate, self.engine.local_steps, self.headroom
+            plan.state,
+            plan.learning_rate,
+            self.engine.local_steps,
+            self.headroom,
+            theta=not self.engine.algorithm.public_curvature,  # the server computes its own
         )
-        if bounds is not None and self.engine.algorithm.public_curvature:
-            bounds = (bounds[0], {})  # no client sends Theta: the server computes its own
         light = False
         if bounds is None and contents:  # the first round: calibrate the bounds first
             calibration = self._pass(plan, clients, contents, {"stage": "calibrate"}, traffic)
