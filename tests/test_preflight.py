@@ -231,3 +231,50 @@ def test_a_server_app_stops_before_writing_when_its_preflight_fails(tmp_path, ev
     with pytest.raises(PreflightError, match=rf"^server preflight, one evaluation: .*{words}"):
         run.run(grid=None)  # type: ignore[arg-type]  # stops before the grid is used
     assert not (tmp_path / "run").exists()
+
+
+def _public_trainer(args, size: int = 16):
+    """A trainer holding public rows of ``size`` x ``size`` images: the server's runs on them."""
+    import datasets
+    import numpy as np
+
+    from fedpac_hf.trainer.fedpac_trainer import FedPACTrainer
+
+    rng = np.random.default_rng(3)
+    rows = datasets.Dataset.from_dict(
+        {"pixel_values": rng.normal(size=(24, 1, size, size)).astype("float32"),
+         "label": rng.integers(0, 4, 24)}
+    ).with_format("torch")  # fmt: skip
+    train = image_data(n=80)["train"]
+    return FedPACTrainer(model=tiny_vit(), args=args, train_dataset=train, curvature_dataset=rows)
+
+
+def test_a_server_app_preflight_runs_its_public_curvature_and_stops_on_bad_public_data(tmp_path):
+    pytest.importorskip("flwr")
+    from fedpac_hf.flower import FlowerServerRun
+
+    from .trainer_fixtures import flower_args
+
+    args = flower_args(tmp_path / "run", public_curvature=True, public_curvature_clients=2)
+    trainer = _public_trainer(flower_args(tmp_path / "public", public_curvature=True))
+    rounds = []
+
+    def train_public(plan):
+        rounds.append(plan.round_number)
+        return trainer.train_public(plan)
+
+    model = tiny_vit()
+    before, rng = _trainable(model), torch.get_rng_state()
+    assert FlowerServerRun(args, model, train_public=train_public).preflight() >= 0.0
+    assert rounds == [1]  # the server's runs for round 1, once
+    after = _trainable(model)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert torch.equal(rng, torch.get_rng_state())
+
+    wrong = _public_trainer(flower_args(tmp_path / "public", public_curvature=True), size=12)
+    run = FlowerServerRun(args, tiny_vit(), train_public=wrong.train_public)
+    with pytest.raises(
+        PreflightError, match=r"^server preflight, the server's runs on the public curvature data"
+    ):
+        run.run(grid=None)  # type: ignore[arg-type]  # stops before the grid is used
+    assert not (tmp_path / "run").exists()

@@ -10,7 +10,8 @@ cannot take, a curvature state that does not warm-start) otherwise surfaces as
    client optimizer, its curvature collection, clipping, scaler);
 2. one server aggregation of that update (the server rule, Theta's form;
    with ``public_curvature``, Theta from one step of the client rule on the
-   server's public data first);
+   server's public data first, or from the server's own runs on it where
+   the caller runs them: a Flower ServerApp's ``train_public``);
 3. one local step from the aggregated state (alignment: the warm start from
    the global Theta, and the correction);
 4. one evaluation (``eval_fn``), when given.
@@ -79,6 +80,14 @@ def restored(model: torch.nn.Module) -> Iterator[None]:
         random.setstate(python_rng)
 
 
+def _finite_theta(theta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``theta``, checked to be finite everywhere."""
+    bad = sorted(name for name, t in theta.items() if not torch.isfinite(t).all())
+    if bad:
+        raise ValueError(f"the server's Theta from the public data is not finite in {bad}")
+    return theta
+
+
 def _stage(name: str, run: Callable[[], Any], lr: float, first: bool = False) -> Any:
     try:
         return run()
@@ -118,6 +127,7 @@ def preflight(
     weighting: str = "uniform",
     eval_fn: Callable[[torch.nn.Module], Any] | None = None,
     public_batches: Callable[[], Iterator[Any]] | None = None,
+    public_theta: Callable[[], dict[str, torch.Tensor]] | None = None,
 ) -> float:
     """Run the preflight (see the module docstring); return its time in seconds.
 
@@ -143,6 +153,10 @@ def preflight(
         Returns a fresh iterator over the server's public curvature data, for
         algorithms with ``public_curvature`` (without it, a client's preflight:
         the aggregation has no Theta).
+    public_theta:
+        Instead of ``public_batches``: returns the server's Theta from its
+        public data, computed in full (e.g. from a Flower strategy's
+        ``train_public`` on the first round's plan); it must be finite.
 
     Raises
     ------
@@ -173,13 +187,19 @@ def preflight(
                 "one step of the server on the public curvature data",
                 lambda: client_update(model, state, server_rule, public_batches(), one, hooks),
                 one.lr,
+            ).curvature
+        elif algorithm.public_curvature and public_theta is not None:
+            public = _stage(
+                "the server's runs on the public curvature data",
+                lambda: _finite_theta(public_theta()),
+                one.lr,
             )
 
         def aggregate() -> ServerState:
             aggregator = RoundAggregator(state, algorithm, weighting)  # type: ignore[arg-type]
             aggregator.add(first)
             if public is not None:
-                aggregator.public_curvature = public.curvature
+                aggregator.public_curvature = public
             return aggregator.finalize(lr=one.lr, local_steps=1)[0]
 
         following = _stage("the server's aggregation of that update", aggregate, one.lr)
@@ -202,6 +222,7 @@ def server_preflight(
     *,
     weighting: str = "uniform",
     eval_fn: Callable[[torch.nn.Module], Any] | None = None,
+    public_theta: Callable[[], dict[str, torch.Tensor]] | None = None,
 ) -> float:
     """The preflight of a server that holds no training data (a Flower ServerApp).
 
@@ -211,7 +232,10 @@ def server_preflight(
     the shapes of the real ones, so the client optimizer's options, Theta's form,
     the server's aggregation and the warm start are checked on the real model
     before the server writes anything; ``eval_fn`` (the central evaluation) runs
-    once on the initial weights. The model and every random stream are put back.
+    once on the initial weights. With ``public_theta`` (algorithms with
+    ``public_curvature``) the server's Theta from its public data is computed
+    first, in full, and must be finite; the aggregation then uses it. The
+    model and every random stream are put back.
 
     Returns
     -------
@@ -248,6 +272,7 @@ def server_preflight(
             ClientHooks(loss_fn=synthetic_loss, curvature_loss_fn=synthetic_loss),
             weighting=weighting,
             eval_fn=eval_fn,
+            public_theta=public_theta,
         )
     except PreflightError as error:
         raise PreflightError(f"server {error}") from error.__cause__

@@ -206,6 +206,8 @@ class FlowerServerRun:
         The client optimizer, Theta's form, the aggregation and the warm start
         on the global model, with a synthetic loss (the server has no training
         data), and one central evaluation of the initial weights, which must be
+        finite. With ``public_curvature``, the server's runs on its public data
+        (the strategy's ``train_public``) for the first round, whose Theta must be
         finite. Each ClientApp runs its own preflight on its data at its first
         message. Returns its time in seconds.
         """
@@ -221,6 +223,13 @@ class FlowerServerRun:
                 )
 
         steps = self.args.local_step_settings(self.args.round_learning_rates()[0], 1)
+        train_public = self.strategy.train_public
+
+        def public_theta() -> dict[str, torch.Tensor]:
+            plan = self.engine.plan_round()  # the first round's; nothing is recorded in it
+            plan.use_public_curvature(train_public(plan))
+            return plan.aggregator.public_curvature
+
         with no_new_folders(self.output_dir):  # an evaluator's Trainer makes output_dir
             seconds = server_preflight(
                 self.model,
@@ -228,6 +237,7 @@ class FlowerServerRun:
                 steps,
                 weighting=self.args.aggregation_weighting,
                 eval_fn=evaluate_once if self.evaluate is not None else None,
+                public_theta=public_theta if train_public is not None else None,
             )
         logger.info("server preflight passed in %.1f s (preflight=false skips it)", seconds)
         return seconds
