@@ -313,6 +313,15 @@ def plan(suite: Suite, done: dict[str, Record]) -> tuple[list[Run], int]:
     return [r for r in runs if r.key not in done], waiting
 
 
+def suite_plan(suite: Suite, done: dict[str, Record]) -> tuple[list[Run], int]:
+    """The runs of ``suite``'s protocol not done yet (see :attr:`Suite.protocol`)."""
+    if suite.protocol == "goal":
+        from _privacy_goal import plan_goal
+
+        return plan_goal(suite, done)
+    return plan(suite, done)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["run", "report", "list"])
@@ -323,11 +332,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     ns = parser.parse_args(argv)
     suite = SUITES[ns.suite]
     if ns.command == "list":
-        runs, waiting = plan(suite, load_results(suite.results))
+        runs, waiting = suite_plan(suite, load_results(suite.results))
         print(json.dumps([r.key for r in runs], indent=1), f"\n{waiting} waiting")
     elif ns.command == "run":
         run_queue(
-            lambda done: (lambda p: ([(r.key, r) for r in p[0]], p[1]))(plan(suite, done)),
+            lambda done: (lambda p: ([(r.key, r) for r in p[0]], p[1]))(suite_plan(suite, done)),
             lambda key, run: run_one(suite, run),
             suite.results,
             time.time() + 3600 * ns.hours,
