@@ -26,8 +26,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from _harness.runs import Record
+from _harness.reporting import chosen_cell, fmt, goals_table, kept_block, tuning_table
+from _harness.runs import Record, load_results, tune_score
+from _privacy_results import cell, dp_tuned_levels, goal_rows, lead_line, setting_label, tuned_as
 from _privacy_suites import Suite
+from _privacy_tables import noise_section, num_parameters, tuning_section
 from _privacy_tuning import (
     DP_GRID_POINTS,
     GOAL_SEEDS,
@@ -85,3 +88,97 @@ def plan_goal(suite: Suite, done: dict[str, Record]) -> tuple[list[Run], int]:
                 continue
             runs += [Run("final", method, "inf", seed, *picked), replace(tuned, seed=seed)]
     return [r for r in runs if r.key not in done], waiting
+
+
+def dp_tuning_rows(suite: Suite, done: dict[str, Record]) -> list[tuple[str, list[str], str]]:
+    """Per method, the validation scores under DP at :data:`GOAL_LEVEL` and what was chosen."""
+    rows = []
+    for method in GOAL_METHODS:
+        grid = dp_grid(suite, method, done) or ()
+        tried = [Run("dptune", method, GOAL_LEVEL, 0, lr) for lr in grid]
+        rate = dp_rate(suite, method, GOAL_LEVEL, done)
+        if aligns(method) and rate is not None:
+            tried += [
+                Run("dptune", method, GOAL_LEVEL, 0, rate, theta_share=share)
+                for share in THETA_SHARES
+            ]
+        constant = dp_constant(suite, method, GOAL_LEVEL, done)
+        tried += schedule_runs(suite, constant, done) if constant else []
+        cells = [
+            setting_label(run.lr, run.theta_share, run.clip_schedule)
+            + f": {fmt(tune_score(done[run.key])) if run.key in done else '-'}"
+            for run in tried
+        ]
+        picked = dp_chosen(suite, method, GOAL_LEVEL, done)
+        choice = chosen_cell(picked and picked.lr, grid)
+        if picked:
+            choice = setting_label(choice, picked.theta_share, picked.clip_schedule)
+        rows.append((method, cells, choice))
+    return rows
+
+
+def report_goal(suite: Suite) -> None:
+    """Write ``suite.report`` from its records: the goal, the finals, what was tuned."""
+    from _privacy_report import ANALYSIS, made_by
+
+    done = load_results(suite.results)
+    finals = [r for r in done.values() if r["stage"] == "final"]
+    levels = dp_tuned_levels(suite, finals, done, dp_chosen)
+    lines = [
+        f"# {suite.title} (issue #25)",
+        "",
+        f"Written by `python benchmarks/privacy_benchmark.py report --suite {suite.name}` from "
+        f"the run records in `benchmarks/{suite.results.name}/` (one JSON per run, with the "
+        "`fedpac-hf train` command that reproduces it). Why this federation and what runs "
+        "here: the docstring of `benchmarks/_privacy_goal.py`; in short: "
+        + suite.setting.format(d=num_parameters(done))
+        + "; client-level DP at delta = 500^-1.1; `fedavg_adamw`, `fedadamw` and "
+        "`fedpac_soap`, each rate tuned on the validation split without DP (seed 0; eps = "
+        "inf, clip norms the medians of that run's client norms) and again at eps = 8 with "
+        "Theta's share and the clip schedule ([PRIVACY.md](PRIVACY.md)'s second protocol); "
+        f"{GOAL_SEEDS} seeds per cell, final-round test accuracy.",
+        "",
+    ]
+    made_by(lines, suite, done)
+    lines += ["## Goal", ""]
+    goals_table(
+        lines,
+        goal_rows(levels, " (rank-4 adapters; rate, Theta's share and clip schedule tuned "
+                  "under DP)"),
+    )  # fmt: skip
+    lines += [
+        "A lead's +- is its standard error over seeds (the two methods' seeds independent: "
+        "sqrt(s_a^2 / n_a + s_b^2 / n_b)).",
+        "",
+        ANALYSIS[0],
+        kept_block(suite.report, *ANALYSIS),
+        ANALYSIS[1],
+        "",
+        "## Test accuracy (%, final round, mean +- std over seeds)",
+        "",
+        "| method | eps = inf (clip only): lr | accuracy | eps = 8: settings | accuracy |",
+        "|---|---|---|---|---|",
+    ]
+    for method in GOAL_METHODS:
+        row = []
+        for level in ("inf", GOAL_LEVEL):
+            summary = levels[level].get(method)
+            used = sorted({(r["lr"], *tuned_as(r)[3:5]) for r in summary.runs} if summary else [])
+            row += ["; ".join(setting_label(*u) for u in used) or "-", cell(summary)]
+        lines.append(f"| {method} | " + " | ".join(row) + " |")
+    lines += ["", lead_line(levels, ("inf", GOAL_LEVEL)), "", "## Noise and clipping", ""]
+    tuned = [r for level in ("inf", GOAL_LEVEL) for s in levels[level].values() for r in s.runs]
+    noise_section(lines, suite, tuned, num_parameters(done), GOAL_METHODS)
+    lines += ["## Learning rates and clip norms (validation split, no DP)", ""]
+    tuning_section(lines, suite, done, GOAL_METHODS)
+    lines += [f"## Tuned under DP at eps = {GOAL_LEVEL} (validation split, seed 0)", ""]
+    tuning_table(
+        lines,
+        "Validation accuracy (%, mean of the last 3 rounds): the rates at Theta's default "
+        "share s = 0.5, then, for methods that send Theta, other shares at the best of those "
+        'rates, then the clip norm following the rate ("C ~ lr") at each rate with the '
+        "chosen share, then the other shares at the best of those (`*`: the chosen rate is "
+        "at an edge of the grid; the grid's top is the non-private choice)",
+        dp_tuning_rows(suite, done),
+    )
+    suite.report.write_text("\n".join(lines), encoding="utf-8")

@@ -91,6 +91,31 @@ def theta_cost(lines: list[str], finals: Sequence[Record]) -> None:
 ANALYSIS = ("<!-- privacy analysis -->", "<!-- /privacy analysis -->")
 
 
+def made_by(lines: list[str], suite: Suite, done: dict[str, Record]) -> None:
+    """The commands that made the suite's report, the machine, the runs and the commits."""
+    lines += ["Made by:", ""]
+    command_block(
+        lines,
+        [
+            f"python benchmarks/privacy_benchmark.py run --suite {suite.name} &"
+            "   # two workers share the queue",
+            f"python benchmarks/privacy_benchmark.py run --suite {suite.name} &",
+            "wait",
+            f"python benchmarks/privacy_benchmark.py report --suite {suite.name}",
+        ],
+    )
+    finals = [r for r in done.values() if r["stage"] == "final"]
+    machines = sorted({r.get("machine", "?") for r in done.values()})
+    wall = sum(r["wall_time_s"] for r in done.values())
+    lines += [
+        f"Machine: 2-core CPU, no GPU, shared with other work ({', '.join(machines)}). "
+        f"Runs: {len(finals)} final, {len(done) - len(finals)} tuning; "
+        f"{wall / 60:.0f} minutes of training in all (two workers). Library commit(s): "
+        f"{', '.join(sorted({r['library_commit'] for r in done.values()}))}.",
+        "",
+    ]
+
+
 def report(suite: Suite) -> None:
     """Write the suite's report (``benchmarks/PRIVACY.md`` for ``lora``) from its records."""
     done = load_results(suite.results)
@@ -121,30 +146,9 @@ def report(suite: Suite) -> None:
         )
         + ", final-round test accuracy.",
         "",
-        "Made by:",
-        "",
     ]
-    command_block(
-        lines,
-        [
-            f"python benchmarks/privacy_benchmark.py run --suite {suite.name} &"
-            "   # two workers share the queue",
-            f"python benchmarks/privacy_benchmark.py run --suite {suite.name} &",
-            "wait",
-            f"python benchmarks/privacy_benchmark.py report --suite {suite.name}",
-        ],
-    )
-    machines = sorted({r.get("machine", "?") for r in done.values()})
-    wall = sum(r["wall_time_s"] for r in done.values())
-    lines += [
-        f"Machine: 2-core CPU, no GPU, shared with other work ({', '.join(machines)}). "
-        f"Runs: {len(finals)} final, {len(done) - len(finals)} tuning; "
-        f"{wall / 60:.0f} minutes of training in all (two workers). Library commit(s): "
-        f"{', '.join(sorted({r['library_commit'] for r in done.values()}))}.",
-        "",
-        "## Goal",
-        "",
-    ]
+    made_by(lines, suite, done)
+    lines += ["## Goal", ""]
     goals_table(
         lines,
         goal_rows(levels, " (rates tuned without DP)")

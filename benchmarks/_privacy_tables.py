@@ -53,10 +53,12 @@ from _privacy_tuning import (
 )
 
 
-def tuning_section(lines: list[str], suite: Suite, done: dict[str, Record]) -> None:
-    """The learning-rate table and the clip norms each method's tuning run gave."""
+def tuning_section(
+    lines: list[str], suite: Suite, done: dict[str, Record], methods: Sequence[str] = tuple(METHODS)
+) -> None:
+    """The learning-rate table and the clip norms each of ``methods``' tuning runs gave."""
     rows = []
-    for method in METHODS:
+    for method in methods:
         cells = []
         for lr in lr_grid(suite, method):
             record = done.get(tune_key(method, lr))
@@ -78,7 +80,7 @@ def tuning_section(lines: list[str], suite: Suite, done: dict[str, Record]) -> N
         "| Theta norm: 25% / median / 75% | `dp_theta_clip_norm` |",
         "|---|---|---|---|---|",
     ]
-    for method in METHODS:
+    for method in methods:
         picked = chosen(suite, method, done)
         if picked is None:
             continue
@@ -199,7 +201,13 @@ def num_parameters(done: dict[str, Record]) -> int:
     return 0
 
 
-def noise_section(lines: list[str], suite: Suite, finals: Sequence[Record], d: int) -> None:
+def noise_section(
+    lines: list[str],
+    suite: Suite,
+    finals: Sequence[Record],
+    d: int,
+    methods: Sequence[str] = tuple(METHODS),
+) -> None:
     """Noise multiplier, noise on the mean delta, final logged epsilon, clipped fractions."""
     lines += [
         "| method | level | z | k | C | noise std per entry of the mean delta (z k C / qN) "
@@ -208,7 +216,7 @@ def noise_section(lines: list[str], suite: Suite, finals: Sequence[Record], d: i
         "| epsilon logged after the last round | delta | clients clipped: delta / Theta |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for method in METHODS:
+    for method in methods:
         for level in EPSILONS:
             runs = [r for r in finals if r["method"] == method and r["privacy"] == level]
             if not runs:

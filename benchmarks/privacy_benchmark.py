@@ -341,6 +341,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             suite.results,
             time.time() + 3600 * ns.hours,
         )
+    elif suite.protocol == "goal":
+        from _privacy_goal import report_goal
+
+        report_goal(suite)
     else:
         from _privacy_report import report
 
