@@ -35,7 +35,7 @@ from _privacy_tuning import (
     optimizer_kwargs,
 )
 
-KEYS = (*KEPT_KEYS, "epsilon", "dp_clipped_delta", "dp_clipped_theta")
+KEYS = (*KEPT_KEYS, "epsilon", "dp_clipped_delta", "dp_clipped_theta", "public_train_loss")
 
 
 def overrides(suite: Suite, run: Run, run_dir: Path) -> list[str]:
