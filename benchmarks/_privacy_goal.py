@@ -26,26 +26,24 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from _harness.reporting import chosen_cell, fmt, goals_table, kept_block, tuning_table
+from _harness.reporting import chosen_cell, fmt, goals_table, tuning_table
 from _harness.runs import Record, load_results, tune_score
 from _privacy_results import cell, dp_tuned_levels, goal_rows, lead_line, setting_label, tuned_as
 from _privacy_suites import Suite
 from _privacy_tables import noise_section, num_parameters, tuning_section
 from _privacy_tuning import (
-    DP_GRID_POINTS,
     GOAL_SEEDS,
     THETA_SHARES,
     Run,
     aligns,
     chosen,
-    clip_norms,
     dp_chosen,
     dp_constant,
     dp_grid,
     dp_rate,
+    dp_rate_runs,
     lr_grid,
     schedule_runs,
-    tune_key,
 )
 
 #: the methods the goal compares
@@ -64,19 +62,9 @@ def plan_goal(suite: Suite, done: dict[str, Record]) -> tuple[list[Run], int]:
             if lr_index < len(grid):
                 runs.append(Run("tune", method, "nodp", 0, grid[lr_index]))
     for method in GOAL_METHODS:
-        grid = dp_grid(suite, method, done) or ()
-        ready = [lr for lr in grid if tune_key(method, lr) in done]
-        waiting += (DP_GRID_POINTS if not grid else len(grid)) - len(ready)
-        runs += [
-            Run("dptune", method, GOAL_LEVEL, 0, lr, *clip_norms(method, lr, done)) for lr in ready
-        ]
-        lr = dp_rate(suite, method, GOAL_LEVEL, done)
-        if aligns(method) and lr is not None:
-            norms = clip_norms(method, lr, done)
-            runs += [
-                Run("dptune", method, GOAL_LEVEL, 0, lr, *norms, theta_share=share)
-                for share in THETA_SHARES
-            ]
+        tuning, missing = dp_rate_runs(suite, method, GOAL_LEVEL, done)
+        runs += tuning
+        waiting += missing
         pick = dp_constant(suite, method, GOAL_LEVEL, done)
         runs += schedule_runs(suite, pick, done) if pick else []
     for seed in range(GOAL_SEEDS):
@@ -119,7 +107,7 @@ def dp_tuning_rows(suite: Suite, done: dict[str, Record]) -> list[tuple[str, lis
 
 def report_goal(suite: Suite) -> None:
     """Write ``suite.report`` from its records: the goal, the finals, what was tuned."""
-    from _privacy_report import ANALYSIS, made_by
+    from _privacy_report import analysis_block, made_by
 
     done = load_results(suite.results)
     finals = [r for r in done.values() if r["stage"] == "final"]
@@ -147,13 +135,7 @@ def report_goal(suite: Suite) -> None:
                   "under DP)"),
     )  # fmt: skip
     lines += [
-        "A lead's +- is its standard error over seeds (the two methods' seeds independent: "
-        "sqrt(s_a^2 / n_a + s_b^2 / n_b)).",
-        "",
-        ANALYSIS[0],
-        kept_block(suite.report, *ANALYSIS),
-        ANALYSIS[1],
-        "",
+        *analysis_block(suite),
         "## Test accuracy (%, final round, mean +- std over seeds)",
         "",
         "| method | eps = inf (clip only): lr | accuracy | eps = 8: settings | accuracy |",

@@ -91,6 +91,19 @@ def theta_cost(lines: list[str], finals: Sequence[Record]) -> None:
 ANALYSIS = ("<!-- privacy analysis -->", "<!-- /privacy analysis -->")
 
 
+def analysis_block(suite: Suite) -> list[str]:
+    """What the goal's +- means, then the report's hand-written reading (kept on rewrites)."""
+    return [
+        "A lead's +- is its standard error over seeds (the two methods' seeds independent: "
+        "sqrt(s_a^2 / n_a + s_b^2 / n_b)).",
+        "",
+        ANALYSIS[0],
+        kept_block(suite.report, *ANALYSIS),
+        ANALYSIS[1],
+        "",
+    ]
+
+
 def made_by(lines: list[str], suite: Suite, done: dict[str, Record]) -> None:
     """The commands that made the suite's report, the machine, the runs and the commits."""
     lines += ["Made by:", ""]
@@ -177,15 +190,7 @@ def report(suite: Suite) -> None:
         )
         + public_goal(suite, finals, done),
     )
-    lines += [
-        "A lead's +- is its standard error over seeds (the two methods' seeds independent: "
-        "sqrt(s_a^2 / n_a + s_b^2 / n_b)).",
-        "",
-        ANALYSIS[0],
-        kept_block(suite.report, *ANALYSIS),
-        ANALYSIS[1],
-        "",
-    ]
+    lines += analysis_block(suite)
     lines += [
         "## Test accuracy (%, final round, mean +- std over seeds; rates tuned without DP)",
         "",

@@ -217,6 +217,25 @@ def dp_grid(suite: Suite, method: str, done: dict[str, Record]) -> tuple[float, 
     return grid[max(0, at - DP_GRID_POINTS + 1) : at + 1]
 
 
+def dp_rate_runs(
+    suite: Suite, method: str, level: str, done: dict[str, Record]
+) -> tuple[list[Run], int]:
+    """The DP tuning runs of ``method``'s rate at ``level`` (constant clip norm, the default
+    share) whose non-private runs are done, then, for a method that sends Theta, the other
+    shares at the best of them; and how many of the rates wait for their non-private run."""
+    grid = dp_grid(suite, method, done) or ()
+    ready = [lr for lr in grid if tune_key(method, lr) in done]
+    waiting = (DP_GRID_POINTS if not grid else len(grid)) - len(ready)
+    runs = [Run("dptune", method, level, 0, lr, *clip_norms(method, lr, done)) for lr in ready]
+    lr = dp_rate(suite, method, level, done)
+    if aligns(method) and lr is not None:
+        norms = clip_norms(method, lr, done)
+        runs += [
+            Run("dptune", method, level, 0, lr, *norms, theta_share=share) for share in THETA_SHARES
+        ]
+    return runs, waiting
+
+
 def dp_rate(suite: Suite, method: str, level: str, done: dict[str, Record]) -> float | None:
     """``method``'s rate tuned under DP at ``level`` (default share; None: runs missing)."""
     grid = dp_grid(suite, method, done)

@@ -160,7 +160,6 @@ from _privacy_suites import SUITES, Suite  # noqa: E402
 from _privacy_tuning import (  # noqa: E402
     CURVATURE_DECAYS,
     CURVATURE_LEVEL,
-    DP_GRID_POINTS,
     DP_TUNED,
     EPSILONS,
     FIRST_ORDER,
@@ -170,9 +169,7 @@ from _privacy_tuning import (  # noqa: E402
     PUBLIC_CURVATURE,
     SEEDS,
     THETA_BUDGETS,
-    THETA_SHARES,
     Run,
-    aligns,
     budget_runs,
     chosen,
     clip_norms,
@@ -183,11 +180,10 @@ from _privacy_tuning import (  # noqa: E402
     dp_decayed,
     dp_final,
     dp_grid,
-    dp_rate,
+    dp_rate_runs,
     lr_grid,
     quantile_runs,
     schedule_runs,
-    tune_key,
 )
 
 
@@ -213,19 +209,9 @@ def plan(suite: Suite, done: dict[str, Record]) -> tuple[list[Run], int]:
     # rates, then Theta's shares, tuned under DP; then the final runs where either differs
     for level in DP_TUNED:
         for method in METHODS:
-            grid = dp_grid(suite, method, done) or ()
-            ready = [lr for lr in grid if tune_key(method, lr) in done]
-            waiting += (DP_GRID_POINTS if not grid else len(grid)) - len(ready)
-            runs += [
-                Run("dptune", method, level, 0, lr, *clip_norms(method, lr, done)) for lr in ready
-            ]
-            lr = dp_rate(suite, method, level, done)
-            if aligns(method) and lr is not None:
-                norms = clip_norms(method, lr, done)
-                runs += [
-                    Run("dptune", method, level, 0, lr, *norms, theta_share=share)
-                    for share in THETA_SHARES
-                ]
+            tuning, missing = dp_rate_runs(suite, method, level, done)
+            runs += tuning
+            waiting += missing
     for seed in range(SEEDS):
         for level in DP_TUNED:
             for method in METHODS:
