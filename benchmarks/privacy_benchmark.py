@@ -26,6 +26,10 @@ Protocol
     32, 2 layers, 2 heads, MLP 64: 19,658 parameters) trained in full from
     scratch on all 4,000 training rows, 20 clients per round (q = 0.04),
     10 local steps (noise 3-7 C on the mean delta: nothing learns under DP).
+  - ``lora_r4``: ``lora`` with rank-4 adapters, where fedpac_soap's lead
+    without noise is larger (``privacy_screen.py``); only what the goal
+    compares runs there (``_privacy_goal.py``, written to
+    ``benchmarks/PRIVACY_lora_r4.md``).
 * Methods: ``fedavg_adamw``, ``fedadamw`` (AdamW's second moments shared),
   ``fedpac_soap`` (SOAP's Kronecker statistics shared) and
   ``fedpac_correct_soap``, the registered ablation "correction only, no

@@ -24,6 +24,8 @@ steps, Dirichlet 0.3), where SOAP's Kronecker factors on the adapters grow
 (the rank side from 2 x 2 to r x r). The noise on the mean delta grows with
 sqrt(d) too (d = 3,722 at rank 4 and 6,794 at rank 8, against 2,186), so a
 candidate must lead by more without noise to keep half of it at eps = 8.
+Both led by 3.9 points; rank 4 (fewer parameters, less noise) went on to the
+``lora_r4`` suite of ``privacy_benchmark.py`` (``benchmarks/PRIVACY_lora_r4.md``).
 
 Usage (from the repository root)::
 
