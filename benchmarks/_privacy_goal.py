@@ -39,6 +39,7 @@ from dataclasses import replace
 
 from _harness.reporting import chosen_cell, fmt, goals_table, tuning_table
 from _harness.runs import Record, load_results, tune_score
+from _privacy_public import public_goal, public_section
 from _privacy_results import cell, dp_tuned_levels, goal_rows, lead_line, setting_label, tuned_as
 from _privacy_suites import Suite
 from _privacy_tables import noise_section, num_parameters, tuning_section
@@ -157,9 +158,11 @@ def report_goal(suite: Suite) -> None:
     lines += ["## Goal", ""]
     goals_table(
         lines,
-        goal_rows(levels, " (rank-4 adapters; rate, Theta's share and clip schedule tuned "
-                  "under DP)"),
-    )  # fmt: skip
+        goal_rows(
+            levels, " (rank-4 adapters; rate, Theta's share and clip schedule tuned under DP)"
+        )
+        + public_goal(suite, finals, done, dp_chosen),
+    )
     lines += [
         *analysis_block(suite),
         "## Test accuracy (%, final round, mean +- std over seeds)",
@@ -189,4 +192,5 @@ def report_goal(suite: Suite) -> None:
         "at an edge of the grid; the grid's top is the non-private choice)",
         dp_tuning_rows(suite, done),
     )
+    public_section(lines, suite, finals, done, dp_chosen, "the second row")
     suite.report.write_text("\n".join(lines), encoding="utf-8")

@@ -9,7 +9,7 @@ tuning table. ``_privacy_report.py`` writes them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from _harness.reporting import Summary, chosen_cell, fmt, summarise, tuning_table
 from _harness.runs import Record, tune_score
@@ -29,6 +29,7 @@ from _privacy_tuning import (
     PUBLIC_RUNS,
     Run,
     chosen,
+    dp_budgeted,
     dp_chosen,
     dp_constant,
     dp_grid,
@@ -42,6 +43,8 @@ RIVALS = (*FIRST_ORDER, *(m for m, base in PUBLIC_CURVATURE.items() if base in F
 #: the public variant whose lead the goal row measures
 LEADER = next(m for m, base in PUBLIC_CURVATURE.items() if base == "fedpac_soap")
 LEVELS = ("inf", CURVATURE_LEVEL)
+#: how the other methods' DP settings were chosen (e.g. :func:`~_privacy_tuning.dp_budgeted`)
+Choose = Callable[[Suite, str, str, dict[str, Record]], Run | None]
 
 
 def public_pick(suite: Suite, method: str, level: str, done: dict[str, Record]) -> Run | None:
@@ -54,10 +57,14 @@ def public_pick(suite: Suite, method: str, level: str, done: dict[str, Record]) 
 
 
 def public_levels(
-    suite: Suite, finals: Sequence[Record], done: dict[str, Record]
+    suite: Suite,
+    finals: Sequence[Record],
+    done: dict[str, Record],
+    choose: Choose = dp_budgeted,
 ) -> dict[str, dict[str, Summary]]:
-    """Every method at its DP-tuned settings (the fifth variant), plus the public variants."""
-    levels = dp_tuned_levels(suite, finals, done)
+    """Every method at its DP-tuned settings (``choose``: by default the fifth variant's), plus
+    the public variants."""
+    levels = dp_tuned_levels(suite, finals, done, choose)
     for level in LEVELS:
         runs: list[Record] = []
         for method in PUBLIC_CURVATURE:
@@ -70,11 +77,11 @@ def public_levels(
 
 
 def public_goal(
-    suite: Suite, finals: Sequence[Record], done: dict[str, Record]
+    suite: Suite, finals: Sequence[Record], done: dict[str, Record], choose: Choose = dp_budgeted
 ) -> list[tuple[str, str, bool]]:
     """The goal row of the sixth variant (none before its runs)."""
     return goal_rows(
-        public_levels(suite, finals, done),
+        public_levels(suite, finals, done, choose),
         " (Theta from public data at the server, the rate and clip schedule tuned under DP; "
         f"against the best of {', '.join(RIVALS)})",
         LEADER,
@@ -83,13 +90,18 @@ def public_goal(
 
 
 def public_section(
-    lines: list[str], suite: Suite, finals: Sequence[Record], done: dict[str, Record]
+    lines: list[str],
+    suite: Suite,
+    finals: Sequence[Record],
+    done: dict[str, Record],
+    choose: Choose = dp_budgeted,
+    variant: str = "the sixth variant",
 ) -> None:
     """Validation scores of the public variants, then their test accuracy beside the rest."""
     if not any(r["method"] in PUBLIC_CURVATURE for r in done.values()):
         return
     lines += [
-        "## Theta from public data (the sixth variant)",
+        f"## Theta from public data ({variant})",
         "",
         f"`public_curvature_dataset: digits`, `public_curvature_clients: {PUBLIC_RUNS}`: "
         "each round the server runs the client rule on scikit-learn's 8x8 digits (digits "
@@ -132,7 +144,7 @@ def public_section(
         '~ lr"; `*`: the chosen rate is at an edge of the grid)',
         rows,
     )
-    levels = public_levels(suite, finals, done)
+    levels = public_levels(suite, finals, done, choose)
     lines += [
         "Test accuracy (%, final round, mean +- std over seeds), every method at its "
         "settings tuned under DP (eps = inf: the non-private rate):",
