@@ -37,23 +37,19 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from _harness.reporting import chosen_cell, fmt, goals_table, tuning_table
-from _harness.runs import Record, load_results, tune_score
-from _privacy_public import public_goal, public_section
+from _harness.reporting import goals_table, tuning_table
+from _harness.runs import Record, load_results
+from _privacy_public import dp_chosen_row, public_goal, public_section
 from _privacy_results import cell, dp_tuned_levels, goal_rows, lead_line, setting_label, tuned_as
 from _privacy_suites import Suite
 from _privacy_tables import noise_section, num_parameters, tuning_section
 from _privacy_tuning import (
     GOAL_SEEDS,
     PUBLIC_CURVATURE,
-    THETA_SHARES,
     Run,
-    aligns,
     chosen,
     dp_chosen,
     dp_constant,
-    dp_grid,
-    dp_rate,
     dp_rate_runs,
     lr_grid,
     schedule_runs,
@@ -103,33 +99,6 @@ def _method_runs(
                 continue
             runs += [Run("final", method, "inf", seed, *picked), replace(tuned, seed=seed)]
     return runs, waiting
-
-
-def dp_tuning_rows(suite: Suite, done: dict[str, Record]) -> list[tuple[str, list[str], str]]:
-    """Per method, the validation scores under DP at :data:`GOAL_LEVEL` and what was chosen."""
-    rows = []
-    for method in GOAL_METHODS:
-        grid = dp_grid(suite, method, done) or ()
-        tried = [Run("dptune", method, GOAL_LEVEL, 0, lr) for lr in grid]
-        rate = dp_rate(suite, method, GOAL_LEVEL, done)
-        if aligns(method) and rate is not None:
-            tried += [
-                Run("dptune", method, GOAL_LEVEL, 0, rate, theta_share=share)
-                for share in THETA_SHARES
-            ]
-        constant = dp_constant(suite, method, GOAL_LEVEL, done)
-        tried += schedule_runs(suite, constant, done) if constant else []
-        cells = [
-            setting_label(run.lr, run.theta_share, run.clip_schedule)
-            + f": {fmt(tune_score(done[run.key])) if run.key in done else '-'}"
-            for run in tried
-        ]
-        picked = dp_chosen(suite, method, GOAL_LEVEL, done)
-        choice = chosen_cell(picked and picked.lr, grid)
-        if picked:
-            choice = setting_label(choice, picked.theta_share, picked.clip_schedule)
-        rows.append((method, cells, choice))
-    return rows
 
 
 def report_goal(suite: Suite) -> None:
@@ -190,7 +159,7 @@ def report_goal(suite: Suite) -> None:
         'rates, then the clip norm following the rate ("C ~ lr") at each rate with the '
         "chosen share, then the other shares at the best of those (`*`: the chosen rate is "
         "at an edge of the grid; the grid's top is the non-private choice)",
-        dp_tuning_rows(suite, done),
+        [(m, *dp_chosen_row(suite, m, GOAL_LEVEL, done)) for m in GOAL_METHODS],
     )
     public_section(lines, suite, finals, done, dp_chosen, "the second row")
     suite.report.write_text("\n".join(lines), encoding="utf-8")

@@ -27,12 +27,15 @@ from _privacy_tuning import (
     FIRST_ORDER,
     PUBLIC_CURVATURE,
     PUBLIC_RUNS,
+    THETA_SHARES,
     Run,
+    aligns,
     chosen,
     dp_budgeted,
     dp_chosen,
     dp_constant,
     dp_grid,
+    dp_rate,
     lr_grid,
     schedule_runs,
     tune_key,
@@ -45,6 +48,32 @@ LEADER = next(m for m, base in PUBLIC_CURVATURE.items() if base == "fedpac_soap"
 LEVELS = ("inf", CURVATURE_LEVEL)
 #: how the other methods' DP settings were chosen (e.g. :func:`~_privacy_tuning.dp_budgeted`)
 Choose = Callable[[Suite, str, str, dict[str, Record]], Run | None]
+
+
+def dp_chosen_row(
+    suite: Suite, method: str, level: str, done: dict[str, Record]
+) -> tuple[list[str], str]:
+    """A tuning table's cells for ``method`` under DP at ``level`` (the rates, then, for a method
+    that sends Theta, the shares at the best, then the clip schedule's runs) and what
+    :func:`~_privacy_tuning.dp_chosen` took from them."""
+    grid = dp_grid(suite, method, done) or ()
+    tried = [Run("dptune", method, level, 0, lr) for lr in grid]
+    rate = dp_rate(suite, method, level, done)
+    if aligns(method) and rate is not None:
+        tried += [Run("dptune", method, level, 0, rate, theta_share=s) for s in THETA_SHARES]
+    constant = dp_constant(suite, method, level, done)
+    tried += schedule_runs(suite, constant, done) if constant else []
+    cells = [
+        setting_label(run.lr, run.theta_share, run.clip_schedule)
+        + f": {fmt(tune_score(done[run.key])) if run.key in done else '-'}"
+        for run in tried
+    ]
+    picked = dp_chosen(suite, method, level, done)
+    if picked is None:
+        return cells, "-"
+    return cells, setting_label(
+        chosen_cell(picked.lr, grid), picked.theta_share, picked.clip_schedule
+    )
 
 
 def public_pick(suite: Suite, method: str, level: str, done: dict[str, Record]) -> Run | None:
@@ -123,20 +152,8 @@ def public_section(
         ]
         picked = chosen(suite, method, done)
         rows.append((f"{method}, no DP", cells, chosen_cell(picked and picked[0], grid)))
-        tried = [
-            Run("dptune", method, CURVATURE_LEVEL, 0, lr)
-            for lr in dp_grid(suite, method, done) or ()
-        ]
-        constant = dp_constant(suite, method, CURVATURE_LEVEL, done)
-        tried += schedule_runs(suite, constant, done) if constant else []
-        cells = [
-            setting_label(run.lr, "", run.clip_schedule)
-            + f": {fmt(tune_score(done[run.key])) if run.key in done else '-'}"
-            for run in tried
-        ]
-        pick = dp_chosen(suite, method, CURVATURE_LEVEL, done)
-        choice = pick and setting_label(pick.lr, "", pick.clip_schedule)
-        rows.append((f"{method}, {level_name(CURVATURE_LEVEL)}", cells, choice or "-"))
+        label = f"{method}, {level_name(CURVATURE_LEVEL)}"
+        rows.append((label, *dp_chosen_row(suite, method, CURVATURE_LEVEL, done)))
     tuning_table(
         lines,
         "Validation accuracy (%, mean of the last 3 rounds), seed 0: the rates without DP, "

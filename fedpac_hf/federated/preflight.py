@@ -38,6 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedpac_hf.optim.base import check_finite_curvature
+
 from .algorithms import Algorithm
 from .client import client_update
 from .failures import PROGRAMMING_ERRORS, ClientError
@@ -81,10 +83,8 @@ def restored(model: torch.nn.Module) -> Iterator[None]:
 
 
 def _finite_theta(theta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``theta``, checked to be finite everywhere."""
-    bad = sorted(name for name, t in theta.items() if not torch.isfinite(t).all())
-    if bad:
-        raise ValueError(f"the server's Theta from the public data is not finite in {bad}")
+    """``theta``, checked to be finite everywhere (``ValueError`` naming the entries)."""
+    check_finite_curvature(theta)
     return theta
 
 

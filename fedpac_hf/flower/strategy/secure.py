@@ -110,7 +110,7 @@ class SecureFedPACStrategy(FedPACStrategy):
             plan.learning_rate,
             self.engine.local_steps,
             self.headroom,
-            theta=not self.engine.algorithm.public_curvature,  # the server computes its own
+            theta=self.engine.algorithm.shares_curvature,  # not with public_curvature
         )
         light = False
         if bounds is None and contents:  # the first round: calibrate the bounds first
