@@ -722,6 +722,16 @@ CASES = [
         ),
     ),
     Case(
+        "DP adaptive-clipping setting without the adaptive schedule",
+        "`fedpac-hf train`",
+        lambda o: _cli(o, _TINY_CLI, *_DP_CLI, "--dp_clip_quantile", "0.9"),
+    ),
+    Case(
+        "DP count noise too small for adaptive clipping",
+        "`FedPACTrainer.train`",
+        lambda o: _train(o, **_DP, dp_clip_schedule="adaptive", dp_clipped_count_std=0.01),
+    ),
+    Case(
         "DP delta not below 1 / num_clients",
         "`FedPACTrainer.train`",
         lambda o: _train(o, **_DP, dp_delta=0.3),
@@ -926,6 +936,8 @@ CLASSES: list[tuple[str, str, tuple[str, ...]]] = [
             "DP Theta share outside (0, 1)",
             "DP clip schedule that is not a choice",
             "DP clip schedule with record-level DP",
+            "DP adaptive-clipping setting without the adaptive schedule",
+            "DP count noise too small for adaptive clipping",
             "DP delta not below 1 / num_clients",
             "DP target epsilon not reachable in the rounds",
             "DP with num_examples weighting",

@@ -47,11 +47,19 @@ PRIVATE = {
 }
 
 
+#: Client-level DP whose clip norms adapt (the bounds travel with the global state).
+ADAPTIVE = {**PRIVATE, "dp_clip_schedule": "adaptive", "dp_clipped_count_std": 2.0}
+
+
 #: Record-level DP (DP-SGD in the clients) with fixed noise seeds.
 RECORD = {"dp_mode": "record", "dp_clip_norm": 1.0, "dp_noise_multiplier": 1.0, "dp_noise_seed": 3}
 
 
-@pytest.mark.parametrize("privacy", [{}, PRIVATE, RECORD], ids=["plain", "client_dp", "record_dp"])
+@pytest.mark.parametrize(
+    "privacy",
+    [{}, PRIVATE, ADAPTIVE, RECORD],
+    ids=["plain", "client_dp", "client_dp_adaptive", "record_dp"],
+)
 def test_simulation_matches_the_in_process_trainer(tmp_path, privacy):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -73,12 +81,13 @@ def test_simulation_matches_the_in_process_trainer(tmp_path, privacy):
     )
 
     assert [h["round"] for h in result.history] == [1.0, 2.0]
+    client_dp = privacy.get("dp_mode") == "client"
     for flower_round, trainer_round in zip(result.history, reference.round_history):
         # Poisson-sampled under client DP: as many clients as the trainer's, whatever that is
         assert (
             flower_round["num_clients"]
             == trainer_round["num_clients"]
-            == (trainer_round["num_clients"] if privacy is PRIVATE else 2)
+            == (trainer_round["num_clients"] if client_dp else 2)
         )
         assert flower_round.get("epsilon") == trainer_round.get("epsilon")
         assert ("epsilon" in flower_round) == bool(privacy)
@@ -87,10 +96,15 @@ def test_simulation_matches_the_in_process_trainer(tmp_path, privacy):
         assert flower_round["wire_bytes_up"] >= flower_round["bytes_up"] > 0
         # what client-level DP would clip: measured by the server wherever it is not on
         for key in ("delta_norm_median", "theta_norm_median"):
-            assert (key in flower_round) == (key in trainer_round) == (privacy is not PRIVATE)
+            assert (key in flower_round) == (key in trainer_round) == (not client_dp)
             if key in trainer_round:
                 assert flower_round[key] == pytest.approx(trainer_round[key], rel=1e-5), key
         assert flower_round["eval_loss"] == pytest.approx(trainer_round["eval_loss"], rel=1e-5)
+        # the round's clip norm: the same in both shells, moved by the server when adaptive
+        assert flower_round.get("dp_clip_norm") == trainer_round.get("dp_clip_norm")
+    if privacy is ADAPTIVE:
+        bounds = [h["dp_clip_norm"] for h in reference.round_history]
+        assert bounds[0] == ADAPTIVE["dp_clip_norm"] != bounds[1]
     state, ref = result.server_state, reference.server_state
     assert state.round == ref.round == 2
     for part in ("params", "curvature", "direction"):

@@ -29,10 +29,13 @@ DP_SETTINGS = (
     "dp_target_epsilon",
     "dp_theta_share",
     "dp_clip_schedule",
+    "dp_clip_quantile",
+    "dp_clip_norm_lr",
+    "dp_clipped_count_std",
 )
 #: Settings added after runs were saved: kept in a run's identity only when set,
 #: so that those runs still resume.
-_LATER_DP_SETTINGS = ("dp_theta_share", "dp_clip_schedule")
+_LATER_DP_SETTINGS = DP_SETTINGS[DP_SETTINGS.index("dp_theta_share") :]
 
 
 @dataclass
@@ -73,10 +76,34 @@ class PrivacyArguments:
     dp_clip_schedule: str | None = field(
         default=None,
         metadata={
-            "help": "How the delta's clip norm moves over rounds (dp_mode: client): 'constant' "
-            "(the default) or 'learning_rate': dp_clip_norm at the peak learning_rate, scaled "
-            "by each round's rate over it, so the noise shrinks with the steps; the same "
-            "epsilon."
+            "help": "How the clip norms move over rounds (dp_mode: client): 'constant' (the "
+            "default); 'learning_rate': dp_clip_norm at the peak learning_rate, scaled by "
+            "each round's rate over it, so the noise shrinks with the steps; 'adaptive': "
+            "dp_clip_norm and dp_theta_clip_norm start the bounds, which then track a quantile "
+            "of the clients' norms through noised counts (Andrew et al. 2021). The same "
+            "epsilon in all three."
+        },
+    )
+    dp_clip_quantile: float | None = field(
+        default=None,
+        metadata={
+            "help": "dp_clip_schedule: adaptive: the fraction of clients whose update the clip "
+            "norms should leave unclipped, in (0, 1). Default 0.5 (the median norm)."
+        },
+    )
+    dp_clip_norm_lr: float | None = field(
+        default=None,
+        metadata={
+            "help": "dp_clip_schedule: adaptive: the geometric rate of the clip norms, at most "
+            "a factor exp(rate) per round. Default 0.2."
+        },
+    )
+    dp_clipped_count_std: float | None = field(
+        default=None,
+        metadata={
+            "help": "dp_clip_schedule: adaptive: the noise std on each round's count of "
+            "unclipped clients; the counts take their share of the same mechanism, so the "
+            "sums get slightly more noise. Default: expected clients per round / 20."
         },
     )
     dp_noise_multiplier: float | None = field(
@@ -203,6 +230,9 @@ class PrivacyArguments:
             theta_share=self.dp_theta_share,
             clip_schedule=self.dp_clip_schedule,
             learning_rate=getattr(self, "learning_rate", None),
+            clip_quantile=self.dp_clip_quantile,
+            clip_norm_lr=self.dp_clip_norm_lr,
+            clipped_count_std=self.dp_clipped_count_std,
         )
 
     def record_privacy(self, algorithm: Algorithm | None = None) -> RecordDP | None:

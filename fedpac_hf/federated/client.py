@@ -181,7 +181,7 @@ def client_update(
     if privacy is None:
         return update
     reference = public_reference(state, algorithm, steps.lr, steps.num_steps)
-    return clip_update(update, privacy.at_rate(steps.lr), reference)
+    return clip_update(update, privacy.at_rate(steps.lr, state.dp_clip_norms), reference)
 
 
 def _model_device(params: Mapping[str, torch.Tensor]) -> torch.device:

@@ -38,7 +38,13 @@ import torch
 from fedpac_hf.optim.options import number, one_of, whole
 
 from .algorithms import Algorithm
-from .failures import ClientFailure, RoundError, recurring_failures, run_client
+from .failures import (
+    ClientFailure,
+    RoundError,
+    recurring_failures,
+    require_updates,
+    run_client,
+)
 from .privacy import ClientDP
 from .privacy_noise import new_noise_seed
 from .round_plan import RoundPlan
@@ -282,7 +288,8 @@ class RoundEngine:
             reduce(aggregator)
         self._stop_on_recurring(aggregator, plan.round_number)
         # Poisson sampling under DP may sample fewer clients than the minimum: fine
-        aggregator.require(min(self.min_clients_per_round, len(plan.clients)), plan.round_number)
+        least = min(self.min_clients_per_round, len(plan.clients))
+        require_updates(aggregator.num_clients, aggregator.failures, least, plan.round_number)
         state, server_metrics = aggregator.finalize(
             lr=plan.learning_rate,
             local_steps=self.local_steps,

@@ -29,6 +29,7 @@ __all__ = [
     "TRANSIENT_ERRORS",
     "recurring_failures",
     "require_finite_aggregate",
+    "require_updates",
     "non_finite_metrics",
     "require_finite_evaluation",
     "run_client",
@@ -185,6 +186,33 @@ class RoundError(RuntimeError):
     Raised before anything is saved, so the last checkpoint stays the last
     good state; the message says why and what to change.
     """
+
+
+def require_updates(
+    num_updates: int, failures: Sequence[ClientFailure], min_clients: int, round_number: int
+) -> None:
+    """Raise :class:`RoundError` if fewer than ``min_clients`` of a round's updates arrived.
+
+    ``failures`` are the round's dropped clients; the message lists why they failed.
+    """
+    if num_updates >= min_clients:
+        return
+    total = num_updates + len(failures)
+    reasons = "; ".join(str(f) for f in failures[:5])
+    if len(failures) > 5:
+        reasons += f"; and {len(failures) - 5} more"
+    raise RoundError(
+        f"round {round_number}: only {num_updates} of {total} client updates "
+        f"succeeded, fewer than min_clients_per_round={min_clients}"
+        + (f" (dropped: {reasons})" if reasons else "")
+        + "; nothing was saved for this round, the last checkpoint is intact"
+        + (
+            ". Non-finite losses or updates usually mean too large a learning_rate: lower "
+            "it or clip with max_grad_norm"
+            if any("non-finite" in f.message for f in failures)
+            else ""
+        )
+    )
 
 
 def require_finite_aggregate(

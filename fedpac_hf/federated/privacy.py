@@ -35,6 +35,11 @@ budget: at the even split (1/2) sharing Theta costs the delta ``sqrt(2)`` more
 noise than DP-FedAvg without Theta; a smaller share gives the delta less noise
 and Theta more (benchmarks/PRIVACY.md measures both).
 
+With ``dp_clip_schedule: adaptive`` the bounds ``C`` and ``C_Theta`` follow a
+quantile of the clients' norms from round to round, through noised counts
+that take a share of the same mechanism
+(:mod:`~fedpac_hf.federated.privacy_adaptive`).
+
 The accountant (:mod:`~fedpac_hf.federated.accounting`) composes one
 Poisson-sampled Gaussian event per round. The noise is drawn from a generator
 seeded by ``noise_seed`` and the round: the seed is the server's secret
@@ -52,6 +57,8 @@ from dataclasses import dataclass, replace
 
 from fedpac_hf.optim.options import number, one_of, optional
 
+from .privacy_adaptive import AdaptiveClip
+
 __all__ = [
     "DP_MODES",
     "DP_RULES",
@@ -63,9 +70,11 @@ DP_MODES: tuple[str, ...] = ("none", "client", "record")
 """``dp_mode`` choices: no privacy, client-level (user-level) DP, or record-level DP
 (DP-SGD in each client, :mod:`~fedpac_hf.federated.record_privacy`)."""
 
-CLIP_SCHEDULES: tuple[str, ...] = ("constant", "learning_rate")
-"""``dp_clip_schedule`` choices: the delta's clip norm the same every round, or
-following the round's learning rate (``dp_clip_norm`` at the peak rate)."""
+CLIP_SCHEDULES: tuple[str, ...] = ("constant", "learning_rate", "adaptive")
+"""``dp_clip_schedule`` choices: the delta's clip norm the same every round,
+following the round's learning rate (``dp_clip_norm`` at the peak rate), or
+adaptive (both clip norms track a quantile of the clients' norms, privately:
+:mod:`~fedpac_hf.federated.privacy_adaptive`)."""
 
 _POSITIVE = number(0.0, low_open=True)
 #: What each ``dp_*`` number accepts, in both modes (``client`` and ``record``).
@@ -114,6 +123,10 @@ class ClientDP:
         holds (the schedule's peak, ``learning_rate``): a round at rate ``lr``
         bounds the delta by ``clip_norm * lr / clip_lr`` (:meth:`at_rate`).
         ``None``: the same bound every round.
+    adaptive:
+        With ``dp_clip_schedule: adaptive``, how the bounds follow the
+        clients' norms (``clip_norm`` and ``theta_clip_norm`` are round 1's;
+        later rounds' travel with the global state); ``None`` otherwise.
     """
 
     clip_norm: float
@@ -124,6 +137,7 @@ class ClientDP:
     share_theta: bool = False
     theta_share: float = 0.5
     clip_lr: float | None = None
+    adaptive: AdaptiveClip | None = None
 
     @classmethod
     def from_settings(
@@ -139,6 +153,9 @@ class ClientDP:
         theta_share: float | None = None,
         clip_schedule: str | None = None,
         learning_rate: float | None = None,
+        clip_quantile: float | None = None,
+        clip_norm_lr: float | None = None,
+        clipped_count_std: float | None = None,
     ) -> ClientDP | None:
         """The settings of ``dp_mode: client`` checked, or ``None`` for the other modes
         (``record``'s are :class:`~fedpac_hf.federated.record_privacy.RecordDP`'s).
@@ -147,7 +164,9 @@ class ClientDP:
         noise or a target without ``dp_clip_norm``, both ``dp_noise_multiplier``
         and ``dp_target_epsilon``, neither, or Theta shared without
         ``dp_theta_clip_norm``. ``learning_rate`` (the schedule's peak) is
-        needed with ``clip_schedule="learning_rate"``.
+        needed with ``clip_schedule="learning_rate"``; ``clip_quantile``,
+        ``clip_norm_lr`` and ``clipped_count_std`` go with ``clip_schedule="adaptive"``
+        (:class:`~fedpac_hf.federated.privacy_adaptive.AdaptiveClip`).
         """
         one_of(*DP_MODES).check("dp_mode", mode)
         given = {
@@ -159,6 +178,17 @@ class ClientDP:
             "dp_theta_share": theta_share,
             "dp_clip_schedule": clip_schedule,
         }
+        adaptive = {
+            "dp_clip_quantile": clip_quantile,
+            "dp_clip_norm_lr": clip_norm_lr,
+            "dp_clipped_count_std": clipped_count_std,
+        }
+        stray = [k for k, v in adaptive.items() if v is not None]
+        if stray and (mode != "client" or clip_schedule != "adaptive"):
+            raise ValueError(
+                f"{', '.join(stray)} set without adaptive clipping: they go with dp_mode: client "
+                "and dp_clip_schedule: adaptive (remove them, or set both)"
+            )
         if mode == "none":
             set_ = [k for k, v in given.items() if v is not None]
             if set_:
@@ -199,14 +229,20 @@ class ClientDP:
             share_theta=bool(share_theta),
             theta_share=0.5 if theta_share is None else float(theta_share),
             clip_lr=_clip_lr(clip_schedule, learning_rate),
+            adaptive=(
+                AdaptiveClip.from_settings(clip_quantile, clip_norm_lr, clipped_count_std)
+                if clip_schedule == "adaptive"
+                else None
+            ),
         )
 
     def resolve(self, num_clients: int, sample_rate: float, num_rounds: int) -> ClientDP:
         """These settings with ``delta`` and ``noise_multiplier`` fixed for a federation.
 
         Raises ``ValueError`` when ``dp_delta >= 1 / num_clients`` (it would
-        allow publishing one client's data outright) or when the target
-        epsilon is not reachable in ``num_rounds``.
+        allow publishing one client's data outright), when the target
+        epsilon is not reachable in ``num_rounds``, or when adaptive clipping's
+        count noise is too small for the mechanism (``dp_clipped_count_std``).
         """
         from .accounting import noise_for_epsilon
 
@@ -220,21 +256,39 @@ class ClientDP:
         z = self.noise_multiplier
         if z is None:
             z = noise_for_epsilon(self.target_epsilon, delta, sample_rate, num_rounds)
-        return replace(self, delta=delta, noise_multiplier=z)
+        adaptive = self.adaptive
+        if adaptive is not None:
+            adaptive = adaptive.resolve(sample_rate * num_clients)
+            adaptive.value_multiplier(z, self.adapted_parts)  # raises for too little count noise
+        return replace(self, delta=delta, noise_multiplier=z, adaptive=adaptive)
 
-    def at_rate(self, lr: float) -> ClientDP:
+    def at_rate(self, lr: float, clip_norms: tuple[float, float | None] | None = None) -> ClientDP:
         """The settings of a round at learning rate ``lr``: with ``dp_clip_schedule:
         learning_rate`` the delta's bound is ``clip_norm * lr / clip_lr`` (and its noise
-        follows it), else these settings as they are.
+        follows it); with ``adaptive`` the bounds are ``clip_norms``, the global
+        state's (:attr:`~fedpac_hf.federated.state.ServerState.dp_clip_norms`;
+        ``None`` in round 1: the settings'); else these settings as they are.
 
         Every round stays one Gaussian mechanism with multiplier ``z`` on a
         contribution of sensitivity 1 (the bound and the noise scale
         together), so the accounting is the same; the bound is public (the
-        schedule is), so clients and server agree on it.
+        schedule, or the released counts, decide it), so clients and server
+        agree on it.
         """
+        if self.adaptive is not None and clip_norms is not None:
+            theta = self.theta_clip_norm if clip_norms[1] is None else float(clip_norms[1])
+            return replace(self, clip_norm=float(clip_norms[0]), theta_clip_norm=theta)
         if self.clip_lr is None:
             return self
         return replace(self, clip_norm=self.clip_norm * float(lr) / self.clip_lr, clip_lr=None)
+
+    @property
+    def adapted_parts(self) -> int:
+        """m, the clip norms that adaptive clipping moves (and counts it noises): 2 with
+        Theta, 1 without, 0 with another schedule."""
+        if self.adaptive is None:
+            return 0
+        return 2 if self.share_theta else 1
 
     @staticmethod
     def check_round(weighting: str, transport_dtype: str, adaptive_beta: bool) -> None:
@@ -271,6 +325,8 @@ class ClientDP:
         if self.noise_multiplier is None:
             raise ValueError("the DP settings are not resolved (call resolve first)")
         z = self.noise_multiplier
+        if self.adaptive is not None:  # the counts take their part of the mechanism
+            z = self.adaptive.value_multiplier(z, self.adapted_parts)
         return (
             z * self.noise_scale * self.clip_norm,
             z * self.theta_noise_scale * (self.theta_clip_norm or 0.0),
@@ -279,7 +335,7 @@ class ClientDP:
 
 def _clip_lr(schedule: str | None, learning_rate: float | None) -> float | None:
     """The rate at which ``dp_clip_norm`` holds (``None``: a constant bound)."""
-    if schedule in (None, "constant"):
+    if schedule in (None, "constant", "adaptive"):
         return None
     if learning_rate is None or not float(learning_rate) > 0.0:
         raise ValueError(

@@ -7,21 +7,32 @@ public reference). The noise is drawn from generators seeded by
 the server's secret ``noise_seed`` and the round, on the CPU in a fixed order,
 so that a resumed run adds the noise the uninterrupted run would on any device.
 Record-level DP (:mod:`~fedpac_hf.federated.record_privacy`) draws its
-per-client noise from the same seeded generators.
+per-client noise from the same seeded generators. Under ``dp_clip_schedule:
+adaptive`` the server also moves the bounds with noised counts of unclipped
+clients (:func:`adapted_clip_norms`, :mod:`~fedpac_hf.federated.privacy_adaptive`).
 """
 
 from __future__ import annotations
 
 import secrets
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
 from .privacy import ClientDP
+from .privacy_adaptive import count_noise
 from .privacy_clip import Reference, with_reference
 
-__all__ = ["new_noise_seed", "noise_generator", "noised_round", "noised_sums", "seeded_generator"]
+__all__ = [
+    "adapted_clip_norms",
+    "new_noise_seed",
+    "noise_generator",
+    "noised_round",
+    "noised_sums",
+    "round_bounds",
+    "seeded_generator",
+]
 
 
 def new_noise_seed() -> int:
@@ -64,6 +75,56 @@ def noised_round(
         }
     theta_sum = noised_sums(theta_sum, std_theta, noise_generator(noise_seed, round_index, "theta"))
     return delta_sum, with_reference(theta_sum, reference[1], denominator)
+
+
+def adapted_clip_norms(
+    dp: ClientDP,
+    clipped: Sequence[float],
+    num_clients: int,
+    expected_clients: float,
+    noise_seed: int | None,
+    round_index: int,
+) -> tuple[float, float | None] | None:
+    """The next round's bounds ``(C, C_Theta)`` under adaptive clipping; ``None`` otherwise.
+
+    Parameters
+    ----------
+    dp:
+        The round's resolved settings, at the round's bounds (:meth:`ClientDP.at_rate`).
+    clipped:
+        How many of the round's clients had their delta and their Theta clipped.
+    num_clients:
+        The round's clients (Poisson-sampled: their count is released with the sums anyway).
+    expected_clients:
+        q N, the fixed denominator of the released fractions.
+    noise_seed, round_index:
+        The server's secret seed and the round: the counts' noise comes from
+        their own stream (``"count"``), so a resumed run draws the same.
+    """
+    if dp.adaptive is None:
+        return None
+    if noise_seed is None:
+        raise ValueError("a DP round needs the server's noise seed (ServerState.noise_seed)")
+    draws = count_noise(noise_generator(noise_seed, round_index, "count"), dp.adapted_parts)
+    if not dp.noise_multiplier:  # clipping only: nothing is private, nothing noised
+        draws = [0.0] * len(draws)
+    norms = [dp.clip_norm, dp.theta_clip_norm]
+    new = [
+        dp.adaptive.next_norm(
+            float(norms[part] or 0.0), clipped[part], num_clients, expected_clients, draw
+        )
+        for part, draw in enumerate(draws)
+    ]
+    return new[0], (new[1] if len(new) > 1 else None)
+
+
+def round_bounds(dp: ClientDP) -> dict[str, float]:
+    """The round's clip norms as metrics: ``dp_clip_norm``, and ``dp_theta_clip_norm`` when
+    Theta travels."""
+    bounds = {"dp_clip_norm": float(dp.clip_norm)}
+    if dp.share_theta and dp.theta_clip_norm is not None:
+        bounds["dp_theta_clip_norm"] = float(dp.theta_clip_norm)
+    return bounds
 
 
 def seeded_generator(seed: int, round_index: int, salt: int) -> torch.Generator:

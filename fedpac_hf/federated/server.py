@@ -33,7 +33,7 @@ from .algorithms import Algorithm, downlink_parts, round_beta
 from .failures import ClientFailure, RoundError, require_finite_aggregate
 from .privacy import ClientDP
 from .privacy_clip import Reference, own_norms, public_reference
-from .privacy_noise import noised_round
+from .privacy_noise import adapted_clip_norms, noised_round, round_bounds
 from .round_metrics import (
     byte_metrics,
     curvature_scalars,
@@ -149,30 +149,6 @@ class RoundAggregator:
         """Record a client that produced no update (it is left out of the sums)."""
         self.failures.append(failure)
 
-    def require(self, min_clients: int, round_number: int) -> None:
-        """Raise :class:`RoundError` if fewer than ``min_clients`` updates were added.
-
-        The message lists why the dropped clients failed.
-        """
-        if self.num_clients >= min_clients:
-            return
-        total = self.num_clients + len(self.failures)
-        reasons = "; ".join(str(f) for f in self.failures[:5])
-        if len(self.failures) > 5:
-            reasons += f"; and {len(self.failures) - 5} more"
-        raise RoundError(
-            f"round {round_number}: only {self.num_clients} of {total} client updates "
-            f"succeeded, fewer than min_clients_per_round={min_clients}"
-            + (f" (dropped: {reasons})" if reasons else "")
-            + "; nothing was saved for this round, the last checkpoint is intact"
-            + (
-                ". Non-finite losses or updates usually mean too large a learning_rate: lower "
-                "it or clip with max_grad_norm"
-                if any("non-finite" in f.message for f in self.failures)
-                else ""
-            )
-        )
-
     def add(self, update: ClientUpdate) -> None:
         """Fold one client's update into the sums."""
         if set(update.delta) != set(self.delta_sum):
@@ -271,9 +247,11 @@ class RoundAggregator:
                 + (f" (dropped: {'; '.join(map(str, self.failures[:5]))})" if self.failures else "")
             )
         state = self.server_state
+        dp_round, clip_norms = None, None
         if self.privacy is not None:
+            dp_round = self.privacy.at_rate(lr, state.dp_clip_norms)
             self.delta_sum, self.curvature_weighted_sum = noised_round(
-                self.privacy.at_rate(lr),
+                dp_round,
                 self.delta_sum,
                 self.curvature_weighted_sum,
                 sent_form(state.curvature),
@@ -282,11 +260,21 @@ class RoundAggregator:
                 public_reference(state, self.algorithm, lr, local_steps),
                 self.denominator,
             )
+            clip_norms = adapted_clip_norms(
+                dp_round,
+                self.clipped,
+                self.num_clients,
+                self.denominator,
+                state.noise_seed,
+                state.round,
+            )
         delta, params, direction = self._server_step(lr, local_steps, server_lr)
         mean = self._mean_curvature()
         curvature = None if mean is None else self._next_curvature(mean)
         parts = {"model": params, "direction": direction, "curvature": curvature or {}}
         read, metrics = self._read_metrics(delta, direction, mean, parts, lr, local_steps)
+        if dp_round is not None:
+            metrics.update(round_bounds(dp_round))
         next_beta = self._next_beta(metrics)
         down = downlink_parts(self.sent_state, self.algorithm)  # bytes to one client
         metrics.update(byte_metrics(self.delta_bytes, self.theta_bytes, down, self.num_clients))
@@ -301,6 +289,7 @@ class RoundAggregator:
             round=state.round + 1,
             beta=next_beta if self.algorithm.adaptive_beta else None,
             noise_seed=state.noise_seed,
+            dp_clip_norms=clip_norms,
         )
         return new_state, metrics
 

@@ -105,6 +105,9 @@ def simulate(
     dp_theta_clip_norm: float | None = None,
     dp_theta_share: float | None = None,
     dp_clip_schedule: str | None = None,
+    dp_clip_quantile: float | None = None,
+    dp_clip_norm_lr: float | None = None,
+    dp_clipped_count_std: float | None = None,
     dp_noise_multiplier: float | None = None,
     dp_delta: float | None = None,
     dp_target_epsilon: float | None = None,
@@ -168,6 +171,7 @@ def simulate(
         How many runs of the client rule on ``curvature_loader`` (each on the
         next batches) the server's Theta averages per round.
     dp_mode, dp_clip_norm, dp_theta_clip_norm, dp_theta_share, dp_clip_schedule, \
+    dp_clip_quantile, dp_clip_norm_lr, dp_clipped_count_std, \
     dp_noise_multiplier, dp_delta, dp_target_epsilon, dp_noise_seed:
         Client-level differential privacy (``dp_mode="client"``): each client's
         delta clipped to ``dp_clip_norm`` and its Theta, when it travels, to
@@ -175,7 +179,11 @@ def simulate(
         sums with multiplier ``dp_noise_multiplier`` (or the one
         ``dp_target_epsilon`` needs after ``num_rounds``), Theta's share of the
         mechanism ``dp_theta_share`` (default 0.5); ``dp_clip_schedule="learning_rate"``
-        scales the delta's bound (and noise) by each round's rate over ``lr``; ``epsilon`` at
+        scales the delta's bound (and noise) by each round's rate over ``lr``;
+        ``dp_clip_schedule="adaptive"`` moves both bounds towards the ``dp_clip_quantile``
+        of the clients' norms at rate ``dp_clip_norm_lr``, with noise
+        ``dp_clipped_count_std`` on the counts
+        (:mod:`~fedpac_hf.federated.privacy_adaptive`); ``epsilon`` at
         ``dp_delta`` (default ``num_clients ** -1.1``) in every round's
         metrics. ``dp_noise_seed`` fixes the noise (default: a secret seed).
         See :mod:`~fedpac_hf.federated.privacy`. ``dp_mode="record"``: DP-SGD in
@@ -244,6 +252,9 @@ def simulate(
         theta_share=dp_theta_share,
         clip_schedule=dp_clip_schedule,
         learning_rate=lr,
+        clip_quantile=dp_clip_quantile,
+        clip_norm_lr=dp_clip_norm_lr,
+        clipped_count_std=dp_clipped_count_std,
     )
     engine = RoundEngine(
         algorithm,

@@ -10,7 +10,7 @@ their low bits.
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 import torch
@@ -178,6 +178,13 @@ class ServerState:
         Under client-level differential privacy, the server's secret seed of
         the noise it adds (:mod:`~fedpac_hf.federated.privacy`); saved in
         checkpoints, never sent to clients. ``None`` without DP.
+    dp_clip_norms:
+        Under client-level DP with ``dp_clip_schedule: adaptive``, the bounds
+        of the next round's deltas and Theta (``None`` for Theta's when it
+        stays on the clients), chosen by the server from the noised counts of
+        unclipped clients (:mod:`~fedpac_hf.federated.privacy_adaptive`);
+        public, sent to clients and saved in checkpoints. ``None`` otherwise
+        and before round 1 (the settings' bounds hold).
     """
 
     params: dict[str, torch.Tensor]
@@ -186,6 +193,7 @@ class ServerState:
     round: int = 0
     beta: float | None = None
     noise_seed: int | None = None
+    dp_clip_norms: tuple[float, float | None] | None = None
 
     def cast(self, dtype: torch.dtype) -> ServerState:
         """This state with every tensor in ``dtype`` (what travels with reduced-precision transport)."""
@@ -195,13 +203,11 @@ class ServerState:
         def convert(tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
             return None if tensors is None else {n: t.to(dtype) for n, t in tensors.items()}
 
-        return ServerState(
+        return replace(
+            self,
             params=convert(self.params),
             curvature=convert(self.curvature),
             direction=convert(self.direction),
-            round=self.round,
-            beta=self.beta,
-            noise_seed=self.noise_seed,
         )
 
     def to(self, device: torch.device | str) -> ServerState:
@@ -218,13 +224,11 @@ class ServerState:
                 return None
             return {n: moved[(part, n)] for n in parts[part]}
 
-        return ServerState(
+        return replace(
+            self,
             params=part_of("params"),  # type: ignore[arg-type]
             curvature=part_of("curvature"),
             direction=part_of("direction"),
-            round=self.round,
-            beta=self.beta,
-            noise_seed=self.noise_seed,
         )
 
     @classmethod

@@ -41,6 +41,7 @@ __all__ = [
     "CONFIG_KEY",
     "DELTA_KEY",
     "METRICS_KEY",
+    "CLIP_NORM_KEYS",
     "array_record_to_tensors",
     "client_update_from_content",
     "client_update_to_content",
@@ -56,6 +57,8 @@ DIRECTION_KEY = "direction"
 CONFIG_KEY = "config"
 DELTA_KEY = "delta"
 METRICS_KEY = "metrics"
+#: Downlink config keys of the round's clip norms under ``dp_clip_schedule: adaptive``.
+CLIP_NORM_KEYS = ("dp-clip-norm", "dp-theta-clip-norm")
 
 # MetricRecord keys that describe the update rather than the training
 _NUM_EXAMPLES = "num-examples"
@@ -144,6 +147,10 @@ def server_state_to_content(
     )
     if state.beta is not None:  # beta="auto": the server's choice for this round
         content[CONFIG_KEY]["beta"] = float(state.beta)
+    if state.dp_clip_norms is not None:  # dp_clip_schedule: adaptive, this round's bounds
+        content[CONFIG_KEY][CLIP_NORM_KEYS[0]] = float(state.dp_clip_norms[0])
+        if state.dp_clip_norms[1] is not None:
+            content[CONFIG_KEY][CLIP_NORM_KEYS[1]] = float(state.dp_clip_norms[1])
     return content
 
 
@@ -187,7 +194,16 @@ def server_state_from_content(content: RecordDict) -> ServerState:
         direction=array_record_to_tensors(direction) if direction is not None else None,
         round=int(config.get("round-index", 0)),
         beta=float(config["beta"]) if "beta" in config else None,
+        dp_clip_norms=_clip_norms(config),
     )
+
+
+def _clip_norms(config: ConfigRecord) -> tuple[float, float | None] | None:
+    """The round's adaptive clip norms of a downlink config (``None`` when it has none)."""
+    if CLIP_NORM_KEYS[0] not in config:
+        return None
+    theta = config.get(CLIP_NORM_KEYS[1])
+    return float(config[CLIP_NORM_KEYS[0]]), None if theta is None else float(theta)
 
 
 def client_update_to_content(update: ClientUpdate) -> RecordDict:

@@ -24,6 +24,7 @@ message naming the file.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -148,6 +149,7 @@ def save_federated_checkpoint(
             "has_direction": state.direction is not None,
             "beta": state.beta,
             **({} if state.noise_seed is None else {"dp_noise_seed": state.noise_seed}),
+            **({} if state.dp_clip_norms is None else {"dp_clip_norms": list(state.dp_clip_norms)}),
             **metadata,
         }
         (tmp / STATE_JSON).write_text(json.dumps(doc, indent=2, sort_keys=True))
@@ -217,6 +219,7 @@ def load_federated_checkpoint(directory: str | os.PathLike[str]) -> tuple[Server
         round=round_number,
         beta=_beta_of(metadata, json_path),
         noise_seed=_noise_seed_of(metadata, json_path),
+        dp_clip_norms=_clip_norms_of(metadata, json_path),
     )
     if not state.params:
         raise ValueError(f"{tensor_path} holds no global parameters (no 'params::' entry)")
@@ -231,6 +234,28 @@ def _noise_seed_of(metadata: dict[str, Any], json_path: Path) -> int | None:
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"{json_path} is corrupt: 'dp_noise_seed' is {seed!r}, not a seed")
     return seed
+
+
+def _clip_norms_of(metadata: dict[str, Any], json_path: Path) -> tuple[float, float | None] | None:
+    """The adaptive clip norms of the next round (``None`` without ``dp_clip_schedule: adaptive``)."""
+    norms = metadata.get("dp_clip_norms")
+    if norms is None:
+        return None
+
+    def positive(n: Any) -> bool:
+        return not isinstance(n, bool) and isinstance(n, int | float) and 0 < n < math.inf
+
+    if not (
+        isinstance(norms, list)
+        and len(norms) == 2
+        and positive(norms[0])
+        and (norms[1] is None or positive(norms[1]))
+    ):
+        raise ValueError(
+            f"{json_path} is corrupt: 'dp_clip_norms' is {norms!r}, not [C, C_Theta or null] "
+            "of positive numbers"
+        )
+    return float(norms[0]), None if norms[1] is None else float(norms[1])
 
 
 def _beta_of(metadata: dict[str, Any], json_path: Path) -> float | None:
