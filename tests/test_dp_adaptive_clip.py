@@ -16,6 +16,7 @@ from fedpac_hf.federated.state import ClientUpdate
 from fedpac_hf.flower.config import arguments_from_run_config
 from fedpac_hf.flower.records import server_state_from_content, server_state_to_content
 from fedpac_hf.rundir.checkpoint import load_federated_checkpoint
+from fedpac_hf.rundir.reporting import summary_table
 
 from .test_privacy import _clients, _first_client_update, _loss, _model, _norm
 from .trainer_fixtures import image_data, tiny_vit, vit_args
@@ -201,6 +202,8 @@ def test_a_resumed_adaptive_run_continues_the_bounds_exactly(tmp_path):
     first.train()
     bounds = [h["dp_clip_norm"] for h in first.round_history]
     assert bounds[0] == 0.01 and bounds[1] != bounds[0]
+    header = summary_table(first.round_history).splitlines()[0]
+    assert "| clip norm |" in header  # summary.md's per-round table shows the bounds
     ckpt = tmp_path / "run" / "checkpoint-round-1"
     state, _ = load_federated_checkpoint(ckpt)
     assert state.dp_clip_norms == (bounds[1], first.round_history[1]["dp_theta_clip_norm"])

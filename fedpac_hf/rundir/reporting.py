@@ -85,6 +85,7 @@ _TABLE_COLUMNS = (
     ("drift_from_start_relative", "drift from start (rel.)", "{:.3g}"),
     ("beta", "beta", "{:.3g}"),
     ("epsilon", "epsilon", "{:.3g}"),
+    ("dp_clip_norm", "clip norm", "{:.3g}"),
     ("bytes_up_delta", "up: deltas", "{}"),
     ("bytes_up_theta", "up: Theta", "{}"),
     ("round_time", "time (s)", "{:.1f}"),
