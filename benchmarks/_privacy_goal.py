@@ -31,6 +31,11 @@ Theta) and compared with the best of ``fedavg_adamw``, ``fedadamw`` and
 mechanism under DP (``dp_theta_share`` 0.1 won on the validation split), so
 the shared curvature is noisier than at rank 2; the public variant has no noise
 on Theta and gives the delta the whole mechanism.
+
+A third row (added after the second row's results, once the library had
+adaptive clipping, and before any of its runs): the three methods at eps = 8
+with ``dp_clip_schedule: adaptive`` at their first-row settings
+(:mod:`_privacy_adaptive`, whose docstring says what is fixed).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from dataclasses import replace
 
 from _harness.reporting import goals_table, tuning_table
 from _harness.runs import Record, load_results
+from _privacy_adaptive import adaptive_goal, adaptive_run, adaptive_section
 from _privacy_public import dp_chosen_row, public_goal, public_section
 from _privacy_results import cell, dp_tuned_levels, goal_rows, lead_line, setting_label, tuned_as
 from _privacy_suites import Suite
@@ -70,6 +76,10 @@ def plan_goal(suite: Suite, done: dict[str, Record]) -> tuple[list[Run], int]:
         more, missing = _method_runs(suite, methods, done)
         runs += more
         waiting += missing
+    for seed in range(GOAL_SEEDS):  # the third row
+        adaptive = [adaptive_run(suite, method, done, seed) for method in GOAL_METHODS]
+        runs += [run for run in adaptive if run is not None]
+        waiting += sum(run is None for run in adaptive)
     return [r for r in runs if r.key not in done], waiting
 
 
@@ -130,7 +140,8 @@ def report_goal(suite: Suite) -> None:
         goal_rows(
             levels, " (rank-4 adapters; rate, Theta's share and clip schedule tuned under DP)"
         )
-        + public_goal(suite, finals, done, dp_chosen),
+        + public_goal(suite, finals, done, dp_chosen)
+        + adaptive_goal(suite, levels, GOAL_METHODS, done),
     )
     lines += [
         *analysis_block(suite),
@@ -162,4 +173,5 @@ def report_goal(suite: Suite) -> None:
         [(m, *dp_chosen_row(suite, m, GOAL_LEVEL, done)) for m in GOAL_METHODS],
     )
     public_section(lines, suite, finals, done, dp_chosen, "the second row")
+    adaptive_section(lines, suite, levels, GOAL_METHODS, done)
     suite.report.write_text("\n".join(lines), encoding="utf-8")

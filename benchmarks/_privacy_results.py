@@ -116,7 +116,7 @@ def setting_label(
     return (
         rate
         + (f", s = {share}" if share else "")
-        + (", C ~ lr" if schedule else "")
+        + {"": "", "adaptive": ", adaptive C"}.get(schedule, ", C ~ lr")
         + (f", q = {quantile}" if quantile else "")
         + (f", decay {decay}" if decay else "")
         + (f", budget {budget}" if budget else "")

@@ -35,7 +35,15 @@ from _privacy_tuning import (
     optimizer_kwargs,
 )
 
-KEYS = (*KEPT_KEYS, "epsilon", "dp_clipped_delta", "dp_clipped_theta", "public_train_loss")
+KEYS = (
+    *KEPT_KEYS,
+    "epsilon",
+    "dp_clipped_delta",
+    "dp_clipped_theta",
+    "dp_clip_norm",
+    "dp_theta_clip_norm",
+    "public_train_loss",
+)
 
 
 def overrides(suite: Suite, run: Run, run_dir: Path) -> list[str]:
@@ -85,9 +93,13 @@ def resolved_privacy(suite: Suite, run: Run) -> dict[str, float]:
         target_epsilon=target,
         share_theta=aligns(run.method),
         theta_share=float(run.theta_share) if run.theta_share else None,
+        clip_schedule=run.clip_schedule or None,
+        learning_rate=run.lr,
     ).resolve(NUM_CLIENTS, suite.sample_rate, suite.num_rounds)
+    value = dp.noise_stds()[0] / (dp.noise_scale * dp.clip_norm)  # z_v: adaptive clipping's
     return {
         "noise_multiplier": float(dp.noise_multiplier or 0.0),
+        "value_noise_multiplier": float(value),
         "noise_scale": dp.noise_scale,
         "theta_noise_scale": dp.theta_noise_scale,
         "delta": float(dp.delta or 0.0),

@@ -134,7 +134,7 @@ class Run:
         curvature = f"_decay{self.decay}" if self.decay else ""
         curvature += f"_budget{self.budget}" if self.budget else ""
         settings = f"_share{self.theta_share}" if self.theta_share else ""
-        settings += "_lrclip" if self.clip_schedule else ""
+        settings += {"": "", "adaptive": "_adaclip"}.get(self.clip_schedule, "_lrclip")
         settings += f"_q{self.clip_quantile}" if self.clip_quantile else ""
         settings += curvature
         if self.stage == "tune":
