@@ -18,7 +18,7 @@ from fedpac_hf.flower.records import server_state_from_content, server_state_to_
 from fedpac_hf.rundir.checkpoint import load_federated_checkpoint
 from fedpac_hf.rundir.reporting import summary_table
 
-from .test_privacy import _clients, _first_client_update, _loss, _model, _norm
+from .test_privacy import CLIENT_DP, _clients, _first_client_update, _loss, _model, _norm
 from .trainer_fixtures import image_data, tiny_vit, vit_args
 
 
@@ -144,14 +144,7 @@ def test_under_simulate_the_bound_climbs_to_the_median_and_epsilon_is_unchanged(
 
 
 def test_the_settings_reach_the_clients_the_run_identity_and_a_flower_run_config(tmp_path):
-    common = dict(
-        output_dir=str(tmp_path),
-        algorithm="fedpac_soap",
-        dp_mode="client",
-        dp_clip_norm=1.0,
-        dp_theta_clip_norm=1.0,
-        dp_noise_multiplier=1.0,
-    )
+    common = dict(output_dir=str(tmp_path), **CLIENT_DP)
     plain = FedPACArguments(**common)
     adaptive = FedPACArguments(
         **common, dp_clip_schedule="adaptive", dp_clip_quantile=0.7, dp_clip_norm_lr=0.1
@@ -234,24 +227,16 @@ def test_a_resumed_adaptive_run_continues_the_bounds_exactly(tmp_path):
             {"dp_clip_schedule": "adaptive", "dp_clipped_count_std": float("nan")},
             "dp_clipped_count_std",
         ),
+        (  # record-level DP takes no clip schedule
+            {"dp_mode": "record", "dp_clipped_count_std": 2.0},
+            "dp_clipped_count_std set without adaptive clipping",
+        ),
     ],
 )
 def test_bad_adaptive_settings_fail_when_read_naming_the_setting(tmp_path, settings, named):
     base = {"dp_mode": "client", "dp_clip_norm": 1.0, "dp_noise_multiplier": 1.0}
     with pytest.raises(ValueError, match=named):
-        FedPACArguments(output_dir=str(tmp_path), algorithm="fedavg_adamw", **base, **settings)
-
-
-def test_record_dp_refuses_the_adaptive_settings(tmp_path):
-    with pytest.raises(ValueError, match="dp_clipped_count_std set without adaptive clipping"):
-        FedPACArguments(
-            output_dir=str(tmp_path),
-            algorithm="fedavg_adamw",
-            dp_mode="record",
-            dp_clip_norm=1.0,
-            dp_noise_multiplier=1.0,
-            dp_clipped_count_std=2.0,
-        )
+        FedPACArguments(output_dir=str(tmp_path), **{**CLIENT_DP, **base, **settings})
 
 
 def test_too_little_count_noise_fails_before_round_one_naming_the_setting():

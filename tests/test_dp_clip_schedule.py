@@ -15,7 +15,7 @@ from fedpac_hf.federated.server import RoundAggregator
 from fedpac_hf.federated.state import ClientUpdate
 from fedpac_hf.flower.config import arguments_from_run_config
 
-from .test_privacy import _clients, _first_client_update, _loss, _model, _norm
+from .test_privacy import CLIENT_DP, _clients, _first_client_update, _loss, _model, _norm
 
 
 def _dp(schedule: str | None, **extra) -> ClientDP:
@@ -93,15 +93,7 @@ def test_under_simulate_each_rounds_noise_shrinks_with_its_rate_and_epsilon_is_u
 
 
 def test_the_setting_reaches_the_clients_settings_and_the_run_identity_only_when_set(tmp_path):
-    common = dict(
-        output_dir=str(tmp_path),
-        algorithm="fedpac_soap",
-        learning_rate=0.3,
-        dp_mode="client",
-        dp_clip_norm=1.0,
-        dp_theta_clip_norm=1.0,
-        dp_noise_multiplier=1.0,
-    )
+    common = dict(output_dir=str(tmp_path), learning_rate=0.3, **CLIENT_DP)
     plain = FedPACArguments(**common)
     scheduled = FedPACArguments(**common, dp_clip_schedule="learning_rate")
     alg = get_algorithm("fedpac_soap")

@@ -29,6 +29,15 @@ from fedpac_hf.rundir.checkpoint import load_federated_checkpoint
 
 from .trainer_fixtures import image_data, tiny_vit, vit_args
 
+#: Client-level DP settings of an aligning run, as ``FedPACArguments`` takes them.
+CLIENT_DP = dict(
+    algorithm="fedpac_soap",
+    dp_mode="client",
+    dp_clip_norm=1.0,
+    dp_theta_clip_norm=1.0,
+    dp_noise_multiplier=1.0,
+)
+
 
 def _clients(num: int = 20, per: int = 16, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
@@ -158,14 +167,7 @@ def test_the_noise_measured_on_the_aggregate_matches_the_setting(
 def test_theta_share_reaches_the_mechanism_and_the_run_identity_only_when_set(tmp_path):
     """dp_theta_share from the arguments (CLI, YAML, Flower run config) sizes the noise; unset,
     a run's identity is what it was before the setting existed (older runs still resume)."""
-    common = dict(
-        output_dir=str(tmp_path),
-        algorithm="fedpac_soap",
-        dp_mode="client",
-        dp_clip_norm=1.0,
-        dp_theta_clip_norm=1.0,
-        dp_noise_multiplier=1.0,
-    )
+    common = dict(output_dir=str(tmp_path), **CLIENT_DP)
     plain, split = FedPACArguments(**common), FedPACArguments(**common, dp_theta_share=0.2)
     alg = get_algorithm("fedpac_soap")
     assert plain.client_privacy(alg).noise_scale == math.sqrt(2.0)
