@@ -68,16 +68,17 @@ def adaptive_levels(
     done: dict[str, Record],
 ) -> dict[str, dict[str, Summary]]:
     """``levels`` (the first row's summaries) plus each method under adaptive clipping at
-    eps = 8 (``"<method>, adaptive C"``; at eps = inf fedpac_soap's clip-only summary under
-    that name too, the reference of its lead)."""
+    eps = 8 (``"<method>, adaptive C"``; at eps = inf, where nothing is clipped to a noise
+    scale, the method's clip-only summary under that name)."""
     extra = {}
     for method in methods:
         runs = _finals(suite, method, done)
         extra.update({m + SUFFIX: s for m, s in summarise(runs, "eval_accuracy").items()})
     out = {level: dict(summaries) for level, summaries in levels.items()}
     out[LEVEL].update(extra)
-    if "fedpac_soap" in out["inf"]:
-        out["inf"]["fedpac_soap" + SUFFIX] = out["inf"]["fedpac_soap"]
+    for method in methods:  # clip only: no bound to adapt, the first row's runs
+        if method in out["inf"]:
+            out["inf"][method + SUFFIX] = out["inf"][method]
     return out
 
 
