@@ -36,6 +36,10 @@ A third row (added after the second row's results, once the library had
 adaptive clipping, and before any of its runs): the three methods at eps = 8
 with ``dp_clip_schedule: adaptive`` at their first-row settings
 (:mod:`_privacy_adaptive`, whose docstring says what is fixed).
+
+A fourth row (added after the third row's results, before any of its runs):
+the correction strength beta tuned under DP for the methods with a correction
+(:mod:`_privacy_beta`, whose docstring says why and what runs).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from dataclasses import replace
 from _harness.reporting import goals_table, tuning_table
 from _harness.runs import Record, load_results
 from _privacy_adaptive import adaptive_goal, adaptive_run, adaptive_section
+from _privacy_beta import beta_finals, beta_goal, beta_section
 from _privacy_public import dp_chosen_row, public_goal, public_section
 from _privacy_results import cell, dp_tuned_levels, goal_rows, lead_line, setting_label, tuned_as
 from _privacy_suites import Suite
@@ -80,6 +85,9 @@ def plan_goal(suite: Suite, done: dict[str, Record]) -> tuple[list[Run], int]:
         adaptive = [adaptive_run(suite, method, done, seed) for method in GOAL_METHODS]
         runs += [run for run in adaptive if run is not None]
         waiting += sum(run is None for run in adaptive)
+    more, missing = beta_finals(suite, GOAL_METHODS, done, GOAL_SEEDS)  # the fourth row
+    runs += more
+    waiting += missing
     return [r for r in runs if r.key not in done], waiting
 
 
@@ -141,7 +149,8 @@ def report_goal(suite: Suite) -> None:
             levels, " (rank-4 adapters; rate, Theta's share and clip schedule tuned under DP)"
         )
         + public_goal(suite, finals, done, dp_chosen)
-        + adaptive_goal(suite, levels, GOAL_METHODS, done),
+        + adaptive_goal(suite, levels, GOAL_METHODS, done)
+        + beta_goal(suite, finals, levels, done),
     )
     lines += [
         *analysis_block(suite),
@@ -174,4 +183,5 @@ def report_goal(suite: Suite) -> None:
     )
     public_section(lines, suite, finals, done, dp_chosen, "the second row")
     adaptive_section(lines, suite, levels, GOAL_METHODS, done)
+    beta_section(lines, suite, finals, levels, GOAL_METHODS, done)
     suite.report.write_text("\n".join(lines), encoding="utf-8")

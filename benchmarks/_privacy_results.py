@@ -80,6 +80,7 @@ def dp_tuned_levels(
                 picked.clip_quantile,
                 picked.decay,
                 picked.budget,
+                picked.beta,
             )
             runs += [r for r in finals if tuned_as(r) == wanted]
         levels[level] = summarise(runs, "eval_accuracy")
@@ -88,8 +89,8 @@ def dp_tuned_levels(
 
 def tuned_as(r: Record) -> tuple[str, ...]:
     """What identifies a final run's protocol: method, level, where its rate was tuned,
-    Theta's share, the clip schedule, the clip norms' quantile, the curvature's decay and
-    Theta's size (records from before a field have its default)."""
+    Theta's share, the clip schedule, the clip norms' quantile, the curvature's decay,
+    Theta's size and beta (records from before a field have its default)."""
     return (
         r["method"],
         r["privacy"],
@@ -99,6 +100,7 @@ def tuned_as(r: Record) -> tuple[str, ...]:
         r.get("clip_quantile", ""),
         r.get("decay", ""),
         r.get("budget", ""),
+        r.get("beta", ""),
     )
 
 
@@ -109,6 +111,7 @@ def setting_label(
     quantile: str = "",
     decay: str = "",
     budget: str = "",
+    beta: str = "",
 ) -> str:
     """A rate (a number or a cell) with its share, clip schedule, clip quantile, curvature
     decay and Theta's size where not the defaults."""
@@ -120,6 +123,7 @@ def setting_label(
         + (f", q = {quantile}" if quantile else "")
         + (f", decay {decay}" if decay else "")
         + (f", budget {budget}" if budget else "")
+        + (f", beta {beta}" if beta else "")
     )
 
 

@@ -71,6 +71,8 @@ def overrides(suite: Suite, run: Run, run_dir: Path) -> list[str]:
         over += ["--client_optimizer_kwargs", json.dumps(optimizer_kwargs(run))]
     if run.budget:
         over += ["--theta_budget", run.budget]
+    if run.beta:
+        over += ["--beta", run.beta]
     if run.stage != "final":
         over += ["--dataset", str(validation_dataset("vit"))]
     return [*over, "--num_threads", "1", "--output_dir", str(run_dir)]

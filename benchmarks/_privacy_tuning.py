@@ -112,7 +112,8 @@ class Run:
     quantile of the non-private norms the clip norms are (``""``: the median);
     ``decay`` the curvature's decay (:data:`CURVATURE_DECAYS`; ``""``: the
     optimizer's default); ``budget`` Theta's size (:data:`THETA_BUDGETS`; ``""``:
-    the default ``theta_budget``).
+    the default ``theta_budget``); ``beta`` the correction strength as passed
+    (``""``: the algorithm's).
     """
 
     stage: str
@@ -128,6 +129,7 @@ class Run:
     clip_quantile: str = ""
     decay: str = ""
     budget: str = ""
+    beta: str = ""
 
     @property
     def key(self) -> str:
@@ -137,6 +139,7 @@ class Run:
         settings += {"": "", "adaptive": "_adaclip"}.get(self.clip_schedule, "_lrclip")
         settings += f"_q{self.clip_quantile}" if self.clip_quantile else ""
         settings += curvature
+        settings += f"_beta{self.beta}" if self.beta else ""
         if self.stage == "tune":
             return f"tune_{self.method}_lr{self.lr:g}{curvature}_s{self.seed}"
         if self.stage == "dptune":
