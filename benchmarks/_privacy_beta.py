@@ -157,6 +157,7 @@ def beta_section(
     for method in methods:
         runs = both[LEVEL].get(method + SUFFIX)
         betas = sorted({tuned_as(r)[-1] or "0.5" for r in runs.runs}) if runs else []
+        betas = betas if corrects(method) else ["- (no correction)"]
         lines.append(
             f"| {method} | {cell(both[LEVEL].get(method))} | {', '.join(betas) or '-'} | "
             f"{cell(runs) if runs else '-'} |"
