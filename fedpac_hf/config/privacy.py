@@ -94,8 +94,9 @@ class PrivacyArguments:
     dp_clip_norm_lr: float | None = field(
         default=None,
         metadata={
-            "help": "dp_clip_schedule: adaptive: the geometric rate of the clip norms, at most "
-            "a factor exp(rate) per round. Default 0.2."
+            "help": "dp_clip_schedule: adaptive: the geometric rate of the clip norms: a "
+            "bound's log moves by it times the gap between the released unclipped fraction "
+            "and dp_clip_quantile each round. Default 0.2."
         },
     )
     dp_clipped_count_std: float | None = field(

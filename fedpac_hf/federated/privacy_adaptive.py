@@ -63,8 +63,10 @@ class AdaptiveClip:
         gamma, the fraction of clients whose part the bound should leave
         unclipped (0.5: the bound tracks the median norm).
     norm_lr:
-        eta_C, the geometric rate of the bound: at most a factor
-        ``exp(eta_C)`` per round.
+        eta_C, the geometric rate of the bound: its log moves by ``eta_C``
+        times the gap between the released unclipped fraction and ``quantile``
+        (it grows by ``exp(eta_C * quantile)`` in a round where every client
+        was clipped and as many came as expected, before the count's noise).
     count_std:
         sigma_b, the std of the noise on the count of unclipped clients;
         ``None`` until :meth:`resolve` (default: expected clients / 20).
