@@ -20,9 +20,9 @@ from collections.abc import Sequence
 import numpy as np
 from _harness.reporting import Summary, summarise
 from _harness.runs import Record
-from _privacy_results import cell, goal_rows, tuned_as
+from _privacy_results import cell, tuned_as, variant_goal, with_variant
 from _privacy_suites import Suite
-from _privacy_tuning import FIRST_ORDER, Run, aligns, clip_norms, dp_chosen
+from _privacy_tuning import Run, aligns, clip_norms, dp_chosen
 
 #: the clip schedule this row runs
 ADAPTIVE = "adaptive"
@@ -68,18 +68,9 @@ def adaptive_levels(
     done: dict[str, Record],
 ) -> dict[str, dict[str, Summary]]:
     """``levels`` (the first row's summaries) plus each method under adaptive clipping at
-    eps = 8 (``"<method>, adaptive C"``; at eps = inf, where nothing is clipped to a noise
-    scale, the method's clip-only summary under that name)."""
-    extra = {}
-    for method in methods:
-        runs = _finals(suite, method, done)
-        extra.update({m + SUFFIX: s for m, s in summarise(runs, "eval_accuracy").items()})
-    out = {level: dict(summaries) for level, summaries in levels.items()}
-    out[LEVEL].update(extra)
-    for method in methods:  # clip only: no bound to adapt, the first row's runs
-        if method in out["inf"]:
-            out["inf"][method + SUFFIX] = out["inf"][method]
-    return out
+    eps = 8 (``"<method>, adaptive C"``, :func:`~_privacy_results.with_variant`)."""
+    runs = [r for method in methods for r in _finals(suite, method, done)]
+    return with_variant(levels, summarise(runs, "eval_accuracy"), SUFFIX, LEVEL)
 
 
 def adaptive_goal(
@@ -89,16 +80,12 @@ def adaptive_goal(
     done: dict[str, Record],
 ) -> list[tuple[str, str, bool]]:
     """The third row's goal (none before its runs)."""
-    both = adaptive_levels(suite, levels, methods, done)
-    rivals = [m for m in (*FIRST_ORDER, *(f + SUFFIX for f in FIRST_ORDER)) if m in both[LEVEL]]
-    if "fedpac_soap" + SUFFIX not in both[LEVEL] or len(rivals) < 2 * len(FIRST_ORDER):
-        return []
-    return goal_rows(
-        {"inf": both["inf"], LEVEL: {m: both[LEVEL][m] for m in ("fedpac_soap" + SUFFIX, *rivals)}},
+    return variant_goal(
+        adaptive_levels(suite, levels, methods, done),
+        SUFFIX,
         " (adaptive clip norms at the first row's DP-tuned rate and share, against the best "
         "first-order method under either clip rule; eps = inf: the first row's clip-only runs)",
-        "fedpac_soap" + SUFFIX,
-        rivals,
+        LEVEL,
     )
 
 

@@ -25,9 +25,9 @@ from dataclasses import replace
 
 from _harness.reporting import Summary, fmt
 from _harness.runs import Record, tune_score
-from _privacy_results import cell, dp_tuned_levels, goal_rows, tuned_as
+from _privacy_results import cell, dp_tuned_levels, tuned_as, variant_goal, with_variant
 from _privacy_suites import Suite
-from _privacy_tuning import FIRST_ORDER, Run, algorithm_of, best_tried, dp_chosen, dp_tune_run
+from _privacy_tuning import Run, algorithm_of, best_tried, dp_chosen, dp_tune_run
 
 #: the correction strengths tried under DP besides the registry's 0.5
 BETAS = ("0.25", "0")
@@ -84,14 +84,9 @@ def beta_levels(
     done: dict[str, Record],
 ) -> dict[str, dict[str, Summary]]:
     """``levels`` (the first row's) plus every method at its beta tuned under DP
-    (``"<method>, beta tuned"``; at eps = inf the first row's clip-only summary)."""
+    (``"<method>, beta tuned"``, :func:`~_privacy_results.with_variant`)."""
     tuned = dp_tuned_levels(suite, finals, done, beta_chosen)
-    out = {level: dict(summaries) for level, summaries in levels.items()}
-    for method, summary in tuned[LEVEL].items():
-        out[LEVEL][method + SUFFIX] = summary
-        if method in out["inf"]:
-            out["inf"][method + SUFFIX] = out["inf"][method]
-    return out
+    return with_variant(levels, tuned[LEVEL], SUFFIX, LEVEL)
 
 
 def beta_goal(
@@ -103,16 +98,12 @@ def beta_goal(
     """The fourth row's goal (none before its runs)."""
     if not any(r.get("beta") for r in finals):
         return []
-    both = beta_levels(suite, finals, levels, done)
-    rivals = [*FIRST_ORDER, *(m + SUFFIX for m in FIRST_ORDER)]
-    if not all(m in both[LEVEL] for m in ("fedpac_soap" + SUFFIX, *rivals)):
-        return []
-    return goal_rows(
-        both,
+    return variant_goal(
+        beta_levels(suite, finals, levels, done),
+        SUFFIX,
         " (beta tuned under DP at the first row's other settings, against the best first-order "
         "method at either beta; eps = inf: the first row's clip-only runs)",
-        "fedpac_soap" + SUFFIX,
-        rivals,
+        LEVEL,
     )
 
 

@@ -189,3 +189,31 @@ def goal_rows(
             met,
         )
     ]
+
+
+def with_variant(
+    levels: dict[str, dict[str, Summary]],
+    summaries: dict[str, Summary],
+    suffix: str,
+    level: str = "8",
+) -> dict[str, dict[str, Summary]]:
+    """``levels`` plus a protocol variant's ``summaries`` at ``level``, each named
+    ``"<method><suffix>"``; at eps = inf, where the variant changes nothing, the method's
+    clip-only summary under that name (the reference of its lead)."""
+    out = {name: dict(summ) for name, summ in levels.items()}
+    for method, summary in summaries.items():
+        out[level][method + suffix] = summary
+        if method in out["inf"]:
+            out["inf"][method + suffix] = out["inf"][method]
+    return out
+
+
+def variant_goal(
+    levels: dict[str, dict[str, Summary]], suffix: str, protocol: str, level: str = "8"
+) -> list[tuple[str, str, bool]]:
+    """The goal row of a variant (:func:`with_variant`): fedpac_soap in it against the best
+    first-order method with or without it (none while one of them is missing)."""
+    rivals = [*FIRST_ORDER, *(m + suffix for m in FIRST_ORDER)]
+    if not all(m in levels[level] for m in ("fedpac_soap" + suffix, *rivals)):
+        return []
+    return goal_rows(levels, protocol, "fedpac_soap" + suffix, rivals)

@@ -98,10 +98,9 @@ def resolved_privacy(suite: Suite, run: Run) -> dict[str, float]:
         clip_schedule=run.clip_schedule or None,
         learning_rate=run.lr,
     ).resolve(NUM_CLIENTS, suite.sample_rate, suite.num_rounds)
-    value = dp.noise_stds()[0] / (dp.noise_scale * dp.clip_norm)  # z_v: adaptive clipping's
     return {
         "noise_multiplier": float(dp.noise_multiplier or 0.0),
-        "value_noise_multiplier": float(value),
+        "value_noise_multiplier": dp.sums_noise_multiplier,
         "noise_scale": dp.noise_scale,
         "theta_noise_scale": dp.theta_noise_scale,
         "delta": float(dp.delta or 0.0),

@@ -320,13 +320,20 @@ class ClientDP:
         stays on the clients)."""
         return math.sqrt(1.0 / self.theta_share) if self.share_theta else 0.0
 
-    def noise_stds(self) -> tuple[float, float]:
-        """Std of the noise on the delta sum and on the Theta sum (resolved settings)."""
+    @property
+    def sums_noise_multiplier(self) -> float:
+        """The noise multiplier of the sums (resolved settings): z, or with adaptive clipping
+        z_v, above z, because the noised counts take their part of the round's mechanism
+        (:meth:`~fedpac_hf.federated.privacy_adaptive.AdaptiveClip.value_multiplier`)."""
         if self.noise_multiplier is None:
             raise ValueError("the DP settings are not resolved (call resolve first)")
-        z = self.noise_multiplier
-        if self.adaptive is not None:  # the counts take their part of the mechanism
-            z = self.adaptive.value_multiplier(z, self.adapted_parts)
+        if self.adaptive is None:
+            return self.noise_multiplier
+        return self.adaptive.value_multiplier(self.noise_multiplier, self.adapted_parts)
+
+    def noise_stds(self) -> tuple[float, float]:
+        """Std of the noise on the delta sum and on the Theta sum (resolved settings)."""
+        z = self.sums_noise_multiplier
         return (
             z * self.noise_scale * self.clip_norm,
             z * self.theta_noise_scale * (self.theta_clip_norm or 0.0),

@@ -36,11 +36,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-import torch
-
 from fedpac_hf.optim.options import number, optional
 
-__all__ = ["ADAPTIVE_RULES", "AdaptiveClip", "DEFAULT_COUNT_STD_SHARE", "count_noise"]
+__all__ = ["ADAPTIVE_RULES", "AdaptiveClip", "DEFAULT_COUNT_STD_SHARE"]
 
 #: The paper's default count noise: the expected clients per round over this.
 DEFAULT_COUNT_STD_SHARE = 20.0
@@ -141,8 +139,3 @@ class AdaptiveClip:
         centered = (num_clients - clipped) - num_clients / 2.0  # sum_i (b_i - 1/2)
         unclipped = (centered + float(self.count_std or 0.0) * noise) / expected_clients + 0.5
         return float(norm) * math.exp(-self.norm_lr * (unclipped - self.quantile))
-
-
-def count_noise(generator: torch.Generator, parts: int) -> list[float]:
-    """``parts`` N(0, 1) draws for the round's counts, from the server's seeded generator."""
-    return torch.randn(parts, dtype=torch.float64, generator=generator).tolist()

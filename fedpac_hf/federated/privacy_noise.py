@@ -21,7 +21,6 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from .privacy import ClientDP
-from .privacy_adaptive import count_noise
 from .privacy_clip import Reference, with_reference
 
 __all__ = [
@@ -105,7 +104,8 @@ def adapted_clip_norms(
         return None
     if noise_seed is None:
         raise ValueError("a DP round needs the server's noise seed (ServerState.noise_seed)")
-    draws = count_noise(noise_generator(noise_seed, round_index, "count"), dp.adapted_parts)
+    generator = noise_generator(noise_seed, round_index, "count")
+    draws = torch.randn(dp.adapted_parts, dtype=torch.float64, generator=generator).tolist()
     if not dp.noise_multiplier:  # clipping only: nothing is private, nothing noised
         draws = [0.0] * len(draws)
     norms = [dp.clip_norm, dp.theta_clip_norm]
