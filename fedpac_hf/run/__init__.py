@@ -1,7 +1,8 @@
 """Config-driven runs: the code behind ``fedpac-hf train CONFIG.yaml``.
 
 - :mod:`~fedpac_hf.run.config`: the run config, :class:`ModelDataArguments`
-  plus :class:`~fedpac_hf.FedPACArguments`, read by :func:`parse_run_config`;
+  plus :class:`~fedpac_hf.FedPACArguments`;
+- :mod:`~fedpac_hf.run.parsing`: reading them (:func:`parse_run_config`);
 - :mod:`~fedpac_hf.run.tasks`: model, data and processing per task type
   (:func:`build_task`), with :mod:`~fedpac_hf.run.data` for loading and
   tokenizing;
@@ -9,14 +10,9 @@
 - :mod:`~fedpac_hf.run.train`: :func:`run_training` and :func:`run_example`.
 """
 
-from .config import (
-    TASKS,
-    ModelDataArguments,
-    changed_training_arguments,
-    config_parser,
-    parse_run_config,
-)
+from .config import TASKS, ModelDataArguments
 from .data import train_bpe_tokenizer
+from .parsing import changed_training_arguments, config_parser, parse_run_config
 from .rundir import RunFilesCallback
 from .tasks import TaskBundle, build_task, minilm_path
 from .train import run_example, run_training

@@ -24,7 +24,8 @@ import numpy as np
 from fedpac_hf.config.arguments import FedPACArguments
 from fedpac_hf.trainer.callbacks import FedPACCallback
 
-from .config import ModelDataArguments, changed_training_arguments
+from .config import ModelDataArguments
+from .parsing import changed_training_arguments
 from .tasks import TaskBundle
 
 __all__ = [

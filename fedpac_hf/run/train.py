@@ -18,7 +18,8 @@ from fedpac_hf.config.arguments import FedPACArguments
 from fedpac_hf.rundir.output_dir import claim_output_dir
 from fedpac_hf.trainer.callbacks import EvaluateLastRoundCallback
 
-from .config import ModelDataArguments, config_parser, parse_run_config, settings_stage
+from .config import ModelDataArguments
+from .parsing import config_parser, parse_run_config, settings_stage
 from .rundir import RunFilesCallback, print_final, render_config, write_partition_files
 from .tasks import DEFAULT_MODEL_NAMES, TaskBundle, build_task
 
