@@ -6,7 +6,7 @@
 - no re-exports outside a package's ``__init__.py``: a name is imported from
   the module that defines it, and a module's ``__all__`` lists only its own names;
 - the package root holds ``__init__.py`` and ``cli.py`` only;
-- no module much over 450 lines.
+- no module much over 400 lines (430 at most).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 )
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 ROOT_MODULES = {"__init__.py", "cli.py"}
-MAX_LINES = 450
+MAX_LINES = 430
 
 
 def module_name(path: Path) -> str:
@@ -163,7 +163,7 @@ def test_the_package_root_holds_only_the_public_api_and_the_cli():
     assert {p.name for p in PACKAGE.glob("*.py")} == ROOT_MODULES
 
 
-def test_no_module_is_much_over_450_lines():
+def test_no_module_is_much_over_400_lines():
     long = {
         str(p.relative_to(ROOT)): n
         for p in MODULES.values()

@@ -20,8 +20,12 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from fedpac_hf.optim import sent_form
+
+from .algorithms import Algorithm
 from .privacy import ClientDP
-from .privacy_clip import Reference, with_reference
+from .privacy_clip import Reference, public_reference, with_reference
+from .state import ServerState
 
 __all__ = [
     "adapted_clip_norms",
@@ -29,6 +33,7 @@ __all__ = [
     "noise_generator",
     "noised_round",
     "noised_sums",
+    "private_round",
     "round_bounds",
     "seeded_generator",
 ]
@@ -74,6 +79,65 @@ def noised_round(
         }
     theta_sum = noised_sums(theta_sum, std_theta, noise_generator(noise_seed, round_index, "theta"))
     return delta_sum, with_reference(theta_sum, reference[1], denominator)
+
+
+def private_round(
+    dp: ClientDP,
+    state: ServerState,
+    algorithm: Algorithm,
+    sums: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]],
+    *,
+    lr: float,
+    local_steps: int,
+    denominator: float,
+    clipped: Sequence[float],
+    num_clients: int,
+) -> tuple[
+    ClientDP, dict[str, torch.Tensor], dict[str, torch.Tensor], tuple[float, float | None] | None
+]:
+    """The server's half of one client-level DP round.
+
+    Parameters
+    ----------
+    dp:
+        The run's resolved settings.
+    state:
+        The state the round's clients started from (its bounds, noise seed, round,
+        global Theta and direction).
+    algorithm:
+        The round's algorithm (what the public reference holds).
+    sums:
+        The clipped sums of the clients' deltas and Theta.
+    lr, local_steps:
+        The round's eta_l and K (the public reference, the bounds that follow the rate).
+    denominator:
+        q N, what the sums are divided by.
+    clipped, num_clients:
+        How many clients had their delta and their Theta clipped, of how many.
+
+    Returns
+    -------
+    tuple
+        The round's settings at its bounds (:meth:`ClientDP.at_rate`), the noised
+        delta and Theta sums with the public reference added back
+        (:func:`noised_round`), and the next round's bounds
+        (:func:`adapted_clip_norms`, ``None`` unless they adapt).
+    """
+    dp_round = dp.at_rate(lr, state.dp_clip_norms)
+    delta_sum, theta_sum = noised_round(
+        dp_round,
+        sums[0],
+        sums[1],
+        sent_form(state.curvature),
+        state.noise_seed,
+        state.round,
+        public_reference(state, algorithm, lr, local_steps),
+        denominator,
+    )
+    bounds = adapted_clip_norms(
+        dp_round, clipped, num_clients, denominator, state.noise_seed, state.round
+    )
+    return dp_round, delta_sum, theta_sum, bounds
 
 
 def adapted_clip_norms(

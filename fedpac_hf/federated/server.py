@@ -33,7 +33,7 @@ from .algorithms import Algorithm, downlink_parts, round_beta
 from .failures import ClientFailure, RoundError, require_finite_aggregate
 from .privacy import ClientDP
 from .privacy_clip import Reference, own_norms, public_reference
-from .privacy_noise import adapted_clip_norms, noised_round, round_bounds
+from .privacy_noise import private_round, round_bounds
 from .round_metrics import (
     byte_metrics,
     curvature_scalars,
@@ -249,24 +249,16 @@ class RoundAggregator:
         state = self.server_state
         dp_round, clip_norms = None, None
         if self.privacy is not None:
-            dp_round = self.privacy.at_rate(lr, state.dp_clip_norms)
-            self.delta_sum, self.curvature_weighted_sum = noised_round(
-                dp_round,
-                self.delta_sum,
-                self.curvature_weighted_sum,
-                sent_form(state.curvature),
-                state.noise_seed,
-                state.round,
-                public_reference(state, self.algorithm, lr, local_steps),
-                self.denominator,
-            )
-            clip_norms = adapted_clip_norms(
-                dp_round,
-                self.clipped,
-                self.num_clients,
-                self.denominator,
-                state.noise_seed,
-                state.round,
+            dp_round, self.delta_sum, self.curvature_weighted_sum, clip_norms = private_round(
+                self.privacy,
+                state,
+                self.algorithm,
+                (self.delta_sum, self.curvature_weighted_sum),
+                lr=lr,
+                local_steps=local_steps,
+                denominator=self.denominator,
+                clipped=self.clipped,
+                num_clients=self.num_clients,
             )
         delta, params, direction = self._server_step(lr, local_steps, server_lr)
         mean = self._mean_curvature()
