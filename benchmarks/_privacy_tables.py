@@ -62,13 +62,15 @@ def tuning_section(
         cells = []
         for lr in lr_grid(suite, method):
             record = done.get(tune_key(method, lr))
-            cells.append(f"{lr:g}: {fmt(tune_score(record))}" if record else f"{lr:g}: -")
+            cells.append(f"{lr:g}: {_score_and_norm(record)}" if record else f"{lr:g}: -")
         picked = chosen(suite, method, done)
         rows.append((method, cells, chosen_cell(picked and picked[0], lr_grid(suite, method))))
     tuning_table(
         lines,
-        "Validation accuracy (%, mean of the last 3 rounds), non-private, seed 0 "
-        "(`*`: the chosen rate is at an edge of the grid)",
+        "Validation accuracy (%, mean of the last 3 rounds), non-private, seed 0; in "
+        "brackets the median L2 norm of the clients' deltas in that run, every client of "
+        "every round (a clip norm at the median is this norm, and client-level DP's noise "
+        "is proportional to the clip norm; `*`: the chosen rate is at an edge of the grid)",
         rows,
     )
     lines += [
@@ -97,6 +99,13 @@ def tuning_section(
             f"| {theta_cell} |"
         )
     lines.append("")
+
+
+def _score_and_norm(record: Record) -> str:
+    """A tuning run's score, with its clients' median delta norm when it was recorded."""
+    norms = (record.get("client_norms") or {}).get("delta")
+    median = f" ({float(np.median(norms)):.3g})" if norms else ""
+    return f"{fmt(tune_score(record))}{median}"
 
 
 def dp_tuning_section(
