@@ -484,6 +484,49 @@ def test_a_cold_first_step_moves_the_parameters_in_its_own_eigenbasis() -> None:
     torch.testing.assert_close(state["GG0"], 0.01 * w.grad @ w.grad.T)
 
 
+def _low_rank(shape: tuple[int, int], rank: int, seed: int = 0) -> torch.Tensor:
+    """A float64 matrix of exactly ``rank`` with singular values 0.5 to 3 (a large gradient)."""
+    gen = torch.Generator().manual_seed(seed)
+    left = torch.linalg.qr(torch.randn(shape[0], rank, generator=gen, dtype=torch.float64))[0]
+    right = torch.linalg.qr(torch.randn(shape[1], rank, generator=gen, dtype=torch.float64))[0]
+    return left @ torch.diag(torch.linspace(3.0, 0.5, rank, dtype=torch.float64)) @ right.T
+
+
+def _first_step(grad: torch.Tensor, **options) -> torch.Tensor:
+    """The change a fresh float32 SOAP (lr 1, no weight decay) makes on its first step."""
+    w = nn.Parameter(torch.zeros(grad.shape))
+    opt = SOAP([("w", w)], lr=1.0, weight_decay=0.0, **options)
+    w.grad = grad.to(torch.float32)
+    opt.step()
+    return w.detach().double()
+
+
+@pytest.mark.parametrize(("shape", "rank"), [((10, 64), 6), ((64, 4), 3), ((48, 48), 40)])
+def test_a_cold_first_step_in_float32_is_the_gradients_polar_factor(shape, rank) -> None:
+    """Both sides rotated, the bases are the gradient's singular vectors, so in exact
+    arithmetic Adam's first step (a sign step in that basis) is ``-lr U V^T``. The float32
+    rounding of ``Q_L^T G Q_R`` along the null directions and off the diagonal is not
+    blown up into steps along arbitrary directions (a head's gradient has the batch's rank).
+    """
+    grad = _low_rank(shape, rank)
+    u, _, vh = torch.linalg.svd(grad, full_matrices=False)
+    polar = u[:, :rank] @ vh[:rank]
+    torch.testing.assert_close(_first_step(grad), -polar, rtol=0, atol=1e-4)
+
+
+def test_a_cold_first_step_stays_in_the_span_of_its_gradient() -> None:
+    """One side rotated (the long side over ``max_precond_dim``) and a preconditioned vector:
+    the first step has no component along directions the gradient does not reach."""
+    grad = _low_rank((6, 64), 4)
+    step = _first_step(grad, max_precond_dim=16)
+    columns = torch.linalg.svd(grad, full_matrices=False)[0][:, :4]
+    outside = step - columns @ (columns.T @ step)
+    assert step.norm() > 1.0 and outside.norm() < 1e-5 * step.norm()
+    vector = _low_rank((12, 1), 1).reshape(12)
+    step = _first_step(vector, precondition_1d=True)
+    torch.testing.assert_close(step, -vector / vector.norm(), rtol=0, atol=1e-5)
+
+
 def test_rotation_precision_is_checked_and_changes_nothing_on_a_cpu() -> None:
     with pytest.raises(
         ValueError, match=r"rotation_precision must be one of \[None, 'highest', 'high'\]"

@@ -16,6 +16,8 @@ kernels compute the reference SOAP update (up to rounding); they only avoid work
   (without a host sync).
 - :func:`rotate` and :func:`side_outer_products` are the general versions used
   for 1-D and higher-dimensional parameters.
+- :func:`range_mask` and :func:`fresh_rotated` keep a fresh start's first step
+  to what its gradient holds (see :func:`fresh_rotated`).
 - :func:`eigenbasis` (re-exported by ``soap.py``) is the ``eigh`` basis of a
   fresh or warm start, with its fallbacks; :func:`eigenbases` does a warm
   start's matrices with one host sync for all.
@@ -36,14 +38,19 @@ __all__ = [
     "eigenbases",
     "eigenbasis",
     "foreach_adam_step_",
+    "fresh_rotated",
     "highest_matmul_precision",
     "matmul_precision",
     "matrix_adam_step_",
+    "range_mask",
     "refresh_bases_",
     "rotate",
     "side_outer_products",
     "symmetric_update_",
 ]
+
+#: One 0/1 mask per side of a parameter's view (``None``: a side not rotated).
+Keeps = tuple[torch.Tensor | None, ...]
 
 #: Statistics with a side at least this long are updated block-wise (upper
 #: blocks of ``A A^T`` only, then mirrored); below it one ``addmm_`` is faster.
@@ -251,6 +258,7 @@ def matrix_adam_step_(
     beta1: float,
     beta2: float,
     eps: float,
+    keeps: Keeps | None = None,
 ) -> None:
     """One Adam step in the eigenbasis for a parameter viewed as a matrix.
 
@@ -278,6 +286,9 @@ def matrix_adam_step_(
         Learning rate times Adam's bias correction.
     beta1, beta2, eps : float
         Adam's hyper-parameters.
+    keeps : tuple or None
+        The first step of a fresh start, whose bases come from ``grad`` itself:
+        each side's :func:`range_mask` (:func:`fresh_rotated`).
     """
     g = grad.reshape(view)
     rotated = g
@@ -285,6 +296,8 @@ def matrix_adam_step_(
         rotated = left.T @ rotated
     if right is not None:
         rotated = rotated @ right
+    if keeps is not None:
+        rotated = fresh_rotated(rotated, keeps)
     exp_avg = state["exp_avg"].view(view)
     exp_avg_sq = state["exp_avg_sq"].view(view)
     exp_avg.lerp_(rotated, 1.0 - beta1)
@@ -304,6 +317,45 @@ def matrix_adam_step_(
         return
     direction = rotate(update, [left, right], view, back=True)
     p.add_(direction.reshape(p.shape).to(p.dtype), alpha=-step_size)
+
+
+def range_mask(statistic: torch.Tensor, basis: torch.Tensor, inner: int) -> torch.Tensor:
+    """1.0 for the directions of ``basis`` in the numerical range of the PSD ``statistic``, else 0.0.
+
+    A direction is in the range when its eigenvalue (the diagonal of ``Q^T S Q``)
+    exceeds ``max(n, inner) * eps`` times the largest, where ``statistic = A A^T``
+    sums ``inner`` products (``numpy.linalg.matrix_rank``'s tolerance for ``A``).
+    """
+    values = torch.einsum("ij,ik,kj->j", basis, statistic, basis)
+    size = max(statistic.shape[0], inner)
+    return (values > size * torch.finfo(values.dtype).eps * values.max().clamp_min(0.0)).to(
+        statistic.dtype
+    )
+
+
+def fresh_rotated(rotated: torch.Tensor, keeps: Keeps) -> torch.Tensor:
+    """A fresh start's rotated gradient (one dim per side) with its rounding set to 0.
+
+    At a fresh start the eigenbases are those of this very gradient's ``G G^T``
+    and ``G^T G``: in exact arithmetic ``Q_L^T G Q_R`` has no entry along the
+    statistics' null directions, and is diagonal (the singular values) when both
+    sides rotate. Computed, those entries are rounding, and Adam's first step
+    (``x / (|x| + eps)``, a sign step) would turn each into a step of up to the
+    learning rate along an arbitrary direction: for a classifier head, whose
+    gradient has at most the batch's rank, most of the step. So the null
+    directions (``keeps``, each side's :func:`range_mask`) are dropped, and so is
+    any entry no larger than ``size * eps`` times the largest (``size``: the
+    rotated sides' lengths summed), without a host sync.
+    """
+    for dim, keep in enumerate(keeps):
+        if keep is not None:
+            shape = [1] * rotated.dim()
+            shape[dim] = -1
+            rotated = rotated * keep.view(shape)
+    magnitude = rotated.abs()
+    size = sum(keep.numel() for keep in keeps if keep is not None)
+    tol = size * torch.finfo(rotated.dtype).eps * magnitude.max()
+    return torch.where(magnitude > tol, rotated, torch.zeros_like(rotated))
 
 
 def foreach_adam_step_(

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ._soap_kernels import eigenbases, highest_matmul_precision
+from ._soap_kernels import Keeps, eigenbases, highest_matmul_precision, range_mask
 from ._theta_forms import UP_KEYS, axes_completed_basis, basis_export, expand, sketch, test_matrix
 from .base import (
     CurvatureOptimizer,
@@ -193,6 +193,17 @@ class SOAPState(CurvatureOptimizer):
     @staticmethod
     def _bases(state: Mapping[str, Any], rotated: tuple[bool, ...]) -> list[torch.Tensor | None]:
         return [state[f"Q{i}"] if on else None for i, on in enumerate(rotated)]
+
+    @staticmethod
+    def _range_masks(state: Mapping[str, Any], rotated: tuple[bool, ...]) -> Keeps:
+        """Each rotated side's :func:`~._soap_kernels.range_mask` (``None``: not rotated)."""
+        numel = state["exp_avg"].numel()
+        return tuple(
+            range_mask(state[f"GG{i}"], state[f"Q{i}"], numel // state[f"GG{i}"].shape[0])
+            if on
+            else None
+            for i, on in enumerate(rotated)
+        )
 
     def _set_bases(self, sides: list[tuple[dict[str, Any], int]]) -> None:
         """Eigenbases of the given (state, side) statistics, with one host sync for all."""

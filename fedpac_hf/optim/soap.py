@@ -35,6 +35,11 @@ Step-count policy
   gradient and then takes Adam step 1 in that basis, so every step moves the
   parameters (a cold federated client with ``local_steps=1`` trains). The
   reference skips that update (``first_step_updates=False`` reproduces it).
+  In that basis the gradient is exact up to rounding, along the statistics'
+  null directions and off the diagonal; Adam's first step, a sign step, would
+  make each rounded entry a step of up to ``lr`` along an arbitrary direction,
+  so they are set to 0 (``_soap_kernels.fresh_rotated``): with both sides
+  rotated the first step is ``-lr U V^T`` of the gradient's SVD.
 - Warm start (:meth:`SOAP.import_curvature`): the statistics are the imported
   ones, the eigenbases are computed from them by ``eigh``, Adam's moments are
   zero and Adam's step count restarts at 0, so the first ``step()`` already
@@ -64,7 +69,9 @@ import torch
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from ._soap_kernels import (
+    Keeps,
     foreach_adam_step_,
+    fresh_rotated,
     highest_matmul_precision,
     matmul_precision,
     matrix_adam_step_,
@@ -295,7 +302,8 @@ class SOAP(Optimizer, SOAPState):
                         lst.append(x)
                     continue
                 with matmul_precision(p.device, group.get("rotation_precision")):
-                    self._adam_in_eigenbasis(p, grad, state, view, rotated, group, t)
+                    keeps = started.get(p)
+                    self._adam_in_eigenbasis(p, grad, state, view, rotated, group, t, keeps)
                 with highest_matmul_precision(p.device):
                     if not fresh:  # a fresh start has folded this gradient in already
                         self._accumulate(state, grad, view, rotated, shampoo_beta)
@@ -308,13 +316,15 @@ class SOAP(Optimizer, SOAPState):
                 torch._foreach_mul_(updated, 1.0 - group["lr"] * group["weight_decay"])
         return loss
 
-    def _start_fresh(self) -> set[torch.Tensor]:
+    def _start_fresh(self) -> dict[torch.Tensor, Keeps]:
         """Start every parameter that has a gradient and no state yet.
 
         Its statistics come from this gradient and its eigenbases from them (one
-        batched computation, one host sync for all). Returns the parameters started.
+        batched computation, one host sync for all). Returns the parameters
+        started, each with its sides' :func:`~._soap_kernels.range_mask`
+        (``None``: a side not rotated), which its first step needs.
         """
-        started: set[torch.Tensor] = set()
+        layouts: dict[torch.Tensor, tuple[bool, ...]] = {}
         sides: list[tuple[dict[str, Any], int]] = []
         for group in self.param_groups:
             shampoo_beta = group["shampoo_beta"]
@@ -330,9 +340,9 @@ class SOAP(Optimizer, SOAPState):
                         state, p.grad.to(curvature_dtype(p)), view, rotated, shampoo_beta
                     )
                 sides += [(state, i) for i, on in enumerate(rotated) if on]
-                started.add(p)
+                layouts[p] = rotated
         self._set_bases(sides)
-        return started
+        return {p: self._range_masks(self.state[p], rotated) for p, rotated in layouts.items()}
 
     @staticmethod
     def _step_size(group: Mapping[str, Any], t: int) -> float:
@@ -352,19 +362,23 @@ class SOAP(Optimizer, SOAPState):
         rotated: tuple[bool, ...],
         group: Mapping[str, Any],
         t: int,
+        keeps: Keeps | None = None,
     ) -> None:
-        """Adam step of a parameter with at least one rotated side (no weight decay)."""
+        """Adam step of a parameter with at least one rotated side (no weight decay);
+        ``keeps``: a fresh start's first step (:func:`~._soap_kernels.fresh_rotated`)."""
         beta1, beta2 = group["betas"]
         step_size = self._step_size(group, t)
         bases = self._bases(state, rotated)
         if len(view) == 2:
             left, right = bases
             matrix_adam_step_(
-                p, grad, state, view, left, right, step_size, beta1, beta2, group["eps"]
+                p, grad, state, view, left, right, step_size, beta1, beta2, group["eps"], keeps
             )
             return
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         grad_rotated = rotate(grad, bases, view, back=False)
+        if keeps is not None:
+            grad_rotated = fresh_rotated(grad_rotated.reshape(view), keeps).reshape(grad.shape)
         exp_avg.lerp_(grad_rotated, 1.0 - beta1)
         exp_avg_sq.lerp_(grad_rotated.square(), 1.0 - beta2)
         denom = exp_avg_sq.sqrt().add_(group["eps"])
