@@ -326,7 +326,7 @@ def range_mask(statistic: torch.Tensor, basis: torch.Tensor, inner: int) -> torc
     exceeds ``max(n, inner) * eps`` times the largest, where ``statistic = A A^T``
     sums ``inner`` products (``numpy.linalg.matrix_rank``'s tolerance for ``A``).
     """
-    values = torch.einsum("ij,ik,kj->j", basis, statistic, basis)
+    values = ((statistic @ basis) * basis).sum(dim=0)  # diag(Q^T S Q), n x n memory
     size = max(statistic.shape[0], inner)
     return (values > size * torch.finfo(values.dtype).eps * values.max().clamp_min(0.0)).to(
         statistic.dtype
