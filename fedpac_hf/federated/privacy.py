@@ -230,9 +230,7 @@ class ClientDP:
             theta_share=0.5 if theta_share is None else float(theta_share),
             clip_lr=_clip_lr(clip_schedule, learning_rate),
             adaptive=(
-                AdaptiveClip.from_settings(clip_quantile, clip_norm_lr, clipped_count_std)
-                if clip_schedule == "adaptive"
-                else None
+                AdaptiveClip.from_settings(adaptive) if clip_schedule == "adaptive" else None
             ),
         )
 

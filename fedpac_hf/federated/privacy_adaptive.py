@@ -34,6 +34,7 @@ a resumed run adapts the bounds as the uninterrupted one would.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from fedpac_hf.optim.options import number, optional
@@ -43,7 +44,7 @@ __all__ = ["ADAPTIVE_RULES", "AdaptiveClip", "DEFAULT_COUNT_STD_SHARE"]
 #: The paper's default count noise: the expected clients per round over this.
 DEFAULT_COUNT_STD_SHARE = 20.0
 
-#: What each adaptive-clipping setting accepts.
+#: What each adaptive-clipping setting accepts, by the setting's name.
 ADAPTIVE_RULES = {
     "dp_clip_quantile": optional(number(0.0, 1.0, low_open=True, high_open=True)),
     "dp_clip_norm_lr": optional(number(0.0, low_open=True)),
@@ -75,25 +76,13 @@ class AdaptiveClip:
     count_std: float | None = None
 
     @classmethod
-    def from_settings(
-        cls,
-        quantile: float | None = None,
-        norm_lr: float | None = None,
-        count_std: float | None = None,
-    ) -> AdaptiveClip:
-        """The settings checked; ``ValueError`` names a bad one."""
-        given = {
-            "dp_clip_quantile": quantile,
-            "dp_clip_norm_lr": norm_lr,
-            "dp_clipped_count_std": count_std,
-        }
-        for setting, value in given.items():
+    def from_settings(cls, settings: Mapping[str, float | None]) -> AdaptiveClip:
+        """``settings`` (:data:`ADAPTIVE_RULES`' names -> value or ``None`` for the default)
+        checked; ``ValueError`` names a bad one."""
+        fields = dict(zip(ADAPTIVE_RULES, ("quantile", "norm_lr", "count_std"), strict=True))
+        for setting, value in settings.items():
             ADAPTIVE_RULES[setting].check(setting, value)
-        return cls(
-            quantile=0.5 if quantile is None else float(quantile),
-            norm_lr=0.2 if norm_lr is None else float(norm_lr),
-            count_std=None if count_std is None else float(count_std),
-        )
+        return cls(**{fields[s]: float(v) for s, v in settings.items() if v is not None})
 
     def resolve(self, expected_clients: float) -> AdaptiveClip:
         """These settings with the count noise's default fixed for ``expected_clients`` (q N)."""
