@@ -40,6 +40,10 @@ with ``dp_clip_schedule: adaptive`` at their first-row settings
 A fourth row (added after the third row's results, before any of its runs):
 the correction strength beta tuned under DP for the methods with a correction
 (:mod:`_privacy_beta`, whose docstring says why and what runs).
+
+Then, not a goal row (added after the four rows missed, before any of its
+runs): the noise of a federation 3 and 10 times larger at eps = 8, emulated
+(:mod:`_privacy_population`, whose docstring states the hypothesis).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from _harness.reporting import goals_table, tuning_table
 from _harness.runs import Record, load_results
 from _privacy_adaptive import adaptive_goal, adaptive_run, adaptive_section
 from _privacy_beta import beta_finals, beta_goal, beta_section
+from _privacy_population import population_plan, population_section
 from _privacy_public import dp_chosen_row, public_goal, public_section
 from _privacy_results import cell, dp_tuned_levels, goal_rows, lead_line, setting_label, tuned_as
 from _privacy_suites import Suite
@@ -86,6 +91,9 @@ def plan_goal(suite: Suite, done: dict[str, Record]) -> tuple[list[Run], int]:
         runs += [run for run in adaptive if run is not None]
         waiting += sum(run is None for run in adaptive)
     more, missing = beta_finals(suite, GOAL_METHODS, done, GOAL_SEEDS)  # the fourth row
+    runs += more
+    waiting += missing
+    more, missing = population_plan(suite, GOAL_METHODS, done, GOAL_SEEDS)  # not a goal row
     runs += more
     waiting += missing
     return [r for r in runs if r.key not in done], waiting
@@ -184,4 +192,5 @@ def report_goal(suite: Suite) -> None:
     public_section(lines, suite, finals, done, dp_chosen, "the second row")
     adaptive_section(lines, suite, levels, GOAL_METHODS, done)
     beta_section(lines, suite, finals, levels, GOAL_METHODS, done)
+    population_section(lines, suite, levels, GOAL_METHODS, done, GOAL_SEEDS)
     suite.report.write_text("\n".join(lines), encoding="utf-8")

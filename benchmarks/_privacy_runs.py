@@ -62,10 +62,7 @@ def overrides(suite: Suite, run: Run, run_dir: Path) -> list[str]:
         if run.clip_schedule:
             over += ["--dp_clip_schedule", run.clip_schedule]
         # run.clip_quantile only says where run.clip and run.theta_clip came from
-        if run.privacy == "inf":
-            over += ["--dp_noise_multiplier", "0"]
-        else:
-            over += ["--dp_target_epsilon", run.privacy]
+        over += list(noise_setting(suite, run))
         over += ["--dp_noise_seed", str(run.seed)]
     if run.decay:
         over += ["--client_optimizer_kwargs", json.dumps(optimizer_kwargs(run))]
@@ -86,12 +83,14 @@ def resolved_privacy(suite: Suite, run: Run) -> dict[str, float]:
     """
     from fedpac_hf.federated.privacy import ClientDP
 
-    target = None if run.privacy == "inf" else float(run.privacy)
+    flag, value = noise_setting(suite, run)
+    z = float(value) if flag == "--dp_noise_multiplier" else None
+    target = float(value) if flag == "--dp_target_epsilon" else None
     dp = ClientDP.from_settings(
         "client",
         clip_norm=float(run.clip),
         theta_clip_norm=float(run.theta_clip) if run.theta_clip else None,
-        noise_multiplier=0.0 if target is None else None,
+        noise_multiplier=z,
         target_epsilon=target,
         share_theta=aligns(run.method),
         theta_share=float(run.theta_share) if run.theta_share else None,
@@ -105,6 +104,30 @@ def resolved_privacy(suite: Suite, run: Run) -> dict[str, float]:
         "theta_noise_scale": dp.theta_noise_scale,
         "delta": float(dp.delta or 0.0),
     }
+
+
+def noise_setting(suite: Suite, run: Run) -> tuple[str, str]:
+    """The DP run's noise as a ``fedpac-hf train`` flag and value: no noise at epsilon = inf,
+    the larger federation's multiplier for an emulated ``population``, else the target."""
+    if run.privacy == "inf":
+        return "--dp_noise_multiplier", "0"
+    if run.population:
+        z = population_noise_multiplier(suite, run.population, run.privacy)
+        return "--dp_noise_multiplier", f"{z:.6g}"
+    return "--dp_target_epsilon", run.privacy
+
+
+def population_noise_multiplier(suite: Suite, population: str, level: str = "8") -> float:
+    """The noise multiplier that gives this federation's means the noise of one ``population``
+    times larger (clients and clients per round, the same q and rounds) at epsilon ``level``:
+    ``z_m / m``, ``z_m`` the package's calibration there at delta ``(m N) ** -1.1``."""
+    from fedpac_hf.federated.privacy import ClientDP
+
+    m = int(population)
+    dp = ClientDP.from_settings(
+        "client", clip_norm=1.0, target_epsilon=float(level), share_theta=False
+    ).resolve(m * NUM_CLIENTS, suite.sample_rate, suite.num_rounds)
+    return float(dp.noise_multiplier) / m
 
 
 class NormRecorder:

@@ -113,7 +113,9 @@ class Run:
     ``decay`` the curvature's decay (:data:`CURVATURE_DECAYS`; ``""``: the
     optimizer's default); ``budget`` Theta's size (:data:`THETA_BUDGETS`; ``""``:
     the default ``theta_budget``); ``beta`` the correction strength as passed
-    (``""``: the algorithm's).
+    (``""``: the algorithm's); ``population`` how many times larger the federation
+    whose noise at epsilon ``privacy`` the run emulates (``_privacy_population.py``;
+    ``""``: this one's).
     """
 
     stage: str
@@ -130,6 +132,7 @@ class Run:
     decay: str = ""
     budget: str = ""
     beta: str = ""
+    population: str = ""
 
     @property
     def key(self) -> str:
@@ -140,6 +143,7 @@ class Run:
         settings += f"_q{self.clip_quantile}" if self.clip_quantile else ""
         settings += curvature
         settings += f"_beta{self.beta}" if self.beta else ""
+        settings += f"_pop{self.population}" if self.population else ""
         if self.stage == "tune":
             return f"tune_{self.method}_lr{self.lr:g}{curvature}_s{self.seed}"
         if self.stage == "dptune":
