@@ -126,3 +126,25 @@ def test_simulate_logs_the_norms_and_the_summary_names_the_settings(tmp_path):
     assert f"delta {delta:.4g} (`dp_clip_norm`)" in summary
     assert f"Theta {theta:.4g} (`dp_theta_clip_norm`)" in summary
     assert "dp_clip_norm" not in write_summary(tmp_path, private).read_text(encoding="utf-8")
+    assert all(h["dp_noise_norm"] == 0.0 for h in private)  # clipping only: no noise
+    assert "dp_noise_norm" not in write_summary(tmp_path, private).read_text(encoding="utf-8")
+    noised = simulate(
+        _model(),
+        _clients(num=6, per=12),
+        "fedpac_soap",
+        2,
+        3,
+        2,
+        _loss,
+        **common,
+        dp_mode="client",
+        dp_clip_norm=1.0,
+        dp_theta_clip_norm=1.0,
+        dp_noise_multiplier=1.0,
+        dp_delta=0.01,
+    )
+    noise = statistics.median(h["dp_noise_norm"] for h in noised)
+    update = statistics.median(h["update_norm"] for h in noised)
+    summary = write_summary(tmp_path, noised).read_text(encoding="utf-8")
+    assert noise > 0 and f"noise on a round's mean delta {noise:.3g} (`dp_noise_norm`)" in summary
+    assert f"against a mean update of {update:.3g} (`update_norm`" in summary

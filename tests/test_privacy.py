@@ -153,6 +153,10 @@ def test_the_noise_measured_on_the_aggregate_matches_the_setting(
     new, metrics = aggregator.finalize(lr=1.0, local_steps=1)
     expected = 0.8 * k * 0.5 / 10
     assert new.params["w"].std().item() == pytest.approx(expected, rel=0.03)
+    # the round reports the noise's L2 norm: here the whole update, over its 20,000 floats
+    assert metrics["dp_noise_norm"] == pytest.approx(expected * 20_000**0.5, rel=1e-9)
+    assert metrics["dp_noise_norm"] == pytest.approx(new.params["w"].norm().item(), rel=0.02)
+    assert metrics["update_norm"] == pytest.approx(metrics["dp_noise_norm"], rel=0.02)
     assert abs(new.params["w"].mean().item()) < 3 * expected / 100
     assert new.noise_seed == 11  # the next round's noise comes from the same secret
     # Theta's sum gets std z k C_Theta, drawn from its own stream
@@ -162,6 +166,36 @@ def test_the_noise_measured_on_the_aggregate_matches_the_setting(
         assert noised["w.L"].std().item() == pytest.approx(0.8 * k_theta * 2.0, rel=0.02)
     else:
         assert torch.equal(noised["w.L"], theta["w.L"])  # not shared: nothing to noise
+
+
+@pytest.mark.parametrize(("clients_per_round", "loud"), [(5, True), (50, False)])
+def test_a_private_run_says_how_large_its_noise_is_before_round_one(
+    caplog, clients_per_round, loud
+):
+    """The engine logs the resolved z and the noise on a round's mean delta in clip norms,
+    z k sqrt(d) / (q N), when it is built; from one clip norm up as a warning."""
+    from fedpac_hf.federated.engine import RoundEngine
+
+    dp = ClientDP.from_settings("client", clip_norm=0.5, target_epsilon=4.0, share_theta=False)
+    state = ServerState(params={"w": torch.zeros(40, 10), "b": torch.zeros(10)})
+    with caplog.at_level("INFO", logger="fedpac_hf.federated.engine"):
+        engine = RoundEngine(
+            get_algorithm("fedavg_adamw"),
+            state,
+            num_clients=500,
+            clients_per_round=clients_per_round,
+            learning_rates=[0.1] * 10,
+            local_steps=1,
+            privacy=dp,
+        )
+    z = engine.privacy.noise_multiplier
+    ratio = z * 410**0.5 / clients_per_round  # k = 1: Theta does not travel
+    assert (ratio >= 1.0) == loud
+    (record,) = [r for r in caplog.records if "client-level DP" in r.getMessage()]
+    assert record.levelname == ("WARNING" if loud else "INFO")
+    message = record.getMessage()
+    assert f"noise multiplier {z:.4g}" in message and f"{ratio:.3g} x dp_clip_norm" in message
+    assert ("clients_per_round" in message) == loud  # what to change
 
 
 def test_theta_share_reaches_the_mechanism_and_the_run_identity_only_when_set(tmp_path):

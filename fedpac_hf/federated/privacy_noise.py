@@ -14,6 +14,7 @@ clients (:func:`adapted_clip_norms`, :mod:`~fedpac_hf.federated.privacy_adaptive
 
 from __future__ import annotations
 
+import math
 import secrets
 import zlib
 from collections.abc import Mapping, Sequence
@@ -33,8 +34,9 @@ __all__ = [
     "noise_generator",
     "noised_round",
     "noised_sums",
+    "noise_norm_ratio",
     "private_round",
-    "round_bounds",
+    "privacy_metrics",
     "seeded_generator",
 ]
 
@@ -182,13 +184,41 @@ def adapted_clip_norms(
     return new[0], (new[1] if len(new) > 1 else None)
 
 
-def round_bounds(dp: ClientDP) -> dict[str, float]:
-    """The round's clip norms as metrics: ``dp_clip_norm``, and ``dp_theta_clip_norm`` when
-    Theta travels."""
-    bounds = {"dp_clip_norm": float(dp.clip_norm)}
+def noise_norm_ratio(dp: ClientDP, num_floats: int, denominator: float) -> float:
+    """The noise on a round's mean delta, as a multiple of the delta's clip norm.
+
+    The server adds ``N(0, (z k C)^2)`` to each of the ``d`` floats of the
+    delta sum and divides by ``q N``, so the noise on the mean delta has
+    root-mean-square L2 norm ``z k C sqrt(d) / (q N)``; this returns that over
+    ``C``: ``z k sqrt(d) / (q N)``. At 1 or more, one round's noise is as large
+    as a whole clipped client update, and far larger than their mean.
+
+    Parameters
+    ----------
+    dp:
+        The resolved settings (:meth:`ClientDP.resolve`).
+    num_floats:
+        d, the floats of the delta (the trainable parameters).
+    denominator:
+        q N, what the sums are divided by.
+    """
+    return dp.noise_stds()[0] / float(dp.clip_norm) * math.sqrt(num_floats) / denominator
+
+
+def privacy_metrics(
+    dp: ClientDP, delta: Mapping[str, torch.Tensor], denominator: float
+) -> dict[str, float]:
+    """A DP round's own metrics: its clip norms (``dp_clip_norm``, and ``dp_theta_clip_norm``
+    when Theta travels) and ``dp_noise_norm``, the root-mean-square L2 norm of the noise on
+    its mean ``delta`` (:func:`noise_norm_ratio` times ``dp_clip_norm``, over ``delta``'s
+    floats; compare it with ``update_norm``, the mean delta the round applied, noise
+    included)."""
+    num_floats = sum(t.numel() for t in delta.values())
+    metrics = {"dp_clip_norm": float(dp.clip_norm)}
     if dp.share_theta and dp.theta_clip_norm is not None:
-        bounds["dp_theta_clip_norm"] = float(dp.theta_clip_norm)
-    return bounds
+        metrics["dp_theta_clip_norm"] = float(dp.theta_clip_norm)
+    metrics["dp_noise_norm"] = noise_norm_ratio(dp, num_floats, denominator) * float(dp.clip_norm)
+    return metrics
 
 
 def seeded_generator(seed: int, round_index: int, salt: int) -> torch.Generator:

@@ -72,7 +72,9 @@ Under client-level differential privacy rounds add ``epsilon`` (at the run's
 delta, after this round), ``dp_clipped_delta``/``dp_clipped_theta`` (the
 fraction of the round's clients whose part was clipped) and
 ``dp_clip_norm``/``dp_theta_clip_norm`` (the round's bounds: they move with
-``dp_clip_schedule`` ``learning_rate`` or ``adaptive``; Theta's when it travels).
+``dp_clip_schedule`` ``learning_rate`` or ``adaptive``; Theta's when it travels)
+and ``dp_noise_norm`` (the root-mean-square L2 norm of the noise on the round's
+mean delta, to set against ``update_norm``).
 
 ``drift``/``drift_relative`` appear only for optimizers with a curvature
 state, ``drift_from_start``/``drift_from_start_relative`` (each client's Theta

@@ -33,7 +33,7 @@ from .algorithms import Algorithm, downlink_parts, round_beta
 from .failures import ClientFailure, RoundError, require_finite_aggregate
 from .privacy import ClientDP
 from .privacy_clip import Reference, own_norms, public_reference
-from .privacy_noise import private_round, round_bounds
+from .privacy_noise import privacy_metrics, private_round
 from .round_metrics import (
     byte_metrics,
     curvature_scalars,
@@ -266,7 +266,7 @@ class RoundAggregator:
         parts = {"model": params, "direction": direction, "curvature": curvature or {}}
         read, metrics = self._read_metrics(delta, direction, mean, parts, lr, local_steps)
         if dp_round is not None:
-            metrics.update(round_bounds(dp_round))
+            metrics.update(privacy_metrics(dp_round, delta, self.denominator))
         next_beta = self._next_beta(metrics)
         down = downlink_parts(self.sent_state, self.algorithm)  # bytes to one client
         metrics.update(byte_metrics(self.delta_bytes, self.theta_bytes, down, self.num_clients))

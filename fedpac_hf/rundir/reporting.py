@@ -111,6 +111,20 @@ def _byte_parts(records: Sequence[dict[str, Any]], total: str) -> str:
     return f" ({', '.join(shown)})" if shown else ""
 
 
+def _noise_against_update(records: Sequence[dict[str, Any]]) -> str:
+    """The noise on the rounds' mean delta against the mean update they applied (medians over
+    rounds), for a client-level DP run with noise; ``""`` otherwise."""
+    _, noise = series(records, "dp_noise_norm")
+    _, update = series(records, "update_norm")
+    if not noise or not update or not statistics.median(noise) > 0:
+        return ""
+    return (
+        f"; noise on a round's mean delta {statistics.median(noise):.3g} (`dp_noise_norm`) "
+        f"against a mean update of {statistics.median(update):.3g} (`update_norm`, noise "
+        "included), medians over rounds"
+    )
+
+
 def _format_bytes(value: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if abs(value) < 1000 or unit == "GB":
@@ -235,7 +249,7 @@ def write_summary(
         level = "record" if config and config.get("dp_mode") == "record" else "client"
         lines.append(
             f"- privacy ({level}-level DP): epsilon {epsilons[-1]:.3g}{at} after "
-            f"{len(epsilons)} rounds"
+            f"{len(epsilons)} rounds" + _noise_against_update(records)
         )
     _, deltas = series(records, "delta_norm_median")
     if deltas:  # a run without DP: what client-level DP would clip, to choose its clip norms
