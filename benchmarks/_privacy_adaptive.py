@@ -57,7 +57,7 @@ def _finals(suite: Suite, method: str, done: dict[str, Record]) -> list[Record]:
     pick = adaptive_run(suite, method, done, 0)
     if pick is None:
         return []
-    wanted = (method, LEVEL, "dp", pick.theta_share, ADAPTIVE, "", "", "", "")
+    wanted = (method, LEVEL, "dp", pick.theta_share, ADAPTIVE, "", "", "", "", "")
     return [r for r in done.values() if r["stage"] == "final" and tuned_as(r) == wanted]
 
 

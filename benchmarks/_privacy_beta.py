@@ -25,7 +25,7 @@ from dataclasses import replace
 
 from _harness.reporting import Summary, fmt
 from _harness.runs import Record, tune_score
-from _privacy_results import cell, dp_tuned_levels, tuned_as, variant_goal, with_variant
+from _privacy_results import cell, dp_tuned_levels, variant_goal, with_variant
 from _privacy_suites import Suite
 from _privacy_tuning import Run, algorithm_of, best_tried, dp_chosen, dp_tune_run
 
@@ -147,7 +147,7 @@ def beta_section(
     ]
     for method in methods:
         runs = both[LEVEL].get(method + SUFFIX)
-        betas = sorted({tuned_as(r)[-1] or "0.5" for r in runs.runs}) if runs else []
+        betas = sorted({r.get("beta") or "0.5" for r in runs.runs}) if runs else []
         betas = betas if corrects(method) else ["- (no correction)"]
         lines.append(
             f"| {method} | {cell(both[LEVEL].get(method))} | {', '.join(betas) or '-'} | "

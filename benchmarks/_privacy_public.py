@@ -99,7 +99,7 @@ def public_levels(
         for method in PUBLIC_CURVATURE:
             pick = public_pick(suite, method, level, done)
             if pick is not None:
-                wanted = (method, level, pick.tuned, "", pick.clip_schedule, "", "", "", "")
+                wanted = (method, level, pick.tuned, "", pick.clip_schedule, "", "", "", "", "")
                 runs += [r for r in finals if tuned_as(r) == wanted]
         levels[level] = {**levels[level], **summarise(runs, "eval_accuracy")}
     return levels

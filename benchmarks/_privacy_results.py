@@ -81,6 +81,7 @@ def dp_tuned_levels(
                 picked.decay,
                 picked.budget,
                 picked.beta,
+                picked.population,
             )
             runs += [r for r in finals if tuned_as(r) == wanted]
         levels[level] = summarise(runs, "eval_accuracy")
@@ -90,7 +91,8 @@ def dp_tuned_levels(
 def tuned_as(r: Record) -> tuple[str, ...]:
     """What identifies a final run's protocol: method, level, where its rate was tuned,
     Theta's share, the clip schedule, the clip norms' quantile, the curvature's decay,
-    Theta's size and beta (records from before a field have its default)."""
+    Theta's size, beta and the emulated federation's size (records from before a field have
+    its default)."""
     return (
         r["method"],
         r["privacy"],
@@ -101,6 +103,7 @@ def tuned_as(r: Record) -> tuple[str, ...]:
         r.get("decay", ""),
         r.get("budget", ""),
         r.get("beta", ""),
+        r.get("population", ""),
     )
 
 
@@ -112,9 +115,10 @@ def setting_label(
     decay: str = "",
     budget: str = "",
     beta: str = "",
+    population: str = "",
 ) -> str:
     """A rate (a number or a cell) with its share, clip schedule, clip quantile, curvature
-    decay and Theta's size where not the defaults."""
+    decay, Theta's size, beta and the emulated federation's size where not the defaults."""
     rate = lr if isinstance(lr, str) else f"{lr:g}"
     return (
         rate
@@ -124,6 +128,7 @@ def setting_label(
         + (f", decay {decay}" if decay else "")
         + (f", budget {budget}" if budget else "")
         + (f", beta {beta}" if beta else "")
+        + (f", x{population} federation" if population else "")
     )
 
 
