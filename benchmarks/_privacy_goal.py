@@ -42,7 +42,7 @@ the correction strength beta tuned under DP for the methods with a correction
 (:mod:`_privacy_beta`, whose docstring says why and what runs).
 
 Then, not a goal row (added after the four rows missed, before any of its
-runs): the noise of a federation 3 and 10 times larger at eps = 8, emulated
+runs): the noise of a federation 3, 10 and 100 times larger at eps = 8, emulated
 (:mod:`_privacy_population`, whose docstring states the hypothesis).
 """
 

@@ -16,6 +16,17 @@ keeps part of it. (The cohort, not the population, is what matters: with 50
 clients per round from 5,000, q = 0.01, the calibrated z only falls from
 0.548 to 0.372.)
 
+A third size, x100, was added after the x3 and x10 validation runs (x10's
+rate tuning chose 0.03 for fedpac_soap, 0.1 scoring 76.4 against 81.6
+without DP) and its first test seeds (no lead at either size), before any
+x100 run. At x100 the noise on a round's mean delta is about 0.009 clip norms
+(z k sqrt(d) / (q N) with z = 0.0069): next to nothing, so x100 separates the
+noise from the other settings these runs keep from the 500-client tuning
+(Theta's share 0.1, the clip norm following the rate). Hypothesis: at x100
+fedpac_soap's lead comes back to within two standard errors of its clip-only
+lead (+4.4 +- 0.6) at a rate of 0.1; if it does not, what costs the lead at
+x10 is those settings, not the noise.
+
 How it is emulated: the runs keep the 500 clients and 50 per round (q = 0.1)
 and train with ``dp_noise_multiplier`` set to ``z_m / m``, where ``z_m`` is
 the package's calibration for eps = 8 in ``m N`` clients at q = 0.1 over the
@@ -54,7 +65,7 @@ from _privacy_tuning import (
 from fedpac_hf.federated.accounting import epsilon_after
 
 #: how many times larger the emulated federations are (clients and clients per round)
-POPULATIONS = ("3", "10")
+POPULATIONS = ("3", "10", "100")
 #: the privacy level they are emulated at
 LEVEL = "8"
 
