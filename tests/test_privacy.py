@@ -12,7 +12,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedpac_hf import FedPACArguments, FedPACTrainer
 from fedpac_hf.federated import ServerState, get_algorithm, simulate
-from fedpac_hf.federated.accounting import epsilon_after, noise_for_epsilon
+from fedpac_hf.federated.accounting import (
+    discretization,
+    epsilon_after,
+    noise_for_epsilon,
+    round_event,
+)
 from fedpac_hf.federated.batches import cycle_batches
 from fedpac_hf.federated.client import client_update
 from fedpac_hf.federated.local_step import ClientHooks, LocalSteps
@@ -298,6 +303,16 @@ def test_epsilon_is_within_ten_percent_of_opacus_prv_accountant(z, q, rounds):
     prv.history = [(z, q, rounds)]
     independent = prv.get_epsilon(delta)
     assert epsilon_after(rounds, z, q, delta) == pytest.approx(independent, rel=0.10)
+
+
+@pytest.mark.parametrize("z", [0.1, 0.05])
+def test_a_small_noise_multiplier_gets_the_fine_grids_epsilon(z):
+    """Below MIN_NOISE_MULTIPLIER the accountant's grid widens as 1 / z (its size, and the time
+    of each round's epsilon, stay bounded); epsilon stays the 1e-3 grid's."""
+    assert discretization(z) == pytest.approx(1e-3 * 0.3 / z) and discretization(0.5) == 1e-3
+    fine = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-3)
+    fine.compose(round_event(z, 0.1, 20))
+    assert epsilon_after(20, z, 0.1, 1e-3) == pytest.approx(fine.get_epsilon(1e-3), rel=1e-4)
 
 
 def test_a_target_epsilon_gives_the_smallest_noise_that_meets_it():
