@@ -46,6 +46,7 @@ validation split (seed 0; the first row's rate on a tie); then
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 from _harness.reporting import Summary, fmt, summarise
@@ -53,6 +54,7 @@ from _harness.runs import Record, tune_score
 from _privacy_results import cell, lead, lead_error
 from _privacy_runs import population_noise_multiplier
 from _privacy_suites import NUM_CLIENTS, Suite
+from _privacy_tables import num_parameters
 from _privacy_tuning import (
     Run,
     clip_norms,
@@ -158,17 +160,22 @@ def population_section(
         "(seed 0).",
         "",
         "| federation | z_m | its epsilon | noise multiplier here (z_m / m) | epsilon at 500 "
-        "clients (what the runs log) |",
-        "|---|---|---|---|---|",
+        "clients (what the runs log) | noise on a round's mean delta, in clip norms, before k "
+        "(z sqrt(d) / qN; k is 1 to 1.12 here, the noise table above) |",
+        "|---|---|---|---|---|---|",
     ]
-    for population in POPULATIONS:
+    d = num_parameters(done)
+    for population in ("1", *POPULATIONS):  # x1: the first row's federation
         m = int(population)
         z = population_noise_multiplier(suite, population)
         here = epsilon_after(suite.num_rounds, z, suite.sample_rate, NUM_CLIENTS**-1.1)
         there = epsilon_after(suite.num_rounds, z * m, suite.sample_rate, (m * NUM_CLIENTS) ** -1.1)
         lines.append(
-            f"| {m * NUM_CLIENTS:,} clients, {m * suite.clients_per_round} per round | "
-            f"{z * m:.3f} | {there:.2f} | {z:.4f} | {here:.3g} |"
+            f"| {m * NUM_CLIENTS:,} clients, {m * suite.clients_per_round:,} per round"
+            + (" (the first row)" if m == 1 else "")
+            + " | "
+            f"{z * m:.3f} | {there:.2f} | {z:.4f} | {here:.3g} | "
+            f"{z * math.sqrt(d) / suite.clients_per_round:.3g} |"
         )
     lines += [
         "",
