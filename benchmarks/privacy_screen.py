@@ -115,7 +115,11 @@ def report() -> None:
         + ", ".join(sorted({r["machine"] for r in done.values()}) or ["-"])
         + "; library commit(s): "
         + ", ".join(sorted({r["library_commit"] for r in done.values()}) or ["-"])
-        + ".",
+        + ". Every run predates `4d285f0`, where a fresh SOAP's first step stopped turning "
+        "the rounding of its own eigenbasis into steps along arbitrary directions; "
+        "fedpac_soap's clients start fresh only in round 1 (later rounds import Theta), so "
+        "its scores move by about a seed's noise (PRIVACY_lora_r4.md's note: 82.0 % before "
+        "and 81.6 % after for one of its runs).",
         "",
     ]
     for candidate, (_, what) in CANDIDATES.items():
