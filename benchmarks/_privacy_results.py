@@ -49,7 +49,13 @@ def first_protocol(finals: Sequence[Record]) -> list[Record]:
     """The final runs of :data:`~_privacy_tuning.METHODS` at the non-private rates (records
     from before the second protocol have no ``tuned``; the public-curvature variants are
     reported apart)."""
-    return [r for r in finals if r.get("tuned", "nodp") == "nodp" and r["method"] in METHODS]
+    return [
+        r
+        for r in finals
+        if r.get("tuned", "nodp") == "nodp"
+        and r["method"] in METHODS
+        and not any(tuned_as(r)[3:])  # every setting at its default (controls are reported apart)
+    ]
 
 
 def dp_tuned_levels(
