@@ -307,9 +307,9 @@ def test_epsilon_is_within_ten_percent_of_opacus_prv_accountant(z, q, rounds):
 
 @pytest.mark.parametrize("z", [0.1, 0.05])
 def test_a_small_noise_multiplier_gets_the_fine_grids_epsilon(z):
-    """Below MIN_NOISE_MULTIPLIER the accountant's grid widens as 1 / z (its size, and the time
-    of each round's epsilon, stay bounded); epsilon stays the 1e-3 grid's."""
-    assert discretization(z) == pytest.approx(1e-3 * 0.3 / z) and discretization(0.5) == 1e-3
+    """Below MIN_NOISE_MULTIPLIER the accountant's grid widens as 1 / z^2 (its size, and the
+    time of each round's epsilon, stay bounded); epsilon stays the 1e-3 grid's."""
+    assert discretization(z) == pytest.approx(1e-3 * (0.3 / z) ** 2) and discretization(0.5) == 1e-3
     fine = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-3)
     fine.compose(round_event(z, 0.1, 20))
     assert epsilon_after(20, z, 0.1, 1e-3) == pytest.approx(fine.get_epsilon(1e-3), rel=1e-4)
