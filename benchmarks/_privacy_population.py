@@ -127,13 +127,15 @@ def theta_noise_runs(suite: Suite, done: dict[str, Record]) -> dict[str, list[Ru
     }
 
 
-def population_runs(suite: Suite, method: str, population: str, done: dict[str, Record]):
+def population_runs(
+    suite: Suite, method: str, population: str, done: dict[str, Record]
+) -> list[Run]:
     """The validation runs of ``method``'s rate at the noise of a ``population`` times larger
     federation (none before the first row's eps = 8 settings are chosen)."""
     base = dp_chosen(suite, method, LEVEL, done)
     if base is None:
         return []
-    runs = []
+    runs: list[Run] = []
     for lr in dp_grid(suite, method, done) or ():
         clip, theta_clip = clip_norms(method, lr, done)
         if base.clip_schedule:

@@ -104,20 +104,23 @@ def test_simulate_logs_the_norms_and_the_summary_names_the_settings(tmp_path):
     common = dict(lr=0.05, preflight=False)
     plain = simulate(_model(), _clients(num=6, per=12), "fedpac_soap", 3, 3, 2, _loss, **common)
     assert all(h["delta_norm_median"] > 0 and h["theta_norm_median"] > 0 for h in plain)
-    private = simulate(
-        _model(),
-        _clients(num=6, per=12),
-        "fedpac_soap",
-        2,
-        3,
-        2,
-        _loss,
-        **common,
-        dp_mode="client",
-        dp_clip_norm=1.0,
-        dp_theta_clip_norm=1.0,
-        dp_noise_multiplier=0.0,
-        dp_delta=0.01,
+    private, noised = (
+        simulate(
+            _model(),
+            _clients(num=6, per=12),
+            "fedpac_soap",
+            2,
+            3,
+            2,
+            _loss,
+            **common,
+            dp_mode="client",
+            dp_clip_norm=1.0,
+            dp_theta_clip_norm=1.0,
+            dp_noise_multiplier=z,
+            dp_delta=0.01,
+        )
+        for z in (0.0, 1.0)
     )
     assert not any("delta_norm_median" in h for h in private)
     summary = write_summary(tmp_path, plain).read_text(encoding="utf-8")
@@ -128,21 +131,6 @@ def test_simulate_logs_the_norms_and_the_summary_names_the_settings(tmp_path):
     assert "dp_clip_norm" not in write_summary(tmp_path, private).read_text(encoding="utf-8")
     assert all(h["dp_noise_norm"] == 0.0 for h in private)  # clipping only: no noise
     assert "dp_noise_norm" not in write_summary(tmp_path, private).read_text(encoding="utf-8")
-    noised = simulate(
-        _model(),
-        _clients(num=6, per=12),
-        "fedpac_soap",
-        2,
-        3,
-        2,
-        _loss,
-        **common,
-        dp_mode="client",
-        dp_clip_norm=1.0,
-        dp_theta_clip_norm=1.0,
-        dp_noise_multiplier=1.0,
-        dp_delta=0.01,
-    )
     noise = statistics.median(h["dp_noise_norm"] for h in noised)
     update = statistics.median(h["update_norm"] for h in noised)
     summary = write_summary(tmp_path, noised).read_text(encoding="utf-8")
