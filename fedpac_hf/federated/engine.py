@@ -201,7 +201,7 @@ class RoundEngine:
             self.log.info("client-level DP: clipping only (dp_noise_multiplier 0), no noise")
             return
         floats = sum(p.numel() for p in self.state.params.values())
-        ratio = noise_norm_ratio(dp, floats, self.sample_rate * self.num_clients)
+        ratio = noise_norm_ratio(dp, floats, self.clients_per_round)  # q N
         target = f"epsilon {dp.target_epsilon:g} at " if dp.target_epsilon is not None else ""
         note = (
             f"client-level DP: noise multiplier {dp.noise_multiplier:.4g} ({target}delta "
