@@ -43,7 +43,9 @@ the correction strength beta tuned under DP for the methods with a correction
 
 Then, not a goal row (added after the four rows missed, before any of its
 runs): the noise of a federation 3, 10 and 100 times larger at eps = 8, emulated
-(:mod:`_privacy_population`, whose docstring states the hypothesis).
+(:mod:`_privacy_population`, whose docstring states the hypothesis); and
+after its controls, Theta's share tuned at x100 and a control with next to no
+noise (:mod:`_privacy_share`, whose docstring states the hypotheses).
 """
 
 from __future__ import annotations
@@ -54,9 +56,10 @@ from _harness.reporting import goals_table, tuning_table
 from _harness.runs import Record, load_results
 from _privacy_adaptive import adaptive_goal, adaptive_run, adaptive_section
 from _privacy_beta import beta_finals, beta_goal, beta_section
-from _privacy_population import population_plan, population_section
+from _privacy_population import population_levels, population_plan, population_section
 from _privacy_public import dp_chosen_row, public_goal, public_section
 from _privacy_results import cell, dp_tuned_levels, goal_rows, lead_line, setting_label, tuned_as
+from _privacy_share import SCALE, share_plan, share_section
 from _privacy_suites import Suite
 from _privacy_tables import noise_section, num_parameters, tuning_section
 from _privacy_tuning import (
@@ -93,9 +96,10 @@ def plan_goal(suite: Suite, done: dict[str, Record]) -> tuple[list[Run], int]:
     more, missing = beta_finals(suite, GOAL_METHODS, done, GOAL_SEEDS)  # the fourth row
     runs += more
     waiting += missing
-    more, missing = population_plan(suite, GOAL_METHODS, done, GOAL_SEEDS)  # not a goal row
-    runs += more
-    waiting += missing
+    for plan in (population_plan, share_plan):  # not goal rows
+        more, missing = plan(suite, GOAL_METHODS, done, GOAL_SEEDS)
+        runs += more
+        waiting += missing
     return [r for r in runs if r.key not in done], waiting
 
 
@@ -193,4 +197,6 @@ def report_goal(suite: Suite) -> None:
     adaptive_section(lines, suite, levels, GOAL_METHODS, done)
     beta_section(lines, suite, finals, levels, GOAL_METHODS, done)
     population_section(lines, suite, levels, GOAL_METHODS, done, GOAL_SEEDS)
+    scale = population_levels(suite, GOAL_METHODS, done, GOAL_SEEDS)[SCALE]
+    share_section(lines, suite, scale, GOAL_METHODS, done, GOAL_SEEDS)
     suite.report.write_text("\n".join(lines), encoding="utf-8")
