@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from fedpac_hf import FedPACArguments, FedPACTrainer
 from fedpac_hf.federated import ServerState, get_algorithm, simulate
 from fedpac_hf.federated.accounting import (
+    MIN_ACCOUNTED_NOISE,
     discretization,
     epsilon_after,
     noise_for_epsilon,
@@ -313,6 +314,15 @@ def test_a_small_noise_multiplier_gets_the_fine_grids_epsilon(z):
     fine = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-3)
     fine.compose(round_event(z, 0.1, 20))
     assert epsilon_after(20, z, 0.1, 1e-3) == pytest.approx(fine.get_epsilon(1e-3), rel=1e-4)
+
+
+def test_below_the_accounted_noise_epsilon_is_infinite_not_an_overflow():
+    """Down to MIN_ACCOUNTED_NOISE epsilon is the accountant's (in the millions there); below,
+    where the grid would overflow the accountant, it is reported as inf, as for clipping only."""
+    just_above = epsilon_after(20, MIN_ACCOUNTED_NOISE, 0.1, 1e-5)
+    assert 1e6 < just_above < math.inf
+    assert epsilon_after(20, MIN_ACCOUNTED_NOISE * 0.99, 0.1, 1e-5) == math.inf
+    assert epsilon_after(20, 6e-6, 0.1, 500**-1.1) == math.inf  # overflowed before
 
 
 def test_a_target_epsilon_gives_the_smallest_noise_that_meets_it():

@@ -22,6 +22,7 @@ from typing import Any
 
 __all__ = [
     "MAX_NOISE_MULTIPLIER",
+    "MIN_ACCOUNTED_NOISE",
     "MIN_NOISE_MULTIPLIER",
     "discretization",
     "epsilon_after",
@@ -37,6 +38,12 @@ DISCRETIZATION = 1e-3
 #: epsilon is in the tens or more).
 MIN_NOISE_MULTIPLIER = 0.3
 MAX_NOISE_MULTIPLIER = 1000.0
+
+#: Below this noise multiplier epsilon is reported as infinite, as for clipping
+#: only: a Gaussian mechanism's privacy loss is about ``1 / (2 z^2)``, so epsilon
+#: is in the millions whatever q, delta and the rounds, and the grid of
+#: :func:`discretization` would pass the largest the accountant can represent.
+MIN_ACCOUNTED_NOISE = 4e-4
 
 
 def _dp_accounting() -> Any:
@@ -79,7 +86,10 @@ def round_event(noise_multiplier: float, sample_rate: float, rounds: int = 1) ->
 
 @functools.lru_cache(maxsize=4096)
 def epsilon_after(rounds: int, noise_multiplier: float, sample_rate: float, delta: float) -> float:
-    """Epsilon at ``delta`` after ``rounds`` rounds (``inf`` without noise, 0 before round 1).
+    """Epsilon at ``delta`` after ``rounds`` rounds (0 before round 1).
+
+    ``inf`` without noise and below :data:`MIN_ACCOUNTED_NOISE`, where it is in
+    the millions.
 
     Parameters
     ----------
@@ -94,7 +104,7 @@ def epsilon_after(rounds: int, noise_multiplier: float, sample_rate: float, delt
     """
     if rounds <= 0:
         return 0.0
-    if noise_multiplier <= 0:
+    if noise_multiplier < MIN_ACCOUNTED_NOISE:  # 0: clipping only
         return math.inf
     accountant = _accountant(noise_multiplier)
     accountant.compose(round_event(noise_multiplier, sample_rate, rounds))
