@@ -224,8 +224,10 @@ def test_a_file_no_run_wrote_is_never_replaced(tmp_path, capsys, overwrite):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "README.md, config.yaml" in err, err
+    lines = capsys.readouterr().err.strip().splitlines()
+    # one line, besides the package's log (preflight ran before the directory was claimed)
+    (err,) = [line for line in lines if not line.startswith("[fedpac_hf.")]
+    assert "README.md, config.yaml" in err, err
     assert "notes.txt" not in err  # a name no run writes is no collision
     assert {p.name: p.read_text() for p in out.iterdir()} == mine  # untouched, no lock left
 
@@ -272,3 +274,19 @@ def test_lists_and_capitals_are_read_the_way_a_user_writes_them(tmp_path):
     model_args, args = parse_run_config(write_yaml(tmp_path / "c.yaml", settings), [])
     assert model_args.lora_targets() == ["q_proj", "v_proj"]
     assert args.build_algorithm().name == "fedpac_soap" and args.partitioner == "dirichlet"
+
+
+@pytest.mark.parametrize("log_level", [None, "warning"])
+def test_train_shows_the_packages_log_at_the_runs_log_level(tmp_path, capsys, log_level):
+    """`fedpac-hf train` prints the package's log lines: INFO by default (log_level passive),
+    only warnings with --log_level warning."""
+    noisy = {"dp_mode": "client", "dp_clip_norm": 1.0, "dp_theta_clip_norm": 1.0}
+    settings = {**TINY_VIT, "num_rounds": 1, **noisy, "dp_noise_multiplier": 1.0}
+    argv = ["train", write_yaml(tmp_path / "c.yaml", settings), "--output_dir", str(tmp_path / "r")]
+    assert main(argv + (["--log_level", log_level] if log_level else [])) == 0
+    err = capsys.readouterr().err
+    # the noise here is tens of clip norms: a warning whatever the level
+    assert "[fedpac_hf.federated.engine] WARNING: client-level DP: noise multiplier 1" in err
+    info = "[fedpac_hf.trainer.preflight] INFO: preflight passed"
+    assert (info in err) == (log_level is None)
+    assert len(logging.getLogger("fedpac_hf").handlers) == 1  # one console handler, not one per run

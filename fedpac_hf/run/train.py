@@ -19,6 +19,7 @@ from fedpac_hf.rundir.output_dir import claim_output_dir
 from fedpac_hf.trainer.callbacks import EvaluateLastRoundCallback
 
 from .config import ModelDataArguments
+from .logs import show_package_log
 from .parsing import config_parser, parse_run_config, settings_stage
 from .rundir import RunFilesCallback, print_final, render_config, write_partition_files
 from .tasks import DEFAULT_MODEL_NAMES, TaskBundle, build_task
@@ -179,6 +180,7 @@ def run_example(default_config: str | os.PathLike, argv: Sequence[str] | None = 
         raise SystemExit(0)
     try:
         model_args, training_args = parse_run_config(config, argv)
+        show_package_log(training_args)
         return run_training(model_args, training_args)
     except (ValueError, OSError, ImportError) as error:
         message = " ".join(str(error).split())

@@ -1,0 +1,75 @@
+"""What a config-driven run shows of the package's log.
+
+The package logs through ``logging.getLogger("fedpac_hf...")`` and, as a
+library, configures nothing. The programs a user runs (``fedpac-hf train``
+and the scripts in ``examples/``) call :func:`show_package_log` so that its
+lines reach the console: that preflight passed, how large the client-level DP
+noise is next to the clip norm, a resume, a client left out of a round.
+
+Levels follow ``TrainingArguments``: ``log_level`` on the main process,
+``log_level_replica`` on the others. ``log_level``'s default, ``"passive"``,
+means INFO here (what Hugging Face's example scripts show by default);
+``log_level: warning`` keeps only warnings and errors. The Trainer applies
+the same settings to ``transformers``' own log.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from fedpac_hf.config.arguments import FedPACArguments
+
+__all__ = ["PACKAGE_LOGGER", "show_package_log"]
+
+#: the logger every module of the package logs under
+PACKAGE_LOGGER = "fedpac_hf"
+
+_FORMAT = "[%(name)s] %(levelname)s: %(message)s"
+
+
+class _ConsoleHandler(logging.StreamHandler):
+    """A handler on the standard error stream of the moment it writes (so that a program
+    which swaps ``sys.stderr``, as test capture does, still gets the lines)."""
+
+    @property
+    def stream(self):  # noqa: D102 - logging.StreamHandler's attribute
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ sets it; always sys.stderr
+        pass
+
+
+def show_package_log(args: FedPACArguments) -> int:
+    """Send the package's log records to standard error, at the run's level.
+
+    Calling it again changes the level; it never adds a second handler.
+
+    Parameters
+    ----------
+    args : FedPACArguments
+        The run's arguments: ``log_level`` (main process; ``"passive"``: INFO)
+        and ``log_level_replica`` (the other processes) decide the level.
+
+    Returns
+    -------
+    int
+        The level set on the ``fedpac_hf`` logger.
+    """
+    if args.should_log:
+        # TrainingArguments' levels are the standard library's names in lower case
+        level = (
+            logging.INFO
+            if args.log_level == "passive"
+            else getattr(logging, args.log_level.upper())
+        )
+    else:
+        level = args.get_process_log_level()
+    logger = logging.getLogger(PACKAGE_LOGGER)
+    if not any(isinstance(handler, _ConsoleHandler) for handler in logger.handlers):
+        handler = _ConsoleHandler()
+        handler.setFormatter(logging.Formatter(_FORMAT))
+        logger.addHandler(handler)
+    logger.setLevel(level)
+    return level
