@@ -132,8 +132,8 @@ def share_levels(
 
 
 def theta_noise_per_float(suite: Suite, run: Run) -> float:
-    """The std of the noise on one float of the round's mean Theta at the peak rate:
-    ``z k_Theta C_Theta / qN`` with ``k_Theta = 1 / sqrt(s)``."""
+    """The std of the noise on one float of a round's mean Theta, in every round (Theta's
+    bound does not follow the rate): ``z k_Theta C_Theta / qN`` with ``k_Theta = 1 / sqrt(s)``."""
     share = float(run.theta_share or 0.5)
     z = population_noise_multiplier(suite, run.population or "1")
     return z * float(run.theta_clip) / math.sqrt(share) / suite.clients_per_round
@@ -160,7 +160,8 @@ def share_section(
         "mechanism tuned again on the validation split (seed 0) for the methods whose "
         "clients send Theta; `benchmarks/_privacy_share.py` states the hypotheses, written "
         "before these runs. Validation accuracy (%, mean of the last 3 rounds) by share, and "
-        "the std of the noise on one float of the round's mean Theta at the peak rate "
+        "the std of the noise on one float of a round's mean Theta (Theta's bound does not "
+        "follow the rate, so in every round) "
         "(z k_Theta C_Theta / qN):",
         "",
         "| method | " + " | ".join(f"share {s or '0.5'}" for s in SHARES) + " | chosen |",
@@ -207,12 +208,29 @@ def share_section(
         ""
         if clip_only is None
         else f"; difference {fmt(pair['noise'].mean - clip_only.mean)} +- "
-        f"{lead_error(pair, 'clip only', 'noise')} points"
+        f"{lead_error(pair, 'clip only', 'noise')} points, {paired_difference(pair)} paired "
+        "by seed (the same partition and client sampling)"
     )
     lines += [
         f"Next to no noise: {CONTROL_METHOD} at x{SCALE}'s final settings with the noise of "
-        f"x{int(TINY):,} (Theta's noise {theta_noise_per_float(suite, tiny[0]):.2g} per float "
-        f"at the peak rate): {cell(pair['noise'])}, against {cell(clip_only)} with clipping "
-        f"only (the last section's control, the same seeds){difference}.",
+        f"x{int(TINY):,} (Theta's noise {theta_noise_per_float(suite, tiny[0]):.2g} per "
+        f"float): {cell(pair['noise'])}, against {cell(clip_only)} with clipping only (the "
+        f"last section's control, the same seeds){difference}.",
         "",
     ]
+
+
+def paired_difference(pair: dict[str, Summary]) -> str:
+    """``mean +- standard error`` (points) of the per-seed differences ``noise - clip only``
+    over the seeds both have."""
+    by_seed = [
+        {r["seed"]: r["history"][-1]["eval_accuracy"] for r in pair[name].runs}
+        for name in ("noise", "clip only")
+    ]
+    seeds = sorted(set(by_seed[0]) & set(by_seed[1]))
+    diffs = [by_seed[0][s] - by_seed[1][s] for s in seeds]
+    if len(diffs) < 2:
+        return "-"
+    mean = sum(diffs) / len(diffs)
+    std = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
+    return f"{fmt(mean)} +- {fmt(std / math.sqrt(len(diffs)))}"
