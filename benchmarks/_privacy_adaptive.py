@@ -16,6 +16,7 @@ against fedpac_soap's clip-only lead of the first row.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict
 
 import numpy as np
 from _harness.reporting import Summary, summarise
@@ -57,7 +58,7 @@ def _finals(suite: Suite, method: str, done: dict[str, Record]) -> list[Record]:
     pick = adaptive_run(suite, method, done, 0)
     if pick is None:
         return []
-    wanted = (method, LEVEL, "dp", pick.theta_share, ADAPTIVE, "", "", "", "", "")
+    wanted = tuned_as(asdict(pick))
     return [r for r in done.values() if r["stage"] == "final" and tuned_as(r) == wanted]
 
 

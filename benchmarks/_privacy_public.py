@@ -10,6 +10,7 @@ tuning table. ``_privacy_report.py`` writes them.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 
 from _harness.reporting import Summary, chosen_cell, fmt, summarise, tuning_table
 from _harness.runs import Record, tune_score
@@ -99,7 +100,7 @@ def public_levels(
         for method in PUBLIC_CURVATURE:
             pick = public_pick(suite, method, level, done)
             if pick is not None:
-                wanted = (method, level, pick.tuned, "", pick.clip_schedule, "", "", "", "", "")
+                wanted = tuned_as(asdict(pick))
                 runs += [r for r in finals if tuned_as(r) == wanted]
         levels[level] = {**levels[level], **summarise(runs, "eval_accuracy")}
     return levels

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 
 import numpy as np
 from _harness.reporting import Summary, fmt, summarise
@@ -77,18 +78,7 @@ def dp_tuned_levels(
             picked = choose(suite, method, level, done)
             if picked is None:
                 continue
-            wanted = (
-                method,
-                level,
-                picked.tuned,
-                picked.theta_share,
-                picked.clip_schedule,
-                picked.clip_quantile,
-                picked.decay,
-                picked.budget,
-                picked.beta,
-                picked.population,
-            )
+            wanted = tuned_as(asdict(picked))
             runs += [r for r in finals if tuned_as(r) == wanted]
         levels[level] = summarise(runs, "eval_accuracy")
     return levels
@@ -97,8 +87,8 @@ def dp_tuned_levels(
 def tuned_as(r: Record) -> tuple[str, ...]:
     """What identifies a final run's protocol: method, level, where its rate was tuned,
     Theta's share, the clip schedule, the clip norms' quantile, the curvature's decay,
-    Theta's size, beta and the emulated federation's size (records from before a field have
-    its default)."""
+    Theta's size, beta, the emulated federation's size and SOAP's eps (records from before a
+    field have its default; ``tuned_as(asdict(run))`` is a planned run's)."""
     return (
         r["method"],
         r["privacy"],
@@ -110,6 +100,7 @@ def tuned_as(r: Record) -> tuple[str, ...]:
         r.get("budget", ""),
         r.get("beta", ""),
         r.get("population", ""),
+        r.get("eps", ""),
     )
 
 
@@ -122,9 +113,11 @@ def setting_label(
     budget: str = "",
     beta: str = "",
     population: str = "",
+    eps: str = "",
 ) -> str:
     """A rate (a number or a cell) with its share, clip schedule, clip quantile, curvature
-    decay, Theta's size, beta and the emulated federation's size where not the defaults."""
+    decay, Theta's size, beta, the emulated federation's size and SOAP's eps where not the
+    defaults."""
     rate = lr if isinstance(lr, str) else f"{lr:g}"
     return (
         rate
@@ -135,6 +128,7 @@ def setting_label(
         + (f", budget {budget}" if budget else "")
         + (f", beta {beta}" if beta else "")
         + (f", x{population} federation" if population else "")
+        + (f", eps {eps}" if eps else "")
     )
 
 

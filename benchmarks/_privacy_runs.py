@@ -32,7 +32,6 @@ from _privacy_tuning import (
     Run,
     algorithm_of,
     aligns,
-    optimizer_kwargs,
 )
 
 KEYS = (
@@ -44,6 +43,16 @@ KEYS = (
     "dp_theta_clip_norm",
     "public_train_loss",
 )
+
+
+def optimizer_kwargs(run: Run) -> dict[str, object]:
+    """``client_optimizer_kwargs`` of ``run``: its curvature decay and SOAP's eps, if any."""
+    kwargs: dict[str, object] = {"eps": float(run.eps)} if run.eps else {}
+    if run.decay and "soap" in run.method:
+        kwargs["shampoo_beta"] = float(run.decay)
+    elif run.decay:
+        kwargs["betas"] = [0.9, float(run.decay)]  # AdamW's defaults but the second rate
+    return kwargs
 
 
 def overrides(suite: Suite, run: Run, run_dir: Path) -> list[str]:
@@ -64,7 +73,7 @@ def overrides(suite: Suite, run: Run, run_dir: Path) -> list[str]:
         # run.clip_quantile only says where run.clip and run.theta_clip came from
         over += list(noise_setting(suite, run))
         over += ["--dp_noise_seed", str(run.seed)]
-    if run.decay:
+    if run.decay or run.eps:
         over += ["--client_optimizer_kwargs", json.dumps(optimizer_kwargs(run))]
     if run.budget:
         over += ["--theta_budget", run.budget]

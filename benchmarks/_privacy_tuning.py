@@ -115,7 +115,7 @@ class Run:
     the default ``theta_budget``); ``beta`` the correction strength as passed
     (``""``: the algorithm's); ``population`` how many times larger the federation
     whose noise at epsilon ``privacy`` the run emulates (``_privacy_population.py``;
-    ``""``: this one's).
+    ``""``: this one's); ``eps`` SOAP's Adam eps (``""``: its default).
     """
 
     stage: str
@@ -133,6 +133,7 @@ class Run:
     budget: str = ""
     beta: str = ""
     population: str = ""
+    eps: str = ""
 
     @property
     def key(self) -> str:
@@ -144,6 +145,7 @@ class Run:
         settings += curvature
         settings += f"_beta{self.beta}" if self.beta else ""
         settings += f"_pop{self.population}" if self.population else ""
+        settings += f"_eps{self.eps}" if self.eps else ""
         if self.stage == "tune":
             return f"tune_{self.method}_lr{self.lr:g}{curvature}_s{self.seed}"
         if self.stage == "dptune":
@@ -156,15 +158,6 @@ def tune_key(method: str, lr: float, **curvature: str) -> str:
     """The cache key of ``method``'s tuning run at ``lr`` (and the curvature's ``decay`` and
     ``budget``, where given)."""
     return Run("tune", method, "nodp", 0, lr, **curvature).key
-
-
-def optimizer_kwargs(run: Run) -> dict[str, object]:
-    """``client_optimizer_kwargs`` of ``run``: its curvature decay, if any."""
-    if not run.decay:
-        return {}
-    if "soap" in run.method:
-        return {"shampoo_beta": float(run.decay)}
-    return {"betas": [0.9, float(run.decay)]}  # AdamW's defaults but the second rate
 
 
 def chosen(suite: Suite, method: str, done: dict[str, Record]) -> tuple[float, str, str] | None:
