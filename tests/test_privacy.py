@@ -620,6 +620,62 @@ def test_record_epsilon_is_the_worst_clients_over_every_round():
         assert metrics["epsilon"] == pytest.approx(_pld_epsilon(q, 1.2, 2 * r, 1e-5), rel=1e-9)
 
 
+@pytest.mark.parametrize(("z", "loud"), [(1.2, True), (0.05, False)])
+def test_a_record_dp_run_says_how_large_its_noise_is_before_round_one(caplog, z, loud):
+    """simulate logs DP-SGD's z and the noise on a step's mean clipped gradient in clip norms,
+    z sqrt(d) / B, before round 1; from one clip norm up as a warning naming the batch size."""
+    x, y = _examples(n=24)
+    loaders = [DataLoader(TensorDataset(x[i::2], y[i::2]), batch_size=4) for i in range(2)]
+    model = _model()
+    floats = sum(p.numel() for p in model.parameters())
+    common = dict(lr=0.05, preflight=False, dp_mode="record", dp_clip_norm=1.0, dp_noise_seed=0)
+    with caplog.at_level("INFO", logger="fedpac_hf.federated.simulation"):
+        simulate(model, loaders, "fedpac_soap", 1, 2, 1, _loss, dp_noise_multiplier=z, **common)
+    (record,) = [r for r in caplog.records if "record-level DP" in r.getMessage()]
+    ratio = z * floats**0.5 / 4
+    assert (ratio >= 1.0) == loud and record.levelname == ("WARNING" if loud else "INFO")
+    message = record.getMessage()
+    assert f"noise multiplier {z:.4g}" in message and f"{ratio:.3g} x dp_clip_norm" in message
+    assert ("per_device_train_batch_size" in message) == loud
+
+
+def test_the_trainer_says_how_large_its_record_noise_is(tmp_path, caplog):
+    model = tiny_vit()
+    floats = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    dp = dict(dp_mode="record", dp_clip_norm=1.0, dp_noise_multiplier=1.0, dp_noise_seed=5)
+    args = vit_args(tmp_path, num_rounds=1, **dp)
+    trainer = FedPACTrainer(model=model, args=args, train_dataset=image_data()["train"])
+    with caplog.at_level("INFO", logger="fedpac_hf.trainer.client_steps"):
+        trainer.train()
+    (record,) = [r for r in caplog.records if "record-level DP" in r.getMessage()]
+    ratio = floats**0.5 / args.per_device_train_batch_size
+    assert f"{ratio:.3g} x dp_clip_norm" in record.getMessage()
+
+
+def test_the_record_noise_note_gives_the_range_of_the_clients_noise():
+    """With a target epsilon each client has its own z: the note names the smallest and the
+    largest (the clients with the largest and the smallest sampling rate)."""
+    import logging
+
+    from fedpac_hf.federated.privacy_notes import describe_record_noise
+
+    dp = RecordDP.from_settings(clip_norm=1.0, target_epsilon=3.0)
+    clients = [(20, 4), (200, 4), (90, 4)]
+    zs = [dp.client_noise(dp.sample_rate(4, n), 5, 10) for n in (20, 200)]
+    log = logging.getLogger("test_record_note")
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda r: messages.append(r.getMessage())
+    log.addHandler(handler)
+    try:
+        ratio = describe_record_noise(dp, 100, clients, 5, 10, log)
+    finally:
+        log.removeHandler(handler)
+    assert ratio == pytest.approx(max(zs) * 10 / 4)
+    (message,) = messages
+    assert f"noise multiplier {min(zs):.4g} to {max(zs):.4g} over the clients" in message
+
+
 def test_a_target_epsilon_gives_each_client_its_own_noise():
     dp = RecordDP.from_settings(clip_norm=1.0, target_epsilon=3.0)
     small = dp.for_client(

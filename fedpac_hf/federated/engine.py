@@ -46,7 +46,8 @@ from .failures import (
     run_client,
 )
 from .privacy import ClientDP
-from .privacy_noise import new_noise_seed, noise_norm_ratio
+from .privacy_noise import new_noise_seed
+from .privacy_notes import describe_client_noise
 from .round_plan import RoundPlan
 from .sampling import poisson_sample_clients, resolve_clients_per_round, sample_clients
 from .server import WEIGHTINGS, RoundAggregator
@@ -191,32 +192,11 @@ class RoundEngine:
         if self.state.noise_seed is None:
             seed = new_noise_seed() if noise_seed is None else int(noise_seed)
             self.state = dataclasses.replace(self.state, noise_seed=seed)
-        self._describe_noise(resolved)
-        return resolved
-
-    def _describe_noise(self, dp: ClientDP) -> None:
-        """Log the resolved mechanism once: z, and the noise on a round's mean delta relative
-        to the clip norm (a warning when it is at least the clip norm)."""
-        if not dp.noise_multiplier:
-            self.log.info("client-level DP: clipping only (dp_noise_multiplier 0), no noise")
-            return
         floats = sum(p.numel() for p in self.state.params.values())
-        ratio = noise_norm_ratio(dp, floats, self.clients_per_round)  # q N
-        target = f"epsilon {dp.target_epsilon:g} at " if dp.target_epsilon is not None else ""
-        note = (
-            f"client-level DP: noise multiplier {dp.noise_multiplier:.4g} ({target}delta "
-            f"{dp.delta:.3g} after {self.num_rounds} rounds, q = {self.sample_rate:.3g}); the "
-            f"noise on a round's mean delta has L2 norm {ratio:.3g} x dp_clip_norm "
-            f"(z k sqrt(d) / (q N), d = {floats:,} floats; logged as dp_noise_norm)"
+        describe_client_noise(
+            resolved, floats, self.clients_per_round, self.sample_rate, self.num_rounds, self.log
         )
-        if ratio < 1.0:
-            self.log.info(note)
-            return
-        self.log.warning(
-            note + ": as large as a whole clipped client update, so each round's mean update "
-            "will be mostly noise. More clients per round (clients_per_round), fewer "
-            "trainable parameters or a larger dp_target_epsilon make it smaller"
-        )
+        return resolved
 
     @property
     def sample_rate(self) -> float:

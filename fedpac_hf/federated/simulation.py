@@ -24,6 +24,7 @@ from .failures import require_finite_evaluation
 from .local_step import ClientHooks, LocalSteps, LossFn
 from .preflight import preflight as run_preflight
 from .privacy import DP_MODES, ClientDP
+from .privacy_notes import describe_record_noise
 from .record_privacy import RecordDP, check_loader, record_loader
 from .round_plan import RoundPlan
 from .schedule import round_learning_rates
@@ -306,6 +307,14 @@ def simulate(
         record.check_model(model)
         for cid, loader in enumerate(client_loaders):
             check_loader(loader, cid)
+        describe_record_noise(
+            record,
+            sum(p.numel() for p in model.parameters() if p.requires_grad),
+            [(len(loader.dataset), loader.batch_size) for loader in client_loaders],
+            local_steps,
+            num_rounds,
+            logger,
+        )
 
     def train_client(client_id: int, plan: RoundPlan):
         loader = client_loaders[client_id]

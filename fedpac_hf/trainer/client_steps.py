@@ -12,6 +12,7 @@ hands to the core's :func:`~fedpac_hf.federated.client_update`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,7 @@ from fedpac_hf.federated import (
     cycle_batches,
 )
 from fedpac_hf.federated.privacy import ClientDP
+from fedpac_hf.federated.privacy_notes import describe_record_noise
 from fedpac_hf.federated.record_privacy import RecordClient, poisson_loader
 
 if TYPE_CHECKING:
@@ -37,6 +39,8 @@ if TYPE_CHECKING:
     from fedpac_hf.federated import Algorithm
 
 __all__ = ["ClientStepsMixin", "NO_PUBLIC_DATA", "PUBLIC_CLIENT"]
+
+logger = logging.getLogger(__name__)
 
 NO_PUBLIC_DATA = (
     "public_curvature is set but the trainer has no curvature_dataset: pass "
@@ -58,8 +62,8 @@ class ClientStepsMixin:
 
     What it uses of the trainer it is mixed into is declared below: Trainer's
     ``args``, ``model``, ``accelerator``, ``compute_loss`` and ``_prepare_inputs``,
-    and the trainer's ``server_state``, ``client_dataset``, ``curvature_dataset``
-    and ``ensure_accelerator``.
+    and the trainer's ``server_state``, ``client_dataset``, ``client_indices`` /
+    ``client_datasets``, ``curvature_dataset`` and ``ensure_accelerator``.
     """
 
     args: FedPACArguments
@@ -74,6 +78,8 @@ class ClientStepsMixin:
     curvature_dataset: Any
     server_state: ServerState | None
     client_dataset: Callable[[int], Any]
+    client_indices: list[np.ndarray] | None
+    client_datasets: list[Any] | None
     client_transform: Callable[[Any], Any] | None
     _remove_unused_columns: Callable[..., Any]
     ensure_accelerator: Callable[[], None]
@@ -151,6 +157,27 @@ class ClientStepsMixin:
         if hasattr(rows, "column_names"):
             return self._remove_unused_columns(rows, description="public curvature")
         return rows
+
+    def check_record_privacy(self, model: torch.nn.Module) -> None:
+        """Under record-level DP, before round 1: refuse a layer Opacus cannot cover and log
+        the noise on each local step (:func:`~fedpac_hf.federated.privacy_notes.describe_record_noise`)."""
+        record = self.args.record_privacy()
+        if record is None:
+            return
+        record.check_model(model)
+        if self.client_indices is not None:
+            sizes = [len(indices) for indices in self.client_indices]
+        else:
+            sizes = [len(dataset) for dataset in self.client_datasets or ()]
+        batch = self.args.per_device_train_batch_size
+        describe_record_noise(
+            record,
+            sum(p.numel() for p in model.parameters() if p.requires_grad),
+            [(size, batch) for size in sizes],
+            self.args.local_steps,
+            self.args.num_rounds,
+            logger,
+        )
 
     def client_privacy(
         self, client_id: int, dataset: Any, round_index: int

@@ -303,8 +303,7 @@ class FedPACTrainer(ClientStepsMixin, RoundCheckpointsMixin, PreflightMixin, Tra
         trainable_parameters(model)  # fails early without trainable parameters
         if self.algorithm.public_curvature and self.curvature_dataset is None:
             raise ValueError(NO_PUBLIC_DATA)
-        if (record := args.record_privacy()) is not None:
-            record.check_model(model)  # a layer Opacus cannot cover: refused before round 1
+        self.check_record_privacy(model)  # a layer Opacus cannot cover: refused before round 1
         self.state = TrainerState(
             is_local_process_zero=self.is_local_process_zero(),
             is_world_process_zero=self.is_world_process_zero(),
