@@ -71,7 +71,7 @@ from dataclasses import replace
 
 from _harness.reporting import Summary, fmt, summarise
 from _harness.runs import Record, tune_score
-from _privacy_results import cell, lead, lead_error
+from _privacy_results import cell, lead_cell
 from _privacy_runs import population_noise_multiplier
 from _privacy_suites import NUM_CLIENTS, Suite
 from _privacy_tables import num_parameters
@@ -266,14 +266,7 @@ def population_section(
     columns = [levels["inf"], levels[LEVEL], *(emulated[p] for p in POPULATIONS)]
     for method in methods:
         lines.append(f"| {method} | " + " | ".join(cell(c.get(method)) for c in columns) + " |")
-    leads = []
-    for column in columns:
-        got = lead(column)
-        leads.append(
-            "-"
-            if got is None
-            else f"{100 * got[0]:+.1f} +- {lead_error(column, got[1])} (vs {got[1]})"
-        )
+    leads = [lead_cell(column) for column in columns]
     lines += ["| fedpac_soap's lead | " + " | ".join(leads) + " |", ""]
     control = summarise(
         [done[r.key] for r in control_runs(suite, done) if r.key in done], "eval_accuracy"

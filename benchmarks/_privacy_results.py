@@ -150,6 +150,15 @@ def lead_error(summ: dict[str, Summary], rival: str, method: str = "fedpac_soap"
     return fmt(math.sqrt(a.std**2 / a.seeds + b.std**2 / b.seeds))
 
 
+def lead_cell(summ: dict[str, Summary]) -> str:
+    """fedpac_soap's lead over the best first-order method at one level, as a table cell:
+    ``+x.x +- se (vs rival)`` in points (``-`` while a method is missing)."""
+    got = lead(summ)
+    if got is None:
+        return "-"
+    return f"{100 * got[0]:+.1f} +- {lead_error(summ, got[1])} (vs {got[1]})"
+
+
 def lead_line(levels: dict[str, dict[str, Summary]], names: Sequence[str]) -> str:
     """fedpac_soap's lead at each of the levels ``names``, as one sentence."""
     leads = [(level, lead(levels[level])) for level in names]

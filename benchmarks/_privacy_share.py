@@ -65,7 +65,7 @@ from _privacy_population import (
     control_runs,
     population_chosen,
 )
-from _privacy_results import cell, lead, lead_error
+from _privacy_results import cell, lead_cell, lead_error
 from _privacy_runs import population_noise_multiplier
 from _privacy_suites import Suite
 from _privacy_tuning import Run, dp_tune_run
@@ -216,14 +216,7 @@ def share_section(
     ]
     for method in methods:
         lines.append(f"| {method} | {cell(scale.get(method))} | {cell(tuned.get(method))} |")
-    leads = []
-    for column in (scale, tuned):
-        got = lead(column)
-        leads.append(
-            "-"
-            if got is None
-            else f"{100 * got[0]:+.1f} +- {lead_error(column, got[1])} (vs {got[1]})"
-        )
+    leads = [lead_cell(column) for column in (scale, tuned)]
     lines += ["| fedpac_soap's lead | " + " | ".join(leads) + " |", ""]
     clip_only = _summary(control_runs(suite, done), done)
     near_zero = _summary(tiny, done)
