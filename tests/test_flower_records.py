@@ -126,3 +126,29 @@ def test_strategy_runs_the_round_engine_and_refuses_impossible_minimums():
         ValueError, match="min_clients_per_round must lie in \\[1, clients per round = 3\\], got 4"
     ):
         engine(algorithm="fedavg", clients_per_round=3, min_clients_per_round=4)
+
+
+def test_a_record_dp_client_app_describes_its_noise_when_it_builds_its_trainer(tmp_path, caplog):
+    """A ClientApp's first message builds its trainer; under record-level DP it logs the noise
+    on each local step (z sqrt(d) / B clip norms) there, before any round's work."""
+    from flwr.common import Context, RecordDict
+
+    from fedpac_hf.flower.clientapp import _TRAINERS, FedPACClient
+
+    from .trainer_fixtures import build_trainer, flower_args
+
+    dp = {"dp_mode": "record", "dp_clip_norm": 1.0, "dp_noise_multiplier": 1.0}
+    args = flower_args(tmp_path, preflight=False, **dp)
+    client = FedPACClient(build_trainer, arguments=args)
+    context = Context(
+        run_id=7, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={}
+    )
+    try:
+        with caplog.at_level("INFO", logger="fedpac_hf.trainer.client_steps"):
+            trainer, _ = client.trainer_for(context)
+    finally:
+        _TRAINERS.clear()  # the process-wide cache: no trainer left for other tests
+    floats = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    (record,) = [r for r in caplog.records if "record-level DP" in r.getMessage()]
+    ratio = floats**0.5 / trainer.args.per_device_train_batch_size
+    assert f"{ratio:.3g} x dp_clip_norm" in record.getMessage()

@@ -115,7 +115,9 @@ class FedPACClient:
         """The trainer of the context's run (built on first use) and its number of clients.
 
         On first use the trainer's preflight runs on this node's partition
-        (``preflight=False`` skips it); a trainer that fails it is not kept.
+        (``preflight=False`` skips it) and, under record-level DP, the model is
+        checked and the noise on each local step logged; a trainer that fails
+        either is not kept.
 
         The arguments are built only with the trainer: building any
         ``TrainingArguments`` resets Accelerate's process-wide state, which a
@@ -133,6 +135,7 @@ class FedPACClient:
                 trainer = self.build_trainer(args, dict(context.run_config))
                 trainer.model.to(trainer.args.device)
                 num_clients = trainer.setup_clients()
+                trainer.check_record_privacy(trainer.model)  # DP-SGD: refused or described
                 partition, _ = _partition_of(context)
                 if trainer.args.preflight and 0 <= partition < num_clients:
                     # on the first message, before any round's work: a failure is
