@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
+from typing import Any
 
 import dp_accounting
 import pytest
@@ -25,6 +27,7 @@ from fedpac_hf.federated.local_step import ClientHooks, LocalSteps
 from fedpac_hf.federated.privacy import ClientDP
 from fedpac_hf.federated.privacy_clip import own_part, public_reference
 from fedpac_hf.federated.privacy_noise import noise_generator, noised_round
+from fedpac_hf.federated.privacy_notes import describe_client_noise, describe_record_noise
 from fedpac_hf.federated.record_privacy import RecordDP, record_loader
 from fedpac_hf.federated.sampling import poisson_sample_clients
 from fedpac_hf.federated.server import RoundAggregator
@@ -323,6 +326,29 @@ def test_below_the_accounted_noise_epsilon_is_infinite_not_an_overflow():
     assert 1e6 < just_above < math.inf
     assert epsilon_after(20, MIN_ACCOUNTED_NOISE * 0.99, 0.1, 1e-5) == math.inf
     assert epsilon_after(20, 6e-6, 0.1, 500**-1.1) == math.inf  # overflowed before
+
+
+def test_the_noise_note_says_when_epsilon_is_logged_as_inf():
+    messages = []
+    for z in (MIN_ACCOUNTED_NOISE / 2, MIN_ACCOUNTED_NOISE):
+        dp = ClientDP.from_settings("client", clip_norm=1.0, noise_multiplier=z)
+        messages += _notes(describe_client_noise, dp.resolve(100, 0.1, 5), 50, 10.0, 0.1, 5)
+    assert ["logged as inf" in m for m in messages] == [True, False]
+
+
+def _notes(describe: Any, *args: Any) -> list[str]:
+    """What ``describe(*args, log)`` logs, INFO and up (the notes of ``privacy_notes``)."""
+    messages: list[str] = []
+    log = logging.getLogger(f"test_privacy.{describe.__name__}")
+    log.setLevel(logging.INFO)
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    log.addHandler(handler)
+    try:
+        describe(*args, log)
+    finally:
+        log.removeHandler(handler)
+    return messages
 
 
 def test_a_target_epsilon_gives_the_smallest_noise_that_meets_it():
@@ -655,25 +681,12 @@ def test_the_trainer_says_how_large_its_record_noise_is(tmp_path, caplog):
 def test_the_record_noise_note_gives_the_range_of_the_clients_noise():
     """With a target epsilon each client has its own z: the note names the smallest and the
     largest (the clients with the largest and the smallest sampling rate)."""
-    import logging
-
-    from fedpac_hf.federated.privacy_notes import describe_record_noise
-
     dp = RecordDP.from_settings(clip_norm=1.0, target_epsilon=3.0)
     clients = [(20, 4), (200, 4), (90, 4)]
     zs = [dp.client_noise(dp.sample_rate(4, n), 5, 10) for n in (20, 200)]
-    log = logging.getLogger("test_record_note")
-    messages: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda r: messages.append(r.getMessage())
-    log.addHandler(handler)
-    try:
-        ratio = describe_record_noise(dp, 100, clients, 5, 10, log)
-    finally:
-        log.removeHandler(handler)
-    assert ratio == pytest.approx(max(zs) * 10 / 4)
-    (message,) = messages
+    (message,) = _notes(describe_record_noise, dp, 100, clients, 5, 10)
     assert f"noise multiplier {min(zs):.4g} to {max(zs):.4g} over the clients" in message
+    assert f"up to {max(zs) * 10 / 4:.3g} x dp_clip_norm" in message  # sqrt(100) / B
 
 
 def test_a_target_epsilon_gives_each_client_its_own_noise():

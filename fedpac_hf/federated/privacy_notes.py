@@ -18,6 +18,7 @@ import logging
 import math
 from collections.abc import Sequence
 
+from .accounting import MIN_ACCOUNTED_NOISE
 from .privacy import ClientDP
 from .privacy_noise import noise_norm_ratio
 from .record_privacy import RecordDP
@@ -73,6 +74,10 @@ def describe_client_noise(
         f"has L2 norm {ratio:.3g} x dp_clip_norm (z k sqrt(d) / (q N), d = {num_floats:,} "
         "floats; logged as dp_noise_norm)"
     )
+    if dp.noise_multiplier < MIN_ACCOUNTED_NOISE:
+        note += (
+            f"; below z = {MIN_ACCOUNTED_NOISE:g} epsilon is in the millions and is logged as inf"
+        )
     remedy = (
         "as large as a whole clipped client update, so each round's mean update will be "
         "mostly noise. More clients per round (clients_per_round), fewer trainable parameters "
