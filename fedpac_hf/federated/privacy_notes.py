@@ -70,9 +70,9 @@ def describe_client_noise(
     target = f"epsilon {dp.target_epsilon:g} at " if dp.target_epsilon is not None else ""
     note = (
         f"client-level DP: noise multiplier {dp.noise_multiplier:.4g} ({target}delta "
-        f"{dp.delta:.3g} after {num_rounds} rounds, q = {sample_rate:.3g}); the noise on a round's mean delta "
-        f"has L2 norm {ratio:.3g} x dp_clip_norm (z k sqrt(d) / (q N), d = {num_floats:,} "
-        "floats; logged as dp_noise_norm)"
+        f"{dp.delta:.3g} after {num_rounds} rounds, q = {sample_rate:.3g}); the noise on a "
+        f"round's mean delta has L2 norm {ratio:.3g} x dp_clip_norm (z k sqrt(d) / (q N), "
+        f"d = {num_floats:,} floats; logged as dp_noise_norm)"
     )
     if dp.noise_multiplier < MIN_ACCOUNTED_NOISE:
         note += (

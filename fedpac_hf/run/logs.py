@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TextIO
 
 from fedpac_hf.config.arguments import FedPACArguments
 
@@ -33,11 +34,12 @@ class _ConsoleHandler(logging.StreamHandler):
     which swaps ``sys.stderr``, as test capture does, still gets the lines)."""
 
     @property
-    def stream(self):  # noqa: D102 - logging.StreamHandler's attribute
+    def stream(self) -> TextIO:
+        """The current ``sys.stderr``."""
         return sys.stderr
 
     @stream.setter
-    def stream(self, value) -> None:  # StreamHandler.__init__ sets it; always sys.stderr
+    def stream(self, value: TextIO) -> None:  # StreamHandler.__init__ sets it: ignored
         pass
 
 

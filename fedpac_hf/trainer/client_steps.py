@@ -160,7 +160,8 @@ class ClientStepsMixin:
 
     def check_record_privacy(self, model: torch.nn.Module) -> None:
         """Under record-level DP, before round 1: refuse a layer Opacus cannot cover and log
-        the noise on each local step (:func:`~fedpac_hf.federated.privacy_notes.describe_record_noise`)."""
+        the noise on each local step
+        (:func:`~fedpac_hf.federated.privacy_notes.describe_record_noise`)."""
         record = self.args.record_privacy()
         if record is None:
             return
