@@ -54,8 +54,9 @@ Hypotheses, written before any of these runs:
 
 What runs: for each method of :data:`SHARE_METHODS`, the validation runs at
 x100's chosen rate and clip norms (:func:`~_privacy_population.population_chosen`)
-with each share of :data:`SHARES` (the one x100 chose is already run; its
-share wins a tie), then :data:`~_privacy_tuning.GOAL_SEEDS` test seeds at the
+with each share of :data:`SHARES` on :data:`VALIDATION_SEEDS` seeds (seed 0
+alone was the first hypothesis's choice; x100's own share, already run on
+seed 0, wins a tie), then :data:`~_privacy_tuning.GOAL_SEEDS` test seeds at the
 chosen share (runs already made at that share are reused: the x100 finals, the
 fifth part's share-0.5 control); and fedpac_soap at x100's final settings with
 the noise of :data:`TINY`, :data:`~_privacy_population.CONTROL_SEEDS` test
