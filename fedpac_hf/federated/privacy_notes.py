@@ -120,16 +120,12 @@ def describe_record_noise(
     float
         The largest noise norm over the clip norm among those clients.
     """
-    by_rate = sorted(clients, key=lambda c: dp.sample_rate(c[1], c[0]))
-    ends = [by_rate[0], by_rate[-1]] if by_rate else []
-    ratios, zs = [], []
-    for examples, batch in ends:
-        z = dp.client_noise(dp.sample_rate(batch, examples), local_steps, num_rounds)
-        zs.append(z)
-        ratios.append(z * math.sqrt(num_floats) / batch)
-    if not ratios:
+    if not clients:
         return 0.0
-    ratio = max(ratios)
+    by_rate = sorted(clients, key=lambda c: dp.sample_rate(c[1], c[0]))
+    ends = [by_rate[0], by_rate[-1]]
+    zs = [dp.client_noise(dp.sample_rate(b, n), local_steps, num_rounds) for n, b in ends]
+    ratio = max(z * math.sqrt(num_floats) / b for z, (_, b) in zip(zs, ends))
     if dp.target_epsilon is None:
         how = f"noise multiplier {zs[0]:.4g}"
     else:

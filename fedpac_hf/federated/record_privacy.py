@@ -294,7 +294,9 @@ def record_steps(
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
-    RecordDP.check_model(model)  # a Flower client checks here, before its first step
+    # simulate, the trainer and the Flower ClientApp check before round 1; this covers
+    # a direct client_update call
+    RecordDP.check_model(model)
     wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
     optimizer = DPOptimizer(
         torch.optim.SGD(params, lr=0.0),

@@ -59,15 +59,9 @@ def show_package_log(args: FedPACArguments) -> int:
     int
         The level set on the ``fedpac_hf`` logger.
     """
-    if args.should_log:
-        # TrainingArguments' levels are the standard library's names in lower case
-        level = (
-            logging.INFO
-            if args.log_level == "passive"
-            else getattr(logging, args.log_level.upper())
-        )
-    else:
-        level = args.get_process_log_level()
+    level = args.get_process_log_level()
+    if args.should_log and args.log_level == "passive":
+        level = logging.INFO  # the main process's default here, as HF's example scripts
     logger = logging.getLogger(PACKAGE_LOGGER)
     if not any(isinstance(handler, _ConsoleHandler) for handler in logger.handlers):
         handler = _ConsoleHandler()
