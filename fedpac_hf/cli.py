@@ -200,8 +200,8 @@ def run_train(args: argparse.Namespace) -> int:
         config_parser().print_help()
         return 0
     from fedpac_hf.run import parse_run_config, run_training
-    from fedpac_hf.run.logs import show_package_log
     from fedpac_hf.run.parsing import settings_stage
+    from fedpac_hf.trainer.logs import show_package_log
 
     with settings_stage("reading the settings"):
         model_args, training_args = parse_run_config(args.config, args.overrides)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import re
@@ -10,6 +11,7 @@ import re
 import pytest
 import yaml
 
+from fedpac_hf import FedPACArguments
 from fedpac_hf.cli import main
 from fedpac_hf.run import ModelDataArguments, parse_run_config
 
@@ -290,3 +292,21 @@ def test_train_shows_the_packages_log_at_the_runs_log_level(tmp_path, capsys, lo
     info = "[fedpac_hf.trainer.preflight] INFO: preflight passed"
     assert (info in err) == (log_level is None)
     assert len(logging.getLogger("fedpac_hf").handlers) == 1  # one console handler, not one per run
+
+
+def test_the_packages_log_goes_to_one_place_at_a_time(tmp_path):
+    """A Flower app hands the package's lines to Flower's console handler; a later
+    `fedpac-hf train` in the same process moves them back to stderr, never to both."""
+    from fedpac_hf.trainer.logs import show_package_log
+
+    args = FedPACArguments(output_dir=str(tmp_path), log_level="warning")
+    package = logging.getLogger("fedpac_hf")
+    elsewhere = logging.StreamHandler(io.StringIO())
+    assert show_package_log(args, elsewhere) == logging.WARNING
+    assert package.handlers == [elsewhere]
+    logging.getLogger("fedpac_hf.trainer.preflight").warning("seen there")
+    assert elsewhere.stream.getvalue() == "seen there\n"
+    show_package_log(args)
+    show_package_log(args)
+    (stderr,) = package.handlers
+    assert stderr is not elsewhere and isinstance(stderr, logging.StreamHandler)

@@ -199,6 +199,7 @@ def test_the_readme_simulation_commands(tmp_path):
         for number, clients in ((1, "[1, 2]"), (2, "[1, 2]"), (3, "[0, 1]")):
             assert f"round {number}: 2/2 clients {clients}" in logs, logs[-4000:]
         assert "dropping client" not in logs
+        assert "(preflight=False skips it)" in logs  # a ClientApp's preflight: the package's log
         assert "FedPAC run finished: 3 of 3 rounds done" in logs
         assert rounds_in(out) == [1.0, 2.0, 3.0]
         assert [p.name for p in sorted(out.glob("checkpoint-round-*"))] == [

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 pytest.importorskip("flwr")
@@ -128,16 +130,22 @@ def test_strategy_runs_the_round_engine_and_refuses_impossible_minimums():
         engine(algorithm="fedavg", clients_per_round=3, min_clients_per_round=4)
 
 
-def test_a_record_dp_client_app_describes_its_noise_when_it_builds_its_trainer(tmp_path, caplog):
+def test_a_record_dp_client_app_describes_its_noise_when_it_builds_its_trainer(
+    tmp_path, caplog, capsys, monkeypatch
+):
     """A ClientApp's first message builds its trainer; under record-level DP it logs the noise
-    on each local step (z sqrt(d) / B clip norms) there, before any round's work."""
+    on each local step (z sqrt(d) / B clip norms) there, before any round's work, and the line
+    shows in Flower's console (where Flower shows its own), not only to logging's handlers."""
     from flwr.common import Context, RecordDict
+    from flwr.common.logger import console_handler
 
     from fedpac_hf.flower.clientapp import _TRAINERS, FedPACClient
 
     from .trainer_fixtures import build_trainer, flower_args
 
-    dp = {"dp_mode": "record", "dp_clip_norm": 1.0, "dp_noise_multiplier": 1.0}
+    monkeypatch.setattr(console_handler, "stream", sys.stderr)  # capsys's, as Flower redirects
+    # noise below one clip norm: an INFO line, which Flower's console did not show before
+    dp = {"dp_mode": "record", "dp_clip_norm": 1.0, "dp_noise_multiplier": 0.02}
     args = flower_args(tmp_path, preflight=False, **dp)
     client = FedPACClient(build_trainer, arguments=args)
     context = Context(
@@ -150,5 +158,7 @@ def test_a_record_dp_client_app_describes_its_noise_when_it_builds_its_trainer(t
         _TRAINERS.clear()  # the process-wide cache: no trainer left for other tests
     floats = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     (record,) = [r for r in caplog.records if "record-level DP" in r.getMessage()]
-    ratio = floats**0.5 / trainer.args.per_device_train_batch_size
+    ratio = 0.02 * floats**0.5 / trainer.args.per_device_train_batch_size
     assert f"{ratio:.3g} x dp_clip_norm" in record.getMessage()
+    (shown,) = [line for line in capsys.readouterr().err.splitlines() if "record-level DP" in line]
+    assert shown.endswith(record.getMessage()) and "INFO" in shown

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import sys
 
 import pytest
 
@@ -12,6 +14,7 @@ pytest.importorskip("flwr")
 pytest.importorskip("ray")
 
 import torch  # noqa: E402
+from flwr.common.logger import console_handler  # noqa: E402
 from transformers import default_data_collator  # noqa: E402
 
 from fedpac_hf.federated import RoundError, simulate  # noqa: E402
@@ -132,6 +135,24 @@ def test_a_failing_client_is_dropped_and_the_round_completes(tmp_path, caplog):
     assert history["num_clients"] == 2 and history["num_dropped"] == 1
     dropped = [r.getMessage() for r in caplog.records if "dropping client 1" in r.getMessage()]
     assert dropped and "local data volume is not mounted" in dropped[0]
+
+
+def test_the_server_app_shows_the_packages_log_in_flowers_console(tmp_path, capsys, monkeypatch):
+    """The package's INFO lines (here the engine's client-level DP note) reach Flower's console
+    handler, in Flower's format, at the run's log_level; before, Flower showed none of them."""
+    monkeypatch.setattr(console_handler, "stream", sys.stderr)  # capsys's, as Flower redirects
+    clip_only = {"dp_mode": "client", "dp_clip_norm": 1.0, "dp_noise_multiplier": 0.0}
+    for log_level, shown in (("passive", True), ("warning", False)):
+        args = flower_args(
+            tmp_path / log_level, num_rounds=1, algorithm="fedavg", log_level=log_level, **clip_only
+        )
+        run_fedpac_simulation(
+            build_trainer, args, build_model=build_model, num_supernodes=3, backend_config=BACKEND
+        )
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if "client-level DP: clipping only" in line]
+        assert len(lines) == shown, err[-3000:]
+        assert all(re.match(r"(\x1b\[\d+m)?INFO\b", line) for line in lines), lines
 
 
 def test_too_few_surviving_clients_fail_the_round(tmp_path):

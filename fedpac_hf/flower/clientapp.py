@@ -22,10 +22,12 @@ from typing import Any
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import console_handler
 
 from fedpac_hf.config.arguments import FedPACArguments
 from fedpac_hf.federated import ClientError, ClientUpdate, run_client
 from fedpac_hf.trainer.fedpac_trainer import FedPACTrainer
+from fedpac_hf.trainer.logs import show_package_log
 
 from .config import TrainerFactory, arguments_from_run_config
 from .records import (
@@ -114,7 +116,8 @@ class FedPACClient:
     def trainer_for(self, context: Context) -> tuple[FedPACTrainer, int]:
         """The trainer of the context's run (built on first use) and its number of clients.
 
-        On first use the trainer's preflight runs on this node's partition
+        On first use the package's log is handed to Flower's console (at the
+        run's ``log_level``), the trainer's preflight runs on this node's partition
         (``preflight=False`` skips it) and, under record-level DP, the model is
         checked and the noise on each local step logged; a trainer that fails
         either is not kept.
@@ -132,6 +135,7 @@ class FedPACClient:
             if key not in _TRAINERS:
                 _TRAINERS.clear()  # one trainer (one model) per process
                 args = self.client_arguments(context)
+                show_package_log(args, console_handler)  # the notes below, in Flower's log
                 trainer = self.build_trainer(args, dict(context.run_config))
                 trainer.model.to(trainer.args.device)
                 num_clients = trainer.setup_clients()

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.common.logger import console_handler
 from flwr.serverapp import Grid, ServerApp
 from transformers.trainer_callback import TrainerState
 
@@ -49,6 +50,7 @@ from fedpac_hf.rundir.metrics_file import append_metrics, keep_metrics_through
 from fedpac_hf.rundir.output_dir import claim_output_dir, no_new_folders
 from fedpac_hf.rundir.resume import load_resumable_checkpoint, run_identity
 from fedpac_hf.trainer.evaluation import Evaluator
+from fedpac_hf.trainer.logs import show_package_log
 
 from .config import (
     EvaluatorFactory,
@@ -369,6 +371,7 @@ def make_server_app(
     def main(grid: Grid, context: Context) -> None:
         run_config = dict(context.run_config)
         args = arguments or arguments_from_run_config(run_config, app_settings)
+        show_package_log(args, console_handler)  # e.g. the DP noise note, in Flower's log
         model = build_model(args, run_config)
         evaluate = build_evaluator(args, run_config) if build_evaluator is not None else None
         kwargs = dict(strategy_kwargs)  # the run config's timeouts come first

@@ -7,8 +7,6 @@
   (:func:`build_task`), with :mod:`~fedpac_hf.run.data` for loading and
   tokenizing;
 - :mod:`~fedpac_hf.run.rundir`: the run directory's files;
-- :mod:`~fedpac_hf.run.logs`: what the console shows of the package's log
-  (:func:`~fedpac_hf.run.logs.show_package_log`);
 - :mod:`~fedpac_hf.run.train`: :func:`run_training` and :func:`run_example`.
 """
 

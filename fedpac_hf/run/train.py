@@ -17,9 +17,9 @@ from typing import Any
 from fedpac_hf.config.arguments import FedPACArguments
 from fedpac_hf.rundir.output_dir import claim_output_dir
 from fedpac_hf.trainer.callbacks import EvaluateLastRoundCallback
+from fedpac_hf.trainer.logs import show_package_log
 
 from .config import ModelDataArguments
-from .logs import show_package_log
 from .parsing import config_parser, parse_run_config, settings_stage
 from .rundir import RunFilesCallback, print_final, render_config, write_partition_files
 from .tasks import DEFAULT_MODEL_NAMES, TaskBundle, build_task

@@ -7,7 +7,9 @@
 - ``callbacks.py``: round events and the console;
 - ``evaluation.py``: evaluating a global model (also the Flower ServerApp's
   central evaluation);
-- ``host_syncs.py``: counting the reads that make the host wait for a device.
+- ``host_syncs.py``: counting the reads that make the host wait for a device;
+- ``logs.py``: where the package's log lines go, at the run's ``log_level``
+  (called by ``fedpac-hf train``, the example scripts and the Flower apps).
 
 The package imports nothing by itself, so ``fedpac_hf.trainer.evaluation``
 does not load ``FedPACTrainer``; the public entry is ``fedpac_hf.FedPACTrainer``.

@@ -1,10 +1,13 @@
-"""What a config-driven run shows of the package's log.
+"""Where the package's log lines go when a user runs one of its programs.
 
 The package logs through ``logging.getLogger("fedpac_hf...")`` and, as a
-library, configures nothing. The programs a user runs (``fedpac-hf train``
-and the scripts in ``examples/``) call :func:`show_package_log` so that its
-lines reach the console: that preflight passed, how large the client-level DP
-noise is next to the clip norm, a resume, a client left out of a round.
+library, configures nothing. The programs a user runs (``fedpac-hf train``,
+the scripts in ``examples/`` and the Flower ServerApp and ClientApp) call
+:func:`show_package_log` so that its lines reach the console: that preflight
+passed, how large the DP noise is next to the clip norm, a resume, a client
+left out of a round. ``fedpac-hf train`` and the scripts print them on
+standard error; the Flower apps hand them to Flower's console handler, so they
+show wherever Flower shows its own lines (``flwr run --stream``, ``flwr log``).
 
 Levels follow ``TrainingArguments``: ``log_level`` on the main process,
 ``log_level_replica`` on the others. ``log_level``'s default, ``"passive"``,
@@ -43,16 +46,29 @@ class _ConsoleHandler(logging.StreamHandler):
         pass
 
 
-def show_package_log(args: FedPACArguments) -> int:
-    """Send the package's log records to standard error, at the run's level.
+_STDERR = _ConsoleHandler()
+_STDERR.setFormatter(logging.Formatter(_FORMAT))
 
-    Calling it again changes the level; it never adds a second handler.
+#: the handler :func:`show_package_log` put on the package's logger (one at a time)
+_added: list[logging.Handler] = []
+
+
+def show_package_log(args: FedPACArguments, handler: logging.Handler | None = None) -> int:
+    """Send the package's log records to the console, at the run's level.
+
+    The package's lines go to one place at a time: calling it again changes
+    the level and, with another ``handler``, moves them there; it never adds a
+    second handler.
 
     Parameters
     ----------
     args : FedPACArguments
         The run's arguments: ``log_level`` (main process; ``"passive"``: INFO)
         and ``log_level_replica`` (the other processes) decide the level.
+    handler : logging.Handler, optional
+        Where the lines go, e.g. Flower's console handler
+        (``flwr.common.logger.console_handler``) in a Flower app. Default:
+        standard error, each line as ``[fedpac_hf.module] LEVEL: message``.
 
     Returns
     -------
@@ -63,9 +79,11 @@ def show_package_log(args: FedPACArguments) -> int:
     if args.should_log and args.log_level == "passive":
         level = logging.INFO  # the main process's default here, as HF's example scripts
     logger = logging.getLogger(PACKAGE_LOGGER)
-    if not any(isinstance(handler, _ConsoleHandler) for handler in logger.handlers):
-        handler = _ConsoleHandler()
-        handler.setFormatter(logging.Formatter(_FORMAT))
+    handler = handler or _STDERR
+    if handler not in logger.handlers:
+        for old in _added:
+            logger.removeHandler(old)
+        _added[:] = [handler]
         logger.addHandler(handler)
     logger.setLevel(level)
     return level
