@@ -197,6 +197,74 @@ def test_secagg_simulation_matches_the_plain_aggregate(tmp_path):
         torch.set_num_threads(threads)
 
 
+#: Client-level DP with a fixed noise seed: the same noise in the secure and the plain rounds.
+PRIVATE = dict(
+    dp_mode="client", dp_clip_norm=0.05, dp_theta_clip_norm=5.0, dp_noise_multiplier=0.7,
+    dp_noise_seed=3,
+)  # fmt: skip
+
+
+def joint_error(secure, plain) -> float:
+    """The L2 distance of two states' parts over all their tensors."""
+    return math.sqrt(
+        sum(float((secure[n].double() - plain[n].double()).square().sum()) for n in plain)
+    )
+
+
+def test_secagg_with_client_dp_matches_the_plain_private_rounds(tmp_path):
+    """SecAgg+ under client-level DP: fixed-size samples, the clip norms as bounds (nothing
+    clipped by SecAgg+), the accountant's epsilon for fixed-size sampling, and each round's
+    state the plain private round's from the same start, the same seeded noise included.
+
+    They differ by SecAgg+'s rounding and the clients' shrink that keeps it inside the clip
+    norm (:func:`within_rounding`): each at most ``sqrt(d) C 2**-21`` over a part's ``d``
+    values, so the mean of a part moves by at most twice that."""
+    from fedpac_hf.federated.accounting import epsilon_after
+
+    states: dict[int, ServerState] = {}
+    result = run_fedpac_simulation(
+        build_trainer,
+        flower_args(tmp_path / "secure", secure_aggregation=True, **PRIVATE),
+        build_model=build_model,
+        num_supernodes=3,
+        backend_config=BACKEND,
+        on_round_end=lambda r, state, metrics: states.__setitem__(r, copy.deepcopy(state)),
+    )
+    for r, row in enumerate(result.history, start=1):
+        assert row["num_clients"] == 2 and row["secagg_clipped"] == 0
+        assert row["epsilon"] == pytest.approx(epsilon_after(r, 0.7, 2 / 3, 3**-1.1, 3))
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the simulation's worker: the same eigendecompositions
+    try:
+        args = flower_args(tmp_path / "plain", dp_sampling="fixed", **PRIVATE)
+        trainer = build_trainer(args)
+        trainer.setup_clients()
+        initial = ServerState.from_model(build_model(args))
+        lrs = args.round_learning_rates()
+        for round_index, start in enumerate([initial, states[1]]):
+            updates = Captured()
+            plain = plain_round(args, trainer, start, updates)
+            secure = states[round_index + 1]
+            (expected,) = updates.engine.history
+            for key in ("num_clients", "train_loss", "dp_clipped_delta", "dp_noise_norm"):
+                assert result.history[round_index][key] == pytest.approx(expected[key]), key
+            unit = args.local_steps * lrs[round_index]
+            for part, bound, scale in (
+                ("params", 0.05, 1.0), ("direction", 0.05, 1.0 / unit), ("curvature", 5.0, 1.0),
+            ):  # fmt: skip
+                mine, theirs = getattr(secure, part), getattr(plain, part)
+                values = sum(t.numel() for t in theirs.values())
+                rounding = 2 * math.sqrt(values) * bound * STEP * scale
+                floats = (
+                    1e-7 * math.sqrt(values) * max(float(t.abs().max()) for t in theirs.values())
+                )
+                error = joint_error(mine, theirs)
+                assert error <= rounding + floats, (round_index + 1, part, error, rounding)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_secagg_survives_a_client_that_drops_out(tmp_path, caplog):
     """Client 1 fails while SecAgg+ collects the masked vectors: the others' mean is recovered."""
     caplog.set_level(logging.WARNING, logger="flwr")
@@ -336,15 +404,35 @@ def test_secagg_reply_scales_by_the_bounds_and_counts_what_they_clip():
                 "dp_clip_norm": 0.1,
                 "dp_theta_clip_norm": 1.0,
                 "dp_noise_multiplier": 1.0,
+                "dp_sampling": "poisson",
             },
-            "dp_mode='client'",
+            "dp_sampling='poisson'",
+        ),
+        (
+            {
+                "dp_mode": "client",
+                "dp_clip_norm": 0.1,
+                "dp_theta_clip_norm": 1.0,
+                "dp_noise_multiplier": 1.0,
+                "dp_clip_schedule": "adaptive",
+            },
+            "dp_clip_schedule='adaptive'",
         ),  # fmt: skip
         ({"clients_per_round": 1}, "clients_per_round=1"),
         ({"secagg_num_shares": 3, "secagg_reconstruction_threshold": 4}, "threshold=4"),
         ({"secagg_num_shares": 2.5}, "secagg_num_shares"),
         ({"aggregation_weighting": "num_examples"}, "secagg_max_weight"),
     ],
-    ids=["beta-auto", "bfloat16", "client-dp", "one-client", "threshold", "shares", "weight"],
+    ids=[
+        "beta-auto",
+        "bfloat16",
+        "client-dp-poisson",
+        "client-dp-adaptive",
+        "one-client",
+        "threshold",
+        "shares",
+        "weight",
+    ],  # fmt: skip
 )
 def test_secagg_bad_settings_are_refused_naming_the_setting(tmp_path, settings, named):
     with pytest.raises(ValueError, match="secure_aggregation|secagg") as info:

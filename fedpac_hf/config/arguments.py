@@ -229,9 +229,9 @@ class FedPACArguments(PartitionArguments, PrivacyArguments, TrainingArguments):
         super().__post_init__()
         check_arguments(self)
         algorithm = self.build_algorithm()
+        self.secure_aggregation_settings(algorithm)  # first: its conflicts name SecAgg+
         self.client_privacy(algorithm)
         self.record_privacy(algorithm)
-        self.secure_aggregation_settings(algorithm)
 
     def build_algorithm(self, model: torch.nn.Module | None = None) -> Algorithm:
         """The :class:`Algorithm` these arguments describe (registry entry + overrides).

@@ -32,6 +32,7 @@ DP_SETTINGS = (
     "dp_clip_quantile",
     "dp_clip_norm_lr",
     "dp_clipped_count_std",
+    "dp_sampling",
 )
 #: Settings added after runs were saved: kept in a run's identity only when set,
 #: so that those runs still resume.
@@ -107,6 +108,17 @@ class PrivacyArguments:
             "sums get slightly more noise. Default: expected clients per round / 20."
         },
     )
+    dp_sampling: str | None = field(
+        default=None,
+        metadata={
+            "help": "How clients are sampled under dp_mode: client: 'poisson' (each client "
+            "takes part with probability clients_per_round / num_clients; the default) or "
+            "'fixed' (exactly clients_per_round, without replacement; the default, and the "
+            "only choice, with secure_aggregation). Fixed-size sampling is accounted under "
+            "replace-one adjacency and needs more than twice the noise for the same epsilon "
+            "(docs/privacy.md)."
+        },
+    )
     dp_noise_multiplier: float | None = field(
         default=None,
         metadata={
@@ -172,10 +184,12 @@ class PrivacyArguments:
         """
         if not self.secure_aggregation:
             return None
+        client_dp = self.dp_mode == "client"
         why = {
             "beta='auto'": algorithm.adaptive_beta,
             "transport_dtype='bfloat16'": str(getattr(self, "transport_dtype", "")) == "bfloat16",
-            "dp_mode='client'": self.dp_mode == "client",
+            "dp_sampling='poisson'": client_dp and self.dp_sampling == "poisson",
+            "dp_clip_schedule='adaptive'": client_dp and self.dp_clip_schedule == "adaptive",
         }
         for setting, bad in why.items():
             if bad:
@@ -234,6 +248,7 @@ class PrivacyArguments:
             clip_quantile=self.dp_clip_quantile,
             clip_norm_lr=self.dp_clip_norm_lr,
             clipped_count_std=self.dp_clipped_count_std,
+            sampling=self.resolved_dp_sampling,
         )
 
     def record_privacy(self, algorithm: Algorithm | None = None) -> RecordDP | None:
@@ -267,19 +282,31 @@ class PrivacyArguments:
         run without DP keeps the identity it had before these settings existed)."""
         if self.dp_mode == "none":
             return {}
+        values = {name: getattr(self, name) for name in DP_SETTINGS}
+        values["dp_sampling"] = self.resolved_dp_sampling  # a secure run's fixed samples too
         return {
-            name: getattr(self, name)
-            for name in DP_SETTINGS
-            if name not in _LATER_DP_SETTINGS or getattr(self, name) is not None
+            name: value
+            for name, value in values.items()
+            if name not in _LATER_DP_SETTINGS or value is not None
         }
+
+    @property
+    def resolved_dp_sampling(self) -> str | None:
+        """``dp_sampling``, or ``"fixed"`` when unset under client-level DP and
+        ``secure_aggregation`` (``None``: unset, Poisson sampling)."""
+        if self.dp_mode != "client" or self.dp_sampling is not None:
+            return self.dp_sampling
+        return "fixed" if self.secure_aggregation else None
 
 
 _SECAGG_CONFLICTS = {
     "beta": "the server chooses beta from the spread of single clients' updates, which "
     "secure aggregation hides; set a fixed beta",
     "transport_dtype": "SecAgg+ quantizes float32 values; use transport_dtype='float32'",
-    "dp_mode": "client-level DP samples clients by Poisson draws, and a round of fewer than "
-    "2 clients cannot be aggregated securely; use dp_mode='record' or 'none'",
+    "dp_sampling": "Poisson sampling can draw rounds of fewer than 2 clients, which cannot be "
+    "aggregated securely; use dp_sampling='fixed' (the default with secure_aggregation)",
+    "dp_clip_schedule": "adaptive clipping needs each client's clipped bit, which SecAgg+ would "
+    "show the server in the clear; use dp_clip_schedule 'constant' or 'learning_rate'",
 }
 
 

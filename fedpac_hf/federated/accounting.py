@@ -1,15 +1,27 @@
 """Privacy accounting of client-level DP with Google's ``dp-accounting``.
 
-Each round is one Poisson-sampled Gaussian mechanism (sampling rate
-``q = clients_per_round / num_clients``, noise multiplier ``z``, see
+Each round is one subsampled Gaussian mechanism (noise multiplier ``z``, see
 :mod:`~fedpac_hf.federated.privacy`); ``r`` rounds compose ``r`` of them.
-Epsilon at a given delta comes from the privacy-loss-distribution (PLD)
-accountant of the ``dp-accounting`` package (add-or-remove-one-client
-adjacency, pessimistic discretization: an upper bound), never from a formula
-of this package. PLD accounting is near exact: Renyi-DP bounds of the same
-events are 15-40% higher (``tests/test_privacy.py`` compares it with Opacus's
-independent PRV accountant). It depends only on ``(z, q, delta, r)``, so a resumed
-run continues it exactly.
+Epsilon at a given delta comes from an accountant of the ``dp-accounting``
+package, never from a formula of this package:
+
+- **Poisson sampling** (the default; each client takes part with probability
+  ``q = clients_per_round / num_clients``): the privacy-loss-distribution
+  (PLD) accountant, add-or-remove-one-client adjacency, pessimistic
+  discretization (an upper bound). PLD accounting is near exact: Renyi-DP
+  bounds of the same events are 15-40% higher (``tests/test_privacy.py``
+  compares it with Opacus's independent PRV accountant).
+- **Fixed-size sampling** (``dp_sampling: fixed``, the choice under secure
+  aggregation: exactly ``m = q N`` clients, drawn without replacement): the
+  Renyi-DP accountant, the one of the package that covers sampling without
+  replacement, under replace-one-client adjacency. Replacing a client moves a
+  round's sum by up to twice the clip bound, so the Gaussian's multiplier
+  against that sensitivity is ``z / 2``: for the same epsilon fixed-size
+  sampling needs about 2.6 times the noise (z 1.44 against 0.55 for epsilon 8
+  at N = 500, q = 0.1, 20 rounds; docs/privacy.md).
+
+Epsilon depends only on ``(z, q, delta, r)`` (and ``N`` for fixed-size
+sampling), so a resumed run continues it exactly.
 
 ``dp-accounting`` is an optional dependency: ``pip install 'fedpac_hf[privacy]'``.
 """
@@ -26,6 +38,7 @@ __all__ = [
     "MIN_NOISE_MULTIPLIER",
     "discretization",
     "epsilon_after",
+    "fixed_sample_size",
     "noise_for_epsilon",
     "round_event",
 ]
@@ -77,15 +90,52 @@ def _accountant(noise_multiplier: float = MIN_NOISE_MULTIPLIER) -> Any:
     return _dp_accounting().pld.PLDAccountant(value_discretization_interval=interval)
 
 
-def round_event(noise_multiplier: float, sample_rate: float, rounds: int = 1) -> Any:
-    """The ``dp_accounting.DpEvent`` of ``rounds`` Poisson-sampled Gaussian rounds."""
+def _rdp_accountant(noise_multiplier: float = MIN_NOISE_MULTIPLIER) -> Any:
+    """A fresh Renyi-DP accountant under replace-one adjacency (fixed-size sampling)."""
     dp = _dp_accounting()
-    one = dp.PoissonSampledDpEvent(sample_rate, dp.GaussianDpEvent(noise_multiplier))
+    relation = dp.privacy_accountant.NeighboringRelation.REPLACE_ONE
+    return dp.rdp.RdpAccountant(neighboring_relation=relation)
+
+
+def fixed_sample_size(sample_rate: float, num_clients: int) -> int:
+    """m, the clients of a fixed-size sample at rate ``q`` of ``N`` (``round(q N)``, >= 1)."""
+    return max(1, int(round(float(sample_rate) * int(num_clients))))
+
+
+def round_event(
+    noise_multiplier: float, sample_rate: float, rounds: int = 1, num_clients: int | None = None
+) -> Any:
+    """The ``dp_accounting.DpEvent`` of ``rounds`` subsampled Gaussian rounds.
+
+    Poisson sampling at rate ``sample_rate``; with ``num_clients``, fixed-size
+    sampling of :func:`fixed_sample_size` of them without replacement, whose
+    replace-one sensitivity is twice the clip bound (multiplier ``z / 2``).
+    """
+    dp = _dp_accounting()
+    if num_clients is None:
+        one = dp.PoissonSampledDpEvent(sample_rate, dp.GaussianDpEvent(noise_multiplier))
+    else:
+        one = dp.SampledWithoutReplacementDpEvent(
+            int(num_clients),
+            fixed_sample_size(sample_rate, num_clients),
+            dp.GaussianDpEvent(noise_multiplier / 2.0),
+        )
     return dp.SelfComposedDpEvent(one, int(rounds))
 
 
+def _accountant_for(num_clients: int | None) -> Any:
+    """The accountant factory of a sampling: PLD for Poisson, Renyi-DP for fixed-size."""
+    return _accountant if num_clients is None else _rdp_accountant
+
+
 @functools.lru_cache(maxsize=4096)
-def epsilon_after(rounds: int, noise_multiplier: float, sample_rate: float, delta: float) -> float:
+def epsilon_after(
+    rounds: int,
+    noise_multiplier: float,
+    sample_rate: float,
+    delta: float,
+    num_clients: int | None = None,
+) -> float:
     """Epsilon at ``delta`` after ``rounds`` rounds (0 before round 1).
 
     ``inf`` without noise and below :data:`MIN_ACCOUNTED_NOISE`, where it is in
@@ -101,23 +151,30 @@ def epsilon_after(rounds: int, noise_multiplier: float, sample_rate: float, delt
         q, each client's probability of taking part in a round.
     delta:
         The delta of (epsilon, delta)-DP.
+    num_clients:
+        N for fixed-size sampling (``dp_sampling: fixed``); ``None``: Poisson sampling.
     """
     if rounds <= 0:
         return 0.0
     if noise_multiplier < MIN_ACCOUNTED_NOISE:  # 0: clipping only
         return math.inf
-    accountant = _accountant(noise_multiplier)
-    accountant.compose(round_event(noise_multiplier, sample_rate, rounds))
+    accountant = _accountant_for(num_clients)(noise_multiplier)
+    accountant.compose(round_event(noise_multiplier, sample_rate, rounds, num_clients))
     return float(accountant.get_epsilon(delta))
 
 
 @functools.lru_cache(maxsize=256)
 def noise_for_epsilon(
-    target_epsilon: float | None, delta: float, sample_rate: float, rounds: int
+    target_epsilon: float | None,
+    delta: float,
+    sample_rate: float,
+    rounds: int,
+    num_clients: int | None = None,
 ) -> float:
     """The smallest noise multiplier z with epsilon at ``delta`` after ``rounds`` within the target.
 
-    At least :data:`MIN_NOISE_MULTIPLIER`.
+    At least :data:`MIN_NOISE_MULTIPLIER`. ``num_clients``: fixed-size
+    sampling of that population (:func:`epsilon_after`).
 
     Cached (a pure function of its arguments; each client of a record-level
     run asks for its own). Raises ``ValueError`` naming ``dp_target_epsilon`` when even
@@ -126,7 +183,7 @@ def noise_for_epsilon(
     if target_epsilon is None:
         raise ValueError("dp_target_epsilon is not set")
     dp = _dp_accounting()
-    reachable = epsilon_after(rounds, MAX_NOISE_MULTIPLIER, sample_rate, delta)
+    reachable = epsilon_after(rounds, MAX_NOISE_MULTIPLIER, sample_rate, delta, num_clients)
     if reachable > target_epsilon:
         raise ValueError(
             f"dp_target_epsilon={target_epsilon:g} is not reachable in {rounds} "
@@ -136,11 +193,14 @@ def noise_for_epsilon(
             "target or dp_delta, or train fewer rounds or sample fewer clients per round"
         )
     tol = 1e-4
-    if epsilon_after(rounds, MIN_NOISE_MULTIPLIER, sample_rate, delta) <= target_epsilon:
+    if (
+        epsilon_after(rounds, MIN_NOISE_MULTIPLIER, sample_rate, delta, num_clients)
+        <= target_epsilon
+    ):
         return MIN_NOISE_MULTIPLIER  # a target this large: the least noise searched
     z = dp.mechanism_calibration.calibrate_dp_mechanism(
-        _accountant,
-        lambda z: round_event(z, sample_rate, rounds),
+        _accountant_for(num_clients),
+        lambda z: round_event(z, sample_rate, rounds, num_clients),
         target_epsilon,
         delta,
         bracket_interval=dp.mechanism_calibration.ExplicitBracketInterval(

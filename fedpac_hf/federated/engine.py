@@ -104,7 +104,8 @@ class RoundEngine:
         Where dropped clients are logged (default: this module's logger).
     privacy:
         Client-level differential privacy (:class:`~fedpac_hf.federated.privacy.ClientDP`):
-        clients are Poisson-sampled at rate ``clients_per_round / num_clients``,
+        clients are Poisson-sampled at rate ``clients_per_round / num_clients``
+        (or exactly ``clients_per_round`` of them with ``sampling="fixed"``),
         the sums are noised, epsilon is accounted. Needs uniform weighting,
         float32 transport and a fixed beta.
     noise_seed:
@@ -211,7 +212,8 @@ class RoundEngine:
 
         dp = self.privacy
         done = self.state.round if rounds is None else rounds
-        return epsilon_after(done, dp.noise_multiplier, self.sample_rate, dp.delta)
+        population = dp.population(self.num_clients)
+        return epsilon_after(done, dp.noise_multiplier, self.sample_rate, dp.delta, population)
 
     @property
     def num_rounds(self) -> int:
@@ -226,9 +228,10 @@ class RoundEngine:
     def sample(self, round_index: int) -> list[int]:
         """The clients of round ``round_index`` (0-based), the same in every shell.
 
-        Under DP, Poisson sampling (the number of clients varies, may be 0).
+        Under DP, Poisson sampling (the number of clients varies, may be 0)
+        unless ``dp_sampling`` is ``fixed``.
         """
-        if self.privacy is not None:
+        if self.privacy is not None and self.privacy.sampling == "poisson":
             return poisson_sample_clients(
                 self.num_clients, self.sample_rate, self.seed, round_index
             )

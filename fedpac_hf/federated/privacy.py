@@ -12,7 +12,11 @@ client's data as much as its delta is:
 2. **sample** clients by Poisson sampling: each client takes part in a round
    independently with probability ``q = clients_per_round / num_clients``
    (:func:`~fedpac_hf.federated.sampling.poisson_sample_clients`), the
-   sampling the accountant assumes;
+   sampling the accountant assumes; or, with ``dp_sampling: fixed`` (the
+   choice under secure aggregation, which cannot aggregate rounds of 0 or 1
+   client), exactly ``q N`` clients without replacement
+   (:func:`~fedpac_hf.federated.sampling.sample_clients`), accounted for
+   as such (:mod:`~fedpac_hf.federated.accounting`);
 3. **noise** (on the server, :mod:`~fedpac_hf.federated.privacy_noise`):
    Gaussian noise on the sums, std ``z k C`` on the delta's and
    ``z k_Theta C_Theta`` on Theta's, with ``z = dp_noise_multiplier``,
@@ -63,12 +67,19 @@ __all__ = [
     "DP_MODES",
     "DP_RULES",
     "CLIP_SCHEDULES",
+    "SAMPLINGS",
     "ClientDP",
 ]
 
 DP_MODES: tuple[str, ...] = ("none", "client", "record")
 """``dp_mode`` choices: no privacy, client-level (user-level) DP, or record-level DP
 (DP-SGD in each client, :mod:`~fedpac_hf.federated.record_privacy`)."""
+
+SAMPLINGS: tuple[str, ...] = ("poisson", "fixed")
+"""``dp_sampling`` choices: Poisson sampling (a varying number of clients per round,
+PLD accounting) or fixed-size sampling without replacement (exactly
+``clients_per_round``; Renyi-DP accounting under replace-one adjacency, more
+than twice the noise for the same epsilon)."""
 
 CLIP_SCHEDULES: tuple[str, ...] = ("constant", "learning_rate", "adaptive")
 """``dp_clip_schedule`` choices: the delta's clip norm the same every round,
@@ -86,6 +97,7 @@ DP_RULES = {
     "dp_target_epsilon": optional(_POSITIVE),
     "dp_theta_share": optional(number(0.0, 1.0, low_open=True, high_open=True)),
     "dp_clip_schedule": optional(one_of(*CLIP_SCHEDULES)),
+    "dp_sampling": optional(one_of(*SAMPLINGS)),
 }
 
 
@@ -127,6 +139,9 @@ class ClientDP:
         With ``dp_clip_schedule: adaptive``, how the bounds follow the
         clients' norms (``clip_norm`` and ``theta_clip_norm`` are round 1's;
         later rounds' travel with the global state); ``None`` otherwise.
+    sampling:
+        ``"poisson"`` or ``"fixed"`` (:data:`SAMPLINGS`): how the round's
+        clients are drawn, and so how epsilon is accounted.
     """
 
     clip_norm: float
@@ -138,6 +153,7 @@ class ClientDP:
     theta_share: float = 0.5
     clip_lr: float | None = None
     adaptive: AdaptiveClip | None = None
+    sampling: str = "poisson"
 
     @classmethod
     def from_settings(
@@ -156,6 +172,7 @@ class ClientDP:
         clip_quantile: float | None = None,
         clip_norm_lr: float | None = None,
         clipped_count_std: float | None = None,
+        sampling: str | None = None,
     ) -> ClientDP | None:
         """The settings of ``dp_mode: client`` checked, or ``None`` for the other modes
         (``record``'s are :class:`~fedpac_hf.federated.record_privacy.RecordDP`'s).
@@ -167,6 +184,7 @@ class ClientDP:
         needed with ``clip_schedule="learning_rate"``; ``clip_quantile``,
         ``clip_norm_lr`` and ``clipped_count_std`` go with ``clip_schedule="adaptive"``
         (:class:`~fedpac_hf.federated.privacy_adaptive.AdaptiveClip`).
+        ``sampling`` is ``dp_sampling`` (default ``"poisson"``).
         """
         one_of(*DP_MODES).check("dp_mode", mode)
         given = {
@@ -177,6 +195,7 @@ class ClientDP:
             "dp_target_epsilon": target_epsilon,
             "dp_theta_share": theta_share,
             "dp_clip_schedule": clip_schedule,
+            "dp_sampling": sampling,
         }
         adaptive = {
             "dp_clip_quantile": clip_quantile,
@@ -198,6 +217,11 @@ class ClientDP:
                 )
             return None
         if mode == "record":
+            if sampling is not None:
+                raise ValueError(
+                    "dp_sampling is for dp_mode: client (how clients are drawn for the "
+                    "server's noise); dp_mode: record samples each client's examples: remove it"
+                )
             return None
         if clip_norm is None:
             raise ValueError(
@@ -212,6 +236,12 @@ class ClientDP:
                 "dp_mode: client needs exactly one of dp_noise_multiplier (the noise) and "
                 "dp_target_epsilon (the noise derived from the privacy budget and the rounds)"
                 + (", not both" if noise_multiplier is not None else "")
+            )
+        if sampling == "fixed" and clip_schedule == "adaptive":
+            raise ValueError(
+                "dp_clip_schedule: adaptive is accounted for Poisson sampling only (its noised "
+                "counts share the round's mechanism under add-or-remove adjacency): use "
+                "dp_sampling: poisson, or another dp_clip_schedule"
             )
         if share_theta and theta_clip_norm is None:
             raise ValueError(
@@ -232,6 +262,7 @@ class ClientDP:
             adaptive=(
                 AdaptiveClip.from_settings(adaptive) if clip_schedule == "adaptive" else None
             ),
+            sampling=sampling or "poisson",
         )
 
     def resolve(self, num_clients: int, sample_rate: float, num_rounds: int) -> ClientDP:
@@ -253,7 +284,8 @@ class ClientDP:
             )
         z = self.noise_multiplier
         if z is None:
-            z = noise_for_epsilon(self.target_epsilon, delta, sample_rate, num_rounds)
+            population = self.population(num_clients)
+            z = noise_for_epsilon(self.target_epsilon, delta, sample_rate, num_rounds, population)
         adaptive = self.adaptive
         if adaptive is not None:
             adaptive = adaptive.resolve(sample_rate * num_clients)
@@ -279,6 +311,11 @@ class ClientDP:
         if self.clip_lr is None:
             return self
         return replace(self, clip_norm=self.clip_norm * float(lr) / self.clip_lr, clip_lr=None)
+
+    def population(self, num_clients: int) -> int | None:
+        """N for the accountant of fixed-size sampling, ``None`` under Poisson sampling
+        (:func:`~fedpac_hf.federated.accounting.epsilon_after`)."""
+        return int(num_clients) if self.sampling == "fixed" else None
 
     @property
     def adapted_parts(self) -> int:

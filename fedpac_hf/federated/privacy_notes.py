@@ -33,6 +33,12 @@ def _log(log: logging.Logger, note: str, ratio: float, remedy: str) -> None:
         log.warning(f"{note}: {remedy}")
 
 
+def _sampling(dp: ClientDP, sample_rate: float) -> str:
+    if dp.sampling == "fixed":
+        return f"fixed-size samples at q = {sample_rate:.3g}, replace-one accounting"
+    return f"q = {sample_rate:.3g}"
+
+
 def describe_client_noise(
     dp: ClientDP,
     num_floats: int,
@@ -70,7 +76,7 @@ def describe_client_noise(
     target = f"epsilon {dp.target_epsilon:g} at " if dp.target_epsilon is not None else ""
     note = (
         f"client-level DP: noise multiplier {dp.noise_multiplier:.4g} ({target}delta "
-        f"{dp.delta:.3g} after {num_rounds} rounds, q = {sample_rate:.3g}); the noise on a "
+        f"{dp.delta:.3g} after {num_rounds} rounds, {_sampling(dp, sample_rate)}); the noise on a "
         f"round's mean delta has L2 norm {ratio:.3g} x dp_clip_norm (z k sqrt(d) / (q N), "
         f"d = {num_floats:,} floats; logged as dp_noise_norm)"
     )

@@ -15,6 +15,14 @@ what every client of the round received:
 - Theta: ``HEADROOM * max|Theta^r_n|``, the global Theta in the form clients
   send it up (:func:`~fedpac_hf.optim.sent_form`).
 
+Under client-level DP the bounds are the round's clip norms instead
+(:func:`dp_bounds`): no entry of a clipped part exceeds its L2 bound, so
+nothing is clipped by SecAgg+, and each client first shrinks each part by
+SecAgg+'s rounding margin (:func:`within_rounding`), so that the vector SecAgg+
+sums still has at most the clip norm: the sensitivity the server's noise is
+sized for. The calibration pass then carries no magnitudes (zeros), only the
+names of the clients' Theta entries.
+
 In the first round (no global direction nor Theta yet) a *calibration* pass
 of SecAgg+ comes first: each client sends, per tensor, log2 of its largest
 entry (:func:`log_magnitudes`), and the bound is ``HEADROOM * 2**mean``
@@ -45,10 +53,12 @@ __all__ = [
     "HEADROOM",
     "add_secure_mean",
     "bounds_from_log_magnitudes",
+    "dp_bounds",
     "log_magnitudes",
     "scale_tensors",
     "secagg_bounds",
     "unscale_tensors",
+    "within_rounding",
 ]
 
 CLIPPING_RANGE = 8.0
@@ -60,6 +70,7 @@ HEADROOM = 8.0
 _LOG_LIMIT = 60.0  # log2 magnitudes are clamped to [-60, 60] ...
 _LOG_SCALE = 8.0  # ... and sent divided by 8, inside [-C, C]
 _TINY = 2.0**-60  # the smallest bound (a tensor of zeros)
+_STEP = 2.0**-21  # SecAgg+'s quantization step over the bound: 2 C / 2**22 / C
 
 
 def secagg_bounds(
@@ -90,6 +101,50 @@ def secagg_bounds(
         for name, t in sent.items()
     }
     return delta, bounds
+
+
+def dp_bounds(
+    clip_norms: tuple[float, float | None],
+    delta_names: Sequence[str],
+    theta_names: Sequence[str],
+) -> tuple[dict[str, float], dict[str, float]]:
+    """The bounds under client-level DP: the round's clip norms ``(C, C_Theta)``.
+
+    A part clipped to L2 norm ``C`` has no entry above ``C``, so SecAgg+ clips
+    nothing and needs no calibrated magnitudes.
+    """
+    delta_bound, theta_bound = clip_norms
+    return (
+        {n: float(delta_bound) for n in delta_names},
+        {n: float(theta_bound or _TINY) for n in theta_names},
+    )
+
+
+def within_rounding(
+    tensors: Mapping[str, torch.Tensor], clip_norm: float
+) -> dict[str, torch.Tensor]:
+    """``tensors`` (one part, clipped to ``clip_norm``) shrunk by SecAgg+'s rounding margin.
+
+    With the bound equal to the clip norm, SecAgg+'s stochastic rounding moves
+    each entry by less than one step, ``clip_norm * 2**-21``, so a part of
+    ``n`` entries by less than ``sqrt(n) * clip_norm * 2**-21`` in L2. Scaled
+    to norm at most ``clip_norm * (1 - sqrt(n) * 2**-21)`` first, the rounded
+    part stays within ``clip_norm``: the sensitivity the DP noise is sized for.
+    """
+    numel = sum(t.numel() for t in tensors.values())
+    if not numel:
+        return dict(tensors)
+    room = float(clip_norm) * (1.0 - math.sqrt(numel) * _STEP)
+    if room <= 0.0:
+        raise ValueError(
+            f"a part of {numel:,} values is too large for SecAgg+'s 2**22 levels under DP: "
+            "the rounding alone could exceed the clip norm"
+        )
+    norm = float(
+        torch.linalg.vector_norm(torch.stack([t.double().norm() for t in tensors.values()]))
+    )
+    scale = min(1.0, room / norm) if norm > 0 else 1.0
+    return {n: t * scale for n, t in tensors.items()}
 
 
 def log_magnitudes(tensors: Mapping[str, torch.Tensor], names: Sequence[str]) -> list[float]:

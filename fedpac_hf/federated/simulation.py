@@ -109,6 +109,7 @@ def simulate(
     dp_clip_quantile: float | None = None,
     dp_clip_norm_lr: float | None = None,
     dp_clipped_count_std: float | None = None,
+    dp_sampling: str | None = None,
     dp_noise_multiplier: float | None = None,
     dp_delta: float | None = None,
     dp_target_epsilon: float | None = None,
@@ -172,11 +173,12 @@ def simulate(
         How many runs of the client rule on ``curvature_loader`` (each on the
         next batches) the server's Theta averages per round.
     dp_mode, dp_clip_norm, dp_theta_clip_norm, dp_theta_share, dp_clip_schedule, \
-    dp_clip_quantile, dp_clip_norm_lr, dp_clipped_count_std, \
+    dp_clip_quantile, dp_clip_norm_lr, dp_clipped_count_std, dp_sampling, \
     dp_noise_multiplier, dp_delta, dp_target_epsilon, dp_noise_seed:
         Client-level differential privacy (``dp_mode="client"``): each client's
         delta clipped to ``dp_clip_norm`` and its Theta, when it travels, to
-        ``dp_theta_clip_norm``; clients Poisson-sampled; Gaussian noise on the
+        ``dp_theta_clip_norm``; clients Poisson-sampled (``dp_sampling="fixed"``:
+        exactly ``clients_per_round`` of them, accounted as such); Gaussian noise on the
         sums with multiplier ``dp_noise_multiplier`` (or the one
         ``dp_target_epsilon`` needs after ``num_rounds``), Theta's share of the
         mechanism ``dp_theta_share`` (default 0.5); ``dp_clip_schedule="learning_rate"``
@@ -256,6 +258,7 @@ def simulate(
         clip_quantile=dp_clip_quantile,
         clip_norm_lr=dp_clip_norm_lr,
         clipped_count_std=dp_clipped_count_std,
+        sampling=dp_sampling,
     )
     engine = RoundEngine(
         algorithm,

@@ -16,7 +16,8 @@ messages into them:
   :func:`secure_reply` packs a client's update as the ``FitRes`` the mod
   masks: the delta and Theta scaled by the public bounds the server sent
   (:mod:`fedpac_hf.federated.secure_aggregation`), or, in a calibration pass,
-  their log-magnitudes.
+  their log-magnitudes (zeros under client-level DP, whose bounds are the
+  clip norms).
 
 What travels in the clear: the weight SecAgg+ sums with (1, or the client's
 examples under ``num_examples`` weighting), the client's metrics
@@ -59,6 +60,7 @@ from fedpac_hf.federated.secure_aggregation import (
     CLIPPING_RANGE,
     log_magnitudes,
     scale_tensors,
+    within_rounding,
 )
 
 __all__ = [
@@ -77,7 +79,8 @@ logger = logging.getLogger("flwr").getChild(__name__)
 SECAGG_KEY = "secagg"
 """ConfigRecord of a secure train message: ``stage`` (``calibrate``/``aggregate``),
 ``max-weight``, ``weighting``, ``delta-names``/``delta-bounds`` and
-``theta-names``/``theta-bounds`` (aggregate)."""
+``theta-names``/``theta-bounds`` (aggregate); under client-level DP
+``names-only`` (calibrate) and ``dp-clip-norms`` (aggregate)."""
 
 _THETA_NAMES = "secagg-theta-names"  # FitRes metric: the client's Theta entries (JSON)
 
@@ -272,11 +275,18 @@ def secure_reply(update: ClientUpdate, secagg: ConfigRecord) -> RecordDict:
             np.asarray(log_magnitudes(update.delta, delta_names), dtype=np.float64),
             np.asarray(log_magnitudes(update.curvature, theta_names), dtype=np.float64),
         ]
+        if secagg.get("names-only"):  # client-level DP: the bounds are the clip norms
+            arrays = [np.zeros_like(a) for a in arrays]
     else:
         theta_names = list(secagg["theta-names"])
+        delta, curvature = update.delta, update.curvature
+        if "dp-clip-norms" in secagg:  # client-level DP: SecAgg+'s rounding within the clip
+            delta_norm, theta_norm = secagg["dp-clip-norms"]
+            delta = within_rounding(delta, delta_norm)
+            curvature = within_rounding(curvature, theta_norm) if curvature else curvature
         parts = [
-            scale_tensors(update.delta, dict(zip(delta_names, secagg["delta-bounds"]))),
-            scale_tensors(update.curvature, dict(zip(theta_names, secagg["theta-bounds"]))),
+            scale_tensors(delta, dict(zip(delta_names, secagg["delta-bounds"]))),
+            scale_tensors(curvature, dict(zip(theta_names, secagg["theta-bounds"]))),
         ]
         arrays = [t.numpy() for part in parts for t in part.values()]
         clipped = sum(int((np.abs(a) > CLIPPING_RANGE).sum()) for a in arrays)

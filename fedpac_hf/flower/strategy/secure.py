@@ -12,6 +12,10 @@ goes into the round's aggregator as its sums; Theta is repaired after
 unmasking. In the first round a calibration pass of SecAgg+ first sets the
 bounds (the clients then send the update they kept from it).
 
+Under client-level DP (fixed-size sampling) the bounds are the round's clip
+norms, the calibration pass only names Theta's entries, and the server adds
+the mechanism's noise to the unmasked sums as in a plain round.
+
 A client that drops out during SecAgg+ is recorded as dropped, with its
 error; the protocol recovers the sum of the others as long as enough shares
 remain (``secagg_reconstruction_threshold``), else every client of the round
@@ -32,9 +36,11 @@ from fedpac_hf.federated.secure_aggregation import (
     HEADROOM,
     add_secure_mean,
     bounds_from_log_magnitudes,
+    dp_bounds,
     secagg_bounds,
     unscale_tensors,
 )
+from fedpac_hf.optim import sent_form
 
 from ..records import CONFIG_KEY
 from ..secagg import CLIPPED, SECAGG_KEY, SecAggOutcome, as_tensors, secure_mean, theta_names_of
@@ -54,7 +60,8 @@ class SecureFedPACStrategy(FedPACStrategy):
     Parameters
     ----------
     engine:
-        The round engine (float32 transport, fixed beta, no client-level DP).
+        The round engine (float32 transport, fixed beta; under client-level DP,
+        fixed-size sampling and clip norms that do not adapt).
     secagg:
         ``num_shares``, ``reconstruction_threshold``, ``max_weight``
         (``FedPACArguments.secure_aggregation_settings``).
@@ -105,16 +112,11 @@ class SecureFedPACStrategy(FedPACStrategy):
         contents = {m.metadata.dst_node_id: m.content for m in self._messages}
         self._round_messages, self._messages = {}, []
         traffic, clipped = [0, 0], 0.0
-        bounds = secagg_bounds(
-            plan.state,
-            plan.learning_rate,
-            self.engine.local_steps,
-            self.headroom,
-            theta=self.engine.algorithm.shares_curvature,  # not with public_curvature
-        )
+        bounds = self._bounds(plan)
         light = False
         if bounds is None and contents:  # the first round: calibrate the bounds first
-            calibration = self._pass(plan, clients, contents, {"stage": "calibrate"}, traffic)
+            calibrate = {"stage": "calibrate", "names-only": self.engine.privacy is not None}
+            calibration = self._pass(plan, clients, contents, calibrate, traffic)
             bounds = self._calibrated(plan, calibration)
             contents = {n: contents[n] for n in calibration.completed} if bounds else {}
             light = True  # the clients kept their update: the state need not travel again
@@ -127,6 +129,8 @@ class SecureFedPACStrategy(FedPACStrategy):
                 "theta-names": list(theta_bounds),
                 "theta-bounds": list(theta_bounds.values()),
             }
+            if self.engine.privacy is not None:  # the clients keep SecAgg+'s rounding inside
+                secagg["dp-clip-norms"] = list(self._clip_norms(plan))
             outcome = self._pass(plan, clients, contents, secagg, traffic, light)
             if outcome.mean is not None:
                 means = as_tensors(outcome.mean)
@@ -202,8 +206,34 @@ class SecureFedPACStrategy(FedPACStrategy):
                 plan.fail(clients[node], "NoReply", f"node {node} dropped out of SecAgg+")
         return outcome
 
+    def _clip_norms(self, plan: RoundPlan) -> tuple[float, float]:
+        """The round's client-level DP bounds ``(C, C_Theta)`` (``C_Theta`` 0 without Theta)."""
+        dp = self.engine.privacy
+        assert dp is not None
+        dp_round = dp.at_rate(plan.learning_rate, plan.state.dp_clip_norms)
+        theta = dp_round.theta_clip_norm if dp_round.share_theta else None
+        return float(dp_round.clip_norm), float(theta or 0.0)
+
+    def _bounds(self, plan: RoundPlan) -> Bounds | None:
+        """The round's public bounds from the global state; ``None``: calibrate first.
+
+        Under client-level DP, the clip norms (:func:`dp_bounds`); without, the
+        global state's magnitudes (:func:`secagg_bounds`). Either way the first
+        round of an algorithm that shares Theta needs the calibration pass (it
+        names Theta's entries).
+        """
+        theta = self.engine.algorithm.shares_curvature  # not with public_curvature
+        if self.engine.privacy is None:
+            state, lr = plan.state, plan.learning_rate
+            return secagg_bounds(state, lr, self.engine.local_steps, self.headroom, theta=theta)
+        sent = sent_form(plan.state.curvature) if theta else {}
+        if sent is None:
+            return None
+        return dp_bounds(self._clip_norms(plan), list(plan.state.params), list(sent))
+
     def _calibrated(self, plan: RoundPlan, outcome: SecAggOutcome) -> Bounds | None:
-        """The round's bounds from a calibration pass's mean log-magnitudes (``None``: halted)."""
+        """The round's bounds from a calibration pass's mean log-magnitudes (``None``: halted);
+        under client-level DP the pass only names Theta's entries (:func:`dp_bounds`)."""
         if outcome.mean is None:
             return None
         names = {tuple(theta_names_of(m)) for _, m in outcome.completed.values()}
@@ -213,6 +243,8 @@ class SecureFedPACStrategy(FedPACStrategy):
                 "(another optimizer or model on some node?)"
             )
         delta_names, theta_names = list(plan.state.params), list(names.pop())
+        if self.engine.privacy is not None:
+            return dp_bounds(self._clip_norms(plan), delta_names, theta_names)
         delta_logs, theta_logs = outcome.mean
         return (
             bounds_from_log_magnitudes(delta_logs, delta_names, self.headroom),
