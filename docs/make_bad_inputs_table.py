@@ -794,6 +794,39 @@ CASES = [
         lambda o: _args(o, secure_aggregation=True, secagg_reconstruction_threshold=5),
     ),
     Case(
+        "secure aggregation with client-level DP and Poisson sampling",
+        "`FedPACArguments`",
+        lambda o: _args(
+            o,
+            secure_aggregation=True,
+            algorithm="fedavg_adamw",
+            dp_mode="client",
+            dp_clip_norm=1.0,
+            dp_noise_multiplier=1.0,
+            dp_sampling="poisson",
+        ),
+    ),
+    Case(
+        "secure aggregation with adaptive clip norms",
+        "`FedPACArguments`",
+        lambda o: _args(
+            o,
+            secure_aggregation=True,
+            algorithm="fedavg_adamw",
+            dp_mode="client",
+            dp_clip_norm=1.0,
+            dp_noise_multiplier=1.0,
+            dp_clip_schedule="adaptive",
+        ),
+    ),
+    Case(
+        "dp_sampling with record-level DP",
+        "`FedPACArguments`",
+        lambda o: _args(
+            o, dp_mode="record", dp_clip_norm=1.0, dp_noise_multiplier=1.0, dp_sampling="fixed"
+        ),
+    ),
+    Case(
         "secure aggregation outside Flower",
         "`FedPACTrainer.train`",
         lambda o: _train(o, secure_aggregation=True),
@@ -943,10 +976,13 @@ CLASSES: list[tuple[str, str, tuple[str, ...]]] = [
             "DP with num_examples weighting",
             "record-level DP with Sophia",
             "record-level DP on a layer Opacus cannot cover",
+            "dp_sampling with record-level DP",
             "DP setting without dp_mode",
             "secure aggregation with beta auto",
             "secure aggregation with one client per round",
             "secure aggregation with a threshold above the shares",
+            "secure aggregation with client-level DP and Poisson sampling",
+            "secure aggregation with adaptive clip norms",
             "secure aggregation outside Flower",
         ),
     ),

@@ -1,14 +1,18 @@
-"""The config snippets that README.md and docs/ show are settings a run accepts.
+"""What README.md and docs/ show: config snippets a run accepts, commands that print what
+the docs say.
 
 Each ``yaml`` block is pasted, as a user would, into the LoRA config of the
 README (``configs/vit_lora_mnist5k.yaml``) and read by the same parser as
 ``fedpac-hf train``: a misspelt or renamed setting, or a value the settings'
-checks refuse, fails here instead of in a user's run.
+checks refuse, fails here instead of in a user's run. docs/privacy.md's
+accountant command runs as written and must print the numbers beside it.
 """
 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,3 +50,18 @@ def test_a_docs_snippet_pasted_into_the_lora_config_is_accepted(tmp_path, where,
     for key, value in settings.items():
         holder = training_args if hasattr(training_args, key) else model_args
         assert getattr(holder, key) == value, f"{where}: {key}"
+
+
+def test_the_privacy_docs_accountant_command_prints_what_the_docs_say():
+    pytest.importorskip("dp_accounting")
+    text = (ROOT / "docs" / "privacy.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    (command,) = [b.strip() for b in blocks if "noise_for_epsilon" in b]
+    printed = re.search(r"prints `([^`]*)`", text.split(command, 1)[1]).group(1)
+    assert command.startswith("python -c ")
+    result = subprocess.run(
+        ["bash", "-c", command.replace("python", sys.executable, 1)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == printed
