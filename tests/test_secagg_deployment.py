@@ -1,12 +1,15 @@
 """SecAgg+ on a real local Flower deployment: SuperLink + 3 SuperNodes on 127.0.0.1.
 
-The example app runs 2 rounds with ``secure-aggregation=true``: round 1 with
-a calibration pass and an aggregation pass, round 2 with one pass, through
-the SuperLink's gRPC grid and the SuperNodes' own node state (which keeps
-``secaggplus_mod``'s keys and the client's update between messages).
+The example app runs 2 rounds with ``secure-aggregation=true`` (and again with
+client-level DP on top): round 1 with a calibration pass and an aggregation
+pass, round 2 with one pass, through the SuperLink's gRPC grid and the
+SuperNodes' own node state (which keeps ``secaggplus_mod``'s keys and the
+client's update between messages).
 """
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
@@ -16,9 +19,13 @@ from fedpac_hf.rundir.checkpoint import latest_checkpoint  # noqa: E402
 
 from .flower_processes import APP, local_superlink, start_supernode  # noqa: E402
 
+#: Client-level DP on top (the README's settings): fixed-size samples, noise on the secure sum.
+CLIENT_DP = "dp-mode='client' dp-clip-norm=0.5 dp-theta-clip-norm=5.0 dp-target-epsilon=8.0"
+
 
 @pytest.mark.slow
-def test_secagg_runs_on_a_local_deployment(tmp_path):
+@pytest.mark.parametrize("privacy", ["", CLIENT_DP], ids=["plain", "client_dp"])
+def test_secagg_runs_on_a_local_deployment(tmp_path, privacy):
     out = tmp_path / "out"
     processes, link = local_superlink(tmp_path)
     try:
@@ -27,7 +34,7 @@ def test_secagg_runs_on_a_local_deployment(tmp_path):
         processes.start(
             "run",
             f"flwr run {APP} test --stream --run-config "
-            f"\"num-rounds=2 secure-aggregation=true output-dir='{out}'\"",
+            f"\"num-rounds=2 secure-aggregation=true output-dir='{out}' {privacy}\"",
         )
         processes.started["run"].wait(timeout=600)
     finally:
@@ -38,3 +45,8 @@ def test_secagg_runs_on_a_local_deployment(tmp_path):
     assert "round 2: SecAgg+ aggregate pass" in logs
     assert "Secure aggregation completed" in logs
     assert latest_checkpoint(out).name == "checkpoint-round-2"
+    if privacy:  # the package's DP note reaches Flower's log; every round takes 2 clients
+        assert "fixed-size samples at q = 0.667, replace-one accounting" in logs
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [row["num_clients"] for row in rows] == [2, 2]
+        assert 0 < rows[0]["epsilon"] < rows[1]["epsilon"] <= 8.0
