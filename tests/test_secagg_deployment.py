@@ -10,6 +10,7 @@ client's update between messages).
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -19,22 +20,35 @@ from fedpac_hf.rundir.checkpoint import latest_checkpoint  # noqa: E402
 
 from .flower_processes import APP, local_superlink, start_supernode  # noqa: E402
 
-#: Client-level DP on top (the README's settings): fixed-size samples, noise on the secure sum.
-CLIENT_DP = "dp-mode='client' dp-clip-norm=0.5 dp-theta-clip-norm=5.0 dp-target-epsilon=8.0"
+#: Client-level DP on top, as the app's README says: keys added to its run config (Flower's
+#: --run-config overrides only keys the app's config has). Fixed-size samples, noise on the
+#: secure sum.
+CLIENT_DP = """
+dp-mode = "client"
+dp-clip-norm = 0.5
+dp-theta-clip-norm = 5.0
+dp-target-epsilon = 8.0
+"""
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("privacy", ["", CLIENT_DP], ids=["plain", "client_dp"])
 def test_secagg_runs_on_a_local_deployment(tmp_path, privacy):
-    out = tmp_path / "out"
+    out, app = tmp_path / "out", APP
+    if privacy:  # a copy of the app with the keys at the end of [tool.flwr.app.config]
+        app = tmp_path / "app"
+        shutil.copytree(APP, app, ignore=shutil.ignore_patterns("fedpac_flower_output", "flwr_*"))
+        config = app / "pyproject.toml"
+        assert config.read_text().rstrip().splitlines()[-1].startswith("secure-aggregation")
+        config.write_text(config.read_text() + privacy)
     processes, link = local_superlink(tmp_path)
     try:
         for partition in range(3):
             start_supernode(processes, f"node{partition}", link, partition, 3)
         processes.start(
             "run",
-            f"flwr run {APP} test --stream --run-config "
-            f"\"num-rounds=2 secure-aggregation=true output-dir='{out}' {privacy}\"",
+            f"flwr run {app} test --stream --run-config "
+            f"\"num-rounds=2 secure-aggregation=true output-dir='{out}'\"",
         )
         processes.started["run"].wait(timeout=600)
     finally:
