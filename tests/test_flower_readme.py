@@ -121,6 +121,22 @@ def test_these_tests_run_every_command_of_the_readme():
     )
 
 
+def test_every_run_config_override_the_readme_shows_is_a_key_of_the_apps_config():
+    """Flower refuses a --run-config key the app's config lacks ("Invalid run configuration"),
+    so each override the README shows, in a command or in the text, must name one."""
+    from flwr.common.config import get_fused_config_from_dir, parse_config_args
+
+    from fedpac_hf.flower.config import arguments_from_run_config
+
+    text = (APP / "README.md").read_text(encoding="utf-8").replace("\\\n", " ")
+    overrides = re.findall(r'--run-config\s+"((?:[^"\\]|\\.)*)"', text)
+    assert len(overrides) >= 5 and any("log-level" in o for o in overrides)
+    for override in overrides:
+        fused = get_fused_config_from_dir(APP, parse_config_args([override]))
+        settings = {"output-dir": str(APP / "unused"), "overwrite-output-dir": True}
+        arguments_from_run_config({**fused, **settings}, ("dataset",))  # values a run accepts
+
+
 def app_copy(tmp_path: Path, ports: dict[int, int] | None = None) -> Path:
     """A copy of the app folder (as a user has it), with ``ports`` replaced in its connections."""
     app = tmp_path / "app"
