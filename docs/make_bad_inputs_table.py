@@ -71,6 +71,16 @@ def _tiny_data(n: int = 64):
     )
 
 
+#: Client-level DP under SecAgg+, which the cases below combine with one setting it refuses.
+_SECURE_CLIENT_DP = dict(
+    secure_aggregation=True,
+    algorithm="fedavg_adamw",
+    dp_mode="client",
+    dp_clip_norm=1.0,
+    dp_noise_multiplier=1.0,
+)
+
+
 def _args(out: Path, **overrides):
     from fedpac_hf import FedPACArguments
 
@@ -796,28 +806,12 @@ CASES = [
     Case(
         "secure aggregation with client-level DP and Poisson sampling",
         "`FedPACArguments`",
-        lambda o: _args(
-            o,
-            secure_aggregation=True,
-            algorithm="fedavg_adamw",
-            dp_mode="client",
-            dp_clip_norm=1.0,
-            dp_noise_multiplier=1.0,
-            dp_sampling="poisson",
-        ),
+        lambda o: _args(o, **_SECURE_CLIENT_DP, dp_sampling="poisson"),
     ),
     Case(
         "secure aggregation with adaptive clip norms",
         "`FedPACArguments`",
-        lambda o: _args(
-            o,
-            secure_aggregation=True,
-            algorithm="fedavg_adamw",
-            dp_mode="client",
-            dp_clip_norm=1.0,
-            dp_noise_multiplier=1.0,
-            dp_clip_schedule="adaptive",
-        ),
+        lambda o: _args(o, **_SECURE_CLIENT_DP, dp_clip_schedule="adaptive"),
     ),
     Case(
         "dp_sampling with record-level DP",

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from fedpac_hf import FedPACArguments
-from fedpac_hf.federated import simulate
 from fedpac_hf.federated.accounting import epsilon_after, noise_for_epsilon
 from fedpac_hf.federated.privacy import ClientDP
 from fedpac_hf.federated.sampling import sample_clients
@@ -28,7 +27,7 @@ from fedpac_hf.federated.secure_aggregation import (
     within_rounding,
 )
 
-from .test_privacy import _clients, _loss, _model
+from .test_privacy import _model, _private_run
 
 
 def _rdp_epsilon(num_clients: int, sampled: int, z: float, rounds: int, delta: float) -> float:
@@ -63,24 +62,7 @@ def test_a_target_epsilon_under_fixed_size_sampling_needs_more_noise():
 
 
 def test_fixed_size_sampling_draws_exactly_the_clients_per_round_and_accounts_for_them():
-    history = simulate(
-        _model(),
-        _clients(num=10),
-        "fedpac_soap",
-        4,
-        3,
-        2,
-        _loss,
-        lr=0.05,
-        dp_mode="client",
-        dp_clip_norm=0.1,
-        dp_theta_clip_norm=1.0,
-        dp_noise_multiplier=2.0,
-        dp_sampling="fixed",
-        dp_noise_seed=0,
-        preflight=False,
-        seed=5,
-    )
+    history = _private_run(10, 3, 2.0, dp_sampling="fixed", seed=5)
     delta = 10**-1.1
     for r, metrics in enumerate(history, start=1):
         assert metrics["num_clients"] == 3

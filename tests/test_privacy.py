@@ -275,24 +275,29 @@ def _pld_epsilon(q: float, z: float, count: int, delta: float) -> float:
     return accountant.get_epsilon(delta)
 
 
-def test_simulate_reports_the_accountants_epsilon_for_its_events():
-    loaders = _clients(num=20)
-    history = simulate(
+def _private_run(num_clients: int, clients_per_round: int, z: float, **settings: Any):
+    """4 rounds of fedpac_soap (K = 2) under client-level DP at multiplier ``z``: the history."""
+    return simulate(
         _model(),
-        loaders,
+        _clients(num=num_clients),
         "fedpac_soap",
         4,
-        5,
+        clients_per_round,
         2,
         _loss,
         lr=0.05,
         dp_mode="client",
         dp_clip_norm=0.1,
         dp_theta_clip_norm=1.0,
-        dp_noise_multiplier=1.1,
+        dp_noise_multiplier=z,
         dp_noise_seed=0,
         preflight=False,
+        **settings,
     )
+
+
+def test_simulate_reports_the_accountants_epsilon_for_its_events():
+    history = _private_run(20, 5, 1.1)
     q, delta = 5 / 20, 20**-1.1
     for r, metrics in enumerate(history, start=1):
         assert metrics["epsilon"] == pytest.approx(_pld_epsilon(q, 1.1, r, delta), rel=1e-9)

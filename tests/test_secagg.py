@@ -96,6 +96,38 @@ def plain_round(args, trainer, state, captured):
     return engine.state
 
 
+def secure_run(tmp_path, build=build_trainer, **settings):
+    """A SecAgg+ simulation on 3 nodes (2 rounds, 2 clients per round unless ``settings`` say
+    otherwise) of ``build``'s trainer, and its global state after each round."""
+    states: dict[int, ServerState] = {}
+    result = run_fedpac_simulation(
+        build,
+        flower_args(tmp_path / "secure", secure_aggregation=True, **settings),
+        build_model=build_model,
+        num_supernodes=3,
+        backend_config=BACKEND,
+        on_round_end=lambda r, state, metrics: states.__setitem__(r, copy.deepcopy(state)),
+    )
+    return result, states
+
+
+def plain_rounds(args, states):
+    """Each round of a 2-round secure run again, in process, from the same start:
+    ``(round_index, start, plain state, its updates)``. One torch thread, as the
+    simulation's worker (the same eigendecompositions)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer = build_trainer(args)
+        trainer.setup_clients()
+        initial = ServerState.from_model(build_model(args))
+        for round_index, start in enumerate([initial, states[1]]):
+            updates = Captured()
+            yield round_index, start, plain_round(args, trainer, start, updates), updates
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_secagg_scaling_and_flower_quantization_stay_within_one_step():
     """The bounds' arithmetic with Flower's own quantize/dequantize, on tensors of any scale."""
     gen = torch.Generator().manual_seed(0)
@@ -127,15 +159,7 @@ def test_secagg_scaling_and_flower_quantization_stay_within_one_step():
 
 def test_secagg_simulation_matches_the_plain_aggregate(tmp_path):
     """SecAgg+ on Flower (3 clients, 2 per round, 2 rounds, SOAP's Theta) against plain rounds."""
-    states: dict[int, ServerState] = {}
-    result = run_fedpac_simulation(
-        build_trainer,
-        flower_args(tmp_path / "secure", secure_aggregation=True),
-        build_model=build_model,
-        num_supernodes=3,
-        backend_config=BACKEND,
-        on_round_end=lambda r, state, metrics: states.__setitem__(r, copy.deepcopy(state)),
-    )
+    result, states = secure_run(tmp_path)
     assert [h["round"] for h in result.history] == [1.0, 2.0]
     for row in result.history:
         assert row["num_clients"] == 2 and row["num_dropped"] == 0
@@ -144,57 +168,51 @@ def test_secagg_simulation_matches_the_plain_aggregate(tmp_path):
         assert row["secagg_clipped"] == 0  # the bounds held every client's values
     assert result.server_state.round == 2
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the simulation's worker: the same eigendecompositions
-    try:
-        args = flower_args(tmp_path / "plain")
-        trainer = build_trainer(args)
-        trainer.setup_clients()
-        initial = ServerState.from_model(build_model(args))
-        lrs = args.round_learning_rates()
-        for round_index, start in enumerate([initial, states[1]]):
-            updates = Captured()
-            plain = plain_round(args, trainer, start, updates)
-            secure = states[round_index + 1]
-            # what travels in the clear: the same clients, examples and losses
-            (expected,) = updates.engine.history
-            for key in ("num_clients", "num_examples", "train_loss"):
-                assert result.history[round_index][key] == pytest.approx(expected[key]), key
-            bounds = secagg_bounds(start, lrs[round_index], args.local_steps)
-            if bounds is None:  # round 1: the calibration's bounds (its mean is quantized too)
-                names = (list(start.params), sorted(updates[0].curvature))
-                parts = ("delta", "curvature")
-                bounds = tuple(
-                    bounds_from_log_magnitudes(
-                        np.mean([log_magnitudes(getattr(u, p), n) for u in updates], axis=0), n
-                    )
-                    for p, n in zip(parts, names)
+    args = flower_args(tmp_path / "plain")
+    lrs = args.round_learning_rates()
+    for round_index, start, plain, updates in plain_rounds(args, states):
+        secure = states[round_index + 1]
+        # what travels in the clear: the same clients, examples and losses
+        (expected,) = updates.engine.history
+        for key in ("num_clients", "num_examples", "train_loss"):
+            assert result.history[round_index][key] == pytest.approx(expected[key]), key
+        bounds = secagg_bounds(start, lrs[round_index], args.local_steps)
+        if bounds is None:  # round 1: the calibration's bounds (its mean is quantized too)
+            names = (list(start.params), sorted(updates[0].curvature))
+            parts = ("delta", "curvature")
+            bounds = tuple(
+                bounds_from_log_magnitudes(
+                    np.mean([log_magnitudes(getattr(u, p), n) for u in updates], axis=0), n
                 )
-                bounds = tuple({k: 1.01 * b for k, b in part.items()} for part in bounds)
-            delta_bounds, theta_bounds = bounds
-            what = f"round {round_index + 1}"
-            unit = args.local_steps * lrs[round_index]
-            assert_within_quantization(
-                secure.params, plain.params, delta_bounds, slack=1e-7, what=what + " params"
+                for p, n in zip(parts, names)
             )
-            assert_within_quantization(
-                secure.direction,
-                plain.direction,
-                {n: b / unit for n, b in delta_bounds.items()},
-                slack=1e-7,
-                what=what + " direction",
-            )
-            assert_within_quantization(
-                secure.curvature, plain.curvature, theta_bounds, slack=1e-7, what=what + " Theta"
-            )
-            # and the plain aggregate of the same updates is what the engine computed
-            same, _ = aggregate(
-                start, updates, trainer.algorithm, lr=lrs[round_index], local_steps=args.local_steps
-            )
-            for name, tensor in plain.params.items():
-                assert torch.equal(same.params[name], tensor), name
-    finally:
-        torch.set_num_threads(threads)
+            bounds = tuple({k: 1.01 * b for k, b in part.items()} for part in bounds)
+        delta_bounds, theta_bounds = bounds
+        what = f"round {round_index + 1}"
+        unit = args.local_steps * lrs[round_index]
+        assert_within_quantization(
+            secure.params, plain.params, delta_bounds, slack=1e-7, what=what + " params"
+        )
+        assert_within_quantization(
+            secure.direction,
+            plain.direction,
+            {n: b / unit for n, b in delta_bounds.items()},
+            slack=1e-7,
+            what=what + " direction",
+        )
+        assert_within_quantization(
+            secure.curvature, plain.curvature, theta_bounds, slack=1e-7, what=what + " Theta"
+        )
+        # and the plain aggregate of the same updates is what the engine computed
+        same, _ = aggregate(
+            start,
+            updates,
+            updates.engine.algorithm,
+            lr=lrs[round_index],
+            local_steps=args.local_steps,
+        )
+        for name, tensor in plain.params.items():
+            assert torch.equal(same.params[name], tensor), name
 
 
 #: Client-level DP with a fixed noise seed: the same noise in the secure and the plain rounds.
@@ -221,61 +239,35 @@ def test_secagg_with_client_dp_matches_the_plain_private_rounds(tmp_path):
     values, so the mean of a part moves by at most twice that."""
     from fedpac_hf.federated.accounting import epsilon_after
 
-    states: dict[int, ServerState] = {}
-    result = run_fedpac_simulation(
-        build_trainer,
-        flower_args(tmp_path / "secure", secure_aggregation=True, **PRIVATE),
-        build_model=build_model,
-        num_supernodes=3,
-        backend_config=BACKEND,
-        on_round_end=lambda r, state, metrics: states.__setitem__(r, copy.deepcopy(state)),
-    )
+    result, states = secure_run(tmp_path, **PRIVATE)
     for r, row in enumerate(result.history, start=1):
         assert row["num_clients"] == 2 and row["secagg_clipped"] == 0
         assert row["epsilon"] == pytest.approx(epsilon_after(r, 0.7, 2 / 3, 3**-1.1, 3))
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the simulation's worker: the same eigendecompositions
-    try:
-        args = flower_args(tmp_path / "plain", dp_sampling="fixed", **PRIVATE)
-        trainer = build_trainer(args)
-        trainer.setup_clients()
-        initial = ServerState.from_model(build_model(args))
-        lrs = args.round_learning_rates()
-        for round_index, start in enumerate([initial, states[1]]):
-            updates = Captured()
-            plain = plain_round(args, trainer, start, updates)
-            secure = states[round_index + 1]
-            (expected,) = updates.engine.history
-            for key in ("num_clients", "train_loss", "dp_clipped_delta", "dp_noise_norm"):
-                assert result.history[round_index][key] == pytest.approx(expected[key]), key
-            unit = args.local_steps * lrs[round_index]
-            for part, bound, scale in (
-                ("params", 0.05, 1.0), ("direction", 0.05, 1.0 / unit), ("curvature", 5.0, 1.0),
-            ):  # fmt: skip
-                mine, theirs = getattr(secure, part), getattr(plain, part)
-                values = sum(t.numel() for t in theirs.values())
-                rounding = 2 * math.sqrt(values) * bound * STEP * scale
-                floats = (
-                    1e-7 * math.sqrt(values) * max(float(t.abs().max()) for t in theirs.values())
-                )
-                error = joint_error(mine, theirs)
-                assert error <= rounding + floats, (round_index + 1, part, error, rounding)
-    finally:
-        torch.set_num_threads(threads)
+    args = flower_args(tmp_path / "plain", dp_sampling="fixed", **PRIVATE)
+    lrs = args.round_learning_rates()
+    for round_index, _, plain, updates in plain_rounds(args, states):
+        secure = states[round_index + 1]
+        (expected,) = updates.engine.history
+        for key in ("num_clients", "train_loss", "dp_clipped_delta", "dp_noise_norm"):
+            assert result.history[round_index][key] == pytest.approx(expected[key]), key
+        unit = args.local_steps * lrs[round_index]
+        for part, bound, scale in (
+            ("params", 0.05, 1.0), ("direction", 0.05, 1.0 / unit), ("curvature", 5.0, 1.0),
+        ):  # fmt: skip
+            mine, theirs = getattr(secure, part), getattr(plain, part)
+            values = sum(t.numel() for t in theirs.values())
+            rounding = 2 * math.sqrt(values) * bound * STEP * scale
+            floats = 1e-7 * math.sqrt(values) * max(float(t.abs().max()) for t in theirs.values())
+            error = joint_error(mine, theirs)
+            assert error <= rounding + floats, (round_index + 1, part, error, rounding)
 
 
 def test_secagg_survives_a_client_that_drops_out(tmp_path, caplog):
     """Client 1 fails while SecAgg+ collects the masked vectors: the others' mean is recovered."""
     caplog.set_level(logging.WARNING, logger="flwr")
     settings = dict(num_rounds=1, clients_per_round=3, algorithm="fedavg")
-    result = run_fedpac_simulation(
-        build_failing_trainer,
-        flower_args(tmp_path / "secure", secure_aggregation=True, **settings),
-        build_model=build_model,
-        num_supernodes=3,
-        backend_config=BACKEND,
-    )
+    result, _ = secure_run(tmp_path, build_failing_trainer, **settings)
     (row,) = result.history
     assert row["num_clients"] == 2 and row["num_dropped"] == 1
     dropped = [r.getMessage() for r in caplog.records if "dropping client 1" in r.getMessage()]
@@ -328,15 +320,7 @@ def test_secagg_dropout_in_a_later_round_with_num_examples_weights(tmp_path, cap
         aggregation_weighting="num_examples",
         secagg_max_weight=100,
     )
-    states: dict[int, ServerState] = {}
-    result = run_fedpac_simulation(
-        build_second_round_failure,
-        flower_args(tmp_path / "secure", secure_aggregation=True, **settings),
-        build_model=build_model,
-        num_supernodes=3,
-        backend_config=BACKEND,
-        on_round_end=lambda r, state, metrics: states.__setitem__(r, copy.deepcopy(state)),
-    )
+    result, states = secure_run(tmp_path, build_second_round_failure, **settings)
     assert [(h["num_clients"], h["num_dropped"]) for h in result.history] == [(3, 0), (2, 1)]
     dropped = [r.getMessage() for r in caplog.records if "dropping client 1" in r.getMessage()]
     assert dropped and "local disk filled up in round 2" in dropped[0]
