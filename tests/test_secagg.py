@@ -222,11 +222,18 @@ PRIVATE = dict(
 )  # fmt: skip
 
 
-def joint_error(secure, plain) -> float:
-    """The L2 distance of two states' parts over all their tensors."""
-    return math.sqrt(
+def assert_within_dp_rounding(secure, plain, bound, scale=1.0, what=""):
+    """Under client-level DP a secure part differs from the plain one by SecAgg+'s rounding and
+    the clients' shrink that keeps it inside the clip norm ``bound`` (:func:`within_rounding`):
+    each at most ``sqrt(d) * bound * 2**-21`` over the part's ``d`` values, so the mean by
+    at most twice that (times ``scale``), plus float32 rounding."""
+    values = sum(t.numel() for t in plain.values())
+    rounding = 2 * math.sqrt(values) * bound * STEP * scale
+    floats = 1e-7 * math.sqrt(values) * max(float(t.abs().max()) for t in plain.values())
+    error = math.sqrt(
         sum(float((secure[n].double() - plain[n].double()).square().sum()) for n in plain)
     )
+    assert error <= rounding + floats, f"{what}: error {error:.3g} over {rounding:.3g}"
 
 
 def test_secagg_with_client_dp_matches_the_plain_private_rounds(tmp_path):
@@ -234,9 +241,7 @@ def test_secagg_with_client_dp_matches_the_plain_private_rounds(tmp_path):
     clipped by SecAgg+), the accountant's epsilon for fixed-size sampling, and each round's
     state the plain private round's from the same start, the same seeded noise included.
 
-    They differ by SecAgg+'s rounding and the clients' shrink that keeps it inside the clip
-    norm (:func:`within_rounding`): each at most ``sqrt(d) C 2**-21`` over a part's ``d``
-    values, so the mean of a part moves by at most twice that."""
+    They differ by SecAgg+'s rounding and the clients' shrink (:func:`assert_within_dp_rounding`)."""
     from fedpac_hf.federated.accounting import epsilon_after
 
     result, states = secure_run(tmp_path, **PRIVATE)
@@ -256,37 +261,34 @@ def test_secagg_with_client_dp_matches_the_plain_private_rounds(tmp_path):
             ("params", 0.05, 1.0), ("direction", 0.05, 1.0 / unit), ("curvature", 5.0, 1.0),
         ):  # fmt: skip
             mine, theirs = getattr(secure, part), getattr(plain, part)
-            values = sum(t.numel() for t in theirs.values())
-            rounding = 2 * math.sqrt(values) * bound * STEP * scale
-            floats = 1e-7 * math.sqrt(values) * max(float(t.abs().max()) for t in theirs.values())
-            error = joint_error(mine, theirs)
-            assert error <= rounding + floats, (round_index + 1, part, error, rounding)
+            assert_within_dp_rounding(mine, theirs, bound, scale, f"round {round_index + 1} {part}")
 
 
-def test_secagg_survives_a_client_that_drops_out(tmp_path, caplog):
-    """Client 1 fails while SecAgg+ collects the masked vectors: the others' mean is recovered."""
+@pytest.mark.parametrize("privacy", [{}, PRIVATE], ids=["plain", "client_dp"])
+def test_secagg_survives_a_client_that_drops_out(tmp_path, caplog, privacy):
+    """Client 1 fails while SecAgg+ collects the masked vectors: the others' mean is recovered
+    (under client-level DP too: the sum of fewer clipped updates, the same noise and epsilon)."""
     caplog.set_level(logging.WARNING, logger="flwr")
-    settings = dict(num_rounds=1, clients_per_round=3, algorithm="fedavg")
+    settings = dict(num_rounds=1, clients_per_round=3, algorithm="fedavg", **privacy)
     result, _ = secure_run(tmp_path, build_failing_trainer, **settings)
     (row,) = result.history
     assert row["num_clients"] == 2 and row["num_dropped"] == 1
+    assert ("epsilon" in row) == bool(privacy)
     dropped = [r.getMessage() for r in caplog.records if "dropping client 1" in r.getMessage()]
     assert dropped and "local data volume is not mounted" in dropped[0]
 
-    args = flower_args(tmp_path / "plain", **settings)
+    args = flower_args(
+        tmp_path / "plain", **settings, **({"dp_sampling": "fixed"} if privacy else {})
+    )
     trainer = build_failing_trainer(args)
     trainer.setup_clients()
     initial = ServerState.from_model(build_model(args))
-    updates = [
-        trainer.train_client_by_id(c, 0, args.round_learning_rates()[0], initial) for c in (0, 2)
-    ]
-    plain, _ = aggregate(
-        initial,
-        updates,
-        trainer.algorithm,
-        lr=args.round_learning_rates()[0],
-        local_steps=args.local_steps,
-    )
+    updates = Captured()
+    plain = plain_round(args, trainer, initial, updates)  # client 1 fails here too
+    assert [u.client_id for u in updates] == [0, 2]
+    if privacy:  # the same seeded noise on the sum of the same two clipped updates
+        assert_within_dp_rounding(result.server_state.params, plain.params, PRIVATE["dp_clip_norm"])
+        return
     names = list(initial.params)
     logs = np.mean([log_magnitudes(u.delta, names) for u in updates], axis=0)
     bounds = {n: 1.01 * b for n, b in bounds_from_log_magnitudes(logs, names).items()}
