@@ -47,7 +47,7 @@ class PrivacyArguments:
         default="none",
         metadata={
             "help": f"Differential privacy: one of {DP_MODES}. 'client': each client's delta "
-            "and Theta are clipped, clients are Poisson-sampled and the server adds Gaussian "
+            "and Theta are clipped, clients are sampled (dp_sampling) and the server adds Gaussian "
             "noise to the sums; 'record': DP-SGD (Opacus) in every client, each example's "
             "gradient clipped and noised; epsilon is logged every round (docs/privacy.md)."
         },

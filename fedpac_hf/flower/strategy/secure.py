@@ -217,10 +217,10 @@ class SecureFedPACStrategy(FedPACStrategy):
     def _bounds(self, plan: RoundPlan) -> Bounds | None:
         """The round's public bounds from the global state; ``None``: calibrate first.
 
-        Under client-level DP, the clip norms (:func:`dp_bounds`); without, the
-        global state's magnitudes (:func:`secagg_bounds`). Either way the first
-        round of an algorithm that shares Theta needs the calibration pass (it
-        names Theta's entries).
+        Without DP, the global state's magnitudes (:func:`secagg_bounds`; the
+        first round calibrates). Under client-level DP, the clip norms
+        (:func:`dp_bounds`); only the first round of an algorithm that shares
+        Theta calibrates, to learn the names of Theta's entries.
         """
         theta = self.engine.algorithm.shares_curvature  # not with public_curvature
         if self.engine.privacy is None:
