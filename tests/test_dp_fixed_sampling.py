@@ -53,6 +53,26 @@ def test_fixed_size_epsilon_is_the_rdp_accountants_for_sampling_without_replacem
     assert fixed > epsilon_after(rounds, z, q, delta)  # replace-one costs more than Poisson's
 
 
+@pytest.mark.parametrize(
+    ("z", "num_clients", "sampled", "rounds"), [(1.4, 500, 50, 20), (2.0, 10, 3, 4)]
+)
+def test_fixed_size_epsilon_is_within_ten_percent_of_autodps(z, num_clients, sampled, rounds):
+    """autodp (Wang et al.'s package, independent of dp-accounting): the Gaussian of multiplier
+    z / 2 against the replace-one sensitivity, amplified by sampling without replacement."""
+    pytest.importorskip("autodp")
+    from autodp import mechanism_zoo, transformer_zoo
+
+    gaussian = mechanism_zoo.GaussianMechanism(sigma=z / 2)
+    gaussian.neighboring = "replace_one"
+    sample = transformer_zoo.AmplificationBySampling(PoissonSampling=False)
+    one = sample(gaussian, sampled / num_clients, improved_bound_flag=True)
+    composed = transformer_zoo.Composition()([one], [rounds])
+    delta = num_clients**-1.1
+    independent = composed.get_approxDP(delta)
+    q = sampled / num_clients
+    assert epsilon_after(rounds, z, q, delta, num_clients) == pytest.approx(independent, rel=0.10)
+
+
 def test_a_target_epsilon_under_fixed_size_sampling_needs_more_noise():
     q, delta, rounds = 0.1, 500**-1.1, 20
     z = noise_for_epsilon(8.0, delta, q, rounds, 500)

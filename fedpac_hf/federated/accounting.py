@@ -18,7 +18,8 @@ package, never from a formula of this package:
   round's sum by up to twice the clip bound, so the Gaussian's multiplier
   against that sensitivity is ``z / 2``: for the same epsilon fixed-size
   sampling needs about 2.6 times the noise (z 1.44 against 0.55 for epsilon 8
-  at N = 500, q = 0.1, 20 rounds; docs/privacy.md).
+  at N = 500, q = 0.1, 20 rounds; docs/privacy.md). ``tests/test_dp_fixed_sampling.py``
+  compares it with ``autodp``'s independent accountant.
 
 Epsilon depends only on ``(z, q, delta, r)`` (and ``N`` for fixed-size
 sampling), so a resumed run continues it exactly.
