@@ -46,6 +46,9 @@ runs): the noise of a federation 3, 10 and 100 times larger at eps = 8, emulated
 (:mod:`_privacy_population`, whose docstring states the hypothesis); and
 after its controls, Theta's share tuned at x100 and a control with next to no
 noise (:mod:`_privacy_share`, whose docstring states the hypotheses).
+Once client-level DP combined with secure aggregation: the first row's
+settings at eps = 8 with SecAgg+'s fixed-size samples (:mod:`_privacy_sampling`,
+whose docstring states the hypotheses).
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ from _privacy_beta import beta_finals, beta_goal, beta_section
 from _privacy_population import population_levels, population_plan, population_section
 from _privacy_public import dp_chosen_row, public_goal, public_section
 from _privacy_results import cell, dp_tuned_levels, goal_rows, lead_line, setting_label, tuned_as
+from _privacy_sampling import sampling_plan, sampling_section
 from _privacy_share import SCALE, share_plan, share_section
 from _privacy_suites import Suite
 from _privacy_tables import noise_section, num_parameters, tuning_section
@@ -96,7 +100,7 @@ def plan_goal(suite: Suite, done: dict[str, Record]) -> tuple[list[Run], int]:
     more, missing = beta_finals(suite, GOAL_METHODS, done, GOAL_SEEDS)  # the fourth row
     runs += more
     waiting += missing
-    for plan in (population_plan, share_plan):  # not goal rows
+    for plan in (population_plan, share_plan, sampling_plan):  # not goal rows
         more, missing = plan(suite, GOAL_METHODS, done, GOAL_SEEDS)
         runs += more
         waiting += missing
@@ -199,4 +203,5 @@ def report_goal(suite: Suite) -> None:
     population_section(lines, suite, levels, GOAL_METHODS, done, GOAL_SEEDS)
     scale = population_levels(suite, GOAL_METHODS, done, GOAL_SEEDS)[SCALE]
     share_section(lines, suite, scale, GOAL_METHODS, done, GOAL_SEEDS)
+    sampling_section(lines, suite, GOAL_METHODS, done)
     suite.report.write_text("\n".join(lines), encoding="utf-8")

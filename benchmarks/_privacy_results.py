@@ -87,8 +87,9 @@ def dp_tuned_levels(
 def tuned_as(r: Record) -> tuple[str, ...]:
     """What identifies a final run's protocol: method, level, where its rate was tuned,
     Theta's share, the clip schedule, the clip norms' quantile, the curvature's decay,
-    Theta's size, beta, the emulated federation's size and SOAP's eps (records from before a
-    field have its default; ``tuned_as(asdict(run))`` is a planned run's)."""
+    Theta's size, beta, the emulated federation's size, SOAP's eps and the sampling
+    (records from before a field have its default; ``tuned_as(asdict(run))`` is a planned
+    run's)."""
     return (
         r["method"],
         r["privacy"],
@@ -101,6 +102,7 @@ def tuned_as(r: Record) -> tuple[str, ...]:
         r.get("beta", ""),
         r.get("population", ""),
         r.get("eps", ""),
+        r.get("sampling", ""),
     )
 
 
@@ -114,10 +116,11 @@ def setting_label(
     beta: str = "",
     population: str = "",
     eps: str = "",
+    sampling: str = "",
 ) -> str:
     """A rate (a number or a cell) with its share, clip schedule, clip quantile, curvature
-    decay, Theta's size, beta, the emulated federation's size and SOAP's eps where not the
-    defaults."""
+    decay, Theta's size, beta, the emulated federation's size, SOAP's eps and the sampling
+    where not the defaults."""
     rate = lr if isinstance(lr, str) else f"{lr:g}"
     return (
         rate
@@ -129,6 +132,7 @@ def setting_label(
         + (f", beta {beta}" if beta else "")
         + (f", x{population} federation" if population else "")
         + (f", eps {eps}" if eps else "")
+        + (f", {sampling} samples" if sampling else "")
     )
 
 

@@ -70,6 +70,8 @@ def overrides(suite: Suite, run: Run, run_dir: Path) -> list[str]:
             over += ["--dp_theta_share", run.theta_share]
         if run.clip_schedule:
             over += ["--dp_clip_schedule", run.clip_schedule]
+        if run.sampling:
+            over += ["--dp_sampling", run.sampling]
         # run.clip_quantile only says where run.clip and run.theta_clip came from
         over += list(noise_setting(suite, run))
         over += ["--dp_noise_seed", str(run.seed)]
@@ -105,6 +107,7 @@ def resolved_privacy(suite: Suite, run: Run) -> dict[str, float]:
         theta_share=float(run.theta_share) if run.theta_share else None,
         clip_schedule=run.clip_schedule or None,
         learning_rate=run.lr,
+        sampling=run.sampling or None,
     ).resolve(NUM_CLIENTS, suite.sample_rate, suite.num_rounds)
     return {
         "noise_multiplier": float(dp.noise_multiplier or 0.0),

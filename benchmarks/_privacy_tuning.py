@@ -115,7 +115,8 @@ class Run:
     the default ``theta_budget``); ``beta`` the correction strength as passed
     (``""``: the algorithm's); ``population`` how many times larger the federation
     whose noise at epsilon ``privacy`` the run emulates (``_privacy_population.py``;
-    ``""``: this one's); ``eps`` SOAP's Adam eps (``""``: its default).
+    ``""``: this one's); ``eps`` SOAP's Adam eps (``""``: its default); ``sampling``
+    ``dp_sampling`` as passed (``""``: Poisson, the default).
     """
 
     stage: str
@@ -134,6 +135,7 @@ class Run:
     beta: str = ""
     population: str = ""
     eps: str = ""
+    sampling: str = ""
 
     @property
     def key(self) -> str:
@@ -146,6 +148,7 @@ class Run:
         settings += f"_beta{self.beta}" if self.beta else ""
         settings += f"_pop{self.population}" if self.population else ""
         settings += f"_eps{self.eps}" if self.eps else ""
+        settings += f"_{self.sampling}" if self.sampling else ""
         if self.stage == "tune":
             return f"tune_{self.method}_lr{self.lr:g}{curvature}_s{self.seed}"
         if self.stage == "dptune":
