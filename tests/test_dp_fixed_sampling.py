@@ -188,30 +188,17 @@ def test_a_secure_runs_fixed_samples_are_part_of_what_a_resume_must_keep(tmp_pat
 def test_a_resumed_fixed_sampling_run_continues_exactly_and_the_summary_names_it(tmp_path):
     import yaml
 
-    from fedpac_hf import FedPACTrainer
     from fedpac_hf.rundir.metrics_file import append_metrics
     from fedpac_hf.rundir.reporting import write_report
 
-    from .trainer_fixtures import image_data, tiny_vit, vit_args
+    from .trainer_fixtures import trained_and_resumed
 
-    data = image_data()
     dp = dict(
         dp_mode="client", dp_clip_norm=0.05, dp_theta_clip_norm=5.0, dp_noise_multiplier=1.0,
         dp_sampling="fixed",
     )  # fmt: skip
-    first = FedPACTrainer(
-        model=tiny_vit(),
-        args=vit_args(tmp_path, num_rounds=3, save_strategy="steps", save_steps=1, **dp),
-        train_dataset=data["train"],
-    )
-    first.train()
+    first, resumed = trained_and_resumed(tmp_path, 3, **dp)
     assert {h["num_clients"] for h in first.round_history} == {first.engine.clients_per_round}
-    resumed = FedPACTrainer(
-        model=tiny_vit(seed=123),
-        args=vit_args(tmp_path, num_rounds=3, **dp),
-        train_dataset=data["train"],
-    )
-    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-round-1"))
     assert [h["epsilon"] for h in resumed.round_history] == [
         h["epsilon"] for h in first.round_history
     ]

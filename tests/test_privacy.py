@@ -36,7 +36,7 @@ from fedpac_hf.optim import curvature_retention, gnb_loss
 from fedpac_hf.optim.repair import repair_curvature
 from fedpac_hf.rundir.checkpoint import load_federated_checkpoint
 
-from .trainer_fixtures import image_data, tiny_vit, vit_args
+from .trainer_fixtures import image_data, tiny_vit, trained_and_resumed, vit_args
 
 #: Client-level DP settings of an aligning run, as ``FedPACArguments`` takes them.
 CLIENT_DP = dict(
@@ -759,20 +759,8 @@ def test_record_dp_refuses_models_and_loaders_it_cannot_cover():
 
 
 def test_a_resumed_record_dp_run_continues_exactly(tmp_path):
-    data = image_data()
     dp = dict(dp_mode="record", dp_clip_norm=1.0, dp_noise_multiplier=1.0, dp_noise_seed=5)
-    first = FedPACTrainer(
-        model=tiny_vit(),
-        args=vit_args(tmp_path, num_rounds=2, save_strategy="steps", save_steps=1, **dp),
-        train_dataset=data["train"],
-    )
-    first.train()
-    resumed = FedPACTrainer(
-        model=tiny_vit(seed=123),
-        args=vit_args(tmp_path, num_rounds=2, **dp),
-        train_dataset=data["train"],
-    )
-    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-round-1"))
+    first, resumed = trained_and_resumed(tmp_path, 2, **dp)
     assert [h["epsilon"] for h in resumed.round_history] == [
         h["epsilon"] for h in first.round_history
     ]

@@ -165,6 +165,29 @@ def vit_args(tmp_path: Path, **overrides: Any) -> FedPACArguments:
     return small_run_args(tmp_path / "run", **{**TRAINER_RUN, **overrides})
 
 
+def trained_and_resumed(
+    tmp_path: Path, num_rounds: int, **overrides: Any
+) -> tuple[FedPACTrainer, FedPACTrainer]:
+    """The tiny ViT trained for ``num_rounds`` on :func:`image_data` (a checkpoint every round),
+    and a second trainer from other initial weights resumed from round 1's checkpoint."""
+    data = image_data()
+    first = FedPACTrainer(
+        model=tiny_vit(),
+        args=vit_args(
+            tmp_path, num_rounds=num_rounds, save_strategy="steps", save_steps=1, **overrides
+        ),
+        train_dataset=data["train"],
+    )
+    first.train()
+    resumed = FedPACTrainer(
+        model=tiny_vit(seed=123),
+        args=vit_args(tmp_path, num_rounds=num_rounds, **overrides),
+        train_dataset=data["train"],
+    )
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-round-1"))
+    return first, resumed
+
+
 def flower_args(output_dir: Path, **overrides: Any) -> FedPACArguments:
     """:data:`FLOWER_RUN` into ``output_dir``, with ``overrides``."""
     return small_run_args(output_dir, **{**FLOWER_RUN, **overrides})
