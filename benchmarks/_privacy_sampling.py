@@ -118,13 +118,17 @@ def retune_runs(suite: Suite, method: str, done: dict[str, Record]) -> list[Run]
 
 def retuned(suite: Suite, method: str, done: dict[str, Record]) -> Run | None:
     """The final run (seed 0) at the rate tuned again under fixed-size samples (the first
-    row's rate on a tie); None while a tuning run is missing."""
+    row's rate on a tie, whose final runs are the untuned ones; another rate's are marked
+    ``tuned="dpfixed"``, since a final run's key does not hold its rate); None while a
+    tuning run is missing."""
     pick = dp_chosen(suite, method, LEVEL, done)
     runs = retune_runs(suite, method, done)
     if pick is None or not runs or not all(run.key in done for run in runs):
         return None
     best = max(runs, key=lambda run: (tune_score(done[run.key]), run.lr == pick.lr))
-    return replace(best, stage="final", tuned="dp")
+    if best.lr == pick.lr:  # the first row's rate again: the untuned fixed-size runs
+        return replace(pick, sampling=SAMPLING)
+    return replace(best, stage="final", tuned="dpfixed")
 
 
 def _summaries(

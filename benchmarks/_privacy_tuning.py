@@ -106,7 +106,8 @@ class Run:
     or a target epsilon; ``clip`` and ``theta_clip`` are the clip norms as
     passed on the command line (``""`` when unused). Stage ``"dptune"`` is a
     tuning run under DP (validation split); ``tuned`` says where a final run's
-    rate was tuned (``"nodp"`` or ``"dp"``); ``theta_share`` is
+    rate was tuned (``"nodp"``, ``"dp"``, or ``"dpfixed"``: under DP with
+    fixed-size samples, :mod:`_privacy_sampling`); ``theta_share`` is
     ``dp_theta_share`` as passed (``""``: the default 0.5); ``clip_schedule`` is
     ``dp_clip_schedule`` as passed (``""``: constant); ``clip_quantile`` the
     quantile of the non-private norms the clip norms are (``""``: the median);
@@ -153,7 +154,7 @@ class Run:
             return f"tune_{self.method}_lr{self.lr:g}{curvature}_s{self.seed}"
         if self.stage == "dptune":
             return f"dptune_{self.method}_eps-{self.privacy}_lr{self.lr:g}{settings}_s{self.seed}"
-        suffix = "_dptuned" if self.tuned == "dp" else ""
+        suffix = {"dp": "_dptuned", "dpfixed": "_dptunedfixed"}.get(self.tuned, "")
         return f"final_{self.method}_eps-{self.privacy}_s{self.seed}{suffix}{settings}"
 
 
