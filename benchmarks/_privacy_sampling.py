@@ -47,6 +47,7 @@ is not the first row's (:func:`retuned`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 from _harness.reporting import Summary, fmt, summarise
@@ -78,25 +79,34 @@ def sampling_plan(
     """The runs (seed-major; then the rate's tuning runs and the finals at the rate tuned
     again) and how many wait for others; ``seeds`` (the goal's) is not used: this part runs
     :data:`SEEDS`."""
+    runs, waiting = _finals(methods, lambda method: untuned(suite, method, done))
+    for method in methods:
+        runs += retune_runs(suite, method, done)
+    more, missing = _finals(methods, lambda method: retuned(suite, method, done))
+    return runs + more, waiting + missing
+
+
+def _finals(
+    methods: tuple[str, ...], pick_of: Callable[[str], Run | None]
+) -> tuple[list[Run], int]:
+    """Seed-major final runs of :data:`SEEDS` seeds from each method's ``pick_of(method)``
+    (seed 0), and how many methods' picks are missing, once per seed."""
     runs: list[Run] = []
     waiting = 0
     for seed in range(SEEDS):
         for method in methods:
-            pick = dp_chosen(suite, method, LEVEL, done)
-            if pick is None:
-                waiting += 1
-            else:
-                runs.append(replace(pick, seed=seed, sampling=SAMPLING))
-    for method in methods:
-        runs += retune_runs(suite, method, done)
-    for seed in range(SEEDS):
-        for method in methods:
-            pick = retuned(suite, method, done)
+            pick = pick_of(method)
             if pick is None:
                 waiting += 1
             else:
                 runs.append(replace(pick, seed=seed))
     return runs, waiting
+
+
+def untuned(suite: Suite, method: str, done: dict[str, Record]) -> Run | None:
+    """The first row's final run (seed 0) at eps = 8 with fixed-size samples."""
+    pick = dp_chosen(suite, method, LEVEL, done)
+    return None if pick is None else replace(pick, sampling=SAMPLING)
 
 
 def retune_runs(suite: Suite, method: str, done: dict[str, Record]) -> list[Run]:
@@ -127,7 +137,7 @@ def retuned(suite: Suite, method: str, done: dict[str, Record]) -> Run | None:
         return None
     best = max(runs, key=lambda run: (tune_score(done[run.key]), run.lr == pick.lr))
     if best.lr == pick.lr:  # the first row's rate again: the untuned fixed-size runs
-        return replace(pick, sampling=SAMPLING)
+        return untuned(suite, method, done)
     return replace(best, stage="final", tuned="dpfixed")
 
 
