@@ -163,6 +163,21 @@ def lead_cell(summ: dict[str, Summary]) -> str:
     return f"{100 * got[0]:+.1f} +- {lead_error(summ, got[1])} (vs {got[1]})"
 
 
+def paired_difference(a: Summary | None, b: Summary | None) -> str:
+    """``mean +- standard error`` (points) of the per-seed differences ``a - b`` of the final
+    accuracy over the seeds both have (``-`` with fewer than two, or a summary missing)."""
+    if a is None or b is None:
+        return "-"
+    by_seed = [{r["seed"]: r["history"][-1]["eval_accuracy"] for r in s.runs} for s in (a, b)]
+    seeds = sorted(set(by_seed[0]) & set(by_seed[1]))
+    diffs = [by_seed[0][seed] - by_seed[1][seed] for seed in seeds]
+    if len(diffs) < 2:
+        return "-"
+    mean = sum(diffs) / len(diffs)
+    std = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
+    return f"{fmt(mean)} +- {fmt(std / math.sqrt(len(diffs)))}"
+
+
 def lead_line(levels: dict[str, dict[str, Summary]], names: Sequence[str]) -> str:
     """fedpac_soap's lead at each of the levels ``names``, as one sentence."""
     leads = [(level, lead(levels[level])) for level in names]

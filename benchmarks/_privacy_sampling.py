@@ -52,8 +52,7 @@ from dataclasses import replace
 
 from _harness.reporting import Summary, fmt, summarise
 from _harness.runs import Record, tune_score
-from _privacy_results import cell, lead_cell
-from _privacy_share import paired_difference
+from _privacy_results import cell, lead_cell, paired_difference
 from _privacy_suites import Suite
 from _privacy_tuning import (
     CLIP_SCHEDULE,
@@ -141,29 +140,22 @@ def retuned(suite: Suite, method: str, done: dict[str, Record]) -> Run | None:
     return replace(best, stage="final", tuned="dpfixed")
 
 
-def _summaries(
-    suite: Suite, methods: tuple[str, ...], done: dict[str, Record], sampling: str
+def _summary_of(
+    methods: tuple[str, ...], pick_of: Callable[[str], Run | None], done: dict[str, Record]
 ) -> dict[str, Summary]:
-    """Each method's test accuracy at the first row's settings with ``sampling``, seeds
-    ``0 .. SEEDS - 1`` (those done)."""
-    records = []
-    for method in methods:
-        pick = dp_chosen(suite, method, LEVEL, done)
-        if pick is None:
-            continue
-        runs = [replace(pick, seed=seed, sampling=sampling) for seed in range(SEEDS)]
-        records += [done[run.key] for run in runs if run.key in done]
-    return summarise(records, "eval_accuracy")
+    """Each method's test accuracy over the done runs of :func:`_finals` from ``pick_of``."""
+    runs, _ = _finals(methods, pick_of)
+    return summarise([done[run.key] for run in runs if run.key in done], "eval_accuracy")
 
 
 def sampling_section(
     lines: list[str], suite: Suite, methods: tuple[str, ...], done: dict[str, Record]
 ) -> None:
     """Poisson against fixed-size samples at eps = 8, the same settings and seeds."""
-    fixed = _summaries(suite, methods, done, SAMPLING)
+    fixed = _summary_of(methods, lambda method: untuned(suite, method, done), done)
     if not fixed:
         return
-    poisson = _summaries(suite, methods, done, "")
+    poisson = _summary_of(methods, lambda method: dp_chosen(suite, method, LEVEL, done), done)
     lines += [
         "## Fixed-size samples: what secure aggregation costs under DP (seventh part)",
         "",
@@ -178,8 +170,7 @@ def sampling_section(
         "|---|---|---|---|---|---|",
     ]
     for method in methods:
-        pair = {"noise": fixed.get(method), "clip only": poisson.get(method)}
-        paired = paired_difference(pair) if all(pair.values()) else "-"
+        paired = paired_difference(fixed.get(method), poisson.get(method))
         lines.append(
             f"| {method} | {cell(poisson.get(method))} | {_z(poisson.get(method))} | "
             f"{cell(fixed.get(method))} | {_z(fixed.get(method))} | {paired} |"
@@ -218,13 +209,7 @@ def _retuned_section(
             for run in runs
         ]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    records = []
-    for method in methods:
-        pick = retuned(suite, method, done)
-        if pick is not None:
-            runs = [replace(pick, seed=seed) for seed in range(SEEDS)]
-            records += [done[run.key] for run in runs if run.key in done]
-    again = summarise(records, "eval_accuracy")
+    again = _summary_of(methods, lambda method: retuned(suite, method, done), done)
     lines += [
         "",
         "Test accuracy (%, final round, seeds 0-4) at the rate chosen so, against the untuned "
@@ -236,8 +221,7 @@ def _retuned_section(
     ]
     for method in methods:
         pick = retuned(suite, method, done)
-        pair = {"noise": again.get(method), "clip only": fixed.get(method)}
-        paired = paired_difference(pair) if all(pair.values()) else "-"
+        paired = paired_difference(again.get(method), fixed.get(method))
         lines.append(
             f"| {method} | {'-' if pick is None else f'{pick.lr:g}'} | {cell(fixed.get(method))}"
             f" | {cell(again.get(method))} | {paired} |"

@@ -76,7 +76,7 @@ from _privacy_population import (
     control_runs,
     population_chosen,
 )
-from _privacy_results import cell, lead_cell, lead_error
+from _privacy_results import cell, lead_cell, lead_error, paired_difference
 from _privacy_runs import population_noise_multiplier
 from _privacy_suites import Suite
 from _privacy_tuning import Run, dp_tune_run
@@ -292,25 +292,9 @@ def _difference(noise: Summary | None, clip_only: Summary | None) -> str:
     missing)."""
     if noise is None or clip_only is None:
         return ""
-    pair = {"noise": noise, "clip only": clip_only}
+    unpaired = lead_error({"noise": noise, "clip only": clip_only}, "clip only", "noise")
     return (
-        f"; difference {fmt(noise.mean - clip_only.mean)} +- "
-        f"{lead_error(pair, 'clip only', 'noise')} points, {paired_difference(pair)} paired "
-        "by seed (the same partition and client sampling)"
+        f"; difference {fmt(noise.mean - clip_only.mean)} +- {unpaired} points, "
+        f"{paired_difference(noise, clip_only)} paired by seed (the same partition and client "
+        "sampling)"
     )
-
-
-def paired_difference(pair: dict[str, Summary]) -> str:
-    """``mean +- standard error`` (points) of the per-seed differences ``noise - clip only``
-    over the seeds both have."""
-    by_seed = [
-        {r["seed"]: r["history"][-1]["eval_accuracy"] for r in pair[name].runs}
-        for name in ("noise", "clip only")
-    ]
-    seeds = sorted(set(by_seed[0]) & set(by_seed[1]))
-    diffs = [by_seed[0][s] - by_seed[1][s] for s in seeds]
-    if len(diffs) < 2:
-        return "-"
-    mean = sum(diffs) / len(diffs)
-    std = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
-    return f"{fmt(mean)} +- {fmt(std / math.sqrt(len(diffs)))}"

@@ -45,8 +45,9 @@ that take a share of the same mechanism
 (:mod:`~fedpac_hf.federated.privacy_adaptive`).
 
 The accountant (:mod:`~fedpac_hf.federated.accounting`) composes one
-subsampled Gaussian event per round (Poisson or fixed-size sampling). The noise is drawn from a generator
-seeded by ``noise_seed`` and the round: the seed is the server's secret
+subsampled Gaussian event per round (Poisson or fixed-size sampling). The
+noise is drawn from a generator seeded by ``noise_seed`` and the round: the
+seed is the server's secret
 (drawn from the OS's entropy unless ``dp_noise_seed`` is set, kept in the
 server's checkpoints so a resumed run adds the noise the uninterrupted run
 would). Round metrics computed from single clients (``train_loss``,

@@ -62,8 +62,8 @@ class ClientStepsMixin:
 
     What it uses of the trainer it is mixed into is declared below: Trainer's
     ``args``, ``model``, ``accelerator``, ``compute_loss`` and ``_prepare_inputs``,
-    and the trainer's ``server_state``, ``client_dataset``, ``client_indices`` /
-    ``client_datasets``, ``curvature_dataset`` and ``ensure_accelerator``.
+    and the trainer's ``server_state``, ``client_dataset``, ``partition_record``,
+    ``curvature_dataset`` and ``ensure_accelerator``.
     """
 
     args: FedPACArguments
@@ -78,8 +78,7 @@ class ClientStepsMixin:
     curvature_dataset: Any
     server_state: ServerState | None
     client_dataset: Callable[[int], Any]
-    client_indices: list[np.ndarray] | None
-    client_datasets: list[Any] | None
+    partition_record: Callable[[], dict[str, Any]]
     client_transform: Callable[[Any], Any] | None
     _remove_unused_columns: Callable[..., Any]
     ensure_accelerator: Callable[[], None]
@@ -166,10 +165,7 @@ class ClientStepsMixin:
         if record is None:
             return
         record.check_model(model)
-        if self.client_indices is not None:
-            sizes = [len(indices) for indices in self.client_indices]
-        else:
-            sizes = [len(dataset) for dataset in self.client_datasets or ()]
+        sizes = self.partition_record()["client_sizes"]
         batch = self.args.per_device_train_batch_size
         describe_record_noise(
             record,
