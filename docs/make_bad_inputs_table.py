@@ -809,9 +809,9 @@ CASES = [
         lambda o: _args(o, **_SECURE_CLIENT_DP, dp_sampling="poisson"),
     ),
     Case(
-        "secure aggregation with adaptive clip norms",
+        "secure aggregation with a weight bound but uniform weights",
         "`FedPACArguments`",
-        lambda o: _args(o, **_SECURE_CLIENT_DP, dp_clip_schedule="adaptive"),
+        lambda o: _args(o, secure_aggregation=True, secagg_max_weight=100),
     ),
     Case(
         "dp_sampling with record-level DP",
@@ -976,7 +976,7 @@ CLASSES: list[tuple[str, str, tuple[str, ...]]] = [
             "secure aggregation with one client per round",
             "secure aggregation with a threshold above the shares",
             "secure aggregation with client-level DP and Poisson sampling",
-            "secure aggregation with adaptive clip norms",
+            "secure aggregation with a weight bound but uniform weights",
             "secure aggregation outside Flower",
         ),
     ),

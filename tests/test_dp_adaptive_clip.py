@@ -107,7 +107,45 @@ def test_a_client_clips_at_the_bounds_of_the_global_state():
     assert _norm(first.delta) > 1e-3  # round 1: the settings' bounds (0.5, 2.0)
 
 
-def _run(schedule: str | None, z: float, rounds: int = 30):
+@pytest.mark.parametrize("sampling", ["poisson", "fixed"])
+def test_the_released_sums_and_counts_compose_to_the_accounted_mechanism(sampling):
+    """A round as the server releases it (the sums at multiplier z_v, the m noised counts at
+    sigma_b, inside the round's sampling) given to dp-accounting's Renyi-DP accountant has the
+    epsilon of one Gaussian at z, the events the run accounts. In the accountant's units
+    (noise std over the sensitivity between neighbouring federations): with Poisson sampling
+    (add or remove a client) the sums move by C, each count by 1/2; with fixed-size samples
+    (replace a client) the sums by 2 C, each count by 1."""
+    import dp_accounting as dpa
+
+    from fedpac_hf.federated.accounting import epsilon_after
+
+    z, num_clients, q, rounds, delta = 1.5, 500, 0.1, 20, 1e-5
+    dp = _dp(z, clipped_count_std=2.0)
+    z_v, m, sigma = dp.sums_noise_multiplier, dp.adapted_parts, dp.adaptive.count_std
+    assert m == 2 and z_v > 1.05 * z
+    if sampling == "poisson":
+        relation = dpa.privacy_accountant.NeighboringRelation.ADD_OR_REMOVE_ONE
+        released = [dpa.GaussianDpEvent(z_v), dpa.GaussianDpEvent(2 * sigma / math.sqrt(m))]
+        one = dpa.PoissonSampledDpEvent(q, dpa.ComposedDpEvent(released))
+        accounted = dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(z))
+    else:
+        relation = dpa.privacy_accountant.NeighboringRelation.REPLACE_ONE
+        released = [dpa.GaussianDpEvent(z_v / 2), dpa.GaussianDpEvent(sigma / math.sqrt(m))]
+        sample = (num_clients, int(q * num_clients))
+        one = dpa.SampledWithoutReplacementDpEvent(*sample, dpa.ComposedDpEvent(released))
+        accounted = dpa.SampledWithoutReplacementDpEvent(*sample, dpa.GaussianDpEvent(z / 2))
+
+    def epsilon(event):
+        accountant = dpa.rdp.RdpAccountant(neighboring_relation=relation)
+        return accountant.compose(dpa.SelfComposedDpEvent(event, rounds)).get_epsilon(delta)
+
+    assert epsilon(one) == pytest.approx(epsilon(accounted), rel=1e-9)
+    if sampling == "fixed":  # the run's own accountant for fixed-size samples
+        run = epsilon_after(rounds, z, q, delta, num_clients)
+        assert epsilon(one) == pytest.approx(run, rel=1e-9)
+
+
+def _run(schedule: str | None, z: float, rounds: int = 30, sampling: str | None = None):
     """fedavg with SGD clients at a rate too small to change the model much: their delta
     norms spread (more than an Adam-like step's) and stay where they are over the rounds."""
     return simulate(
@@ -126,12 +164,16 @@ def _run(schedule: str | None, z: float, rounds: int = 30):
         dp_clip_schedule=schedule,
         dp_clip_norm_lr=1.0 if schedule == "adaptive" else None,
         dp_noise_seed=1,
+        dp_sampling=sampling,
         preflight=False,
     )
 
 
-def test_under_simulate_the_bound_climbs_to_the_median_and_epsilon_is_unchanged():
-    adaptive, constant = _run("adaptive", 0.0), _run(None, 0.0)
+@pytest.mark.parametrize("sampling", [None, "fixed"])
+def test_under_simulate_the_bound_climbs_to_the_median_and_epsilon_is_unchanged(sampling):
+    adaptive, constant = _run("adaptive", 0.0, sampling=sampling), _run(None, 0.0)
+    if sampling == "fixed":  # 20 of the 40 clients every round
+        assert {h["num_clients"] for h in adaptive} == {20.0}
     assert all(h["dp_clipped_delta"] == 1.0 for h in constant)
     bounds = [h["dp_clip_norm"] for h in adaptive]
     assert bounds[0] == 1e-7 and bounds[12] > 100 * bounds[0]  # climbs while all are clipped
@@ -139,7 +181,8 @@ def test_under_simulate_the_bound_climbs_to_the_median_and_epsilon_is_unchanged(
     clipped = sum(h["dp_clipped_delta"] for h in late) / len(late)
     assert 0.3 < clipped < 0.7  # it then stays around the median: about half are clipped
     assert max(bounds[-10:]) < 2 * min(bounds[-10:])
-    noisy, plain = _run("adaptive", 1.0, rounds=3), _run(None, 1.0, rounds=3)
+    noisy = _run("adaptive", 1.0, rounds=3, sampling=sampling)
+    plain = _run(None, 1.0, rounds=3, sampling=sampling)
     assert [h["epsilon"] for h in noisy] == [h["epsilon"] for h in plain]  # the same events
 
 

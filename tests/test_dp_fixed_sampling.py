@@ -104,18 +104,11 @@ def test_the_rounds_clients_are_the_plain_runs_under_fixed_size_sampling():
     assert [engine.sample(r) for r in range(3)] == [sample_clients(40, 6, 2, r) for r in range(3)]
 
 
-@pytest.mark.parametrize(
-    ("settings", "named"),
-    [
-        ({"dp_sampling": "random"}, "dp_sampling"),
-        ({"dp_sampling": "fixed", "dp_clip_schedule": "adaptive"}, "dp_sampling: poisson"),
-    ],
-)
-def test_bad_sampling_settings_are_refused_naming_the_setting(tmp_path, settings, named):
-    with pytest.raises(ValueError, match=named):
+def test_bad_sampling_settings_are_refused_naming_the_setting(tmp_path):
+    with pytest.raises(ValueError, match="dp_sampling"):
         FedPACArguments(
             output_dir=str(tmp_path), algorithm="fedavg_adamw", dp_mode="client",
-            dp_clip_norm=1.0, dp_noise_multiplier=1.0, **settings,
+            dp_clip_norm=1.0, dp_noise_multiplier=1.0, dp_sampling="random",
         )  # fmt: skip
 
 

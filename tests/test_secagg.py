@@ -40,6 +40,7 @@ from fedpac_hf.federated import ClientUpdate, ServerState, aggregate  # noqa: E4
 from fedpac_hf.federated.secure_aggregation import (  # noqa: E402
     CLIPPING_RANGE,
     bounds_from_log_magnitudes,
+    clipped_counts,
     log_magnitudes,
     scale_tensors,
     secagg_bounds,
@@ -236,32 +237,50 @@ def assert_within_dp_rounding(secure, plain, bound, scale=1.0, what=""):
     assert error <= rounding + floats, f"{what}: error {error:.3g} over {rounding:.3g}"
 
 
-def test_secagg_with_client_dp_matches_the_plain_private_rounds(tmp_path):
+#: Client-level DP with clip norms that adapt (their counts' noise leaves the sums z_v 0.72).
+ADAPTIVE = dict(
+    PRIVATE, dp_clip_schedule="adaptive", dp_clip_norm_lr=0.5, dp_clipped_count_std=2.0
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("privacy", [PRIVATE, ADAPTIVE], ids=["constant", "adaptive"])
+def test_secagg_with_client_dp_matches_the_plain_private_rounds(tmp_path, privacy):
     """SecAgg+ under client-level DP: fixed-size samples, the clip norms as bounds (nothing
     clipped by SecAgg+), the accountant's epsilon for fixed-size sampling, and each round's
     state the plain private round's from the same start, the same seeded noise included.
 
-    They differ by SecAgg+'s rounding and the clients' shrink (:func:`assert_within_dp_rounding`)."""
+    They differ by SecAgg+'s rounding and the clients' shrink (:func:`assert_within_dp_rounding`).
+    With adaptive clip norms the clients' clip flags are summed securely: the counts, and so
+    the next round's bounds, are the plain round's exactly."""
     from fedpac_hf.federated.accounting import epsilon_after
 
-    result, states = secure_run(tmp_path, **PRIVATE)
+    result, states = secure_run(tmp_path, **privacy)
     for r, row in enumerate(result.history, start=1):
         assert row["num_clients"] == 2 and row["secagg_clipped"] == 0
         assert row["epsilon"] == pytest.approx(epsilon_after(r, 0.7, 2 / 3, 3**-1.1, 3))
 
-    args = flower_args(tmp_path / "plain", dp_sampling="fixed", **PRIVATE)
+    args = flower_args(tmp_path / "plain", dp_sampling="fixed", **privacy)
     lrs = args.round_learning_rates()
     for round_index, _, plain, updates in plain_rounds(args, states):
-        secure = states[round_index + 1]
+        secure, row = states[round_index + 1], result.history[round_index]
         (expected,) = updates.engine.history
         for key in ("num_clients", "train_loss", "dp_clipped_delta", "dp_noise_norm"):
-            assert result.history[round_index][key] == pytest.approx(expected[key]), key
+            assert row[key] == pytest.approx(expected[key]), key
+        assert secure.dp_clip_norms == plain.dp_clip_norms  # None unless they adapt
         unit = args.local_steps * lrs[round_index]
+        delta_bound, theta_bound = row["dp_clip_norm"], row["dp_theta_clip_norm"]
         for part, bound, scale in (
-            ("params", 0.05, 1.0), ("direction", 0.05, 1.0 / unit), ("curvature", 5.0, 1.0),
-        ):  # fmt: skip
+            ("params", delta_bound, 1.0),
+            ("direction", delta_bound, 1.0 / unit),
+            ("curvature", theta_bound, 1.0),
+        ):
             mine, theirs = getattr(secure, part), getattr(plain, part)
             assert_within_dp_rounding(mine, theirs, bound, scale, f"round {round_index + 1} {part}")
+    bounds = [(row["dp_clip_norm"], row["dp_theta_clip_norm"]) for row in result.history]
+    if privacy is ADAPTIVE:  # the bounds moved: round 2 clipped at round 1's released counts
+        assert bounds[1] != bounds[0] and bounds[1] == pytest.approx(states[1].dp_clip_norms)
+    else:
+        assert bounds == [(0.05, 5.0)] * 2
 
 
 @pytest.mark.parametrize("privacy", [{}, PRIVATE], ids=["plain", "client_dp"])
@@ -379,6 +398,45 @@ def test_secagg_reply_scales_by_the_bounds_and_counts_what_they_clip():
     assert fitres.metrics["train_loss"] == pytest.approx(0.7)
 
 
+def test_under_client_dp_the_clip_flags_are_summed_not_sent_in_the_clear():
+    """The reply's last array is the client's two clip flags; its clear metrics lack them, in
+    the calibration pass too. The server reads the counts back from the secure mean."""
+    update = ClientUpdate(
+        client_id=0,
+        delta={"w": torch.tensor([0.03, -0.04])},
+        curvature={"w.v": torch.tensor([1.0, 2.0])},
+        num_examples=8,
+        num_steps=2,
+        metrics={"train_loss": 0.5, "dp_clipped_delta": 1.0, "dp_clipped_theta": 0.0},
+    )
+    common = {"weighting": "uniform", "max-weight": 1.0, "delta-names": ["w"]}
+    secagg = {
+        "stage": "aggregate",
+        "delta-bounds": [0.05],
+        "theta-names": ["w.v"],
+        "theta-bounds": [5.0],
+        "dp-clip-norms": [0.05, 5.0],
+    }
+    for stage in (
+        ConfigRecord({**common, **secagg}),
+        ConfigRecord({**common, "stage": "calibrate", "names-only": True}),
+    ):
+        fitres = compat.recorddict_to_fitres(secure_reply(update, stage), False)
+        assert not set(fitres.metrics) & {"dp_clipped_delta", "dp_clipped_theta"}
+        assert fitres.metrics["train_loss"] == pytest.approx(0.5)
+    arrays = parameters_to_ndarrays(fitres.parameters)
+    assert len(arrays) == 2  # calibration: one log-magnitude per tensor of each part
+    fitres = compat.recorddict_to_fitres(
+        secure_reply(update, ConfigRecord({**common, **secagg})), False
+    )
+    arrays = parameters_to_ndarrays(fitres.parameters)
+    assert len(arrays) == 3 and arrays[-1].tolist() == [1.0, 0.0]
+    # the counts from a mean of flags over three clients; a weighted mean is refused
+    assert clipped_counts(torch.tensor([2 / 3, 1 / 3]), 3) == [2.0, 1.0]
+    with pytest.raises(ValueError, match="not a count"):
+        clipped_counts(torch.tensor([0.5, 0.0]), 3)
+
+
 @pytest.mark.parametrize(
     ("settings", "named"),
     [
@@ -394,30 +452,21 @@ def test_secagg_reply_scales_by_the_bounds_and_counts_what_they_clip():
             },
             "dp_sampling='poisson'",
         ),
-        (
-            {
-                "dp_mode": "client",
-                "dp_clip_norm": 0.1,
-                "dp_theta_clip_norm": 1.0,
-                "dp_noise_multiplier": 1.0,
-                "dp_clip_schedule": "adaptive",
-            },
-            "dp_clip_schedule='adaptive'",
-        ),  # fmt: skip
         ({"clients_per_round": 1}, "clients_per_round=1"),
         ({"secagg_num_shares": 3, "secagg_reconstruction_threshold": 4}, "threshold=4"),
         ({"secagg_num_shares": 2.5}, "secagg_num_shares"),
         ({"aggregation_weighting": "num_examples"}, "secagg_max_weight"),
+        ({"secagg_max_weight": 100}, "secagg_max_weight=100"),
     ],
     ids=[
         "beta-auto",
         "bfloat16",
         "client-dp-poisson",
-        "client-dp-adaptive",
         "one-client",
         "threshold",
         "shares",
         "weight",
+        "weight-uniform",
     ],  # fmt: skip
 )
 def test_secagg_bad_settings_are_refused_naming_the_setting(tmp_path, settings, named):

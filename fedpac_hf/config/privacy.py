@@ -189,7 +189,6 @@ class PrivacyArguments:
             "beta='auto'": algorithm.adaptive_beta,
             "transport_dtype='bfloat16'": str(getattr(self, "transport_dtype", "")) == "bfloat16",
             "dp_sampling='poisson'": client_dp and self.dp_sampling == "poisson",
-            "dp_clip_schedule='adaptive'": client_dp and self.dp_clip_schedule == "adaptive",
         }
         for setting, bad in why.items():
             if bad:
@@ -202,6 +201,13 @@ class PrivacyArguments:
             raise ValueError(
                 "secure_aggregation=true with aggregation_weighting='num_examples' needs "
                 "secagg_max_weight, a public bound on a client's examples per round"
+            )
+        if weighting != "num_examples" and self.secagg_max_weight is not None:
+            raise ValueError(
+                f"secagg_max_weight={self.secagg_max_weight} goes with "
+                "aggregation_weighting='num_examples' only: with uniform weights every client "
+                "weighs 1, and a larger bound would only coarsen SecAgg+'s quantization; "
+                "remove it"
             )
         sampled = resolve_clients_per_round(
             int(getattr(self, "num_clients", 2)), getattr(self, "clients_per_round", 1.0)
@@ -305,8 +311,6 @@ _SECAGG_CONFLICTS = {
     "transport_dtype": "SecAgg+ quantizes float32 values; use transport_dtype='float32'",
     "dp_sampling": "Poisson sampling can draw rounds of fewer than 2 clients, which cannot be "
     "aggregated securely; use dp_sampling='fixed' (the default with secure_aggregation)",
-    "dp_clip_schedule": "adaptive clipping needs each client's clipped bit, which SecAgg+ would "
-    "show the server in the clear; use dp_clip_schedule 'constant' or 'learning_rate'",
 }
 
 

@@ -238,12 +238,6 @@ class ClientDP:
                 "dp_target_epsilon (the noise derived from the privacy budget and the rounds)"
                 + (", not both" if noise_multiplier is not None else "")
             )
-        if sampling == "fixed" and clip_schedule == "adaptive":
-            raise ValueError(
-                "dp_clip_schedule: adaptive is accounted for Poisson sampling only (its noised "
-                "counts share the round's mechanism under add-or-remove adjacency): use "
-                "dp_sampling: poisson, or another dp_clip_schedule"
-            )
         if share_theta and theta_clip_norm is None:
             raise ValueError(
                 "the algorithm shares the curvature state Theta (alignment), which depends on "

@@ -13,18 +13,26 @@ unclipped, ``b_i = [||u_i|| <= C_t]``. The server releases
 with ``gamma`` the quantile to track (``dp_clip_quantile``: the fraction of
 clients left unclipped, 0.5 the median), ``eta_C`` its rate
 (``dp_clip_norm_lr``) and ``sigma_b`` the noise on the count
-(``dp_clipped_count_std``, default ``q N / 20`` as the paper suggests). One
-client moves ``sum_i (b_i - 1/2)`` by at most 1/2, so a round now releases two
-Gaussian queries of the same sampled clients: the sums (sensitivity 1 in units
-of the clip norms, noise multiplier ``z_v``) and ``m`` counts (``m`` = the
-parts adapted, sensitivity 1/2 each, noise ``sigma_b``). Together they are one
-Gaussian mechanism of multiplier ``z`` with
+(``dp_clipped_count_std``, default ``q N / 20`` as the paper suggests); ``q N``
+is ``clients_per_round``. Adding or removing a client moves ``sum_i (b_i -
+1/2)`` by at most 1/2, so a round now releases two Gaussian queries of the
+same sampled clients: the sums (sensitivity 1 in units of the clip norms,
+noise multiplier ``z_v``) and ``m`` counts (``m`` = the parts adapted,
+sensitivity 1/2 each, noise ``sigma_b``). Together they are one Gaussian
+mechanism of multiplier ``z`` with
 
     z^-2 = z_v^-2 + m (2 sigma_b)^-2,
 
 so the sums get the larger ``z_v = (z^-2 - m / (2 sigma_b)^2)^-1/2`` and the
 accountant composes the very events it composes without adaptive clipping
 (multiplier ``z``, from ``dp_noise_multiplier`` or ``dp_target_epsilon``).
+Under fixed-size sampling (``dp_sampling: fixed``, replace-one adjacency)
+replacing a client moves the sums by 2 and each count by 1: both
+sensitivities double, ``(2 / z_v)^2 + m / sigma_b^2 = (2 / z)^2`` is the same
+equation, and the accountant's multiplier ``z / 2`` covers the round as well.
+Under secure aggregation the flags ``1 - b_i`` are summed with the updates
+(:func:`~fedpac_hf.federated.secure_aggregation.clip_flags`), so the server
+needs only the count.
 The bounds are functions of released values only (public), so clients and
 server agree on them; they travel with the global state and are saved in
 checkpoints. The count noise is drawn from the server's seeded generators, so

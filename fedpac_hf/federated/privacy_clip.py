@@ -22,6 +22,7 @@ from .privacy import ClientDP
 from .state import ClientUpdate, ServerState
 
 __all__ = [
+    "CLIP_FLAGS",
     "Reference",
     "clip_update",
     "own_norms",
@@ -29,6 +30,10 @@ __all__ = [
     "public_reference",
     "with_reference",
 ]
+
+
+CLIP_FLAGS = ("dp_clipped_delta", "dp_clipped_theta")
+"""A client's metrics under client-level DP: 1.0 when its delta (Theta) was clipped."""
 
 
 def _global_norm(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -158,7 +163,7 @@ def clip_update(
         curvature, theta_clipped = _clipped(own_theta, float(dp.theta_clip_norm or 0.0))
     flags = torch.stack([delta_clipped.cpu(), theta_clipped.cpu()]).tolist()
     metrics = dict(update.metrics)
-    metrics.update(dp_clipped_delta=float(flags[0]), dp_clipped_theta=float(flags[1]))
+    metrics.update(zip(CLIP_FLAGS, map(float, flags)))
     return replace(update, delta=delta, curvature=curvature, metrics=metrics)
 
 

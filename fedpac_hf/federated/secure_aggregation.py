@@ -21,7 +21,10 @@ nothing is clipped by SecAgg+, and each client first shrinks each part by
 SecAgg+'s rounding margin (:func:`within_rounding`), so that the vector SecAgg+
 sums still has at most the clip norm: the sensitivity the server's noise is
 sized for. The calibration pass then carries no magnitudes (zeros), only the
-names of the clients' Theta entries.
+names of the clients' Theta entries. Whether a client's delta and Theta were
+clipped (its flags, 0 or 1, :func:`clip_flags`) travels inside the secure sum
+too, not in the clear: the server learns only how many clients of the round
+were clipped (:func:`clipped_counts`), the counts that adaptive clip norms noise.
 
 In the first round (no global direction nor Theta yet) a *calibration* pass
 of SecAgg+ comes first: each client sends, per tensor, log2 of its largest
@@ -45,6 +48,7 @@ import torch
 
 from fedpac_hf.optim import sent_form
 
+from .privacy_clip import CLIP_FLAGS
 from .server import RoundAggregator
 from .state import ServerState
 
@@ -53,6 +57,8 @@ __all__ = [
     "HEADROOM",
     "add_secure_mean",
     "bounds_from_log_magnitudes",
+    "clip_flags",
+    "clipped_counts",
     "dp_bounds",
     "log_magnitudes",
     "scale_tensors",
@@ -147,6 +153,38 @@ def within_rounding(
     return {n: t * scale for n, t in tensors.items()}
 
 
+def clip_flags(metrics: Mapping[str, float]) -> tuple[list[float], dict[str, float]]:
+    """A client's clip flags and its other metrics.
+
+    The flags are :data:`~fedpac_hf.federated.privacy_clip.CLIP_FLAGS` (0.0
+    where the metrics have none).
+
+    Under SecAgg+ the flags are summed with the update, unscaled: 0 and 1 lie
+    on SecAgg+'s grid (``2**22`` levels over ``[-8, 8]``), so its stochastic
+    rounding leaves them exact.
+    """
+    flags = [float(metrics.get(name, 0.0)) for name in CLIP_FLAGS]
+    return flags, {k: v for k, v in metrics.items() if k not in CLIP_FLAGS}
+
+
+def clipped_counts(mean: torch.Tensor, num_clients: int) -> list[float]:
+    """How many of ``num_clients`` clients were clipped, per part, from the mean of their flags.
+
+    The mean of unit-weight flags times the clients is an integer up to float
+    rounding (:func:`clip_flags`). Raises ``ValueError`` when it is not, i.e.
+    when the flags were weighted or scaled: their counts would not be those
+    the adaptive clip norms' noise is sized for.
+    """
+    totals = mean.to(torch.float64).flatten() * int(num_clients)
+    counts = totals.round()
+    if float((totals - counts).abs().max()) > 1e-3 or len(counts) != len(CLIP_FLAGS):
+        raise ValueError(
+            f"the secure sum of {num_clients} clients' clip flags is not a count: "
+            f"{totals.tolist()} (every client must weigh 1)"
+        )
+    return counts.tolist()
+
+
 def log_magnitudes(tensors: Mapping[str, torch.Tensor], names: Sequence[str]) -> list[float]:
     """Per tensor of ``names``: log2 of its largest |entry|, clamped to [-60, 60], divided by 8.
 
@@ -206,6 +244,7 @@ def add_secure_mean(
     delta: Mapping[str, torch.Tensor],
     curvature: Mapping[str, torch.Tensor] | None,
     clients: Sequence[tuple[int, int, Mapping[str, float]]],
+    clipped: Sequence[float] | None = None,
 ) -> None:
     """Put a round's securely aggregated means into ``aggregator`` as its sums.
 
@@ -218,6 +257,9 @@ def add_secure_mean(
     clients:
         ``(client_id, num_examples, metrics)`` of each of them (what travels
         in the clear: the weight, and metrics such as ``train_loss``).
+    clipped:
+        Under client-level DP, how many of them had their delta and their
+        Theta clipped (:func:`clipped_counts`; their flags are not in ``clients``' metrics).
 
     The sums are ``mean * W`` with W the clients' total weight; Theta is
     repaired after unmasking, and the drift and client dispersion (they need
@@ -238,6 +280,8 @@ def add_secure_mean(
     aggregator.secure = True
     for (client_id, num_examples, metrics), weight in zip(clients, weights):
         aggregator.count_client(client_id, num_examples, metrics, weight)
+    if clipped is not None:
+        aggregator.clipped = [float(c) for c in clipped]
     sizes = [sum(t.numel() * 4 for t in part.values()) for part in (delta, curvature or {})]
     aggregator.delta_bytes += sizes[0] * len(clients)  # as float32, like the plain round
     if aggregator.algorithm.align:

@@ -32,7 +32,7 @@ from .adaptive_beta import auto_beta
 from .algorithms import Algorithm, downlink_parts, round_beta
 from .failures import ClientFailure, RoundError, require_finite_aggregate
 from .privacy import ClientDP
-from .privacy_clip import Reference, own_norms, public_reference
+from .privacy_clip import CLIP_FLAGS, Reference, own_norms, public_reference
 from .privacy_noise import privacy_metrics, private_round
 from .round_metrics import (
     byte_metrics,
@@ -204,8 +204,8 @@ class RoundAggregator:
         self.loss_sum += float(metrics.get("train_loss", 0.0)) * weight
         self.skipped_steps += float(metrics.get("skipped_steps", 0.0))
         self.hessian_refreshes += float(metrics.get("hessian_refreshes", 0.0))
-        self.clipped[0] += float(metrics.get("dp_clipped_delta", 0.0))
-        self.clipped[1] += float(metrics.get("dp_clipped_theta", 0.0))
+        for part, flag in enumerate(CLIP_FLAGS):
+            self.clipped[part] += float(metrics.get(flag, 0.0))
         if "dp_record_epsilon" in metrics:
             self.record_epsilon = max(self.record_epsilon or 0.0, metrics["dp_record_epsilon"])
         self.client_ids.append(int(client_id))

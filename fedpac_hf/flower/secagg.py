@@ -22,7 +22,9 @@ messages into them:
 What travels in the clear: the weight SecAgg+ sums with (1, or the client's
 examples under ``num_examples`` weighting), the client's metrics
 (``train_loss`` and the like), the names of its Theta entries and how many
-of its values its bounds clipped.
+of its values its bounds clipped. Under client-level DP, whether the client's
+delta and Theta were clipped is summed with the update instead (the vector's
+last array; :func:`~fedpac_hf.federated.secure_aggregation.clip_flags`).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from flwr.serverapp import Grid
 from fedpac_hf.federated import ClientUpdate
 from fedpac_hf.federated.secure_aggregation import (
     CLIPPING_RANGE,
+    clip_flags,
     log_magnitudes,
     scale_tensors,
     within_rounding,
@@ -258,8 +261,10 @@ def secure_reply(update: ClientUpdate, secagg: ConfigRecord) -> RecordDict:
     """``update`` as the FitRes-style reply content that ``secaggplus_mod`` masks.
 
     The vector is the delta (in the server's parameter order) then Theta, each
-    tensor scaled by its bound; in a calibration pass, one log-magnitude per
-    tensor. The weight is 1 (uniform weighting) or the client's examples.
+    tensor scaled by its bound, then under client-level DP the client's two
+    clip flags; in a calibration pass, one log-magnitude per tensor. The
+    weight is 1 (uniform weighting) or the client's examples. The clip flags
+    never travel in the clear.
 
     Raises
     ------
@@ -290,6 +295,8 @@ def secure_reply(update: ClientUpdate, secagg: ConfigRecord) -> RecordDict:
         ]
         arrays = [t.numpy() for part in parts for t in part.values()]
         clipped = sum(int((np.abs(a) > CLIPPING_RANGE).sum()) for a in arrays)
+        if "dp-clip-norms" in secagg:  # the clip flags, summed with the update
+            arrays.append(np.asarray(clip_flags(update.metrics)[0], dtype=np.float32))
     weight = 1
     if secagg["weighting"] == "num_examples":
         weight = int(update.num_examples)
@@ -298,7 +305,7 @@ def secure_reply(update: ClientUpdate, secagg: ConfigRecord) -> RecordDict:
                 f"client {update.client_id} trained on {weight} examples, more than "
                 f"secagg_max_weight={secagg['max-weight']}: raise secagg_max_weight"
             )
-    metrics: dict[str, Any] = {k: float(v) for k, v in update.metrics.items()}
+    metrics: dict[str, Any] = {k: float(v) for k, v in clip_flags(update.metrics)[1].items()}
     metrics.update(
         {
             "partition-id": int(update.client_id),

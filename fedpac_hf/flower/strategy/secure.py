@@ -13,8 +13,10 @@ unmasking. In the first round a calibration pass of SecAgg+ first sets the
 bounds (the clients then send the update they kept from it).
 
 Under client-level DP (fixed-size sampling) the bounds are the round's clip
-norms, the calibration pass only names Theta's entries, and the server adds
-the mechanism's noise to the unmasked sums as in a plain round.
+norms, the calibration pass only names Theta's entries, the clients' clip
+flags are summed with their updates (the server learns how many clients were
+clipped, which adaptive clip norms need, not which), and the server adds the
+mechanism's noise to the unmasked sums as in a plain round.
 
 A client that drops out during SecAgg+ is recorded as dropped, with its
 error; the protocol recovers the sum of the others as long as enough shares
@@ -36,6 +38,7 @@ from fedpac_hf.federated.secure_aggregation import (
     HEADROOM,
     add_secure_mean,
     bounds_from_log_magnitudes,
+    clipped_counts,
     dp_bounds,
     secagg_bounds,
     unscale_tensors,
@@ -61,7 +64,7 @@ class SecureFedPACStrategy(FedPACStrategy):
     ----------
     engine:
         The round engine (float32 transport, fixed beta; under client-level DP,
-        fixed-size sampling and clip norms that do not adapt).
+        fixed-size sampling).
     secagg:
         ``num_shares``, ``reconstruction_threshold``, ``max_weight``
         (``FedPACArguments.secure_aggregation_settings``).
@@ -134,8 +137,12 @@ class SecureFedPACStrategy(FedPACStrategy):
             outcome = self._pass(plan, clients, contents, secagg, traffic, light)
             if outcome.mean is not None:
                 means = as_tensors(outcome.mean)
-                delta = unscale_tensors(means[: len(delta_bounds)], delta_bounds)
-                theta = unscale_tensors(means[len(delta_bounds) :], theta_bounds)
+                sizes = len(delta_bounds), len(delta_bounds) + len(theta_bounds)
+                delta = unscale_tensors(means[: sizes[0]], delta_bounds)
+                theta = unscale_tensors(means[sizes[0] : sizes[1]], theta_bounds)
+                counts = None
+                if self.engine.privacy is not None:  # the clip flags, the vector's last array
+                    counts = clipped_counts(means[sizes[1]], len(outcome.completed))
                 completed = [
                     (
                         clients[n],
@@ -144,7 +151,7 @@ class SecureFedPACStrategy(FedPACStrategy):
                     )
                     for n, (_, m) in sorted(outcome.completed.items(), key=lambda i: clients[i[0]])
                 ]
-                add_secure_mean(plan.aggregator, delta, theta or None, completed)
+                add_secure_mean(plan.aggregator, delta, theta or None, completed, counts)
                 clipped = sum(float(m.get(CLIPPED, 0)) for _, m in outcome.completed.values())
                 if clipped:
                     logger.warning(
