@@ -7,7 +7,7 @@ so a secure run samples exactly ``clients_per_round`` clients
 replace-one adjacency) needs 2.6 times the noise multiplier for the same
 epsilon here: z 1.44 instead of 0.55 at eps = 8 (500 clients, q = 0.1, 20
 rounds; docs/privacy.md). In process the run is the secure run's up to
-SecAgg+'s rounding (``tests/test_secagg.py``), so it is measured with
+SecAgg+'s rounding (``tests/test_secagg_dp.py``), so it is measured with
 ``fedpac-hf train`` like every other run.
 
 Hypotheses, written before any of these runs:

@@ -804,9 +804,9 @@ CASES = [
         lambda o: _args(o, secure_aggregation=True, secagg_reconstruction_threshold=5),
     ),
     Case(
-        "secure aggregation with client-level DP and Poisson sampling",
+        "secure aggregation with Poisson sampling and a count of shares",
         "`FedPACArguments`",
-        lambda o: _args(o, **_SECURE_CLIENT_DP, dp_sampling="poisson"),
+        lambda o: _args(o, **_SECURE_CLIENT_DP, dp_sampling="poisson", secagg_num_shares=3),
     ),
     Case(
         "secure aggregation with a weight bound but uniform weights",
@@ -975,7 +975,7 @@ CLASSES: list[tuple[str, str, tuple[str, ...]]] = [
             "secure aggregation with beta auto",
             "secure aggregation with one client per round",
             "secure aggregation with a threshold above the shares",
-            "secure aggregation with client-level DP and Poisson sampling",
+            "secure aggregation with Poisson sampling and a count of shares",
             "secure aggregation with a weight bound but uniform weights",
             "secure aggregation outside Flower",
         ),

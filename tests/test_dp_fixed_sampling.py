@@ -4,7 +4,7 @@ Exactly ``clients_per_round`` clients per round, drawn without replacement;
 epsilon from dp-accounting's Renyi-DP accountant for sampling without
 replacement under replace-one adjacency, where one client's contribution
 moves a round's sum by up to twice its bound. The secure run itself is in
-``tests/test_secagg.py``.
+``tests/test_secagg_dp.py``.
 """
 
 from __future__ import annotations

@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 
 import pytest
 
@@ -40,7 +39,6 @@ from fedpac_hf.federated import ClientUpdate, ServerState, aggregate  # noqa: E4
 from fedpac_hf.federated.secure_aggregation import (  # noqa: E402
     CLIPPING_RANGE,
     bounds_from_log_magnitudes,
-    clipped_counts,
     log_magnitudes,
     scale_tensors,
     secagg_bounds,
@@ -49,6 +47,15 @@ from fedpac_hf.federated.secure_aggregation import (  # noqa: E402
 from fedpac_hf.flower import run_fedpac_simulation  # noqa: E402
 from fedpac_hf.flower.secagg import CLIPPED, secure_reply  # noqa: E402
 
+from .secagg_fixtures import (  # noqa: E402
+    PRIVATE,
+    Captured,
+    assert_within_dp_rounding,
+    assert_within_quantization,
+    plain_round,
+    plain_rounds,
+    secure_run,
+)
 from .trainer_fixtures import (  # noqa: E402
     BACKEND,
     build_failing_trainer,
@@ -58,75 +65,6 @@ from .trainer_fixtures import (  # noqa: E402
     image_data,
     tiny_vit,
 )
-
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-
-STEP = 2.0**-21  # one quantization step over the bound: 2 C / 2**22 / C
-
-
-def assert_within_quantization(secure, plain, bounds, scale=1.0, slack=0.0, what=""):
-    """Each tensor's error is within ``scale * sqrt(numel) * b_n * 2**-21`` (+ float32 rounding)."""
-    assert set(secure) == set(plain), what
-    for name, reference in plain.items():
-        error = float((secure[name].double() - reference.double()).norm())
-        limit = scale * math.sqrt(reference.numel()) * bounds[name] * STEP
-        limit += slack * float(reference.double().abs().max()) * math.sqrt(reference.numel())
-        assert error <= limit, f"{what} {name}: error {error:.3g} over {limit:.3g}"
-
-
-class Captured(list):
-    """A round's client updates, and the engine that ran it."""
-
-    engine = None
-
-
-def plain_round(args, trainer, state, captured):
-    """One plain round in process from ``state`` (the same clients as Flower's round)."""
-    engine = args.round_engine(state, args.num_clients, algorithm=trainer.algorithm)
-    captured.engine = engine
-
-    def train(client, plan):
-        update = trainer.train_client_by_id(
-            client, plan.round_index, plan.learning_rate, plan.state
-        )
-        captured.append(update)
-        return update
-
-    engine.run_round(train)
-    return engine.state
-
-
-def secure_run(tmp_path, build=build_trainer, **settings):
-    """A SecAgg+ simulation on 3 nodes (2 rounds, 2 clients per round unless ``settings`` say
-    otherwise) of ``build``'s trainer, and its global state after each round."""
-    states: dict[int, ServerState] = {}
-    result = run_fedpac_simulation(
-        build,
-        flower_args(tmp_path / "secure", secure_aggregation=True, **settings),
-        build_model=build_model,
-        num_supernodes=3,
-        backend_config=BACKEND,
-        on_round_end=lambda r, state, metrics: states.__setitem__(r, copy.deepcopy(state)),
-    )
-    return result, states
-
-
-def plain_rounds(args, states):
-    """Each round of a 2-round secure run again, in process, from the same start:
-    ``(round_index, start, plain state, its updates)``. One torch thread, as the
-    simulation's worker (the same eigendecompositions)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        trainer = build_trainer(args)
-        trainer.setup_clients()
-        initial = ServerState.from_model(build_model(args))
-        for round_index, start in enumerate([initial, states[1]]):
-            updates = Captured()
-            yield round_index, start, plain_round(args, trainer, start, updates), updates
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_secagg_scaling_and_flower_quantization_stay_within_one_step():
@@ -214,73 +152,6 @@ def test_secagg_simulation_matches_the_plain_aggregate(tmp_path):
         )
         for name, tensor in plain.params.items():
             assert torch.equal(same.params[name], tensor), name
-
-
-#: Client-level DP with a fixed noise seed: the same noise in the secure and the plain rounds.
-PRIVATE = dict(
-    dp_mode="client", dp_clip_norm=0.05, dp_theta_clip_norm=5.0, dp_noise_multiplier=0.7,
-    dp_noise_seed=3,
-)  # fmt: skip
-
-
-def assert_within_dp_rounding(secure, plain, bound, scale=1.0, what=""):
-    """Under client-level DP a secure part differs from the plain one by SecAgg+'s rounding and
-    the clients' shrink that keeps it inside the clip norm ``bound`` (:func:`within_rounding`):
-    each at most ``sqrt(d) * bound * 2**-21`` over the part's ``d`` values, so the mean by
-    at most twice that (times ``scale``), plus float32 rounding."""
-    values = sum(t.numel() for t in plain.values())
-    rounding = 2 * math.sqrt(values) * bound * STEP * scale
-    floats = 1e-7 * math.sqrt(values) * max(float(t.abs().max()) for t in plain.values())
-    error = math.sqrt(
-        sum(float((secure[n].double() - plain[n].double()).square().sum()) for n in plain)
-    )
-    assert error <= rounding + floats, f"{what}: error {error:.3g} over {rounding:.3g}"
-
-
-#: Client-level DP with clip norms that adapt (their counts' noise leaves the sums z_v 0.72).
-ADAPTIVE = dict(
-    PRIVATE, dp_clip_schedule="adaptive", dp_clip_norm_lr=0.5, dp_clipped_count_std=2.0
-)  # fmt: skip
-
-
-@pytest.mark.parametrize("privacy", [PRIVATE, ADAPTIVE], ids=["constant", "adaptive"])
-def test_secagg_with_client_dp_matches_the_plain_private_rounds(tmp_path, privacy):
-    """SecAgg+ under client-level DP: fixed-size samples, the clip norms as bounds (nothing
-    clipped by SecAgg+), the accountant's epsilon for fixed-size sampling, and each round's
-    state the plain private round's from the same start, the same seeded noise included.
-
-    They differ by SecAgg+'s rounding and the clients' shrink (:func:`assert_within_dp_rounding`).
-    With adaptive clip norms the clients' clip flags are summed securely: the counts, and so
-    the next round's bounds, are the plain round's exactly."""
-    from fedpac_hf.federated.accounting import epsilon_after
-
-    result, states = secure_run(tmp_path, **privacy)
-    for r, row in enumerate(result.history, start=1):
-        assert row["num_clients"] == 2 and row["secagg_clipped"] == 0
-        assert row["epsilon"] == pytest.approx(epsilon_after(r, 0.7, 2 / 3, 3**-1.1, 3))
-
-    args = flower_args(tmp_path / "plain", dp_sampling="fixed", **privacy)
-    lrs = args.round_learning_rates()
-    for round_index, _, plain, updates in plain_rounds(args, states):
-        secure, row = states[round_index + 1], result.history[round_index]
-        (expected,) = updates.engine.history
-        for key in ("num_clients", "train_loss", "dp_clipped_delta", "dp_noise_norm"):
-            assert row[key] == pytest.approx(expected[key]), key
-        assert secure.dp_clip_norms == plain.dp_clip_norms  # None unless they adapt
-        unit = args.local_steps * lrs[round_index]
-        delta_bound, theta_bound = row["dp_clip_norm"], row["dp_theta_clip_norm"]
-        for part, bound, scale in (
-            ("params", delta_bound, 1.0),
-            ("direction", delta_bound, 1.0 / unit),
-            ("curvature", theta_bound, 1.0),
-        ):
-            mine, theirs = getattr(secure, part), getattr(plain, part)
-            assert_within_dp_rounding(mine, theirs, bound, scale, f"round {round_index + 1} {part}")
-    bounds = [(row["dp_clip_norm"], row["dp_theta_clip_norm"]) for row in result.history]
-    if privacy is ADAPTIVE:  # the bounds moved: round 2 clipped at round 1's released counts
-        assert bounds[1] != bounds[0] and bounds[1] == pytest.approx(states[1].dp_clip_norms)
-    else:
-        assert bounds == [(0.05, 5.0)] * 2
 
 
 @pytest.mark.parametrize("privacy", [{}, PRIVATE], ids=["plain", "client_dp"])
@@ -398,45 +269,6 @@ def test_secagg_reply_scales_by_the_bounds_and_counts_what_they_clip():
     assert fitres.metrics["train_loss"] == pytest.approx(0.7)
 
 
-def test_under_client_dp_the_clip_flags_are_summed_not_sent_in_the_clear():
-    """The reply's last array is the client's two clip flags; its clear metrics lack them, in
-    the calibration pass too. The server reads the counts back from the secure mean."""
-    update = ClientUpdate(
-        client_id=0,
-        delta={"w": torch.tensor([0.03, -0.04])},
-        curvature={"w.v": torch.tensor([1.0, 2.0])},
-        num_examples=8,
-        num_steps=2,
-        metrics={"train_loss": 0.5, "dp_clipped_delta": 1.0, "dp_clipped_theta": 0.0},
-    )
-    common = {"weighting": "uniform", "max-weight": 1.0, "delta-names": ["w"]}
-    secagg = {
-        "stage": "aggregate",
-        "delta-bounds": [0.05],
-        "theta-names": ["w.v"],
-        "theta-bounds": [5.0],
-        "dp-clip-norms": [0.05, 5.0],
-    }
-    for stage in (
-        ConfigRecord({**common, **secagg}),
-        ConfigRecord({**common, "stage": "calibrate", "names-only": True}),
-    ):
-        fitres = compat.recorddict_to_fitres(secure_reply(update, stage), False)
-        assert not set(fitres.metrics) & {"dp_clipped_delta", "dp_clipped_theta"}
-        assert fitres.metrics["train_loss"] == pytest.approx(0.5)
-    arrays = parameters_to_ndarrays(fitres.parameters)
-    assert len(arrays) == 2  # calibration: one log-magnitude per tensor of each part
-    fitres = compat.recorddict_to_fitres(
-        secure_reply(update, ConfigRecord({**common, **secagg})), False
-    )
-    arrays = parameters_to_ndarrays(fitres.parameters)
-    assert len(arrays) == 3 and arrays[-1].tolist() == [1.0, 0.0]
-    # the counts from a mean of flags over three clients; a weighted mean is refused
-    assert clipped_counts(torch.tensor([2 / 3, 1 / 3]), 3) == [2.0, 1.0]
-    with pytest.raises(ValueError, match="not a count"):
-        clipped_counts(torch.tensor([0.5, 0.0]), 3)
-
-
 @pytest.mark.parametrize(
     ("settings", "named"),
     [
@@ -449,8 +281,9 @@ def test_under_client_dp_the_clip_flags_are_summed_not_sent_in_the_clear():
                 "dp_theta_clip_norm": 1.0,
                 "dp_noise_multiplier": 1.0,
                 "dp_sampling": "poisson",
+                "secagg_num_shares": 3,
             },
-            "dp_sampling='poisson'",
+            "secagg_num_shares=3 is a count",
         ),
         ({"clients_per_round": 1}, "clients_per_round=1"),
         ({"secagg_num_shares": 3, "secagg_reconstruction_threshold": 4}, "threshold=4"),
@@ -461,7 +294,7 @@ def test_under_client_dp_the_clip_flags_are_summed_not_sent_in_the_clear():
     ids=[
         "beta-auto",
         "bfloat16",
-        "client-dp-poisson",
+        "client-dp-poisson-share-count",
         "one-client",
         "threshold",
         "shares",

@@ -113,9 +113,9 @@ class PrivacyArguments:
         metadata={
             "help": "How clients are sampled under dp_mode: client: 'poisson' (each client "
             "takes part with probability clients_per_round / num_clients; the default) or "
-            "'fixed' (exactly clients_per_round, without replacement; the default, and the "
-            "only choice, with secure_aggregation). Fixed-size sampling is accounted under "
-            "replace-one adjacency and needs more than twice the noise for the same epsilon "
+            "'fixed' (exactly clients_per_round, without replacement; the default with "
+            "secure_aggregation). Fixed-size sampling is accounted under replace-one "
+            "adjacency and needs more than twice the noise for the same epsilon "
             "(docs/privacy.md)."
         },
     )
@@ -188,7 +188,6 @@ class PrivacyArguments:
         why = {
             "beta='auto'": algorithm.adaptive_beta,
             "transport_dtype='bfloat16'": str(getattr(self, "transport_dtype", "")) == "bfloat16",
-            "dp_sampling='poisson'": client_dp and self.dp_sampling == "poisson",
         }
         for setting, bad in why.items():
             if bad:
@@ -222,6 +221,20 @@ class PrivacyArguments:
                 f"clients_per_round={self.clients_per_round} ({sampled} client): "
                 "SecAgg+ cannot hide a single client's update"
             )
+        if client_dp and self.resolved_dp_sampling == "poisson":
+            counts = [
+                f"{name}={value}"
+                for name, value in (
+                    ("secagg_num_shares", shares),
+                    ("secagg_reconstruction_threshold", threshold),
+                )
+                if isinstance(value, int)
+            ]
+            if counts:
+                raise ValueError(
+                    f"{', '.join(counts)} is a count, but under dp_sampling='poisson' the "
+                    "clients per round vary: give it as a fraction in (0, 1]"
+                )
         num_shares, needed = secagg_shares(sampled, shares, threshold)
         if needed > num_shares:
             raise ValueError(
@@ -309,8 +322,6 @@ _SECAGG_CONFLICTS = {
     "beta": "the server chooses beta from the spread of single clients' updates, which "
     "secure aggregation hides; set a fixed beta",
     "transport_dtype": "SecAgg+ quantizes float32 values; use transport_dtype='float32'",
-    "dp_sampling": "Poisson sampling can draw rounds of fewer than 2 clients, which cannot be "
-    "aggregated securely; use dp_sampling='fixed' (the default with secure_aggregation)",
 }
 
 

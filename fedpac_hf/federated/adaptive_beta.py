@@ -36,6 +36,7 @@ used is logged as the ``beta`` metric.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "AUTO_BETA_MAX",
     "AUTO_BETA_START",
     "auto_beta",
+    "next_auto_beta",
     "parse_beta",
 ]
 
@@ -102,3 +104,14 @@ def auto_beta(client_dispersion: float, direction_change: float, beta_max: float
     if not (math.isfinite(sigma2) and math.isfinite(tau2)) or sigma2 + tau2 == 0.0:
         return min(AUTO_BETA_START, beta_max)
     return min(sigma2 / (sigma2 + tau2), beta_max)
+
+
+def next_auto_beta(
+    metrics: Mapping[str, float], current: float | None, beta_max: float
+) -> float | None:
+    """The next round's beta under ``beta="auto"``: :func:`auto_beta` of the round's
+    ``client_dispersion`` and ``direction_change``, or ``current`` when the round measured
+    no direction change (the first round)."""
+    if "direction_change" not in metrics:
+        return current
+    return auto_beta(metrics["client_dispersion"], metrics["direction_change"], beta_max)

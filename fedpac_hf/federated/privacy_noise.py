@@ -18,6 +18,7 @@ import math
 import secrets
 import zlib
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 import torch
 
@@ -26,10 +27,12 @@ from fedpac_hf.optim import sent_form
 from .algorithms import Algorithm
 from .privacy import ClientDP
 from .privacy_clip import Reference, public_reference, with_reference
-from .state import ServerState
+from .state import ClientUpdate, ServerState
 
 __all__ = [
+    "CLIENT_NOISED",
     "adapted_clip_norms",
+    "client_noised_update",
     "new_noise_seed",
     "noise_generator",
     "noised_round",
@@ -39,6 +42,11 @@ __all__ = [
     "privacy_metrics",
     "seeded_generator",
 ]
+
+
+CLIENT_NOISED = "dp_client_noised"
+"""Client metric: 1.0 when the client added the round's noise itself
+(:func:`client_noised_update`)."""
 
 
 def new_noise_seed() -> int:
@@ -55,6 +63,7 @@ def noised_round(
     round_index: int,
     reference: Reference = (None, None),
     denominator: float = 1.0,
+    client_noised: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """A round's delta and Theta sums with the mechanism's Gaussian noise.
 
@@ -65,14 +74,20 @@ def noised_round(
     (:func:`~fedpac_hf.federated.privacy_clip.public_reference`) is
     added back, ``denominator`` times, so that the sums over the denominator
     are the mean of what the clients added plus the reference.
+    ``client_noised``: the round's one client added the noise itself
+    (:func:`client_noised_update`); only the reference is added.
     """
     if noise_seed is None:
         raise ValueError("a DP round needs the server's noise seed (ServerState.noise_seed)")
     std_delta, std_theta = dp.noise_stds()
-    delta_sum = noised_sums(delta_sum, std_delta, noise_generator(noise_seed, round_index, "delta"))
+    if not client_noised:
+        generator = noise_generator(noise_seed, round_index, "delta")
+        delta_sum = noised_sums(delta_sum, std_delta, generator)
     delta_sum = with_reference(delta_sum, reference[0], denominator)
     if not dp.share_theta:
         return delta_sum, theta_sum
+    if client_noised:
+        return delta_sum, with_reference(theta_sum, reference[1], denominator)
     if not theta_sum and theta_keys:  # no client this round
         device = next(iter(delta_sum.values())).device
         theta_sum = {
@@ -94,6 +109,7 @@ def private_round(
     denominator: float,
     clipped: Sequence[float],
     num_clients: int,
+    client_noised: bool = False,
 ) -> tuple[
     ClientDP, dict[str, torch.Tensor], dict[str, torch.Tensor], tuple[float, float | None] | None
 ]:
@@ -116,6 +132,9 @@ def private_round(
         q N, what the sums are divided by.
     clipped, num_clients:
         How many clients had their delta and their Theta clipped, of how many.
+    client_noised:
+        The sums are one client's update that already carries the round's
+        noise (:func:`client_noised_update`).
 
     Returns
     -------
@@ -135,6 +154,7 @@ def private_round(
         state.round,
         public_reference(state, algorithm, lr, local_steps),
         denominator,
+        client_noised,
     )
     bounds = adapted_clip_norms(
         dp_round, clipped, num_clients, denominator, state.noise_seed, state.round
@@ -182,6 +202,41 @@ def adapted_clip_norms(
         for part, draw in enumerate(draws)
     ]
     return new[0], (new[1] if len(new) > 1 else None)
+
+
+def client_noised_update(
+    update: ClientUpdate,
+    stds: Sequence[float],
+    round_index: int,
+    noise_seed: int | None = None,
+) -> ClientUpdate:
+    """A client's clipped update with the round's noise, drawn by the client itself.
+
+    For a round whose only client cannot be hidden by secure aggregation: the
+    client adds ``N(0, stds[0]^2)`` to each value of its clipped delta and
+    ``N(0, stds[1]^2)`` to its Theta (when it has one), the noise the server
+    would add to the round's sums, and the server adds none
+    (:func:`noised_round`'s ``client_noised``). The release has the
+    distribution of the server's mechanism, so the accounting is unchanged,
+    and the server sees no more than the release. The update's metrics say
+    so (:data:`CLIENT_NOISED`); a server that asked for it and gets an
+    update without it adds the noise itself.
+
+    The noise comes from a secret seed drawn here, or from ``noise_seed``
+    (``dp_noise_seed``: reproducible experiments), the round and the client.
+    """
+    if noise_seed is None:
+        noise_seed = new_noise_seed()
+    salt = f"client {int(update.client_id)}"
+    delta = noised_sums(
+        update.delta, float(stds[0]), noise_generator(noise_seed, round_index, salt + " delta")
+    )
+    curvature = update.curvature
+    if curvature:
+        generator = noise_generator(noise_seed, round_index, salt + " theta")
+        curvature = noised_sums(curvature, float(stds[1]), generator)
+    metrics = {**update.metrics, CLIENT_NOISED: 1.0}
+    return replace(update, delta=delta, curvature=curvature, metrics=metrics)
 
 
 def noise_norm_ratio(dp: ClientDP, num_floats: int, denominator: float) -> float:

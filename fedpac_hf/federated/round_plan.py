@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .failures import ClientFailure
+from .privacy import ClientDP
 from .server import RoundAggregator
 from .state import ClientUpdate, ServerState, mean_curvature
 
@@ -64,6 +65,17 @@ class RoundPlan:
     def round_number(self) -> int:
         """The round, counted from 1 (as logged and as Flower counts)."""
         return self.round_index + 1
+
+    def dp_round(self) -> ClientDP:
+        """The round's client-level DP settings at its rate and bounds
+        (:meth:`~fedpac_hf.federated.privacy.ClientDP.at_rate`, as the server applies them).
+
+        Raises ``ValueError`` when the run has no client-level DP.
+        """
+        dp = self.aggregator.privacy
+        if dp is None:
+            raise ValueError(f"round {self.round_number} has no client-level DP")
+        return dp.at_rate(self.learning_rate, self.state.dp_clip_norms)
 
     def record(self, result: ClientUpdate | ClientFailure) -> None:
         """Fold a client's update into the sums, or note why it sent none."""

@@ -28,12 +28,12 @@ from fedpac_hf.optim import next_global_curvature, sent_form
 from fedpac_hf.optim.base import all_finite
 from fedpac_hf.optim.repair import repair_curvature
 
-from .adaptive_beta import auto_beta
+from .adaptive_beta import next_auto_beta
 from .algorithms import Algorithm, downlink_parts, round_beta
 from .failures import ClientFailure, RoundError, require_finite_aggregate
 from .privacy import ClientDP
 from .privacy_clip import CLIP_FLAGS, Reference, own_norms, public_reference
-from .privacy_noise import privacy_metrics, private_round
+from .privacy_noise import CLIENT_NOISED, privacy_metrics, private_round
 from .round_metrics import (
     byte_metrics,
     curvature_scalars,
@@ -137,6 +137,8 @@ class RoundAggregator:
         self.privacy = privacy
         self.expected_clients = expected_clients
         self.clipped = [0.0, 0.0]  # clients whose delta / Theta were clipped (DP)
+        self.client_noised = False  # DP: the round's one client is asked to add the noise
+        self.noised_clients = 0  # ... and those that say they did
         self.record_epsilon: float | None = None  # the largest a client reported (record DP)
         self.secure = False  # sums of a secure mean: Theta repaired, no per-client diagnostics
         self.lr = lr
@@ -206,6 +208,7 @@ class RoundAggregator:
         self.hessian_refreshes += float(metrics.get("hessian_refreshes", 0.0))
         for part, flag in enumerate(CLIP_FLAGS):
             self.clipped[part] += float(metrics.get(flag, 0.0))
+        self.noised_clients += int(metrics.get(CLIENT_NOISED, 0.0) == 1.0)
         if "dp_record_epsilon" in metrics:
             self.record_epsilon = max(self.record_epsilon or 0.0, metrics["dp_record_epsilon"])
         self.client_ids.append(int(client_id))
@@ -221,10 +224,9 @@ class RoundAggregator:
 
         In named steps: the server rule (:meth:`_server_step`, :meth:`_mean_curvature`),
         every diagnostic read back in one transfer (:meth:`_read_metrics`), the
-        next round's beta (:meth:`_next_beta`), the bytes that travelled
-        (:func:`~fedpac_hf.federated.round_metrics.byte_metrics`), and the finiteness
-        check before the new state
-        moves to the CPU.
+        next round's beta (:func:`~fedpac_hf.federated.adaptive_beta.next_auto_beta`),
+        the bytes that travelled (:func:`~fedpac_hf.federated.round_metrics.byte_metrics`),
+        and the finiteness check before the new state moves to the CPU.
 
         Parameters
         ----------
@@ -259,6 +261,7 @@ class RoundAggregator:
                 denominator=self.denominator,
                 clipped=self.clipped,
                 num_clients=self.num_clients,
+                client_noised=self.client_noised and self.num_clients == self.noised_clients == 1,
             )
         delta, params, direction = self._server_step(lr, local_steps, server_lr)
         mean = self._mean_curvature()
@@ -267,7 +270,6 @@ class RoundAggregator:
         read, metrics = self._read_metrics(delta, direction, mean, parts, lr, local_steps)
         if dp_round is not None:
             metrics.update(privacy_metrics(dp_round, delta, self.denominator))
-        next_beta = self._next_beta(metrics)
         down = downlink_parts(self.sent_state, self.algorithm)  # bytes to one client
         metrics.update(byte_metrics(self.delta_bytes, self.theta_bytes, down, self.num_clients))
         for part, tensors in parts.items():
@@ -279,7 +281,11 @@ class RoundAggregator:
             curvature=curvature,
             direction=direction,
             round=state.round + 1,
-            beta=next_beta if self.algorithm.adaptive_beta else None,
+            beta=(
+                next_auto_beta(metrics, state.beta, self.algorithm.beta_max)
+                if self.algorithm.adaptive_beta
+                else None
+            ),
             noise_seed=state.noise_seed,
             dp_clip_norms=clip_norms,
         )
@@ -403,14 +409,6 @@ class RoundAggregator:
             metrics["dp_clipped_delta"] = self.clipped[0] * inv_w
             metrics["dp_clipped_theta"] = self.clipped[1] * inv_w
         return read, metrics
-
-    def _next_beta(self, metrics: dict[str, float]) -> float | None:
-        """The beta of the next round under ``beta="auto"`` (else the state's, unchanged)."""
-        if "direction_change" not in metrics or not self.algorithm.adaptive_beta:
-            return self.server_state.beta
-        return auto_beta(
-            metrics["client_dispersion"], metrics["direction_change"], self.algorithm.beta_max
-        )
 
 
 def aggregate(

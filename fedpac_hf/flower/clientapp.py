@@ -26,6 +26,7 @@ from flwr.common.logger import console_handler
 
 from fedpac_hf.config.arguments import FedPACArguments
 from fedpac_hf.federated import ClientError, ClientUpdate, run_client
+from fedpac_hf.federated.privacy_noise import client_noised_update
 from fedpac_hf.trainer.fedpac_trainer import FedPACTrainer
 from fedpac_hf.trainer.logs import show_package_log
 
@@ -37,7 +38,7 @@ from .records import (
     client_update_to_content,
     server_state_from_content,
 )
-from .secagg import SECAGG_KEY, secagg_mod, secure_reply
+from .secagg import NOISE_STDS, SECAGG_KEY, secagg_mod, secure_reply
 from .strategy.base import NODE_RECORD_KEY
 
 __all__ = ["FedPACClient", "make_client_app"]
@@ -200,6 +201,9 @@ class FedPACClient:
         )
         if not isinstance(update, ClientUpdate):
             raise ClientError(str(update))
+        if NOISE_STDS in config:  # a secure round's only client: it adds the round's noise
+            stds = [float(s) for s in config[NOISE_STDS]]  # type: ignore[union-attr]
+            update = client_noised_update(update, stds, round_index, trainer.args.dp_noise_seed)
         if secagg is not None:
             if secagg["stage"] == "calibrate":
                 _keep_pending(context, update, round_index)

@@ -68,6 +68,7 @@ from fedpac_hf.federated.secure_aggregation import (
 
 __all__ = [
     "CLIPPED",
+    "NOISE_STDS",
     "SECAGG_KEY",
     "SecAggOutcome",
     "as_tensors",
@@ -86,6 +87,10 @@ SECAGG_KEY = "secagg"
 ``names-only`` (calibrate) and ``dp-clip-norms`` (aggregate)."""
 
 _THETA_NAMES = "secagg-theta-names"  # FitRes metric: the client's Theta entries (JSON)
+
+NOISE_STDS = "dp-noise-stds"
+"""Train config of a secure round's only client under client-level DP: the noise stds of its
+delta and Theta, which it adds itself (SecAgg+ cannot hide a single client's update)."""
 
 CLIPPED = "secagg-clipped"
 """FitRes metric: how many of the client's values lay outside their bound (clipped)."""

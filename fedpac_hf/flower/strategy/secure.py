@@ -12,11 +12,13 @@ goes into the round's aggregator as its sums; Theta is repaired after
 unmasking. In the first round a calibration pass of SecAgg+ first sets the
 bounds (the clients then send the update they kept from it).
 
-Under client-level DP (fixed-size sampling) the bounds are the round's clip
-norms, the calibration pass only names Theta's entries, the clients' clip
-flags are summed with their updates (the server learns how many clients were
-clipped, which adaptive clip norms need, not which), and the server adds the
-mechanism's noise to the unmasked sums as in a plain round.
+Under client-level DP the bounds are the round's clip norms, the calibration
+pass only names Theta's entries, the clients' clip flags are summed with
+their updates (the server learns how many clients were clipped, which
+adaptive clip norms need, not which), and the server adds the mechanism's
+noise to the unmasked sums as in a plain round. A round with a single client
+(Poisson sampling draws some) skips SecAgg+, which cannot hide one update:
+that client adds the round's noise itself and the server adds none.
 
 A client that drops out during SecAgg+ is recorded as dropped, with its
 error; the protocol recovers the sum of the others as long as enough shares
@@ -46,7 +48,15 @@ from fedpac_hf.federated.secure_aggregation import (
 from fedpac_hf.optim import sent_form
 
 from ..records import CONFIG_KEY
-from ..secagg import CLIPPED, SECAGG_KEY, SecAggOutcome, as_tensors, secure_mean, theta_names_of
+from ..secagg import (
+    CLIPPED,
+    NOISE_STDS,
+    SECAGG_KEY,
+    SecAggOutcome,
+    as_tensors,
+    secure_mean,
+    theta_names_of,
+)
 from .fedpac import FedPACStrategy
 
 __all__ = ["SecureFedPACStrategy"]
@@ -63,8 +73,7 @@ class SecureFedPACStrategy(FedPACStrategy):
     Parameters
     ----------
     engine:
-        The round engine (float32 transport, fixed beta; under client-level DP,
-        fixed-size sampling).
+        The round engine (float32 transport, fixed beta).
     secagg:
         ``num_shares``, ``reconstruction_threshold``, ``max_weight``
         (``FedPACArguments.secure_aggregation_settings``).
@@ -99,9 +108,27 @@ class SecureFedPACStrategy(FedPACStrategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Plan the round and build its messages, kept for SecAgg+ (Flower's loop sends none)."""
-        self._messages = list(super().configure_train(server_round, arrays, config, grid))
+        """Plan the round and build its messages, kept for SecAgg+ (Flower's loop sends none).
+
+        Under client-level DP a round with one client (Poisson sampling, or
+        the others unreachable) goes through Flower's loop instead: SecAgg+
+        cannot hide a single update, so the client adds the round's noise
+        itself (:data:`~fedpac_hf.flower.secagg.NOISE_STDS`) and the server adds none.
+        """
+        messages = list(super().configure_train(server_round, arrays, config, grid))
         self._grid = grid
+        plan = self._plan
+        if plan is not None and self.engine.privacy is not None and len(messages) == 1:
+            stds = plan.dp_round().noise_stds()
+            messages[0].content.config_records[CONFIG_KEY][NOISE_STDS] = list(stds)
+            plan.aggregator.client_noised = True
+            logger.info(
+                "round %d: one client, which adds the round's noise itself (no SecAgg+ pass)",
+                plan.round_number,
+            )
+            self._messages = []
+            return messages
+        self._messages = messages
         return []
 
     def aggregate_train(
@@ -111,6 +138,8 @@ class SecureFedPACStrategy(FedPACStrategy):
         plan = self._plan
         if plan is None or self._grid is None:
             raise RuntimeError("aggregate_train ran before configure_train planned the round")
+        if plan.aggregator.client_noised:  # one client, noised by itself: a plain round
+            return super().aggregate_train(server_round, replies)
         clients = {m.metadata.dst_node_id: c for c, m in self._round_messages.items()}
         contents = {m.metadata.dst_node_id: m.content for m in self._messages}
         self._round_messages, self._messages = {}, []
@@ -161,6 +190,13 @@ class SecureFedPACStrategy(FedPACStrategy):
                         clipped,
                     )
         return self.finish(plan, traffic[0], traffic[1], secagg_clipped=clipped)
+
+    def finish(
+        self, plan: RoundPlan, bytes_up: int, bytes_down: int, **extra: float
+    ) -> tuple[ArrayRecord, MetricRecord]:
+        """:meth:`FedPACStrategy.finish`, with ``secagg_clipped`` 0 in rounds without SecAgg+."""
+        extra.setdefault("secagg_clipped", 0.0)
+        return super().finish(plan, bytes_up, bytes_down, **extra)
 
     def _pass(
         self,
@@ -215,9 +251,7 @@ class SecureFedPACStrategy(FedPACStrategy):
 
     def _clip_norms(self, plan: RoundPlan) -> tuple[float, float]:
         """The round's client-level DP bounds ``(C, C_Theta)`` (``C_Theta`` 0 without Theta)."""
-        dp = self.engine.privacy
-        assert dp is not None
-        dp_round = dp.at_rate(plan.learning_rate, plan.state.dp_clip_norms)
+        dp_round = plan.dp_round()
         theta = dp_round.theta_clip_norm if dp_round.share_theta else None
         return float(dp_round.clip_norm), float(theta or 0.0)
 
