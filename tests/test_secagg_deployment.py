@@ -30,9 +30,15 @@ dp-theta-clip-norm = 5.0
 dp-target-epsilon = 8.0
 """
 
+#: And with Poisson sampling: seed 8 draws partitions 0 and 1, then partition 1 alone, whose
+#: round skips SecAgg+ (the client adds the round's noise itself).
+POISSON = CLIENT_DP + 'dp-sampling = "poisson"\n'
+
 
 @pytest.mark.slow
-@pytest.mark.parametrize("privacy", ["", CLIENT_DP], ids=["plain", "client_dp"])
+@pytest.mark.parametrize(
+    "privacy", ["", CLIENT_DP, POISSON], ids=["plain", "client_dp", "client_dp_poisson"]
+)
 def test_secagg_runs_on_a_local_deployment(tmp_path, privacy):
     out, app = tmp_path / "out", APP
     if privacy:  # a copy of the app with the keys at the end of [tool.flwr.app.config]
@@ -48,7 +54,8 @@ def test_secagg_runs_on_a_local_deployment(tmp_path, privacy):
         processes.start(
             "run",
             f"flwr run {app} test --stream --run-config "
-            f"\"num-rounds=2 secure-aggregation=true output-dir='{out}'\"",
+            f"\"num-rounds=2 secure-aggregation=true output-dir='{out}'"
+            + (' seed=8"' if privacy is POISSON else '"'),
         )
         processes.started["run"].wait(timeout=600)
     finally:
@@ -56,11 +63,17 @@ def test_secagg_runs_on_a_local_deployment(tmp_path, privacy):
     logs = processes.text("run")
     assert "FedPAC run finished: 2 of 2 rounds done" in logs, logs[-5000:]
     assert "round 1: SecAgg+ calibrate pass" in logs
-    assert "round 2: SecAgg+ aggregate pass" in logs
     assert "Secure aggregation completed" in logs
     assert latest_checkpoint(out).name == "checkpoint-round-2"
-    if privacy:  # the package's DP note reaches Flower's log; every round takes 2 clients
-        assert "fixed-size samples at q = 0.667, replace-one accounting" in logs
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    if privacy is POISSON:  # round 2's only client noises its update itself
+        assert "round 2: one client, which adds the round's noise itself" in logs
+        assert "round 2: SecAgg+" not in logs
+        assert [row["num_clients"] for row in rows] == [2, 1]
+    else:
+        assert "round 2: SecAgg+ aggregate pass" in logs
         assert [row["num_clients"] for row in rows] == [2, 2]
+    if privacy:  # the package's DP note reaches Flower's log
+        sampling = "Poisson sampling" if privacy is POISSON else "fixed-size samples"
+        assert f"{sampling} at q = 0.667" in logs
         assert 0 < rows[0]["epsilon"] < rows[1]["epsilon"] <= 8.0

@@ -36,7 +36,7 @@ def _log(log: logging.Logger, note: str, ratio: float, remedy: str) -> None:
 def _sampling(dp: ClientDP, sample_rate: float) -> str:
     if dp.sampling == "fixed":
         return f"fixed-size samples at q = {sample_rate:.3g}, replace-one accounting"
-    return f"q = {sample_rate:.3g}"
+    return f"Poisson sampling at q = {sample_rate:.3g}"
 
 
 def describe_client_noise(
