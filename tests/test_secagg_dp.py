@@ -41,7 +41,13 @@ ADAPTIVE = dict(
 )  # fmt: skip
 
 
-@pytest.mark.parametrize("privacy", [PRIVATE, ADAPTIVE], ids=["constant", "adaptive"])
+@pytest.mark.parametrize(
+    "privacy",
+    [
+        pytest.param(PRIVATE, id="constant"),
+        pytest.param(ADAPTIVE, id="adaptive", marks=pytest.mark.slow),  # ~16 s more
+    ],
+)
 def test_secagg_with_client_dp_matches_the_plain_private_rounds(tmp_path, privacy):
     """SecAgg+ under client-level DP: fixed-size samples, the clip norms as bounds (nothing
     clipped by SecAgg+), the accountant's epsilon for fixed-size sampling, and each round's
