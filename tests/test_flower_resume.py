@@ -56,6 +56,7 @@ def simulate(args, **server_kwargs):
     )
 
 
+@pytest.mark.slow  # three Flower simulations (~40 s), the default suite's longest test
 def test_a_simulation_stopped_in_round_two_resumes_to_the_uninterrupted_parameters(tmp_path):
     full = simulate(saving_args(tmp_path / "full"))
 
