@@ -158,19 +158,19 @@ def test_under_client_dp_the_clip_flags_are_summed_not_sent_in_the_clear():
         "theta-bounds": [5.0],
         "dp-clip-norms": [0.05, 5.0],
     }
-    for stage in (
-        ConfigRecord({**common, **secagg}),
-        ConfigRecord({**common, "stage": "calibrate", "names-only": True}),
-    ):
-        fitres = compat.recorddict_to_fitres(secure_reply(update, stage), False)
+    calibrate = {"stage": "calibrate", "names-only": True}
+    replies = {
+        stage["stage"]: compat.recorddict_to_fitres(
+            secure_reply(update, ConfigRecord({**common, **stage})), False
+        )
+        for stage in (secagg, calibrate)
+    }
+    for fitres in replies.values():
         assert not set(fitres.metrics) & {"dp_clipped_delta", "dp_clipped_theta"}
         assert fitres.metrics["train_loss"] == pytest.approx(0.5)
-    arrays = parameters_to_ndarrays(fitres.parameters)
-    assert len(arrays) == 2  # calibration: one log-magnitude per tensor of each part
-    fitres = compat.recorddict_to_fitres(
-        secure_reply(update, ConfigRecord({**common, **secagg})), False
-    )
-    arrays = parameters_to_ndarrays(fitres.parameters)
+    # calibration: one log-magnitude per tensor of each part; aggregation: then the flags
+    assert len(parameters_to_ndarrays(replies["calibrate"].parameters)) == 2
+    arrays = parameters_to_ndarrays(replies["aggregate"].parameters)
     assert len(arrays) == 3 and arrays[-1].tolist() == [1.0, 0.0]
     # the counts from a mean of flags over three clients; a weighted mean is refused
     assert clipped_counts(torch.tensor([2 / 3, 1 / 3]), 3) == [2.0, 1.0]

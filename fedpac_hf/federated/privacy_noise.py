@@ -86,15 +86,15 @@ def noised_round(
     delta_sum = with_reference(delta_sum, reference[0], denominator)
     if not dp.share_theta:
         return delta_sum, theta_sum
-    if client_noised:
-        return delta_sum, with_reference(theta_sum, reference[1], denominator)
-    if not theta_sum and theta_keys:  # no client this round
-        device = next(iter(delta_sum.values())).device
-        theta_sum = {
-            n: torch.zeros(t.shape, dtype=torch.float64, device=device)
-            for n, t in theta_keys.items()
-        }
-    theta_sum = noised_sums(theta_sum, std_theta, noise_generator(noise_seed, round_index, "theta"))
+    if not client_noised:
+        if not theta_sum and theta_keys:  # no client this round
+            device = next(iter(delta_sum.values())).device
+            theta_sum = {
+                n: torch.zeros(t.shape, dtype=torch.float64, device=device)
+                for n, t in theta_keys.items()
+            }
+        generator = noise_generator(noise_seed, round_index, "theta")
+        theta_sum = noised_sums(theta_sum, std_theta, generator)
     return delta_sum, with_reference(theta_sum, reference[1], denominator)
 
 

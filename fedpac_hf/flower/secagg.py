@@ -279,6 +279,7 @@ def secure_reply(update: ClientUpdate, secagg: ConfigRecord) -> RecordDict:
     """
     delta_names = list(secagg["delta-names"])
     theta_names = sorted(update.curvature)
+    flags, clear = clip_flags(update.metrics)
     clipped = 0
     if secagg["stage"] == "calibrate":
         arrays = [
@@ -301,7 +302,7 @@ def secure_reply(update: ClientUpdate, secagg: ConfigRecord) -> RecordDict:
         arrays = [t.numpy() for part in parts for t in part.values()]
         clipped = sum(int((np.abs(a) > CLIPPING_RANGE).sum()) for a in arrays)
         if "dp-clip-norms" in secagg:  # the clip flags, summed with the update
-            arrays.append(np.asarray(clip_flags(update.metrics)[0], dtype=np.float32))
+            arrays.append(np.asarray(flags, dtype=np.float32))
     weight = 1
     if secagg["weighting"] == "num_examples":
         weight = int(update.num_examples)
@@ -310,7 +311,7 @@ def secure_reply(update: ClientUpdate, secagg: ConfigRecord) -> RecordDict:
                 f"client {update.client_id} trained on {weight} examples, more than "
                 f"secagg_max_weight={secagg['max-weight']}: raise secagg_max_weight"
             )
-    metrics: dict[str, Any] = {k: float(v) for k, v in clip_flags(update.metrics)[1].items()}
+    metrics: dict[str, Any] = {k: float(v) for k, v in clear.items()}
     metrics.update(
         {
             "partition-id": int(update.client_id),
