@@ -16,3 +16,16 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+import logging  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _package_log_propagates():
+    """A program's ``show_package_log`` stops the package's records propagating to the root
+    logger; restore that after each test, so that ``caplog`` sees them in the next one."""
+    yield
+    logging.getLogger("fedpac_hf").propagate = True

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import re
+import sys
 
 import pytest
 import yaml
@@ -292,6 +293,28 @@ def test_train_shows_the_packages_log_at_the_runs_log_level(tmp_path, capsys, lo
     info = "[fedpac_hf.trainer.preflight] INFO: preflight passed"
     assert (info in err) == (log_level is None)
     assert len(logging.getLogger("fedpac_hf").handlers) == 1  # one console handler, not one per run
+
+
+def test_the_packages_lines_show_once_when_the_root_logger_has_a_handler(tmp_path, capsys):
+    """Opacus configures the root logger when it is imported (``logging.basicConfig``):
+    a program's lines must still show once, in the package's format, not twice."""
+    from fedpac_hf.trainer.logs import show_package_log
+
+    root = logging.getLogger()
+    basic = logging.StreamHandler(sys.stderr)  # what basicConfig adds: capsys's stderr
+    basic.setFormatter(logging.Formatter("%(asctime)s:%(levelname)s:%(message)s"))
+    root.addHandler(basic)
+    try:
+        show_package_log(FedPACArguments(output_dir=str(tmp_path), log_level="warning"))
+        logging.getLogger("fedpac_hf.federated.engine").warning("the noise is large")
+        logging.getLogger("elsewhere").warning("not ours")
+    finally:
+        root.removeHandler(basic)
+    lines = capsys.readouterr().err.splitlines()
+    assert [line for line in lines if "the noise is large" in line] == [
+        "[fedpac_hf.federated.engine] WARNING: the noise is large"
+    ]
+    assert any(line.endswith(":WARNING:not ours") for line in lines)  # the root's own lines
 
 
 def test_the_packages_log_goes_to_one_place_at_a_time(tmp_path):

@@ -131,7 +131,7 @@ def test_strategy_runs_the_round_engine_and_refuses_impossible_minimums():
 
 
 def test_a_record_dp_client_app_describes_its_noise_when_it_builds_its_trainer(
-    tmp_path, caplog, capsys, monkeypatch
+    tmp_path, capsys, monkeypatch
 ):
     """A ClientApp's first message builds its trainer; under record-level DP it logs the noise
     on each local step (z sqrt(d) / B clip norms) there, before any round's work, and the line
@@ -152,13 +152,10 @@ def test_a_record_dp_client_app_describes_its_noise_when_it_builds_its_trainer(
         run_id=7, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={}
     )
     try:
-        with caplog.at_level("INFO", logger="fedpac_hf.trainer.client_steps"):
-            trainer, _ = client.trainer_for(context)
+        trainer, _ = client.trainer_for(context)
     finally:
         _TRAINERS.clear()  # the process-wide cache: no trainer left for other tests
     floats = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    (record,) = [r for r in caplog.records if "record-level DP" in r.getMessage()]
     ratio = 0.02 * floats**0.5 / trainer.args.per_device_train_batch_size
-    assert f"{ratio:.3g} x dp_clip_norm" in record.getMessage()
     (shown,) = [line for line in capsys.readouterr().err.splitlines() if "record-level DP" in line]
-    assert shown.endswith(record.getMessage()) and "INFO" in shown
+    assert f"{ratio:.3g} x dp_clip_norm" in shown and "INFO" in shown

@@ -14,6 +14,11 @@ Levels follow ``TrainingArguments``: ``log_level`` on the main process,
 means INFO here (what Hugging Face's example scripts show by default);
 ``log_level: warning`` keeps only warnings and errors. The Trainer applies
 the same settings to ``transformers``' own log.
+
+Once a program shows the package's lines, they no longer propagate to the root
+logger (as ``transformers`` does with its own): a library that configures the
+root logger (Opacus calls ``logging.basicConfig`` when it is imported) would
+otherwise print every line a second time, in its own format.
 """
 
 from __future__ import annotations
@@ -58,7 +63,7 @@ def show_package_log(args: FedPACArguments, handler: logging.Handler | None = No
 
     The package's lines go to one place at a time: calling it again changes
     the level and, with another ``handler``, moves them there; it never adds a
-    second handler.
+    second handler. The lines stop propagating to the root logger.
 
     Parameters
     ----------
@@ -85,5 +90,6 @@ def show_package_log(args: FedPACArguments, handler: logging.Handler | None = No
             logger.removeHandler(old)
         _added[:] = [handler]
         logger.addHandler(handler)
+    logger.propagate = False  # shown once, here, whatever handlers the root logger has
     logger.setLevel(level)
     return level
