@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from typing import Any
 
 import dp_accounting
@@ -578,6 +579,37 @@ def test_record_dp_steps_on_the_mean_of_clipped_per_example_gradients():
         torch.testing.assert_close(d, expected[name], rtol=1e-4, atol=1e-7)
     assert _norm(update.delta) <= 0.01 * (1 + 1e-5)
     assert update.metrics["dp_record_epsilon"] == math.inf  # no noise: no privacy
+
+
+def test_a_record_dp_round_does_not_warn_about_opacus_hooks_on_a_frozen_input():
+    """Opacus's per-example hooks fire on the first layer's output gradients (its input needs
+    none, as a frozen base's first LoRA layer): torch's warning about that is not the user's
+    business, while every other warning of the round still shows."""
+    x, y = _examples()
+    model = _model()
+    state = ServerState.from_model(model)
+    dp = RecordDP.from_settings(clip_norm=1.0, noise_multiplier=1.0, noise_seed=0)
+    client = _record_client(dp, n=12, batch=4, steps=2)
+    _, poisson = record_loader(dp, DataLoader(TensorDataset(x, y), batch_size=4), 0, 0, 2, 1)
+
+    def loss_that_warns(model, batch):
+        warnings.warn("the round's own warning", UserWarning, stacklevel=2)
+        return _loss(model, batch)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        client_update(
+            model,
+            state,
+            get_algorithm("fedavg"),
+            cycle_batches(poisson),
+            LocalSteps(lr=0.1, num_steps=2),
+            ClientHooks(loss_fn=loss_that_warns),
+            privacy=client,
+        )
+    messages = [str(w.message) for w in caught]
+    assert "the round's own warning" in messages
+    assert not [m for m in messages if "backward hook" in m], messages
 
 
 def test_record_dp_noise_has_std_z_c_over_the_batch_and_theta_sees_only_it():

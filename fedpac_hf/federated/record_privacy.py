@@ -28,6 +28,7 @@ own z, the least that keeps its examples within the target after all rounds
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -270,6 +271,10 @@ def poisson_batch_sampler(
     )
 
 
+#: the start of torch's warning that a full backward hook fired on a layer's output gradients
+_OUTPUT_HOOK_WARNING = "Full backward hook is firing when gradients are computed with respect to"
+
+
 @contextlib.contextmanager
 def record_steps(
     model: torch.nn.Module,
@@ -317,7 +322,12 @@ def record_steps(
             p.grad = g
 
     try:
-        yield privatize
+        with warnings.catch_warnings():
+            # Opacus's hooks read the gradient of a layer's output, which is where torch fires
+            # them when the layer's inputs need no gradient (the first layer, a frozen base's
+            # LoRA adapters); torch >= 2.8 warns about that on every such run
+            warnings.filterwarnings("ignore", message=_OUTPUT_HOOK_WARNING, category=UserWarning)
+            yield privatize
     finally:
         wrapped._close()
 
