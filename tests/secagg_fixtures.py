@@ -19,6 +19,8 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 STEP = 2.0**-21  # one quantization step over the bound: 2 C / 2**22 / C
+#: how far SecAgg+'s rounding can move the round's mean train_loss (bound LOSS_SCALE * C)
+LOSS_ROUNDING = 32.0 * STEP
 
 
 def assert_within_quantization(secure, plain, bounds, scale=1.0, slack=0.0, what=""):

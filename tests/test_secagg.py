@@ -40,14 +40,17 @@ from fedpac_hf.federated.secure_aggregation import (  # noqa: E402
     CLIPPING_RANGE,
     bounds_from_log_magnitudes,
     log_magnitudes,
+    read_secure_metrics,
     scale_tensors,
     secagg_bounds,
+    secure_metrics,
     unscale_tensors,
 )
 from fedpac_hf.flower import run_fedpac_simulation  # noqa: E402
 from fedpac_hf.flower.secagg import CLIPPED, secure_reply  # noqa: E402
 
 from .secagg_fixtures import (  # noqa: E402
+    LOSS_ROUNDING,
     PRIVATE,
     Captured,
     assert_within_dp_rounding,
@@ -111,10 +114,12 @@ def test_secagg_simulation_matches_the_plain_aggregate(tmp_path):
     lrs = args.round_learning_rates()
     for round_index, start, plain, updates in plain_rounds(args, states):
         secure = states[round_index + 1]
-        # what travels in the clear: the same clients, examples and losses
+        # the same clients and examples (in the clear), the same mean loss (summed securely)
         (expected,) = updates.engine.history
-        for key in ("num_clients", "num_examples", "train_loss"):
+        for key in ("num_clients", "num_examples"):
             assert result.history[round_index][key] == pytest.approx(expected[key]), key
+        loss = result.history[round_index]["train_loss"]
+        assert loss == pytest.approx(expected["train_loss"], rel=1e-5, abs=LOSS_ROUNDING)
         bounds = secagg_bounds(start, lrs[round_index], args.local_steps)
         if bounds is None:  # round 1: the calibration's bounds (its mean is quantized too)
             names = (list(start.params), sorted(updates[0].curvature))
@@ -239,7 +244,8 @@ def test_secagg_dropout_in_a_later_round_with_num_examples_weights(tmp_path, cap
 
 
 def test_secagg_reply_scales_by_the_bounds_and_counts_what_they_clip():
-    """A client's FitRes: each tensor times 8 / b, and how many values exceeded their bound."""
+    """A client's FitRes: each tensor times 8 / b, then its loss over LOSS_SCALE (summed, not
+    in the clear), and how many values exceeded their bound."""
     update = ClientUpdate(
         client_id=2,
         delta={"w": torch.tensor([0.5, -3.0]), "b": torch.tensor([1e-3])},
@@ -264,9 +270,25 @@ def test_secagg_reply_scales_by_the_bounds_and_counts_what_they_clip():
     np.testing.assert_allclose(arrays[0], [4.0, -24.0])
     np.testing.assert_allclose(arrays[1], [0.8], rtol=1e-6)
     np.testing.assert_allclose(arrays[2], [2.0, 4.0], rtol=1e-6)
+    np.testing.assert_allclose(arrays[3], [0.7 / 4], rtol=1e-6)  # the vector's last array
+    assert len(arrays) == 4
     assert fitres.num_examples == 1  # uniform weighting: SecAgg+ weighs every client 1
     assert fitres.metrics[CLIPPED] == 1 and fitres.metrics["num-examples"] == 24
-    assert fitres.metrics["train_loss"] == pytest.approx(0.7)
+    assert "train_loss" not in fitres.metrics
+
+
+@pytest.mark.parametrize(
+    ("loss", "summed", "clipped"),
+    [(0.5, 0.125, 0), (-3.0, -0.75, 0), (100.0, 8.0, 1), (-50.0, -8.0, 1), (math.nan, 8.0, 1)],
+)
+def test_a_loss_outside_secaggs_range_is_summed_at_its_end_and_counted(loss, summed, clipped):
+    """SecAgg+ clips every value to [-8, 8]: a loss beyond 32 (or not finite) is summed at the
+    nearest end, as the round's clipped values say, never as garbage in the sum."""
+    metrics = {"train_loss": loss, "skipped_steps": 1.0}
+    values, clear, flagged = secure_metrics(metrics, private=False)
+    assert values == [summed] and flagged == clipped
+    assert clear == {"skipped_steps": 1.0}
+    assert read_secure_metrics(torch.tensor(values), 1, private=False) == (4 * summed, None)
 
 
 @pytest.mark.parametrize(

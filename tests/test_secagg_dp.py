@@ -23,11 +23,15 @@ from flwr.compat.common import recorddict_compat as compat  # noqa: E402
 from fedpac_hf.federated import ClientUpdate, ServerState, get_algorithm  # noqa: E402
 from fedpac_hf.federated.privacy import ClientDP  # noqa: E402
 from fedpac_hf.federated.privacy_noise import CLIENT_NOISED  # noqa: E402
-from fedpac_hf.federated.secure_aggregation import clipped_counts  # noqa: E402
+from fedpac_hf.federated.secure_aggregation import (  # noqa: E402
+    clipped_counts,
+    read_secure_metrics,
+)
 from fedpac_hf.federated.server import RoundAggregator  # noqa: E402
 from fedpac_hf.flower.secagg import secure_reply  # noqa: E402
 
 from .secagg_fixtures import (  # noqa: E402
+    LOSS_ROUNDING,
     PRIVATE,
     assert_within_dp_rounding,
     plain_rounds,
@@ -68,8 +72,9 @@ def test_secagg_with_client_dp_matches_the_plain_private_rounds(tmp_path, privac
     for round_index, _, plain, updates in plain_rounds(args, states):
         secure, row = states[round_index + 1], result.history[round_index]
         (expected,) = updates.engine.history
-        for key in ("num_clients", "train_loss", "dp_clipped_delta", "dp_noise_norm"):
+        for key in ("num_clients", "dp_clipped_delta", "dp_noise_norm"):
             assert row[key] == pytest.approx(expected[key]), key
+        assert row["train_loss"] == pytest.approx(expected["train_loss"], abs=LOSS_ROUNDING)
         assert secure.dp_clip_norms == plain.dp_clip_norms  # None unless they adapt
         unit = args.local_steps * lrs[round_index]
         delta_bound, theta_bound = row["dp_clip_norm"], row["dp_theta_clip_norm"]
@@ -92,12 +97,15 @@ def test_secagg_with_poisson_samples_lets_a_lone_client_add_the_noise(tmp_path):
     alone): round 1 goes through SecAgg+ and is the plain private round's up to its rounding;
     round 2's only client adds the round's noise itself and the server adds none, so the secure
     state differs from the plain round (the same clipped update, the server's noise) by two
-    independent draws: std sqrt(2) sigma / (q N) per parameter. Epsilon is Poisson sampling's."""
+    independent draws: std sqrt(2) sigma / (q N) per parameter. Epsilon is Poisson sampling's.
+    The lone client keeps its train_loss to itself: round 2 reports none (NaN)."""
     from fedpac_hf.federated.accounting import epsilon_after
 
     privacy = dict(PRIVATE, dp_sampling="poisson", seed=8)
     result, states = secure_run(tmp_path, **privacy)
     assert [row["num_clients"] for row in result.history] == [2, 1]
+    losses = [row["train_loss"] for row in result.history]
+    assert math.isfinite(losses[0]) and math.isnan(losses[1])
     for r, row in enumerate(result.history, start=1):
         assert row["epsilon"] == pytest.approx(epsilon_after(r, 0.7, 2 / 3, 3**-1.1))
         assert row["secagg_clipped"] == 0
@@ -139,9 +147,10 @@ def test_the_server_leaves_the_noise_to_a_lone_client_only_when_asked_and_done()
     assert torch.equal(finalize(True, said, clients=2), finalize(False, {}, clients=2))
 
 
-def test_under_client_dp_the_clip_flags_are_summed_not_sent_in_the_clear():
-    """The reply's last array is the client's two clip flags; its clear metrics lack them, in
-    the calibration pass too. The server reads the counts back from the secure mean."""
+def test_under_client_dp_the_loss_and_clip_flags_are_summed_not_sent_in_the_clear():
+    """The reply's last array is the client's loss over LOSS_SCALE and its two clip flags; its
+    clear metrics lack them, in the calibration pass too. The server reads the mean loss and
+    the counts back from the secure mean."""
     update = ClientUpdate(
         client_id=0,
         delta={"w": torch.tensor([0.03, -0.04])},
@@ -166,12 +175,13 @@ def test_under_client_dp_the_clip_flags_are_summed_not_sent_in_the_clear():
         for stage in (secagg, calibrate)
     }
     for fitres in replies.values():
-        assert not set(fitres.metrics) & {"dp_clipped_delta", "dp_clipped_theta"}
-        assert fitres.metrics["train_loss"] == pytest.approx(0.5)
+        assert not set(fitres.metrics) & {"dp_clipped_delta", "dp_clipped_theta", "train_loss"}
     # calibration: one log-magnitude per tensor of each part; aggregation: then the flags
     assert len(parameters_to_ndarrays(replies["calibrate"].parameters)) == 2
     arrays = parameters_to_ndarrays(replies["aggregate"].parameters)
-    assert len(arrays) == 3 and arrays[-1].tolist() == [1.0, 0.0]
+    assert len(arrays) == 3 and arrays[-1].tolist() == [0.125, 1.0, 0.0]
+    loss, counts = read_secure_metrics(torch.tensor([0.2, 2 / 3, 1 / 3]), 3, private=True)
+    assert loss == pytest.approx(0.8) and counts == [2.0, 1.0]
     # the counts from a mean of flags over three clients; a weighted mean is refused
     assert clipped_counts(torch.tensor([2 / 3, 1 / 3]), 3) == [2.0, 1.0]
     with pytest.raises(ValueError, match="not a count"):

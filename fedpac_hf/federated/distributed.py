@@ -63,6 +63,7 @@ def all_reduce(aggregator: RoundAggregator) -> None:
             aggregator.num_clients,
             aggregator.num_examples,
             aggregator.loss_sum,
+            aggregator.losses_missing,
             aggregator.delta_bytes,
             aggregator.theta_bytes,
             aggregator.skipped_steps,
@@ -97,6 +98,7 @@ def all_reduce(aggregator: RoundAggregator) -> None:
         num_clients,
         num_examples,
         aggregator.loss_sum,
+        losses_missing,
         delta_bytes,
         theta_bytes,
         aggregator.skipped_steps,
@@ -105,6 +107,7 @@ def all_reduce(aggregator: RoundAggregator) -> None:
     ) = scalars[2:].cpu().tolist()
     aggregator.num_clients, aggregator.num_examples = int(num_clients), int(num_examples)
     aggregator.delta_bytes, aggregator.theta_bytes = int(delta_bytes), int(theta_bytes)
+    aggregator.losses_missing = int(losses_missing)
     aggregator.client_ids = sorted(ids)
     aggregator.failures = sorted(failures, key=lambda f: f.client_id)
 

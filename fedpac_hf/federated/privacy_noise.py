@@ -218,9 +218,10 @@ def client_noised_update(
     would add to the round's sums, and the server adds none
     (:func:`noised_round`'s ``client_noised``). The release has the
     distribution of the server's mechanism, so the accounting is unchanged,
-    and the server sees no more than the release. The update's metrics say
-    so (:data:`CLIENT_NOISED`); a server that asked for it and gets an
-    update without it adds the noise itself.
+    and the server sees no more than the release: the client's ``train_loss``
+    is left out of its metrics too (the round reports none). The update's
+    metrics say so (:data:`CLIENT_NOISED`); a server that asked for it and
+    gets an update without it adds the noise itself.
 
     The noise comes from a secret seed drawn here, or from ``noise_seed``
     (``dp_noise_seed``: reproducible experiments), the round and the client.
@@ -235,7 +236,8 @@ def client_noised_update(
     if curvature:
         generator = noise_generator(noise_seed, round_index, salt + " theta")
         curvature = noised_sums(curvature, float(stds[1]), generator)
-    metrics = {**update.metrics, CLIENT_NOISED: 1.0}
+    metrics = {k: v for k, v in update.metrics.items() if k != "train_loss"}
+    metrics[CLIENT_NOISED] = 1.0
     return replace(update, delta=delta, curvature=curvature, metrics=metrics)
 
 

@@ -26,6 +26,11 @@ clipped (its flags, 0 or 1, :func:`clip_flags`) travels inside the secure sum
 too, not in the clear: the server learns only how many clients of the round
 were clipped (:func:`clipped_counts`), the counts that adaptive clip norms noise.
 
+With or without DP, a client's ``train_loss`` (the classic signal of
+membership inference) travels inside the secure sum as well, over
+:data:`LOSS_SCALE` (:func:`secure_metrics`): the server learns the round's
+weighted mean loss, the number its metrics report, and no client's own.
+
 In the first round (no global direction nor Theta yet) a *calibration* pass
 of SecAgg+ comes first: each client sends, per tensor, log2 of its largest
 entry (:func:`log_magnitudes`), and the bound is ``HEADROOM * 2**mean``
@@ -57,6 +62,7 @@ __all__ = [
     "HEADROOM",
     "add_secure_mean",
     "bounds_from_log_magnitudes",
+    "LOSS_SCALE",
     "clip_flags",
     "clipped_counts",
     "dp_bounds",
@@ -69,6 +75,9 @@ __all__ = [
 
 CLIPPING_RANGE = 8.0
 """C: SecAgg+ clips every value it sums to [-C, C] (Flower's default)."""
+
+LOSS_SCALE = 4.0
+"""A client's ``train_loss`` is summed as ``train_loss / LOSS_SCALE``: losses in [-32, 32]."""
 
 HEADROOM = 8.0
 """How far above its expected largest entry a tensor's bound lies."""
@@ -167,6 +176,46 @@ def clip_flags(metrics: Mapping[str, float]) -> tuple[list[float], dict[str, flo
     return flags, {k: v for k, v in metrics.items() if k not in CLIP_FLAGS}
 
 
+def secure_metrics(
+    metrics: Mapping[str, float], private: bool
+) -> tuple[list[float], dict[str, float], int]:
+    """What of a client's metrics SecAgg+ sums with its update, and what stays in the clear.
+
+    Parameters
+    ----------
+    metrics:
+        The client's metrics.
+    private:
+        Whether the round runs client-level DP (the clip flags are summed too).
+
+    Returns
+    -------
+    summed : list of float
+        ``train_loss / LOSS_SCALE`` (0 without a loss), then under DP the clip
+        flags (:func:`clip_flags`).
+    clear : dict
+        The other metrics.
+    clipped : int
+        1 when the loss lay outside ``LOSS_SCALE * [-C, C]`` or was not finite
+        (it is summed at the nearest end of the range), else 0.
+    """
+    flags, clear = clip_flags(metrics)
+    loss = float(clear.pop("train_loss", 0.0))
+    top = LOSS_SCALE * CLIPPING_RANGE
+    kept = min(max(loss, -top), top) if math.isfinite(loss) else math.copysign(top, loss)
+    return [kept / LOSS_SCALE] + (flags if private else []), clear, int(kept != loss)
+
+
+def read_secure_metrics(
+    mean: torch.Tensor, num_clients: int, private: bool
+) -> tuple[float, list[float] | None]:
+    """The round's mean ``train_loss`` and, under DP, its clip counts (:func:`clipped_counts`)
+    from the secure mean of the clients' :func:`secure_metrics`."""
+    values = mean.to(torch.float64).flatten()
+    counts = clipped_counts(values[1:], num_clients) if private else None
+    return float(values[0]) * LOSS_SCALE, counts
+
+
 def clipped_counts(mean: torch.Tensor, num_clients: int) -> list[float]:
     """How many of ``num_clients`` clients were clipped, per part, from the mean of their flags.
 
@@ -245,6 +294,7 @@ def add_secure_mean(
     curvature: Mapping[str, torch.Tensor] | None,
     clients: Sequence[tuple[int, int, Mapping[str, float]]],
     clipped: Sequence[float] | None = None,
+    train_loss: float | None = None,
 ) -> None:
     """Put a round's securely aggregated means into ``aggregator`` as its sums.
 
@@ -260,6 +310,9 @@ def add_secure_mean(
     clipped:
         Under client-level DP, how many of them had their delta and their
         Theta clipped (:func:`clipped_counts`; their flags are not in ``clients``' metrics).
+    train_loss:
+        Their weighted mean ``train_loss`` (:func:`read_secure_metrics`; not in
+        ``clients``' metrics). ``None``: each client's own, from its metrics.
 
     The sums are ``mean * W`` with W the clients' total weight; Theta is
     repaired after unmasking, and the drift and client dispersion (they need
@@ -282,6 +335,8 @@ def add_secure_mean(
         aggregator.count_client(client_id, num_examples, metrics, weight)
     if clipped is not None:
         aggregator.clipped = [float(c) for c in clipped]
+    if train_loss is not None:
+        aggregator.loss_sum, aggregator.losses_missing = float(train_loss) * total, 0
     sizes = [sum(t.numel() * 4 for t in part.values()) for part in (delta, curvature or {})]
     aggregator.delta_bytes += sizes[0] * len(clients)  # as float32, like the plain round
     if aggregator.algorithm.align:

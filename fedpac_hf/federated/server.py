@@ -130,6 +130,7 @@ class RoundAggregator:
         self.num_clients = 0
         self.num_examples = 0
         self.loss_sum = 0.0
+        self.losses_missing = 0  # clients that kept their train_loss to themselves
         self.delta_bytes = 0
         self.theta_bytes = 0
         self.client_ids: list[int] = []
@@ -163,9 +164,8 @@ class RoundAggregator:
         deltas = [update.delta[n].to(self.device, torch.float64) for n in names]
         torch._foreach_add_([self.delta_sum[n] for n in names], deltas, alpha=weight)
         if deltas:
-            self.delta_square_sum += (
-                weight * torch.stack(torch._foreach_norm(deltas)).square().sum()
-            )
+            norms = torch.stack(torch._foreach_norm(deltas))
+            self.delta_square_sum += weight * norms.square().sum()
         curvature = {n: t.to(self.device, torch.float64) for n, t in update.curvature.items()}
         if curvature:
             if self.num_clients and set(curvature) != set(self.curvature_sum):
@@ -203,7 +203,9 @@ class RoundAggregator:
         self.weight_sum += weight
         self.num_clients += 1
         self.num_examples += int(num_examples)
-        self.loss_sum += float(metrics.get("train_loss", 0.0)) * weight
+        loss = metrics.get("train_loss")  # kept secret by a lone client under secure aggregation
+        self.loss_sum += 0.0 if loss is None else float(loss) * weight
+        self.losses_missing += loss is None
         self.skipped_steps += float(metrics.get("skipped_steps", 0.0))
         self.hessian_refreshes += float(metrics.get("hessian_refreshes", 0.0))
         for part, flag in enumerate(CLIP_FLAGS):
@@ -400,7 +402,7 @@ class RoundAggregator:
         metrics.update(
             num_clients=float(self.num_clients),
             num_examples=float(self.num_examples),
-            train_loss=self.loss_sum * inv_w,
+            train_loss=float("nan") if self.losses_missing else self.loss_sum * inv_w,
             update_norm=read["update_norm"],
             skipped_steps=self.skipped_steps,
             hessian_refreshes=self.hessian_refreshes,

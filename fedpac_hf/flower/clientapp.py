@@ -201,6 +201,7 @@ class FedPACClient:
         )
         if not isinstance(update, ClientUpdate):
             raise ClientError(str(update))
+        own_loss = update.metrics.get("train_loss", float("nan"))  # for this client's log only
         if NOISE_STDS in config:  # a secure round's only client: it adds the round's noise
             stds = [float(s) for s in config[NOISE_STDS]]  # type: ignore[union-attr]
             update = client_noised_update(update, stds, round_index, trainer.args.dp_noise_seed)
@@ -216,7 +217,7 @@ class FedPACClient:
             partition,
             update.num_steps,
             update.num_examples,
-            update.metrics.get("train_loss", float("nan")),
+            own_loss,
         )
         return Message(content=client_update_to_content(update), reply_to=message)
 

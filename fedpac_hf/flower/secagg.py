@@ -20,11 +20,12 @@ messages into them:
   clip norms).
 
 What travels in the clear: the weight SecAgg+ sums with (1, or the client's
-examples under ``num_examples`` weighting), the client's metrics
-(``train_loss`` and the like), the names of its Theta entries and how many
-of its values its bounds clipped. Under client-level DP, whether the client's
-delta and Theta were clipped is summed with the update instead (the vector's
-last array; :func:`~fedpac_hf.federated.secure_aggregation.clip_flags`).
+examples under ``num_examples`` weighting), the client's other metrics
+(its steps and examples), the names of its Theta entries and how many of its
+values its bounds clipped. Its ``train_loss`` and, under client-level DP,
+whether its delta and Theta were clipped are summed with the update instead
+(the vector's last array;
+:func:`~fedpac_hf.federated.secure_aggregation.secure_metrics`).
 """
 
 from __future__ import annotations
@@ -60,9 +61,9 @@ from flwr.serverapp import Grid
 from fedpac_hf.federated import ClientUpdate
 from fedpac_hf.federated.secure_aggregation import (
     CLIPPING_RANGE,
-    clip_flags,
     log_magnitudes,
     scale_tensors,
+    secure_metrics,
     within_rounding,
 )
 
@@ -266,10 +267,10 @@ def secure_reply(update: ClientUpdate, secagg: ConfigRecord) -> RecordDict:
     """``update`` as the FitRes-style reply content that ``secaggplus_mod`` masks.
 
     The vector is the delta (in the server's parameter order) then Theta, each
-    tensor scaled by its bound, then under client-level DP the client's two
-    clip flags; in a calibration pass, one log-magnitude per tensor. The
-    weight is 1 (uniform weighting) or the client's examples. The clip flags
-    never travel in the clear.
+    tensor scaled by its bound, then the client's scaled ``train_loss`` and,
+    under client-level DP, its two clip flags; in a calibration pass, one
+    log-magnitude per tensor. The weight is 1 (uniform weighting) or the
+    client's examples. The loss and the clip flags never travel in the clear.
 
     Raises
     ------
@@ -279,7 +280,7 @@ def secure_reply(update: ClientUpdate, secagg: ConfigRecord) -> RecordDict:
     """
     delta_names = list(secagg["delta-names"])
     theta_names = sorted(update.curvature)
-    flags, clear = clip_flags(update.metrics)
+    summed, clear, loss_clipped = secure_metrics(update.metrics, "dp-clip-norms" in secagg)
     clipped = 0
     if secagg["stage"] == "calibrate":
         arrays = [
@@ -300,9 +301,8 @@ def secure_reply(update: ClientUpdate, secagg: ConfigRecord) -> RecordDict:
             scale_tensors(curvature, dict(zip(theta_names, secagg["theta-bounds"]))),
         ]
         arrays = [t.numpy() for part in parts for t in part.values()]
-        clipped = sum(int((np.abs(a) > CLIPPING_RANGE).sum()) for a in arrays)
-        if "dp-clip-norms" in secagg:  # the clip flags, summed with the update
-            arrays.append(np.asarray(flags, dtype=np.float32))
+        clipped = loss_clipped + sum(int((np.abs(a) > CLIPPING_RANGE).sum()) for a in arrays)
+        arrays.append(np.asarray(summed, dtype=np.float32))  # the loss (and DP's clip flags)
     weight = 1
     if secagg["weighting"] == "num_examples":
         weight = int(update.num_examples)

@@ -40,8 +40,8 @@ from fedpac_hf.federated.secure_aggregation import (
     HEADROOM,
     add_secure_mean,
     bounds_from_log_magnitudes,
-    clipped_counts,
     dp_bounds,
+    read_secure_metrics,
     secagg_bounds,
     unscale_tensors,
 )
@@ -169,9 +169,9 @@ class SecureFedPACStrategy(FedPACStrategy):
                 sizes = len(delta_bounds), len(delta_bounds) + len(theta_bounds)
                 delta = unscale_tensors(means[: sizes[0]], delta_bounds)
                 theta = unscale_tensors(means[sizes[0] : sizes[1]], theta_bounds)
-                counts = None
-                if self.engine.privacy is not None:  # the clip flags, the vector's last array
-                    counts = clipped_counts(means[sizes[1]], len(outcome.completed))
+                loss, counts = read_secure_metrics(  # the vector's last array
+                    means[sizes[1]], len(outcome.completed), self.engine.privacy is not None
+                )
                 completed = [
                     (
                         clients[n],
@@ -180,7 +180,7 @@ class SecureFedPACStrategy(FedPACStrategy):
                     )
                     for n, (_, m) in sorted(outcome.completed.items(), key=lambda i: clients[i[0]])
                 ]
-                add_secure_mean(plan.aggregator, delta, theta or None, completed, counts)
+                add_secure_mean(plan.aggregator, delta, theta or None, completed, counts, loss)
                 clipped = sum(float(m.get(CLIPPED, 0)) for _, m in outcome.completed.values())
                 if clipped:
                     logger.warning(
