@@ -548,6 +548,19 @@ def _record_client(dp: RecordDP, n: int, batch: int, steps: int = 1):
     )
 
 
+def _record_round(model, poisson, client, *, lr=1.0, steps=1, algorithm="fedavg", loss=_loss):
+    """One client round of ``model`` under record-level DP on ``poisson``'s batches."""
+    return client_update(
+        model,
+        ServerState.from_model(model),
+        get_algorithm(algorithm),
+        cycle_batches(poisson),
+        LocalSteps(lr=lr, num_steps=steps),
+        ClientHooks(loss_fn=loss),
+        privacy=client,
+    )
+
+
 def test_record_dp_steps_on_the_mean_of_clipped_per_example_gradients():
     """q = 1 (the batch is every example), z = 0: SGD's step is -lr * mean_i clip_C(g_i)."""
     x, y = _examples()
@@ -558,15 +571,7 @@ def test_record_dp_steps_on_the_mean_of_clipped_per_example_gradients():
     assert client.sample_rate == 1.0
     loader = DataLoader(TensorDataset(x, y), batch_size=12)
     _, poisson = record_loader(dp, loader, 0, 0, 1, 1)
-    update = client_update(
-        model,
-        state,
-        get_algorithm("fedavg"),
-        cycle_batches(poisson),
-        LocalSteps(lr=1.0, num_steps=1),
-        ClientHooks(loss_fn=_loss),
-        privacy=client,
-    )
+    update = _record_round(model, poisson, client)
     expected = {n: torch.zeros_like(t) for n, t in state.params.items()}
     for i in range(12):  # every example's gradient, clipped to 0.01, by hand
         reference = _model()
@@ -586,8 +591,6 @@ def test_a_record_dp_round_does_not_warn_about_opacus_hooks_on_a_frozen_input():
     none, as a frozen base's first LoRA layer): torch's warning about that is not the user's
     business, while every other warning of the round still shows."""
     x, y = _examples()
-    model = _model()
-    state = ServerState.from_model(model)
     dp = RecordDP.from_settings(clip_norm=1.0, noise_multiplier=1.0, noise_seed=0)
     client = _record_client(dp, n=12, batch=4, steps=2)
     _, poisson = record_loader(dp, DataLoader(TensorDataset(x, y), batch_size=4), 0, 0, 2, 1)
@@ -598,15 +601,7 @@ def test_a_record_dp_round_does_not_warn_about_opacus_hooks_on_a_frozen_input():
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        client_update(
-            model,
-            state,
-            get_algorithm("fedavg"),
-            cycle_batches(poisson),
-            LocalSteps(lr=0.1, num_steps=2),
-            ClientHooks(loss_fn=loss_that_warns),
-            privacy=client,
-        )
+        _record_round(_model(), poisson, client, lr=0.1, steps=2, loss=loss_that_warns)
     messages = [str(w.message) for w in caught]
     assert "the round's own warning" in messages
     assert not [m for m in messages if "backward hook" in m], messages
@@ -617,19 +612,10 @@ def test_record_dp_noise_has_std_z_c_over_the_batch_and_theta_sees_only_it():
     torch.manual_seed(0)
     model = torch.nn.Linear(400, 50)
     x, y = torch.zeros(8, 400), torch.zeros(8, dtype=torch.long)  # inputs 0: weight grads 0
-    state = ServerState.from_model(model)
     dp = RecordDP.from_settings(clip_norm=0.5, noise_multiplier=2.0, noise_seed=3)
     client = _record_client(dp, n=8, batch=8)
     _, poisson = record_loader(dp, DataLoader(TensorDataset(x, y), batch_size=8), 0, 0, 1, 1)
-    update = client_update(
-        model,
-        state,
-        get_algorithm("fedadamw"),
-        cycle_batches(poisson),
-        LocalSteps(lr=1.0, num_steps=1),
-        ClientHooks(loss_fn=_loss),
-        privacy=client,
-    )
+    update = _record_round(model, poisson, client, algorithm="fedadamw")
     # after one step AdamW's (bias-corrected) second moment is g^2 of the gradient it
     # stepped on: the privatized one, here the noise alone on the weight
     seen = update.curvature["weight.exp_avg_sq"]
@@ -642,17 +628,7 @@ def test_empty_poisson_batches_still_add_the_noise():
     loader = DataLoader(TensorDataset(x, y), batch_size=1)  # q = 1/40: most batches are empty
     client, poisson = record_loader(dp, loader, 0, 0, 6, 1)
     assert any(len(b) == 0 for b in poisson)
-    model = _model()
-    state = ServerState.from_model(model)
-    update = client_update(
-        model,
-        state,
-        get_algorithm("fedavg"),
-        cycle_batches(poisson),
-        LocalSteps(lr=0.1, num_steps=6),
-        ClientHooks(loss_fn=_loss),
-        privacy=client,
-    )
+    update = _record_round(_model(), poisson, client, lr=0.1, steps=6)
     assert _norm(update.delta) > 0 and all(torch.isfinite(d).all() for d in update.delta.values())
 
 
