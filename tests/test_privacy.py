@@ -700,6 +700,9 @@ def test_the_record_noise_note_gives_the_range_of_the_clients_noise():
     (message,) = _notes(describe_record_noise, dp, 100, clients, 5, 10)
     assert f"noise multiplier {min(zs):.4g} to {max(zs):.4g} over the clients" in message
     assert f"up to {max(zs) * 10 / 4:.3g} x dp_clip_norm" in message  # sqrt(100) / B
+    (same,) = _notes(describe_record_noise, dp, 100, [(90, 4), (90, 4)], 5, 10)
+    z = dp.client_noise(dp.sample_rate(4, 90), 5, 10)
+    assert f"noise multiplier {z:.4g} for every client (epsilon 3" in same  # not "z to z"
 
 
 def test_a_target_epsilon_gives_each_client_its_own_noise():

@@ -135,8 +135,10 @@ def describe_record_noise(
     if dp.target_epsilon is None:
         how = f"noise multiplier {zs[0]:.4g}"
     else:
+        low, high = f"{min(zs):.4g}", f"{max(zs):.4g}"
+        spread = f"{low} for every client" if low == high else f"{low} to {high} over the clients"
         how = (
-            f"noise multiplier {min(zs):.4g} to {max(zs):.4g} over the clients (epsilon "
+            f"noise multiplier {spread} (epsilon "
             f"{dp.target_epsilon:g} at delta {dp.delta:.3g} after {num_rounds} rounds)"
         )
     batches = sorted({batch for _, batch in ends})
