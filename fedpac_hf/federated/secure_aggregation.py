@@ -60,15 +60,17 @@ from .state import ServerState
 __all__ = [
     "CLIPPING_RANGE",
     "HEADROOM",
+    "LOSS_SCALE",
     "add_secure_mean",
     "bounds_from_log_magnitudes",
-    "LOSS_SCALE",
     "clip_flags",
     "clipped_counts",
     "dp_bounds",
     "log_magnitudes",
+    "read_secure_metrics",
     "scale_tensors",
     "secagg_bounds",
+    "secure_metrics",
     "unscale_tensors",
     "within_rounding",
 ]
