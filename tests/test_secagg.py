@@ -244,8 +244,9 @@ def test_secagg_dropout_in_a_later_round_with_num_examples_weights(tmp_path, cap
 
 
 def test_secagg_reply_scales_by_the_bounds_and_counts_what_they_clip():
-    """A client's FitRes: each tensor times 8 / b, then its loss over LOSS_SCALE (summed, not
-    in the clear), and how many values exceeded their bound."""
+    """A client's FitRes: each tensor times 8 / b, then its loss over LOSS_SCALE and its examples
+    in units of SecAgg+'s grid (summed, not in the clear), and how many values exceeded their
+    bound."""
     update = ClientUpdate(
         client_id=2,
         delta={"w": torch.tensor([0.5, -3.0]), "b": torch.tensor([1e-3])},
@@ -270,11 +271,16 @@ def test_secagg_reply_scales_by_the_bounds_and_counts_what_they_clip():
     np.testing.assert_allclose(arrays[0], [4.0, -24.0])
     np.testing.assert_allclose(arrays[1], [0.8], rtol=1e-6)
     np.testing.assert_allclose(arrays[2], [2.0, 4.0], rtol=1e-6)
-    np.testing.assert_allclose(arrays[3], [0.7 / 4], rtol=1e-6)  # the vector's last array
+    np.testing.assert_allclose(arrays[3], [0.7 / 4, 24 * 2**-18], rtol=1e-6)  # the last array
     assert len(arrays) == 4
     assert fitres.num_examples == 1  # uniform weighting: SecAgg+ weighs every client 1
-    assert fitres.metrics[CLIPPED] == 1 and fitres.metrics["num-examples"] == 24
-    assert "train_loss" not in fitres.metrics
+    assert fitres.metrics[CLIPPED] == 1
+    assert not {"train_loss", "num-examples"} & set(fitres.metrics)
+    # three such clients: the server reads back the mean loss and the exact total of examples
+    mean = torch.tensor([(0.7 + 1.1 + 0.3) / 12, (24 + 7 + 1_000_003) * 2**-18 / 3])
+    summed = read_secure_metrics(mean, 3, private=False, examples=True)
+    assert summed.train_loss == pytest.approx(0.7) and summed.num_examples == 1_000_034
+    assert summed.clipped is None
 
 
 @pytest.mark.parametrize(
@@ -288,7 +294,15 @@ def test_a_loss_outside_secaggs_range_is_summed_at_its_end_and_counted(loss, sum
     values, clear, flagged = secure_metrics(metrics, private=False)
     assert values == [summed] and flagged == clipped
     assert clear == {"skipped_steps": 1.0}
-    assert read_secure_metrics(torch.tensor(values), 1, private=False) == (4 * summed, None)
+    assert read_secure_metrics(torch.tensor(values), 1, private=False).train_loss == 4 * summed
+
+
+def test_examples_beyond_secaggs_range_are_summed_at_its_end_and_counted():
+    """One grid step per example: 2**21 - 1 examples fit in [-8, 8]; more are counted clipped."""
+    fits, _, none = secure_metrics({"train_loss": 1.0}, private=False, examples=2**21 - 1)
+    over, _, one = secure_metrics({"train_loss": 1.0}, private=False, examples=2**21 + 5)
+    assert fits[1] == over[1] == (2**21 - 1) * 2**-18 < 8.0
+    assert (none, one) == (0, 1)
 
 
 @pytest.mark.parametrize(

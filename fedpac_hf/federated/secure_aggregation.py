@@ -28,8 +28,9 @@ were clipped (:func:`clipped_counts`), the counts that adaptive clip norms noise
 
 With or without DP, a client's ``train_loss`` (the classic signal of
 membership inference) travels inside the secure sum as well, over
-:data:`LOSS_SCALE` (:func:`secure_metrics`): the server learns the round's
-weighted mean loss, the number its metrics report, and no client's own.
+:data:`LOSS_SCALE`, and so do its examples under uniform weighting
+(:func:`secure_metrics`): the server learns the round's weighted mean loss
+and total examples, the numbers its metrics report, and no client's own.
 
 In the first round (no global direction nor Theta yet) a *calibration* pass
 of SecAgg+ comes first: each client sends, per tensor, log2 of its largest
@@ -48,6 +49,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -59,8 +61,10 @@ from .state import ServerState
 
 __all__ = [
     "CLIPPING_RANGE",
+    "EXAMPLE_UNIT",
     "HEADROOM",
     "LOSS_SCALE",
+    "SecureMetrics",
     "add_secure_mean",
     "bounds_from_log_magnitudes",
     "clip_flags",
@@ -80,6 +84,12 @@ CLIPPING_RANGE = 8.0
 
 LOSS_SCALE = 4.0
 """A client's ``train_loss`` is summed as ``train_loss / LOSS_SCALE``: losses in [-32, 32]."""
+
+EXAMPLE_UNIT = 2.0**-18
+"""A client's examples are summed as ``examples * EXAMPLE_UNIT``: one step of SecAgg+'s grid
+(``2 C / 2**22``) per example, so the total is exact."""
+
+_MAX_EXAMPLES = 2**21 - 1  # the most examples that fit in [-C, C] at EXAMPLE_UNIT each
 
 HEADROOM = 8.0
 """How far above its expected largest entry a tensor's bound lies."""
@@ -179,7 +189,7 @@ def clip_flags(metrics: Mapping[str, float]) -> tuple[list[float], dict[str, flo
 
 
 def secure_metrics(
-    metrics: Mapping[str, float], private: bool
+    metrics: Mapping[str, float], private: bool, examples: int | None = None
 ) -> tuple[list[float], dict[str, float], int]:
     """What of a client's metrics SecAgg+ sums with its update, and what stays in the clear.
 
@@ -189,33 +199,54 @@ def secure_metrics(
         The client's metrics.
     private:
         Whether the round runs client-level DP (the clip flags are summed too).
+    examples:
+        The client's examples, summed too (uniform weighting; ``None``: they
+        are its weight, ``num_examples`` weighting, and stay in the clear).
 
     Returns
     -------
     summed : list of float
-        ``train_loss / LOSS_SCALE`` (0 without a loss), then under DP the clip
-        flags (:func:`clip_flags`).
+        ``train_loss / LOSS_SCALE`` (0 without a loss), the examples times
+        :data:`EXAMPLE_UNIT` (when given), then under DP the clip flags
+        (:func:`clip_flags`).
     clear : dict
         The other metrics.
     clipped : int
-        1 when the loss lay outside ``LOSS_SCALE * [-C, C]`` or was not finite
-        (it is summed at the nearest end of the range), else 0.
+        How many of the loss (outside ``LOSS_SCALE * [-C, C]`` or not finite)
+        and the examples (more than ``C / EXAMPLE_UNIT``) were summed at the
+        nearest end of SecAgg+'s range.
     """
     flags, clear = clip_flags(metrics)
     loss = float(clear.pop("train_loss", 0.0))
     top = LOSS_SCALE * CLIPPING_RANGE
     kept = min(max(loss, -top), top) if math.isfinite(loss) else math.copysign(top, loss)
-    return [kept / LOSS_SCALE] + (flags if private else []), clear, int(kept != loss)
+    summed, clipped = [kept / LOSS_SCALE], int(kept != loss)
+    if examples is not None:
+        summed.append(min(int(examples), _MAX_EXAMPLES) * EXAMPLE_UNIT)
+        clipped += int(examples > _MAX_EXAMPLES)
+    return summed + (flags if private else []), clear, clipped
+
+
+class SecureMetrics(NamedTuple):
+    """What the server reads from the secure mean of the clients' :func:`secure_metrics`."""
+
+    train_loss: float
+    """The clients' weighted mean loss."""
+    num_examples: int | None
+    """Their total examples (``None``: not summed, they travel in the clear)."""
+    clipped: list[float] | None
+    """Under DP, how many had their delta and their Theta clipped (:func:`clipped_counts`)."""
 
 
 def read_secure_metrics(
-    mean: torch.Tensor, num_clients: int, private: bool
-) -> tuple[float, list[float] | None]:
-    """The round's mean ``train_loss`` and, under DP, its clip counts (:func:`clipped_counts`)
-    from the secure mean of the clients' :func:`secure_metrics`."""
+    mean: torch.Tensor, num_clients: int, private: bool, examples: bool = False
+) -> SecureMetrics:
+    """The round's :class:`SecureMetrics` from the secure mean of ``num_clients`` clients'
+    :func:`secure_metrics` (``examples``: whether their examples were summed)."""
     values = mean.to(torch.float64).flatten()
-    counts = clipped_counts(values[1:], num_clients) if private else None
-    return float(values[0]) * LOSS_SCALE, counts
+    total = round(float(values[1]) * num_clients / EXAMPLE_UNIT) if examples else None
+    counts = clipped_counts(values[1 + int(examples) :], num_clients) if private else None
+    return SecureMetrics(float(values[0]) * LOSS_SCALE, total, counts)
 
 
 def clipped_counts(mean: torch.Tensor, num_clients: int) -> list[float]:
@@ -297,6 +328,7 @@ def add_secure_mean(
     clients: Sequence[tuple[int, int, Mapping[str, float]]],
     clipped: Sequence[float] | None = None,
     train_loss: float | None = None,
+    num_examples: int | None = None,
 ) -> None:
     """Put a round's securely aggregated means into ``aggregator`` as its sums.
 
@@ -315,6 +347,9 @@ def add_secure_mean(
     train_loss:
         Their weighted mean ``train_loss`` (:func:`read_secure_metrics`; not in
         ``clients``' metrics). ``None``: each client's own, from its metrics.
+    num_examples:
+        Their total examples (:func:`read_secure_metrics`; each client's in
+        ``clients`` is then 0). ``None``: the sum of ``clients``' own.
 
     The sums are ``mean * W`` with W the clients' total weight; Theta is
     repaired after unmasking, and the drift and client dispersion (they need
@@ -333,12 +368,14 @@ def add_secure_mean(
     for name, mean in (curvature or {}).items():
         aggregator.curvature_weighted_sum[name] = mean.to(device, torch.float64) * total
     aggregator.secure = True
-    for (client_id, num_examples, metrics), weight in zip(clients, weights):
-        aggregator.count_client(client_id, num_examples, metrics, weight)
+    for (client_id, examples, metrics), weight in zip(clients, weights):
+        aggregator.count_client(client_id, examples, metrics, weight)
     if clipped is not None:
         aggregator.clipped = [float(c) for c in clipped]
     if train_loss is not None:
         aggregator.loss_sum, aggregator.losses_missing = float(train_loss) * total, 0
+    if num_examples is not None:
+        aggregator.num_examples = int(num_examples)
     sizes = [sum(t.numel() * 4 for t in part.values()) for part in (delta, curvature or {})]
     aggregator.delta_bytes += sizes[0] * len(clients)  # as float32, like the plain round
     if aggregator.algorithm.align:

@@ -20,11 +20,11 @@ messages into them:
   clip norms).
 
 What travels in the clear: the weight SecAgg+ sums with (1, or the client's
-examples under ``num_examples`` weighting), the client's other metrics
-(its steps and examples), the names of its Theta entries and how many of its
-values its bounds clipped. Its ``train_loss`` and, under client-level DP,
-whether its delta and Theta were clipped are summed with the update instead
-(the vector's last array;
+examples under ``num_examples`` weighting), the client's step counts, the
+names of its Theta entries and how many of its values its bounds clipped.
+Its ``train_loss``, under uniform weighting its examples, and under
+client-level DP whether its delta and Theta were clipped are summed with the
+update instead (the vector's last array;
 :func:`~fedpac_hf.federated.secure_aggregation.secure_metrics`).
 """
 
@@ -267,10 +267,11 @@ def secure_reply(update: ClientUpdate, secagg: ConfigRecord) -> RecordDict:
     """``update`` as the FitRes-style reply content that ``secaggplus_mod`` masks.
 
     The vector is the delta (in the server's parameter order) then Theta, each
-    tensor scaled by its bound, then the client's scaled ``train_loss`` and,
-    under client-level DP, its two clip flags; in a calibration pass, one
-    log-magnitude per tensor. The weight is 1 (uniform weighting) or the
-    client's examples. The loss and the clip flags never travel in the clear.
+    tensor scaled by its bound, then the client's scaled ``train_loss``, its
+    scaled examples (uniform weighting) and, under client-level DP, its two
+    clip flags; in a calibration pass, one log-magnitude per tensor. The
+    weight is 1 (uniform weighting) or the client's examples, which then
+    travel in the clear. The loss and the clip flags never do.
 
     Raises
     ------
@@ -280,7 +281,10 @@ def secure_reply(update: ClientUpdate, secagg: ConfigRecord) -> RecordDict:
     """
     delta_names = list(secagg["delta-names"])
     theta_names = sorted(update.curvature)
-    summed, clear, loss_clipped = secure_metrics(update.metrics, "dp-clip-norms" in secagg)
+    uniform = secagg["weighting"] != "num_examples"
+    summed, clear, summed_clipped = secure_metrics(
+        update.metrics, "dp-clip-norms" in secagg, update.num_examples if uniform else None
+    )
     clipped = 0
     if secagg["stage"] == "calibrate":
         arrays = [
@@ -301,10 +305,10 @@ def secure_reply(update: ClientUpdate, secagg: ConfigRecord) -> RecordDict:
             scale_tensors(curvature, dict(zip(theta_names, secagg["theta-bounds"]))),
         ]
         arrays = [t.numpy() for part in parts for t in part.values()]
-        clipped = loss_clipped + sum(int((np.abs(a) > CLIPPING_RANGE).sum()) for a in arrays)
-        arrays.append(np.asarray(summed, dtype=np.float32))  # the loss (and DP's clip flags)
+        clipped = summed_clipped + sum(int((np.abs(a) > CLIPPING_RANGE).sum()) for a in arrays)
+        arrays.append(np.asarray(summed, dtype=np.float32))  # loss, examples, DP's clip flags
     weight = 1
-    if secagg["weighting"] == "num_examples":
+    if not uniform:
         weight = int(update.num_examples)
         if weight > float(secagg["max-weight"]):
             raise ValueError(
@@ -315,12 +319,13 @@ def secure_reply(update: ClientUpdate, secagg: ConfigRecord) -> RecordDict:
     metrics.update(
         {
             "partition-id": int(update.client_id),
-            "num-examples": int(update.num_examples),
             "num-steps": int(update.num_steps),
             _THETA_NAMES: json.dumps(theta_names),
             CLIPPED: clipped,
         }
     )
+    if not uniform:  # the weight SecAgg+ sums with: known to the server anyway
+        metrics["num-examples"] = int(update.num_examples)
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), weight, metrics)
     return compat.fitres_to_recorddict(fitres, False)
 

@@ -169,18 +169,29 @@ class SecureFedPACStrategy(FedPACStrategy):
                 sizes = len(delta_bounds), len(delta_bounds) + len(theta_bounds)
                 delta = unscale_tensors(means[: sizes[0]], delta_bounds)
                 theta = unscale_tensors(means[sizes[0] : sizes[1]], theta_bounds)
-                loss, counts = read_secure_metrics(  # the vector's last array
-                    means[sizes[1]], len(outcome.completed), self.engine.privacy is not None
+                summed = read_secure_metrics(  # the vector's last array
+                    means[sizes[1]],
+                    len(outcome.completed),
+                    self.engine.privacy is not None,
+                    examples=plan.aggregator.weighting != "num_examples",
                 )
                 completed = [
                     (
                         clients[n],
-                        int(m["num-examples"]),
+                        int(m.get("num-examples", 0)),  # summed under uniform weighting
                         {k: v for k, v in m.items() if k not in _CLEAR},
                     )
                     for n, (_, m) in sorted(outcome.completed.items(), key=lambda i: clients[i[0]])
                 ]
-                add_secure_mean(plan.aggregator, delta, theta or None, completed, counts, loss)
+                add_secure_mean(
+                    plan.aggregator,
+                    delta,
+                    theta or None,
+                    completed,
+                    summed.clipped,
+                    summed.train_loss,
+                    summed.num_examples,
+                )
                 clipped = sum(float(m.get(CLIPPED, 0)) for _, m in outcome.completed.values())
                 if clipped:
                     logger.warning(
