@@ -326,9 +326,7 @@ def add_secure_mean(
     delta: Mapping[str, torch.Tensor],
     curvature: Mapping[str, torch.Tensor] | None,
     clients: Sequence[tuple[int, int, Mapping[str, float]]],
-    clipped: Sequence[float] | None = None,
-    train_loss: float | None = None,
-    num_examples: int | None = None,
+    summed: SecureMetrics | None = None,
 ) -> None:
     """Put a round's securely aggregated means into ``aggregator`` as its sums.
 
@@ -340,16 +338,13 @@ def add_secure_mean(
         The weighted means over the clients that completed the protocol.
     clients:
         ``(client_id, num_examples, metrics)`` of each of them (what travels
-        in the clear: the weight, and metrics such as ``train_loss``).
-    clipped:
-        Under client-level DP, how many of them had their delta and their
-        Theta clipped (:func:`clipped_counts`; their flags are not in ``clients``' metrics).
-    train_loss:
-        Their weighted mean ``train_loss`` (:func:`read_secure_metrics`; not in
-        ``clients``' metrics). ``None``: each client's own, from its metrics.
-    num_examples:
-        Their total examples (:func:`read_secure_metrics`; each client's in
-        ``clients`` is then 0). ``None``: the sum of ``clients``' own.
+        in the clear: the weight, and metrics such as the step counts).
+    summed:
+        What the clients' vectors summed besides the update
+        (:func:`read_secure_metrics`): the mean loss, under uniform weighting
+        the total examples (each client's in ``clients`` is then 0) and under
+        client-level DP the clip counts; none of them is in ``clients``'
+        metrics. ``None``: each client's own, from its metrics.
 
     The sums are ``mean * W`` with W the clients' total weight; Theta is
     repaired after unmasking, and the drift and client dispersion (they need
@@ -370,12 +365,12 @@ def add_secure_mean(
     aggregator.secure = True
     for (client_id, examples, metrics), weight in zip(clients, weights):
         aggregator.count_client(client_id, examples, metrics, weight)
-    if clipped is not None:
-        aggregator.clipped = [float(c) for c in clipped]
-    if train_loss is not None:
-        aggregator.loss_sum, aggregator.losses_missing = float(train_loss) * total, 0
-    if num_examples is not None:
-        aggregator.num_examples = int(num_examples)
+    if summed is not None:
+        aggregator.loss_sum, aggregator.losses_missing = summed.train_loss * total, 0
+        if summed.num_examples is not None:
+            aggregator.num_examples = summed.num_examples
+        if summed.clipped is not None:
+            aggregator.clipped = [float(c) for c in summed.clipped]
     sizes = [sum(t.numel() * 4 for t in part.values()) for part in (delta, curvature or {})]
     aggregator.delta_bytes += sizes[0] * len(clients)  # as float32, like the plain round
     if aggregator.algorithm.align:

@@ -183,15 +183,7 @@ class SecureFedPACStrategy(FedPACStrategy):
                     )
                     for n, (_, m) in sorted(outcome.completed.items(), key=lambda i: clients[i[0]])
                 ]
-                add_secure_mean(
-                    plan.aggregator,
-                    delta,
-                    theta or None,
-                    completed,
-                    summed.clipped,
-                    summed.train_loss,
-                    summed.num_examples,
-                )
+                add_secure_mean(plan.aggregator, delta, theta or None, completed, summed)
                 clipped = sum(float(m.get(CLIPPED, 0)) for _, m in outcome.completed.values())
                 if clipped:
                     logger.warning(
