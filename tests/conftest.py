@@ -5,7 +5,10 @@ independent of the machine's core count (SOAP's eigendecompositions amplify
 reduction-order differences) and avoids oversubscribing a shared machine.
 """
 
+import logging
 import os
+
+import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -16,11 +19,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
-
-
-import logging  # noqa: E402
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
