@@ -35,9 +35,16 @@ from flwr.common.secure_aggregation.quantization import dequantize, quantize  # 
 from flwr.compat.common import recorddict_compat as compat  # noqa: E402
 
 from fedpac_hf import FedPACTrainer  # noqa: E402
-from fedpac_hf.federated import ClientUpdate, ServerState, aggregate  # noqa: E402
+from fedpac_hf.federated import (  # noqa: E402
+    ClientUpdate,
+    RoundAggregator,
+    ServerState,
+    aggregate,
+    get_algorithm,
+)
 from fedpac_hf.federated.secure_aggregation import (  # noqa: E402
     CLIPPING_RANGE,
+    add_secure_mean,
     bounds_from_log_magnitudes,
     log_magnitudes,
     read_secure_metrics,
@@ -114,9 +121,9 @@ def test_secagg_simulation_matches_the_plain_aggregate(tmp_path):
     lrs = args.round_learning_rates()
     for round_index, start, plain, updates in plain_rounds(args, states):
         secure = states[round_index + 1]
-        # the same clients and examples (in the clear), the same mean loss (summed securely)
+        # the same clients and counts (summed securely, exact) and mean loss (within the rounding)
         (expected,) = updates.engine.history
-        for key in ("num_clients", "num_examples"):
+        for key in ("num_clients", "num_examples", "skipped_steps", "hessian_refreshes"):
             assert result.history[round_index][key] == pytest.approx(expected[key]), key
         loss = result.history[round_index]["train_loss"]
         assert loss == pytest.approx(expected["train_loss"], rel=1e-5, abs=LOSS_ROUNDING)
@@ -244,16 +251,23 @@ def test_secagg_dropout_in_a_later_round_with_num_examples_weights(tmp_path, cap
 
 
 def test_secagg_reply_scales_by_the_bounds_and_counts_what_they_clip():
-    """A client's FitRes: each tensor times 8 / b, then its loss over LOSS_SCALE and its examples
-    in units of SecAgg+'s grid (summed, not in the clear), and how many values exceeded their
-    bound."""
+    """A client's FitRes: each tensor times 8 / b, then its loss over LOSS_SCALE and its counts
+    (examples, skipped steps, Hessian refreshes) in units of SecAgg+'s grid (summed, not in the
+    clear), and how many values exceeded their bound. Of its other metrics only those the server
+    reads travel, in the clear."""
     update = ClientUpdate(
         client_id=2,
         delta={"w": torch.tensor([0.5, -3.0]), "b": torch.tensor([1e-3])},
         curvature={"w.v": torch.tensor([2e-8, 4e-8])},
         num_examples=24,
         num_steps=3,
-        metrics={"train_loss": 0.7},
+        metrics={
+            "train_loss": 0.7,
+            "skipped_steps": 2.0,
+            "hessian_refreshes": 1.0,
+            "dp_record_epsilon": 3.0,
+            "dp_sample_rate": 8 / 24,  # would give the client's examples away
+        },
     )
     secagg = ConfigRecord(
         {
@@ -271,16 +285,60 @@ def test_secagg_reply_scales_by_the_bounds_and_counts_what_they_clip():
     np.testing.assert_allclose(arrays[0], [4.0, -24.0])
     np.testing.assert_allclose(arrays[1], [0.8], rtol=1e-6)
     np.testing.assert_allclose(arrays[2], [2.0, 4.0], rtol=1e-6)
-    np.testing.assert_allclose(arrays[3], [0.7 / 4, 24 * 2**-18], rtol=1e-6)  # the last array
+    last = [0.7 / 4, 24 * 2**-18, 2 * 2**-18, 2**-18]  # loss, examples, skipped, refreshes
+    np.testing.assert_allclose(arrays[3], last, rtol=1e-6)
     assert len(arrays) == 4
     assert fitres.num_examples == 1  # uniform weighting: SecAgg+ weighs every client 1
-    assert fitres.metrics[CLIPPED] == 1
-    assert not {"train_loss", "num-examples"} & set(fitres.metrics)
-    # three such clients: the server reads back the mean loss and the exact total of examples
-    mean = torch.tensor([(0.7 + 1.1 + 0.3) / 12, (24 + 7 + 1_000_003) * 2**-18 / 3])
-    summed = read_secure_metrics(mean, 3, private=False, examples=True)
-    assert summed.train_loss == pytest.approx(0.7) and summed.num_examples == 1_000_034
-    assert summed.clipped is None
+    assert fitres.metrics[CLIPPED] == 1 and fitres.metrics["dp_record_epsilon"] == 3.0
+    hidden = {"train_loss", "num-examples", "skipped_steps", "hessian_refreshes", "dp_sample_rate"}
+    assert not hidden & set(fitres.metrics)
+    # with num_examples weighting the counts travel with the weight, in the clear
+    weighted = ConfigRecord({**secagg, "weighting": "num_examples", "max-weight": 100.0})
+    fitres = compat.recorddict_to_fitres(secure_reply(update, weighted), False)
+    assert parameters_to_ndarrays(fitres.parameters)[3].tolist() == [pytest.approx(0.7 / 4)]
+    assert fitres.metrics["num-examples"] == 24 and fitres.metrics["skipped_steps"] == 2.0
+    assert "dp_sample_rate" not in fitres.metrics
+    # three such clients: the server reads back the mean loss and the exact totals
+    sums = [24 + 7 + 1_000_003, 2 + 0 + 5, 1 + 3 + 0]
+    mean = torch.tensor([(0.7 + 1.1 + 0.3) / 12, *(n * 2**-18 / 3 for n in sums)])
+    summed = read_secure_metrics(mean, 3, private=False, counts=True)
+    assert summed.train_loss == pytest.approx(0.7) and summed.clipped is None
+    assert summed.counts == {"num_examples": 1_000_034, "skipped_steps": 7, "hessian_refreshes": 4}
+
+
+def test_the_round_reports_the_same_counts_from_quantized_secure_sums_as_from_plain_ones():
+    """Three clients' metrics through secure_metrics, Flower's own quantization and masking
+    offset, read_secure_metrics and add_secure_mean: the round's examples, skipped steps and
+    Hessian refreshes equal the plain round's exactly, its loss within the rounding."""
+    alg = get_algorithm("fedpac_soap")
+    state = ServerState(params={"w": torch.zeros(2)}, round=0)
+    updates = [
+        ClientUpdate(
+            client_id=i,
+            delta={"w": torch.tensor([0.01 * (i + 1), -0.02])},
+            curvature={},
+            num_examples=n,
+            num_steps=5,
+            metrics={"train_loss": loss, "skipped_steps": float(s), "hessian_refreshes": float(h)},
+        )
+        for i, (n, loss, s, h) in enumerate([(24, 0.7, 2, 1), (7, 1.1, 0, 3), (1013, 0.3, 5, 0)])
+    ]
+    _, plain = aggregate(state, updates, alg, lr=0.1, local_steps=5)
+    vectors = [np.asarray(secure_metrics(u.metrics, False, u.num_examples)[0]) for u in updates]
+    total = sum(quantize([v], CLIPPING_RANGE, 2**22)[0].astype(np.int64) for v in vectors)
+    offset = (len(vectors) - 1) * CLIPPING_RANGE  # as SecAggPlusWorkflow's unmask stage
+    mean = (dequantize([total], CLIPPING_RANGE, 2**22)[0] - offset) / len(vectors)
+    summed = read_secure_metrics(torch.from_numpy(mean), len(vectors), False, counts=True)
+    secure = RoundAggregator(state, alg)
+    delta = {"w": torch.stack([u.delta["w"] for u in updates]).mean(0)}
+    clear = [(u.client_id, 0, secure_metrics(u.metrics, False, 0)[1]) for u in updates]
+    assert all(not metrics for _, _, metrics in clear)  # nothing of theirs in the clear
+    add_secure_mean(secure, delta, None, clear, summed)
+    _, metrics = secure.finalize(lr=0.1, local_steps=5)
+    for key in ("num_clients", "num_examples", "skipped_steps", "hessian_refreshes"):
+        assert metrics[key] == plain[key], key
+    assert (metrics["skipped_steps"], metrics["hessian_refreshes"]) == (7.0, 4.0)
+    assert metrics["train_loss"] == pytest.approx(plain["train_loss"], abs=LOSS_ROUNDING)
 
 
 @pytest.mark.parametrize(
@@ -297,12 +355,13 @@ def test_a_loss_outside_secaggs_range_is_summed_at_its_end_and_counted(loss, sum
     assert read_secure_metrics(torch.tensor(values), 1, private=False).train_loss == 4 * summed
 
 
-def test_examples_beyond_secaggs_range_are_summed_at_its_end_and_counted():
-    """One grid step per example: 2**21 - 1 examples fit in [-8, 8]; more are counted clipped."""
-    fits, _, none = secure_metrics({"train_loss": 1.0}, private=False, examples=2**21 - 1)
-    over, _, one = secure_metrics({"train_loss": 1.0}, private=False, examples=2**21 + 5)
-    assert fits[1] == over[1] == (2**21 - 1) * 2**-18 < 8.0
-    assert (none, one) == (0, 1)
+def test_counts_beyond_secaggs_range_are_summed_at_its_end_and_counted():
+    """One grid step per unit: counts up to 2**21 - 1 fit in [-8, 8]; more are counted clipped."""
+    most = {"train_loss": 1.0, "skipped_steps": 2.0**21 - 1}
+    fits, _, none = secure_metrics(most, private=False, examples=2**21 - 1)
+    over, _, two = secure_metrics({**most, "skipped_steps": 2.0**22}, False, examples=2**21 + 5)
+    assert fits[1:3] == over[1:3] == [(2**21 - 1) * 2**-18] * 2
+    assert fits[1] < 8.0 and (none, two) == (0, 2)
 
 
 @pytest.mark.parametrize(

@@ -148,9 +148,9 @@ def test_the_server_leaves_the_noise_to_a_lone_client_only_when_asked_and_done()
 
 
 def test_under_client_dp_the_loss_and_clip_flags_are_summed_not_sent_in_the_clear():
-    """The reply's last array is the client's loss over LOSS_SCALE, its examples and its two
+    """The reply's last array is the client's loss over LOSS_SCALE, its counts and its two
     clip flags; its clear metrics lack them, in the calibration pass too. The server reads the
-    mean loss, the total examples and the counts back from the secure mean."""
+    mean loss, the total counts and the clip counts back from the secure mean."""
     update = ClientUpdate(
         client_id=0,
         delta={"w": torch.tensor([0.03, -0.04])},
@@ -180,10 +180,11 @@ def test_under_client_dp_the_loss_and_clip_flags_are_summed_not_sent_in_the_clea
     # calibration: one log-magnitude per tensor of each part; aggregation: then the flags
     assert len(parameters_to_ndarrays(replies["calibrate"].parameters)) == 2
     arrays = parameters_to_ndarrays(replies["aggregate"].parameters)
-    assert len(arrays) == 3 and arrays[-1].tolist() == [0.125, 8 * 2**-18, 1.0, 0.0]
-    mean = torch.tensor([0.2, 10 * 2**-18, 2 / 3, 1 / 3])
-    summed = read_secure_metrics(mean, 3, private=True, examples=True)
-    assert summed == (pytest.approx(0.8), 30, [2.0, 1.0])
+    assert len(arrays) == 3 and arrays[-1].tolist() == [0.125, 8 * 2**-18, 0.0, 0.0, 1.0, 0.0]
+    mean = torch.tensor([0.2, 10 * 2**-18, 2**-18 / 3, 0.0, 2 / 3, 1 / 3])
+    summed = read_secure_metrics(mean, 3, private=True, counts=True)
+    counts = {"num_examples": 30, "skipped_steps": 1, "hessian_refreshes": 0}
+    assert summed == (pytest.approx(0.8), counts, [2.0, 1.0])
     # the counts from a mean of flags over three clients; a weighted mean is refused
     assert clipped_counts(torch.tensor([2 / 3, 1 / 3]), 3) == [2.0, 1.0]
     with pytest.raises(ValueError, match="not a count"):

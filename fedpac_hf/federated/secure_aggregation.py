@@ -28,9 +28,11 @@ were clipped (:func:`clipped_counts`), the counts that adaptive clip norms noise
 
 With or without DP, a client's ``train_loss`` (the classic signal of
 membership inference) travels inside the secure sum as well, over
-:data:`LOSS_SCALE`, and so do its examples under uniform weighting
-(:func:`secure_metrics`): the server learns the round's weighted mean loss
-and total examples, the numbers its metrics report, and no client's own.
+:data:`LOSS_SCALE`, and so do its counts under uniform weighting (examples,
+skipped steps, Hessian refreshes: :data:`SUMMED_COUNTS`, :func:`secure_metrics`):
+the server learns the round's weighted mean loss and total counts, the numbers
+its metrics report, and no client's own. Of a client's other metrics only
+those the server reads (:data:`CLEAR_METRICS`) travel, in the clear.
 
 In the first round (no global direction nor Theta yet) a *calibration* pass
 of SecAgg+ comes first: each client sends, per tensor, log2 of its largest
@@ -61,9 +63,11 @@ from .state import ServerState
 
 __all__ = [
     "CLIPPING_RANGE",
-    "EXAMPLE_UNIT",
+    "CLEAR_METRICS",
+    "COUNT_UNIT",
     "HEADROOM",
     "LOSS_SCALE",
+    "SUMMED_COUNTS",
     "SecureMetrics",
     "add_secure_mean",
     "bounds_from_log_magnitudes",
@@ -85,11 +89,18 @@ CLIPPING_RANGE = 8.0
 LOSS_SCALE = 4.0
 """A client's ``train_loss`` is summed as ``train_loss / LOSS_SCALE``: losses in [-32, 32]."""
 
-EXAMPLE_UNIT = 2.0**-18
-"""A client's examples are summed as ``examples * EXAMPLE_UNIT``: one step of SecAgg+'s grid
-(``2 C / 2**22``) per example, so the total is exact."""
+COUNT_UNIT = 2.0**-18
+"""A client's counts are summed as ``count * COUNT_UNIT``: one step of SecAgg+'s grid
+(``2 C / 2**22``) per unit, so the total is exact."""
 
-_MAX_EXAMPLES = 2**21 - 1  # the most examples that fit in [-C, C] at EXAMPLE_UNIT each
+_MAX_COUNT = 2**21 - 1  # the largest count that fits in [-C, C] at COUNT_UNIT each
+
+SUMMED_COUNTS = ("num_examples", "skipped_steps", "hessian_refreshes")
+"""A client's counts that SecAgg+ sums under uniform weighting (each unit one grid step)."""
+
+CLEAR_METRICS = ("skipped_steps", "hessian_refreshes", "dp_record_epsilon")
+"""The metrics a secure reply may carry in the clear: those the server's round reads
+(the two counts only under ``num_examples`` weighting). A client's other metrics stay with it."""
 
 HEADROOM = 8.0
 """How far above its expected largest entry a tensor's bound lies."""
@@ -200,30 +211,35 @@ def secure_metrics(
     private:
         Whether the round runs client-level DP (the clip flags are summed too).
     examples:
-        The client's examples, summed too (uniform weighting; ``None``: they
-        are its weight, ``num_examples`` weighting, and stay in the clear).
+        The client's examples, summed with its other :data:`SUMMED_COUNTS`
+        (uniform weighting; ``None``: the examples are its weight,
+        ``num_examples`` weighting, and its counts stay in the clear: the
+        weighted mean of a count is not its total).
 
     Returns
     -------
     summed : list of float
-        ``train_loss / LOSS_SCALE`` (0 without a loss), the examples times
-        :data:`EXAMPLE_UNIT` (when given), then under DP the clip flags
-        (:func:`clip_flags`).
+        ``train_loss / LOSS_SCALE`` (0 without a loss), the counts times
+        :data:`COUNT_UNIT` (when ``examples`` is given), then under DP the
+        clip flags (:func:`clip_flags`).
     clear : dict
-        The other metrics.
+        The client's :data:`CLEAR_METRICS` not summed; it sends nothing else.
     clipped : int
         How many of the loss (outside ``LOSS_SCALE * [-C, C]`` or not finite)
-        and the examples (more than ``C / EXAMPLE_UNIT``) were summed at the
+        and the counts (more than ``C / COUNT_UNIT``) were summed at the
         nearest end of SecAgg+'s range.
     """
-    flags, clear = clip_flags(metrics)
-    loss = float(clear.pop("train_loss", 0.0))
+    flags, rest = clip_flags(metrics)
+    loss = float(rest.get("train_loss", 0.0))
     top = LOSS_SCALE * CLIPPING_RANGE
     kept = min(max(loss, -top), top) if math.isfinite(loss) else math.copysign(top, loss)
     summed, clipped = [kept / LOSS_SCALE], int(kept != loss)
+    clear = {k: float(rest[k]) for k in CLEAR_METRICS if k in rest}
     if examples is not None:
-        summed.append(min(int(examples), _MAX_EXAMPLES) * EXAMPLE_UNIT)
-        clipped += int(examples > _MAX_EXAMPLES)
+        for name in SUMMED_COUNTS:
+            count = int(examples) if name == "num_examples" else round(clear.pop(name, 0.0))
+            summed.append(min(max(count, 0), _MAX_COUNT) * COUNT_UNIT)
+            clipped += int(count > _MAX_COUNT or count < 0)
     return summed + (flags if private else []), clear, clipped
 
 
@@ -232,21 +248,26 @@ class SecureMetrics(NamedTuple):
 
     train_loss: float
     """The clients' weighted mean loss."""
-    num_examples: int | None
-    """Their total examples (``None``: not summed, they travel in the clear)."""
+    counts: dict[str, int] | None
+    """The totals of their :data:`SUMMED_COUNTS` (``None``: not summed, they travel in the
+    clear)."""
     clipped: list[float] | None
     """Under DP, how many had their delta and their Theta clipped (:func:`clipped_counts`)."""
 
 
 def read_secure_metrics(
-    mean: torch.Tensor, num_clients: int, private: bool, examples: bool = False
+    mean: torch.Tensor, num_clients: int, private: bool, counts: bool = False
 ) -> SecureMetrics:
     """The round's :class:`SecureMetrics` from the secure mean of ``num_clients`` clients'
-    :func:`secure_metrics` (``examples``: whether their examples were summed)."""
+    :func:`secure_metrics` (``counts``: whether their counts were summed)."""
     values = mean.to(torch.float64).flatten()
-    total = round(float(values[1]) * num_clients / EXAMPLE_UNIT) if examples else None
-    counts = clipped_counts(values[1 + int(examples) :], num_clients) if private else None
-    return SecureMetrics(float(values[0]) * LOSS_SCALE, total, counts)
+    totals = None
+    if counts:
+        sums = values[1 : 1 + len(SUMMED_COUNTS)] * num_clients / COUNT_UNIT
+        totals = {n: round(float(v)) for n, v in zip(SUMMED_COUNTS, sums)}
+    rest = values[1 + (len(SUMMED_COUNTS) if counts else 0) :]
+    flags = clipped_counts(rest, num_clients) if private else None
+    return SecureMetrics(float(values[0]) * LOSS_SCALE, totals, flags)
 
 
 def clipped_counts(mean: torch.Tensor, num_clients: int) -> list[float]:
@@ -338,13 +359,13 @@ def add_secure_mean(
         The weighted means over the clients that completed the protocol.
     clients:
         ``(client_id, num_examples, metrics)`` of each of them (what travels
-        in the clear: the weight, and metrics such as the step counts).
+        in the clear: the weight and the :data:`CLEAR_METRICS` sent).
     summed:
         What the clients' vectors summed besides the update
         (:func:`read_secure_metrics`): the mean loss, under uniform weighting
-        the total examples (each client's in ``clients`` is then 0) and under
-        client-level DP the clip counts; none of them is in ``clients``'
-        metrics. ``None``: each client's own, from its metrics.
+        the total counts (each client's examples in ``clients`` are then 0)
+        and under client-level DP the clip counts; none of them is in
+        ``clients``' metrics. ``None``: each client's own, from its metrics.
 
     The sums are ``mean * W`` with W the clients' total weight; Theta is
     repaired after unmasking, and the drift and client dispersion (they need
@@ -367,8 +388,10 @@ def add_secure_mean(
         aggregator.count_client(client_id, examples, metrics, weight)
     if summed is not None:
         aggregator.loss_sum, aggregator.losses_missing = summed.train_loss * total, 0
-        if summed.num_examples is not None:
-            aggregator.num_examples = summed.num_examples
+        if summed.counts is not None:
+            aggregator.num_examples = summed.counts["num_examples"]
+            aggregator.skipped_steps = float(summed.counts["skipped_steps"])
+            aggregator.hessian_refreshes = float(summed.counts["hessian_refreshes"])
         if summed.clipped is not None:
             aggregator.clipped = [float(c) for c in summed.clipped]
     sizes = [sum(t.numel() * 4 for t in part.values()) for part in (delta, curvature or {})]

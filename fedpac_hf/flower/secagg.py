@@ -20,11 +20,13 @@ messages into them:
   clip norms).
 
 What travels in the clear: the weight SecAgg+ sums with (1, or the client's
-examples under ``num_examples`` weighting), the client's step counts, the
-names of its Theta entries and how many of its values its bounds clipped.
-Its ``train_loss``, under uniform weighting its examples, and under
-client-level DP whether its delta and Theta were clipped are summed with the
-update instead (the vector's last array;
+examples under ``num_examples`` weighting), its local steps (the round's
+setting), the names of its Theta entries, how many of its values its bounds
+clipped, and of its metrics only those the server reads
+(:data:`~fedpac_hf.federated.secure_aggregation.CLEAR_METRICS`). Its
+``train_loss``, under uniform weighting its examples, skipped steps and
+Hessian refreshes, and under client-level DP whether its delta and Theta were
+clipped are summed with the update instead (the vector's last array;
 :func:`~fedpac_hf.federated.secure_aggregation.secure_metrics`).
 """
 
@@ -268,10 +270,11 @@ def secure_reply(update: ClientUpdate, secagg: ConfigRecord) -> RecordDict:
 
     The vector is the delta (in the server's parameter order) then Theta, each
     tensor scaled by its bound, then the client's scaled ``train_loss``, its
-    scaled examples (uniform weighting) and, under client-level DP, its two
-    clip flags; in a calibration pass, one log-magnitude per tensor. The
-    weight is 1 (uniform weighting) or the client's examples, which then
-    travel in the clear. The loss and the clip flags never do.
+    scaled counts (uniform weighting: examples, skipped steps, Hessian
+    refreshes) and, under client-level DP, its two clip flags; in a
+    calibration pass, one log-magnitude per tensor. The weight is 1 (uniform
+    weighting) or the client's examples, which then travel in the clear with
+    its counts. The loss and the clip flags never do.
 
     Raises
     ------
@@ -306,7 +309,7 @@ def secure_reply(update: ClientUpdate, secagg: ConfigRecord) -> RecordDict:
         ]
         arrays = [t.numpy() for part in parts for t in part.values()]
         clipped = summed_clipped + sum(int((np.abs(a) > CLIPPING_RANGE).sum()) for a in arrays)
-        arrays.append(np.asarray(summed, dtype=np.float32))  # loss, examples, DP's clip flags
+        arrays.append(np.asarray(summed, dtype=np.float32))  # loss, counts, DP's clip flags
     weight = 1
     if not uniform:
         weight = int(update.num_examples)

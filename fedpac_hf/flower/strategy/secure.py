@@ -173,7 +173,7 @@ class SecureFedPACStrategy(FedPACStrategy):
                     means[sizes[1]],
                     len(outcome.completed),
                     self.engine.privacy is not None,
-                    examples=plan.aggregator.weighting != "num_examples",
+                    counts=plan.aggregator.weighting != "num_examples",
                 )
                 completed = [
                     (
