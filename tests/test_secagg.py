@@ -285,25 +285,27 @@ def test_secagg_reply_scales_by_the_bounds_and_counts_what_they_clip():
     np.testing.assert_allclose(arrays[0], [4.0, -24.0])
     np.testing.assert_allclose(arrays[1], [0.8], rtol=1e-6)
     np.testing.assert_allclose(arrays[2], [2.0, 4.0], rtol=1e-6)
-    last = [0.7 / 4, 24 * 2**-18, 2 * 2**-18, 2**-18]  # loss, examples, skipped, refreshes
+    # the last array: loss, examples, skipped steps, refreshes, values clipped (-3.0 over 1.0)
+    last = [0.7 / 4, 24 * 2**-18, 2 * 2**-18, 2**-18, 2**-18]
     np.testing.assert_allclose(arrays[3], last, rtol=1e-6)
     assert len(arrays) == 4
     assert fitres.num_examples == 1  # uniform weighting: SecAgg+ weighs every client 1
-    assert fitres.metrics[CLIPPED] == 1 and fitres.metrics["dp_record_epsilon"] == 3.0
+    assert fitres.metrics["dp_record_epsilon"] == 3.0
     hidden = {"train_loss", "num-examples", "skipped_steps", "hessian_refreshes", "dp_sample_rate"}
-    assert not hidden & set(fitres.metrics)
+    assert not (hidden | {CLIPPED}) & set(fitres.metrics)
     # with num_examples weighting the counts travel with the weight, in the clear
     weighted = ConfigRecord({**secagg, "weighting": "num_examples", "max-weight": 100.0})
     fitres = compat.recorddict_to_fitres(secure_reply(update, weighted), False)
     assert parameters_to_ndarrays(fitres.parameters)[3].tolist() == [pytest.approx(0.7 / 4)]
     assert fitres.metrics["num-examples"] == 24 and fitres.metrics["skipped_steps"] == 2.0
-    assert "dp_sample_rate" not in fitres.metrics
+    assert fitres.metrics[CLIPPED] == 1 and "dp_sample_rate" not in fitres.metrics
     # three such clients: the server reads back the mean loss and the exact totals
-    sums = [24 + 7 + 1_000_003, 2 + 0 + 5, 1 + 3 + 0]
+    sums = [24 + 7 + 1_000_003, 2 + 0 + 5, 1 + 3 + 0, 1 + 0 + 0]
     mean = torch.tensor([(0.7 + 1.1 + 0.3) / 12, *(n * 2**-18 / 3 for n in sums)])
     summed = read_secure_metrics(mean, 3, private=False, counts=True)
     assert summed.train_loss == pytest.approx(0.7) and summed.clipped is None
-    assert summed.counts == {"num_examples": 1_000_034, "skipped_steps": 7, "hessian_refreshes": 4}
+    totals = dict(zip(("num_examples", "skipped_steps", "hessian_refreshes"), sums[:3]))
+    assert summed.counts == {**totals, "secagg_clipped": 1}
 
 
 def test_the_round_reports_the_same_counts_from_quantized_secure_sums_as_from_plain_ones():
@@ -359,9 +361,11 @@ def test_counts_beyond_secaggs_range_are_summed_at_its_end_and_counted():
     """One grid step per unit: counts up to 2**21 - 1 fit in [-8, 8]; more are counted clipped."""
     most = {"train_loss": 1.0, "skipped_steps": 2.0**21 - 1}
     fits, _, none = secure_metrics(most, private=False, examples=2**21 - 1)
-    over, _, two = secure_metrics({**most, "skipped_steps": 2.0**22}, False, examples=2**21 + 5)
-    assert fits[1:3] == over[1:3] == [(2**21 - 1) * 2**-18] * 2
-    assert fits[1] < 8.0 and (none, two) == (0, 2)
+    over = {**most, "skipped_steps": 2.0**22, "train_loss": math.inf}
+    beyond, _, eight = secure_metrics(over, False, examples=2**21 + 5, clipped=5)
+    assert fits[1:3] == beyond[1:3] == [(2**21 - 1) * 2**-18] * 2
+    assert fits[1] < 8.0 and (none, eight) == (0, 8)  # 5 tensor values, the loss, two counts
+    assert (fits[-1], beyond[-1]) == (0.0, 8 * 2**-18)  # the total clipped is summed too
 
 
 @pytest.mark.parametrize(

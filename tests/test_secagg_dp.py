@@ -180,10 +180,10 @@ def test_under_client_dp_the_loss_and_clip_flags_are_summed_not_sent_in_the_clea
     # calibration: one log-magnitude per tensor of each part; aggregation: then the flags
     assert len(parameters_to_ndarrays(replies["calibrate"].parameters)) == 2
     arrays = parameters_to_ndarrays(replies["aggregate"].parameters)
-    assert len(arrays) == 3 and arrays[-1].tolist() == [0.125, 8 * 2**-18, 0.0, 0.0, 1.0, 0.0]
-    mean = torch.tensor([0.2, 10 * 2**-18, 2**-18 / 3, 0.0, 2 / 3, 1 / 3])
+    assert len(arrays) == 3 and arrays[-1].tolist() == [0.125, 8 * 2**-18, 0, 0, 0, 1.0, 0.0]
+    mean = torch.tensor([0.2, 10 * 2**-18, 2**-18 / 3, 0.0, 0.0, 2 / 3, 1 / 3])
     summed = read_secure_metrics(mean, 3, private=True, counts=True)
-    counts = {"num_examples": 30, "skipped_steps": 1, "hessian_refreshes": 0}
+    counts = {"num_examples": 30, "skipped_steps": 1, "hessian_refreshes": 0, "secagg_clipped": 0}
     assert summed == (pytest.approx(0.8), counts, [2.0, 1.0])
     # the counts from a mean of flags over three clients; a weighted mean is refused
     assert clipped_counts(torch.tensor([2 / 3, 1 / 3]), 3) == [2.0, 1.0]

@@ -95,8 +95,9 @@ COUNT_UNIT = 2.0**-18
 
 _MAX_COUNT = 2**21 - 1  # the largest count that fits in [-C, C] at COUNT_UNIT each
 
-SUMMED_COUNTS = ("num_examples", "skipped_steps", "hessian_refreshes")
-"""A client's counts that SecAgg+ sums under uniform weighting (each unit one grid step)."""
+SUMMED_COUNTS = ("num_examples", "skipped_steps", "hessian_refreshes", "secagg_clipped")
+"""A client's counts that SecAgg+ sums under uniform weighting (each unit one grid step); the
+last is how many of its values were summed at an end of SecAgg+'s range."""
 
 CLEAR_METRICS = ("skipped_steps", "hessian_refreshes", "dp_record_epsilon")
 """The metrics a secure reply may carry in the clear: those the server's round reads
@@ -200,7 +201,10 @@ def clip_flags(metrics: Mapping[str, float]) -> tuple[list[float], dict[str, flo
 
 
 def secure_metrics(
-    metrics: Mapping[str, float], private: bool, examples: int | None = None
+    metrics: Mapping[str, float],
+    private: bool,
+    examples: int | None = None,
+    clipped: int = 0,
 ) -> tuple[list[float], dict[str, float], int]:
     """What of a client's metrics SecAgg+ sums with its update, and what stays in the clear.
 
@@ -215,6 +219,8 @@ def secure_metrics(
         (uniform weighting; ``None``: the examples are its weight,
         ``num_examples`` weighting, and its counts stay in the clear: the
         weighted mean of a count is not its total).
+    clipped:
+        How many of the client's scaled tensor values exceed SecAgg+'s range.
 
     Returns
     -------
@@ -225,21 +231,21 @@ def secure_metrics(
     clear : dict
         The client's :data:`CLEAR_METRICS` not summed; it sends nothing else.
     clipped : int
-        How many of the loss (outside ``LOSS_SCALE * [-C, C]`` or not finite)
-        and the counts (more than ``C / COUNT_UNIT``) were summed at the
-        nearest end of SecAgg+'s range.
+        ``clipped`` plus how many of the loss (outside ``LOSS_SCALE * [-C, C]``
+        or not finite) and the counts (more than ``C / COUNT_UNIT``) are summed
+        at the nearest end of SecAgg+'s range; summed as the last count when
+        ``examples`` is given.
     """
     flags, rest = clip_flags(metrics)
     loss = float(rest.get("train_loss", 0.0))
     top = LOSS_SCALE * CLIPPING_RANGE
     kept = min(max(loss, -top), top) if math.isfinite(loss) else math.copysign(top, loss)
-    summed, clipped = [kept / LOSS_SCALE], int(kept != loss)
+    summed, clipped = [kept / LOSS_SCALE], int(clipped) + int(kept != loss)
     clear = {k: float(rest[k]) for k in CLEAR_METRICS if k in rest}
     if examples is not None:
-        for name in SUMMED_COUNTS:
-            count = int(examples) if name == "num_examples" else round(clear.pop(name, 0.0))
-            summed.append(min(max(count, 0), _MAX_COUNT) * COUNT_UNIT)
-            clipped += int(count > _MAX_COUNT or count < 0)
+        counts = [int(examples), *(round(clear.pop(n, 0.0)) for n in SUMMED_COUNTS[1:-1])]
+        clipped += sum(int(c > _MAX_COUNT or c < 0) for c in counts)
+        summed += [min(max(c, 0), _MAX_COUNT) * COUNT_UNIT for c in [*counts, clipped]]
     return summed + (flags if private else []), clear, clipped
 
 

@@ -21,12 +21,12 @@ messages into them:
 
 What travels in the clear: the weight SecAgg+ sums with (1, or the client's
 examples under ``num_examples`` weighting), its local steps (the round's
-setting), the names of its Theta entries, how many of its values its bounds
-clipped, and of its metrics only those the server reads
-(:data:`~fedpac_hf.federated.secure_aggregation.CLEAR_METRICS`). Its
-``train_loss``, under uniform weighting its examples, skipped steps and
-Hessian refreshes, and under client-level DP whether its delta and Theta were
-clipped are summed with the update instead (the vector's last array;
+setting), the names of its Theta entries, and of its metrics only those the
+server reads (:data:`~fedpac_hf.federated.secure_aggregation.CLEAR_METRICS`).
+Its ``train_loss``, under uniform weighting its examples, skipped steps,
+Hessian refreshes and how many of its values its bounds clipped, and under
+client-level DP whether its delta and Theta were clipped are summed with the
+update instead (the vector's last array;
 :func:`~fedpac_hf.federated.secure_aggregation.secure_metrics`).
 """
 
@@ -271,10 +271,11 @@ def secure_reply(update: ClientUpdate, secagg: ConfigRecord) -> RecordDict:
     The vector is the delta (in the server's parameter order) then Theta, each
     tensor scaled by its bound, then the client's scaled ``train_loss``, its
     scaled counts (uniform weighting: examples, skipped steps, Hessian
-    refreshes) and, under client-level DP, its two clip flags; in a
-    calibration pass, one log-magnitude per tensor. The weight is 1 (uniform
-    weighting) or the client's examples, which then travel in the clear with
-    its counts. The loss and the clip flags never do.
+    refreshes and how many of its values were summed at an end of SecAgg+'s
+    range) and, under client-level DP, its two clip flags; in a calibration
+    pass, one log-magnitude per tensor. The weight is 1 (uniform weighting)
+    or the client's examples, which then travel in the clear with its counts.
+    The loss and the clip flags never do.
 
     Raises
     ------
@@ -285,10 +286,8 @@ def secure_reply(update: ClientUpdate, secagg: ConfigRecord) -> RecordDict:
     delta_names = list(secagg["delta-names"])
     theta_names = sorted(update.curvature)
     uniform = secagg["weighting"] != "num_examples"
-    summed, clear, summed_clipped = secure_metrics(
-        update.metrics, "dp-clip-norms" in secagg, update.num_examples if uniform else None
-    )
-    clipped = 0
+    private = "dp-clip-norms" in secagg
+    examples = update.num_examples if uniform else None
     if secagg["stage"] == "calibrate":
         arrays = [
             np.asarray(log_magnitudes(update.delta, delta_names), dtype=np.float64),
@@ -296,10 +295,11 @@ def secure_reply(update: ClientUpdate, secagg: ConfigRecord) -> RecordDict:
         ]
         if secagg.get("names-only"):  # client-level DP: the bounds are the clip norms
             arrays = [np.zeros_like(a) for a in arrays]
+        clear, clipped = secure_metrics(update.metrics, private, examples)[1], 0
     else:
         theta_names = list(secagg["theta-names"])
         delta, curvature = update.delta, update.curvature
-        if "dp-clip-norms" in secagg:  # client-level DP: SecAgg+'s rounding within the clip
+        if private:  # client-level DP: SecAgg+'s rounding within the clip
             delta_norm, theta_norm = secagg["dp-clip-norms"]
             delta = within_rounding(delta, delta_norm)
             curvature = within_rounding(curvature, theta_norm) if curvature else curvature
@@ -308,7 +308,8 @@ def secure_reply(update: ClientUpdate, secagg: ConfigRecord) -> RecordDict:
             scale_tensors(curvature, dict(zip(theta_names, secagg["theta-bounds"]))),
         ]
         arrays = [t.numpy() for part in parts for t in part.values()]
-        clipped = summed_clipped + sum(int((np.abs(a) > CLIPPING_RANGE).sum()) for a in arrays)
+        beyond = sum(int((np.abs(a) > CLIPPING_RANGE).sum()) for a in arrays)
+        summed, clear, clipped = secure_metrics(update.metrics, private, examples, beyond)
         arrays.append(np.asarray(summed, dtype=np.float32))  # loss, counts, DP's clip flags
     weight = 1
     if not uniform:
@@ -324,11 +325,10 @@ def secure_reply(update: ClientUpdate, secagg: ConfigRecord) -> RecordDict:
             "partition-id": int(update.client_id),
             "num-steps": int(update.num_steps),
             _THETA_NAMES: json.dumps(theta_names),
-            CLIPPED: clipped,
         }
     )
-    if not uniform:  # the weight SecAgg+ sums with: known to the server anyway
-        metrics["num-examples"] = int(update.num_examples)
+    if not uniform:  # the weight SecAgg+ sums with, and the counts a weighted mean would lose
+        metrics.update({"num-examples": int(update.num_examples), CLIPPED: clipped})
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), weight, metrics)
     return compat.fitres_to_recorddict(fitres, False)
 

@@ -184,7 +184,10 @@ class SecureFedPACStrategy(FedPACStrategy):
                     for n, (_, m) in sorted(outcome.completed.items(), key=lambda i: clients[i[0]])
                 ]
                 add_secure_mean(plan.aggregator, delta, theta or None, completed, summed)
-                clipped = sum(float(m.get(CLIPPED, 0)) for _, m in outcome.completed.values())
+                if summed.counts is None:  # num_examples weighting: the counts are clear
+                    clipped = sum(float(m.get(CLIPPED, 0)) for _, m in outcome.completed.values())
+                else:
+                    clipped = float(summed.counts["secagg_clipped"])
                 if clipped:
                     logger.warning(
                         "round %d: the bounds clipped %d values of the clients' updates "
