@@ -82,6 +82,8 @@ SECURE_SUPERNODES = [
 SECURE_RUN = "flwr run . fedpac-secure --stream"
 DEPLOYMENT = "flwr run . fedpac-deployment --stream"
 RESUME_LATEST = 'flwr run . fedpac-deployment --stream --run-config "resume-from-checkpoint=true"'
+#: The doc whose headroom commands run in the simulation test (in the app's folder).
+SECURE_DOC = APP.parents[1] / "docs" / "secure_aggregation.md"
 README_COMMANDS = [
     *INSTALL,
     *CONFIGURE,
@@ -102,9 +104,9 @@ README_COMMANDS = [
 ]
 
 
-def readme_commands() -> list[str]:
-    """Every command of the README's ``bash`` blocks, one per entry, comments dropped."""
-    text = (APP / "README.md").read_text(encoding="utf-8")
+def readme_commands(path: Path = APP / "README.md") -> list[str]:
+    """Every command of the ``bash`` blocks of ``path``, one per entry, comments dropped."""
+    text = path.read_text(encoding="utf-8")
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
@@ -258,6 +260,16 @@ def test_the_readme_simulation_commands(tmp_path):
         assert "FedPAC run finished: 3 of 3 rounds done" in logs
         assert rounds_in(out) == [1.0, 2.0, 3.0]
         assert_same_state(out / "checkpoint-round-3", reference)
+
+        # docs/secure_aggregation.md: SecAgg+ at the default headroom clips values of round 2,
+        # at twice the headroom none
+        tight, loose = [c for c in readme_commands(SECURE_DOC) if "secagg-headroom" in c]
+        for command, clips in ((tight, True), (loose, False)):
+            secure = processes.run(configured(command))
+            logs = secure.stdout + secure.stderr
+            assert "FedPAC run finished: 3 of 3 rounds done" in logs, logs[-4000:]
+            warned = re.findall(r"round (\d+): the bounds clipped [1-9]\d* values .* secagg_", logs)
+            assert ("2" in warned) if clips else not warned, (command, warned)
     finally:
         # `flwr run` leaves its local SuperLink running in the background
         roots = processes_mentioning(str(app / "flwr_home"))

@@ -53,7 +53,7 @@ from fedpac_hf.federated.secure_aggregation import (  # noqa: E402
     secure_metrics,
     unscale_tensors,
 )
-from fedpac_hf.flower import run_fedpac_simulation  # noqa: E402
+from fedpac_hf.flower import FlowerServerRun, run_fedpac_simulation  # noqa: E402
 from fedpac_hf.flower.secagg import CLIPPED, secure_reply  # noqa: E402
 
 from .secagg_fixtures import (  # noqa: E402
@@ -389,6 +389,8 @@ def test_counts_beyond_secaggs_range_are_summed_at_its_end_and_counted():
         ({"secagg_num_shares": 2.5}, "secagg_num_shares"),
         ({"aggregation_weighting": "num_examples"}, "secagg_max_weight"),
         ({"secagg_max_weight": 100}, "secagg_max_weight=100"),
+        ({"secagg_headroom": 0.5}, "secagg_headroom"),
+        ({"secagg_headroom": math.nan}, "secagg_headroom"),
     ],
     ids=[
         "beta-auto",
@@ -399,12 +401,24 @@ def test_counts_beyond_secaggs_range_are_summed_at_its_end_and_counted():
         "shares",
         "weight",
         "weight-uniform",
+        "headroom-below-1",
+        "headroom-nan",
     ],  # fmt: skip
 )
 def test_secagg_bad_settings_are_refused_naming_the_setting(tmp_path, settings, named):
     with pytest.raises(ValueError, match="secure_aggregation|secagg") as info:
         flower_args(tmp_path, secure_aggregation=True, **settings)
     assert named in str(info.value)
+
+
+def test_secagg_headroom_reaches_the_strategys_bounds(tmp_path):
+    """``secagg_headroom`` (default 8) is the strategy's: the docs' example app clips at 8 and
+    not at 16 (``tests/test_flower_readme.py``)."""
+    for headroom in (None, 16.0):
+        settings = {} if headroom is None else {"secagg_headroom": headroom}
+        args = flower_args(tmp_path, secure_aggregation=True, **settings)
+        strategy = FlowerServerRun(args, build_model(args)).strategy
+        assert strategy.headroom == (headroom or 8.0)
 
 
 def test_secagg_is_refused_outside_flower(tmp_path):

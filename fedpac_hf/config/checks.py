@@ -64,6 +64,7 @@ RULES: dict[str, Rule] = {
     "transport_dtype": one_of(*TRANSPORT_DTYPES),
     "aggregation_weighting": one_of(*WEIGHTINGS),
     "partitioner": one_of(*PARTITIONERS),
+    "secagg_headroom": number(1.0),
 }
 
 

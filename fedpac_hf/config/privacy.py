@@ -16,6 +16,7 @@ from fedpac_hf.federated import Algorithm
 from fedpac_hf.federated.privacy import DP_MODES, ClientDP
 from fedpac_hf.federated.record_privacy import RecordDP
 from fedpac_hf.federated.sampling import resolve_clients_per_round
+from fedpac_hf.federated.secure_aggregation import HEADROOM
 
 __all__ = ["DP_SETTINGS", "PrivacyArguments", "secagg_shares"]
 
@@ -175,11 +176,21 @@ class PrivacyArguments:
         },
     )
 
+    secagg_headroom: float = field(
+        default=HEADROOM,
+        metadata={
+            "help": "SecAgg+ without client-level DP: each tensor's public bound is this many "
+            "times its expected largest entry; a value above its bound is clipped (counted in "
+            "secagg_clipped). Larger clips less and rounds coarser (error ~ bound * 2**-21)."
+        },
+    )
+
     def secure_aggregation_settings(self, algorithm: Algorithm) -> dict[str, float] | None:
         """SecAgg+'s settings checked (``None`` without ``secure_aggregation``).
 
         Returns ``num_shares``, ``reconstruction_threshold`` (as Flower reads
-        them: a float is a fraction, an int a count) and ``max_weight``.
+        them: a float is a fraction, an int a count), ``max_weight`` and
+        ``headroom``.
         Raises ``ValueError`` naming the setting to change.
         """
         if not self.secure_aggregation:
@@ -246,6 +257,7 @@ class PrivacyArguments:
             "num_shares": shares,
             "reconstruction_threshold": threshold,
             "max_weight": float(self.secagg_max_weight or 1.0),
+            "headroom": float(self.secagg_headroom),
         }
 
     def client_privacy(self, algorithm: Algorithm) -> ClientDP | None:

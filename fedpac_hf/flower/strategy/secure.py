@@ -75,12 +75,12 @@ class SecureFedPACStrategy(FedPACStrategy):
     engine:
         The round engine (float32 transport, fixed beta).
     secagg:
-        ``num_shares``, ``reconstruction_threshold``, ``max_weight``
-        (``FedPACArguments.secure_aggregation_settings``).
+        ``num_shares``, ``reconstruction_threshold``, ``max_weight`` and, optionally,
+        ``headroom``, how far above the expected largest entry each tensor's bound lies
+        (default :data:`~fedpac_hf.federated.secure_aggregation.HEADROOM`;
+        ``FedPACArguments.secure_aggregation_settings``).
     secagg_timeout:
         Seconds each of SecAgg+'s four exchanges waits for replies (``None``: no limit).
-    headroom:
-        How far above the expected largest entry each tensor's bound lies.
 
     Attributes
     ----------
@@ -94,13 +94,12 @@ class SecureFedPACStrategy(FedPACStrategy):
         *,
         secagg: Mapping[str, Any],
         secagg_timeout: float | None = None,
-        headroom: float = HEADROOM,
         **kwargs: Any,
     ) -> None:
         super().__init__(engine, **kwargs)
         self.secagg = dict(secagg)
         self.secagg_timeout = secagg_timeout
-        self.headroom = float(headroom)
+        self.headroom = float(secagg.get("headroom", HEADROOM))
         self.round_bounds: dict[int, Bounds] = {}
         self._grid: Grid | None = None
         self._messages: list[Message] = []
@@ -191,9 +190,10 @@ class SecureFedPACStrategy(FedPACStrategy):
                 if clipped:
                     logger.warning(
                         "round %d: the bounds clipped %d values of the clients' updates "
-                        "(biased; a larger headroom avoids it)",
+                        "(biased; raise secagg_headroom, now %g, to avoid it)",
                         plan.round_number,
                         clipped,
+                        self.headroom,
                     )
         return self.finish(plan, traffic[0], traffic[1], secagg_clipped=clipped)
 
