@@ -18,6 +18,7 @@ import inspect
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 AddArguments = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace], int]
@@ -37,53 +38,50 @@ _PARTITIONER_OPTIONS = {
 
 
 def add_partition_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``fedpac-hf partition``."""
+    """Options of ``fedpac-hf partition``, each as ``--a-b`` and ``--a_b`` (as ``train`` reads
+    them)."""
     from fedpac_hf.partition import PARTITIONERS
 
-    parser.add_argument(
+    def option(name: str, **kwargs: Any) -> None:
+        spellings = dict.fromkeys([name, name[:2] + name[2:].replace("-", "_")])
+        parser.add_argument(*spellings, **kwargs)
+
+    option(
         "--dataset",
         required=True,
         help="mnist5k, digits, shakespeare, a Hub dataset id or a local path",
     )
-    parser.add_argument(
-        "--split", default="train", help="which split to partition (default: train)"
-    )
-    parser.add_argument(
+    option("--split", default="train", help="which split to partition (default: train)")
+    option(
         "--partitioner",
         required=True,
         choices=sorted(PARTITIONERS),
         help="how to split the data across clients",
     )
-    parser.add_argument("--num-clients", type=int, help="number of clients")
-    parser.add_argument(
-        "--alpha", type=float, help="Dirichlet concentration (dirichlet, quantity_skew)"
-    )
-    parser.add_argument(
+    option("--num-clients", type=int, help="number of clients")
+    option("--alpha", type=float, help="Dirichlet concentration (dirichlet, quantity_skew)")
+    option(
         "--scheme",
         choices=["client", "class"],
         help="dirichlet scheme: equal-size clients (client, FedPAC) or per-class (class)",
     )
-    parser.add_argument("--classes-per-client", type=int, help="classes per client (pathological)")
-    parser.add_argument(
+    option("--classes-per-client", type=int, help="classes per client (pathological)")
+    option(
         "--min-examples-per-client",
         type=int,
         help="smallest client allowed (dirichlet, quantity_skew)",
     )
-    parser.add_argument(
-        "--power-law-exponent", type=float, help="power-law client sizes (quantity_skew)"
-    )
-    parser.add_argument(
+    option("--power-law-exponent", type=float, help="power-law client sizes (quantity_skew)")
+    option(
         "--label-column",
         default=None,
         help="label column (default: label); also the classes of the statistics",
     )
-    parser.add_argument("--column", help="id column, one client per value (natural_id)")
-    parser.add_argument("--seed", type=int, default=None, help="partition seed (default 0)")
-    parser.add_argument(
-        "--data-seed", type=int, default=0, help="seed of the dataset's train/test split"
-    )
-    parser.add_argument("--plot", help="write the client x class heatmap to this PNG")
-    parser.add_argument(
+    option("--column", help="id column, one client per value (natural_id)")
+    option("--seed", type=int, default=None, help="partition seed (default 0)")
+    option("--data-seed", type=int, default=0, help="seed of the dataset's train/test split")
+    option("--plot", help="write the client x class heatmap to this PNG")
+    option(
         "--max-clients-shown",
         type=int,
         default=10,

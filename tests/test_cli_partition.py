@@ -56,8 +56,9 @@ def test_partition_scheme_class_pathological_and_natural_id(tmp_path, capsys):
     assert cli.main(common + ["--partitioner", "dirichlet", "--alpha", "100", "--scheme", "class",
                               "--num-clients", "5", "--seed", "3"]) == 0  # fmt: skip
     assert "clients             5" in capsys.readouterr().out
-    assert cli.main(common + ["--partitioner", "pathological", "--classes-per-client", "1",
-                              "--num-clients", "8"]) == 0  # fmt: skip
+    # every option also as train spells it (--a_b, HfArgumentParser's) and reads both
+    assert cli.main(common + ["--partitioner", "pathological", "--classes_per_client", "1",
+                              "--num_clients", "8"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "classes per client  min 1 / median 1 / max 1" in out
     assert "label skew (TV)     0.750" in out

@@ -133,6 +133,16 @@ def test_train_writes_the_run_directory_and_report_redraws_it(tmp_path, capsys):
     assert "final eval_accuracy" in capsys.readouterr().out
 
 
+def test_the_final_line_counts_one_round_in_the_singular(tmp_path, capsys):
+    from fedpac_hf.run.rundir import print_final
+
+    print_final({"round": 1.0, "eval_accuracy": 0.5, "eval_loss": 1.25}, tmp_path)
+    print_final({"round": 3.0, "eval_loss": 1.25}, tmp_path)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "final accuracy after 1 round: 0.5000 (loss 1.2500)"
+    assert lines[2] == "final loss after 3 rounds: 1.2500"
+
+
 def test_report_on_a_folder_without_a_run_fails_cleanly(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["report", str(tmp_path)])

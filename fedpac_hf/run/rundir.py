@@ -186,7 +186,8 @@ def print_final(metrics: dict[str, Any], run_dir: Path) -> None:
     from fedpac_hf.rundir.plots import quality_metric
 
     key = quality_metric([metrics])
-    rounds = int(metrics.get("round", 0))
+    count = int(metrics.get("round", 0))
+    rounds = f"{count} round" + ("" if count == 1 else "s")
     shown = {
         k.removeprefix("eval_"): float(v)
         for k, v in metrics.items()
@@ -198,8 +199,8 @@ def print_final(metrics: dict[str, Any], run_dir: Path) -> None:
         f"{name} {value:.4f}" for name, value in shown.items() if f"eval_{name}" != key
     )
     if key is not None:
-        headline = f"final {key.removeprefix('eval_')} after {rounds} rounds: {metrics[key]:.4f}"
+        headline = f"final {key.removeprefix('eval_')} after {rounds}: {metrics[key]:.4f}"
         print(headline + (f" ({others})" if others else ""))
     elif others:
-        print(f"final evaluation after {rounds} rounds: {others}")
+        print(f"final evaluation after {rounds}: {others}")
     print(f"run directory: {run_dir} (summary.md, metrics.jsonl/csv, plots, model)")
