@@ -65,3 +65,24 @@ def test_the_privacy_docs_accountant_command_prints_what_the_docs_say():
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == printed
+
+
+def test_train_help_lists_every_field_as_the_readme_says():
+    """``fedpac-hf train CONFIG --help`` (README) prints every field of both argument classes:
+    argparse %-formats each help text, so one stray percent sign used to crash it."""
+    import dataclasses
+    import shutil
+
+    from fedpac_hf import FedPACArguments
+    from fedpac_hf.run import ModelDataArguments
+
+    assert "`fedpac-hf train CONFIG --help`" in (ROOT / "README.md").read_text(encoding="utf-8")
+    command = shutil.which("fedpac-hf") or pytest.fail("the fedpac-hf entry point is not installed")
+    result = subprocess.run(
+        [command, "train", "configs/vit_mnist5k.yaml", "--help"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    fields = dataclasses.fields(FedPACArguments) + dataclasses.fields(ModelDataArguments)
+    missing = [f.name for f in fields if f.init and f"--{f.name}" not in result.stdout]
+    assert not missing, missing

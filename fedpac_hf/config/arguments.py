@@ -147,7 +147,7 @@ class FedPACArguments(PartitionArguments, PrivacyArguments, TrainingArguments):
         default=0.1,
         metadata={
             "help": "Clients sampled per round: a fraction in (0, 1) of num_clients (0.1: "
-            "10%) or a whole count >= 1 (1: one client; num_clients: all)."
+            "one in ten) or a whole count >= 1 (1: one client; num_clients: all)."
         },
     )
     local_steps: int = field(
