@@ -434,7 +434,8 @@ def test_secagg_allows_record_level_dp(tmp_path):
         dp_noise_multiplier=1.0,
     )  # fmt: skip
     settings = args.secure_aggregation_settings(args.build_algorithm())
-    assert settings == {"num_shares": 1.0, "reconstruction_threshold": 0.67, "max_weight": 1.0}
+    expected = {"num_shares": 1.0, "reconstruction_threshold": 0.67, "max_weight": 1.0}
+    assert settings == {**expected, "headroom": 8.0}
 
 
 @pytest.mark.slow  # a SecAgg+ simulation (~30 s)
