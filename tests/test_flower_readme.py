@@ -25,6 +25,7 @@ import torch  # noqa: E402
 from fedpac_hf.federated import ServerState, sample_clients  # noqa: E402
 from fedpac_hf.rundir.checkpoint import latest_checkpoint, load_federated_checkpoint  # noqa: E402
 
+from .doc_commands import bash_blocks  # noqa: E402
 from .flower_processes import (  # noqa: E402
     APP,
     Processes,
@@ -105,15 +106,8 @@ README_COMMANDS = [
 
 
 def readme_commands(path: Path = APP / "README.md") -> list[str]:
-    """Every command of the ``bash`` blocks of ``path``, one per entry, comments dropped."""
-    text = path.read_text(encoding="utf-8")
-    commands = []
-    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            line = "" if line.lstrip().startswith("#") else re.sub(r"\s+#\s.*$", "", line)
-            if line.strip():
-                commands.append(" ".join(line.split()))
-    return commands
+    """Every command of the ``bash`` blocks of ``path``, in order."""
+    return [command for block in bash_blocks(path) for command in block]
 
 
 def test_these_tests_run_every_command_of_the_readme():

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from .doc_commands import bash_blocks
+
 ROOT = Path(__file__).resolve().parent.parent
 
 #: The README's `fedpac-hf train` block, in order.
@@ -42,18 +44,8 @@ NOT_RUN = [
 ]
 
 
-def readme_blocks() -> list[list[str]]:
-    """The commands of each ``bash`` block of README.md, comments dropped."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    blocks = []
-    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
-        lines = [re.sub(r"\s+#\s.*$", "", line) for line in block.replace("\\\n", " ").splitlines()]
-        blocks.append([" ".join(line.split()) for line in lines if line.strip()])
-    return blocks
-
-
 def test_these_tests_know_every_command_of_the_readme():
-    setup, tests, train, hub, launch = readme_blocks()
+    setup, tests, train, hub, launch = bash_blocks(ROOT / "README.md")
     assert len(setup) == len(tests) == 1 and setup[0].endswith(TRAIN_COMMANDS[0])
     assert train == TRAIN_COMMANDS
     assert [*hub, *launch] == [*NOT_RUN, TORCHRUN], (
