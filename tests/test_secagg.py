@@ -53,6 +53,7 @@ from fedpac_hf.federated.secure_aggregation import (  # noqa: E402
     secure_metrics,
     unscale_tensors,
 )
+from fedpac_hf.federated.secure_epsilon import EPSILON_BINS, epsilon_histogram  # noqa: E402
 from fedpac_hf.flower import FlowerServerRun, run_fedpac_simulation  # noqa: E402
 from fedpac_hf.flower.secagg import CLIPPED, secure_reply  # noqa: E402
 
@@ -253,8 +254,8 @@ def test_secagg_dropout_in_a_later_round_with_num_examples_weights(tmp_path, cap
 def test_secagg_reply_scales_by_the_bounds_and_counts_what_they_clip():
     """A client's FitRes: each tensor times 8 / b, then its loss over LOSS_SCALE and its counts
     (examples, skipped steps, Hessian refreshes) in units of SecAgg+'s grid (summed, not in the
-    clear), and how many values exceeded their bound. Of its other metrics only those the server
-    reads travel, in the clear."""
+    clear), how many values exceeded their bound and its record-level epsilon's histogram. Under
+    num_examples weighting the counts and epsilon the server reads travel in the clear."""
     update = ClientUpdate(
         client_id=2,
         delta={"w": torch.tensor([0.5, -3.0]), "b": torch.tensor([1e-3])},
@@ -285,19 +286,21 @@ def test_secagg_reply_scales_by_the_bounds_and_counts_what_they_clip():
     np.testing.assert_allclose(arrays[0], [4.0, -24.0])
     np.testing.assert_allclose(arrays[1], [0.8], rtol=1e-6)
     np.testing.assert_allclose(arrays[2], [2.0, 4.0], rtol=1e-6)
-    # the last array: loss, examples, skipped steps, refreshes, values clipped (-3.0 over 1.0)
+    # the last array: loss, examples, skipped steps, refreshes, values clipped (-3.0 over 1.0),
+    # then record-level DP's epsilon as a one-hot histogram
     last = [0.7 / 4, 24 * 2**-18, 2 * 2**-18, 2**-18, 2**-18]
-    np.testing.assert_allclose(arrays[3], last, rtol=1e-6)
-    assert len(arrays) == 4
+    np.testing.assert_allclose(arrays[3][:5], last, rtol=1e-6)
+    np.testing.assert_array_equal(arrays[3][5:], epsilon_histogram(3.0))
+    assert len(arrays) == 4 and len(arrays[3]) == 5 + EPSILON_BINS
     assert fitres.num_examples == 1  # uniform weighting: SecAgg+ weighs every client 1
-    assert fitres.metrics["dp_record_epsilon"] == 3.0
-    hidden = {"train_loss", "num-examples", "skipped_steps", "hessian_refreshes", "dp_sample_rate"}
-    assert not (hidden | {CLIPPED}) & set(fitres.metrics)
+    hidden = {"train_loss", "num-examples", "skipped_steps", "hessian_refreshes"}
+    assert not (hidden | {CLIPPED, "dp_sample_rate", "dp_record_epsilon"}) & set(fitres.metrics)
     # with num_examples weighting the counts travel with the weight, in the clear
     weighted = ConfigRecord({**secagg, "weighting": "num_examples", "max-weight": 100.0})
     fitres = compat.recorddict_to_fitres(secure_reply(update, weighted), False)
     assert parameters_to_ndarrays(fitres.parameters)[3].tolist() == [pytest.approx(0.7 / 4)]
     assert fitres.metrics["num-examples"] == 24 and fitres.metrics["skipped_steps"] == 2.0
+    assert fitres.metrics["dp_record_epsilon"] == 3.0  # as clear as the examples it depends on
     assert fitres.metrics[CLIPPED] == 1 and "dp_sample_rate" not in fitres.metrics
     # three such clients: the server reads back the mean loss and the exact totals
     sums = [24 + 7 + 1_000_003, 2 + 0 + 5, 1 + 3 + 0, 1 + 0 + 0]

@@ -1,9 +1,10 @@
-"""Secure aggregation under client-level DP: SecAgg+'s sums against the plain private rounds.
+"""Secure aggregation under DP: SecAgg+'s sums against the plain private rounds.
 
-Under DP the bounds are the round's clip norms and each client shrinks its parts by SecAgg+'s
-rounding margin, so a secure round differs from the plain private round from the same start,
-the same seeded noise included, by at most twice the rounding
-(:func:`~tests.secagg_fixtures.assert_within_dp_rounding`).
+Under client-level DP the bounds are the round's clip norms and each client shrinks its parts
+by SecAgg+'s rounding margin, so a secure round differs from the plain private round from the
+same start, the same seeded noise included, by at most twice the rounding
+(:func:`~tests.secagg_fixtures.assert_within_dp_rounding`). Under record-level DP the round's
+epsilon comes from the clients' summed epsilon histograms.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from fedpac_hf.federated.secure_aggregation import (  # noqa: E402
     clipped_counts,
     read_secure_metrics,
 )
+from fedpac_hf.federated.secure_epsilon import bin_edge, epsilon_bin  # noqa: E402
 from fedpac_hf.federated.server import RoundAggregator  # noqa: E402
 from fedpac_hf.flower.secagg import secure_reply  # noqa: E402
 
@@ -184,8 +186,25 @@ def test_under_client_dp_the_loss_and_clip_flags_are_summed_not_sent_in_the_clea
     mean = torch.tensor([0.2, 10 * 2**-18, 2**-18 / 3, 0.0, 0.0, 2 / 3, 1 / 3])
     summed = read_secure_metrics(mean, 3, private=True, counts=True)
     counts = {"num_examples": 30, "skipped_steps": 1, "hessian_refreshes": 0, "secagg_clipped": 0}
-    assert summed == (pytest.approx(0.8), counts, [2.0, 1.0])
+    assert summed == (pytest.approx(0.8), counts, [2.0, 1.0], None)
     # the counts from a mean of flags over three clients; a weighted mean is refused
     assert clipped_counts(torch.tensor([2 / 3, 1 / 3]), 3) == [2.0, 1.0]
     with pytest.raises(ValueError, match="not a count"):
         clipped_counts(torch.tensor([0.5, 0.0]), 3)
+
+
+@pytest.mark.slow  # a SecAgg+ simulation and its two rounds again in process (~40 s)
+def test_secagg_with_record_dp_logs_the_bin_edge_of_the_largest_epsilon(tmp_path):
+    """Record-level DP under SecAgg+ (uniform weighting): no client's epsilon travels in the
+    clear, and each round's epsilon is the bin edge of the largest any client of the plain
+    rounds reported so far, at most 2**(1/16) above it."""
+    record = {"dp_mode": "record", "dp_clip_norm": 1.0, "dp_noise_multiplier": 1.0}
+    result, states = secure_run(tmp_path, dp_noise_seed=3, **record)
+    largest = 0.0
+    args = flower_args(tmp_path / "plain", dp_noise_seed=3, **record)
+    for round_index, _, _, updates in plain_rounds(args, states):
+        largest = max([largest, *(u.metrics["dp_record_epsilon"] for u in updates)])
+        epsilon = result.history[round_index]["epsilon"]
+        assert epsilon == bin_edge(epsilon_bin(largest))
+        assert largest <= epsilon < largest * 2 ** (1 / 16)
+    assert len({row["epsilon"] for row in result.history}) == 2  # it grows with the rounds

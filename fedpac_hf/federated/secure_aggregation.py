@@ -29,10 +29,13 @@ were clipped (:func:`clipped_counts`), the counts that adaptive clip norms noise
 With or without DP, a client's ``train_loss`` (the classic signal of
 membership inference) travels inside the secure sum as well, over
 :data:`LOSS_SCALE`, and so do its counts under uniform weighting (examples,
-skipped steps, Hessian refreshes: :data:`SUMMED_COUNTS`, :func:`secure_metrics`):
-the server learns the round's weighted mean loss and total counts, the numbers
-its metrics report, and no client's own. Of a client's other metrics only
-those the server reads (:data:`CLEAR_METRICS`) travel, in the clear.
+skipped steps, Hessian refreshes: :data:`SUMMED_COUNTS`, :func:`secure_metrics`),
+as does, under record-level DP, its epsilon, as a one-hot histogram
+(:mod:`~fedpac_hf.federated.secure_epsilon`; it depends on the client's examples):
+the server learns the round's weighted mean loss, total counts and an upper
+bound of the largest epsilon, the numbers its metrics report, and no client's
+own. Of a client's other metrics only those the server reads
+(:data:`CLEAR_METRICS`) travel, in the clear.
 
 In the first round (no global direction nor Theta yet) a *calibration* pass
 of SecAgg+ comes first: each client sends, per tensor, log2 of its largest
@@ -58,6 +61,7 @@ import torch
 from fedpac_hf.optim import sent_form
 
 from .privacy_clip import CLIP_FLAGS
+from .secure_epsilon import epsilon_histogram, largest_epsilon
 from .server import RoundAggregator
 from .state import ServerState
 
@@ -100,8 +104,9 @@ SUMMED_COUNTS = ("num_examples", "skipped_steps", "hessian_refreshes", "secagg_c
 last is how many of its values were summed at an end of SecAgg+'s range."""
 
 CLEAR_METRICS = ("skipped_steps", "hessian_refreshes", "dp_record_epsilon")
-"""The metrics a secure reply may carry in the clear: those the server's round reads
-(the two counts only under ``num_examples`` weighting). A client's other metrics stay with it."""
+"""The metrics a secure reply may carry in the clear: those the server's round reads, only
+under ``num_examples`` weighting (where the client's examples, which each of them would tell,
+are clear already). A client's other metrics stay with it."""
 
 HEADROOM = 8.0
 """How far above its expected largest entry a tensor's bound lies."""
@@ -215,10 +220,11 @@ def secure_metrics(
     private:
         Whether the round runs client-level DP (the clip flags are summed too).
     examples:
-        The client's examples, summed with its other :data:`SUMMED_COUNTS`
-        (uniform weighting; ``None``: the examples are its weight,
-        ``num_examples`` weighting, and its counts stay in the clear: the
-        weighted mean of a count is not its total).
+        The client's examples, summed with its other :data:`SUMMED_COUNTS` and,
+        under record-level DP, its epsilon's histogram (uniform weighting;
+        ``None``: the examples are its weight, ``num_examples`` weighting, and
+        its counts and epsilon stay in the clear: the weighted mean of a count
+        is not its total, nor a weighted histogram a count).
     clipped:
         How many of the client's scaled tensor values exceed SecAgg+'s range.
 
@@ -226,8 +232,10 @@ def secure_metrics(
     -------
     summed : list of float
         ``train_loss / LOSS_SCALE`` (0 without a loss), the counts times
-        :data:`COUNT_UNIT` (when ``examples`` is given), then under DP the
-        clip flags (:func:`clip_flags`).
+        :data:`COUNT_UNIT` (when ``examples`` is given), then under
+        client-level DP the clip flags (:func:`clip_flags`), under record-level
+        DP with ``examples`` given the epsilon's histogram
+        (:func:`~fedpac_hf.federated.secure_epsilon.epsilon_histogram`).
     clear : dict
         The client's :data:`CLEAR_METRICS` not summed; it sends nothing else.
     clipped : int
@@ -242,11 +250,14 @@ def secure_metrics(
     kept = min(max(loss, -top), top) if math.isfinite(loss) else math.copysign(top, loss)
     summed, clipped = [kept / LOSS_SCALE], int(clipped) + int(kept != loss)
     clear = {k: float(rest[k]) for k in CLEAR_METRICS if k in rest}
+    tail = flags if private else []
     if examples is not None:
         counts = [int(examples), *(round(clear.pop(n, 0.0)) for n in SUMMED_COUNTS[1:-1])]
         clipped += sum(int(c > _MAX_COUNT or c < 0) for c in counts)
         summed += [min(max(c, 0), _MAX_COUNT) * COUNT_UNIT for c in [*counts, clipped]]
-    return summed + (flags if private else []), clear, clipped
+        if "dp_record_epsilon" in clear:  # record-level DP
+            tail = epsilon_histogram(clear.pop("dp_record_epsilon"))
+    return summed + tail, clear, clipped
 
 
 class SecureMetrics(NamedTuple):
@@ -259,13 +270,17 @@ class SecureMetrics(NamedTuple):
     clear)."""
     clipped: list[float] | None
     """Under DP, how many had their delta and their Theta clipped (:func:`clipped_counts`)."""
+    record_epsilon: float | None = None
+    """Under record-level DP with summed counts, an upper bound of the largest epsilon a
+    client reported (:func:`~fedpac_hf.federated.secure_epsilon.largest_epsilon`)."""
 
 
 def read_secure_metrics(
     mean: torch.Tensor, num_clients: int, private: bool, counts: bool = False
 ) -> SecureMetrics:
     """The round's :class:`SecureMetrics` from the secure mean of ``num_clients`` clients'
-    :func:`secure_metrics` (``counts``: whether their counts were summed)."""
+    :func:`secure_metrics` (``counts``: whether their counts were summed; values after them
+    that are not DP's clip flags are the clients' epsilon histogram)."""
     values = mean.to(torch.float64).flatten()
     totals = None
     if counts:
@@ -273,7 +288,8 @@ def read_secure_metrics(
         totals = {n: round(float(v)) for n, v in zip(SUMMED_COUNTS, sums)}
     rest = values[1 + (len(SUMMED_COUNTS) if counts else 0) :]
     flags = clipped_counts(rest, num_clients) if private else None
-    return SecureMetrics(float(values[0]) * LOSS_SCALE, totals, flags)
+    epsilon = largest_epsilon(rest, num_clients) if len(rest) and not private else None
+    return SecureMetrics(float(values[0]) * LOSS_SCALE, totals, flags, epsilon)
 
 
 def clipped_counts(mean: torch.Tensor, num_clients: int) -> list[float]:
@@ -370,8 +386,9 @@ def add_secure_mean(
         What the clients' vectors summed besides the update
         (:func:`read_secure_metrics`): the mean loss, under uniform weighting
         the total counts (each client's examples in ``clients`` are then 0)
-        and under client-level DP the clip counts; none of them is in
-        ``clients``' metrics. ``None``: each client's own, from its metrics.
+        and record-level DP's largest epsilon, and under client-level DP the
+        clip counts; none of them is in ``clients``' metrics. ``None``: each
+        client's own, from its metrics.
 
     The sums are ``mean * W`` with W the clients' total weight; Theta is
     repaired after unmasking, and the drift and client dispersion (they need
@@ -400,6 +417,8 @@ def add_secure_mean(
             aggregator.hessian_refreshes = float(summed.counts["hessian_refreshes"])
         if summed.clipped is not None:
             aggregator.clipped = [float(c) for c in summed.clipped]
+        if summed.record_epsilon is not None:
+            aggregator.record_epsilon = summed.record_epsilon
     sizes = [sum(t.numel() * 4 for t in part.values()) for part in (delta, curvature or {})]
     aggregator.delta_bytes += sizes[0] * len(clients)  # as float32, like the plain round
     if aggregator.algorithm.align:

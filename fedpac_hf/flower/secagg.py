@@ -21,12 +21,13 @@ messages into them:
 
 What travels in the clear: the weight SecAgg+ sums with (1, or the client's
 examples under ``num_examples`` weighting), its local steps (the round's
-setting), the names of its Theta entries, and of its metrics only those the
-server reads (:data:`~fedpac_hf.federated.secure_aggregation.CLEAR_METRICS`).
-Its ``train_loss``, under uniform weighting its examples, skipped steps,
-Hessian refreshes and how many of its values its bounds clipped, and under
-client-level DP whether its delta and Theta were clipped are summed with the
-update instead (the vector's last array;
+setting), the names of its Theta entries, and, under ``num_examples``
+weighting, of its metrics those the server reads
+(:data:`~fedpac_hf.federated.secure_aggregation.CLEAR_METRICS`). Its
+``train_loss``, under uniform weighting its examples, skipped steps, Hessian
+refreshes, how many of its values its bounds clipped and record-level DP's
+epsilon (as a histogram), and under client-level DP whether its delta and
+Theta were clipped are summed with the update instead (the vector's last array;
 :func:`~fedpac_hf.federated.secure_aggregation.secure_metrics`).
 """
 
@@ -272,10 +273,11 @@ def secure_reply(update: ClientUpdate, secagg: ConfigRecord) -> RecordDict:
     tensor scaled by its bound, then the client's scaled ``train_loss``, its
     scaled counts (uniform weighting: examples, skipped steps, Hessian
     refreshes and how many of its values were summed at an end of SecAgg+'s
-    range) and, under client-level DP, its two clip flags; in a calibration
+    range) and, under client-level DP, its two clip flags (under record-level
+    DP with uniform weighting, its epsilon's histogram); in a calibration
     pass, one log-magnitude per tensor. The weight is 1 (uniform weighting)
-    or the client's examples, which then travel in the clear with its counts.
-    The loss and the clip flags never do.
+    or the client's examples, which then travel in the clear with its counts
+    (and its epsilon). The loss and the clip flags never do.
 
     Raises
     ------
