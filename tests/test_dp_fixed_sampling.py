@@ -204,4 +204,9 @@ def test_a_resumed_fixed_sampling_run_continues_exactly_and_the_summary_names_it
     for row in first.round_history:
         append_metrics(report, row)
     write_report(report, title="fixed")
-    assert "| dp_sampling | fixed |" in (report / "summary.md").read_text()
+    summary = (report / "summary.md").read_text()
+    assert "| dp_sampling | fixed |" in summary
+    epsilon = first.round_history[-1]["epsilon"]
+    delta = first.args.num_clients**-1.1  # the default, which config.yaml does not hold
+    assert "dp_delta" not in first.args.to_dict() or first.args.dp_delta is None
+    assert f"epsilon {epsilon:.3g} at delta {delta:.3g} after 3 rounds" in summary

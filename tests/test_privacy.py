@@ -302,6 +302,7 @@ def test_simulate_reports_the_accountants_epsilon_for_its_events():
     q, delta = 5 / 20, 20**-1.1
     for r, metrics in enumerate(history, start=1):
         assert metrics["epsilon"] == pytest.approx(_pld_epsilon(q, 1.1, r, delta), rel=1e-9)
+        assert metrics["dp_delta"] == pytest.approx(delta, rel=1e-12)  # the default, resolved
     assert history[1]["epsilon"] > history[0]["epsilon"]
     assert {"dp_clipped_delta", "dp_clipped_theta"} <= set(history[0])
 

@@ -78,6 +78,27 @@ def test_report_draws_pngs_and_a_summary_with_final_and_best(tmp_path):
     assert summary.count("\n| ") >= 5  # header + 4 rounds in the per-round table
 
 
+@pytest.mark.parametrize(
+    ("config", "logged", "shown"),
+    [
+        ({"dp_mode": "client"}, {"dp_delta": 10**-1.1}, "at delta 0.0794 after 2 rounds"),
+        ({"dp_mode": "record"}, {}, "at delta 1e-05 after 2 rounds"),  # record's default
+        ({"dp_mode": "record", "dp_delta": 1e-7}, {}, "at delta 1e-07 after 2 rounds"),
+    ],
+)
+def test_the_summary_gives_epsilon_with_its_delta(tmp_path, config, logged, shown):
+    """An epsilon means nothing without its delta: the summary takes the one the rounds logged
+    (client-level DP resolves the default), else the setting, else record-level DP's default."""
+    import yaml
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))  # as a run writes it
+    for r in (1, 2):
+        append_metrics(tmp_path, {"round": float(r), "epsilon": 1.5 * r, **logged})
+    write_report(tmp_path)
+    level = config["dp_mode"]
+    assert f"privacy ({level}-level DP): epsilon 3 {shown}" in (tmp_path / "summary.md").read_text()
+
+
 def test_perplexity_runs_plot_perplexity_and_prefer_the_lowest(tmp_path):
     for r, ppl in enumerate([50.0, 20.0, 30.0], start=1):
         append_metrics(tmp_path, {"round": float(r), "train_loss": 1.0, "eval_perplexity": ppl})

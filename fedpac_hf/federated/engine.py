@@ -314,7 +314,7 @@ class RoundEngine:
         if aggregator.public_loss is not None:
             metrics["public_train_loss"] = aggregator.public_loss
         if self.privacy is not None:
-            metrics["epsilon"] = self.epsilon()
+            metrics["epsilon"], metrics["dp_delta"] = self.epsilon(), self.privacy.delta
         elif aggregator.record_epsilon is not None:  # record DP: the worst client's so far
             before = [h["epsilon"] for h in self.history if "epsilon" in h]
             metrics["epsilon"] = max([aggregator.record_epsilon, *before])

@@ -39,6 +39,7 @@ from .privacy import DP_RULES
 from .privacy_noise import new_noise_seed, seeded_generator
 
 __all__ = [
+    "RECORD_DELTA",
     "RecordClient",
     "RecordDP",
     "check_loader",
@@ -47,6 +48,10 @@ __all__ = [
     "record_loader",
     "record_steps",
 ]
+
+
+RECORD_DELTA = 1e-5
+"""``dp_delta``'s default under record-level DP: the delta of each example's guarantee."""
 
 
 @dataclass(frozen=True)
@@ -70,7 +75,7 @@ class RecordDP:
 
     clip_norm: float
     noise_multiplier: float | None = None
-    delta: float = 1e-5
+    delta: float = RECORD_DELTA
     target_epsilon: float | None = None
     noise_seed: int | None = None
 
@@ -122,7 +127,7 @@ class RecordDP:
         return cls(
             clip_norm=float(clip_norm),
             noise_multiplier=None if noise_multiplier is None else float(noise_multiplier),
-            delta=1e-5 if delta is None else float(delta),
+            delta=RECORD_DELTA if delta is None else float(delta),
             target_epsilon=None if target_epsilon is None else float(target_epsilon),
             noise_seed=noise_seed,
         )

@@ -68,8 +68,8 @@ ROUND_METRICS: tuple[str, ...] = (
 )
 """The metrics every round reports, whichever shell ran it.
 
-Under client-level differential privacy rounds add ``epsilon`` (at the run's
-delta, after this round), ``dp_clipped_delta``/``dp_clipped_theta`` (the
+Under client-level differential privacy rounds add ``epsilon`` (after this
+round) at ``dp_delta`` (the run's, its default resolved), ``dp_clipped_delta``/``dp_clipped_theta`` (the
 fraction of the round's clients whose part was clipped) and
 ``dp_clip_norm``/``dp_theta_clip_norm`` (the round's bounds: they move with
 ``dp_clip_schedule`` ``learning_rate`` or ``adaptive``; Theta's when it travels)

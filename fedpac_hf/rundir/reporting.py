@@ -256,9 +256,14 @@ def write_summary(
         lines.append(f"- training time: {sum(times):.1f} s ({sum(times) / len(times):.2f} s/round)")
     _, epsilons = series(records, "epsilon")
     if epsilons:
-        delta = config.get("dp_delta") if config else None
-        at = f" at delta {delta:g}" if isinstance(delta, int | float) else ""
         level = "record" if config and config.get("dp_mode") == "record" else "client"
+        _, dp_deltas = series(records, "dp_delta")  # client-level DP: the delta it resolved
+        delta = dp_deltas[-1] if dp_deltas else (config or {}).get("dp_delta")
+        if delta is None and level == "record":  # (not imported above: it needs torch)
+            from fedpac_hf.federated.record_privacy import RECORD_DELTA
+
+            delta = RECORD_DELTA
+        at = f" at delta {delta:.3g}" if isinstance(delta, int | float) else ""
         lines.append(
             f"- privacy ({level}-level DP): epsilon {epsilons[-1]:.3g}{at} after "
             f"{len(epsilons)} rounds" + _noise_against_update(records)
