@@ -4,20 +4,16 @@ The commands come out of the README's ``bash`` blocks. They run in a copy of
 the app folder with this checkout's fedpac_hf on ``PYTHONPATH``; the only
 change is the ports (free ones instead of 9093-9096, and for the local
 simulation SuperLink through Flower's environment variables), so that the
-tests never meet another SuperLink on the machine. The install runs in a copy
-of the repository, into a fresh virtual environment that sees this one's
-packages (torch, which the README installs first, among them).
+tests never meet another SuperLink on the machine. The install runs in
+``tests/test_install_commands.py``.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -119,57 +115,6 @@ def test_these_tests_run_every_command_of_the_readme():
         "examples/flower_app/README.md's commands changed: update README_COMMANDS and the "
         "tests that run them"
     )
-
-
-#: Run in the new environment: the path of the fedpac_hf it imports, then each requirement
-#: given (and each of its extras' requirements) that its installed version does not meet.
-UNMET = """
-import importlib.metadata as metadata, sys
-from packaging.requirements import Requirement
-import fedpac_hf
-print(fedpac_hf.__file__)
-wanted = [Requirement(r) for r in sys.argv[1:]]
-for r in list(wanted):
-    for extra in r.extras:
-        marker = f'extra == "{extra}"'
-        wanted += [Requirement(d.split(";")[0]) for d in metadata.requires(r.name) if marker in d]
-for r in wanted:
-    if not r.specifier.contains(metadata.version(r.name), prereleases=True):
-        print(r)
-"""
-
-
-@pytest.mark.slow  # needs the package index (pip builds the project; ~15 s)
-def test_the_readme_install_command(tmp_path):
-    """The install, as written, from the root of a copy of the repository, into a fresh
-    virtual environment over this one's packages: it installs this fedpac_hf, every extra it
-    names exists, and what the app's pyproject depends on is then installed."""
-    root = APP.parents[1]
-    files = subprocess.run(
-        ["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True
-    ).stdout.split(b"\0")
-    repo = tmp_path / "repo"
-    for name in filter(None, (f.decode() for f in files)):
-        (repo / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(root / name, repo / name)
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", venv], check=True)
-    env = {**os.environ, "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("PYTHONPATH", None)
-    (install,) = INSTALL
-    done = subprocess.run(
-        install, shell=True, cwd=repo, env=env, capture_output=True, text=True, timeout=900
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "does not provide the extra" not in done.stdout + done.stderr
-    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
-    needs = tomllib.loads((APP / "pyproject.toml").read_text())["project"]["dependencies"]
-    shown = subprocess.run(
-        [venv / "bin" / "python", "-c", UNMET, *needs],
-        cwd=tmp_path, env=env, capture_output=True, text=True, check=True,
-    ).stdout.splitlines()  # fmt: skip
-    assert Path(shown[0]).is_relative_to(repo)  # this copy, installed editable
-    assert shown[1:] == [], f"not met after the install: {shown[1:]}"
 
 
 def test_every_run_config_override_the_readme_shows_is_a_key_of_the_apps_config():
