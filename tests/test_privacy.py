@@ -28,7 +28,11 @@ from fedpac_hf.federated.local_step import ClientHooks, LocalSteps
 from fedpac_hf.federated.privacy import ClientDP
 from fedpac_hf.federated.privacy_clip import own_part, public_reference
 from fedpac_hf.federated.privacy_noise import noise_generator, noised_round
-from fedpac_hf.federated.privacy_notes import describe_client_noise, describe_record_noise
+from fedpac_hf.federated.privacy_notes import (
+    describe_client_noise,
+    describe_delta,
+    describe_record_noise,
+)
 from fedpac_hf.federated.record_privacy import RecordDP, record_loader
 from fedpac_hf.federated.sampling import poisson_sample_clients
 from fedpac_hf.federated.server import RoundAggregator
@@ -341,6 +345,27 @@ def test_the_noise_note_says_when_epsilon_is_logged_as_inf():
         dp = ClientDP.from_settings("client", clip_norm=1.0, noise_multiplier=z)
         messages += _notes(describe_client_noise, dp.resolve(100, 0.1, 5), 50, 10.0, 0.1, 5)
     assert ["logged as inf" in m for m in messages] == [True, False]
+
+
+def test_a_large_client_level_delta_draws_a_warning_naming_dp_delta(caplog):
+    """Above 0.01 (the default below 66 clients) a small epsilon means little: at 10 clients'
+    default, 2 rounds of q = 0.3 reach epsilon 0.001 with z = 2.1. The warning names dp_delta,
+    and says when the delta is the default; 66 clients' default and an explicit 1e-5 pass."""
+    assert noise_for_epsilon(0.001, 10**-1.1, 0.3, 2) == pytest.approx(2.1, abs=0.05)
+    assert describe_delta(65**-1.1, True, 65, logging.getLogger("x")) is True
+    assert describe_delta(66**-1.1, True, 66, logging.getLogger("x")) is False
+    for settings, warned in (({}, True), ({"dp_delta": 1e-5}, False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="fedpac_hf"):
+            _private_run(20, 5, 1.1, **settings)
+        shown = [
+            r.getMessage() for r in caplog.records if "privacy loss may exceed" in r.getMessage()
+        ]
+        assert len(shown) == warned
+    (explicit,) = _notes(describe_delta, 0.05, False, 20)
+    (default,) = _notes(describe_delta, 20**-1.1, True, 20)
+    assert "delta 0.05 (dp_delta)" in explicit and "set dp_delta lower" in explicit
+    assert "(num_clients ** -1.1, the default for 20 clients)" in default
 
 
 def _notes(describe: Any, *args: Any) -> list[str]:

@@ -47,7 +47,7 @@ from .failures import (
 )
 from .privacy import ClientDP
 from .privacy_noise import new_noise_seed
-from .privacy_notes import describe_client_noise
+from .privacy_notes import describe_client_noise, describe_delta
 from .round_plan import RoundPlan
 from .sampling import poisson_sample_clients, resolve_clients_per_round, sample_clients
 from .server import WEIGHTINGS, RoundAggregator
@@ -197,6 +197,7 @@ class RoundEngine:
         describe_client_noise(
             resolved, floats, self.clients_per_round, self.sample_rate, self.num_rounds, self.log
         )
+        describe_delta(resolved.delta, privacy.delta is None, self.num_clients, self.log)
         return resolved
 
     @property

@@ -9,7 +9,8 @@ notes give that noise's root-mean-square L2 norm in units of the clip norm
 (``z k sqrt(d) / (q N)`` and ``z sqrt(d) / B``, ``d`` the trainable floats):
 at INFO below 1, and as a warning from 1 up, where the noise is at least as
 large as the largest update or gradient it is added to, naming the settings
-that make it smaller.
+that make it smaller. Client-level DP also warns when its delta is above
+:data:`LARGE_DELTA` (the default ``num_clients ** -1.1`` is, below 66 clients).
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ from .privacy import ClientDP
 from .privacy_noise import noise_norm_ratio
 from .record_privacy import RecordDP
 
-__all__ = ["describe_client_noise", "describe_record_noise"]
+__all__ = ["LARGE_DELTA", "describe_client_noise", "describe_delta", "describe_record_noise"]
+
+LARGE_DELTA = 0.01
+"""A client-level ``dp_delta`` above this draws a warning before round 1."""
 
 
 def _log(log: logging.Logger, note: str, ratio: float, remedy: str) -> None:
@@ -91,6 +95,28 @@ def describe_client_noise(
     )
     _log(log, note, ratio, remedy)
     return ratio
+
+
+def describe_delta(delta: float, default: bool, num_clients: int, log: logging.Logger) -> bool:
+    """Warn when client-level DP's delta is above :data:`LARGE_DELTA`.
+
+    (epsilon, delta)-DP lets a client's privacy loss exceed epsilon with
+    probability up to delta, so a large delta empties a small epsilon: with
+    10 clients the default delta is 0.079, at which 2 rounds of 3 clients
+    (Poisson, q = 0.3) reach epsilon 0.001 with z = 2.1. Returns whether it
+    warned.
+    """
+    if delta <= LARGE_DELTA:
+        return False
+    origin = (
+        f"num_clients ** -1.1, the default for {num_clients} clients" if default else "dp_delta"
+    )
+    log.warning(
+        f"client-level DP at delta {delta:.3g} ({origin}): a client's privacy loss may exceed "
+        f"the logged epsilon with probability up to {delta:.1%}, however small epsilon is; set "
+        "dp_delta lower (e.g. 1e-5; the same epsilon then needs more noise)"
+    )
+    return True
 
 
 def describe_record_noise(
