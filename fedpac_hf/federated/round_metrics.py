@@ -69,8 +69,9 @@ ROUND_METRICS: tuple[str, ...] = (
 """The metrics every round reports, whichever shell ran it.
 
 Under client-level differential privacy rounds add ``epsilon`` (after this
-round) at ``dp_delta`` (the run's, its default resolved), ``dp_clipped_delta``/``dp_clipped_theta`` (the
-fraction of the round's clients whose part was clipped) and
+round) at ``dp_delta`` (the run's, its default resolved),
+``dp_clipped_delta``/``dp_clipped_theta`` (the fraction of the round's
+clients whose part was clipped) and
 ``dp_clip_norm``/``dp_theta_clip_norm`` (the round's bounds: they move with
 ``dp_clip_schedule`` ``learning_rate`` or ``adaptive``; Theta's when it travels)
 and ``dp_noise_norm`` (the root-mean-square L2 norm of the noise on the round's

@@ -10,10 +10,10 @@ has no maximum; a histogram does. Each client sends a one-hot vector over
 holding the epsilons in ``(2**((k - 1) / 16), 2**(k / 16)]`` for an integer
 ``k``, from the bin whose upper edge is ``2**-7`` (smaller epsilons fall in it
 too) to the one whose edge is ``2**13``, then a last bin for anything larger,
-infinite or NaN. The server learns how many of the
-round's clients fall in each bin, not which, and logs the upper edge of the
-highest bin that holds one: an upper bound of the largest epsilon, at most
-``2**(1/16)`` (4.4 %) above it.
+infinite or NaN. The server learns how many of the round's clients fall in
+each bin, not which, and logs the upper edge of the highest bin that holds
+one: an upper bound of the largest epsilon, at most ``2**(1/16)`` (4.4 %)
+above it.
 
 The ones are summed unscaled, as the clip flags are: SecAgg+ rounds the sum
 of the clients' unit entries to within a small fraction of a count, so the
