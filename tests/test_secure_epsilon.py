@@ -123,7 +123,7 @@ def test_the_docs_describe_the_bins_the_code_uses():
     text = " ".join(
         (Path(__file__).parents[1] / "docs" / "secure_aggregation.md").read_text().split()
     )
-    assert f"each of {EPSILON_BINS} bins" in text
+    assert f"each of {EPSILON_BINS} bins" in text and f"({EPSILON_BINS} values more" in text
     assert f"{EPSILON_STEPS_PER_DOUBLING} bins per doubling from 2^-7 to 2^13" in text
     assert (bin_edge(0), bin_edge(EPSILON_BINS - 2)) == (2.0**-7, 2.0**13)
     assert f"({100 * (STEP - 1):.1f} %)" in text
