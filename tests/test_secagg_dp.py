@@ -193,18 +193,25 @@ def test_under_client_dp_the_loss_and_clip_flags_are_summed_not_sent_in_the_clea
         clipped_counts(torch.tensor([0.5, 0.0]), 3)
 
 
-@pytest.mark.slow  # a SecAgg+ simulation and its two rounds again in process (~40 s)
-def test_secagg_with_record_dp_logs_the_bin_edge_of_the_largest_epsilon(tmp_path):
+@pytest.mark.slow  # a SecAgg+ simulation and its two rounds again in process (~40 s each)
+@pytest.mark.parametrize(
+    "noise", [{"dp_noise_multiplier": 1.0}, {"dp_target_epsilon": 6.0}], ids=["z", "target"]
+)
+def test_secagg_with_record_dp_logs_the_bin_edge_of_the_largest_epsilon(tmp_path, noise):
     """Record-level DP under SecAgg+ (uniform weighting): no client's epsilon travels in the
     clear, and each round's epsilon is the bin edge of the largest any client of the plain
-    rounds reported so far, at most 2**(1/16) above it."""
-    record = {"dp_mode": "record", "dp_clip_norm": 1.0, "dp_noise_multiplier": 1.0}
-    result, states = secure_run(tmp_path, dp_noise_seed=3, **record)
-    largest = 0.0
-    args = flower_args(tmp_path / "plain", dp_noise_seed=3, **record)
-    for round_index, _, _, updates in plain_rounds(args, states):
+    rounds reported so far, at most 2**(1/16) above it. With a target epsilon, which no client
+    exceeds, the edge is capped at it: 6, not the edge 6.17 above the last round's."""
+    record = {"dp_mode": "record", "dp_clip_norm": 1.0, "dp_noise_seed": 3, **noise}
+    result, states = secure_run(tmp_path, **record)
+    largest, cap = 0.0, noise.get("dp_target_epsilon", math.inf)
+    for round_index, _, _, updates in plain_rounds(
+        flower_args(tmp_path / "plain", **record), states
+    ):
         largest = max([largest, *(u.metrics["dp_record_epsilon"] for u in updates)])
         epsilon = result.history[round_index]["epsilon"]
-        assert epsilon == bin_edge(epsilon_bin(largest))
+        assert epsilon == min(bin_edge(epsilon_bin(largest)), cap)
         assert largest <= epsilon < largest * 2 ** (1 / 16)
     assert len({row["epsilon"] for row in result.history}) == 2  # it grows with the rounds
+    if "dp_target_epsilon" in noise:
+        assert bin_edge(epsilon_bin(largest)) > 6.0 == result.history[-1]["epsilon"]

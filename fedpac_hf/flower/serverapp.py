@@ -102,7 +102,10 @@ class FlowerServerRun:
         )
         secagg = args.secure_aggregation_settings(engine.algorithm)
         if secagg is not None:  # Flower's SecAgg+ sums the updates (docs/secure_aggregation.md)
-            self.strategy = SecureFedPACStrategy(engine, secagg=secagg, **strategy_kwargs)
+            target = args.dp_target_epsilon if args.dp_mode == "record" else None
+            self.strategy = SecureFedPACStrategy(
+                engine, secagg=secagg, record_target_epsilon=target, **strategy_kwargs
+            )
         else:
             self.strategy = FedPACStrategy(engine, **strategy_kwargs)
         self.steps = TrainerState()

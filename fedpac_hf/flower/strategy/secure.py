@@ -81,6 +81,9 @@ class SecureFedPACStrategy(FedPACStrategy):
         ``FedPACArguments.secure_aggregation_settings``).
     secagg_timeout:
         Seconds each of SecAgg+'s four exchanges waits for replies (``None``: no limit).
+    record_target_epsilon:
+        Record-level DP's ``dp_target_epsilon``: no client's epsilon exceeds it, so the
+        round's epsilon, an upper bin edge of the clients' histogram, is capped at it.
 
     Attributes
     ----------
@@ -94,11 +97,13 @@ class SecureFedPACStrategy(FedPACStrategy):
         *,
         secagg: Mapping[str, Any],
         secagg_timeout: float | None = None,
+        record_target_epsilon: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(engine, **kwargs)
         self.secagg = dict(secagg)
         self.secagg_timeout = secagg_timeout
+        self.record_target_epsilon = record_target_epsilon
         self.headroom = float(secagg.get("headroom", HEADROOM))
         self.round_bounds: dict[int, Bounds] = {}
         self._grid: Grid | None = None
@@ -174,6 +179,9 @@ class SecureFedPACStrategy(FedPACStrategy):
                     self.engine.privacy is not None,
                     counts=plan.aggregator.weighting != "num_examples",
                 )
+                if summed.record_epsilon is not None and self.record_target_epsilon is not None:
+                    cap = min(summed.record_epsilon, self.record_target_epsilon)
+                    summed = summed._replace(record_epsilon=cap)
                 completed = [
                     (
                         clients[n],
