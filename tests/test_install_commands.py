@@ -1,9 +1,10 @@
 """The project's install commands that the docs show alone on a line, run as written (slow).
 
 Each runs from the root of a copy of the repository, into a fresh virtual environment that
-sees this one's packages (torch, which README.md installs first, among them), so pip builds
-and installs this fedpac_hf and resolves its extras against the package index. README.md's
-two set-up lines, which install torch first and then run more, are CI's (``.ci/run``).
+sees this one's packages (torch, which README.md installs first, among them;
+:func:`venv_over_this_environment`), so pip builds and installs this fedpac_hf and resolves
+its extras against the package index. README.md's two set-up lines, which install torch
+first and then run more, are CI's (``.ci/run``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -67,14 +69,29 @@ def repository_copy(destination: Path) -> Path:
     return destination
 
 
+def venv_over_this_environment(venv: Path) -> Path:
+    """A new virtual environment at ``venv`` that also sees this environment's packages.
+
+    A ``.pth`` file names this environment's site-packages after the venv's own, so the new
+    Python sees what this one has installed (the test command's packages in CI), not what the
+    base interpreter it was made from has, as ``--system-site-packages`` would.
+    """
+    subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+    where = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    python = venv / "bin" / "python"
+    inner = subprocess.run([python, "-c", where], capture_output=True, text=True, check=True)
+    outer = dict.fromkeys(sysconfig.get_paths()[key] for key in ("purelib", "platlib"))
+    (Path(inner.stdout.strip()) / "_this_environment.pth").write_text("\n".join(outer) + "\n")
+    return venv
+
+
 @pytest.mark.slow  # needs the package index (pip builds the project; ~15 s each)
 @pytest.mark.parametrize("command", sorted(INSTALLS))
 def test_an_install_command_of_the_docs_runs_as_written(tmp_path, command):
     """It installs this fedpac_hf (editable, from the copy), every extra it names exists, and
     the extras' requirements, and those of what it installs for, are then met."""
     repo = repository_copy(tmp_path / "repo")
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", venv], check=True)
+    venv = venv_over_this_environment(tmp_path / "venv")
     env = {**os.environ, "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}"}
     env.pop("PYTHONPATH", None)
     done = subprocess.run(
