@@ -8,9 +8,12 @@ import copy
 import math
 import os
 
+import numpy as np
 import torch
+from flwr.common.secure_aggregation.quantization import dequantize, quantize
 
 from fedpac_hf.federated import ServerState
+from fedpac_hf.federated.secure_aggregation import CLIPPING_RANGE
 from fedpac_hf.flower import run_fedpac_simulation
 
 from .trainer_fixtures import BACKEND, build_model, build_trainer, flower_args
@@ -31,6 +34,16 @@ def assert_within_quantization(secure, plain, bounds, scale=1.0, slack=0.0, what
         limit = scale * math.sqrt(reference.numel()) * bounds[name] * STEP
         limit += slack * float(reference.double().abs().max()) * math.sqrt(reference.numel())
         assert error <= limit, f"{what} {name}: error {error:.3g} over {limit:.3g}"
+
+
+def secagg_means(clients):
+    """What SecAgg+ hands the server from each client's list of arrays: the per-array mean
+    through Flower's own quantization to 2**22 levels, integer sum, dequantization and the
+    offset of SecAggPlusWorkflow's unmask stage."""
+    quantized = [quantize(list(arrays), CLIPPING_RANGE, 2**22) for arrays in clients]
+    totals = [sum(q[i].astype(np.int64) for q in quantized) for i in range(len(quantized[0]))]
+    offset = (len(clients) - 1) * CLIPPING_RANGE
+    return [(d - offset) / len(clients) for d in dequantize(totals, CLIPPING_RANGE, 2**22)]
 
 
 class Captured(list):

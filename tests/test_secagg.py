@@ -31,7 +31,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flwr.app import ConfigRecord  # noqa: E402
 from flwr.common import parameters_to_ndarrays  # noqa: E402
-from flwr.common.secure_aggregation.quantization import dequantize, quantize  # noqa: E402
 from flwr.compat.common import recorddict_compat as compat  # noqa: E402
 
 from fedpac_hf import FedPACTrainer  # noqa: E402
@@ -43,7 +42,6 @@ from fedpac_hf.federated import (  # noqa: E402
     get_algorithm,
 )
 from fedpac_hf.federated.secure_aggregation import (  # noqa: E402
-    CLIPPING_RANGE,
     add_secure_mean,
     bounds_from_log_magnitudes,
     log_magnitudes,
@@ -65,6 +63,7 @@ from .secagg_fixtures import (  # noqa: E402
     assert_within_quantization,
     plain_round,
     plain_rounds,
+    secagg_means,
     secure_run,
 )
 from .trainer_fixtures import (  # noqa: E402
@@ -92,13 +91,7 @@ def test_secagg_scaling_and_flower_quantization_stay_within_one_step():
     names = list(clients[0])
     logs = np.mean([log_magnitudes(c, names) for c in clients], axis=0)
     bounds = bounds_from_log_magnitudes(logs, names)
-    quantized = [
-        quantize([t.numpy() for t in scale_tensors(c, bounds).values()], CLIPPING_RANGE, 2**22)
-        for c in clients
-    ]
-    total = [sum(q[i].astype(np.int64) for q in quantized) for i in range(len(names))]
-    offset = (len(clients) - 1) * CLIPPING_RANGE  # as SecAggPlusWorkflow's unmask stage
-    means = [(d - offset) / len(clients) for d in dequantize(total, CLIPPING_RANGE, 2**22)]
+    means = secagg_means([[t.numpy() for t in scale_tensors(c, bounds).values()] for c in clients])
     secure = unscale_tensors([torch.from_numpy(m) for m in means], bounds)
     plain = {n: sum(c[n].double() for c in clients) / len(clients) for n in names}
     assert_within_quantization(secure, plain, bounds, what="scaled")
@@ -330,9 +323,7 @@ def test_the_round_reports_the_same_counts_from_quantized_secure_sums_as_from_pl
     ]
     _, plain = aggregate(state, updates, alg, lr=0.1, local_steps=5)
     vectors = [np.asarray(secure_metrics(u.metrics, False, u.num_examples)[0]) for u in updates]
-    total = sum(quantize([v], CLIPPING_RANGE, 2**22)[0].astype(np.int64) for v in vectors)
-    offset = (len(vectors) - 1) * CLIPPING_RANGE  # as SecAggPlusWorkflow's unmask stage
-    mean = (dequantize([total], CLIPPING_RANGE, 2**22)[0] - offset) / len(vectors)
+    (mean,) = secagg_means([[v] for v in vectors])
     summed = read_secure_metrics(torch.from_numpy(mean), len(vectors), False, counts=True)
     secure = RoundAggregator(state, alg)
     delta = {"w": torch.stack([u.delta["w"] for u in updates]).mean(0)}

@@ -15,7 +15,6 @@ import torch
 
 from fedpac_hf.federated import RoundAggregator, ServerState, get_algorithm
 from fedpac_hf.federated.secure_aggregation import (
-    CLIPPING_RANGE,
     add_secure_mean,
     read_secure_metrics,
     secure_metrics,
@@ -56,15 +55,6 @@ def test_epsilons_outside_the_bins_range_are_bounded_by_its_ends(epsilon, edge):
     )
 
 
-def quantized_mean(vectors):
-    """The mean SecAgg+ hands the server: Flower's own quantization, sum and unmask offset."""
-    from flwr.common.secure_aggregation.quantization import dequantize, quantize
-
-    total = sum(quantize([v], CLIPPING_RANGE, 2**22)[0].astype(np.int64) for v in vectors)
-    offset = (len(vectors) - 1) * CLIPPING_RANGE  # as SecAggPlusWorkflow's unmask stage
-    return torch.from_numpy((dequantize([total], CLIPPING_RANGE, 2**22)[0] - offset) / len(vectors))
-
-
 @pytest.mark.parametrize("num_clients", [3, 200])
 def test_the_server_reads_the_largest_epsilon_from_quantized_secure_sums(num_clients):
     """Clients with different epsilons through secure_metrics, Flower's quantization and
@@ -72,6 +62,8 @@ def test_the_server_reads_the_largest_epsilon_from_quantized_secure_sums(num_cli
     client's bin edge, none of them sends its epsilon in the clear, and the other counts stay
     exact."""
     pytest.importorskip("flwr")
+    from .secagg_fixtures import secagg_means
+
     generator = np.random.default_rng(num_clients)
     epsilons = generator.uniform(0.5, 4.0, num_clients).tolist()
     examples = generator.integers(5, 500, num_clients).tolist()
@@ -80,9 +72,8 @@ def test_the_server_reads_the_largest_epsilon_from_quantized_secure_sums(num_cli
         for e, n in zip(epsilons, examples)
     ]
     assert all("dp_record_epsilon" not in clear for _, clear, _ in sent)
-    summed = read_secure_metrics(
-        quantized_mean([np.asarray(s) for s, _, _ in sent]), num_clients, False, counts=True
-    )
+    (mean,) = secagg_means([[np.asarray(s)] for s, _, _ in sent])
+    summed = read_secure_metrics(torch.from_numpy(mean), num_clients, False, counts=True)
     largest = max(epsilons)
     assert summed.record_epsilon == bin_edge(epsilon_bin(largest))
     assert largest <= summed.record_epsilon < largest * STEP
