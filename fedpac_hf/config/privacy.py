@@ -34,6 +34,7 @@ DP_SETTINGS = (
     "dp_clip_norm_lr",
     "dp_clipped_count_std",
     "dp_sampling",
+    "dp_projection_rank",
 )
 #: Settings added after runs were saved: kept in a run's identity only when set,
 #: so that those runs still resume.
@@ -118,6 +119,15 @@ class PrivacyArguments:
             "secure_aggregation). Fixed-size sampling is accounted under replace-one "
             "adjacency and needs more than twice the noise for the same epsilon "
             "(docs/privacy.md)."
+        },
+    )
+    dp_projection_rank: int | None = field(
+        default=None,
+        metadata={
+            "help": "dp_mode: client with an aligning SOAP algorithm (fedpac_soap): the server "
+            "keeps the noised sum of the deltas in the k leading directions of each side of the "
+            "shared curvature longer than k, removing most of the noise on long sides; "
+            "post-processing, the same epsilon (docs/privacy.md). Default: not projected."
         },
     )
     dp_noise_multiplier: float | None = field(
@@ -280,6 +290,8 @@ class PrivacyArguments:
             clip_norm_lr=self.dp_clip_norm_lr,
             clipped_count_std=self.dp_clipped_count_std,
             sampling=self.resolved_dp_sampling,
+            projection_rank=self.dp_projection_rank,
+            soap_curvature=algorithm.align and algorithm.optimizer == "soap",
         )
 
     def record_privacy(self, algorithm: Algorithm | None = None) -> RecordDP | None:

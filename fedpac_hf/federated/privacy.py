@@ -60,7 +60,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from fedpac_hf.optim.options import number, one_of, optional
+from fedpac_hf.optim.options import number, one_of, optional, whole
 
 from .privacy_adaptive import AdaptiveClip
 
@@ -99,6 +99,7 @@ DP_RULES = {
     "dp_theta_share": optional(number(0.0, 1.0, low_open=True, high_open=True)),
     "dp_clip_schedule": optional(one_of(*CLIP_SCHEDULES)),
     "dp_sampling": optional(one_of(*SAMPLINGS)),
+    "dp_projection_rank": optional(whole(1)),
 }
 
 
@@ -143,6 +144,10 @@ class ClientDP:
     sampling:
         ``"poisson"`` or ``"fixed"`` (:data:`SAMPLINGS`): how the round's
         clients are drawn, and so how epsilon is accounted.
+    projection_rank:
+        k of ``dp_projection_rank``: the server keeps the noised sum of the
+        deltas in the k leading directions of the shared curvature's sides
+        (:mod:`~fedpac_hf.federated.privacy_projection`); ``None``: not projected.
     """
 
     clip_norm: float
@@ -155,6 +160,7 @@ class ClientDP:
     clip_lr: float | None = None
     adaptive: AdaptiveClip | None = None
     sampling: str = "poisson"
+    projection_rank: int | None = None
 
     @classmethod
     def from_settings(
@@ -174,6 +180,8 @@ class ClientDP:
         clip_norm_lr: float | None = None,
         clipped_count_std: float | None = None,
         sampling: str | None = None,
+        projection_rank: int | None = None,
+        soap_curvature: bool = False,
     ) -> ClientDP | None:
         """The settings of ``dp_mode: client`` checked, or ``None`` for the other modes
         (``record``'s are :class:`~fedpac_hf.federated.record_privacy.RecordDP`'s).
@@ -185,7 +193,9 @@ class ClientDP:
         needed with ``clip_schedule="learning_rate"``; ``clip_quantile``,
         ``clip_norm_lr`` and ``clipped_count_std`` go with ``clip_schedule="adaptive"``
         (:class:`~fedpac_hf.federated.privacy_adaptive.AdaptiveClip`).
-        ``sampling`` is ``dp_sampling`` (default ``"poisson"``).
+        ``sampling`` is ``dp_sampling`` (default ``"poisson"``). ``projection_rank``
+        (``dp_projection_rank``) needs ``soap_curvature``: the clients align to SOAP's
+        global statistics, which the projection reads.
         """
         one_of(*DP_MODES).check("dp_mode", mode)
         given = {
@@ -197,6 +207,7 @@ class ClientDP:
             "dp_theta_share": theta_share,
             "dp_clip_schedule": clip_schedule,
             "dp_sampling": sampling,
+            "dp_projection_rank": projection_rank,
         }
         adaptive = {
             "dp_clip_quantile": clip_quantile,
@@ -218,6 +229,11 @@ class ClientDP:
                 )
             return None
         if mode == "record":
+            if projection_rank is not None:
+                raise ValueError(
+                    "dp_projection_rank is for dp_mode: client (it projects the server's noise "
+                    "on the sum of the deltas); dp_mode: record noises each example: remove it"
+                )
             if sampling is not None:
                 raise ValueError(
                     "dp_sampling is for dp_mode: client (how clients are drawn for the "
@@ -237,6 +253,12 @@ class ClientDP:
                 "dp_mode: client needs exactly one of dp_noise_multiplier (the noise) and "
                 "dp_target_epsilon (the noise derived from the privacy budget and the rounds)"
                 + (", not both" if noise_multiplier is not None else "")
+            )
+        if projection_rank is not None and not soap_curvature:
+            raise ValueError(
+                "dp_projection_rank projects the noised delta on the leading directions of "
+                "SOAP's shared curvature: it needs an algorithm whose SOAP clients align (such "
+                "as fedpac_soap); remove it"
             )
         if share_theta and theta_clip_norm is None:
             raise ValueError(
@@ -258,6 +280,7 @@ class ClientDP:
                 AdaptiveClip.from_settings(adaptive) if clip_schedule == "adaptive" else None
             ),
             sampling=sampling or "poisson",
+            projection_rank=None if projection_rank is None else int(projection_rank),
         )
 
     def resolve(self, num_clients: int, sample_rate: float, num_rounds: int) -> ClientDP:

@@ -27,6 +27,7 @@ from fedpac_hf.optim import sent_form
 from .algorithms import Algorithm
 from .privacy import ClientDP
 from .privacy_clip import Reference, public_reference, with_reference
+from .privacy_projection import PROJECTION_KEPT, leading_directions, projected
 from .state import ClientUpdate, ServerState
 
 __all__ = [
@@ -111,7 +112,10 @@ def private_round(
     num_clients: int,
     client_noised: bool = False,
 ) -> tuple[
-    ClientDP, dict[str, torch.Tensor], dict[str, torch.Tensor], tuple[float, float | None] | None
+    dict[str, torch.Tensor],
+    dict[str, torch.Tensor],
+    tuple[float, float | None] | None,
+    dict[str, float],
 ]:
     """The server's half of one client-level DP round.
 
@@ -139,12 +143,15 @@ def private_round(
     Returns
     -------
     tuple
-        The round's settings at its bounds (:meth:`ClientDP.at_rate`), the noised
-        delta and Theta sums with the public reference added back
-        (:func:`noised_round`), and the next round's bounds
-        (:func:`adapted_clip_norms`, ``None`` unless they adapt).
+        The noised delta and Theta sums with the public reference added back
+        (:func:`noised_round`; the delta's first projected with ``dp_projection_rank``,
+        :mod:`~fedpac_hf.federated.privacy_projection`), the next round's bounds
+        (:func:`adapted_clip_norms`, ``None`` unless they adapt), and the round's
+        privacy metrics (:func:`privacy_metrics` at the round's bounds,
+        :meth:`ClientDP.at_rate`; with the projection, :data:`PROJECTION_KEPT`).
     """
     dp_round = dp.at_rate(lr, state.dp_clip_norms)
+    reference = public_reference(state, algorithm, lr, local_steps)
     delta_sum, theta_sum = noised_round(
         dp_round,
         sums[0],
@@ -152,14 +159,20 @@ def private_round(
         sent_form(state.curvature),
         state.noise_seed,
         state.round,
-        public_reference(state, algorithm, lr, local_steps),
+        (None, reference[1]),
         denominator,
         client_noised,
     )
+    metrics = privacy_metrics(dp_round, delta_sum, denominator)
+    if dp_round.projection_rank is not None:
+        shapes = {name: total.shape for name, total in delta_sum.items()}
+        directions = leading_directions(state.curvature, shapes, dp_round.projection_rank)
+        delta_sum, metrics[PROJECTION_KEPT] = projected(delta_sum, directions)
+    delta_sum = with_reference(delta_sum, reference[0], denominator)
     bounds = adapted_clip_norms(
         dp_round, clipped, num_clients, denominator, state.noise_seed, state.round
     )
-    return dp_round, delta_sum, theta_sum, bounds
+    return delta_sum, theta_sum, bounds, metrics
 
 
 def adapted_clip_norms(

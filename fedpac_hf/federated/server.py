@@ -33,7 +33,7 @@ from .algorithms import Algorithm, downlink_parts, round_beta
 from .failures import ClientFailure, RoundError, require_finite_aggregate
 from .privacy import ClientDP
 from .privacy_clip import CLIP_FLAGS, Reference, own_norms, public_reference
-from .privacy_noise import CLIENT_NOISED, privacy_metrics, private_round
+from .privacy_noise import CLIENT_NOISED, private_round
 from .round_metrics import (
     byte_metrics,
     curvature_scalars,
@@ -251,9 +251,9 @@ class RoundAggregator:
                 + (f" (dropped: {'; '.join(map(str, self.failures[:5]))})" if self.failures else "")
             )
         state = self.server_state
-        dp_round, clip_norms = None, None
+        clip_norms, dp_metrics = None, None
         if self.privacy is not None:
-            dp_round, self.delta_sum, self.curvature_weighted_sum, clip_norms = private_round(
+            self.delta_sum, self.curvature_weighted_sum, clip_norms, dp_metrics = private_round(
                 self.privacy,
                 state,
                 self.algorithm,
@@ -270,8 +270,8 @@ class RoundAggregator:
         curvature = None if mean is None else self._next_curvature(mean)
         parts = {"model": params, "direction": direction, "curvature": curvature or {}}
         read, metrics = self._read_metrics(delta, direction, mean, parts, lr, local_steps)
-        if dp_round is not None:
-            metrics.update(privacy_metrics(dp_round, delta, self.denominator))
+        if dp_metrics is not None:
+            metrics.update(dp_metrics)
         down = downlink_parts(self.sent_state, self.algorithm)  # bytes to one client
         metrics.update(byte_metrics(self.delta_bytes, self.theta_bytes, down, self.num_clients))
         for part, tensors in parts.items():

@@ -110,6 +110,7 @@ def simulate(
     dp_clip_norm_lr: float | None = None,
     dp_clipped_count_std: float | None = None,
     dp_sampling: str | None = None,
+    dp_projection_rank: int | None = None,
     dp_noise_multiplier: float | None = None,
     dp_delta: float | None = None,
     dp_target_epsilon: float | None = None,
@@ -174,7 +175,7 @@ def simulate(
         next batches) the server's Theta averages per round.
     dp_mode, dp_clip_norm, dp_theta_clip_norm, dp_theta_share, dp_clip_schedule, \
     dp_clip_quantile, dp_clip_norm_lr, dp_clipped_count_std, dp_sampling, \
-    dp_noise_multiplier, dp_delta, dp_target_epsilon, dp_noise_seed:
+    dp_projection_rank, dp_noise_multiplier, dp_delta, dp_target_epsilon, dp_noise_seed:
         Client-level differential privacy (``dp_mode="client"``): each client's
         delta clipped to ``dp_clip_norm`` and its Theta, when it travels, to
         ``dp_theta_clip_norm``; clients Poisson-sampled (``dp_sampling="fixed"``:
@@ -186,7 +187,9 @@ def simulate(
         ``dp_clip_schedule="adaptive"`` moves both bounds towards the ``dp_clip_quantile``
         of the clients' norms at rate ``dp_clip_norm_lr``, with noise
         ``dp_clipped_count_std`` on the counts
-        (:mod:`~fedpac_hf.federated.privacy_adaptive`); ``epsilon`` at
+        (:mod:`~fedpac_hf.federated.privacy_adaptive`); ``dp_projection_rank`` keeps the
+        noised delta in the leading directions of SOAP's shared curvature
+        (:mod:`~fedpac_hf.federated.privacy_projection`); ``epsilon`` at
         ``dp_delta`` (default ``num_clients ** -1.1``) in every round's
         metrics. ``dp_noise_seed`` fixes the noise (default: a secret seed).
         See :mod:`~fedpac_hf.federated.privacy`. ``dp_mode="record"``: DP-SGD in
@@ -259,6 +262,8 @@ def simulate(
         clip_norm_lr=dp_clip_norm_lr,
         clipped_count_std=dp_clipped_count_std,
         sampling=dp_sampling,
+        projection_rank=dp_projection_rank,
+        soap_curvature=algorithm.align and algorithm.optimizer == "soap",
     )
     engine = RoundEngine(
         algorithm,

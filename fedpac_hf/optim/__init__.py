@@ -7,7 +7,7 @@ refreshes), ``Muon`` (momentum of hidden matrices; AdamW for the rest),
 """
 
 from ._soap_kernels import eigenbasis
-from ._soap_state import preconditioner_layout
+from ._soap_state import preconditioner_layout, stat_names
 from ._theta_forms import next_global_curvature, sent_form
 from .adamw import AdamW
 from .base import CurvatureOptimizer, check_curvature_keys, named_params
@@ -40,4 +40,5 @@ __all__ = [
     "no_weight_decay_names",
     "preconditioner_layout",
     "sophia_refresh",
+    "stat_names",
 ]

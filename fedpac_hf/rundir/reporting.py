@@ -65,6 +65,7 @@ _SUMMARY_SETTINGS = (
     "dp_clip_norm_lr",
     "dp_clipped_count_std",
     "dp_sampling",
+    "dp_projection_rank",
     "dp_noise_multiplier",
     "dp_target_epsilon",
     "max_grad_norm",
