@@ -49,6 +49,11 @@ noise (:mod:`_privacy_share`, whose docstring states the hypotheses).
 Once client-level DP combined with secure aggregation: the first row's
 settings at eps = 8 with SecAgg+'s fixed-size samples (:mod:`_privacy_sampling`,
 whose docstring states the hypotheses).
+
+A fifth row (added after all of the above, once the library could project the
+noised delta on the shared curvature, and before any of its runs):
+``dp_projection_rank`` tuned under DP for fedpac_soap (:mod:`_privacy_projection`,
+whose docstring states the hypothesis and the one measurement made before it).
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ from _harness.runs import Record, load_results
 from _privacy_adaptive import adaptive_goal, adaptive_run, adaptive_section
 from _privacy_beta import beta_finals, beta_goal, beta_section
 from _privacy_population import population_levels, population_plan, population_section
+from _privacy_projection import projection_finals, projection_goal, projection_section
 from _privacy_public import dp_chosen_row, public_goal, public_section
 from _privacy_results import cell, dp_tuned_levels, goal_rows, lead_line, setting_label, tuned_as
 from _privacy_sampling import sampling_plan, sampling_section
@@ -97,9 +103,10 @@ def plan_goal(suite: Suite, done: dict[str, Record]) -> tuple[list[Run], int]:
         adaptive = [adaptive_run(suite, method, done, seed) for method in GOAL_METHODS]
         runs += [run for run in adaptive if run is not None]
         waiting += sum(run is None for run in adaptive)
-    more, missing = beta_finals(suite, GOAL_METHODS, done, GOAL_SEEDS)  # the fourth row
-    runs += more
-    waiting += missing
+    for finals in (beta_finals, projection_finals):  # the fourth and fifth rows
+        more, missing = finals(suite, GOAL_METHODS, done, GOAL_SEEDS)
+        runs += more
+        waiting += missing
     for plan in (population_plan, share_plan, sampling_plan):  # not goal rows
         more, missing = plan(suite, GOAL_METHODS, done, GOAL_SEEDS)
         runs += more
@@ -166,7 +173,8 @@ def report_goal(suite: Suite) -> None:
         )
         + public_goal(suite, finals, done, dp_chosen)
         + adaptive_goal(suite, levels, GOAL_METHODS, done)
-        + beta_goal(suite, finals, levels, done),
+        + beta_goal(suite, finals, levels, done)
+        + projection_goal(suite, finals, levels, done),
     )
     lines += [
         *analysis_block(suite),
@@ -200,6 +208,7 @@ def report_goal(suite: Suite) -> None:
     public_section(lines, suite, finals, done, dp_chosen, "the second row")
     adaptive_section(lines, suite, levels, GOAL_METHODS, done)
     beta_section(lines, suite, finals, levels, GOAL_METHODS, done)
+    projection_section(lines, suite, GOAL_METHODS, done)
     population_section(lines, suite, levels, GOAL_METHODS, done, GOAL_SEEDS)
     scale = population_levels(suite, GOAL_METHODS, done, GOAL_SEEDS)[SCALE]
     share_section(lines, suite, scale, GOAL_METHODS, done, GOAL_SEEDS)

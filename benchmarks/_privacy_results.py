@@ -87,8 +87,8 @@ def dp_tuned_levels(
 def tuned_as(r: Record) -> tuple[str, ...]:
     """What identifies a final run's protocol: method, level, where its rate was tuned,
     Theta's share, the clip schedule, the clip norms' quantile, the curvature's decay,
-    Theta's size, beta, the emulated federation's size, SOAP's eps and the sampling
-    (records from before a field have its default; ``tuned_as(asdict(run))`` is a planned
+    Theta's size, beta, the emulated federation's size, SOAP's eps, the sampling and the
+    projection (records from before a field have its default; ``tuned_as(asdict(run))`` is a planned
     run's)."""
     return (
         r["method"],
@@ -103,6 +103,7 @@ def tuned_as(r: Record) -> tuple[str, ...]:
         r.get("population", ""),
         r.get("eps", ""),
         r.get("sampling", ""),
+        r.get("projection", ""),
     )
 
 
@@ -117,10 +118,11 @@ def setting_label(
     population: str = "",
     eps: str = "",
     sampling: str = "",
+    projection: str = "",
 ) -> str:
     """A rate (a number or a cell) with its share, clip schedule, clip quantile, curvature
-    decay, Theta's size, beta, the emulated federation's size, SOAP's eps and the sampling
-    where not the defaults."""
+    decay, Theta's size, beta, the emulated federation's size, SOAP's eps, the sampling and
+    the projection where not the defaults."""
     rate = lr if isinstance(lr, str) else f"{lr:g}"
     return (
         rate
@@ -133,6 +135,7 @@ def setting_label(
         + (f", x{population} federation" if population else "")
         + (f", eps {eps}" if eps else "")
         + (f", {sampling} samples" if sampling else "")
+        + (f", projected on {projection}" if projection else "")
     )
 
 

@@ -72,6 +72,8 @@ def overrides(suite: Suite, run: Run, run_dir: Path) -> list[str]:
             over += ["--dp_clip_schedule", run.clip_schedule]
         if run.sampling:
             over += ["--dp_sampling", run.sampling]
+        if run.projection:
+            over += ["--dp_projection_rank", run.projection]
         # run.clip_quantile only says where run.clip and run.theta_clip came from
         over += list(noise_setting(suite, run))
         over += ["--dp_noise_seed", str(run.seed)]

@@ -117,7 +117,8 @@ class Run:
     (``""``: the algorithm's); ``population`` how many times larger the federation
     whose noise at epsilon ``privacy`` the run emulates (``_privacy_population.py``;
     ``""``: this one's); ``eps`` SOAP's Adam eps (``""``: its default); ``sampling``
-    ``dp_sampling`` as passed (``""``: Poisson, the default).
+    ``dp_sampling`` as passed (``""``: Poisson, the default); ``projection``
+    ``dp_projection_rank`` as passed (``""``: not projected, :mod:`_privacy_projection`).
     """
 
     stage: str
@@ -137,6 +138,7 @@ class Run:
     population: str = ""
     eps: str = ""
     sampling: str = ""
+    projection: str = ""
 
     @property
     def key(self) -> str:
@@ -150,6 +152,7 @@ class Run:
         settings += f"_pop{self.population}" if self.population else ""
         settings += f"_eps{self.eps}" if self.eps else ""
         settings += f"_{self.sampling}" if self.sampling else ""
+        settings += f"_proj{self.projection}" if self.projection else ""
         if self.stage == "tune":
             return f"tune_{self.method}_lr{self.lr:g}{curvature}_s{self.seed}"
         if self.stage == "dptune":
