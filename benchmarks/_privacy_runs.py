@@ -42,6 +42,7 @@ KEYS = (
     "dp_clip_norm",
     "dp_theta_clip_norm",
     "public_train_loss",
+    "dp_projection_kept",
 )
 
 
