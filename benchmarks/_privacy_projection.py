@@ -137,8 +137,8 @@ def projection_section(
         "## The noised delta projected on the shared curvature (the fifth row)",
         "",
         "Validation accuracy (%, mean of the last 3 rounds) at eps = 8, seed 0, at the first "
-        "row's rate, Theta's share and clip schedule, by `dp_projection_rank` k (-: not "
-        "projected, the first row's run); in brackets the mean over rounds 2-20 of "
+        "row's rate, Theta's share and clip schedule, by `dp_projection_rank` k (not "
+        "projected: the first row's run); in brackets the mean over rounds 2-20 of "
         "`dp_projection_kept`, the fraction of the noised sum's squared norm the projection "
         "kept:",
         "",
@@ -152,11 +152,17 @@ def projection_section(
         pick = projection_chosen(suite, method, LEVEL, done)
         chosen = "-" if pick is None else (pick.projection or "not projected")
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {chosen} |")
+    picks = [projection_chosen(suite, m, LEVEL, done) for m in projecting]
+    if picks and all(pick is not None and not pick.projection for pick in picks):
+        outcome = "No rank scored above the unprojected run, so none runs on the test split "
+        outcome += "and the goal has no fifth row. "
+    else:
+        outcome = "The goal's fifth row, when a rank is chosen, compares fedpac_soap at it "
+        outcome += "with the first-order methods' first-row runs. "
     lines += [
         "",
-        "A first-order method has no SOAP curvature to project on (`fedadamw` shares only a "
-        "diagonal); the goal's fifth row, when a rank is chosen, compares fedpac_soap at it "
-        "with their first-row runs.",
+        outcome + "A first-order method has no SOAP curvature to project on (`fedadamw` "
+        "shares only a diagonal).",
         "",
     ]
 

@@ -716,6 +716,13 @@ CASES = [
         lambda o: _cli(o, _TINY_CLI, *_DP_CLI, "--dp_theta_share", "1"),
     ),
     Case(
+        "DP projection without SOAP curvature to project on",
+        "`fedpac-hf train`",
+        lambda o: _cli(
+            o, _TINY_CLI, *_DP_CLI, "--algorithm", "fedadamw", "--dp_projection_rank", "4"
+        ),
+    ),
+    Case(
         "DP clip schedule that is not a choice",
         "`fedpac-hf train`",
         lambda o: _cli(o, _TINY_CLI, *_DP_CLI, "--dp_clip_schedule", "cosine"),
@@ -961,6 +968,7 @@ CLASSES: list[tuple[str, str, tuple[str, ...]]] = [
             "DP clip norm nan",
             "DP with an aligning algorithm but no Theta clip norm",
             "DP Theta share outside (0, 1)",
+            "DP projection without SOAP curvature to project on",
             "DP clip schedule that is not a choice",
             "DP clip schedule with record-level DP",
             "DP adaptive-clipping setting without the adaptive schedule",
