@@ -117,6 +117,10 @@ def test_train_writes_the_run_directory_and_report_redraws_it(tmp_path, capsys):
     summary = (run_dir / "summary.md").read_text()
     assert f"final eval_accuracy: {last['eval_accuracy']:.4f} (round 2)" in summary
     assert "DirichletPartitioner" in summary  # the partition statistics
+    # what it ran on: one start, before round 1, at the config's num_threads
+    (start,) = map(json.loads, (run_dir / "environment.jsonl").read_text().splitlines())
+    assert start["start_round"] == 0 and start["torch_threads"] == 1
+    assert f"| torch | {start['packages']['torch']} |" in summary
 
     model = ViTForImageClassification.from_pretrained(run_dir)
     assert model.config.num_labels == 10 and model.config.hidden_size == 32
@@ -130,6 +134,7 @@ def test_train_writes_the_run_directory_and_report_redraws_it(tmp_path, capsys):
     assert main(["report", str(run_dir)]) == 0
     assert (run_dir / "accuracy.png").stat().st_size > 5000
     assert "final eval_accuracy" in (run_dir / "summary.md").read_text()
+    assert "## Environment" in (run_dir / "summary.md").read_text()
     assert "final eval_accuracy" in capsys.readouterr().out
 
 
@@ -229,7 +234,12 @@ def test_model_and_lora_settings_are_checked_against_their_table(tmp_path, capsy
 def test_a_file_no_run_wrote_is_never_replaced(tmp_path, capsys, overwrite):
     out = tmp_path / "run"
     out.mkdir()
-    mine = {"config.yaml": "my own notes\n", "README.md": "# my project\n", "notes.txt": "x"}
+    mine = {
+        "config.yaml": "my own notes\n",
+        "README.md": "# my project\n",
+        "environment.jsonl": "{}\n",
+        "notes.txt": "x",
+    }
     for name, text in mine.items():
         (out / name).write_text(text)
     config = write_yaml(tmp_path / "c.yaml", {**TINY_VIT, "output_dir": str(out)})
@@ -240,7 +250,7 @@ def test_a_file_no_run_wrote_is_never_replaced(tmp_path, capsys, overwrite):
     lines = capsys.readouterr().err.strip().splitlines()
     # one line, besides the package's log (preflight ran before the directory was claimed)
     (err,) = [line for line in lines if not line.startswith("[fedpac_hf.")]
-    assert "README.md, config.yaml" in err, err
+    assert "README.md, config.yaml, environment.jsonl" in err, err
     assert "notes.txt" not in err  # a name no run writes is no collision
     assert {p.name: p.read_text() for p in out.iterdir()} == mine  # untouched, no lock left
 

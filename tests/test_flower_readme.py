@@ -24,6 +24,7 @@ import torch  # noqa: E402
 
 from fedpac_hf.federated import ServerState, sample_clients  # noqa: E402
 from fedpac_hf.rundir.checkpoint import latest_checkpoint, load_federated_checkpoint  # noqa: E402
+from fedpac_hf.rundir.environment import read_starts  # noqa: E402
 
 from .doc_commands import bash_blocks  # noqa: E402
 from .flower_processes import (  # noqa: E402
@@ -227,6 +228,7 @@ def test_the_readme_simulation_commands(tmp_path):
         report = processes.run(configured(REPORT))
         assert report.returncode == 0, report.stderr[-3000:]
         assert (out / "summary.md").is_file() and (out / "accuracy.png").is_file()
+        assert "## Environment" in (out / "summary.md").read_text()  # environment.jsonl's
 
         # the same command again: the folder holds a run, so the ServerApp refuses to start ...
         refused = processes.run(configured(SIMULATION))
@@ -247,12 +249,14 @@ def test_the_readme_simulation_commands(tmp_path):
         assert "FedPAC run finished: 3 of 3 rounds done" in logs
         assert_same_state(out / "checkpoint-round-3", reference)
         assert rounds_in(out) == [1.0, 2.0, 3.0]
+        assert [s["start_round"] for s in read_starts(out)] == [0, 2]  # the README's line
 
         replaced = processes.run(configured(OVERWRITE))
         logs = replaced.stdout + replaced.stderr
         assert "round 1: 2/2 clients [1, 2]" in logs, logs[-4000:]
         assert "FedPAC run finished: 3 of 3 rounds done" in logs
         assert rounds_in(out) == [1.0, 2.0, 3.0]
+        assert [s["start_round"] for s in read_starts(out)] == [0]  # the old starts went too
         assert_same_state(out / "checkpoint-round-3", reference)
 
         # docs/secure_aggregation.md: SecAgg+ at the default headroom clips values of round 2,

@@ -14,6 +14,7 @@ import torch  # noqa: E402
 from fedpac_hf.flower import FlowerServerRun, run_fedpac_simulation  # noqa: E402
 from fedpac_hf.flower.config import arguments_from_run_config, flower_setting  # noqa: E402
 from fedpac_hf.rundir.checkpoint import latest_checkpoint, load_federated_checkpoint  # noqa: E402
+from fedpac_hf.rundir.environment import read_starts  # noqa: E402
 from fedpac_hf.rundir.output_dir import claim_output_dir  # noqa: E402
 
 from .trainer_fixtures import (  # noqa: E402
@@ -84,6 +85,7 @@ def test_a_simulation_stopped_in_round_two_resumes_to_the_uninterrupted_paramete
     rows = [json.loads(r) for r in (stopped / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1.0, 2.0, 3.0]  # the dead server's row 2 was replaced
     assert rows[1]["train_loss"] == full.history[1]["train_loss"]
+    assert [s["start_round"] for s in read_starts(stopped)] == [0, 1]  # the resume's start too
     _, meta = load_federated_checkpoint(stopped / "checkpoint-round-3")
     assert [h["round"] for h in meta["history"]] == [1.0, 2.0, 3.0]
 

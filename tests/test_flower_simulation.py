@@ -19,6 +19,7 @@ from transformers import default_data_collator  # noqa: E402
 
 from fedpac_hf.federated import RoundError, simulate  # noqa: E402
 from fedpac_hf.flower import run_fedpac_simulation  # noqa: E402
+from fedpac_hf.rundir.environment import read_starts  # noqa: E402
 from fedpac_hf.trainer.fedpac_trainer import FedPACTrainer  # noqa: E402
 
 from .trainer_fixtures import (
@@ -119,6 +120,7 @@ def test_simulation_matches_the_in_process_trainer(tmp_path, privacy):
     # the server wrote the run's metrics as it went, so `fedpac-hf report` can draw them
     rows = (tmp_path / "flower" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(row)["round"] for row in rows] == [1.0, 2.0]
+    assert [s["start_round"] for s in read_starts(tmp_path / "flower")] == [0]  # what it ran on
 
 
 def test_a_failing_client_is_dropped_and_the_round_completes(tmp_path, caplog):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -78,3 +79,10 @@ def test_a_run_killed_mid_round_resumes_to_the_uninterrupted_parameters(tmp_path
         assert torch.equal(resumed[name], full[name]), name
     rounds = [line for line in (killed_dir / "metrics.jsonl").read_text().splitlines() if line]
     assert len(rounds) == NUM_ROUNDS  # the rows of the lost round were not kept twice
+    # two starts, the second after the checkpoint it resumed from, both in the summary
+    starts = [
+        json.loads(line) for line in (killed_dir / "environment.jsonl").read_text().splitlines()
+    ]
+    done = int(last.name.rsplit("-", 1)[1])
+    assert [s["start_round"] for s in starts] == [0, done]
+    assert f"- resumed after round {done}: " in (killed_dir / "summary.md").read_text()

@@ -46,6 +46,7 @@ from fedpac_hf.rundir.checkpoint import (
     rotate_checkpoints,
     save_federated_checkpoint,
 )
+from fedpac_hf.rundir.environment import record_start
 from fedpac_hf.rundir.metrics_file import append_metrics, keep_metrics_through
 from fedpac_hf.rundir.output_dir import claim_output_dir, no_new_folders
 from fedpac_hf.rundir.resume import load_resumable_checkpoint, run_identity
@@ -262,6 +263,7 @@ class FlowerServerRun:
             if resume:
                 self.resume(resume)
             engine = self.engine
+            record_start(self.output_dir, engine.state.round)
             if isinstance(self.strategy, SecureFedPACStrategy):
                 self.strategy.secagg_timeout = round_timeout  # each of SecAgg+'s exchanges
             self.strategy.start(

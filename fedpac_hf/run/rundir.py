@@ -45,7 +45,9 @@ class RunFilesCallback(FedPACCallback):
 
     At the start of training, after the trainer has made the split and checked
     any checkpoint it resumes, the main process writes ``config.yaml`` and the
-    partition files (nothing is written for a start that is refused); after
+    partition files (nothing is written for a start that is refused) and records
+    what the start runs on (``environment.jsonl``,
+    :func:`~fedpac_hf.rundir.environment.record_start`); after
     every round it appends the round's metrics to ``metrics.jsonl`` and
     rewrites ``metrics.csv``; at the end it draws the figures and
     ``summary.md``. On resume, rows of rounds after the checkpoint are dropped
@@ -78,6 +80,7 @@ class RunFilesCallback(FedPACCallback):
     def on_train_begin(self, args, state, control, **kwargs):  # noqa: D102
         if not state.is_world_process_zero:
             return control
+        from fedpac_hf.rundir.environment import record_start
         from fedpac_hf.rundir.metrics_file import keep_metrics_through
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -86,6 +89,7 @@ class RunFilesCallback(FedPACCallback):
         if self.write_partition is not None:
             self.write_partition()
         keep_metrics_through(self.run_dir, state.global_step)
+        record_start(self.run_dir, state.global_step)
         return control
 
     def on_round_end(self, args, state, control, **kwargs):  # noqa: D102

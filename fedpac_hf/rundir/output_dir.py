@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 LOCK_NAME = ".fedpac_hf.lock"
-_RUN_FILES = ("metrics.jsonl", "metrics.csv", "summary.md")
+_RUN_FILES = ("metrics.jsonl", "metrics.csv", "summary.md", "environment.jsonl")
 # complete checkpoints, and the previous copy of one whose replacement was interrupted
 _CHECKPOINT_GLOBS = ("checkpoint-round-*", ".old-checkpoint-round-*")
 
@@ -55,6 +55,7 @@ RUN_OUTPUTS = (
     "metrics.jsonl",
     "metrics.csv",
     "summary.md",
+    "environment.jsonl",
     "partition.txt",
     "*.png",
     "checkpoint-round-*",

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fedpac_hf.rundir.environment import environment_lines
 from fedpac_hf.rundir.metrics_file import (
     read_metrics,
     read_run_config,
@@ -201,8 +202,9 @@ def write_summary(
 ) -> Path:
     """Write ``summary.md``: settings, final and best metric, totals, the per-round table.
 
-    The settings come from ``config.yaml`` and the partition statistics
-    from ``partition.txt`` when the run wrote them.
+    The settings come from ``config.yaml``, the partition statistics from
+    ``partition.txt`` and the environment from ``environment.jsonl`` when the
+    run wrote them.
 
     Parameters
     ----------
@@ -313,6 +315,7 @@ def write_summary(
             "```",
             "",
         ]
+    lines += environment_lines(path)
     target = path / SUMMARY_MD
     tmp = target.with_name(target.name + ".tmp")
     tmp.write_text("\n".join(lines), encoding="utf-8")
