@@ -74,7 +74,7 @@ def test_the_readme_train_commands_run_as_written(tmp_path):
     assert shutil.which("fedpac-hf"), "the fedpac-hf entry point is not installed"
     shutil.copytree(ROOT / "configs", tmp_path / "configs")
     main, local, lora, causal, classify, report = (_run(c, tmp_path) for c in TRAIN_COMMANDS)
-    assert _final(main, 30) > 0.8  # README: 0.8560 (0.8740 and 0.8480 on other CPU kernels)
+    assert _final(main, 30) > 0.8  # README: 0.8740 or 0.8560, by the machine (0.8480 forced)
     assert 0 < _final(local, 30) < 1 and 0 < _final(lora, 30) < 1
     assert _final(causal, 15) > 1 and 0 < _final(classify, 6) < 1
     for run, algorithm in (("vit_mnist5k", "fedpac_soap"), ("local_soap", "local_soap")):
