@@ -21,20 +21,17 @@ non-private choice).
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from _harness.reporting import Summary, fmt
 from _harness.runs import Record, tune_score
-from _privacy_results import cell, dp_tuned_levels, variant_goal, with_variant
+from _privacy_results import cell
 from _privacy_suites import Suite
-from _privacy_tuning import Run, algorithm_of, best_tried, dp_chosen, dp_tune_run
+from _privacy_tuning import algorithm_of
+from _privacy_variant import TunedSetting
 
 #: the correction strengths tried under DP besides the registry's 0.5
 BETAS = ("0.25", "0")
 #: the privacy level they are tried at
 LEVEL = "8"
-#: name suffix of a method's summary at its beta tuned under DP
-SUFFIX = ", beta tuned"
 
 
 def corrects(method: str) -> bool:
@@ -44,67 +41,16 @@ def corrects(method: str) -> bool:
     return get_algorithm(algorithm_of(method)).correction
 
 
-def beta_runs(suite: Suite, method: str, done: dict[str, Record]) -> list[Run]:
-    """The DP tuning runs of ``method``'s beta (none without a correction or before the first
-    row's settings are chosen)."""
-    base = dp_chosen(suite, method, LEVEL, done)
-    if base is None or not corrects(method):
-        return []
-    return [replace(dp_tune_run(base), beta=beta) for beta in BETAS]
-
-
-def beta_chosen(suite: Suite, method: str, level: str, done: dict[str, Record]) -> Run | None:
-    """The first row's final run (seed 0) at ``level``, with beta tuned under DP at
-    :data:`LEVEL` (None while a tuning run is missing)."""
-    base = dp_chosen(suite, method, level, done)
-    if base is None or level != LEVEL or not corrects(method):
-        return base
-    return best_tried(base, beta_runs(suite, method, done), done)
-
-
-def beta_finals(suite: Suite, methods: tuple[str, ...], done: dict[str, Record], seeds: int):
-    """The fourth row's runs in priority order (tuning, then finals seed-major where the
-    chosen beta is not 0.5) and how many wait for others."""
-    runs = [run for method in methods for run in beta_runs(suite, method, done)]
-    waiting = 0
-    for seed in range(seeds):
-        for method in filter(corrects, methods):
-            pick = beta_chosen(suite, method, LEVEL, done)
-            if pick is None:
-                waiting += 1
-            elif pick.beta:
-                runs.append(replace(pick, seed=seed))
-    return runs, waiting
-
-
-def beta_levels(
-    suite: Suite,
-    finals: list[Record],
-    levels: dict[str, dict[str, Summary]],
-    done: dict[str, Record],
-) -> dict[str, dict[str, Summary]]:
-    """``levels`` (the first row's) plus every method at its beta tuned under DP
-    (``"<method>, beta tuned"``, :func:`~_privacy_results.with_variant`)."""
-    tuned = dp_tuned_levels(suite, finals, done, beta_chosen)
-    return with_variant(levels, tuned[LEVEL], SUFFIX, LEVEL)
-
-
-def beta_goal(
-    suite: Suite,
-    finals: list[Record],
-    levels: dict[str, dict[str, Summary]],
-    done: dict[str, Record],
-) -> list[tuple[str, str, bool]]:
-    """The fourth row's goal (none before its runs)."""
-    if not any(r.get("beta") for r in finals):
-        return []
-    return variant_goal(
-        beta_levels(suite, finals, levels, done),
-        SUFFIX,
-        " (beta tuned under DP at the first row's other settings, against the best first-order "
-        "method at either beta; eps = inf: the first row's clip-only runs)",
-        LEVEL,
-    )
+#: the fourth row: beta tuned under DP (a method's summary at its beta: "<method>, beta tuned")
+BETA = TunedSetting(
+    "beta",
+    BETAS,
+    corrects,
+    ", beta tuned",
+    " (beta tuned under DP at the first row's other settings, against the best first-order "
+    "method at either beta; eps = inf: the first row's clip-only runs)",
+    LEVEL,
+)
 
 
 def beta_section(
@@ -116,8 +62,7 @@ def beta_section(
     done: dict[str, Record],
 ) -> None:
     """The beta tuning runs and the test accuracy at the chosen beta beside the first row's."""
-    corrected = [m for m in methods if corrects(m)]
-    if not any(run.key in done for m in corrected for run in beta_runs(suite, m, done)):
+    if not BETA.started(suite, methods, done):
         return
     lines += [
         "## The correction strength tuned under DP (the fourth row)",
@@ -130,15 +75,14 @@ def beta_section(
         "| method | beta 0.5 | " + " | ".join(f"beta {b}" for b in BETAS) + " | chosen beta |",
         "|---|" + "---|" * (len(BETAS) + 2),
     ]
-    for method in corrected:
-        base = dp_chosen(suite, method, LEVEL, done)
-        tried = [dp_tune_run(base), *beta_runs(suite, method, done)] if base else []
+    for method in filter(corrects, methods):
+        tried = BETA.tried(suite, method, done)
         cells = [fmt(tune_score(done[run.key])) if run.key in done else "-" for run in tried]
-        pick = beta_chosen(suite, method, LEVEL, done)
+        pick = BETA.chosen(suite, method, LEVEL, done)
         chosen = "-" if pick is None else pick.beta or "0.5"
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {chosen} |")
     lines.append("")
-    both = beta_levels(suite, finals, levels, done)
+    both = BETA.levels(suite, finals, levels, done)
     lines += [
         "Test accuracy (%, final round, mean +- std over seeds) at eps = 8:",
         "",
@@ -146,7 +90,7 @@ def beta_section(
         "|---|---|---|---|",
     ]
     for method in methods:
-        runs = both[LEVEL].get(method + SUFFIX)
+        runs = both[LEVEL].get(method + BETA.suffix)
         betas = sorted({r.get("beta") or "0.5" for r in runs.runs}) if runs else []
         betas = betas if corrects(method) else ["- (no correction)"]
         lines.append(

@@ -63,9 +63,9 @@ from dataclasses import replace
 from _harness.reporting import goals_table, tuning_table
 from _harness.runs import Record, load_results
 from _privacy_adaptive import adaptive_goal, adaptive_run, adaptive_section
-from _privacy_beta import beta_finals, beta_goal, beta_section
+from _privacy_beta import BETA, beta_section
 from _privacy_population import population_levels, population_plan, population_section
-from _privacy_projection import projection_finals, projection_goal, projection_section
+from _privacy_projection import PROJECTION, projection_section
 from _privacy_public import dp_chosen_row, public_goal, public_section
 from _privacy_results import cell, dp_tuned_levels, goal_rows, lead_line, setting_label, tuned_as
 from _privacy_sampling import sampling_plan, sampling_section
@@ -103,8 +103,8 @@ def plan_goal(suite: Suite, done: dict[str, Record]) -> tuple[list[Run], int]:
         adaptive = [adaptive_run(suite, method, done, seed) for method in GOAL_METHODS]
         runs += [run for run in adaptive if run is not None]
         waiting += sum(run is None for run in adaptive)
-    for finals in (beta_finals, projection_finals):  # the fourth and fifth rows
-        more, missing = finals(suite, GOAL_METHODS, done, GOAL_SEEDS)
+    for setting in (BETA, PROJECTION):  # the fourth and fifth rows
+        more, missing = setting.finals(suite, GOAL_METHODS, done, GOAL_SEEDS)
         runs += more
         waiting += missing
     for plan in (population_plan, share_plan, sampling_plan):  # not goal rows
@@ -173,8 +173,8 @@ def report_goal(suite: Suite) -> None:
         )
         + public_goal(suite, finals, done, dp_chosen)
         + adaptive_goal(suite, levels, GOAL_METHODS, done)
-        + beta_goal(suite, finals, levels, done)
-        + projection_goal(suite, finals, levels, done),
+        + BETA.goal(suite, finals, levels, done)
+        + PROJECTION.goal(suite, finals, levels, done),
     )
     lines += [
         *analysis_block(suite),

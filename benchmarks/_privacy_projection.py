@@ -32,21 +32,17 @@ runs.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
-from _harness.reporting import Summary, fmt
+from _harness.reporting import fmt
 from _harness.runs import Record, tune_score
-from _privacy_results import dp_tuned_levels, variant_goal, with_variant
 from _privacy_suites import Suite
-from _privacy_tuning import Run, algorithm_of, best_tried, dp_chosen, dp_tune_run
+from _privacy_tuning import algorithm_of
+from _privacy_variant import TunedSetting
 
 #: the projection ranks tried under DP (every side of 64 floats is projected; the head's
 #: class side, 10, at 8 only; the adapters' rank side, 4, never)
 RANKS = ("8", "16", "32")
 #: the privacy level they are tried at
 LEVEL = "8"
-#: name suffix of a method's summary at its projection tuned under DP
-SUFFIX = ", projected"
 
 
 def projects(method: str) -> bool:
@@ -57,70 +53,17 @@ def projects(method: str) -> bool:
     return algorithm.align and algorithm.optimizer == "soap"
 
 
-def projection_runs(suite: Suite, method: str, done: dict[str, Record]) -> list[Run]:
-    """The DP tuning runs of ``method``'s projection (none for a method that cannot project
-    or before the first row's settings are chosen)."""
-    base = dp_chosen(suite, method, LEVEL, done)
-    if base is None or not projects(method):
-        return []
-    return [replace(dp_tune_run(base), projection=rank) for rank in RANKS]
-
-
-def projection_chosen(suite: Suite, method: str, level: str, done: dict[str, Record]) -> Run | None:
-    """The first row's final run (seed 0) at ``level``, with the projection tuned under DP at
-    :data:`LEVEL` (None while a tuning run is missing)."""
-    base = dp_chosen(suite, method, level, done)
-    if base is None or level != LEVEL or not projects(method):
-        return base
-    return best_tried(base, projection_runs(suite, method, done), done)
-
-
-def projection_finals(
-    suite: Suite, methods: tuple[str, ...], done: dict[str, Record], seeds: int
-) -> tuple[list[Run], int]:
-    """The fifth row's runs in priority order (tuning, then finals seed-major where a
-    projection is chosen) and how many wait for others."""
-    runs = [run for method in methods for run in projection_runs(suite, method, done)]
-    waiting = 0
-    for seed in range(seeds):
-        for method in filter(projects, methods):
-            pick = projection_chosen(suite, method, LEVEL, done)
-            if pick is None:
-                waiting += 1
-            elif pick.projection:
-                runs.append(replace(pick, seed=seed))
-    return runs, waiting
-
-
-def projection_levels(
-    suite: Suite,
-    finals: list[Record],
-    levels: dict[str, dict[str, Summary]],
-    done: dict[str, Record],
-) -> dict[str, dict[str, Summary]]:
-    """``levels`` (the first row's) plus every method at its projection tuned under DP
-    (``"<method>, projected"``, :func:`~_privacy_results.with_variant`)."""
-    tuned = dp_tuned_levels(suite, finals, done, projection_chosen)
-    return with_variant(levels, tuned[LEVEL], SUFFIX, LEVEL)
-
-
-def projection_goal(
-    suite: Suite,
-    finals: list[Record],
-    levels: dict[str, dict[str, Summary]],
-    done: dict[str, Record],
-) -> list[tuple[str, str, bool]]:
-    """The fifth row's goal (none unless a projection was chosen and its finals ran)."""
-    if not any(r.get("projection") for r in finals):
-        return []
-    return variant_goal(
-        projection_levels(suite, finals, levels, done),
-        SUFFIX,
-        " (the noised delta projected on the shared curvature's leading directions, the rank "
-        "tuned under DP at the first row's other settings; eps = inf: the first row's "
-        "clip-only runs)",
-        LEVEL,
-    )
+#: the fifth row: the projection's rank tuned under DP ("<method>, projected" at its choice)
+PROJECTION = TunedSetting(
+    "projection",
+    RANKS,
+    projects,
+    ", projected",
+    " (the noised delta projected on the shared curvature's leading directions, the rank "
+    "tuned under DP at the first row's other settings; eps = inf: the first row's "
+    "clip-only runs)",
+    LEVEL,
+)
 
 
 def projection_section(
@@ -130,9 +73,9 @@ def projection_section(
     done: dict[str, Record],
 ) -> None:
     """The projection's tuning runs: validation accuracy and the energy each rank kept."""
-    projecting = [m for m in methods if projects(m)]
-    if not any(run.key in done for m in projecting for run in projection_runs(suite, m, done)):
+    if not PROJECTION.started(suite, methods, done):
         return
+    projecting = [m for m in methods if projects(m)]
     lines += [
         "## The noised delta projected on the shared curvature (the fifth row)",
         "",
@@ -146,13 +89,11 @@ def projection_section(
         "|---|" + "---|" * (len(RANKS) + 2),
     ]
     for method in projecting:
-        base = dp_chosen(suite, method, LEVEL, done)
-        tried = [dp_tune_run(base), *projection_runs(suite, method, done)] if base else []
-        cells = [_tuning_cell(done.get(run.key)) for run in tried]
-        pick = projection_chosen(suite, method, LEVEL, done)
+        cells = [_tuning_cell(done.get(run.key)) for run in PROJECTION.tried(suite, method, done)]
+        pick = PROJECTION.chosen(suite, method, LEVEL, done)
         chosen = "-" if pick is None else (pick.projection or "not projected")
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {chosen} |")
-    picks = [projection_chosen(suite, m, LEVEL, done) for m in projecting]
+    picks = [PROJECTION.chosen(suite, m, LEVEL, done) for m in projecting]
     if picks and all(pick is not None and not pick.projection for pick in picks):
         outcome = "No rank scored above the unprojected run, so none runs on the test split "
         outcome += "and the goal has no fifth row. "
