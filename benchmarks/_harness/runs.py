@@ -113,11 +113,14 @@ def train_once(
         The part of a run record that every grid shares: ``config``, the
         overrides as shown (any folder under the cache, the output folder
         included, shown as ``<validation folder>``), the ``fedpac-hf train``
-        ``command``, ``wall_time_s``, ``library_commit`` and ``history`` (one
-        dict of ``keys`` per round).
+        ``command``, ``wall_time_s``, ``library_commit``, ``history`` (one
+        dict of ``keys`` per round) and ``environment``, what the run recorded it
+        ran on (its ``environment.jsonl``'s last start: CPU, torch's kernels and
+        threads, package versions).
     """
     from fedpac_hf.federated.failures import ClientError, RoundError
     from fedpac_hf.run import parse_run_config, run_training
+    from fedpac_hf.rundir.environment import read_starts
 
     model_args, training_args = parse_run_config(ROOT / config, overrides)
     # the folder is the harness's scratch: what a killed worker left there restarts
@@ -136,6 +139,7 @@ def train_once(
     if metrics.is_file():
         with open(metrics, encoding="utf-8") as handle:
             history = [{k: row[k] for k in keys if k in row} for row in map(json.loads, handle)]
+    starts = read_starts(run_dir)
     shutil.rmtree(run_dir, ignore_errors=True)
     shown = [o if not o.startswith(str(CACHE)) else "<validation folder>" for o in overrides]
     return {
@@ -145,6 +149,7 @@ def train_once(
         "wall_time_s": wall,
         "library_commit": git_commit(),
         "history": history,
+        **({"environment": starts[-1]} if starts else {}),
         **({"error": error} if error else {}),
     }
 
