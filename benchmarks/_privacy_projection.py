@@ -49,8 +49,7 @@ def projects(method: str) -> bool:
     """Whether ``method``'s clients align to SOAP's statistics (so the server can project)."""
     from fedpac_hf.federated import get_algorithm
 
-    algorithm = get_algorithm(algorithm_of(method))
-    return algorithm.align and algorithm.optimizer == "soap"
+    return get_algorithm(algorithm_of(method)).soap_curvature
 
 
 #: the fifth row: the projection's rank tuned under DP ("<method>, projected" at its choice)

@@ -292,7 +292,7 @@ class PrivacyArguments:
             clipped_count_std=self.dp_clipped_count_std,
             sampling=self.resolved_dp_sampling,
             projection_rank=self.dp_projection_rank,
-            soap_curvature=algorithm.align and algorithm.optimizer == "soap",
+            soap_curvature=algorithm.soap_curvature,
         )
 
     def record_privacy(self, algorithm: Algorithm | None = None) -> RecordDP | None:

@@ -117,6 +117,12 @@ class Algorithm:
         return self.align and not self.public_curvature
 
     @property
+    def soap_curvature(self) -> bool:
+        """Whether the global Theta is SOAP's statistics, which clients align to (what
+        ``dp_projection_rank`` projects on)."""
+        return self.align and self.optimizer == "soap"
+
+    @property
     def public_rule(self) -> Algorithm:
         """The client rule as the server runs it on public data (``public_curvature``): the
         same steps, but it returns its Theta."""

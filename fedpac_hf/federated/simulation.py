@@ -263,7 +263,7 @@ def simulate(
         clipped_count_std=dp_clipped_count_std,
         sampling=dp_sampling,
         projection_rank=dp_projection_rank,
-        soap_curvature=algorithm.align and algorithm.optimizer == "soap",
+        soap_curvature=algorithm.soap_curvature,
     )
     engine = RoundEngine(
         algorithm,
